@@ -1,0 +1,254 @@
+"""The one place that builds concrete objects and runs the daemon.
+
+``Daemon`` wires the pool, the named queries, the providers, the fetcher, the dispatcher, the
+worker, the LISTEN notifier and the health server from ``Settings``, starts them, and stops
+them in order: stop claiming, drain, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Sequence
+
+import asyncpg
+from loguru import logger
+
+from listener.db.migrate import applied_versions, load_migrations
+from listener.db.notify import Notifier
+from listener.db.queries import Queries
+from listener.dispatch import Dispatcher, ProviderSlot
+from listener.fetch import ImageFetcher
+from listener.health import HealthServer, HealthSources
+from listener.metrics import Metrics
+from listener.providers.base import Provider
+from listener.retry import RetryPolicy
+from listener.settings import Settings
+from listener.worker import Worker, WorkerConfig
+
+
+class SchemaNotReady(RuntimeError):
+    """The database has not been migrated to this listener's schema."""
+
+
+def build_providers(settings: Settings) -> list[Provider]:
+    """The pipeline named by ``settings.pipeline``, in the order its steps run."""
+    if settings.pipeline == "noop":
+        from listener.providers.noop import NoopProvider
+
+        return [NoopProvider(settings.noop_delay_s)]
+    from listener.providers.local import LocalProvider
+
+    return [LocalProvider(settings.local, max_pixels=settings.fetch.max_pixels)]
+
+
+def default_worker_id() -> str:
+    """``host:pid``, unique among daemons running at the same time."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def check_schema(conn: asyncpg.Connection) -> None:
+    """Refuse to run on a database that lacks this listener's migrations.
+
+    Raises:
+        SchemaNotReady: with the command that fixes it.
+    """
+    done = set(await applied_versions(conn))
+    missing = [m for m in load_migrations() if m.version not in done]
+    if missing:
+        raise SchemaNotReady(
+            f"the database lacks {len(missing)} listener migration(s): run `listener migrate` "
+            "(or `listener run --migrate`)"
+        )
+
+
+class Daemon:
+    """A running listener daemon.
+
+    Args:
+        settings: all settings.
+        providers: the pipeline; defaults to ``build_providers(settings)`` (tests inject
+            their own).
+        health: serve the health endpoints on ``settings.health_port``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        providers: Sequence[Provider] | None = None,
+        health: bool = True,
+    ) -> None:
+        self.settings = settings
+        self._providers = list(providers) if providers is not None else build_providers(settings)
+        self._want_health = health
+        self._rng = random.Random()
+        self.metrics = Metrics(time.monotonic)
+        self.pool: asyncpg.Pool | None = None
+        self.worker: Worker | None = None
+        self.notifier: Notifier | None = None
+        self.health: HealthServer | None = None
+        self._fetcher = ImageFetcher(settings.fetch)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_providers: list[Provider] = []
+        self.worker_id = settings.worker_id or default_worker_id()
+
+    async def start(self) -> None:
+        """Connect, check the schema, start providers, the worker, the notifier and health.
+
+        Raises:
+            SchemaNotReady: the database is not migrated.
+            OSError, asyncpg.PostgresError: the database cannot be reached.
+        """
+        s = self.settings
+        self.pool = await asyncpg.create_pool(
+            s.dsn(), min_size=s.pool_min_size, max_size=s.pool_max_size
+        )
+        try:
+            async with self.pool.acquire() as conn:
+                await check_schema(conn)
+            queries = Queries(self.pool)
+            await self._fetcher.start()
+            for provider in self._providers:
+                await provider.start()
+                self._started_providers.append(provider)
+            slots = [
+                ProviderSlot.build(p, s.rate_limit(p.name), time.monotonic) for p in self._providers
+            ]
+            dispatcher = Dispatcher(
+                slots,
+                self._fetcher,
+                RetryPolicy(s.backoff_base_s, s.backoff_cap_s),
+                self.metrics,
+                self._rng.random,
+            )
+            worker = Worker(
+                queries,
+                dispatcher,
+                WorkerConfig(
+                    worker_id=self.worker_id,
+                    concurrency=s.concurrency,
+                    lease_s=s.lease_s,
+                    poll_interval_s=s.poll_interval_s,
+                    shutdown_grace_s=s.shutdown_grace_s,
+                ),
+                self.metrics,
+                self._rng.random,
+            )
+            self.worker = worker
+
+            def notified() -> None:
+                self.metrics.notifications.inc()
+                worker.wake()
+
+            def connected() -> None:
+                if self.notifier is not None and self.notifier.generation > 1:
+                    self.metrics.reconnects.inc()
+                worker.wake()
+
+            self.notifier = Notifier(
+                s.listen_dsn(),
+                notified,
+                connected,
+                probe_interval_s=s.probe_interval_s,
+                reconnect_base_s=s.reconnect_base_s,
+                reconnect_cap_s=s.reconnect_cap_s,
+                rng=self._rng.random,
+            )
+            self._tasks = [
+                asyncio.create_task(self.notifier.run(), name="listener-notify"),
+                asyncio.create_task(worker.run(), name="listener-worker"),
+            ]
+            if self._want_health:
+                self.health = HealthServer(
+                    HealthSources(
+                        pool=self.pool,
+                        queries=queries,
+                        notifier=self.notifier,
+                        worker=worker,
+                        metrics=self.metrics,
+                        providers=[p.name for p in self._providers],
+                        started_at=time.monotonic(),
+                    ),
+                    s.health_host,
+                    s.health_port,
+                )
+                await self.health.start()
+        except BaseException:
+            await self._close_resources()
+            raise
+        logger.bind(worker_id=self.worker_id).info(
+            "listener running: pipeline={}, concurrency={}, health={}",
+            ",".join(p.name for p in self._providers),
+            s.concurrency,
+            self.health.url if self.health else "off",
+        )
+
+    async def wait(self) -> None:
+        """Wait until the worker stops (``stop`` was called or it crashed)."""
+        if self._tasks:
+            await self._tasks[1]
+
+    async def stop(self) -> None:
+        """Stop claiming, let running jobs finish within the grace period, release the rest."""
+        if self.worker is not None:
+            self.worker.stop()
+        if len(self._tasks) > 1:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tasks[1]
+        if self.notifier is not None:
+            self.notifier.stop()
+        if self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tasks[0]
+        self._tasks = []
+        await self._close_resources()
+        logger.bind(worker_id=self.worker_id).info("listener stopped")
+
+    async def _close_resources(self) -> None:
+        if self.health is not None:
+            await self.health.close()
+            self.health = None
+        for provider in reversed(self._started_providers):
+            try:
+                await provider.close()
+            except Exception as error:
+                logger.warning("closing provider {} failed: {}", provider.name, error)
+        self._started_providers = []
+        await self._fetcher.close()
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def run_until_signalled(daemon: Daemon) -> None:
+    """Start ``daemon`` and run it until SIGTERM or SIGINT, then stop it gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await daemon.start()
+    waiter = asyncio.create_task(daemon.wait())
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            logger.info("signal received: stopping gracefully")
+    finally:
+        stopper.cancel()
+        await daemon.stop()
+        waiter.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

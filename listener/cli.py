@@ -1,0 +1,316 @@
+"""The ``listener`` command line: run, migrate, attach, detach, backfill, status, demo.
+
+Each command parses its options, builds ``Settings`` (options override ``LISTENER_*``
+variables), and calls into the package. Errors a user can fix are printed as one line and exit
+with status 2; a daemon stopped by SIGTERM/SIGINT exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import asyncpg
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from listener.db.migrate import MigrationError, migrate
+from listener.db.queries import Queries, TableProgress
+from listener.logs import configure_logging
+from listener.settings import Settings
+
+app = typer.Typer(
+    name="listener",
+    help="Guarantee AI analysis of every image row inserted into a Postgres table.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as error:
+        raise UserError(f"invalid settings: {error}") from error
+    configure_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except UserError as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    except (ValueError, MigrationError) as error:
+        err_console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    except asyncpg.PostgresError as error:
+        hint = f" ({error.hint})" if getattr(error, "hint", None) else ""
+        err_console.print(f"[red]error:[/red] {error}{hint}")
+        raise typer.Exit(2) from None
+    except OSError as error:
+        err_console.print(f"[red]error:[/red] cannot reach the database: {error}")
+        raise typer.Exit(2) from None
+
+
+@asynccontextmanager
+async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(settings.dsn(), min_size=1, max_size=2)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@app.command()
+def migrate_cmd() -> None:
+    """Create or upgrade the `listener` schema (safe to run twice, and concurrently)."""
+    settings = _settings()
+
+    async def go() -> list[str]:
+        conn = await asyncpg.connect(settings.dsn())
+        try:
+            return await migrate(conn)
+        finally:
+            await conn.close()
+
+    applied = _run(go())
+    console.print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+
+
+@app.command()
+def run(
+    concurrency: Annotated[int | None, typer.Option(help="Jobs running at once.")] = None,
+    health_port: Annotated[int | None, typer.Option(help="Health server port (0: any).")] = None,
+    pipeline: Annotated[str | None, typer.Option(help="local or noop.")] = None,
+    migrate_first: Annotated[
+        bool, typer.Option("--migrate", help="Apply migrations before starting.")
+    ] = False,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT: LISTEN, claim, analyze, retry, reconcile."""
+    from listener.app import Daemon, SchemaNotReady, run_until_signalled
+
+    settings = _settings(concurrency=concurrency, health_port=health_port, pipeline=pipeline)
+
+    async def go() -> None:
+        if migrate_first:
+            conn = await asyncpg.connect(settings.dsn())
+            try:
+                await migrate(conn)
+            finally:
+                await conn.close()
+        try:
+            await run_until_signalled(Daemon(settings))
+        except SchemaNotReady as error:
+            raise UserError(str(error)) from error
+
+    _run(go())
+
+
+@app.command()
+def attach(
+    table: Annotated[str, typer.Argument(help="The table, e.g. public.vehicle_images.")],
+    id_column: Annotated[str, typer.Option(help="Column that identifies a row.")],
+    url_column: Annotated[str, typer.Option(help="Column holding the image URL.")],
+    owner_column: Annotated[str | None, typer.Option(help="Column holding the owner.")] = None,
+    status_column: Annotated[
+        str | None, typer.Option(help="Text column the job status is written back to.")
+    ] = None,
+) -> None:
+    """Install the enqueue triggers on TABLE; the app that inserts rows stays unchanged."""
+    settings = _settings()
+
+    async def go() -> str:
+        async with _pool(settings) as pool:
+            return await Queries(pool).attach(
+                table, id_column, url_column, owner_column, status_column
+            )
+
+    name = _run(go())
+    console.print(f"attached to {name}: new rows and changed URLs are enqueued")
+
+
+@app.command()
+def detach(table: Annotated[str, typer.Argument(help="An attached table.")]) -> None:
+    """Remove the enqueue triggers from TABLE (its jobs and results stay)."""
+    settings = _settings()
+
+    async def go() -> bool:
+        async with _pool(settings) as pool:
+            return await Queries(pool).detach(table)
+
+    if _run(go()):
+        console.print(f"detached from {table}")
+    else:
+        console.print(f"{table} was not attached")
+
+
+@app.command()
+def backfill(
+    table: Annotated[str, typer.Argument(help="An attached table.")],
+    owner: Annotated[str | None, typer.Option(help="Only this owner's rows.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Enqueue at most N rows.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Only count what would be enqueued.")] = False,
+    no_wait: Annotated[bool, typer.Option(help="Enqueue and return; do not follow.")] = False,
+) -> None:
+    """Enqueue the rows of TABLE that were never analyzed, then follow them to completion."""
+    from listener.backfill import enqueue_backfill, follow
+
+    settings = _settings()
+
+    async def go() -> None:
+        async with _pool(settings) as pool:
+            queries = Queries(pool)
+            name = (await queries.attachment(table)).source_table
+            if dry_run:
+                count = await queries.count_unqueued(name, owner)
+                if limit is not None:
+                    count = min(count, limit)
+                console.print(f"{count} rows would be enqueued (dry run: nothing was changed)")
+                return
+            since = datetime.now(UTC)
+            with console.status("enqueueing...") as spinner:
+                report = await enqueue_backfill(
+                    queries,
+                    name,
+                    owner=owner,
+                    limit=limit,
+                    chunk_size=settings.backfill_chunk_size,
+                    priority=settings.backfill_priority,
+                    max_attempts=settings.max_attempts,
+                    on_chunk=lambda s, e: spinner.update(f"enqueueing: {e} of {s} rows scanned"),
+                )
+            console.print(
+                f"enqueued {report.enqueued} jobs ({report.scanned} rows scanned, "
+                f"{report.seconds:.1f}s)"
+            )
+            if no_wait:
+                return
+            await _follow_progress(queries, name, owner, since, follow)
+
+    _run(go())
+
+
+async def _follow_progress(
+    queries: Queries,
+    table: str,
+    owner: str | None,
+    since: datetime,
+    follow: Callable[..., Awaitable[TableProgress]],
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    first = await queries.table_progress(table, owner, since)
+    total = first.remaining + first.complete + first.failed
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} failed"),
+        TextColumn("{task.fields[rate]:.1f}/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    last = first
+    started = loop.time()
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("analyzing", total=total, failed=0, rate=0.0)
+
+            def update(p: TableProgress) -> None:
+                nonlocal last, total
+                last = p
+                total = max(total, p.remaining + p.complete + p.failed)
+                done = p.complete + p.failed
+                elapsed = max(loop.time() - started, 1e-6)
+                bar.update(task, total=total, completed=done, failed=p.failed, rate=done / elapsed)
+
+            last = await follow(queries, table, owner, since, update, stop)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    word = "stopped following" if stop.is_set() else "done"
+    console.print(
+        f"{word}: {last.complete} complete, {last.failed} failed, {last.remaining} still queued"
+        + (" (they keep running in the daemon)" if last.remaining else "")
+    )
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print the queue: jobs by status, the oldest pending job, attached tables."""
+    settings = _settings()
+
+    async def go() -> dict[str, Any]:
+        async with _pool(settings) as pool:
+            queries = Queries(pool)
+            doc: dict[str, Any] = (await queries.queue_counts()).as_dict()
+            doc["tables"] = [a.source_table for a in await queries.list_attachments()]
+            return doc
+
+    doc = _run(go())
+    if as_json:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
+    table = Table(title="listener jobs")
+    table.add_column("status")
+    table.add_column("jobs", justify="right")
+    for key in ("pending", "processing", "complete", "failed"):
+        table.add_row(key, str(doc[key]))
+    console.print(table)
+    console.print(f"oldest pending: {doc['oldest_pending_s']:.1f}s")
+    console.print(f"attached tables: {', '.join(doc['tables']) or 'none'}")
+
+
+@app.command()
+def demo(
+    images: Annotated[
+        Path | None, typer.Option(help="A folder of your own photos (default: bundled).")
+    ] = None,
+    health_port: Annotated[int, typer.Option(help="Health server port (0: any).")] = 8080,
+    keep_running: Annotated[
+        bool, typer.Option(help="Keep the daemon and health server up until Ctrl+C.")
+    ] = False,
+) -> None:
+    """Run the whole pipeline on real photos: embedded Postgres, triggers, backfill, daemon."""
+    from listener.demo import run_demo
+
+    settings = _settings()
+    _run(run_demo(settings, images=images, health_port=health_port, keep_running=keep_running))
+
+
+# Typer names commands after functions; `migrate` would shadow the imported function.
+app.registered_commands[0].name = "migrate"
+
+
+def main() -> None:
+    """Entry point of the ``listener`` console script."""
+    app()

@@ -1,0 +1,1 @@
+"""Database access: migrations, named queries, the LISTEN connection, throwaway clusters."""

@@ -1,0 +1,152 @@
+"""The dedicated LISTEN connection: wake-ups, liveness probe, jittered reconnect.
+
+One plain connection, never from the pool: a pooled connection is handed to other work and a
+transaction-mode pooler (PgBouncer, Supabase's) cannot LISTEN at all, which is why its DSN is
+a separate setting. A notification only sets the worker's wake-up; every claim goes through
+SQL. When the connection is lost (the server terminated it, the network dropped, a probe
+timed out) the notifier reconnects with jittered exponential backoff and then calls
+``on_connected``, which makes the worker reconcile: claim everything pending, including what
+was inserted while nobody was listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from loguru import logger
+
+from listener.retry import full_jitter_backoff
+
+CHANNEL = "listener_jobs"
+"""The NOTIFY channel the enqueue triggers signal on."""
+
+
+class Notifier:
+    """Keeps one LISTEN connection alive.
+
+    Args:
+        dsn: the connection string (``listen_database_url`` or ``database_url``).
+        on_notify: called for each notification (no arguments; the payload is ignored).
+        on_connected: called after every successful (re)connect, the first one included.
+        probe_interval_s: seconds between ``SELECT 1`` liveness probes.
+        reconnect_base_s: first reconnect delay's upper bound, seconds (full jitter).
+        reconnect_cap_s: the largest reconnect delay, seconds.
+        rng: uniform floats in [0, 1).
+        clock: monotonic clock, seconds.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        on_notify: Callable[[], None],
+        on_connected: Callable[[], None],
+        *,
+        probe_interval_s: float = 5.0,
+        reconnect_base_s: float = 0.25,
+        reconnect_cap_s: float = 10.0,
+        rng: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._dsn = dsn
+        self._on_notify = on_notify
+        self._on_connected = on_connected
+        self._probe_interval = probe_interval_s
+        self._base = reconnect_base_s
+        self._cap = reconnect_cap_s
+        self._rng = rng
+        self._clock = clock
+        self._stop = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._changed = asyncio.Event()
+        self.connected = False
+        self.generation = 0
+        """Successful connections so far; 2 or more means it reconnected."""
+        self.last_probe_ok: float | None = None
+        self.last_error: str | None = None
+
+    def stop(self) -> None:
+        """Close the connection and end ``run``."""
+        self._stop.set()
+        self._lost.set()
+
+    async def wait_connected(self, generation: int = 1, timeout: float = 30.0) -> None:
+        """Wait until connection number ``generation`` is listening.
+
+        Raises:
+            TimeoutError: it did not happen within ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while not (self.connected and self.generation >= generation):
+                self._changed.clear()
+                await self._changed.wait()
+
+    def healthy(self, now: float | None = None) -> bool:
+        """Connected and probed successfully within the last three probe intervals."""
+        now = self._clock() if now is None else now
+        return (
+            self.connected
+            and self.last_probe_ok is not None
+            and now - self.last_probe_ok <= 3 * self._probe_interval
+        )
+
+    async def run(self) -> None:
+        """Listen until ``stop``; reconnect on any loss."""
+        failures = 0
+        while not self._stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+                self._lost.clear()
+                conn.add_termination_listener(self._terminated)
+                await conn.add_listener(CHANNEL, self._notified)
+                self.connected = True
+                self.generation += 1
+                self.last_probe_ok = self._clock()
+                self.last_error = None
+                failures = 0
+                if self.generation > 1:
+                    logger.info("LISTEN connection re-established (connection {})", self.generation)
+                self._signal()
+                self._on_connected()
+                await self._probe_until_lost(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self.last_error = f"{type(error).__name__}: {error}"
+                logger.warning("LISTEN connection failed: {}", self.last_error)
+            finally:
+                self.connected = False
+                self._signal()
+                if conn is not None:
+                    conn.terminate()
+            if self._stop.is_set():
+                break
+            failures += 1
+            delay = full_jitter_backoff(failures, self._base, self._cap, self._rng)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _probe_until_lost(self, conn: asyncpg.Connection) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self._probe_interval)
+            if self._stop.is_set():
+                return
+            if self._lost.is_set() or conn.is_closed():
+                raise ConnectionError("the server closed the LISTEN connection")
+            await conn.fetchval("SELECT 1", timeout=max(1.0, self._probe_interval))
+            self.last_probe_ok = self._clock()
+
+    def _notified(self, *_: Any) -> None:
+        self._on_notify()
+
+    def _terminated(self, *_: Any) -> None:
+        self._lost.set()
+
+    def _signal(self) -> None:
+        self._changed.set()

@@ -1,0 +1,276 @@
+"""Typed access to the named queries of ``sql/queries.sql``: one method per query.
+
+The SQL lives in the ``.sql`` file; this module only binds parameters and turns records into
+listener's dataclasses. Every method takes its connection from the pool it was given, so a
+connection lost to a Postgres restart is replaced on the next call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from listener.db.sqlfiles import NamedQuery, parse_named_queries, sql_dir
+from listener.jobs import Completed, Failed, Job
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """Jobs per status, and the age of the oldest pending job in seconds."""
+
+    pending: int
+    processing: int
+    complete: int
+    failed: int
+    oldest_pending_s: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Counts as ``{"pending": n, "processing": n, "complete": n, "failed": n}``.
+
+        Plus ``"oldest_pending_s"``, seconds.
+        """
+        return {
+            "pending": self.pending,
+            "processing": self.processing,
+            "complete": self.complete,
+            "failed": self.failed,
+            "oldest_pending_s": round(self.oldest_pending_s, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """One attached table and the columns listener reads from (and writes status to)."""
+
+    source_table: str
+    id_column: str
+    id_type: str
+    url_column: str
+    owner_column: str | None
+    status_column: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillChunk:
+    """The outcome of one backfill chunk: last id scanned (``None`` at the end), counts."""
+
+    last_id: str | None
+    scanned: int
+    enqueued: int
+
+
+@dataclass(frozen=True, slots=True)
+class TableProgress:
+    """Jobs of a table still to do, and those finished since a given time."""
+
+    remaining: int
+    complete: int
+    failed: int
+
+
+def load_queries() -> dict[str, NamedQuery]:
+    """Parse ``sql/queries.sql``."""
+    return parse_named_queries((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
+
+
+class Queries:
+    """The runtime queries, bound to a pool.
+
+    Args:
+        pool: an ``asyncpg.Pool``; each call acquires and releases one connection.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._sql = {name: q.sql for name, q in load_queries().items()}
+
+    async def claim_jobs(
+        self, limit: int, worker_id: str, lease_s: float, token: UUID
+    ) -> list[Job]:
+        """Claim up to ``limit`` runnable jobs, leased for ``lease_s`` seconds under ``token``."""
+        rows = await self._pool.fetch(self._sql["claim_jobs"], limit, worker_id, lease_s, token)
+        return [
+            Job(
+                id=r["id"],
+                source_table=r["source_table"],
+                source_id=r["source_id"],
+                image_url=r["image_url"],
+                owner_id=r["owner_id"],
+                priority=r["priority"],
+                attempts=r["attempts"],
+                max_attempts=r["max_attempts"],
+                lease_token=token,
+            )
+            for r in rows
+        ]
+
+    async def renew_leases(self, jobs: Sequence[Job], lease_s: float) -> set[int]:
+        """Extend the leases of ``jobs`` by ``lease_s`` seconds; returns the ids still held."""
+        if not jobs:
+            return set()
+        rows = await self._pool.fetch(
+            self._sql["renew_leases"],
+            [j.id for j in jobs],
+            list({j.lease_token for j in jobs}),
+            lease_s,
+        )
+        return {r["id"] for r in rows}
+
+    async def complete_jobs(self, done: Sequence[Completed]) -> set[int]:
+        """Mark jobs complete and upsert their results; returns the ids whose lease still held."""
+        if not done:
+            return set()
+        r_job: list[int] = []
+        r_step: list[str] = []
+        r_provider: list[str] = []
+        r_output: list[str] = []
+        r_model: list[str | None] = []
+        r_ms: list[float] = []
+        for c in done:
+            for result in c.results:
+                r_job.append(c.job.id)
+                r_step.append(result.step)
+                r_provider.append(result.provider)
+                r_output.append(json.dumps(result.output))
+                r_model.append(result.model)
+                r_ms.append(result.duration_s * 1000.0)
+        rows = await self._pool.fetch(
+            self._sql["complete_jobs"],
+            [c.job.id for c in done],
+            [c.job.lease_token for c in done],
+            r_job,
+            r_step,
+            r_provider,
+            r_output,
+            r_model,
+            r_ms,
+        )
+        return {r["id"] for r in rows}
+
+    async def fail_jobs(self, failures: Sequence[Failed]) -> dict[int, str]:
+        """Record failed attempts; returns ``{job id: new status}`` for the leases that held."""
+        if not failures:
+            return {}
+        rows = await self._pool.fetch(
+            self._sql["fail_jobs"],
+            [f.job.id for f in failures],
+            [f.job.lease_token for f in failures],
+            [f.retry_in_s for f in failures],
+            [f.error for f in failures],
+        )
+        return {r["id"]: r["status"] for r in rows}
+
+    async def release_jobs(self, jobs: Sequence[Job]) -> list[int]:
+        """Hand unfinished jobs back as pending without counting the attempt."""
+        if not jobs:
+            return []
+        rows = await self._pool.fetch(
+            self._sql["release_jobs"],
+            [j.id for j in jobs],
+            list({j.lease_token for j in jobs}),
+        )
+        return [r["id"] for r in rows]
+
+    async def reap_expired_leases(self) -> dict[int, str]:
+        """Return jobs whose lease expired to pending (or failed); ``{job id: new status}``."""
+        rows = await self._pool.fetch(self._sql["reap_expired_leases"])
+        return {r["id"]: r["status"] for r in rows}
+
+    async def queue_counts(self) -> QueueCounts:
+        """Counts by status and the oldest pending job's age."""
+        r = await self._pool.fetchrow(self._sql["queue_counts"])
+        return QueueCounts(
+            pending=r["pending"],
+            processing=r["processing"],
+            complete=r["complete"],
+            failed=r["failed"],
+            oldest_pending_s=float(r["oldest_pending_s"]),
+        )
+
+    async def attach(
+        self,
+        table: str,
+        id_column: str,
+        url_column: str,
+        owner_column: str | None = None,
+        status_column: str | None = None,
+    ) -> str:
+        """Install the enqueue triggers on ``table``; returns its qualified, quoted name.
+
+        Raises:
+            asyncpg.UndefinedTableError: the table does not exist.
+            asyncpg.UndefinedColumnError: a named column does not exist.
+            asyncpg.WrongObjectTypeError: the name is not a table.
+        """
+        result: str = await self._pool.fetchval(
+            self._sql["attach"], table, id_column, url_column, owner_column, status_column
+        )
+        return result
+
+    async def detach(self, table: str) -> bool:
+        """Remove the triggers from ``table``; ``False`` when it was not attached."""
+        return bool(await self._pool.fetchval(self._sql["detach"], table))
+
+    async def attachment(self, table: str) -> Attachment:
+        """The attachment of ``table``.
+
+        Raises:
+            asyncpg.UndefinedObjectError: the table is not attached.
+        """
+        r = await self._pool.fetchrow(self._sql["attachment"], table)
+        return _attachment(r)
+
+    async def list_attachments(self) -> list[Attachment]:
+        """Every attached table."""
+        return [_attachment(r) for r in await self._pool.fetch(self._sql["list_attachments"])]
+
+    async def count_unqueued(self, table: str, owner: str | None) -> int:
+        """Rows of ``table`` (of ``owner``, if given) that have no job yet."""
+        return int(await self._pool.fetchval(self._sql["count_unqueued"], table, owner))
+
+    async def backfill_chunk(
+        self,
+        table: str,
+        after: str | None,
+        chunk: int,
+        owner: str | None,
+        priority: int,
+        max_attempts: int,
+    ) -> BackfillChunk:
+        """Enqueue the rows without a job among the next ``chunk`` rows after id ``after``."""
+        r = await self._pool.fetchrow(
+            self._sql["backfill_chunk"], table, after, chunk, owner, priority, max_attempts
+        )
+        return BackfillChunk(last_id=r["last_id"], scanned=r["scanned"], enqueued=r["enqueued"])
+
+    async def table_progress(self, table: str, owner: str | None, since: datetime) -> TableProgress:
+        """Jobs of ``table`` still to do and those finished since ``since``."""
+        r = await self._pool.fetchrow(self._sql["table_progress"], table, owner, since)
+        return TableProgress(remaining=r["remaining"], complete=r["complete"], failed=r["failed"])
+
+    async def table_jobs(self, table: str, step: str) -> list[dict[str, Any]]:
+        """Every job of ``table`` with its ``step`` result decoded, oldest first."""
+        rows = await self._pool.fetch(self._sql["table_jobs"], table, step)
+        out: list[dict[str, Any]] = []
+        for r in rows:
+            item = dict(r)
+            item["output"] = json.loads(r["output"]) if r["output"] is not None else None
+            out.append(item)
+        return out
+
+
+def _attachment(r: Any) -> Attachment:
+    return Attachment(
+        source_table=r["source_table"],
+        id_column=r["id_column"],
+        id_type=r["id_type"],
+        url_column=r["url_column"],
+        owner_column=r["owner_column"],
+        status_column=r["status_column"],
+    )

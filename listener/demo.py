@@ -1,0 +1,276 @@
+"""``listener demo``: the whole pipeline on real photographs, on a fresh machine.
+
+It starts an embedded Postgres unless a database URL is set, migrates, creates a table shaped
+like the original app's (``vehicle_images``), inserts half the photos *before* attaching (the
+rows the app never had analyzed: the backfill path), attaches, backfills, starts the daemon,
+inserts the other half one row per transaction (the trigger path), waits until every job is
+finished, prints what the local provider found and what the health endpoint says, and cleans
+up. With a database URL it works in a schema of its own, ``listener_demo``, dropped at the
+end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+from pydantic import SecretStr
+from rich.console import Console
+from rich.table import Table
+
+from listener.app import Daemon
+from listener.backfill import enqueue_backfill
+from listener.db.cluster import TemporaryCluster
+from listener.db.migrate import migrate
+from listener.db.queries import Queries
+from listener.settings import Settings
+
+DEMO_SCHEMA = "listener_demo"
+DEMO_TABLE = f"{DEMO_SCHEMA}.vehicle_images"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+BUNDLED_IMAGES = Path(__file__).resolve().parent / "demo_images"
+"""Public-domain / CC0 photographs from scikit-image's sample data (NASA, SpaceX, CC0 authors)."""
+
+
+def find_images(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, by name.
+
+    Raises:
+        ValueError: the folder does not exist or holds no images.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return found
+
+
+async def serve_folder(folder: Path) -> tuple[web.AppRunner, str]:
+    """Serve ``folder`` over HTTP on 127.0.0.1 and a free port; returns (runner, base URL)."""
+    app = web.Application()
+    app.router.add_static("/", folder)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def _create_table(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        f"""
+        DROP SCHEMA IF EXISTS {DEMO_SCHEMA} CASCADE;
+        CREATE SCHEMA {DEMO_SCHEMA};
+        CREATE TABLE {DEMO_TABLE} (
+            id                uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            vehicle_id        uuid NOT NULL,
+            image_url         text,
+            processing_status text,
+            created_at        timestamptz NOT NULL DEFAULT now()
+        );
+        """
+    )
+
+
+async def _insert(conn: asyncpg.Connection, vehicle_id: uuid.UUID, url: str) -> None:
+    await conn.execute(
+        f"INSERT INTO {DEMO_TABLE} (vehicle_id, image_url) VALUES ($1, $2)", vehicle_id, url
+    )
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    if port == 0:
+        return True
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+async def run_demo(
+    settings: Settings,
+    *,
+    images: Path | None = None,
+    health_port: int = 8080,
+    keep_running: bool = False,
+    console: Console | None = None,
+    timeout_s: float = 120.0,
+) -> list[dict[str, Any]]:
+    """Run the demo and print its report.
+
+    Args:
+        settings: base settings; the database URL, if any, is used instead of an embedded
+            Postgres.
+        images: a folder of photos; default: the bundled ones.
+        health_port: the health server's port; 0 or a taken port picks a free one.
+        keep_running: keep the daemon up after the report until Ctrl+C.
+        console: where to print.
+        timeout_s: give up waiting for the jobs after this many seconds.
+
+    Returns:
+        One dict per image: the job's fields and the local provider's output.
+
+    Raises:
+        ValueError: the image folder is missing or empty.
+        TimeoutError: the jobs did not finish in ``timeout_s``.
+        listener.db.cluster.ClusterError: no database URL and no Postgres could be started.
+    """
+    console = console or Console()
+    photos = find_images(images or BUNDLED_IMAGES)
+    started = time.perf_counter()
+    cluster: TemporaryCluster | None = None
+    if settings.database_url is None:
+        console.print("[bold]1.[/bold] starting an embedded Postgres (no database URL set)")
+        cluster = TemporaryCluster()
+        dsn = await asyncio.to_thread(cluster.start)
+    else:
+        console.print("[bold]1.[/bold] using the database from the database URL")
+        dsn = settings.dsn()
+    runner, base_url = await serve_folder(photos[0].parent)
+    conn: asyncpg.Connection | None = None
+    try:
+        conn = await asyncpg.connect(dsn)
+        applied = await migrate(conn)
+        console.print(f"[bold]2.[/bold] migrated: {', '.join(applied) or 'already up to date'}")
+        await _create_table(conn)
+        vehicles = [uuid.uuid4(), uuid.uuid4()]
+        half = len(photos) // 2
+        before, after = photos[:half], photos[half:]
+        for i, photo in enumerate(before):
+            await _insert(conn, vehicles[i % 2], f"{base_url}/{photo.name}")
+        console.print(
+            f"[bold]3.[/bold] created {DEMO_TABLE}; inserted {len(before)} photos "
+            "before attaching (never analyzed, like the original app's rows)"
+        )
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        try:
+            queries = Queries(pool)
+            await queries.attach(DEMO_TABLE, "id", "image_url", "vehicle_id", "processing_status")
+            report = await enqueue_backfill(
+                queries, DEMO_TABLE, priority=settings.backfill_priority
+            )
+            console.print(
+                f"[bold]4.[/bold] attached the triggers; backfill enqueued {report.enqueued} jobs"
+            )
+            port = health_port if _port_free(health_port) else 0
+            fetch = settings.fetch.model_copy(
+                update={"allowed_hosts": [*settings.fetch.allowed_hosts, "127.0.0.1"]}
+            )
+            daemon_settings = settings.model_copy(
+                update={
+                    "database_url": SecretStr(dsn),
+                    "listen_database_url": None,
+                    "health_port": port,
+                    "fetch": fetch,
+                    "poll_interval_s": min(settings.poll_interval_s, 1.0),
+                }
+            )
+            async with Daemon(daemon_settings) as daemon:
+                assert daemon.health is not None
+                console.print(
+                    f"[bold]5.[/bold] daemon running ({daemon_settings.pipeline} provider, "
+                    f"health on {daemon.health.url}); inserting {len(after)} more photos, "
+                    "one per transaction"
+                )
+                for i, photo in enumerate(after):
+                    await _insert(conn, vehicles[i % 2], f"{base_url}/{photo.name}")
+                await _wait_finished(queries, timeout_s)
+                health = await _read_health(daemon.health.url)
+                rows = await queries.table_jobs(DEMO_TABLE, "local.analysis")
+                statuses = {
+                    str(r["id"]): r["processing_status"]
+                    for r in await conn.fetch(f"SELECT id, processing_status FROM {DEMO_TABLE}")
+                }
+                for row in rows:
+                    row["processing_status"] = statuses.get(row["source_id"])
+                    row["path"] = (
+                        "backfill"
+                        if row["image_url"].rsplit("/", 1)[-1] in {p.name for p in before}
+                        else "trigger"
+                    )
+                _print_report(console, rows, health, time.perf_counter() - started)
+                if keep_running:
+                    console.print("daemon still running; Ctrl+C to stop")
+                    await daemon.wait()
+        finally:
+            await pool.close()
+        return rows
+    finally:
+        if conn is not None:
+            if cluster is None:
+                await conn.execute(f"SELECT listener.detach('{DEMO_TABLE}')")
+                await conn.execute(f"DROP SCHEMA IF EXISTS {DEMO_SCHEMA} CASCADE")
+            await conn.close()
+        await runner.cleanup()
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+
+
+async def _wait_finished(queries: Queries, timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            counts = await queries.queue_counts()
+            if counts.pending == 0 and counts.processing == 0:
+                return
+            await asyncio.sleep(0.1)
+
+
+async def _read_health(base_url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base_url}/healthz") as resp:
+            healthz = resp.status
+        async with session.get(f"{base_url}/readyz") as resp:
+            readyz = resp.status
+        async with session.get(f"{base_url}/status") as resp:
+            status: dict[str, Any] = await resp.json()
+    return {"url": base_url, "healthz": healthz, "readyz": readyz, "status": status}
+
+
+def _print_report(
+    console: Console, rows: list[dict[str, Any]], health: dict[str, Any], seconds: float
+) -> None:
+    table = Table(title="listener demo: every photo, analyzed by the local provider")
+    for name in ("image", "path", "status"):
+        table.add_column(name)
+    for name in ("size", "quality", "blur", "faces"):
+        table.add_column(name, justify="right")
+    table.add_column("phash")
+    table.add_column("ms", justify="right")
+    for row in rows:
+        out = row["output"] or {}
+        name = row["image_url"].rsplit("/", 1)[-1]
+        status = row["processing_status"] or row["status"]
+        if row["status"] == "failed":
+            status = f"failed: {row['last_error']}"
+        table.add_row(
+            name,
+            row["path"],
+            status,
+            f"{out['width']}x{out['height']}" if out else "",
+            f"{out['quality']:.1f}" if out else "",
+            f"{out['blur']['laplacian_variance']:.0f}" if out else "",
+            str(out["faces"]["count"]) if out else "",
+            out.get("phash", ""),
+            f"{row['duration_ms']:.0f}" if row["duration_ms"] is not None else "",
+        )
+    console.print(table)
+    status = health["status"]
+    console.print(
+        f"health: {health['url']}/healthz -> {health['healthz']}, /readyz -> {health['readyz']}, "
+        f"/status -> pending {status['pending']}, processing {status['processing']}, "
+        f"complete {status['complete']}, failed {status['failed']}"
+    )
+    complete = sum(1 for r in rows if r["status"] == "complete")
+    console.print(f"[bold]{complete} of {len(rows)} photos complete in {seconds:.1f}s[/bold]")

@@ -1,0 +1,84 @@
+"""The error hierarchy that decides what happens to a job that failed.
+
+::
+
+    ListenerError
+    ├── RetryableError          the job goes back to pending after a backoff
+    │   ├── RateLimited         a provider said 429 / throttled (may carry retry_after)
+    │   ├── ProviderUnavailable connection refused or reset, 5xx
+    │   └── FetchTimeout        connect or read timeout
+    └── PermanentError          the job is failed at once; retrying cannot help
+        ├── InvalidURL          NULL, empty, whitespace, unsupported scheme
+        ├── FetchRefused        the URL resolves to a refused address (SSRF guard)
+        ├── ImageNotFound       HTTP 404 / 410, or a missing local file
+        ├── ImageTooLarge       over the byte limit or Pillow's pixel limit
+        ├── InvalidImage        not an image, empty, truncated, undecodable
+        └── RejectedByProvider  the provider refused the request (4xx other than 404/429)
+
+Any other exception raised while a job runs is treated as retryable: the job is retried
+until its attempts run out and then failed, with the exception's text as its reason.
+"""
+
+from __future__ import annotations
+
+
+class ListenerError(Exception):
+    """Base class of every error listener raises on purpose.
+
+    ``str(error)`` is the reason stored in ``listener.jobs.last_error``: it must say what went
+    wrong in words a user can act on, and never contain a secret.
+    """
+
+
+class RetryableError(ListenerError):
+    """A failure that may go away by itself; the job is retried after a backoff.
+
+    Args:
+        message: the reason recorded on the job.
+        retry_after: seconds the remote side asked us to wait, if it said so; the retry
+            policy never schedules the next attempt sooner than this.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(RetryableError):
+    """The provider answered 429 / throttling."""
+
+
+class ProviderUnavailable(RetryableError):
+    """Connection refused or reset, DNS failure, or a 5xx answer."""
+
+
+class FetchTimeout(RetryableError):
+    """A connect or read timeout while fetching the image or calling a provider."""
+
+
+class PermanentError(ListenerError):
+    """A failure that retrying cannot fix; the job is failed at once."""
+
+
+class InvalidURL(PermanentError):
+    """The row's image URL is NULL, empty, malformed, or of a scheme that is not allowed."""
+
+
+class FetchRefused(PermanentError):
+    """The URL points at an address listener refuses to fetch (loopback, private, metadata)."""
+
+
+class ImageNotFound(PermanentError):
+    """HTTP 404 or 410, or a local file that does not exist."""
+
+
+class ImageTooLarge(PermanentError):
+    """The image exceeds the byte limit or Pillow's decompression-bomb pixel limit."""
+
+
+class InvalidImage(PermanentError):
+    """The bytes are not a decodable image: empty, HTML, truncated, or an unknown format."""
+
+
+class RejectedByProvider(PermanentError):
+    """The provider refused the request for a reason that will not change on retry."""

@@ -1,0 +1,149 @@
+"""The health server: liveness, readiness, status JSON and Prometheus metrics over aiohttp.
+
+- ``GET /healthz``: 200 while the event loop answers (liveness; a container restarts on 5xx
+  or no answer).
+- ``GET /readyz``: 200 when the pool answers ``SELECT 1`` and the LISTEN connection is up and
+  was probed recently; 503 with the reasons otherwise.
+- ``GET /status``: JSON: counts by status, oldest pending age, in flight, per-provider rates.
+- ``GET /metrics``: Prometheus text exposition.
+
+Nothing here prints a DSN or any other secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from listener.db.notify import Notifier
+from listener.db.queries import Queries
+from listener.metrics import Metrics
+from listener.worker import Worker
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSources:
+    """What the health endpoints read from."""
+
+    pool: asyncpg.Pool
+    queries: Queries
+    notifier: Notifier
+    worker: Worker
+    metrics: Metrics
+    providers: list[str]
+    started_at: float
+
+
+SOURCES = web.AppKey("sources", HealthSources)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    src = request.app[SOURCES]
+    problems: list[str] = []
+    try:
+        async with asyncio.timeout(2.0):
+            await src.pool.fetchval("SELECT 1")
+    except Exception as error:
+        problems.append(f"database pool: {type(error).__name__}")
+    if not src.notifier.healthy():
+        problems.append("LISTEN connection down or not probed recently")
+    body = {"ready": not problems, "problems": problems}
+    return web.json_response(body, status=200 if not problems else 503)
+
+
+async def status_document(src: HealthSources) -> dict[str, Any]:
+    """The ``/status`` JSON body.
+
+    Raises:
+        Exception: whatever the database raised while counting.
+    """
+    counts = await src.queries.queue_counts()
+    doc: dict[str, Any] = counts.as_dict()
+    doc.update(
+        {
+            "in_flight": src.worker.in_flight,
+            "held_leases": src.worker.held,
+            "worker_id": src.worker.config.worker_id,
+            "concurrency": src.worker.config.concurrency,
+            "providers": src.providers,
+            "provider_rates_per_s": src.metrics.provider_rates(),
+            "listen_connected": src.notifier.connected,
+            "listen_reconnects": max(src.notifier.generation - 1, 0),
+            "uptime_s": round(time.monotonic() - src.started_at, 1),
+        }
+    )
+    return doc
+
+
+async def _status(request: web.Request) -> web.Response:
+    try:
+        doc = await status_document(request.app[SOURCES])
+    except Exception as error:
+        return web.json_response({"error": f"database: {type(error).__name__}"}, status=503)
+    return web.json_response(doc)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    src = request.app[SOURCES]
+    try:
+        counts = await src.queries.queue_counts()
+    except Exception:
+        counts = None
+    if counts is not None:
+        for status in ("pending", "processing", "complete", "failed"):
+            src.metrics.queue_jobs.labels(status).set(getattr(counts, status))
+        src.metrics.oldest_pending.set(counts.oldest_pending_s)
+    body = generate_latest(src.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(sources: HealthSources) -> web.Application:
+    """The aiohttp application serving the four endpoints."""
+    app = web.Application()
+    app[SOURCES] = sources
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/status", _status)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+class HealthServer:
+    """Serves ``build_app(sources)`` on ``host:port`` (port 0 picks a free one).
+
+    Raises (from ``start``):
+        OSError: the port is taken.
+    """
+
+    def __init__(self, sources: HealthSources, host: str, port: int) -> None:
+        self._runner = web.AppRunner(build_app(sources), access_log=None)
+        self._host = host
+        self._port = port
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        """Bind and serve."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` as reachable from this machine."""
+        host = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        """Stop serving."""
+        await self._runner.cleanup()

@@ -1,0 +1,1 @@
+"""Analysis providers: the ``Provider`` protocol and its implementations."""

@@ -1,0 +1,560 @@
+"""The offline ``local`` provider: classic computer-vision measurements, no network, no model.
+
+``analyze_bytes`` is a pure function run in a pool of worker processes (started with
+``spawn``: forking a process that runs an asyncio loop and threads is unsafe). It measures
+size, EXIF metadata, sharpness, exposure, contrast, a perceptual hash and frontal faces, and
+combines them into a 0-10 quality score. OpenCV, NumPy and ImageHash are imported inside the
+workers only, so the daemon process does not pay for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import math
+import multiprocessing
+import os
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Final
+
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from listener.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    ListenerError,
+    ProviderUnavailable,
+)
+from listener.providers.base import ImageInput, StepResult
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
+
+    import numpy as np
+    from numpy.typing import NDArray
+
+    from listener.settings import LocalSettings
+
+STEP: Final = "local.analysis"
+#: Laplacian variance below which an image is called blurry: the customary cut-off (Rosebrock,
+#: "Blur detection with OpenCV", pyimagesearch, 2015). The variance depends on the image size,
+#: which is why it is measured on a copy downscaled to ``analysis_max_side``.
+BLUR_THRESHOLD: Final = 100.0
+#: Laplacian variance that counts as fully sharp in the quality score.
+SHARP_VARIANCE: Final = 1000.0
+#: Shorter side, in pixels, below which the quality score is reduced.
+MIN_GOOD_SIDE: Final = 480
+SHADOW_LEVEL: Final = 5
+HIGHLIGHT_LEVEL: Final = 250
+#: Fraction of clipped pixels above which an image is under- or over-exposed.
+CLIPPED_FRACTION: Final = 0.25
+# detectMultiScale parameters: OpenCV's default scale step, 5 neighbours against false
+# positives, and faces of at least 30x30 pixels of the downscaled copy.
+_FACE_SCALE_FACTOR: Final = 1.1
+_FACE_MIN_NEIGHBORS: Final = 5
+_FACE_MIN_SIZE: Final = (30, 30)
+_READY_TIMEOUT_S: Final = 120.0
+#: Pillow plugins allowed to parse the bytes (the JPEG plugin also opens MPO). Others, EPS
+#: above all (it runs Ghostscript), never see untrusted data.
+DECODERS: Final = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+
+
+def analyze_bytes(data: bytes, *, max_side: int, max_pixels: int) -> dict[str, Any]:
+    """Measure one image. CPU-bound, no I/O: meant to run in a worker process.
+
+    It sets Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` to ``max_pixels`` for the
+    duration of the call and restores it afterwards, so do not run it in several threads of
+    one process at once (worker processes run one call at a time).
+
+    Args:
+        data: the encoded image: JPEG, MPO, PNG, GIF, WebP, BMP or TIFF (the first frame
+            of animations).
+        max_side: the grayscale copy used for blur, exposure, contrast, hash and faces is
+            downscaled to this longest side (pixels), so scores do not depend on resolution.
+        max_pixels: Pillow's decompression-bomb limit (width x height).
+
+    Returns:
+        A JSON-serializable dict::
+
+            width, height: int          pixels, after EXIF orientation
+            format: str | None          Pillow's format name, e.g. "JPEG"
+            mode: str                   Pillow's mode of the decoded file, e.g. "RGB"
+            exif: {taken_at: ISO 8601 str | None, camera_make: str | None,
+                   camera_model: str | None, gps: {"lat": float, "lon": float} | None}
+            blur: {laplacian_variance: float, is_blurry: bool}
+            exposure: {mean_brightness: 0..1, shadows_clipped: 0..1,
+                       highlights_clipped: 0..1, verdict: "under" | "over" | "ok"}
+            contrast: float             RMS contrast, std of the gray levels / 255
+            quality: float              0..10, one decimal (see ``quality_score``)
+            phash: str                  64-bit perceptual hash, 16 hex digits
+            faces: {count: int, boxes: [[x, y, w, h], ...]}  original pixel coordinates
+
+        Sources: the variance of the Laplacian as a focus measure is from Pech-Pacheco et
+        al., "Diatom autofocusing in brightfield microscopy: a comparative study", ICPR 2000;
+        the perceptual hash (DCT of a 32x32 gray image) is ImageHash's ``phash`` after Zauner,
+        "Implementation and Benchmarking of Perceptual Image Hash Functions", 2010; faces come
+        from OpenCV's Haar cascade ``haarcascade_frontalface_default.xml`` (Viola & Jones,
+        "Rapid Object Detection using a Boosted Cascade of Simple Features", CVPR 2001; the
+        cascade is Lienhart's, after Lienhart & Maydt, ICIP 2002) run on the
+        histogram-equalized downscaled gray image; it finds faces seen from the front, not
+        in profile. Exposure thresholds (levels <= 5 and >= 250, a quarter of the pixels)
+        and the quality score are listener's own.
+
+    Raises:
+        InvalidImage: empty, not an image, truncated or undecodable.
+        ImageTooLarge: more than ``max_pixels`` pixels (a possible decompression bomb).
+    """
+    import cv2
+    import imagehash
+    import numpy as np
+
+    if not data:
+        raise InvalidImage("empty image: 0 bytes")
+    image, info = _decode(data, max_side=max_side, max_pixels=max_pixels)
+    width, height = info["width"], info["height"]
+
+    gray = _downscale(_gray_levels(image), max_side)
+    laplacian_variance = float(cv2.Laplacian(gray, cv2.CV_64F).var())
+    mean_brightness = float(gray.mean()) / 255.0
+    shadows = float(np.count_nonzero(gray <= SHADOW_LEVEL)) / gray.size
+    highlights = float(np.count_nonzero(gray >= HIGHLIGHT_LEVEL)) / gray.size
+    contrast = float(gray.std()) / 255.0
+    scale = width / gray.shape[1]
+
+    return {
+        "width": width,
+        "height": height,
+        "format": info["format"],
+        "mode": info["mode"],
+        "exif": info["exif"],
+        "blur": {
+            "laplacian_variance": round(laplacian_variance, 3),
+            "is_blurry": laplacian_variance < BLUR_THRESHOLD,
+        },
+        "exposure": {
+            "mean_brightness": round(mean_brightness, 4),
+            "shadows_clipped": round(shadows, 4),
+            "highlights_clipped": round(highlights, 4),
+            "verdict": exposure_verdict(mean_brightness, shadows, highlights),
+        },
+        "contrast": round(contrast, 4),
+        "quality": quality_score(
+            laplacian_variance=laplacian_variance,
+            mean_brightness=mean_brightness,
+            shadows_clipped=shadows,
+            highlights_clipped=highlights,
+            contrast=contrast,
+            width=width,
+            height=height,
+        ),
+        "phash": str(imagehash.phash(Image.fromarray(gray))),
+        "faces": _faces(gray, scale=scale, width=width, height=height),
+    }
+
+
+def exposure_verdict(mean_brightness: float, shadows_clipped: float, highlights: float) -> str:
+    """``"under"``, ``"over"`` or ``"ok"`` (listener's own heuristic).
+
+    Over-exposed when more than a quarter of the pixels are clipped at >= 250 or the mean
+    brightness is above 0.85; under-exposed likewise with <= 5 and below 0.15. When both
+    ends are clipped, the larger clipped fraction wins.
+
+    Args:
+        mean_brightness: mean gray level / 255, 0..1.
+        shadows_clipped: fraction of pixels at level <= 5, 0..1.
+        highlights: fraction of pixels at level >= 250, 0..1.
+    """
+    over = highlights > CLIPPED_FRACTION or mean_brightness > 0.85
+    under = shadows_clipped > CLIPPED_FRACTION or mean_brightness < 0.15
+    if over and under:
+        return "over" if highlights >= shadows_clipped else "under"
+    return "over" if over else "under" if under else "ok"
+
+
+def quality_score(
+    *,
+    laplacian_variance: float,
+    mean_brightness: float,
+    shadows_clipped: float,
+    highlights_clipped: float,
+    contrast: float,
+    width: int,
+    height: int,
+) -> float:
+    """A 0-10 technical quality score, one decimal (listener's own heuristic, not a standard).
+
+    ``10 * (0.45 * sharpness + 0.25 * exposure + 0.15 * contrast + 0.15 * resolution)``,
+    each term in 0..1:
+
+    * sharpness = ``log(1 + laplacian_variance) / log(1 + 1000)``, capped at 1 (the variance
+      spans orders of magnitude, so it is log-scaled; 1000 counts as fully sharp);
+    * exposure = ``1 - 1.5 * |mean_brightness - 0.5| - shadows_clipped - highlights_clipped``,
+      floored at 0;
+    * contrast = ``contrast / 0.25``, capped at 1 (a gray-level standard deviation of 64
+      counts as full contrast);
+    * resolution = ``min(width, height) / 480``, capped at 1.
+    """
+    sharpness = min(1.0, math.log1p(max(0.0, laplacian_variance)) / math.log1p(SHARP_VARIANCE))
+    exposure = 1.0 - 1.5 * abs(mean_brightness - 0.5) - shadows_clipped - highlights_clipped
+    exposure = min(1.0, max(0.0, exposure))
+    contrast_term = min(1.0, max(0.0, contrast / 0.25))
+    resolution = min(1.0, min(width, height) / MIN_GOOD_SIDE)
+    score = 10.0 * (0.45 * sharpness + 0.25 * exposure + 0.15 * contrast_term + 0.15 * resolution)
+    return round(min(10.0, max(0.0, score)), 1)
+
+
+def _decode(data: bytes, *, max_side: int, max_pixels: int) -> tuple[Image.Image, dict[str, Any]]:
+    """Decode ``data`` into an EXIF-oriented image (JPEGs at reduced scale) and its facts."""
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between max_pixels and twice that; refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=DECODERS)
+            exif = _exif_summary(image)
+            orientation = _orientation(image)
+            width, height = image.size
+            if orientation in (5, 6, 7, 8):
+                width, height = height, width
+            info: dict[str, Any] = {
+                "width": width,
+                "height": height,
+                "format": image.format,
+                "mode": image.mode,
+                "exif": exif,
+            }
+            # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, straight to gray.
+            image.draft("L", (max_side, max_side))
+            image.load()
+            oriented = ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageTooLarge(
+            f"image too large: more than {max_pixels} pixels (a possible decompression bomb)"
+        ) from None
+    except UnidentifiedImageError:
+        raise InvalidImage(f"cannot decode image: the data {_describe_bytes(data)}") from None
+    except OSError as exc:
+        if "truncated" in str(exc):
+            raise InvalidImage(f"truncated image: {exc}") from None
+        raise InvalidImage(f"cannot decode image: {exc}") from None
+    except (ListenerError, MemoryError):
+        raise
+    except Exception as exc:  # Pillow's decoders raise SyntaxError, ValueError, EOFError...
+        raise InvalidImage(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+    return oriented, info
+
+
+def _describe_bytes(data: bytes) -> str:
+    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<?xml") or head.startswith(b"<svg"):
+        return "looks like XML or SVG"
+    if head.startswith(b"<"):
+        return "looks like HTML"
+    if head.startswith((b"{", b"[")):
+        return "looks like JSON"
+    return (
+        f"is not in a supported format ({', '.join(DECODERS)}, MPO): "
+        f"it starts with bytes {data[:16].hex(' ')}"
+    )
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+        return int(value)
+    except Exception:  # corrupt EXIF must not fail the analysis
+        return 1
+
+
+def _exif_summary(image: Image.Image) -> dict[str, Any]:
+    """Capture time, camera make/model and GPS position from EXIF; ``None`` where absent."""
+    summary: dict[str, Any] = {
+        "taken_at": None,
+        "camera_make": None,
+        "camera_model": None,
+        "gps": None,
+    }
+    try:
+        exif = image.getexif()
+        summary["camera_make"] = _exif_text(exif.get(ExifTags.Base.Make))
+        summary["camera_model"] = _exif_text(exif.get(ExifTags.Base.Model))
+        sub = exif.get_ifd(ExifTags.IFD.Exif)
+        summary["taken_at"] = _exif_datetime(
+            sub.get(ExifTags.Base.DateTimeOriginal), sub.get(ExifTags.Base.OffsetTimeOriginal)
+        ) or _exif_datetime(exif.get(ExifTags.Base.DateTime), sub.get(ExifTags.Base.OffsetTime))
+        summary["gps"] = _exif_gps(exif.get_ifd(ExifTags.IFD.GPSInfo))
+    except Exception:  # corrupt EXIF must not fail the analysis; keep what was read
+        pass
+    return summary
+
+
+def _exif_text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        return None
+    text = value.replace("\x00", "").strip()
+    return text[:128] or None
+
+
+def _exif_datetime(value: object, offset: object) -> str | None:
+    """EXIF ``"YYYY:MM:DD HH:MM:SS"`` (CIPA DC-008, with ``OffsetTime*`` "+HH:MM") as ISO 8601."""
+    text = _exif_text(value)
+    if text is None:
+        return None
+    try:
+        moment = datetime.strptime(text[:19], "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+    offset_text = _exif_text(offset)
+    if moment.tzinfo is None and offset_text is not None:
+        try:
+            sign = -1 if offset_text.startswith("-") else 1
+            hours, minutes = offset_text.lstrip("+-").split(":")
+            delta = timedelta(hours=int(hours), minutes=int(minutes))
+            moment = moment.replace(tzinfo=timezone(sign * delta))
+        except ValueError:
+            pass
+    return moment.isoformat()
+
+
+def _exif_gps(gps: dict[int, Any]) -> dict[str, float] | None:
+    """Decimal degrees from the GPS IFD's degree/minute/second rationals and N/S/E/W refs."""
+    lat = _degrees(gps.get(ExifTags.GPS.GPSLatitude), gps.get(ExifTags.GPS.GPSLatitudeRef), "S")
+    lon = _degrees(gps.get(ExifTags.GPS.GPSLongitude), gps.get(ExifTags.GPS.GPSLongitudeRef), "W")
+    if lat is None or lon is None or abs(lat) > 90 or abs(lon) > 180:
+        return None
+    return {"lat": round(lat, 7), "lon": round(lon, 7)}
+
+
+def _degrees(value: object, ref: object, negative_ref: str) -> float | None:
+    if not isinstance(value, tuple | list) or not 1 <= len(value) <= 3:
+        return None
+    try:
+        parts = [float(part) for part in value]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    degrees = sum(part / 60.0**i for i, part in enumerate(parts))
+    if not math.isfinite(degrees):
+        return None
+    return -degrees if _exif_text(ref) in (negative_ref, negative_ref.lower()) else degrees
+
+
+def _gray_levels(image: Image.Image) -> NDArray[np.uint8]:
+    """8-bit gray levels; transparent areas are composited over white."""
+    import numpy as np
+
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        levels = np.asarray(image, dtype=np.float64)
+        if levels.size and float(levels.max()) > 255.0:
+            levels = levels / 257.0
+        return np.clip(levels, 0, 255).astype(np.uint8)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def _downscale(gray: NDArray[np.uint8], max_side: int) -> NDArray[np.uint8]:
+    import cv2
+    import numpy as np
+
+    height, width = gray.shape
+    factor = max_side / max(width, height)
+    if factor >= 1.0:
+        return gray
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _face_cascade() -> Any:
+    """OpenCV's frontal-face Haar cascade, loaded once per process."""
+    import cv2
+    import cv2.data
+
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    if cascade.empty():
+        raise RuntimeError("cannot load OpenCV's haarcascade_frontalface_default.xml")
+    return cascade
+
+
+def _faces(gray: NDArray[np.uint8], *, scale: float, width: int, height: int) -> dict[str, Any]:
+    import cv2
+
+    found = _face_cascade().detectMultiScale(
+        cv2.equalizeHist(gray),
+        scaleFactor=_FACE_SCALE_FACTOR,
+        minNeighbors=_FACE_MIN_NEIGHBORS,
+        minSize=_FACE_MIN_SIZE,
+    )
+    boxes: list[list[int]] = []
+    for x, y, w, h in (tuple(int(v) for v in box) for box in found):
+        left, top = min(width, round(x * scale)), min(height, round(y * scale))
+        boxes.append(
+            [left, top, min(width - left, round(w * scale)), min(height - top, round(h * scale))]
+        )
+    return {"count": len(boxes), "boxes": boxes}
+
+
+def _warm_up() -> str:
+    """Import the libraries, load the cascade and run one tiny analysis; returns cv2's version."""
+    import cv2
+
+    # One thread per worker: the pool already runs one process per CPU.
+    cv2.setNumThreads(1)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 96, 64)).save(buffer, "PNG")
+    analyze_bytes(buffer.getvalue(), max_side=64, max_pixels=64 * 64)
+    return str(cv2.__version__)
+
+
+def _init_worker(ready: Synchronized[int]) -> None:
+    _warm_up()
+    with ready.get_lock():
+        ready.value += 1
+
+
+def _analyze_in_worker(data: bytes, max_side: int, max_pixels: int) -> dict[str, Any]:
+    """``analyze_bytes``, with unexpected errors made safe to send back to the parent."""
+    try:
+        return analyze_bytes(data, max_side=max_side, max_pixels=max_pixels)
+    except (ListenerError, MemoryError):
+        raise
+    except Exception as exc:
+        # Some library exceptions (cv2.error) do not survive pickling back to the parent.
+        raise RuntimeError(f"local analysis failed: {type(exc).__name__}: {exc}") from None
+
+
+class LocalProvider:
+    """The ``local`` provider: ``analyze_bytes`` in a pool of spawned worker processes.
+
+    Args:
+        settings: the ``local`` slice of the settings (workers, analysis_max_side).
+        max_pixels: Pillow's decompression-bomb limit, in pixels (``fetch.max_pixels``).
+
+    ``analyze`` returns one ``StepResult`` with step ``"local.analysis"`` whose output is
+    ``analyze_bytes``'s dict. It raises ``InvalidImage`` / ``ImageTooLarge`` for bad images and
+    ``ProviderUnavailable`` when a worker died (the pool is then recreated).
+    """
+
+    name: str = "local"
+    needs_image: bool = True
+
+    def __init__(self, settings: LocalSettings, *, max_pixels: int) -> None:
+        self._max_side = settings.analysis_max_side
+        self._max_pixels = max_pixels
+        self._workers = settings.workers or os.cpu_count() or 1
+        self._pool: ProcessPoolExecutor | None = None
+        self._model = "listener-local/1 (opencv, imagehash phash)"
+
+    @property
+    def model(self) -> str:
+        """The version string stored with each result.
+
+        For example ``"listener-local/1 (opencv 4.14, imagehash phash)"``; the OpenCV version
+        is filled in by ``start``, from the workers.
+        """
+        return self._model
+
+    async def start(self) -> None:
+        """Start the worker processes and wait until each has warmed up (up to 120 s).
+
+        Raises:
+            RuntimeError: the workers did not become ready in time.
+            concurrent.futures.process.BrokenProcessPool: a worker failed to start.
+        """
+        if self._pool is not None:
+            return
+        loop = asyncio.get_running_loop()
+        pool, ready = self._new_pool()
+        self._pool = pool
+        # Submitting one task per worker at once makes the pool spawn every process now.
+        versions = await asyncio.gather(
+            *(loop.run_in_executor(pool, _warm_up) for _ in range(self._workers))
+        )
+        major_minor = ".".join(versions[0].split(".")[:2])
+        self._model = f"listener-local/1 (opencv {major_minor}, imagehash phash)"
+        deadline = loop.time() + _READY_TIMEOUT_S
+        while ready.value < self._workers:
+            if loop.time() > deadline:
+                raise RuntimeError(
+                    f"only {ready.value} of {self._workers} local analysis workers started "
+                    f"within {_READY_TIMEOUT_S} s"
+                )
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        """Stop the worker processes, cancelling queued work. Safe to call twice."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+    async def analyze(self, image: ImageInput) -> list[StepResult]:
+        """Analyze ``image.data`` in a worker process.
+
+        Returns:
+            ``[StepResult(provider="local", step="local.analysis", output=..., model=...,
+            duration_s=...)]``; ``duration_s`` is wall time in seconds, queueing included.
+
+        Raises:
+            InvalidImage: empty, not an image, truncated or undecodable.
+            ImageTooLarge: over the pixel limit.
+            ProviderUnavailable: the worker pool broke (e.g. a worker was OOM-killed); a new
+                pool has been started and the job may be retried.
+            RuntimeError: ``start`` was not called, or an unexpected analysis failure.
+        """
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("LocalProvider.start() must be called before analyze()")
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            output = await loop.run_in_executor(
+                pool,
+                functools.partial(_analyze_in_worker, image.data, self._max_side, self._max_pixels),
+            )
+        except BrokenProcessPool:
+            self._replace_pool(pool)
+            raise ProviderUnavailable(
+                "a local analysis worker died (out of memory or killed); "
+                "the worker pool was restarted"
+            ) from None
+        return [
+            StepResult(
+                provider=self.name,
+                step=STEP,
+                output=output,
+                model=self._model,
+                duration_s=time.perf_counter() - started,
+            )
+        ]
+
+    def _new_pool(self) -> tuple[ProcessPoolExecutor, Synchronized[int]]:
+        context = multiprocessing.get_context("spawn")
+        ready: Synchronized[int] = context.Value("i", 0)
+        pool = ProcessPoolExecutor(
+            max_workers=self._workers,
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(ready,),
+        )
+        return pool, ready
+
+    def _replace_pool(self, broken: ProcessPoolExecutor) -> None:
+        """Swap in a fresh pool, once per broken pool however many tasks saw it break."""
+        if self._pool is broken:
+            self._pool, _ = self._new_pool()
+        broken.shutdown(wait=False, cancel_futures=True)

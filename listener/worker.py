@@ -1,0 +1,305 @@
+"""The worker loop: claim jobs sized to free capacity, run them, record outcomes, keep leases.
+
+Four loops share one ``Worker``:
+
+- **claim**: waits for a wake-up (NOTIFY, a finished job when the last claim was full, the
+  jittered poll timer, or stop), then claims up to the number of free slots in one statement
+  and starts a task per job. NOTIFY is only a hint: the poll timer claims anyway.
+- **flush**: writes finished outcomes to Postgres as soon as there are any, batching whatever
+  finished while the previous write was in flight (group commit), one statement for
+  completions and one for failures.
+- **heartbeat**: every third of the lease, renews the leases of every job this worker holds
+  (running or waiting to be flushed) in one statement, and reaps jobs whose lease expired,
+  whoever held them.
+- **drain** (on stop): stop claiming, give running jobs ``shutdown_grace_s`` to finish, cancel
+  the rest, flush, and hand unfinished jobs back as pending.
+
+Database errors in any loop are logged and retried after a short backoff, so the worker rides
+out a Postgres restart: outcomes wait in memory and leases are renewed again once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loguru import logger
+
+from listener.db.queries import Queries
+from listener.dispatch import Dispatcher
+from listener.jobs import Completed, Failed, Job, Outcome
+from listener.metrics import Metrics
+from listener.retry import full_jitter_backoff
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """The worker's slice of the settings.
+
+    Attributes:
+        worker_id: this daemon's name in ``listener.jobs.worker_id``.
+        concurrency: the most jobs running at once (the global semaphore).
+        lease_s: lease length, seconds; renewed every ``lease_s / 3``.
+        poll_interval_s: mean seconds between claims when no NOTIFY arrives (jittered ±25%).
+        shutdown_grace_s: seconds running jobs get to finish on stop.
+    """
+
+    worker_id: str
+    concurrency: int = 10
+    lease_s: float = 30.0
+    poll_interval_s: float = 2.0
+    shutdown_grace_s: float = 20.0
+
+
+class Worker:
+    """Claims and runs jobs until stopped.
+
+    Args:
+        queries: the named queries, bound to a pool.
+        dispatcher: runs one job to an outcome.
+        config: the worker's settings.
+        metrics: counters to update.
+        rng: uniform floats in [0, 1) for jitter.
+        clock: monotonic clock, seconds.
+    """
+
+    def __init__(
+        self,
+        queries: Queries,
+        dispatcher: Dispatcher,
+        config: WorkerConfig,
+        metrics: Metrics,
+        rng: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._q = queries
+        self._dispatcher = dispatcher
+        self.config = config
+        self._metrics = metrics
+        self._rng = rng
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._outcome_ready = asyncio.Event()
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._held: dict[int, Job] = {}
+        self._outcomes: list[Outcome] = []
+        self._saturated = False
+        self._log = logger.bind(worker_id=config.worker_id)
+        self.claims = 0
+        self.last_claim_ok: float | None = None
+        self.db_ok = True
+
+    # -- public surface -------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Ask the claim loop to claim now (NOTIFY arrived, a reconnect happened)."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs running now."""
+        return len(self._running)
+
+    @property
+    def held(self) -> int:
+        """Jobs whose lease this worker holds (running or waiting to be recorded)."""
+        return len(self._held)
+
+    async def run(self) -> None:
+        """Run the claim, flush and heartbeat loops until ``stop`` is called, then drain."""
+        flusher = asyncio.create_task(self._flush_loop(), name="listener-flush")
+        heart = asyncio.create_task(self._heartbeat_loop(), name="listener-heartbeat")
+        try:
+            await self._claim_loop()
+        finally:
+            await self._finish_running()
+            # The flusher is stopped before the final flush so the two never write at once;
+            # a flush cancelled midway puts its batch back.
+            heart.cancel()
+            flusher.cancel()
+            for task in (heart, flusher):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self._record_and_release()
+
+    def stop(self) -> None:
+        """Stop claiming; ``run`` then drains and returns."""
+        self._stopping.set()
+        self._wake.set()
+
+    # -- claim ----------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            free = self.config.concurrency - len(self._running)
+            if free <= 0:
+                self._saturated = True
+                self._wake.clear()
+                if self.config.concurrency - len(self._running) <= 0:
+                    await self._wait(None)
+                continue
+            self._wake.clear()
+            try:
+                jobs = await self._q.claim_jobs(
+                    free, self.config.worker_id, self.config.lease_s, uuid.uuid4()
+                )
+            except Exception as error:
+                failures += 1
+                self._db_error("claim", error)
+                await self._wait(self._backoff(failures))
+                continue
+            failures = 0
+            self.db_ok = True
+            self.claims += 1
+            self.last_claim_ok = self._clock()
+            for job in jobs:
+                self._start(job)
+            if jobs:
+                self._metrics.jobs_claimed.inc(len(jobs))
+            self._saturated = len(jobs) == free
+            if self._saturated:
+                await self._wait(None)
+            else:
+                await self._wait(self._poll_interval())
+
+    def _start(self, job: Job) -> None:
+        self._held[job.id] = job
+        task = asyncio.create_task(self._run_job(job), name=f"listener-job-{job.id}")
+        self._running[job.id] = task
+        self._metrics.in_flight.set(len(self._running))
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            outcome = await self._dispatcher.run(job)
+        finally:
+            self._running.pop(job.id, None)
+            self._metrics.in_flight.set(len(self._running))
+            if self._saturated:
+                self._wake.set()
+        self._outcomes.append(outcome)
+        self._outcome_ready.set()
+
+    async def _wait(self, timeout: float | None) -> None:
+        if self._stopping.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _poll_interval(self) -> float:
+        return self.config.poll_interval_s * (0.75 + 0.5 * self._rng())
+
+    def _backoff(self, failures: int) -> float:
+        return max(0.05, full_jitter_backoff(failures, 0.2, 5.0, self._rng))
+
+    def _db_error(self, op: str, error: BaseException) -> None:
+        self.db_ok = False
+        self._metrics.db_errors.labels(op).inc()
+        self._log.warning("database error during {}: {}: {}", op, type(error).__name__, error)
+
+    # -- flush ----------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            if not self._outcomes:
+                continue
+            try:
+                await self._flush()
+                failures = 0
+            except Exception as error:
+                failures += 1
+                self._db_error("flush", error)
+                await asyncio.sleep(self._backoff(failures))
+                self._outcome_ready.set()
+
+    async def _flush(self) -> None:
+        """Write every buffered outcome; on error they stay buffered for the next try."""
+        batch = self._outcomes
+        self._outcomes = []
+        try:
+            done = [o for o in batch if isinstance(o, Completed)]
+            failed = [o for o in batch if isinstance(o, Failed)]
+            written = await self._q.complete_jobs(done)
+            statuses = await self._q.fail_jobs(failed)
+        except BaseException:
+            self._outcomes = batch + self._outcomes
+            raise
+        for c in done:
+            if c.job.id not in written:
+                self._log.warning("job {} finished after its lease was lost; dropped", c.job.id)
+        self._metrics.jobs_finished.labels("complete").inc(len(written))
+        retried = sum(1 for s in statuses.values() if s == "pending")
+        self._metrics.jobs_finished.labels("retry").inc(retried)
+        self._metrics.jobs_finished.labels("failed").inc(len(statuses) - retried)
+        for outcome in batch:
+            self._held.pop(outcome.job.id, None)
+
+    # -- heartbeat ------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.lease_s / 3
+        while True:
+            await asyncio.sleep(interval * (0.9 + 0.2 * self._rng()))
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Renew this worker's leases and reap expired ones; errors are logged, not raised."""
+        held = list(self._held.values())
+        try:
+            kept = await self._q.renew_leases(held, self.config.lease_s)
+            reaped = await self._q.reap_expired_leases()
+        except Exception as error:
+            self._db_error("heartbeat", error)
+            return
+        self.db_ok = True
+        for job in held:
+            if job.id not in kept and job.id in self._held:
+                self._log.warning("lease of job {} was lost (expired and reclaimed)", job.id)
+        if reaped:
+            self._log.info("reaped {} jobs whose lease expired", len(reaped))
+            self._wake.set()
+
+    # -- drain ----------------------------------------------------------------------------
+
+    async def _finish_running(self) -> None:
+        running = list(self._running.values())
+        if running:
+            self._log.info(
+                "stopping: waiting up to {:.0f}s for {} running jobs",
+                self.config.shutdown_grace_s,
+                len(running),
+            )
+            _, pending = await asyncio.wait(running, timeout=self.config.shutdown_grace_s)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _record_and_release(self) -> None:
+        for attempt in range(1, 6):
+            try:
+                if self._outcomes:
+                    await self._flush()
+                unfinished = list(self._held.values())
+                released = await self._q.release_jobs(unfinished)
+                self._held.clear()
+                if released:
+                    self._log.info("handed {} unfinished jobs back as pending", len(released))
+                return
+            except Exception as error:
+                self._db_error("drain", error)
+                await asyncio.sleep(self._backoff(attempt))
+        self._log.error(
+            "could not record {} outcomes at shutdown; their leases will expire and the jobs "
+            "will run again",
+            len(self._held),
+        )

@@ -1,0 +1,156 @@
+"""Postgres for the whole test suite: one server per session, one database per test.
+
+``DATABASE_URL``, when set, is the admin DSN of an existing server (PostgreSQL 13+, a role
+that may ``CREATE DATABASE``); otherwise a ``TemporaryCluster(fast=True)`` is started for the
+session. The schema is migrated once into a template database; each test that asks for
+``database_url`` gets ``CREATE DATABASE ... TEMPLATE`` (a file copy, milliseconds), dropped
+``WITH (FORCE)`` after the test.
+
+Fixtures:
+    pg_cluster: the session's ``TemporaryCluster``, or None when ``DATABASE_URL`` was given
+        (tests that restart Postgres skip then).
+    pg_admin_dsn: DSN of the server's maintenance database, for CREATE/DROP DATABASE.
+    dsn_for: ``dsn_for(name)``, the admin DSN with the database name swapped for ``name``.
+    template_db: name of the migrated template database.
+    database_url: DSN of a fresh, migrated database of this test's own.
+    env_for_subprocess: ``os.environ`` copy pointing ``listener`` subprocesses at it.
+
+Session setup runs synchronously (each step in its own short-lived event loop): async
+session fixtures do not mix well with pytest-asyncio's per-test loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from listener.db.cluster import TemporaryCluster
+
+_T = TypeVar("_T")
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` to completion in a private event loop.
+
+    Unlike ``asyncio.run``, this leaves the thread's "current event loop" alone, which
+    pytest-asyncio manages for the tests.
+    """
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _dsn_for_database(dsn: str, database: str) -> str:
+    """``dsn`` (a ``postgresql://`` URL) with its database replaced by ``database``."""
+    parts = urlsplit(dsn)
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key in ("dbname", "database") for key, _ in pairs):
+        query = urlencode([(k, v) for k, v in pairs if k not in ("dbname", "database")])
+    return urlunsplit(parts._replace(path="/" + quote(database, safe=""), query=query))
+
+
+async def _admin_execute(admin_dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def _create_template(admin_dsn: str, name: str) -> None:
+    from listener.db.migrate import migrate
+
+    await _admin_execute(admin_dsn, f'CREATE DATABASE "{name}"')
+    try:
+        conn = await asyncpg.connect(_dsn_for_database(admin_dsn, name))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+    except BaseException:
+        await _admin_execute(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        raise
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[TemporaryCluster | None]:
+    """The session's throwaway cluster, or None when ``DATABASE_URL`` is set."""
+    if os.environ.get("DATABASE_URL"):
+        yield None
+        return
+    cluster = TemporaryCluster(fast=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(pg_cluster: TemporaryCluster | None) -> str:
+    """``DATABASE_URL`` when set, else the session cluster's DSN (database ``postgres``)."""
+    if pg_cluster is None:
+        return os.environ["DATABASE_URL"]
+    return pg_cluster.dsn
+
+
+@pytest.fixture(scope="session")
+def dsn_for(pg_admin_dsn: str) -> Callable[[str], str]:
+    """``dsn_for(name)``: the admin DSN (same server and credentials) for database ``name``."""
+
+    def dsn_for(database: str) -> str:
+        return _dsn_for_database(pg_admin_dsn, database)
+
+    return dsn_for
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_dsn: str) -> Iterator[str]:
+    """Name of a database migrated once per session; per-test databases are copied from it.
+
+    Nothing may stay connected to it: ``CREATE DATABASE ... TEMPLATE`` fails while it has
+    other sessions.
+    """
+    name = f"listener_template_{secrets.token_hex(6)}"
+    _run(_create_template(pg_admin_dsn, name))
+    try:
+        yield name
+    finally:
+        _run(_admin_execute(pg_admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def database_url(pg_admin_dsn: str, template_db: str) -> Iterator[str]:
+    """DSN of a fresh database copied from the migrated template, dropped after the test.
+
+    The drop uses ``WITH (FORCE)``, so connections the test left open (a ``listener run``
+    subprocess, say) are terminated rather than failing the teardown.
+    """
+    name = f"t_{secrets.token_hex(8)}"
+    _run(_admin_execute(pg_admin_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    try:
+        yield _dsn_for_database(pg_admin_dsn, name)
+    finally:
+        _run(_admin_execute(pg_admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def env_for_subprocess(database_url: str) -> dict[str, str]:
+    """A copy of ``os.environ`` that points ``listener`` subprocesses at this test's database.
+
+    Sets ``DATABASE_URL`` and ``LISTENER_DATABASE_URL`` (the latter wins in Settings, so one
+    inherited from the developer's shell or ``.env`` cannot redirect the daemon) and removes
+    ``LISTENER_LISTEN_DATABASE_URL``.
+    """
+    env = dict(os.environ)
+    env["DATABASE_URL"] = database_url
+    env["LISTENER_DATABASE_URL"] = database_url
+    env.pop("LISTENER_LISTEN_DATABASE_URL", None)
+    return env

@@ -1,0 +1,150 @@
+"""The command line as a user runs it: migrate, attach, detach, backfill, status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from support import RecordingProvider, fast_settings, make_table
+
+from listener.app import Daemon
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(database_url)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "listener", *args],
+        env={**env, "COLUMNS": "200", "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_migrate_attach_status_detach(
+    conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
+) -> None:
+    env = env_for_subprocess
+    assert "up to date" in cli(env, "migrate").stdout
+    await make_table(conn, owner=True, status=True, attach=False)
+
+    missing = cli(env, "attach", "public.images", "--id-column", "id", "--url-column", "nope")
+    assert missing.returncode == 2
+    assert "column nope does not exist in table public.images" in missing.stderr
+    no_table = cli(env, "attach", "ghosts", "--id-column", "id", "--url-column", "url")
+    assert no_table.returncode == 2 and "table ghosts does not exist" in no_table.stderr
+
+    ok = cli(
+        env,
+        "attach",
+        "images",
+        "--id-column",
+        "id",
+        "--url-column",
+        "url",
+        "--owner-column",
+        "owner_id",
+        "--status-column",
+        "status",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "attached to public.images" in ok.stdout
+    await conn.execute("INSERT INTO images (url) VALUES ('a'), ('b')")
+
+    status = cli(env, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert {k: doc[k] for k in ("pending", "processing", "complete", "failed")} == {
+        "pending": 2,
+        "processing": 0,
+        "complete": 0,
+        "failed": 0,
+    }
+    assert doc["tables"] == ["public.images"]
+    table = cli(env, "status")
+    assert "pending" in table.stdout and "2" in table.stdout
+
+    assert "detached from images" in cli(env, "detach", "images").stdout
+    assert "was not attached" in cli(env, "detach", "images").stdout
+
+
+async def test_backfill_dry_run_limit_owner_and_rerun(
+    database_url: str, conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
+) -> None:
+    env = env_for_subprocess
+    await make_table(conn, owner=True, attach=False)
+    await conn.execute(
+        "INSERT INTO images (url, owner_id) SELECT 'u' || g, "
+        "CASE WHEN g <= 30 THEN 'alice' ELSE 'bob' END FROM generate_series(1, 100) g"
+    )
+    await conn.execute("SELECT listener.attach('images', 'id', 'url', 'owner_id')")
+
+    dry = cli(env, "backfill", "images", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "100 rows would be enqueued" in dry.stdout
+    assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
+
+    alice = cli(env, "backfill", "images", "--owner", "alice", "--no-wait")
+    assert "enqueued 30 jobs" in alice.stdout, alice.stderr
+    limited = cli(env, "backfill", "images", "--limit", "25", "--no-wait")
+    assert "enqueued 25 jobs" in limited.stdout, limited.stderr
+    assert "45 rows would be enqueued" in cli(env, "backfill", "images", "--dry-run").stdout
+
+    await conn.execute("INSERT INTO images (url, owner_id) VALUES ('fresh', 'bob')")
+    priorities = await conn.fetch(
+        "SELECT priority, count(*) AS n FROM listener.jobs GROUP BY 1 ORDER BY 1"
+    )
+    assert [(r["priority"], r["n"]) for r in priorities] == [(0, 1), (100, 55)]
+
+    # Without --no-wait the command follows the jobs until the daemon has finished them all.
+    async with Daemon(fast_settings(database_url), providers=[RecordingProvider()], health=False):
+        follow = await asyncio.to_thread(cli, env, "backfill", "images")
+    assert follow.returncode == 0, follow.stderr
+    assert "enqueued 45 jobs" in follow.stdout
+    summary = re.search(r"done: (\d+) complete, 0 failed, 0 still queued", follow.stdout)
+    assert summary is not None and int(summary.group(1)) >= 45, follow.stdout
+    assert (
+        await conn.fetchval("SELECT count(*) FROM listener.jobs WHERE status = 'complete'") == 101
+    )
+    again = cli(env, "backfill", "images", "--no-wait")
+    assert "enqueued 0 jobs" in again.stdout
+
+
+async def test_backfill_of_unattached_table_says_how_to_attach(
+    conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
+) -> None:
+    await make_table(conn, attach=False)
+    result = cli(env_for_subprocess, "backfill", "images")
+    assert result.returncode == 2
+    assert "table images is not attached" in result.stderr
+    assert "listener attach" in result.stderr
+
+
+def test_missing_database_url_is_a_clear_error() -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+    result = subprocess.run(
+        [sys.executable, "-m", "listener", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert result.returncode == 2
+    assert "set LISTENER_DATABASE_URL or DATABASE_URL" in result.stderr

@@ -1,0 +1,45 @@
+"""`listener demo` as the README runs it: embedded Postgres, real photos, the daemon."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from listener.demo import BUNDLED_IMAGES, find_images
+
+
+def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
+    clusters_before = set(Path("/tmp").glob("listener-pg-*"))
+    env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+    env.update({"COLUMNS": "200", "NO_COLOR": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "listener", "demo", "--health-port", "0"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = result.stdout
+    assert result.returncode == 0, result.stderr + out
+    photos = find_images(BUNDLED_IMAGES)
+    assert f"{len(photos)} of {len(photos)} photos complete" in out
+    assert "starting an embedded Postgres" in out
+    assert "backfill enqueued" in out
+    assert re.search(r"/healthz -> 200, /readyz -> 200", out)
+    rows = {line.split()[1]: line for line in out.splitlines() if ".png" in line or ".jpg" in line}
+    assert len(rows) == len(photos)
+    for line in rows.values():
+        assert "complete" in line
+    astronaut = [c.strip() for c in rows["astronaut.png"].split("│")]
+    # image, path, status, size, quality, blur, faces, ...
+    assert astronaut[4] == "512x512" and int(astronaut[7]) >= 1
+    assert {c.strip() for line in rows.values() for c in line.split("│")[2:3]} == {
+        "backfill",
+        "trigger",
+    }
+    # The embedded cluster is stopped and removed afterwards.
+    assert set(Path("/tmp").glob("listener-pg-*")) <= clusters_before

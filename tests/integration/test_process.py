@@ -1,0 +1,145 @@
+"""`listener run` as a real process: SIGKILL mid-job (lease recovery) and graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import asyncpg
+import pytest
+from support import RecordingProvider, all_finished, fast_settings, make_table, wait_until
+
+from listener.app import Daemon
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    c = await asyncpg.connect(database_url)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@contextmanager
+def daemon_process(
+    env: dict[str, str], log: Path, **settings: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**env, "LISTENER_HEALTH_PORT": "0", "LISTENER_POLL_INTERVAL_S": "0.2"}
+    env.update({f"LISTENER_{k.upper()}": v for k, v in settings.items()})
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "listener", "run"], env=env, stdout=out, stderr=out
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_sigkill_mid_job_lease_expires_and_another_daemon_completes_it(
+    database_url: str,
+    conn: asyncpg.Connection,
+    env_for_subprocess: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    table = await make_table(conn)
+    await conn.execute(f"INSERT INTO {table} (url) VALUES ('slow')")
+    with daemon_process(
+        env_for_subprocess,
+        tmp_path / "victim.log",
+        pipeline="noop",
+        noop_delay_s="600",
+        lease_s="2",
+        worker_id="victim",
+    ) as victim:
+        await wait_until(lambda: _held_by(conn, "victim"), timeout=30)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+    killed_at = time.monotonic()
+    provider = RecordingProvider()
+    settings = fast_settings(database_url, lease_s=2.0, worker_id="rescuer")
+    async with Daemon(settings, providers=[provider], health=False):
+        await wait_until(lambda: all_finished(conn, 1), timeout=20)
+    recovered_in = time.monotonic() - killed_at
+    job = await conn.fetchrow("SELECT status, attempts, worker_id FROM listener.jobs")
+    assert dict(job) == {"status": "complete", "attempts": 2, "worker_id": "rescuer"}
+    assert recovered_in < 2.0 + 2.0 + 2.0  # lease + one heartbeat interval + slack
+
+
+async def _held_by(conn: asyncpg.Connection, worker: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM listener.jobs WHERE status = 'processing' AND worker_id = $1",
+            worker,
+        )
+    )
+
+
+async def test_sigterm_finishes_running_jobs_and_exits_zero(
+    conn: asyncpg.Connection, env_for_subprocess: dict[str, str], tmp_path: Path
+) -> None:
+    table = await make_table(conn)
+    await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 6) g")
+    with daemon_process(
+        env_for_subprocess,
+        tmp_path / "graceful.log",
+        pipeline="noop",
+        noop_delay_s="1",
+        concurrency="2",
+        worker_id="graceful",
+        shutdown_grace_s="10",
+    ) as proc:
+        await wait_until(lambda: _held_by(conn, "graceful"), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+    assert code == 0, (tmp_path / "graceful.log").read_text()
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM listener.jobs GROUP BY 1")
+    by_status = {r["status"]: r["n"] for r in rows}
+    assert by_status.get("processing") is None
+    assert by_status.get("complete", 0) >= 2
+    assert sum(by_status.values()) == 6
+
+
+async def test_sigterm_past_grace_hands_jobs_back_without_counting_the_attempt(
+    conn: asyncpg.Connection, env_for_subprocess: dict[str, str], tmp_path: Path
+) -> None:
+    table = await make_table(conn)
+    await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 3) g")
+    with daemon_process(
+        env_for_subprocess,
+        tmp_path / "impatient.log",
+        pipeline="noop",
+        noop_delay_s="600",
+        concurrency="3",
+        worker_id="impatient",
+        shutdown_grace_s="0.5",
+    ) as proc:
+        await wait_until(lambda: _count_held(conn, "impatient", 3), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 20)
+    log = (tmp_path / "impatient.log").read_text()
+    assert code == 0, log
+    assert "handed 3 unfinished jobs back as pending" in log
+    rows = await conn.fetch("SELECT status, attempts, lease_token FROM listener.jobs")
+    assert [tuple(r) for r in rows] == [("pending", 0, None)] * 3
+
+
+async def _count_held(conn: asyncpg.Connection, worker: str, n: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) = $2 FROM listener.jobs WHERE status = 'processing' "
+            "AND worker_id = $1",
+            worker,
+            n,
+        )
+    )

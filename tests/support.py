@@ -1,0 +1,132 @@
+"""Helpers shared by the tests: settings for fast tests, attached tables, fake providers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from listener.errors import ListenerError
+from listener.providers.base import ImageInput, StepResult
+from listener.settings import FetchSettings, Settings
+
+
+def fast_settings(dsn: str, **overrides: Any) -> Settings:
+    """Settings with short timers so tests finish in seconds, health on a free port."""
+    values: dict[str, Any] = {
+        "database_url": dsn,
+        "health_port": 0,
+        "health_host": "127.0.0.1",
+        "poll_interval_s": 0.2,
+        "probe_interval_s": 0.5,
+        "reconnect_base_s": 0.05,
+        "reconnect_cap_s": 0.5,
+        "backoff_base_s": 0.05,
+        "backoff_cap_s": 0.2,
+        "lease_s": 3.0,
+        "shutdown_grace_s": 2.0,
+        "pool_min_size": 1,
+        "pool_max_size": 4,
+        "fetch": FetchSettings(allowed_hosts=["127.0.0.1"]),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def make_table(
+    conn: asyncpg.Connection,
+    name: str = "images",
+    *,
+    owner: bool = False,
+    status: bool = False,
+    attach: bool = True,
+) -> str:
+    """Create ``public.<name>(id bigint identity, url text, owner_id text, status text)``."""
+    await conn.execute(
+        f"CREATE TABLE public.{name} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+        "url text, owner_id text, status text)"
+    )
+    if attach:
+        await conn.execute(
+            "SELECT listener.attach($1, 'id', 'url', $2, $3)",
+            f"public.{name}",
+            "owner_id" if owner else None,
+            "status" if status else None,
+        )
+    return f"public.{name}"
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05
+) -> None:
+    """Poll ``check`` until it returns true.
+
+    Raises:
+        TimeoutError: it did not within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def counts(conn: asyncpg.Connection) -> dict[str, int]:
+    """Jobs by status."""
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM listener.jobs GROUP BY status")
+    return {r["status"]: r["n"] for r in rows}
+
+
+async def all_finished(conn: asyncpg.Connection, expected: int) -> bool:
+    """True when ``expected`` jobs exist and none is pending or processing."""
+    c = await counts(conn)
+    return sum(c.values()) >= expected and not c.get("pending") and not c.get("processing")
+
+
+class RecordingProvider:
+    """Records every call and checks no job runs twice at the same time.
+
+    Args:
+        delay_s: sleep per call, seconds.
+        failures: ``{source_id: [exceptions to raise on successive calls]}``.
+    """
+
+    name = "recording"
+    needs_image = False
+
+    def __init__(
+        self, delay_s: float = 0.0, failures: dict[str, list[ListenerError]] | None = None
+    ) -> None:
+        self.delay_s = delay_s
+        self.failures = failures or {}
+        self.calls: list[str] = []
+        self.running: set[str] = set()
+        self.overlaps: list[str] = []
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        """Nothing to start."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    async def analyze(self, image: ImageInput) -> list[StepResult]:
+        """Record the call; raise the next scripted failure, if any."""
+        key = image.source_id
+        if key in self.running:
+            self.overlaps.append(key)
+        self.running.add(key)
+        self.calls.append(key)
+        self.started.set()
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            scripted = self.failures.get(key)
+            if scripted:
+                raise scripted.pop(0)
+            return [StepResult("recording", "recording.step", {"source_id": key}, "test", 0.0)]
+        finally:
+            self.running.discard(key)

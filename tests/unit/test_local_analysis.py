@@ -1,0 +1,350 @@
+"""``listener.providers.local``: ``analyze_bytes`` on real photographs, and the provider.
+
+``analyze_bytes`` runs in this process; the ``LocalProvider`` tests start real worker
+processes (one each, to stay light).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import pickle
+import signal
+from pathlib import Path
+from typing import Any
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import ExifTags, Image, ImageFilter, TiffImagePlugin
+
+from listener.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    ListenerError,
+    ProviderUnavailable,
+    RateLimited,
+)
+from listener.providers.base import ImageInput, Provider, StepResult
+from listener.providers.local import LocalProvider, analyze_bytes
+from listener.settings import LocalSettings
+
+DEMO = Path(__file__).resolve().parents[2] / "listener" / "demo_images"
+MAX_SIDE = 1024
+MAX_PIXELS = 64_000_000
+SIZES = {
+    "astronaut.png": (512, 512, "PNG"),
+    "brick.png": (512, 512, "PNG"),
+    "camera.png": (512, 512, "PNG"),
+    "chelsea.png": (451, 300, "PNG"),
+    "coffee.png": (600, 400, "PNG"),
+    "hubble_deep_field.jpg": (1000, 872, "JPEG"),
+    "rocket.jpg": (640, 427, "JPEG"),
+}
+
+
+def demo(name: str) -> bytes:
+    return (DEMO / name).read_bytes()
+
+
+def analyze(data: bytes, **overrides: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {"max_side": MAX_SIDE, "max_pixels": MAX_PIXELS}
+    options.update(overrides)
+    return analyze_bytes(data, **options)
+
+
+def encode(image: Image.Image, image_format: str = "PNG", **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **params)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict[str, Any]]:
+    return {name: analyze(demo(name)) for name in SIZES}
+
+
+# --- measurements on the demo photos --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_demo_photos(results: dict[str, dict[str, Any]], name: str) -> None:
+    result = results[name]
+    width, height, image_format = SIZES[name]
+    assert (result["width"], result["height"], result["format"]) == (width, height, image_format)
+    assert 0.0 <= result["quality"] <= 10.0
+    assert result["quality"] == round(result["quality"], 1)
+    assert 0.0 <= result["exposure"]["mean_brightness"] <= 1.0
+    assert 0.0 <= result["contrast"] <= 1.0
+    assert len(result["phash"]) == 16
+    assert json.loads(json.dumps(result)) == result  # plain JSON types only
+    for x, y, w, h in result["faces"]["boxes"]:
+        assert x >= 0 and y >= 0 and x + w <= width and y + h <= height
+
+
+def test_astronaut_has_a_face(results: dict[str, dict[str, Any]]) -> None:
+    faces = results["astronaut.png"]["faces"]
+    assert faces["count"] >= 1
+    x, y, w, h = faces["boxes"][0]
+    # Eileen Collins's face is in the upper middle of the 512x512 portrait.
+    assert 120 < x + w / 2 < 320 and 40 < y + h / 2 < 200
+    assert results["astronaut.png"]["mode"] == "RGB"
+
+
+def test_face_boxes_are_in_original_pixel_coordinates() -> None:
+    astronaut = Image.open(DEMO / "astronaut.png")
+    small = analyze(demo("astronaut.png"), max_side=512)["faces"]["boxes"][0]
+    large = analyze(encode(astronaut.resize((1024, 1024))), max_side=512)
+    assert (large["width"], large["height"]) == (1024, 1024)
+    box = large["faces"]["boxes"][0]
+    assert box == pytest.approx([2 * v for v in small], abs=4)
+
+
+def test_sharp_photos_are_not_blurry(results: dict[str, dict[str, Any]]) -> None:
+    for name in ("brick.png", "coffee.png", "astronaut.png", "rocket.jpg"):
+        assert results[name]["blur"]["is_blurry"] is False, name
+
+
+def test_blurred_copy_scores_lower(results: dict[str, dict[str, Any]]) -> None:
+    sharp = results["astronaut.png"]
+    astronaut = Image.open(DEMO / "astronaut.png")
+    blurred = analyze(encode(astronaut.filter(ImageFilter.GaussianBlur(radius=4))))
+    assert blurred["blur"]["is_blurry"] is True
+    assert blurred["blur"]["laplacian_variance"] < sharp["blur"]["laplacian_variance"] / 20
+    assert blurred["quality"] <= sharp["quality"] - 2.0
+
+
+def test_phash_is_stable_and_tells_images_apart(results: dict[str, dict[str, Any]]) -> None:
+    assert analyze(demo("coffee.png"))["phash"] == results["coffee.png"]["phash"]
+    hashes = {name: imagehash.hex_to_hash(result["phash"]) for name, result in results.items()}
+    names = sorted(hashes)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            assert hashes[first] - hashes[second] > 10, (first, second)
+    # A perceptual hash survives re-encoding: the same photo as a JPEG is (nearly) the same.
+    as_jpeg = encode(Image.open(DEMO / "coffee.png"), "JPEG", quality=80)
+    assert imagehash.hex_to_hash(analyze(as_jpeg)["phash"]) - hashes["coffee.png"] <= 4
+
+
+@pytest.mark.parametrize(
+    ("level", "verdict"),
+    [(0, "under"), (255, "over"), (128, "ok")],
+)
+def test_exposure_verdicts(level: int, verdict: str) -> None:
+    result = analyze(encode(Image.new("RGB", (640, 480), (level, level, level))))
+    assert result["exposure"]["verdict"] == verdict
+    assert result["contrast"] == 0.0
+    assert result["blur"]["laplacian_variance"] == 0.0
+    assert 0.0 <= result["quality"] <= 10.0
+    if level == 0:
+        assert result["exposure"]["shadows_clipped"] == 1.0
+    if level == 255:
+        assert result["exposure"]["highlights_clipped"] == 1.0
+
+
+def test_small_images_lose_quality_points() -> None:
+    coffee = Image.open(DEMO / "coffee.png")
+    full = analyze(encode(coffee))
+    thumb = analyze(encode(coffee.resize((150, 100), Image.Resampling.LANCZOS)))
+    assert thumb["quality"] < full["quality"]
+
+
+# --- EXIF -----------------------------------------------------------------------------------
+
+
+def jpeg_with_exif() -> bytes:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "Canon"
+    exif[ExifTags.Base.Model] = "Canon EOS 5D Mark IV"
+    exif[ExifTags.Base.Orientation] = 6  # rotated 90 degrees: width and height swap
+    exif[ExifTags.Base.DateTime] = "2022:01:01 00:00:00"
+    details = exif.get_ifd(ExifTags.IFD.Exif)
+    details[ExifTags.Base.DateTimeOriginal] = "2021:06:01 12:34:56"
+    details[ExifTags.Base.OffsetTimeOriginal] = "+10:00"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    rational = TiffImagePlugin.IFDRational
+    # The Sydney Opera House: 33 deg 51' 30.6" S, 151 deg 12' 40.8" E.
+    gps[ExifTags.GPS.GPSLatitudeRef] = "S"
+    gps[ExifTags.GPS.GPSLatitude] = (rational(33, 1), rational(51, 1), rational(306, 10))
+    gps[ExifTags.GPS.GPSLongitudeRef] = "E"
+    gps[ExifTags.GPS.GPSLongitude] = (rational(151, 1), rational(12, 1), rational(408, 10))
+    return encode(Image.new("RGB", (300, 200), (90, 120, 150)), "JPEG", exif=exif)
+
+
+def test_exif_capture_time_camera_and_gps() -> None:
+    result = analyze(jpeg_with_exif())
+    assert (result["width"], result["height"]) == (200, 300)
+    exif = result["exif"]
+    assert exif["taken_at"] == "2021-06-01T12:34:56+10:00"
+    assert exif["camera_make"] == "Canon"
+    assert exif["camera_model"] == "Canon EOS 5D Mark IV"
+    assert exif["gps"] == pytest.approx({"lat": -33.8585, "lon": 151.2113333})
+
+
+def test_exif_falls_back_to_datetime_and_is_empty_without_exif(
+    results: dict[str, dict[str, Any]],
+) -> None:
+    exif = Image.Exif()
+    exif[ExifTags.Base.DateTime] = "2020:02:29 23:59:58"
+    result = analyze(encode(Image.new("RGB", (64, 64)), "JPEG", exif=exif))
+    assert result["exif"]["taken_at"] == "2020-02-29T23:59:58"
+    assert results["astronaut.png"]["exif"] == {
+        "taken_at": None,
+        "camera_make": None,
+        "camera_model": None,
+        "gps": None,
+    }
+
+
+# --- unusual modes --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image", "image_format"),
+    [
+        (
+            Image.fromarray(np.linspace(0, 65535, 256 * 128, dtype=np.uint16).reshape(128, 256)),
+            "PNG",
+        ),
+        (Image.new("RGBA", (100, 80), (255, 0, 0, 0)), "PNG"),
+        (Image.new("P", (100, 80), 3), "GIF"),
+        (Image.new("CMYK", (100, 80), (0, 50, 100, 0)), "JPEG"),
+        (Image.new("1", (100, 80), 1), "BMP"),
+        (Image.new("RGB", (1, 1)), "WEBP"),
+        (Image.new("RGB", (90, 60), (10, 200, 30)), "TIFF"),
+    ],
+)
+def test_unusual_modes_and_formats(image: Image.Image, image_format: str) -> None:
+    result = analyze(encode(image, image_format))
+    assert (result["width"], result["height"]) == image.size
+    assert result["format"] == image_format
+    assert 0.0 <= result["quality"] <= 10.0
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def bomb_png() -> bytes:
+    """A 20000x20000 1-bit PNG: about 50 KB on disk, 400 million pixels once decoded."""
+    return encode(Image.new("1", (20000, 20000)))
+
+
+def test_empty_bytes() -> None:
+    with pytest.raises(InvalidImage, match="empty"):
+        analyze(b"")
+
+
+def test_html_is_not_an_image() -> None:
+    with pytest.raises(InvalidImage, match=r"cannot decode image: .*looks like HTML"):
+        analyze(b"<!DOCTYPE html>\n<html><body>404 Not Found</body></html>")
+
+
+def test_random_bytes_are_not_an_image() -> None:
+    with pytest.raises(
+        InvalidImage, match=r"cannot decode image: .*supported format.*starts with bytes 00 01 02"
+    ):
+        analyze(bytes(range(256)))
+
+
+def test_formats_outside_the_allowed_decoders_are_refused() -> None:
+    with pytest.raises(InvalidImage, match="supported format"):
+        analyze(encode(Image.new("RGB", (32, 32)), "ICO"))
+
+
+def test_truncated_jpeg() -> None:
+    photo = demo("rocket.jpg")
+    with pytest.raises(InvalidImage, match="truncated"):
+        analyze(photo[: len(photo) // 2])
+
+
+@pytest.mark.parametrize(
+    "max_pixels",
+    [
+        300_000_000,  # 400 M pixels is over the limit: Pillow warns (made an error here)
+        1_000_000,  # over twice the limit: Pillow raises DecompressionBombError
+    ],
+)
+def test_decompression_bomb(max_pixels: int) -> None:
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLarge, match=f"more than {max_pixels} pixels"):
+        analyze(bomb_png(), max_pixels=max_pixels)
+    assert before == Image.MAX_IMAGE_PIXELS  # the process-wide limit is restored
+
+
+@pytest.mark.parametrize(
+    ("data", "max_pixels"),
+    [
+        (b"", MAX_PIXELS),
+        (b"<html></html>", MAX_PIXELS),
+        (demo("rocket.jpg")[:5000], MAX_PIXELS),
+        (bomb_png(), 1_000_000),
+    ],
+)
+def test_errors_survive_pickling(data: bytes, max_pixels: int) -> None:
+    with pytest.raises(ListenerError) as caught:
+        analyze(data, max_pixels=max_pixels)
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert type(copy) is type(caught.value)
+    assert str(copy) == str(caught.value)
+
+
+def test_retryable_errors_keep_retry_after_through_pickling() -> None:
+    copy = pickle.loads(pickle.dumps(RateLimited("slow down", retry_after=7.0)))
+    assert type(copy) is RateLimited
+    assert (str(copy), copy.retry_after) == ("slow down", 7.0)
+
+
+# --- LocalProvider --------------------------------------------------------------------------
+
+
+def image_input(data: bytes, job_id: int = 1) -> ImageInput:
+    return ImageInput(
+        job_id=job_id,
+        source_table='"public"."photos"',
+        source_id=str(job_id),
+        owner_id=None,
+        url="https://example.com/photo.png",
+        data=data,
+        content_type="PNG",
+    )
+
+
+async def test_provider_end_to_end() -> None:
+    provider = LocalProvider(LocalSettings(workers=1), max_pixels=MAX_PIXELS)
+    assert isinstance(provider, Provider)
+    await provider.start()
+    try:
+        [step] = await provider.analyze(image_input(demo("astronaut.png")))
+        with pytest.raises(InvalidImage, match="truncated"):
+            await provider.analyze(image_input(demo("rocket.jpg")[:20000], job_id=2))
+        with pytest.raises(ImageTooLarge):
+            await provider.analyze(image_input(bomb_png(), job_id=3))
+    finally:
+        await provider.close()
+    assert isinstance(step, StepResult)
+    assert (step.provider, step.step) == ("local", "local.analysis")
+    assert step.model is not None and step.model.startswith("listener-local/1 (opencv 4.")
+    assert step.duration_s > 0
+    assert step.output["faces"]["count"] >= 1
+    assert step.output == analyze(demo("astronaut.png"))
+
+
+async def test_provider_recovers_from_a_dead_worker() -> None:
+    provider = LocalProvider(LocalSettings(workers=1), max_pixels=MAX_PIXELS)
+    await provider.start()
+    try:
+        pool = provider._pool
+        assert pool is not None
+        for process in list(pool._processes.values()):  # simulate the OOM killer
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGKILL)
+            process.join()
+        with pytest.raises(ProviderUnavailable, match="worker"):
+            await provider.analyze(image_input(demo("coffee.png")))
+        [step] = await provider.analyze(image_input(demo("coffee.png")))
+        assert step.output["width"] == 600
+    finally:
+        await provider.close()
