@@ -67,9 +67,7 @@ async def test_photos_analyzed_and_bad_rows_fail_alone(
         settings = fast_settings(database_url, concurrency=4)
         async with Daemon(settings) as daemon:
             for key, url in rows.items():
-                await conn.execute(
-                    f"INSERT INTO {table} (url, owner_id) VALUES ($1, $2)", url, key
-                )
+                await conn.execute(f"INSERT INTO {table} (url, owner_id) VALUES ($1, $2)", url, key)
             await wait_until(lambda: all_finished(conn, len(rows)), timeout=60)
             # The daemon keeps going after all of that.
             await conn.execute(
