@@ -36,6 +36,7 @@ async def enqueue_backfill(
     priority: int = 100,
     max_attempts: int = 5,
     on_chunk: Callable[[int, int], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> BackfillReport:
     """Enqueue jobs for the rows of ``table`` (of ``owner``) that have none.
 
@@ -48,6 +49,8 @@ async def enqueue_backfill(
         priority: the jobs' priority (lower runs first; fresh uploads are 0).
         max_attempts: attempts each job is allowed.
         on_chunk: called after each chunk with (rows scanned so far, jobs enqueued so far).
+        stop: when set, stop after the current chunk (what was enqueued stays enqueued, and
+            running the backfill again continues where this one stopped).
 
     Raises:
         asyncpg.UndefinedObjectError: the table is not attached.
@@ -63,7 +66,7 @@ async def enqueue_backfill(
         enqueued += chunk.enqueued
         if on_chunk is not None:
             on_chunk(scanned, enqueued)
-        if chunk.last_id is None or chunk.scanned < size:
+        if chunk.last_id is None or chunk.scanned < size or (stop and stop.is_set()):
             break
         after = chunk.last_id
     return BackfillReport(scanned, enqueued, time.perf_counter() - started)

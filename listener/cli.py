@@ -11,7 +11,7 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -179,7 +179,7 @@ def backfill(
     no_wait: Annotated[bool, typer.Option(help="Enqueue and return; do not follow.")] = False,
 ) -> None:
     """Enqueue the rows of TABLE that were never analyzed, then follow them to completion."""
-    from listener.backfill import enqueue_backfill, follow
+    from listener.backfill import enqueue_backfill
 
     settings = _settings()
 
@@ -193,41 +193,52 @@ def backfill(
                     count = min(count, limit)
                 console.print(f"{count} rows would be enqueued (dry run: nothing was changed)")
                 return
-            since = datetime.now(UTC)
-            with console.status("enqueueing...") as spinner:
-                report = await enqueue_backfill(
-                    queries,
-                    name,
-                    owner=owner,
-                    limit=limit,
-                    chunk_size=settings.backfill_chunk_size,
-                    priority=settings.backfill_priority,
-                    max_attempts=settings.max_attempts,
-                    on_chunk=lambda s, e: spinner.update(f"enqueueing: {e} of {s} rows scanned"),
+            # Ctrl+C stops enqueueing after the current chunk, or stops following.
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            try:
+                since = datetime.now(UTC)
+                with console.status("enqueueing...") as spinner:
+                    report = await enqueue_backfill(
+                        queries,
+                        name,
+                        owner=owner,
+                        limit=limit,
+                        chunk_size=settings.backfill_chunk_size,
+                        priority=settings.backfill_priority,
+                        max_attempts=settings.max_attempts,
+                        on_chunk=lambda s, e: spinner.update(
+                            f"enqueueing: {e} of {s} rows scanned"
+                        ),
+                        stop=stop,
+                    )
+                console.print(
+                    f"enqueued {report.enqueued} jobs ({report.scanned} rows scanned, "
+                    f"{report.seconds:.1f}s)"
+                    + (
+                        ": interrupted, run the same command again to continue"
+                        if stop.is_set()
+                        else ""
+                    )
                 )
-            console.print(
-                f"enqueued {report.enqueued} jobs ({report.scanned} rows scanned, "
-                f"{report.seconds:.1f}s)"
-            )
-            if no_wait:
-                return
-            await _follow_progress(queries, name, owner, since, follow)
+                if no_wait or stop.is_set():
+                    return
+                await _follow_progress(queries, name, owner, since, stop)
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
 
     _run(go())
 
 
 async def _follow_progress(
-    queries: Queries,
-    table: str,
-    owner: str | None,
-    since: datetime,
-    follow: Callable[..., Awaitable[TableProgress]],
+    queries: Queries, table: str, owner: str | None, since: datetime, stop: asyncio.Event
 ) -> None:
-    stop = asyncio.Event()
+    """Show a progress bar of ``table``'s jobs until none is left or ``stop`` is set."""
+    from listener.backfill import follow
+
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     first = await queries.table_progress(table, owner, since)
-    total = first.remaining + first.complete + first.failed
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -238,27 +249,23 @@ async def _follow_progress(
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    last = first
     started = loop.time()
-    try:
-        with Progress(*columns, console=console) as bar:
-            task = bar.add_task("analyzing", total=total, failed=0, rate=0.0)
+    total = first.remaining + first.complete + first.failed
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("analyzing", total=total, failed=0, rate=0.0)
 
-            def update(p: TableProgress) -> None:
-                nonlocal last, total
-                last = p
-                total = max(total, p.remaining + p.complete + p.failed)
-                done = p.complete + p.failed
-                elapsed = max(loop.time() - started, 1e-6)
-                bar.update(task, total=total, completed=done, failed=p.failed, rate=done / elapsed)
+        def update(p: TableProgress) -> None:
+            nonlocal total
+            total = max(total, p.remaining + p.complete + p.failed)
+            done = p.complete + p.failed
+            rate = done / max(loop.time() - started, 1e-6)
+            bar.update(task, total=total, completed=done, failed=p.failed, rate=rate)
 
-            last = await follow(queries, table, owner, since, update, stop)
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        last = await follow(queries, table, owner, since, update, stop)
     word = "stopped following" if stop.is_set() else "done"
     console.print(
         f"{word}: {last.complete} complete, {last.failed} failed, {last.remaining} still queued"
-        + (" (they keep running in the daemon)" if last.remaining else "")
+        + (" (the daemon keeps working on them)" if last.remaining else "")
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -123,13 +124,16 @@ async def test_sigterm_past_grace_hands_jobs_back_without_counting_the_attempt(
         concurrency="3",
         worker_id="impatient",
         shutdown_grace_s="0.5",
+        log_json="1",
     ) as proc:
         await wait_until(lambda: _count_held(conn, "impatient", 3), timeout=30)
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 20)
     log = (tmp_path / "impatient.log").read_text()
     assert code == 0, log
-    assert "handed 3 unfinished jobs back as pending" in log
+    # LISTENER_LOG_JSON=1: every log line is one JSON object.
+    messages = [json.loads(line)["record"]["message"] for line in log.splitlines() if line]
+    assert "handed 3 unfinished jobs back as pending" in messages
     rows = await conn.fetch("SELECT status, attempts, lease_token FROM listener.jobs")
     assert [tuple(r) for r in rows] == [("pending", 0, None)] * 3
 
@@ -143,3 +147,46 @@ async def _count_held(conn: asyncpg.Connection, worker: str, n: int) -> bool:
             n,
         )
     )
+
+
+async def test_backfill_ctrl_c_stops_following_and_prints_a_summary(
+    conn: asyncpg.Connection, env_for_subprocess: dict[str, str], tmp_path: Path
+) -> None:
+    await make_table(conn, attach=False)
+    await conn.execute("INSERT INTO images (url) SELECT 'u' || g FROM generate_series(1, 40) g")
+    await conn.execute("SELECT listener.attach('images', 'id', 'url')")
+    env = {**env_for_subprocess, "COLUMNS": "200", "NO_COLOR": "1"}
+    # No daemon runs: the progress bar would wait forever, until Ctrl+C.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "listener", "backfill", "images"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await wait_until(lambda: _jobs_exist(conn, 40), timeout=30)
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "enqueued 40 jobs" in out
+    # Almost always it is following by then; if the signal lands right after the last chunk,
+    # it stops before following, which is as correct.
+    followed = "stopped following: 0 complete, 0 failed, 40 still queued" in out
+    assert followed or "interrupted, run the same command again" in out, out
+    # Resumable: the jobs are there, and running it again enqueues nothing new.
+    again = subprocess.run(
+        [sys.executable, "-m", "listener", "backfill", "images", "--no-wait"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "enqueued 0 jobs" in again.stdout
+
+
+async def _jobs_exist(conn: asyncpg.Connection, n: int) -> bool:
+    return bool(await conn.fetchval("SELECT count(*) >= $1 FROM listener.jobs", n))
