@@ -32,6 +32,28 @@ from listener.settings import Settings
 from listener.worker import Worker, WorkerConfig
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """Release hook: roll back a transaction left open, and nothing else.
+
+    asyncpg's default reset runs ``UNLISTEN *; RESET ALL; ...`` on every release, a round trip
+    on every query's critical path. Pooled connections here never LISTEN (the notifier has its
+    own connection) and never change session state, so only an open transaction needs undoing.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
+    """The daemon's connection pool.
+
+    Raises:
+        OSError, asyncpg.PostgresError: the database cannot be reached.
+    """
+    return await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, reset=_reset_connection
+    )
+
+
 class SchemaNotReady(RuntimeError):
     """The database has not been migrated to this listener's schema."""
 
@@ -106,9 +128,7 @@ class Daemon:
             OSError, asyncpg.PostgresError: the database cannot be reached.
         """
         s = self.settings
-        self.pool = await asyncpg.create_pool(
-            s.dsn(), min_size=s.pool_min_size, max_size=s.pool_max_size
-        )
+        self.pool = await create_pool(s.dsn(), s.pool_min_size, s.pool_max_size)
         try:
             async with self.pool.acquire() as conn:
                 await check_schema(conn)
@@ -133,6 +153,7 @@ class Daemon:
                 WorkerConfig(
                     worker_id=self.worker_id,
                     concurrency=s.concurrency,
+                    prefetch=s.prefetch_jobs(),
                     lease_s=s.lease_s,
                     poll_interval_s=s.poll_interval_s,
                     shutdown_grace_s=s.shutdown_grace_s,

@@ -106,6 +106,12 @@ class Settings(BaseSettings):
 
     worker_id: str | None = None
     concurrency: int = Field(default=10, ge=1)
+    prefetch: int | None = Field(
+        default=None,
+        ge=0,
+        description="Jobs claimed ahead of free slots so the next job starts without a "
+        "database round trip; default: the concurrency.",
+    )
     lease_s: float = Field(default=30.0, gt=0)
     poll_interval_s: float = Field(default=2.0, gt=0)
     probe_interval_s: float = Field(default=5.0, gt=0)
@@ -158,6 +164,10 @@ class Settings(BaseSettings):
         if self.listen_database_url is not None:
             return self.listen_database_url.get_secret_value()
         return self.dsn()
+
+    def prefetch_jobs(self) -> int:
+        """Jobs claimed ahead of free slots: ``prefetch``, or ``concurrency`` when unset."""
+        return self.concurrency if self.prefetch is None else self.prefetch
 
     def rate_limit(self, provider: str) -> RateLimit:
         """The limits of ``provider``; unlimited when none are configured."""

@@ -1,18 +1,23 @@
-"""The worker loop: claim jobs sized to free capacity, run them, record outcomes, keep leases.
+"""The worker loop: claim jobs ahead of free capacity, run them, record outcomes, keep leases.
 
-Four loops share one ``Worker``:
+One ``Worker`` runs these loops:
 
-- **claim**: waits for a wake-up (NOTIFY, a finished job when the last claim was full, the
-  jittered poll timer, or stop), then claims up to the number of free slots in one statement
-  and starts a task per job. NOTIFY is only a hint: the poll timer claims anyway.
-- **flush**: writes finished outcomes to Postgres as soon as there are any, batching whatever
-  finished while the previous write was in flight (group commit), one statement for
-  completions and one for failures.
+- **claim**: keeps a small buffer of claimed jobs (``prefetch``) ahead of the ``concurrency``
+  consumers, so a consumer that finishes a job starts the next one at once instead of waiting
+  for a claim round trip. It claims, in one statement, as many jobs as running + buffered falls
+  short of ``concurrency + prefetch``, whenever the buffer drops to half, on a NOTIFY, on a
+  reconnect, or on the jittered poll timer (NOTIFY is only a hint).
+- **consumers** (``concurrency`` of them: the global bound on jobs running at once): take the
+  next buffered job and run it through the dispatcher.
+- **flush**: writes finished outcomes as soon as there are any, batching whatever finished
+  while the previous write was in flight (group commit): one statement for completions, one
+  for failures.
 - **heartbeat**: every third of the lease, renews the leases of every job this worker holds
-  (running or waiting to be flushed) in one statement, and reaps jobs whose lease expired,
-  whoever held them.
-- **drain** (on stop): stop claiming, give running jobs ``shutdown_grace_s`` to finish, cancel
-  the rest, flush, and hand unfinished jobs back as pending.
+  (buffered, running or waiting to be recorded) in one statement, and reaps jobs whose lease
+  expired, whoever held them.
+- **drain** (on stop): stop claiming, hand buffered jobs back, give running jobs
+  ``shutdown_grace_s`` to finish, cancel the rest, flush, and hand unfinished jobs back as
+  pending.
 
 Database errors in any loop are logged and retried after a short backoff, so the worker rides
 out a Postgres restart: outcomes wait in memory and leases are renewed again once it is back.
@@ -21,6 +26,7 @@ out a Postgres restart: outcomes wait in memory and leases are renewed again onc
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 import uuid
@@ -43,6 +49,8 @@ class WorkerConfig:
     Attributes:
         worker_id: this daemon's name in ``listener.jobs.worker_id``.
         concurrency: the most jobs running at once (the global semaphore).
+        prefetch: jobs claimed ahead of free consumers, so the next job starts without a
+            database round trip; 0 claims only for idle consumers.
         lease_s: lease length, seconds; renewed every ``lease_s / 3``.
         poll_interval_s: mean seconds between claims when no NOTIFY arrives (jittered ±25%).
         shutdown_grace_s: seconds running jobs get to finish on stop.
@@ -50,6 +58,7 @@ class WorkerConfig:
 
     worker_id: str
     concurrency: int = 10
+    prefetch: int = 10
     lease_s: float = 30.0
     poll_interval_s: float = 2.0
     shutdown_grace_s: float = 20.0
@@ -85,10 +94,12 @@ class Worker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._outcome_ready = asyncio.Event()
-        self._running: dict[int, asyncio.Task[None]] = {}
+        self._buffer: collections.deque[Job] = collections.deque()
+        self._job_ready = asyncio.Event()
+        self._running: dict[int, Job] = {}
         self._held: dict[int, Job] = {}
         self._outcomes: list[Outcome] = []
-        self._saturated = False
+        self._more_waiting = False
         self._log = logger.bind(worker_id=config.worker_id)
         self.claims = 0
         self.last_claim_ok: float | None = None
@@ -107,17 +118,23 @@ class Worker:
 
     @property
     def held(self) -> int:
-        """Jobs whose lease this worker holds (running or waiting to be recorded)."""
+        """Jobs whose lease this worker holds (buffered, running or waiting to be recorded)."""
         return len(self._held)
 
     async def run(self) -> None:
-        """Run the claim, flush and heartbeat loops until ``stop`` is called, then drain."""
+        """Run every loop until ``stop`` is called, then drain."""
         flusher = asyncio.create_task(self._flush_loop(), name="listener-flush")
         heart = asyncio.create_task(self._heartbeat_loop(), name="listener-heartbeat")
+        consumers = [
+            asyncio.create_task(self._consume(), name=f"listener-consumer-{i}")
+            for i in range(self.config.concurrency)
+        ]
         try:
             await self._claim_loop()
         finally:
-            await self._finish_running()
+            self._buffer.clear()  # never started: released below with the rest
+            self._job_ready.set()
+            await self._finish_running(consumers)
             # The flusher is stopped before the final flush so the two never write at once;
             # a flush cancelled midway puts its batch back.
             heart.cancel()
@@ -134,20 +151,26 @@ class Worker:
 
     # -- claim ----------------------------------------------------------------------------
 
+    def _shortfall(self) -> int:
+        target = self.config.concurrency + self.config.prefetch
+        return target - len(self._running) - len(self._buffer)
+
+    def _should_claim(self) -> bool:
+        """Claim when the buffer is at or below half the prefetch and there is room."""
+        return self._shortfall() > 0 and len(self._buffer) <= self.config.prefetch // 2
+
     async def _claim_loop(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            free = self.config.concurrency - len(self._running)
-            if free <= 0:
-                self._saturated = True
-                self._wake.clear()
-                if self.config.concurrency - len(self._running) <= 0:
-                    await self._wait(None)
-                continue
             self._wake.clear()
+            if not self._should_claim():
+                # Full: a consumer taking the buffer down to half wakes us.
+                await self._wait(self._poll_interval())
+                continue
+            want = self._shortfall()
             try:
                 jobs = await self._q.claim_jobs(
-                    free, self.config.worker_id, self.config.lease_s, uuid.uuid4()
+                    want, self.config.worker_id, self.config.lease_s, uuid.uuid4()
                 )
             except Exception as error:
                 failures += 1
@@ -158,32 +181,41 @@ class Worker:
             self.db_ok = True
             self.claims += 1
             self.last_claim_ok = self._clock()
+            if self._stopping.is_set():
+                for job in jobs:
+                    self._held[job.id] = job  # released by the drain
+                break
             for job in jobs:
-                self._start(job)
+                self._held[job.id] = job
+                self._buffer.append(job)
             if jobs:
                 self._metrics.jobs_claimed.inc(len(jobs))
-            self._saturated = len(jobs) == free
-            if self._saturated:
-                await self._wait(None)
-            else:
+                self._job_ready.set()
+            self._more_waiting = len(jobs) == want
+            if not self._more_waiting:
                 await self._wait(self._poll_interval())
 
-    def _start(self, job: Job) -> None:
-        self._held[job.id] = job
-        task = asyncio.create_task(self._run_job(job), name=f"listener-job-{job.id}")
-        self._running[job.id] = task
-        self._metrics.in_flight.set(len(self._running))
-
-    async def _run_job(self, job: Job) -> None:
-        try:
-            outcome = await self._dispatcher.run(job)
-        finally:
-            self._running.pop(job.id, None)
-            self._metrics.in_flight.set(len(self._running))
-            if self._saturated:
+    async def _consume(self) -> None:
+        while True:
+            while not self._buffer:
+                if self._stopping.is_set():
+                    return
+                self._job_ready.clear()
+                await self._job_ready.wait()
+            job = self._buffer.popleft()
+            if self._more_waiting and self._should_claim():
                 self._wake.set()
-        self._outcomes.append(outcome)
-        self._outcome_ready.set()
+            self._running[job.id] = job
+            self._metrics.in_flight.set(len(self._running))
+            try:
+                outcome = await self._dispatcher.run(job)
+            finally:
+                del self._running[job.id]
+                self._metrics.in_flight.set(len(self._running))
+            self._outcomes.append(outcome)
+            self._outcome_ready.set()
+            if not self._buffer and self._more_waiting:
+                self._wake.set()
 
     async def _wait(self, timeout: float | None) -> None:
         if self._stopping.is_set():
@@ -269,20 +301,19 @@ class Worker:
 
     # -- drain ----------------------------------------------------------------------------
 
-    async def _finish_running(self) -> None:
-        running = list(self._running.values())
-        if running:
+    async def _finish_running(self, consumers: list[asyncio.Task[None]]) -> None:
+        if self._running:
             self._log.info(
                 "stopping: waiting up to {:.0f}s for {} running jobs",
                 self.config.shutdown_grace_s,
-                len(running),
+                len(self._running),
             )
-            _, pending = await asyncio.wait(running, timeout=self.config.shutdown_grace_s)
-            for task in pending:
-                task.cancel()
-            for task in pending:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        _, pending = await asyncio.wait(consumers, timeout=self.config.shutdown_grace_s)
+        for task in pending:
+            task.cancel()
+        for task in consumers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _record_and_release(self) -> None:
         for attempt in range(1, 6):

@@ -2,7 +2,12 @@
 --
 -- Conventions:
 --   * priority: lower runs first (0 = fresh uploads, 100 = backfill), as in graphile-worker.
---   * a job row is unique per (source_table, source_id): a source row is enqueued once.
+--   * a job row is unique per (source_table, source_id): a source row is enqueued once. Both
+--     are identifiers, compared bytewise (COLLATE "C"), which keeps the unique index cheap on
+--     databases whose default collation is a linguistic one.
+--   * every index here is paid for by every insert into an attached table, so there are only
+--     the ones the claim, the lease reaper and the uniqueness need; per-table counts use the
+--     unique index's leading column.
 --   * lease_token fences a claim: completions, retries and heartbeats only touch a job whose
 --     token still matches, so a worker whose lease expired can never overwrite a newer run.
 
@@ -10,8 +15,8 @@ CREATE SCHEMA IF NOT EXISTS listener;
 
 CREATE TABLE listener.jobs (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    source_table     text        NOT NULL,
-    source_id        text        NOT NULL,
+    source_table     text        COLLATE "C" NOT NULL,
+    source_id        text        COLLATE "C" NOT NULL,
     image_url        text,
     owner_id         text,
     status           text        NOT NULL DEFAULT 'pending'
@@ -36,8 +41,6 @@ CREATE TABLE listener.jobs (
 CREATE INDEX jobs_claim_idx ON listener.jobs (priority, run_after, id) WHERE status = 'pending';
 -- The reaper looks for processing jobs whose lease expired.
 CREATE INDEX jobs_lease_idx ON listener.jobs (lease_expires_at) WHERE status = 'processing';
--- Status pages and backfill progress count jobs per table and owner.
-CREATE INDEX jobs_owner_idx ON listener.jobs (source_table, owner_id);
 CREATE INDEX jobs_finished_idx ON listener.jobs (finished_at) WHERE finished_at IS NOT NULL;
 
 CREATE TABLE listener.results (
@@ -88,15 +91,33 @@ BEGIN
 END;
 $$;
 
-CREATE TRIGGER jobs_write_back_insert
-    AFTER INSERT ON listener.jobs
-    REFERENCING NEW TABLE AS changed_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION listener.write_back_status();
-
-CREATE TRIGGER jobs_write_back_update
-    AFTER UPDATE ON listener.jobs
-    REFERENCING NEW TABLE AS changed_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION listener.write_back_status();
+-- The write-back triggers exist only while some attached table has a status column: a
+-- statement trigger with a transition table costs every insert and claim, and most
+-- deployments do not need it. attach() and detach() call this to add or drop them.
+CREATE FUNCTION listener.sync_write_back_triggers() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    wanted boolean := EXISTS (
+        SELECT 1 FROM listener.attachments WHERE status_column IS NOT NULL);
+    present boolean := EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgrelid = 'listener.jobs'::regclass AND tgname = 'jobs_write_back_insert');
+BEGIN
+    IF wanted AND NOT present THEN
+        CREATE TRIGGER jobs_write_back_insert
+            AFTER INSERT ON listener.jobs
+            REFERENCING NEW TABLE AS changed_jobs
+            FOR EACH STATEMENT EXECUTE FUNCTION listener.write_back_status();
+        CREATE TRIGGER jobs_write_back_update
+            AFTER UPDATE ON listener.jobs
+            REFERENCING NEW TABLE AS changed_jobs
+            FOR EACH STATEMENT EXECUTE FUNCTION listener.write_back_status();
+    ELSIF present AND NOT wanted THEN
+        DROP TRIGGER jobs_write_back_insert ON listener.jobs;
+        DROP TRIGGER jobs_write_back_update ON listener.jobs;
+    END IF;
+END;
+$$;
 
 -- attach(table, id_column, url_column, owner_column, status_column): installs the enqueue
 -- triggers on a user's table. The table name is parsed like any SQL name (to_regclass), so
@@ -202,6 +223,7 @@ BEGIN
     INSERT INTO listener.attachments
         (source_table, table_oid, id_column, id_type, url_column, owner_column, status_column)
     VALUES (qualified, rel, p_id_column, id_type, p_url_column, p_owner_column, p_status_column);
+    PERFORM listener.sync_write_back_triggers();
     RETURN qualified;
 END;
 $$;
@@ -227,6 +249,7 @@ BEGIN
     EXECUTE format('DROP FUNCTION IF EXISTS listener.%I()', 'enqueue_insert_' || a.table_oid);
     EXECUTE format('DROP FUNCTION IF EXISTS listener.%I()', 'enqueue_update_' || a.table_oid);
     DELETE FROM listener.attachments WHERE source_table = a.source_table;
+    PERFORM listener.sync_write_back_triggers();
     RETURN true;
 END;
 $$;

@@ -212,6 +212,14 @@ async def test_status_is_written_back_to_the_source_row(conn: asyncpg.Connection
         ("http://a/1", "complete"),
         ("http://a/2", "pending"),
     ]
+    # The write-back triggers on listener.jobs go with the last table that needs them.
+    jobs_triggers = (
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'listener.jobs'::regclass "
+        "AND NOT tgisinternal"
+    )
+    assert await conn.fetchval(jobs_triggers) == 2
+    await conn.execute("SELECT listener.detach('images')")
+    assert await conn.fetchval(jobs_triggers) == 0
 
 
 async def test_backfill_functions_enqueue_only_rows_without_jobs(
