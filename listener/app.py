@@ -19,13 +19,16 @@ from collections.abc import Sequence
 import asyncpg
 from loguru import logger
 
+from listener.budget import Budget
+from listener.db.limits import FleetLimiter
 from listener.db.migrate import applied_versions, load_migrations
 from listener.db.notify import Notifier
 from listener.db.queries import Queries
-from listener.dispatch import Dispatcher, ProviderSlot
+from listener.dispatch import Dispatcher, Limiter, LocalLimiter, ProviderSlot
 from listener.fetch import ImageFetcher
 from listener.health import HealthServer, HealthSources
 from listener.metrics import Metrics
+from listener.pipeline import Plan, Step, build_plan
 from listener.providers.base import Provider
 from listener.retry import RetryPolicy
 from listener.settings import Settings
@@ -58,15 +61,48 @@ class SchemaNotReady(RuntimeError):
     """The database has not been migrated to this listener's schema."""
 
 
-def build_providers(settings: Settings) -> list[Provider]:
-    """The pipeline named by ``settings.pipeline``, in the order its steps run."""
-    if settings.pipeline == "noop":
-        from listener.providers.noop import NoopProvider
+def build_providers(settings: Settings, plan: Plan, queries: Queries) -> list[Provider]:
+    """One provider object per provider the plan uses, configured from ``settings``."""
+    providers: list[Provider] = []
+    for name in plan.providers:
+        if name == "noop":
+            from listener.providers.noop import NoopProvider
 
-        return [NoopProvider(settings.noop_delay_s)]
-    from listener.providers.local import LocalProvider
+            providers.append(NoopProvider(settings.noop_delay_s))
+        elif name == "local":
+            from listener.providers.local import LocalProvider
 
-    return [LocalProvider(settings.local, max_pixels=settings.fetch.max_pixels)]
+            providers.append(LocalProvider(settings.local, max_pixels=settings.fetch.max_pixels))
+        elif name == "openai":
+            from listener.providers.openai import OpenAIProvider
+
+            providers.append(OpenAIProvider(settings.openai))
+        elif name == "rekognition":
+            from listener.faces import FaceStore
+            from listener.providers.rekognition import RekognitionProvider
+
+            providers.append(
+                RekognitionProvider(settings.rekognition, FaceStore(queries, settings.rekognition))
+            )
+        else:
+            raise ValueError(f"unknown provider {name!r}")
+    return providers
+
+
+def plan_for(settings: Settings, providers: Sequence[Provider] | None) -> Plan:
+    """The settings' plan; for injected providers (tests), one tier-1 ``step`` each."""
+    if providers is None:
+        return build_plan(settings.pipeline, settings.tiers)
+    return Plan(tuple(Step(f"{p.name}.step", p.name, "step", 1) for p in providers))
+
+
+def build_limiter(settings: Settings, provider: str, queries: Queries) -> Limiter:
+    """Fleet-wide (Postgres) when the provider's rate is finite, else per process."""
+    limit = settings.rate_limit(provider)
+    if limit.fleet_wide:
+        tpm = settings.openai.tokens_per_minute if provider == "openai" else None
+        return FleetLimiter(queries, provider, limit, tpm)
+    return LocalLimiter(limit, time.monotonic)
 
 
 def default_worker_id() -> str:
@@ -107,7 +143,9 @@ class Daemon:
         health: bool = True,
     ) -> None:
         self.settings = settings
-        self._providers = list(providers) if providers is not None else build_providers(settings)
+        self._injected = list(providers) if providers is not None else None
+        self.plan = plan_for(settings, self._injected)
+        self._providers: list[Provider] = []
         self._want_health = health
         self._rng = random.Random()
         self.metrics = Metrics(time.monotonic)
@@ -115,6 +153,8 @@ class Daemon:
         self.worker: Worker | None = None
         self.notifier: Notifier | None = None
         self.health: HealthServer | None = None
+        self.queries: Queries | None = None
+        self.budget: Budget | None = None
         self._fetcher = ImageFetcher(settings.fetch)
         self._tasks: list[asyncio.Task[None]] = []
         self._started_providers: list[Provider] = []
@@ -133,19 +173,33 @@ class Daemon:
             async with self.pool.acquire() as conn:
                 await check_schema(conn)
             queries = Queries(self.pool)
+            self.queries = queries
+            self._providers = self._injected or build_providers(s, self.plan, queries)
             await self._fetcher.start()
             for provider in self._providers:
                 await provider.start()
                 self._started_providers.append(provider)
-            slots = [
-                ProviderSlot.build(p, s.rate_limit(p.name), time.monotonic) for p in self._providers
-            ]
+            slots = {
+                p.name: ProviderSlot.build(
+                    p, s.rate_limit(p.name), build_limiter(s, p.name, queries)
+                )
+                for p in self._providers
+            }
+            self.budget = (
+                Budget(s.budget_usd_per_day, queries.spend_since)
+                if s.budget_usd_per_day is not None
+                else None
+            )
             dispatcher = Dispatcher(
+                self.plan,
                 slots,
                 self._fetcher,
+                queries,
                 RetryPolicy(s.backoff_base_s, s.backoff_cap_s),
                 self.metrics,
                 self._rng.random,
+                prices=s.prices,
+                budget=self.budget,
             )
             worker = Worker(
                 queries,
@@ -195,6 +249,7 @@ class Daemon:
                         metrics=self.metrics,
                         providers=[p.name for p in self._providers],
                         started_at=time.monotonic(),
+                        budget_usd_per_day=s.budget_usd_per_day,
                     ),
                     s.health_host,
                     s.health_port,

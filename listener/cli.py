@@ -277,11 +277,10 @@ def status(
     settings = _settings()
 
     async def go() -> dict[str, Any]:
+        from listener.status import queue_status
+
         async with _pool(settings) as pool:
-            queries = Queries(pool)
-            doc: dict[str, Any] = (await queries.queue_counts()).as_dict()
-            doc["tables"] = [a.source_table for a in await queries.list_attachments()]
-            return doc
+            return await queue_status(Queries(pool), settings.budget_usd_per_day)
 
     doc = _run(go())
     if as_json:
@@ -295,6 +294,19 @@ def status(
     console.print(table)
     console.print(f"oldest pending: {doc['oldest_pending_s']:.1f}s")
     console.print(f"attached tables: {', '.join(doc['tables']) or 'none'}")
+    budget = doc["budget_usd_per_day"]
+    spend = f"spend: ${doc['spend_usd_today']:.4f} today, ${doc['spend_usd_total']:.4f} in all"
+    if budget is not None:
+        spend += f"; budget ${budget:.2f}/day" + (
+            " [red]REACHED: paid providers wait until 00:00 UTC[/red]"
+            if doc["budget_exhausted"]
+            else ""
+        )
+    console.print(spend)
+    for name, pause in doc["paused_providers"].items():
+        console.print(
+            f"[yellow]{name} paused for {pause['remaining_s']:.0f}s[/yellow]: {pause['reason']}"
+        )
 
 
 @app.command()

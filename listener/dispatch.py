@@ -1,27 +1,38 @@
-"""Runs one job through the pipeline: fetch, then each provider under its limits.
+"""Runs one job through the pipeline: fetch, then each step under its provider's limits.
 
-For each provider, in order: its semaphore (calls in flight), then its token bucket (calls
-per second), then the call. The dispatcher never raises for a job's failure: it returns an
-``Outcome`` (``Completed`` or ``Failed``) decided by the retry policy. The global bound on
-running jobs is the worker's, which claims no more jobs than it has free slots.
+For each step of the plan, in order: skip it if a previous attempt already stored its result
+(a retry resumes at the first unfinished step) or if its tier's gate says so; check the daily
+budget before a paid step; then the provider's semaphore (calls in flight), its limiter
+(requests per second and tokens per minute, shared by the fleet when finite), the call, and
+the cost from the price table. With more than one step, each result is stored as soon as it
+is done, so a crash after tier 1 never pays for tier 1 again.
+
+The dispatcher never raises for a job's failure: it returns an ``Outcome`` decided by the
+retry policy. A 429 pauses the provider's limiter for every task (and every daemon), not only
+for the job that saw it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from loguru import logger
+from PIL import Image
 
+from listener.costs import cost_usd, price_for
+from listener.errors import ProviderPaused, RateLimited
 from listener.jobs import Completed, Job, Outcome
 from listener.metrics import Metrics
-from listener.providers.base import ImageInput, Provider, StepResult
+from listener.pipeline import Plan, Step, skip_reason
+from listener.providers.base import ImageInput, Provider, StepContext, StepResult
 from listener.ratelimit import TokenBucket
 from listener.retry import RetryPolicy
-from listener.settings import RateLimit
+from listener.settings import Price, RateLimit
 
 
 class Fetcher(Protocol):
@@ -41,56 +52,165 @@ class FetchResult(Protocol):
     def format(self) -> str: ...
 
 
+class Limiter(Protocol):
+    """A provider's rate limiter: per process (``LocalLimiter``) or fleet-wide (Postgres)."""
+
+    async def reserve(self, tokens: int) -> float:
+        """Reserve one request and ``tokens`` tokens; returns seconds to wait before it."""
+        ...
+
+    async def correct(self, delta_tokens: int) -> None:
+        """Charge (positive) or refund (negative) tokens after the actual usage is known."""
+        ...
+
+    async def pause(self, seconds: float, reason: str) -> None:
+        """Stop all requests for ``seconds``."""
+        ...
+
+    def paused_for(self) -> float:
+        """Seconds left of a pause this process knows of (0 when none)."""
+        ...
+
+
+class ResultStore(Protocol):
+    """Where step results live between attempts (``Queries`` in production)."""
+
+    async def save_step(self, job: Job, result: StepResult) -> bool:
+        """Store one step's result while the job's lease holds; ``False`` if it does not."""
+        ...
+
+    async def job_outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
+        """Outputs already stored for the job, by step name."""
+        ...
+
+
+class BudgetGate(Protocol):
+    """Stops paid steps once the daily budget is spent (``listener.budget.Budget``)."""
+
+    async def check(self) -> None:
+        """Raise ``BudgetExhausted`` when today's spend has reached the budget."""
+        ...
+
+    def add(self, usd: float) -> None:
+        """Count a cost just incurred."""
+        ...
+
+
+class LocalLimiter:
+    """A per-process token bucket behind the ``Limiter`` interface.
+
+    Args:
+        limit: requests per second and burst.
+        clock: monotonic clock, seconds.
+    """
+
+    def __init__(self, limit: RateLimit, clock: Callable[[], float]) -> None:
+        self._bucket = TokenBucket(limit.rps, limit.burst, clock)
+        self._clock = clock
+        self._paused_until = 0.0
+
+    async def reserve(self, tokens: int) -> float:
+        """Seconds to wait for the next request (tokens are not limited per process)."""
+        return 0.0 if self._bucket.unlimited else self._bucket.reserve()
+
+    async def correct(self, delta_tokens: int) -> None:
+        """Nothing to correct: tokens are not limited per process."""
+
+    async def pause(self, seconds: float, reason: str) -> None:
+        """Pause this process's bucket."""
+        self._bucket.pause(seconds)
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
+
+    def paused_for(self) -> float:
+        """Seconds left of the pause."""
+        return max(0.0, self._paused_until - self._clock())
+
+
 @dataclass(slots=True)
 class ProviderSlot:
-    """A provider with its own concurrency limit and token bucket."""
+    """A provider with its concurrency limit and its rate limiter."""
 
     provider: Provider
     semaphore: asyncio.Semaphore
-    bucket: TokenBucket
+    limiter: Limiter
 
     @classmethod
-    def build(
-        cls, provider: Provider, limit: RateLimit, clock: Callable[[], float]
-    ) -> ProviderSlot:
-        """Wrap ``provider`` with the limits of ``limit``."""
-        return cls(
-            provider=provider,
-            semaphore=asyncio.Semaphore(limit.concurrency),
-            bucket=TokenBucket(limit.rps, limit.burst, clock),
-        )
+    def build(cls, provider: Provider, limit: RateLimit, limiter: Limiter) -> ProviderSlot:
+        """Wrap ``provider`` with ``limit.concurrency`` and ``limiter``."""
+        return cls(provider, asyncio.Semaphore(limit.concurrency), limiter)
+
+
+class LeaseLost(RuntimeError):
+    """The job's lease expired and another worker took it: stop working on it."""
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding the pixels; (0, 0) if unknown."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return int(img.width), int(img.height)
+    except Exception:
+        return 0, 0
 
 
 class Dispatcher:
     """Turns a claimed ``Job`` into an ``Outcome``.
 
     Args:
-        slots: the pipeline's providers, in the order they run, each with its limits.
-        fetcher: fetches the image when any provider needs the bytes.
-        policy: decides retry or dead letter for a failed attempt.
+        plan: the steps, in order, and the tier gates.
+        slots: provider name -> provider with its limits; every step's provider must be here.
+        fetcher: fetches the image when a step's provider needs the bytes.
+        store: loads stored step outputs (resume) and stores each step's result.
+        policy: decides retry, deferral or dead letter for a failed attempt.
         metrics: counters and histograms to update.
         rng: uniform floats in [0, 1) for backoff jitter.
+        prices: the price table (``provider:model`` or ``provider`` -> price).
+        budget: the daily budget gate for paid steps, if a budget is set.
     """
 
     def __init__(
         self,
-        slots: Sequence[ProviderSlot],
+        plan: Plan,
+        slots: Mapping[str, ProviderSlot],
         fetcher: Fetcher,
+        store: ResultStore,
         policy: RetryPolicy,
         metrics: Metrics,
         rng: Callable[[], float],
+        prices: Mapping[str, Price] | None = None,
+        budget: BudgetGate | None = None,
     ) -> None:
-        self._slots = list(slots)
+        missing = {s.provider for s in plan.steps} - set(slots)
+        if missing:
+            raise ValueError(f"no provider for steps of: {', '.join(sorted(missing))}")
+        self._plan = plan
+        self._slots = dict(slots)
         self._fetcher = fetcher
+        self._store = store
         self._policy = policy
         self._metrics = metrics
         self._rng = rng
-        self._needs_image = any(s.provider.needs_image for s in self._slots)
+        self._prices = dict(prices or {})
+        self._budget = budget
+        self._save_each = len(plan.steps) > 1
+        self._paid = {
+            name
+            for name in slots
+            if any(
+                (key == name or key.startswith(f"{name}:"))
+                and (p.per_call_usd or p.per_million_input_usd or p.per_million_output_usd)
+                for key, p in self._prices.items()
+            )
+        }
 
     @property
     def providers(self) -> list[Provider]:
-        """The pipeline's providers, in order."""
-        return [s.provider for s in self._slots]
+        """The plan's providers, in order."""
+        return [self._slots[name].provider for name in self._plan.providers]
+
+    def paid(self, provider: str) -> bool:
+        """True when ``provider`` has a non-zero price (the budget applies to it)."""
+        return provider in self._paid
 
     async def run(self, job: Job) -> Outcome:
         """Run ``job`` through the pipeline; never raises except ``CancelledError``."""
@@ -103,15 +223,41 @@ class Dispatcher:
             log = logger.bind(job_id=job.id, source_id=job.source_id, attempt=job.attempts)
             if outcome.retry_in_s is None:
                 log.warning("job failed: {}", outcome.error)
+            elif not outcome.counts_attempt:
+                log.info("job deferred for {:.0f}s: {}", outcome.retry_in_s, outcome.error)
             else:
                 log.info("attempt failed, retry in {:.1f}s: {}", outcome.retry_in_s, outcome.error)
             return outcome
         return Completed(job, results)
 
     async def _run(self, job: Job) -> list[StepResult]:
-        if self._needs_image:
+        # Only a retry can have stored results (a re-enqueued row's are deleted).
+        outputs: dict[str, dict[str, Any]] = (
+            await self._store.job_outputs(job.id) if job.attempts > 1 and self._save_each else {}
+        )
+        todo = [s for s in self._plan.steps if s.name not in outputs]
+        image = await self._image(job, todo)
+        unsaved: list[StepResult] = []
+        for step in todo:
+            reason = skip_reason(step, self._plan, outputs, image.width, image.height)
+            if reason is not None:
+                continue
+            result = await self._step(step, image, outputs)
+            if result is None:
+                continue
+            outputs[step.name] = result.output
+            if self._save_each:
+                if not await self._store.save_step(job, result):
+                    raise LeaseLost(f"lease of job {job.id} lost during step {step.name}")
+            else:
+                unsaved.append(result)
+        return unsaved
+
+    async def _image(self, job: Job, todo: Sequence[Step]) -> ImageInput:
+        if any(self._slots[s.provider].provider.needs_image for s in todo):
             fetched = await self._fetcher.fetch(job.image_url)
-            image = ImageInput(
+            width, height = image_size(fetched.data)
+            return ImageInput(
                 job_id=job.id,
                 source_table=job.source_table,
                 source_id=job.source_id,
@@ -119,35 +265,84 @@ class Dispatcher:
                 url=fetched.url,
                 data=fetched.data,
                 content_type=fetched.format,
+                width=width,
+                height=height,
             )
-        else:
-            image = ImageInput(
-                job_id=job.id,
-                source_table=job.source_table,
-                source_id=job.source_id,
-                owner_id=job.owner_id,
-                url=job.image_url or "",
-                data=b"",
-                content_type="",
-            )
-        results: list[StepResult] = []
-        for slot in self._slots:
-            results.extend(await self._call(slot, image))
-        return results
+        return ImageInput(
+            job_id=job.id,
+            source_table=job.source_table,
+            source_id=job.source_id,
+            owner_id=job.owner_id,
+            url=job.image_url or "",
+            data=b"",
+            content_type="",
+        )
 
-    async def _call(self, slot: ProviderSlot, image: ImageInput) -> list[StepResult]:
-        name = slot.provider.name
+    async def _step(
+        self, step: Step, image: ImageInput, outputs: Mapping[str, Mapping[str, Any]]
+    ) -> StepResult | None:
+        slot = self._slots[step.provider]
+        provider = slot.provider
+        if self._budget is not None and self.paid(step.provider):
+            await self._budget.check()
         async with slot.semaphore:
-            if not slot.bucket.unlimited:
-                wait = slot.bucket.reserve()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            self._metrics.provider_called(name)
+            estimate = provider.estimate_tokens(step.kind, image)
+            await self._acquire(slot.limiter, estimate)
+            self._metrics.provider_called(step.provider)
             started = time.perf_counter()
             try:
-                return await slot.provider.analyze(image)
+                result = await provider.run(step.kind, image, StepContext(step.name, outputs))
+            except RateLimited as error:
+                await slot.limiter.pause(error.retry_after or 1.0, f"{step.provider}: {error}")
+                self._count_error(step.provider, error)
+                raise
+            except ProviderPaused as error:
+                await slot.limiter.pause(error.pause_s, str(error))
+                self._count_error(step.provider, error)
+                raise
             except Exception as error:
-                self._metrics.provider_errors.labels(name, type(error).__name__).inc()
+                self._count_error(step.provider, error)
                 raise
             finally:
-                self._metrics.provider_seconds.labels(name).observe(time.perf_counter() - started)
+                self._metrics.provider_seconds.labels(step.provider).observe(
+                    time.perf_counter() - started
+                )
+        if result is None:
+            return None
+        used = (result.input_tokens or 0) + (result.output_tokens or 0)
+        if estimate and used:
+            await slot.limiter.correct(used - estimate)
+        await self._apply_hints(slot, step.provider, result)
+        price = price_for(self._prices, step.provider, result.model)
+        cost = cost_usd(
+            price,
+            calls=result.calls,
+            input_tokens=result.input_tokens or 0,
+            output_tokens=result.output_tokens or 0,
+        )
+        if self._budget is not None and cost:
+            self._budget.add(cost)
+        return replace(result, step=step.name, cost_usd=cost)
+
+    @staticmethod
+    async def _acquire(limiter: Limiter, tokens: int) -> None:
+        """Wait for a slot. A pause that began while we waited voids the slot: queue again,
+        so requests resume spaced out after the pause instead of all at its end."""
+        while True:
+            wait = await limiter.reserve(tokens)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if limiter.paused_for() <= 0:
+                return
+
+    async def _apply_hints(self, slot: ProviderSlot, provider: str, result: StepResult) -> None:
+        hints = result.hints
+        if hints is None:
+            return
+        if hints.remaining_requests == 0 and hints.reset_requests_s:
+            await slot.limiter.pause(hints.reset_requests_s, f"{provider}: request window spent")
+        elif hints.remaining_tokens == 0 and hints.reset_tokens_s:
+            await slot.limiter.pause(hints.reset_tokens_s, f"{provider}: token window spent")
+
+    def _count_error(self, provider: str, error: BaseException) -> None:
+        self._metrics.provider_errors.labels(provider, type(error).__name__).inc()

@@ -3,6 +3,9 @@
 ::
 
     ListenerError
+    ├── Deferred                the job waits, without using an attempt: not its fault
+    │   ├── BudgetExhausted     the daily budget for paid providers is spent
+    │   └── ProviderPaused      the provider is paused (quota exhausted, key rejected)
     ├── RetryableError          the job goes back to pending after a backoff
     │   ├── RateLimited         a provider said 429 / throttled (may carry retry_after)
     │   ├── ProviderUnavailable connection refused or reset, 5xx
@@ -28,6 +31,36 @@ class ListenerError(Exception):
     ``str(error)`` is the reason stored in ``listener.jobs.last_error``: it must say what went
     wrong in words a user can act on, and never contain a secret.
     """
+
+
+class Deferred(ListenerError):
+    """The job cannot run now for a reason that is not its own; it waits without using an attempt.
+
+    Args:
+        message: the reason recorded on the job (and shown in status).
+        retry_after: seconds until the job is tried again.
+    """
+
+    def __init__(self, message: str, *, retry_after: float = 60.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BudgetExhausted(Deferred):
+    """``LISTENER_BUDGET_USD_PER_DAY`` is spent: paid providers wait for the next UTC day."""
+
+
+class ProviderPaused(Deferred):
+    """The provider must not be called for a while, by any daemon.
+
+    Args:
+        message: the reason, shown in status (e.g. "OpenAI: insufficient_quota").
+        pause_s: how long the provider is paused fleet-wide, seconds.
+    """
+
+    def __init__(self, message: str, *, pause_s: float) -> None:
+        super().__init__(message, retry_after=pause_s)
+        self.pause_s = pause_s
 
 
 class RetryableError(ListenerError):

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from listener.db.notify import Notifier
 from listener.db.queries import Queries
 from listener.metrics import Metrics
+from listener.status import queue_status
 from listener.worker import Worker
 
 
@@ -38,6 +39,7 @@ class HealthSources:
     metrics: Metrics
     providers: list[str]
     started_at: float
+    budget_usd_per_day: float | None = None
 
 
 SOURCES = web.AppKey("sources", HealthSources)
@@ -67,8 +69,7 @@ async def status_document(src: HealthSources) -> dict[str, Any]:
     Raises:
         Exception: whatever the database raised while counting.
     """
-    counts = await src.queries.queue_counts()
-    doc: dict[str, Any] = counts.as_dict()
+    doc = await queue_status(src.queries, src.budget_usd_per_day)
     doc.update(
         {
             "in_flight": src.worker.in_flight,

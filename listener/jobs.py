@@ -55,11 +55,14 @@ class Failed:
         error: the reason, stored in ``last_error``.
         retry_in_s: seconds until the job may run again; ``None`` fails it for good
             (dead letter).
+        counts_attempt: ``False`` when the job was deferred (budget, paused provider): the
+            attempt is given back.
     """
 
     job: Job
     error: str
     retry_in_s: float | None
+    counts_attempt: bool = True
 
 
 Outcome = Completed | Failed

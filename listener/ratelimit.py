@@ -63,3 +63,87 @@ class TokenBucket:
         """Tokens available now (negative while callers are queued)."""
         self._refill(self._clock())
         return self._tokens
+
+
+def gcra_start(tat: float, now: float, interval_s: float, capacity_s: float, cost: float) -> float:
+    """The earliest start of a request of ``cost`` units under the generic cell rate algorithm.
+
+    GCRA keeps one number per limit, the theoretical arrival time ``tat``: the moment the
+    bucket would be empty again. A request of ``cost`` units (each worth ``interval_s`` seconds
+    of refill) fits once ``tat + cost * interval_s - capacity_s`` has passed, where
+    ``capacity_s`` is the bucket's size in seconds (burst x interval). Source: ITU-T I.371,
+    virtual scheduling algorithm.
+    """
+    return max(now, tat + cost * interval_s - capacity_s)
+
+
+def gcra_advance(tat: float, start: float, interval_s: float, cost: float) -> float:
+    """The new ``tat`` after a request of ``cost`` units starting at ``start``."""
+    return max(tat, start) + cost * interval_s
+
+
+class FleetState:
+    """A provider's shared limiter state, as stored in ``listener.provider_limits``.
+
+    Times are seconds on one clock shared by the fleet (the database's).
+    """
+
+    __slots__ = ("paused_until", "request_tat", "token_tat")
+
+    def __init__(self, request_tat: float, token_tat: float, paused_until: float) -> None:
+        self.request_tat = request_tat
+        self.token_tat = token_tat
+        self.paused_until = paused_until
+
+
+# Requests are spaced 2% wider than 1/rps: the moment a request reaches the provider jitters
+# by a few milliseconds after its reserved start, and a provider that counts requests in a
+# sliding one-second window must never see rps + 1 of them.
+SPACING_MARGIN = 1.02
+
+
+def fleet_reserve(
+    state: FleetState,
+    now: float,
+    *,
+    rps: float,
+    burst: int,
+    tokens: int = 0,
+    tokens_per_minute: int | None = None,
+) -> float:
+    """Reserve one request (and ``tokens`` tokens) on ``state``; returns its start time.
+
+    ``state`` is updated in place. The start is the latest of: the request limit's GCRA start,
+    the token limit's (a bucket of one minute's tokens), and the end of a pause.
+
+    Args:
+        state: the provider's shared state.
+        now: the shared clock's time, seconds.
+        rps: requests per second (finite).
+        burst: requests allowed back to back.
+        tokens: tokens this request is estimated to use.
+        tokens_per_minute: the token limit; ``None`` for none.
+    """
+    r_interval = SPACING_MARGIN / rps
+    start = gcra_start(state.request_tat, now, r_interval, burst * r_interval, 1)
+    t_interval = 0.0
+    if tokens_per_minute and tokens > 0:
+        t_interval = 60.0 / tokens_per_minute
+        cost = min(tokens, tokens_per_minute)
+        start = max(start, gcra_start(state.token_tat, now, t_interval, 60.0, cost))
+    start = max(start, state.paused_until)
+    state.request_tat = gcra_advance(state.request_tat, start, r_interval, 1)
+    if t_interval:
+        state.token_tat = gcra_advance(state.token_tat, start, t_interval, tokens)
+    return start
+
+
+def fleet_correct(state: FleetState, delta_tokens: int, tokens_per_minute: int | None) -> None:
+    """Charge (or refund) the difference between the tokens used and those estimated."""
+    if tokens_per_minute:
+        state.token_tat += delta_tokens * 60.0 / tokens_per_minute
+
+
+def fleet_pause(state: FleetState, now: float, seconds: float) -> None:
+    """Stop every request until ``now + seconds`` (a pause never shortens another)."""
+    state.paused_until = max(state.paused_until, now + seconds)

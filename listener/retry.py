@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from listener.errors import ListenerError, PermanentError, RetryableError
+from listener.errors import Deferred, ListenerError, PermanentError, RetryableError
 from listener.jobs import Failed, Job
 
 _MAX_REASON = 1000
@@ -63,11 +63,15 @@ class RetryPolicy:
     def decide(self, job: Job, error: BaseException, rng: Callable[[], float]) -> Failed:
         """The outcome of ``job``'s failed attempt.
 
-        A ``PermanentError`` fails the job at once. Anything else is retried after a full-jitter
-        backoff (never sooner than a ``retry_after`` the remote side asked for) until the job
-        has used ``max_attempts`` attempts; then it is failed with the last reason.
+        A ``Deferred`` error puts the job back without using the attempt, for its
+        ``retry_after``. A ``PermanentError`` fails the job at once. Anything else is retried
+        after a full-jitter backoff (never sooner than a ``retry_after`` the remote side asked
+        for) until the job has used ``max_attempts`` attempts; then it is failed with the last
+        reason.
         """
         reason = describe(error)
+        if isinstance(error, Deferred):
+            return Failed(job, reason, max(error.retry_after, 0.0), counts_attempt=False)
         if isinstance(error, PermanentError):
             return Failed(job, reason, None)
         if job.attempts >= job.max_attempts:

@@ -8,9 +8,12 @@ module never reads the environment itself. Secrets are ``SecretStr``: their ``re
 from __future__ import annotations
 
 import math
+import os
+import tomllib
+from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MB = 1024 * 1024
@@ -29,11 +32,20 @@ class RateLimit(BaseModel):
     burst: int = 1
     concurrency: int = 1000
 
+    @property
+    def fleet_wide(self) -> bool:
+        """True when the limit is finite, so daemons must share it through Postgres."""
+        return not math.isinf(self.rps)
+
 
 def _default_rate_limits() -> dict[str, RateLimit]:
     return {
         "local": RateLimit(rps=math.inf, burst=1, concurrency=8),
         "noop": RateLimit(rps=math.inf, burst=1, concurrency=100_000),
+        # Conservative defaults for a new account; raise them to your tier's limits.
+        "openai": RateLimit(rps=5.0, burst=1, concurrency=16),
+        # Rekognition's default quota for the image APIs is 5 TPS in most regions.
+        "rekognition": RateLimit(rps=5.0, burst=1, concurrency=16),
     }
 
 
@@ -73,6 +85,122 @@ class LocalSettings(BaseModel):
 
     workers: int | None = None
     analysis_max_side: int = 1024
+
+
+DEFAULT_ANGLES = [
+    "front",
+    "rear",
+    "side",
+    "three-quarter",
+    "interior",
+    "engine bay",
+    "undercarriage",
+    "detail",
+    "document",
+    "other",
+]
+
+
+class OpenAISettings(BaseModel):
+    """The OpenAI vision provider.
+
+    Attributes:
+        api_key: the API key (``LISTENER_OPENAI__API_KEY``; ``OPENAI_API_KEY`` also works).
+        base_url: the API's base URL; point it at a compatible server or a local fake.
+        tier1_model, tier2_model, tier3_model: the model of each tier.
+        detail: image detail, ``low`` (85 tokens an image) or ``high`` (tiles of 512 px).
+        image_transport: ``url`` sends the image URL (OpenAI fetches it; the URL must be
+            public); ``inline`` sends the bytes as a base64 data URL.
+        angles: the vocabulary of tier 1's ``angle``.
+        subject: what the photos show, used in the prompts.
+        timeout_s: per-request timeout, seconds.
+        max_output_tokens: the answer's token limit per call.
+        tokens_per_minute: the account's TPM limit, shared by the fleet; ``None`` for none.
+        quota_pause_s: how long the provider pauses after ``insufficient_quota``, seconds.
+    """
+
+    api_key: SecretStr | None = None
+    base_url: str = "https://api.openai.com/v1"
+    tier1_model: str = "gpt-4o-mini"
+    tier2_model: str = "gpt-4o-mini"
+    tier3_model: str = "gpt-4o"
+    detail: Literal["low", "high"] = "low"
+    image_transport: Literal["url", "inline"] = "url"
+    angles: list[str] = Field(default_factory=lambda: list(DEFAULT_ANGLES))
+    subject: str = "vehicles"
+    timeout_s: float = 60.0
+    max_output_tokens: int = 800
+    tokens_per_minute: int | None = None
+    quota_pause_s: float = 900.0
+
+
+class RekognitionSettings(BaseModel):
+    """The AWS Rekognition provider. Credentials and region come from the standard AWS chain.
+
+    Attributes:
+        region: AWS region; ``None`` uses the chain's (``AWS_REGION``, config files).
+        endpoint_url: a different endpoint (a local fake, a VPC endpoint).
+        max_labels: labels asked of DetectLabels.
+        min_confidence: the lowest label confidence kept, percent.
+        collection_prefix: collection ids are ``<prefix>-<owner>``.
+        auto_assign_similarity: a face matching a known face at or above this similarity
+            (percent) joins that face's person automatically.
+        suggest_similarity: at or above this (and below auto-assign), a suggestion is
+            recorded for review; below it the face is a new, unassigned face.
+        max_faces: faces indexed per image.
+        timeout_s: connect and read timeout, seconds.
+    """
+
+    region: str | None = None
+    endpoint_url: str | None = None
+    max_labels: int = 20
+    min_confidence: float = 70.0
+    collection_prefix: str = "listener"
+    auto_assign_similarity: float = 95.0
+    suggest_similarity: float = 80.0
+    max_faces: int = 10
+    timeout_s: float = 30.0
+
+
+class TierSettings(BaseModel):
+    """Which providers run at each tier of the ``tiered`` pipeline, and the gates between.
+
+    Attributes:
+        tier1: providers of tier 1 (``local``, ``rekognition``, ``openai``): angle,
+            category, quality, labels.
+        tier2: providers of tier 2 (``openai``): parts; runs only when the tier-1 quality
+            exceeds ``tier2_min_quality``.
+        tier3: providers of tier 3 (``openai``): expert assessment; runs only when the
+            image's shorter side is at least ``tier3_min_side`` pixels.
+        faces: index and match faces with Rekognition (per owner collections).
+    """
+
+    tier1: list[str] = Field(default_factory=lambda: ["local"])
+    tier2: list[str] = Field(default_factory=list)
+    tier3: list[str] = Field(default_factory=list)
+    tier2_min_quality: float = 6.0
+    tier3_min_side: int = 1024
+    faces: bool = False
+
+
+class Price(BaseModel):
+    """Price of one provider/model: per call, and per million input and output tokens (USD)."""
+
+    per_call_usd: float = 0.0
+    per_million_input_usd: float = 0.0
+    per_million_output_usd: float = 0.0
+
+
+def _default_prices() -> dict[str, Price]:
+    # Sources: https://openai.com/api/pricing (standard tier, text tokens; image inputs are
+    # billed as input tokens) and https://aws.amazon.com/rekognition/pricing/ (Image API,
+    # group 1 and 2 APIs, first 1M images a month).
+    return {
+        "openai:gpt-4o-mini": Price(per_million_input_usd=0.15, per_million_output_usd=0.60),
+        "openai:gpt-4o": Price(per_million_input_usd=2.50, per_million_output_usd=10.0),
+        "openai:gpt-4.1-mini": Price(per_million_input_usd=0.40, per_million_output_usd=1.60),
+        "rekognition": Price(per_call_usd=0.001),
+    }
 
 
 class Settings(BaseSettings):
@@ -126,7 +254,15 @@ class Settings(BaseSettings):
     health_host: str = "0.0.0.0"
     health_port: int = 8080
 
-    pipeline: Literal["local", "noop"] = "local"
+    pipeline: Literal["local", "noop", "tiered"] = "local"
+    pipeline_file: Path | None = Field(
+        default=None, description="A TOML file with a [tiers] table (see TierSettings)."
+    )
+    tiers: TierSettings = Field(default_factory=TierSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    rekognition: RekognitionSettings = Field(default_factory=RekognitionSettings)
+    prices: dict[str, Price] = Field(default_factory=_default_prices)
+    budget_usd_per_day: float | None = Field(default=None, ge=0)
     noop_delay_s: float = Field(default=0.0, ge=0)
     rate_limits: dict[str, RateLimit] = Field(default_factory=_default_rate_limits)
 
@@ -138,6 +274,23 @@ class Settings(BaseSettings):
 
     log_json: bool = False
     log_level: str = "INFO"
+
+    @field_validator("prices")
+    @classmethod
+    def _keep_default_prices(cls, value: dict[str, Price]) -> dict[str, Price]:
+        merged = _default_prices()
+        merged.update(value)
+        return merged
+
+    @model_validator(mode="after")
+    def _load_pipeline_file(self) -> Settings:
+        if self.pipeline_file is not None:
+            with self.pipeline_file.open("rb") as handle:
+                data = tomllib.load(handle)
+            self.tiers = TierSettings.model_validate(data.get("tiers", data))
+        if not self.openai.api_key and os.environ.get("OPENAI_API_KEY"):
+            self.openai.api_key = SecretStr(os.environ["OPENAI_API_KEY"])
+        return self
 
     @field_validator("rate_limits")
     @classmethod

@@ -47,31 +47,101 @@ WITH done AS (
     WHERE j.id = d.id AND j.lease_token = d.token AND j.status = 'processing'
     RETURNING j.id
 ), saved AS (
-    INSERT INTO listener.results AS r (job_id, step, provider, output, model, duration_ms)
-    SELECT s.job_id, s.step, s.provider, s.output, s.model, s.duration_ms
-    FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::float8[])
-         AS s(job_id, step, provider, output, model, duration_ms)
+    INSERT INTO listener.results AS r
+        (job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens,
+         calls, cost_usd)
+    SELECT s.job_id, s.step, s.provider, s.output, s.model, s.duration_ms, s.input_tokens,
+           s.output_tokens, s.calls, s.cost_usd
+    FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::float8[],
+                $9::int[], $10::int[], $11::int[], $12::numeric[])
+         AS s(job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens,
+              calls, cost_usd)
     WHERE s.job_id IN (SELECT id FROM done)
     ON CONFLICT (job_id, step) DO UPDATE
     SET provider = EXCLUDED.provider, output = EXCLUDED.output, model = EXCLUDED.model,
-        duration_ms = EXCLUDED.duration_ms, created_at = now()
+        duration_ms = EXCLUDED.duration_ms, input_tokens = EXCLUDED.input_tokens,
+        output_tokens = EXCLUDED.output_tokens, calls = EXCLUDED.calls,
+        cost_usd = EXCLUDED.cost_usd, created_at = now()
 )
 SELECT id FROM done;
+
+-- name: save_step :one
+-- Stores one step's result as soon as it is done, while the job is still leased to us
+-- ($2 token), so a retry resumes after it and never pays for it twice. Returns false when
+-- the lease was lost.
+WITH held AS (
+    SELECT id FROM listener.jobs
+    WHERE id = $1 AND lease_token = $2 AND status = 'processing'
+), saved AS (
+    INSERT INTO listener.results
+        (job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens,
+         calls, cost_usd)
+    SELECT held.id, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11 FROM held
+    ON CONFLICT (job_id, step) DO UPDATE
+    SET provider = EXCLUDED.provider, output = EXCLUDED.output, model = EXCLUDED.model,
+        duration_ms = EXCLUDED.duration_ms, input_tokens = EXCLUDED.input_tokens,
+        output_tokens = EXCLUDED.output_tokens, calls = EXCLUDED.calls,
+        cost_usd = EXCLUDED.cost_usd, created_at = now()
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM saved) AS saved;
+
+-- name: job_outputs :many
+-- The steps a job already has results for (a retry resumes after them).
+SELECT step, output FROM listener.results WHERE job_id = $1;
+
+-- name: spend_since :many
+-- USD recorded since $1, per provider.
+SELECT provider, sum(cost_usd)::float8 AS usd
+FROM listener.results
+WHERE created_at >= $1 AND cost_usd > 0
+GROUP BY provider
+ORDER BY provider;
+
+-- name: ensure_provider_limit :execute
+-- Creates a provider's shared limiter row on first use.
+INSERT INTO listener.provider_limits (provider) VALUES ($1) ON CONFLICT DO NOTHING;
+
+-- name: lock_provider_limit :one
+-- A provider's limiter state, locked until the transaction ends, with the database clock
+-- (epoch seconds): every daemon of the fleet reads the same clock.
+SELECT request_tat, token_tat, paused_until, extract(epoch FROM clock_timestamp())::float8 AS now
+FROM listener.provider_limits
+WHERE provider = $1
+FOR UPDATE;
+
+-- name: save_provider_limit :execute
+-- Stores a provider's limiter state; $5, when not NULL, is the reason of a new pause.
+UPDATE listener.provider_limits
+SET request_tat = $2, token_tat = $3, paused_until = $4,
+    pause_reason = coalesce($5, pause_reason), updated_at = now()
+WHERE provider = $1;
+
+-- name: provider_pauses :many
+-- Providers paused now, for how many more seconds, and why.
+SELECT provider, paused_until - extract(epoch FROM clock_timestamp())::float8 AS remaining_s,
+       pause_reason
+FROM listener.provider_limits
+WHERE paused_until > extract(epoch FROM clock_timestamp())
+ORDER BY provider;
 
 -- name: fail_jobs :many
 -- Records failed attempts, fenced by lease token. A NULL delay ($3) is a dead letter: the job
 -- is failed for good. Otherwise the job goes back to pending, runnable after the delay
--- (seconds) that the retry policy chose. $4 is the reason, kept in last_error.
+-- (seconds) that the retry policy chose. $4 is the reason, kept in last_error. A deferred job
+-- ($5 false: budget spent, provider paused) gets its attempt back.
 UPDATE listener.jobs AS j
 SET status = CASE WHEN f.delay_s IS NULL THEN 'failed' ELSE 'pending' END,
     run_after = CASE WHEN f.delay_s IS NULL THEN j.run_after
                      ELSE now() + make_interval(secs => f.delay_s) END,
     finished_at = CASE WHEN f.delay_s IS NULL THEN now() END,
+    attempts = CASE WHEN f.counts THEN j.attempts ELSE greatest(j.attempts - 1, 0) END,
     last_error = f.error,
     lease_expires_at = NULL,
     lease_token = NULL,
     updated_at = now()
-FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[]) AS f(id, token, delay_s, error)
+FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[], $5::bool[])
+     AS f(id, token, delay_s, error, counts)
 WHERE j.id = f.id AND j.lease_token = f.token AND j.status = 'processing'
 RETURNING j.id, j.status;
 
@@ -162,3 +232,31 @@ FROM listener.jobs AS j
 LEFT JOIN listener.results AS r ON r.job_id = j.id AND r.step = $2
 WHERE j.source_table = $1
 ORDER BY j.id;
+
+-- name: insert_face :execute
+-- Records a face Rekognition indexed (idempotent on its FaceId).
+INSERT INTO listener.faces
+    (face_id, collection_id, owner_id, job_id, source_table, source_id, bounding_box,
+     confidence)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8)
+ON CONFLICT (face_id) DO NOTHING;
+
+-- name: assign_face :one
+-- Assigns a face to the person of the face it matched (see listener.assign_face).
+SELECT listener.assign_face($1, $2, $3) AS person_id;
+
+-- name: suggest_face :execute
+-- Records a borderline match for a person to review.
+INSERT INTO listener.face_suggestions (face_id, candidate_face_id, person_id, similarity)
+SELECT $1, $2, f.person_id, $3 FROM listener.faces AS f WHERE f.face_id = $2
+ON CONFLICT (face_id, candidate_face_id) DO NOTHING;
+
+-- name: known_face_ids :many
+-- Which of the given FaceIds listener has recorded (matches to others are ignored).
+SELECT face_id FROM listener.faces WHERE face_id = ANY($1::text[]);
+
+-- name: people_counts :one
+-- People and faces recorded, and open suggestions.
+SELECT (SELECT count(*) FROM listener.people) AS people,
+       (SELECT count(*) FROM listener.faces) AS faces,
+       (SELECT count(*) FROM listener.face_suggestions WHERE status = 'open') AS suggestions;

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from listener.errors import ListenerError
-from listener.providers.base import ImageInput, StepResult
+from listener.providers.base import ImageInput, StepContext, StepResult
 from listener.settings import FetchSettings, Settings
 
 
@@ -113,7 +113,11 @@ class RecordingProvider:
     async def close(self) -> None:
         """Nothing to close."""
 
-    async def analyze(self, image: ImageInput) -> list[StepResult]:
+    def estimate_tokens(self, kind: str, image: ImageInput) -> int:
+        """Not token-priced."""
+        return 0
+
+    async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult:
         """Record the call; raise the next scripted failure, if any."""
         key = image.source_id
         if key in self.running:
@@ -127,6 +131,30 @@ class RecordingProvider:
             scripted = self.failures.get(key)
             if scripted:
                 raise scripted.pop(0)
-            return [StepResult("recording", "recording.step", {"source_id": key}, "test", 0.0)]
+            return StepResult("recording", "recording.step", {"source_id": key}, "test", 0.0)
         finally:
             self.running.discard(key)
+
+
+class StaticServer:
+    """Serves a folder on 127.0.0.1 (the daemon fetches images from it)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.base_url = ""
+        self._runner: Any = None
+
+    async def __aenter__(self) -> StaticServer:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_static("/", self.folder)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()

@@ -8,16 +8,21 @@ connection lost to a Postgres restart is replaced on the next call.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, TypeVar
 from uuid import UUID
 
 import asyncpg
 
 from listener.db.sqlfiles import NamedQuery, parse_named_queries, sql_dir
 from listener.jobs import Completed, Failed, Job
+from listener.providers.base import StepResult
+from listener.ratelimit import FleetState
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,24 @@ class Queries:
         self._pool = pool
         self._sql = {name: q.sql for name, q in load_queries().items()}
 
+    # Generic access for the simple queries; the ones with logic have methods of their own.
+
+    async def execute(self, name: str, *args: Any) -> str:
+        """Run query ``name``; returns the status tag."""
+        return str(await self._pool.execute(self._sql[name], *args))
+
+    async def value(self, name: str, *args: Any) -> Any:
+        """The first column of the first row of query ``name``."""
+        return await self._pool.fetchval(self._sql[name], *args)
+
+    async def column(self, name: str, *args: Any) -> list[Any]:
+        """The first column of every row of query ``name``."""
+        return [r[0] for r in await self._pool.fetch(self._sql[name], *args)]
+
+    async def rows(self, name: str, *args: Any) -> list[dict[str, Any]]:
+        """Every row of query ``name``, as dicts."""
+        return [dict(r) for r in await self._pool.fetch(self._sql[name], *args)]
+
     async def claim_jobs(
         self, limit: int, worker_id: str, lease_s: float, token: UUID
     ) -> list[Job]:
@@ -132,6 +155,10 @@ class Queries:
         r_output: list[str] = []
         r_model: list[str | None] = []
         r_ms: list[float] = []
+        r_in: list[int | None] = []
+        r_out: list[int | None] = []
+        r_calls: list[int] = []
+        r_cost: list[Decimal] = []
         for c in done:
             for result in c.results:
                 r_job.append(c.job.id)
@@ -140,6 +167,10 @@ class Queries:
                 r_output.append(json.dumps(result.output))
                 r_model.append(result.model)
                 r_ms.append(result.duration_s * 1000.0)
+                r_in.append(result.input_tokens)
+                r_out.append(result.output_tokens)
+                r_calls.append(result.calls)
+                r_cost.append(_usd(result.cost_usd))
         rows = await self._pool.fetch(
             self._sql["complete_jobs"],
             [c.job.id for c in done],
@@ -150,8 +181,81 @@ class Queries:
             r_output,
             r_model,
             r_ms,
+            r_in,
+            r_out,
+            r_calls,
+            r_cost,
         )
         return {r["id"] for r in rows}
+
+    async def save_step(self, job: Job, result: StepResult) -> bool:
+        """Store one step's result while ``job``'s lease holds; ``False`` if it was lost."""
+        return bool(
+            await self._pool.fetchval(
+                self._sql["save_step"],
+                job.id,
+                job.lease_token,
+                result.step,
+                result.provider,
+                json.dumps(result.output),
+                result.model,
+                result.duration_s * 1000.0,
+                result.input_tokens,
+                result.output_tokens,
+                result.calls,
+                _usd(result.cost_usd),
+            )
+        )
+
+    async def job_outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
+        """Outputs already stored for ``job_id``, by step name."""
+        rows = await self._pool.fetch(self._sql["job_outputs"], job_id)
+        return {r["step"]: json.loads(r["output"]) for r in rows}
+
+    async def spend_since(self, since: datetime) -> dict[str, float]:
+        """USD recorded since ``since``, per provider."""
+        rows = await self._pool.fetch(self._sql["spend_since"], since)
+        return {r["provider"]: float(r["usd"]) for r in rows}
+
+    async def update_provider_limit(
+        self,
+        provider: str,
+        update: Callable[[FleetState, float], T],
+        pause_reason: str | None = None,
+    ) -> tuple[T, float]:
+        """Apply ``update(state, now)`` to a provider's shared limiter state, atomically.
+
+        The row is locked for the duration, so daemons reserving at the same moment queue.
+        ``now`` is the database clock (epoch seconds), the one clock the fleet shares.
+
+        Returns:
+            ``update``'s return value and ``now``.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(self._sql["lock_provider_limit"], provider)
+            if row is None:
+                await conn.execute(self._sql["ensure_provider_limit"], provider)
+                row = await conn.fetchrow(self._sql["lock_provider_limit"], provider)
+            state = FleetState(row["request_tat"], row["token_tat"], row["paused_until"])
+            now = float(row["now"])
+            value = update(state, now)
+            await conn.execute(
+                self._sql["save_provider_limit"],
+                provider,
+                state.request_tat,
+                state.token_tat,
+                state.paused_until,
+                pause_reason,
+            )
+        return value, now
+
+    async def provider_pauses(self) -> dict[str, dict[str, Any]]:
+        """Providers paused now: ``{name: {"remaining_s": s, "reason": text}}``."""
+        rows = await self._pool.fetch(self._sql["provider_pauses"])
+        return {
+            r["provider"]: {"remaining_s": round(r["remaining_s"], 1), "reason": r["pause_reason"]}
+            for r in rows
+        }
 
     async def fail_jobs(self, failures: Sequence[Failed]) -> dict[int, str]:
         """Record failed attempts; returns ``{job id: new status}`` for the leases that held."""
@@ -163,6 +267,7 @@ class Queries:
             [f.job.lease_token for f in failures],
             [f.retry_in_s for f in failures],
             [f.error for f in failures],
+            [f.counts_attempt for f in failures],
         )
         return {r["id"]: r["status"] for r in rows}
 
@@ -263,6 +368,10 @@ class Queries:
             item["output"] = json.loads(r["output"]) if r["output"] is not None else None
             out.append(item)
         return out
+
+
+def _usd(value: float) -> Decimal:
+    return Decimal(f"{value:.6f}")
 
 
 def _attachment(r: Any) -> Attachment:

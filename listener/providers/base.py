@@ -1,14 +1,18 @@
 """The ``Provider`` protocol every analysis backend implements, and the shapes it trades in.
 
-A provider receives one ``ImageInput`` (the fetched bytes plus the job's identity) and returns
-one ``StepResult`` per analysis step it performed. It raises the errors of ``listener.errors``:
-``RetryableError`` subclasses for failures that may pass, ``PermanentError`` subclasses for
-failures that will not. Rate limiting, concurrency limits, retries and persistence are the
-dispatcher's job, not the provider's.
+A provider performs one or more *kinds* of step (``local``: ``analysis``; ``openai``:
+``tier1``, ``tier2``, ``tier3``; ``rekognition``: ``labels``, ``faces``). For each step it
+receives one ``ImageInput`` (the fetched bytes plus the job's identity) and a ``StepContext``
+(the outputs of the job's earlier steps) and returns one ``StepResult``, or ``None`` when it
+has nothing to record. It raises the errors of ``listener.errors``: ``RetryableError`` for
+failures that may pass, ``PermanentError`` for failures that will not, ``Deferred`` when the
+provider itself cannot be used for now. Rate limits, concurrency, retries, costs and
+persistence are the dispatcher's job, not the provider's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,6 +29,8 @@ class ImageInput:
         url: the URL the bytes were fetched from.
         data: the image bytes (at most ``fetch_max_bytes``).
         content_type: the image format sniffed from the bytes by Pillow, e.g. ``"JPEG"``.
+        width: width in pixels (0 when the bytes were not fetched).
+        height: height in pixels (0 when the bytes were not fetched).
     """
 
     job_id: int
@@ -34,6 +40,23 @@ class ImageInput:
     url: str
     data: bytes
     content_type: str
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RateHints:
+    """What a provider's answer said about its rate limits (e.g. ``x-ratelimit-*`` headers).
+
+    Attributes:
+        remaining_requests, remaining_tokens: what is left in the current window.
+        reset_requests_s, reset_tokens_s: seconds until the window refills.
+    """
+
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests_s: float | None = None
+    reset_tokens_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +69,10 @@ class StepResult:
         output: JSON-serializable analysis output.
         model: the model or algorithm version that produced it, if any.
         duration_s: wall time of the step, in seconds.
+        input_tokens, output_tokens: tokens billed, for token-priced providers.
+        calls: billable API calls the step made (per-call-priced providers).
+        cost_usd: what the step cost, filled in by the dispatcher from the price table.
+        hints: rate-limit information from the provider's answer.
     """
 
     provider: str
@@ -53,6 +80,24 @@ class StepResult:
     output: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     duration_s: float = 0.0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    calls: int = 0
+    cost_usd: float = 0.0
+    hints: RateHints | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a step knows about the job besides the image.
+
+    Attributes:
+        step: the step's full name, ``provider.kind``.
+        previous: outputs of the job's steps that already ran, by step name.
+    """
+
+    step: str
+    previous: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -61,7 +106,7 @@ class Provider(Protocol):
 
     @property
     def name(self) -> str:
-        """A short stable name used in settings, rate limits, metrics and results."""
+        """A short stable name used in settings, rate limits, prices, metrics and results."""
         ...
 
     @property
@@ -70,19 +115,24 @@ class Provider(Protocol):
         ...
 
     async def start(self) -> None:
-        """Acquire resources (process pools, HTTP clients). Called once before any analyze."""
+        """Acquire resources (process pools, HTTP clients). Called once before any run."""
 
     async def close(self) -> None:
         """Release what ``start`` acquired. Called once at shutdown."""
 
-    async def analyze(self, image: ImageInput) -> list[StepResult]:
-        """Analyze one image.
+    def estimate_tokens(self, kind: str, image: ImageInput) -> int:
+        """Tokens a ``kind`` step on ``image`` is expected to use (0 if not token-priced)."""
+        ...
+
+    async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult | None:
+        """Perform one step of kind ``kind`` on ``image``.
 
         Returns:
-            One ``StepResult`` per step performed, possibly empty.
+            The step's result, or ``None`` when there is nothing to record.
 
         Raises:
             listener.errors.RetryableError: a failure that may pass on retry.
             listener.errors.PermanentError: a failure that will not.
+            listener.errors.Deferred: the provider cannot be used for now.
         """
         ...

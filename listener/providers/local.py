@@ -30,7 +30,7 @@ from listener.errors import (
     ListenerError,
     ProviderUnavailable,
 )
-from listener.providers.base import ImageInput, StepResult
+from listener.providers.base import ImageInput, StepContext, StepResult
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
@@ -502,12 +502,20 @@ class LocalProvider:
         if pool is not None:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
-    async def analyze(self, image: ImageInput) -> list[StepResult]:
+    def estimate_tokens(self, kind: str, image: ImageInput) -> int:
+        """The local provider is not token-priced: 0."""
+        return 0
+
+    async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult:
+        """The ``analysis`` step: ``analyze(image)``."""
+        return await self.analyze(image)
+
+    async def analyze(self, image: ImageInput) -> StepResult:
         """Analyze ``image.data`` in a worker process.
 
         Returns:
-            ``[StepResult(provider="local", step="local.analysis", output=..., model=...,
-            duration_s=...)]``; ``duration_s`` is wall time in seconds, queueing included.
+            ``StepResult(provider="local", step="local.analysis", output=..., model=...,
+            duration_s=...)``; ``duration_s`` is wall time in seconds, queueing included.
 
         Raises:
             InvalidImage: empty, not an image, truncated or undecodable.
@@ -532,15 +540,13 @@ class LocalProvider:
                 "a local analysis worker died (out of memory or killed); "
                 "the worker pool was restarted"
             ) from None
-        return [
-            StepResult(
-                provider=self.name,
-                step=STEP,
-                output=output,
-                model=self._model,
-                duration_s=time.perf_counter() - started,
-            )
-        ]
+        return StepResult(
+            provider=self.name,
+            step=STEP,
+            output=output,
+            model=self._model,
+            duration_s=time.perf_counter() - started,
+        )
 
     def _new_pool(self) -> tuple[ProcessPoolExecutor, Synchronized[int]]:
         context = multiprocessing.get_context("spawn")

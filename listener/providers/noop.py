@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from listener.providers.base import ImageInput, StepResult
+from listener.providers.base import ImageInput, StepContext, StepResult
 
 
 class NoopProvider:
@@ -27,8 +27,12 @@ class NoopProvider:
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def analyze(self, image: ImageInput) -> list[StepResult]:
-        """Sleep ``delay_s`` seconds and return no results."""
+    def estimate_tokens(self, kind: str, image: ImageInput) -> int:
+        """Not token-priced: 0."""
+        return 0
+
+    async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult | None:
+        """Sleep ``delay_s`` seconds and record nothing."""
         if self.delay_s > 0:
             await asyncio.sleep(self.delay_s)
-        return []
+        return None

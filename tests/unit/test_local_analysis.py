@@ -317,7 +317,7 @@ async def test_provider_end_to_end() -> None:
     assert isinstance(provider, Provider)
     await provider.start()
     try:
-        [step] = await provider.analyze(image_input(demo("astronaut.png")))
+        step = await provider.analyze(image_input(demo("astronaut.png")))
         with pytest.raises(InvalidImage, match="truncated"):
             await provider.analyze(image_input(demo("rocket.jpg")[:20000], job_id=2))
         with pytest.raises(ImageTooLarge):
@@ -344,7 +344,7 @@ async def test_provider_recovers_from_a_dead_worker() -> None:
             process.join()
         with pytest.raises(ProviderUnavailable, match="worker"):
             await provider.analyze(image_input(demo("coffee.png")))
-        [step] = await provider.analyze(image_input(demo("coffee.png")))
+        step = await provider.analyze(image_input(demo("coffee.png")))
         assert step.output["width"] == 600
     finally:
         await provider.close()

@@ -1,0 +1,1 @@
+"""Local stand-ins for remote services, reached through the real SDKs in tests."""

@@ -1,0 +1,1047 @@
+"""A fake OpenAI Chat Completions API: a real aiohttp server the real ``openai`` SDK talks to.
+
+Usage in a test::
+
+    async with FakeOpenAI(rps_limit=10) as fake:
+        client = openai.AsyncOpenAI(base_url=fake.base_url, api_key="sk-test", max_retries=0)
+        fake.faults.append(Fault(429, retry_after_s=2))
+        ...
+
+As a separate process (the demo)::
+
+    python tests/fakes/openai_fake.py --port 0 --rps 10   # prints "READY http://127.0.0.1:N/v1"
+
+``POST /v1/chat/completions`` answers in OpenAI's wire format (API reference, "Create chat
+completion"; "Structured Outputs" guide; "Error codes" guide; "Rate limits" guide):
+
+- Order of checks: scripted ``faults`` first (one popped per request), then the
+  ``Authorization: Bearer`` header (401 ``invalid_api_key``), then the body (400
+  ``invalid_request_error``; undecodable data-URL images: 400 ``invalid_image``), then the
+  rate limits (429 ``rate_limit_exceeded``, counted in ``violations``), then the answer.
+- ``response_format: {"type": "json_schema", ...}``: the content is a JSON object that
+  validates against the schema (see ``_SchemaFaker`` for the keywords understood). Values are
+  a deterministic function of the images (or, with no image, of the text): the same image
+  gives the same answer whatever the prompt says.
+- Usage: ``prompt_tokens`` = ceil(characters of all text / 4) + ``image_tokens`` per image;
+  ``completion_tokens`` = ceil(len(content) / 4).
+- Every answer, errors included, carries ``x-request-id`` and the ``x-ratelimit-*`` headers.
+
+Rate limits are enforced over sliding windows of the fake's own choosing: requests over 1 s
+(not a minute as on the real API, so tests stay short), tokens over 60 s. The
+``x-ratelimit-limit-requests`` header is therefore "per second" here; ``reset`` is the time
+until the window is empty again. Only admitted requests take room in the windows; rejected and
+faulted ones do not. A limit's 429 carries ``retry-after`` (seconds, fractional: the SDK
+accepts floats) and ``retry-after-ms``; a scripted ``Fault`` carries ``retry-after`` only, and
+only when ``retry_after_s`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+import signal
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from PIL import Image, ImageStat
+
+# Real API: "up to 50 MB total payload size per request" (Images and vision guide).
+MAX_BODY_BYTES = 50 * 1024 * 1024
+# Reported in the x-ratelimit-* headers when a limit is None ("unlimited").
+UNLIMITED_REQUESTS = 1_000_000
+UNLIMITED_TOKENS = 100_000_000
+# The size the fake assumes for an http(s) image, which it never fetches.
+ASSUMED_URL_IMAGE_SIZE = (1024, 1024)
+SUPPORTED_IMAGE_FORMATS = frozenset({"PNG", "JPEG", "GIF", "WEBP"})
+MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+DETAILS = frozenset({"low", "high", "auto"})
+SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class Fault:
+    """One scripted failure; ``FakeOpenAI.faults`` is consumed FIFO, one per chat request.
+
+    Attributes:
+        status: HTTP status to answer: 429, 500, 503, 400, 401, ...
+        code: the error body's ``code``. None picks the usual one for the status:
+            429 ``rate_limit_exceeded``, 401 ``invalid_api_key``, others null. With
+            ``insufficient_quota`` the body's ``type`` is ``insufficient_quota`` too.
+        retry_after_s: when set, sent as the ``retry-after`` header (seconds).
+        message: the error body's ``message``; empty picks a realistic default.
+    """
+
+    status: int
+    code: str | None = None
+    retry_after_s: float | None = None
+    message: str = ""
+
+
+class _ApiError(Exception):
+    """An answer in OpenAI's error format: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the answer."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+# --- pure helpers -----------------------------------------------------------------------
+
+
+def image_tokens(width: int, height: int, detail: str) -> int:
+    """Prompt tokens of one image for GPT-4o-class models (gpt-4o, gpt-4-turbo, gpt-4.5, o1).
+
+    Source: OpenAI "Images and vision" guide, "Calculating costs": ``detail: low`` costs 85
+    tokens. ``high`` images are scaled to fit within a 2048 x 2048 square (keeping the aspect
+    ratio), then scaled so that the shortest side is 768 px; each 512 px tile of the result
+    costs 170 tokens, plus 85. The guide's examples: 1024 x 1024 high = 765 and
+    2048 x 4096 high = 1105. Images are only ever scaled down (a 128 x 64 image is one tile,
+    as measured on the real API). ``auto`` is counted as ``high``, the worst case.
+    """
+    if detail == "low":
+        return 85
+    w, h = float(width), float(height)
+    if max(w, h) > 2048:
+        scale = 2048 / max(w, h)
+        w, h = round(w * scale), round(h * scale)
+    if min(w, h) > 768:
+        scale = 768 / min(w, h)
+        w, h = round(w * scale), round(h * scale)
+    tiles = math.ceil(w / 512) * math.ceil(h / 512)
+    return 85 + 170 * tiles
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as OpenAI's reset headers write it (Go ``time.Duration``): "120ms", "6m0s".
+
+    Rounded up to the millisecond so that waiting the announced time is always enough.
+    """
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def _format_seconds(seconds: float) -> str:
+    """A ``retry-after`` value: whole seconds as an integer, else up to 3 decimals."""
+    if float(seconds).is_integer():
+        return str(int(seconds))
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+def _bearer(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, None if absent or empty."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+class _SlidingWindow:
+    """Amounts admitted at monotonic times, forgotten ``length_s`` seconds later."""
+
+    def __init__(self, length_s: float, capacity: float) -> None:
+        self.length_s = length_s
+        self.capacity = capacity
+        self._entries: deque[tuple[float, float]] = deque()
+
+    def _expire(self, now: float) -> None:
+        while self._entries and self._entries[0][0] <= now - self.length_s:
+            self._entries.popleft()
+
+    def used(self, now: float) -> float:
+        """The sum of the amounts admitted during the last ``length_s`` seconds."""
+        self._expire(now)
+        return sum(amount for _, amount in self._entries)
+
+    def add(self, now: float, amount: float) -> None:
+        """Record ``amount`` admitted at ``now``."""
+        self._entries.append((now, amount))
+
+    def wait_for(self, now: float, amount: float) -> float:
+        """Seconds until ``amount`` more fits; ``math.inf`` if it never can."""
+        if amount > self.capacity:
+            return math.inf
+        excess = self.used(now) + amount - self.capacity
+        for at, admitted in self._entries:
+            if excess <= 0:
+                break
+            excess -= admitted
+            if excess <= 0:
+                return at + self.length_s - now
+        return 0.0
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until the window is empty again (the headers' "reset" meaning)."""
+        self._expire(now)
+        if not self._entries:
+            return 0.0
+        return self._entries[-1][0] + self.length_s - now
+
+
+# --- the request ------------------------------------------------------------------------
+
+
+@dataclass
+class _Image:
+    """One ``image_url`` part: what identifies it, its size and how it is billed."""
+
+    key: bytes  # the decoded bytes of a data URL, or the URL itself
+    width: int
+    height: int
+    detail: str
+    luminance: tuple[float, float] | None  # (mean, stddev) of the pixels; None if not decoded
+
+
+@dataclass
+class _Chat:
+    """The parts of a valid chat request the fake's answer depends on."""
+
+    model: str
+    text_chars: int
+    images: list[_Image]
+    text: str
+    response_format: dict[str, Any] | None
+    max_tokens: int | None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """ceil(text characters / 4) plus each image's ``image_tokens``."""
+        return math.ceil(self.text_chars / 4) + sum(
+            image_tokens(image.width, image.height, image.detail) for image in self.images
+        )
+
+    @property
+    def seed(self) -> bytes:
+        """A digest of the images (of the text when there is none): answers derive from it."""
+        digest = hashlib.sha256()
+        if self.images:
+            for image in self.images:
+                digest.update(hashlib.sha256(image.key).digest())
+        else:
+            digest.update(self.text.encode())
+        return digest.digest()
+
+
+def _invalid(message: str, param: str | None, code: str | None = "invalid_value") -> _ApiError:
+    return _ApiError(400, message, param=param, code=code)
+
+
+def _decode_image(url: str, param: str) -> tuple[bytes, int, int, tuple[float, float] | None]:
+    """Key, width, height and luminance of an ``image_url``: data URLs are decoded.
+
+    Raises:
+        _ApiError: 400 ``invalid_image`` (undecodable or unsupported data URL) or
+            ``invalid_image_url`` (neither http(s) nor data).
+    """
+    if url.startswith(("https://", "http://")):
+        width, height = ASSUMED_URL_IMAGE_SIZE
+        return url.encode(), width, height, None
+    if not url.startswith("data:"):
+        raise _invalid(
+            "Invalid image URL: expected an http(s) URL or a base64 data URL.",
+            param,
+            "invalid_image_url",
+        )
+    header, sep, payload = url.partition(",")
+    bad = _invalid(
+        "You uploaded an unsupported image. Please make sure your image is valid "
+        "(PNG, JPEG, WEBP or non-animated GIF).",
+        param,
+        "invalid_image",
+    )
+    if not sep or not header.endswith(";base64"):
+        raise bad
+    try:
+        data = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.format not in SUPPORTED_IMAGE_FORMATS:
+                raise bad
+            stat = ImageStat.Stat(image.convert("L"))
+            return data, image.width, image.height, (stat.mean[0], stat.stddev[0])
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as exc:
+        raise bad from exc
+
+
+def _parse_content(content: Any, role: str, where: str, texts: list[str]) -> list[_Image]:
+    """Collect a message's text into ``texts``; return its images. Raises ``_ApiError``."""
+    if content is None:
+        if role in ("assistant", "function"):
+            return []
+        raise _invalid(f"Invalid value for '{where}': expected a string or an array.", where)
+    if isinstance(content, str):
+        texts.append(content)
+        return []
+    if not isinstance(content, list):
+        raise _invalid(
+            f"Invalid type for '{where}': expected a string or an array.", where, "invalid_type"
+        )
+    images = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _invalid(f"Missing required parameter: '{at}.text'.", f"{at}.text")
+            texts.append(part["text"])
+        elif kind == "refusal":
+            texts.append(str(part.get("refusal", "")))
+        elif kind == "image_url":
+            if role != "user":
+                raise _invalid(
+                    f"Invalid '{at}': image_url parts are only allowed for messages with "
+                    "role 'user'.",
+                    at,
+                )
+            spec = part.get("image_url")
+            if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
+                raise _invalid(
+                    f"Missing required parameter: '{at}.image_url.url'.",
+                    f"{at}.image_url.url",
+                    "missing_required_parameter",
+                )
+            detail = spec.get("detail", "auto")
+            if detail not in DETAILS:
+                raise _invalid(
+                    f"Invalid value: '{detail}'. Supported values are: 'low', 'high', and 'auto'.",
+                    f"{at}.image_url.detail",
+                )
+            key, width, height, luminance = _decode_image(spec["url"], f"{at}.image_url.url")
+            images.append(_Image(key, width, height, detail, luminance))
+        elif kind in ("input_audio", "file"):
+            continue  # accepted, not billed: the fake only does text and images
+        else:
+            raise _invalid(f"Invalid value: '{kind}'. Supported values are: 'text', ...", at)
+    return images
+
+
+def _subschemas(schema: dict[str, Any]) -> list[Any]:
+    """The schemas directly nested in ``schema``."""
+    nested: list[Any] = []
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            nested += schema[key].values()
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(schema.get(key), list):
+            nested += schema[key]
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            nested.append(schema[key])
+    return nested
+
+
+def _check_strict(schema: Any, where: str) -> None:
+    """Raise 400 if ``schema`` breaks the Structured Outputs strict-mode rules on objects.
+
+    Source: "Structured Outputs" guide, "Supported schemas": ``additionalProperties: false``
+    must always be set in objects, and all fields must be ``required``.
+    """
+    if not isinstance(schema, dict):
+        return
+    properties = schema.get("properties")
+    if schema.get("type") == "object" or isinstance(properties, dict):
+        if schema.get("additionalProperties") is not False:
+            raise _invalid(
+                f"Invalid schema for response_format '{where}': In context=(), "
+                "'additionalProperties' is required to be supplied and to be false.",
+                "response_format",
+                None,
+            )
+        required = schema.get("required", [])
+        missing = [key for key in properties or {} if key not in required]
+        if missing:
+            raise _invalid(
+                f"Invalid schema for response_format '{where}': In context=(), 'required' is "
+                "required to be supplied and to be an array including every key in "
+                f"properties. Missing '{missing[0]}'.",
+                "response_format",
+                None,
+            )
+    for sub in _subschemas(schema):
+        _check_strict(sub, where)
+
+
+def _parse_response_format(value: Any) -> dict[str, Any] | None:
+    """Validate ``response_format``; return it (None for plain text). Raises ``_ApiError``."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return value  # type: ignore[no-any-return]
+    if kind != "json_schema":
+        raise _invalid(
+            f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and "
+            "'json_schema'.",
+            "response_format.type",
+        )
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _invalid(
+            "Missing required parameter: 'response_format.json_schema'.",
+            "response_format.json_schema",
+            "missing_required_parameter",
+        )
+    name = spec.get("name")
+    if not isinstance(name, str) or not SCHEMA_NAME.match(name):
+        raise _invalid(
+            "Invalid 'response_format.json_schema.name': expected 1-64 characters of "
+            "a-z, A-Z, 0-9, '_' and '-'.",
+            "response_format.json_schema.name",
+        )
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise _invalid(
+            "Invalid type for 'response_format.json_schema.schema': expected an object.",
+            "response_format.json_schema.schema",
+            "invalid_type",
+        )
+    if spec.get("strict"):
+        if schema.get("type") != "object":
+            raise _invalid(
+                f"Invalid schema for response_format '{name}': schema must be a JSON Schema "
+                "of 'type: \"object\"'.",
+                "response_format",
+                None,
+            )
+        _check_strict(schema, name)
+    return value  # type: ignore[no-any-return]
+
+
+def _parse_chat(body: Any) -> _Chat:
+    """Validate a chat completions request body. Raises ``_ApiError`` (400)."""
+    if not isinstance(body, dict):
+        raise _ApiError(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)",
+        )
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _ApiError(400, "you must provide a model parameter")
+    messages = body.get("messages")
+    if messages is None:
+        raise _invalid(
+            "Missing required parameter: 'messages'.", "messages", "missing_required_parameter"
+        )
+    if not isinstance(messages, list):
+        raise _invalid(
+            "Invalid type for 'messages': expected an array.", "messages", "invalid_type"
+        )
+    if not messages:
+        raise _invalid(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got "
+            "an empty array instead.",
+            "messages",
+            "empty_array",
+        )
+    texts: list[str] = []
+    images: list[_Image] = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in MESSAGE_ROLES:
+            raise _invalid(
+                f"Invalid value for 'messages[{i}].role': '{role}'.", f"messages[{i}].role"
+            )
+        images += _parse_content(message.get("content"), role, f"messages[{i}].content", texts)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise _invalid("Invalid 'max_completion_tokens': expected an integer >= 1.", "max_tokens")
+    return _Chat(
+        model=model,
+        text_chars=sum(len(text) for text in texts),
+        images=images,
+        text="\n".join(texts),
+        response_format=_parse_response_format(body.get("response_format")),
+        max_tokens=max_tokens,
+    )
+
+
+# --- the answer -------------------------------------------------------------------------
+
+
+class _SchemaFaker:
+    """Deterministic JSON values that validate against a (strict-mode) JSON Schema.
+
+    Understood: ``type`` (one or a list), ``properties``, ``items``, ``enum``, ``const``,
+    ``anyOf`` / ``oneOf`` (one branch picked), ``allOf`` (merged), ``$ref`` to local JSON
+    pointers (``#/$defs/X``, ``#``), ``minimum`` / ``maximum`` / ``exclusiveMinimum`` /
+    ``exclusiveMaximum``, ``minItems`` / ``maxItems``, ``minLength`` / ``maxLength`` and the
+    string formats ``date-time``, ``date``, ``time``, ``email``, ``uuid``. Ignored:
+    ``pattern``, ``multipleOf``.
+
+    Every choice is a hash of the seed (the images) and the value's path, so the same image
+    gets the same answer. Strings read "<field> of image <8 hex digits>"; arrays have 1-3
+    items (within minItems/maxItems); integers without bounds fall in 0..100, numbers in 0..1.
+    An integer or number whose field name contains "quality" and that has both bounds is
+    derived from the first decoded image instead: score = (contrast + exposure) / 2 where
+    contrast = min(1, luminance stddev / 64) and exposure = 1 - |mean - 128| / 128, mapped
+    linearly onto [minimum, maximum]; flat or badly exposed images score low.
+    Recursive schemas end at ``max_depth``: optional values become null, arrays minItems.
+    """
+
+    def __init__(
+        self,
+        root: dict[str, Any],
+        seed: bytes,
+        quality: float | None,
+        max_depth: int = 8,
+    ) -> None:
+        self.root = root
+        self.seed = seed
+        self.short = seed.hex()[:8]
+        self.quality = quality
+        self.max_depth = max_depth
+
+    def _hash(self, path: str) -> int:
+        return int.from_bytes(hashlib.sha256(self.seed + path.encode()).digest()[:8], "big")
+
+    def _resolve(self, ref: str) -> dict[str, Any]:
+        if not ref.startswith("#"):
+            raise _invalid(f"Only local $ref are supported, got '{ref}'.", "response_format", None)
+        node: Any = self.root
+        for token in [t for t in ref[1:].split("/") if t]:
+            token = token.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or token not in node:
+                raise _invalid(f"Unresolvable $ref '{ref}'.", "response_format", None)
+            node = node[token]
+        return node  # type: ignore[no-any-return]
+
+    def value(
+        self, schema: dict[str, Any], path: str = "$", name: str = "value", depth: int = 0
+    ) -> Any:
+        """A value for ``schema`` at ``path`` (``name``: the nearest property name)."""
+        if depth > 8 * self.max_depth:
+            raise _invalid("The schema nests too deeply to answer.", "response_format", None)
+        deep = depth >= self.max_depth
+        if "$ref" in schema:
+            merged = {**self._resolve(schema["$ref"]), **schema}
+            del merged["$ref"]
+            return self.value(merged, path, name, depth + 1)
+        if "allOf" in schema:
+            merged = {k: v for k, v in schema.items() if k != "allOf"}
+            for part in schema["allOf"]:
+                merged.update(part)
+            return self.value(merged, path, name, depth + 1)
+        if "const" in schema:
+            return schema["const"]
+        if "enum" in schema:
+            return schema["enum"][self._hash(path) % len(schema["enum"])]
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                branches = schema[key]
+                nulls = [b for b in branches if b.get("type") == "null"]
+                chosen = (
+                    nulls[0]
+                    if deep and nulls
+                    else branches[self._hash(path + "|" + key) % len(branches)]
+                )
+                return self.value(chosen, path, name, depth + 1)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            kind = (
+                "null" if deep and "null" in kind else kind[self._hash(path + "|type") % len(kind)]
+            )
+        if kind is None:
+            kind = (
+                "object" if "properties" in schema else "array" if "items" in schema else "string"
+            )
+        h = self._hash(path)
+        if kind == "object":
+            properties = schema.get("properties", {})
+            return {
+                key: self.value(sub, f"{path}.{key}", key, depth + 1)
+                for key, sub in properties.items()
+            }
+        if kind == "array":
+            low = int(schema.get("minItems", 0))
+            high = int(schema.get("maxItems", max(low, 3)))
+            count = low if deep else min(max(1 + h % 3, low), high)
+            items = schema.get("items", {})
+            return [self.value(items, f"{path}[{i}]", name, depth + 1) for i in range(count)]
+        if kind == "integer":
+            return self._integer(schema, h, name)
+        if kind == "number":
+            return self._number(schema, h, name)
+        if kind == "boolean":
+            return h % 2 == 0
+        if kind == "null":
+            return None
+        return self._string(schema, h, name)
+
+    @staticmethod
+    def _bounds(schema: dict[str, Any], span: float) -> tuple[float, float, bool]:
+        """(low, high, both given) from the inclusive or exclusive bounds; ``span`` fills in."""
+        low: float | None = schema.get("minimum", schema.get("exclusiveMinimum"))
+        high: float | None = schema.get("maximum", schema.get("exclusiveMaximum"))
+        given = low is not None and high is not None
+        if low is None:
+            low = 0.0 if high is None else high - span
+        if high is None:
+            high = low + span
+        return float(low), float(high), given
+
+    def _fraction(self, h: int, name: str, given: bool) -> float:
+        """Where in its range a number falls: the image's quality score, or a hash."""
+        if given and "quality" in name.lower() and self.quality is not None:
+            return self.quality
+        return (h % 9999 + 1) / 10000  # never exactly a bound
+
+    def _integer(self, schema: dict[str, Any], h: int, name: str) -> int:
+        low, high, given = self._bounds(schema, 100)
+        first = math.floor(low) + 1 if "exclusiveMinimum" in schema else math.ceil(low)
+        last = math.ceil(high) - 1 if "exclusiveMaximum" in schema else math.floor(high)
+        if given and "quality" in name.lower() and self.quality is not None:
+            return first + round((last - first) * self.quality)
+        return first + h % (last - first + 1)
+
+    def _number(self, schema: dict[str, Any], h: int, name: str) -> float:
+        low, high, given = self._bounds(schema, 1.0)
+        value = round(low + (high - low) * self._fraction(h, name, given), 3)
+        too_low = value < low or ("exclusiveMinimum" in schema and value <= low)
+        too_high = value > high or ("exclusiveMaximum" in schema and value >= high)
+        return low + (high - low) / 2 if too_low or too_high else value
+
+    def _string(self, schema: dict[str, Any], h: int, name: str) -> str:
+        fmt = schema.get("format")
+        stamp = 1_700_000_000 + h % 100_000_000
+        if fmt == "date-time":
+            text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+        elif fmt == "date":
+            text = time.strftime("%Y-%m-%d", time.gmtime(stamp))
+        elif fmt == "time":
+            text = time.strftime("%H:%M:%S", time.gmtime(stamp))
+        elif fmt == "email":
+            text = f"{self.short}@example.com"
+        elif fmt == "uuid":
+            text = str(uuid.UUID(bytes=hashlib.sha256(self.seed + name.encode()).digest()[:16]))
+        else:
+            text = f"{name} of image {self.short}"
+        min_length = int(schema.get("minLength", 0))
+        if len(text) < min_length:
+            text += "x" * (min_length - len(text))
+        if "maxLength" in schema:
+            text = text[: int(schema["maxLength"])]
+        return text
+
+
+def _quality_score(chat: _Chat) -> float | None:
+    """A plausible 0..1 image quality from the first decoded image (see ``_SchemaFaker``)."""
+    for image in chat.images:
+        if image.luminance is not None:
+            mean, stddev = image.luminance
+            contrast = min(1.0, stddev / 64)
+            exposure = 1 - abs(mean - 128) / 128
+            return (contrast + exposure) / 2
+    return None
+
+
+def _content(chat: _Chat) -> str:
+    """The full answer to ``chat``, before any truncation."""
+    seed = chat.seed
+    short = seed.hex()[:8]
+    if chat.response_format is None:
+        if chat.images:
+            return f"The image {short} shows a plausible test scene."
+        return f"This is a fake answer ({short}) to a {chat.text_chars}-character prompt."
+    if chat.response_format["type"] == "json_object":
+        return json.dumps({"description": f"description of image {short}"})
+    schema = chat.response_format["json_schema"].get("schema", {})
+    faker = _SchemaFaker(schema, seed, _quality_score(chat))
+    return json.dumps(faker.value(schema), separators=(",", ":"))
+
+
+def _finish(chat: _Chat, override: str | None) -> tuple[str | None, str]:
+    """The message content and finish_reason, after ``max_tokens`` and any override."""
+    content = _content(chat)
+    if override == "content_filter":
+        return None, override
+    if override == "length":
+        return content[: max(1, len(content) // 2)], override
+    if chat.max_tokens is not None and math.ceil(len(content) / 4) > chat.max_tokens:
+        return content[: chat.max_tokens * 4], "length"
+    return content, override or "stop"
+
+
+def _fault_error(fault: Fault) -> _ApiError:
+    """The answer a scripted ``Fault`` stands for."""
+    status, code = fault.status, fault.code
+    if status == 429:
+        code = code or "rate_limit_exceeded"
+        quota = code == "insufficient_quota"
+        type_ = "insufficient_quota" if quota else "requests"
+        default = (
+            "You exceeded your current quota, please check your plan and billing details."
+            if quota
+            else "Rate limit reached for requests. Please try again later."
+        )
+    elif status == 401:
+        code = code or "invalid_api_key"
+        type_ = "invalid_request_error"
+        default = "Incorrect API key provided: sk-****. You can find your API key at ..."
+    elif status >= 500:
+        type_ = "server_error"
+        default = "The server had an error while processing your request. Sorry about that!"
+    else:
+        type_ = "invalid_request_error"
+        default = f"Scripted {status} error."
+    headers = {}
+    if fault.retry_after_s is not None:
+        headers["retry-after"] = _format_seconds(fault.retry_after_s)
+    return _ApiError(status, fault.message or default, type_=type_, code=code, headers=headers)
+
+
+# --- the server -------------------------------------------------------------------------
+
+
+@web.middleware
+async def _openai_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Unknown routes answer in OpenAI's error format, as the real API does."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        error = _ApiError(exc.status, f"Invalid URL ({request.method} {request.path})")
+        return web.json_response(error.body(), status=exc.status)
+
+
+class FakeOpenAI:
+    """A fake OpenAI API on 127.0.0.1 with scripted faults, rate limits and latency.
+
+    Attributes (tests read and set them between requests):
+        base_url: ``http://127.0.0.1:PORT/v1``, for ``AsyncOpenAI(base_url=...)``.
+        faults: scripted failures, one popped per chat request (FIFO), before any check.
+        finish_reason_override: finish_reasons for the next successful answers (FIFO):
+            "content_filter" answers with null content, "length" with the JSON cut in half.
+        requests: every chat request received: its JSON body (or ``{"body": text}`` if not
+            a JSON object) plus ``received_at`` (``time.monotonic()``) and ``api_key`` (the
+            bearer token, or None).
+        violations: requests rejected by ``rps_limit`` or ``tpm_limit``.
+        latency_s: every answer, errors included, waits this long first.
+        usage_total: ``prompt_tokens`` and ``completion_tokens`` of all successful answers.
+
+    Args:
+        rps_limit: requests per second; a request that would make more than floor(rps) in a
+            sliding 1 s window gets 429 ``rate_limit_exceeded`` with ``retry-after`` (for
+            rps < 1: one request per 1/rps seconds). None: unlimited.
+        tpm_limit: tokens (prompt + completion) per sliding 60 s. None: unlimited.
+        latency_s: initial ``latency_s``.
+        port: TCP port to listen on; 0 picks a free one.
+    """
+
+    def __init__(
+        self,
+        *,
+        rps_limit: float | None = None,
+        tpm_limit: int | None = None,
+        latency_s: float = 0.0,
+        port: int = 0,
+    ) -> None:
+        if rps_limit is not None and rps_limit <= 0:
+            raise ValueError("rps_limit must be positive")
+        if tpm_limit is not None and tpm_limit <= 0:
+            raise ValueError("tpm_limit must be positive")
+        self.rps_limit = rps_limit
+        self.tpm_limit = tpm_limit
+        self.latency_s = latency_s
+        self.faults: list[Fault] = []
+        self.finish_reason_override: list[str] = []
+        self.requests: list[dict[str, Any]] = []
+        self.violations = 0
+        self.usage_total: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0}
+        self._port = port
+        self._base_url: str | None = None
+        self._runner: web.AppRunner | None = None
+        self._rps: _SlidingWindow | None = None
+        if rps_limit is not None:
+            length = max(1.0, 1.0 / rps_limit)
+            self._rps = _SlidingWindow(length, max(1, math.floor(rps_limit * length)))
+        self._tpm = _SlidingWindow(60.0, tpm_limit) if tpm_limit is not None else None
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1``. Raises RuntimeError before ``start``."""
+        if self._base_url is None:
+            raise RuntimeError("FakeOpenAI is not started")
+        return self._base_url
+
+    async def start(self) -> None:
+        """Listen on 127.0.0.1 (port 0: a free one)."""
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/v1/models", self._models)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        port = runner.addresses[0][1]
+        self._base_url = f"http://127.0.0.1:{port}/v1"
+
+    async def close(self) -> None:
+        """Stop listening; answers still waiting on ``latency_s`` are cut off."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> FakeOpenAI:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- handlers --
+
+    async def _models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models``: a short list, enough for a connectivity check."""
+        models = [
+            {"id": name, "object": "model", "created": 1_715_367_049, "owned_by": "system"}
+            for name in ("gpt-4o", "gpt-4o-mini")
+        ]
+        return web.json_response({"object": "list", "data": models}, headers=self._headers())
+
+    async def _chat_completions(self, request: web.Request) -> web.Response:
+        """``POST /v1/chat/completions``: record, decide at once, then wait ``latency_s``."""
+        received_at = time.monotonic()
+        api_key = _bearer(request.headers.get("Authorization"))
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raw = None
+        body: Any = None
+        if raw is not None:
+            with contextlib.suppress(ValueError):
+                body = json.loads(raw)
+        record = (
+            dict(body)
+            if isinstance(body, dict)
+            else {"body": (raw or b"").decode(errors="replace")}
+        )
+        record.update(received_at=received_at, api_key=api_key)
+        self.requests.append(record)
+        try:
+            if raw is None:
+                raise _ApiError(
+                    413, "Request body too large (limit 50 MB).", code="request_too_large"
+                )
+            response = self._answer(body, api_key)
+        except _ApiError as error:
+            headers = {**self._headers(), **error.headers}
+            response = web.json_response(error.body(), status=error.status, headers=headers)
+        if self.latency_s > 0:
+            await asyncio.sleep(self.latency_s)
+        return response
+
+    def _answer(self, body: Any, api_key: str | None) -> web.Response:
+        """The answer to one request; synchronous so that admission is atomic."""
+        if self.faults:
+            raise _fault_error(self.faults.pop(0))
+        if api_key is None:
+            raise _ApiError(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                code="invalid_api_key",
+            )
+        chat = _parse_chat(body)
+        override = self.finish_reason_override[0] if self.finish_reason_override else None
+        content, finish_reason = _finish(chat, override)
+        prompt_tokens = chat.prompt_tokens
+        completion_tokens = math.ceil(len(content or "") / 4)
+        self._admit(chat.model, prompt_tokens + completion_tokens)
+        if override is not None:
+            self.finish_reason_override.pop(0)
+        self.usage_total["prompt_tokens"] += prompt_tokens
+        self.usage_total["completion_tokens"] += completion_tokens
+        completion = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": content,
+                        "refusal": None,
+                        "annotations": [],
+                    },
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {
+                    "reasoning_tokens": 0,
+                    "audio_tokens": 0,
+                    "accepted_prediction_tokens": 0,
+                    "rejected_prediction_tokens": 0,
+                },
+            },
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake0000",
+        }
+        return web.json_response(completion, headers=self._headers())
+
+    def _admit(self, model: str, tokens: int) -> None:
+        """Take room for one request of ``tokens`` tokens, or raise 429 and count a violation."""
+        now = time.monotonic()
+        rejection: tuple[str, float, float, float] | None = None  # kind, limit, used, wait
+        if self._rps is not None:
+            wait = self._rps.wait_for(now, 1)
+            if wait > 0:
+                rejection = ("requests", self._rps.capacity, self._rps.used(now), wait)
+        if rejection is None and self._tpm is not None:
+            wait = self._tpm.wait_for(now, tokens)
+            if wait > 0:
+                rejection = ("tokens", self._tpm.capacity, self._tpm.used(now), wait)
+        if rejection is None:
+            if self._rps is not None:
+                self._rps.add(now, 1)
+            if self._tpm is not None:
+                self._tpm.add(now, tokens)
+            return
+        self.violations += 1
+        kind, limit, used, wait = rejection
+        unit = "requests per second (RPS)" if kind == "requests" else "tokens per min (TPM)"
+        requested = 1 if kind == "requests" else tokens
+        headers: dict[str, str] = {}
+        if math.isinf(wait):
+            message = (
+                f"Request too large for {model} on {unit}: Limit {limit:g}, Requested "
+                f"{requested}. The input or output tokens must be reduced in order to run "
+                "successfully."
+            )
+        else:
+            message = (
+                f"Rate limit reached for {model} in organization org-fake on {unit}: "
+                f"Limit {limit:g}, Used {used:g}, Requested {requested}. Please try again in "
+                f"{format_duration(wait)}."
+            )
+            wait_ms = math.ceil(wait * 1000)
+            headers = {
+                "retry-after": _format_seconds(wait_ms / 1000),
+                "retry-after-ms": str(wait_ms),
+            }
+        raise _ApiError(429, message, type_=kind, code="rate_limit_exceeded", headers=headers)
+
+    def _headers(self) -> dict[str, str]:
+        """``x-request-id`` and the ``x-ratelimit-*`` headers for the limits' present state."""
+        now = time.monotonic()
+        headers = {
+            "x-request-id": f"req_{uuid.uuid4().hex}",
+            "openai-version": "2020-10-01",
+            "openai-processing-ms": str(round(self.latency_s * 1000)),
+        }
+        for kind, window, unlimited in (
+            ("requests", self._rps, UNLIMITED_REQUESTS),
+            ("tokens", self._tpm, UNLIMITED_TOKENS),
+        ):
+            if window is None:
+                limit, remaining, reset = unlimited, unlimited, 0.0
+            else:
+                limit = int(window.capacity)
+                remaining = max(0, int(window.capacity - window.used(now)))
+                reset = window.reset_in(now)
+            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = format_duration(reset)
+        return headers
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+async def _serve(fake: FakeOpenAI) -> None:
+    """Run ``fake`` until SIGTERM or SIGINT, announcing ``READY <base_url>`` on stdout."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with fake:
+        print(f"READY {fake.base_url}", flush=True)
+        await stop.wait()
+
+
+def main(argv: Sequence[str]) -> None:
+    """``openai_fake.py [--port N] [--rps R] [--tpm T] [--latency S]``: serve until signalled."""
+    parser = argparse.ArgumentParser(
+        prog="openai_fake.py", description="A fake OpenAI API on 127.0.0.1 for tests and demos."
+    )
+    parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
+    parser.add_argument("--rps", type=float, default=None, help="requests per second limit")
+    parser.add_argument("--tpm", type=int, default=None, help="tokens per minute limit")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    args = parser.parse_args(list(argv))
+    fake = FakeOpenAI(
+        rps_limit=args.rps, tpm_limit=args.tpm, latency_s=args.latency, port=args.port
+    )
+    asyncio.run(_serve(fake))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
