@@ -318,12 +318,28 @@ def demo(
     keep_running: Annotated[
         bool, typer.Option(help="Keep the daemon and health server up until Ctrl+C.")
     ] = False,
+    providers: Annotated[
+        str,
+        typer.Option(
+            help="Cloud providers to add, against local fakes of their APIs: "
+            "openai,rekognition (the tiered pipeline without credentials)."
+        ),
+    ] = "",
 ) -> None:
     """Run the whole pipeline on real photos: embedded Postgres, triggers, backfill, daemon."""
     from listener.demo import run_demo
 
     settings = _settings()
-    _run(run_demo(settings, images=images, health_port=health_port, keep_running=keep_running))
+    names = [p.strip() for p in providers.split(",") if p.strip()]
+    _run(
+        run_demo(
+            settings,
+            images=images,
+            health_port=health_port,
+            keep_running=keep_running,
+            providers=names,
+        )
+    )
 
 
 # Typer names commands after functions; `migrate` would shadow the imported function.

@@ -12,9 +12,16 @@ end.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -29,13 +36,87 @@ from listener.backfill import enqueue_backfill
 from listener.db.cluster import TemporaryCluster
 from listener.db.migrate import migrate
 from listener.db.queries import Queries
-from listener.settings import Settings
+from listener.settings import Settings, TierSettings
 
 DEMO_SCHEMA = "listener_demo"
 DEMO_TABLE = f"{DEMO_SCHEMA}.vehicle_images"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 BUNDLED_IMAGES = Path(__file__).resolve().parent / "demo_images"
 """Public-domain / CC0 photographs from scikit-image's sample data (NASA, SpaceX, CC0 authors)."""
+
+
+PROVIDERS = ("openai", "rekognition")
+"""Cloud providers the demo can run against local fakes of their APIs."""
+
+
+def find_fakes_dir() -> Path:
+    """The folder of the fake OpenAI and Rekognition servers (``tests/fakes`` of a checkout).
+
+    Raises:
+        ValueError: not found (an installed wheel has no tests: run from a checkout).
+    """
+    for base in (Path(__file__).resolve().parents[1], Path.cwd()):
+        candidate = base / "tests" / "fakes"
+        if (candidate / "openai_fake.py").is_file():
+            return candidate
+    raise ValueError(
+        "the fake OpenAI/Rekognition servers live in the repository's tests/fakes: run "
+        "`listener demo --providers ...` from a checkout (pip install -e .)"
+    )
+
+
+async def start_fake(script: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """Start a fake server script; returns the process and the URL it printed.
+
+    Raises:
+        RuntimeError: it exited or did not announce itself within 60 seconds.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), "--port", "0", stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while line := await proc.stdout.readline():
+                text = line.decode().strip()
+                if text.startswith("READY "):
+                    return proc, text.split(" ", 1)[1]
+    except TimeoutError:
+        pass
+    proc.kill()
+    raise RuntimeError(f"{script.name} did not start")
+
+
+def provider_settings(
+    settings: Settings, providers: list[str], openai_url: str | None, rekognition_url: str | None
+) -> Settings:
+    """``settings`` with the tiered pipeline over local + the given providers, on the fakes."""
+    tier1 = ["local", *[p for p in ("rekognition", "openai") if p in providers]]
+    paid_tiers = ["openai"] if "openai" in providers else []
+    update: dict[str, Any] = {
+        "pipeline": "tiered",
+        "tiers": TierSettings(
+            tier1=tier1,
+            tier2=paid_tiers,
+            tier3=paid_tiers,
+            tier2_min_quality=6.0,
+            tier3_min_side=512,
+            faces="rekognition" in providers,
+        ),
+    }
+    if openai_url is not None:
+        update["openai"] = settings.openai.model_copy(
+            update={
+                "api_key": SecretStr("sk-demo-fake-server"),
+                "base_url": openai_url,
+                "image_transport": "inline",
+            }
+        )
+    if rekognition_url is not None:
+        update["rekognition"] = settings.rekognition.model_copy(
+            update={"endpoint_url": rekognition_url, "region": "us-east-1"}
+        )
+    return settings.model_copy(update=update)
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -107,6 +188,7 @@ async def run_demo(
     keep_running: bool = False,
     console: Console | None = None,
     timeout_s: float = 120.0,
+    providers: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the demo and print its report.
 
@@ -118,6 +200,8 @@ async def run_demo(
         keep_running: keep the daemon up after the report until Ctrl+C.
         console: where to print.
         timeout_s: give up waiting for the jobs after this many seconds.
+        providers: cloud providers (``openai``, ``rekognition``) to add to the local one,
+            served by local fakes of their APIs: the tiered pipeline without credentials.
 
     Returns:
         One dict per image: the job's fields and the local provider's output.
@@ -128,8 +212,45 @@ async def run_demo(
         listener.db.cluster.ClusterError: no database URL and no Postgres could be started.
     """
     console = console or Console()
+    providers = providers or []
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown:
+        raise ValueError(
+            f"unknown provider(s) {', '.join(sorted(unknown))}; choose from {PROVIDERS}"
+        )
     photos = find_images(images or BUNDLED_IMAGES)
     started = time.perf_counter()
+    fakes: list[asyncio.subprocess.Process] = []
+    extra = None
+    if providers:
+        fakes_dir = find_fakes_dir()
+        urls: dict[str, str] = {}
+        for name in providers:
+            proc, url = await start_fake(fakes_dir / f"{name}_fake.py")
+            fakes.append(proc)
+            urls[name] = url
+        console.print(
+            f"[bold]0.[/bold] started local fakes of {', '.join(providers)}: "
+            + ", ".join(f"{k} at {v}" for k, v in urls.items())
+        )
+        if "rekognition" in providers:
+            for var, value in (
+                ("AWS_ACCESS_KEY_ID", "demo"),
+                ("AWS_SECRET_ACCESS_KEY", "demo"),
+                ("AWS_DEFAULT_REGION", "us-east-1"),
+            ):
+                os.environ.setdefault(var, value)
+            # Two more photos of the astronaut, so the faces step has someone to recognise.
+            extra = Path(tempfile.mkdtemp(prefix="listener-demo-"))
+            for photo in photos:
+                shutil.copy(photo, extra / photo.name)
+            face_photo = _fake_module(fakes_dir / "rekognition_fake.py").face_photo
+            (extra / "portrait_1.jpg").write_bytes(face_photo("a", seed=11))
+            (extra / "portrait_2.jpg").write_bytes(face_photo("a", seed=12, scale=1.2))
+            photos = find_images(extra)
+        settings = provider_settings(
+            settings, providers, urls.get("openai"), urls.get("rekognition")
+        )
     cluster: TemporaryCluster | None = None
     if settings.database_url is None:
         console.print("[bold]1.[/bold] starting an embedded Postgres (no database URL set)")
@@ -145,11 +266,12 @@ async def run_demo(
         applied = await migrate(conn)
         console.print(f"[bold]2.[/bold] migrated: {', '.join(applied) or 'already up to date'}")
         await _create_table(conn)
-        vehicles = [uuid.uuid4(), uuid.uuid4()]
+        # With faces, one vehicle (one owner, one collection) so its photos can match.
+        vehicles = [uuid.uuid4()] if providers else [uuid.uuid4(), uuid.uuid4()]
         half = len(photos) // 2
         before, after = photos[:half], photos[half:]
         for i, photo in enumerate(before):
-            await _insert(conn, vehicles[i % 2], f"{base_url}/{photo.name}")
+            await _insert(conn, vehicles[i % len(vehicles)], f"{base_url}/{photo.name}")
         console.print(
             f"[bold]3.[/bold] created {DEMO_TABLE}; inserted {len(before)} photos "
             "before attaching (never analyzed, like the original app's rows)"
@@ -180,12 +302,13 @@ async def run_demo(
             async with Daemon(daemon_settings) as daemon:
                 assert daemon.health is not None
                 console.print(
-                    f"[bold]5.[/bold] daemon running ({daemon_settings.pipeline} provider, "
+                    f"[bold]5.[/bold] daemon running ({daemon_settings.pipeline} pipeline: "
+                    f"{', '.join(daemon.plan.providers)}; "
                     f"health on {daemon.health.url}); inserting {len(after)} more photos, "
                     "one per transaction"
                 )
                 for i, photo in enumerate(after):
-                    await _insert(conn, vehicles[i % 2], f"{base_url}/{photo.name}")
+                    await _insert(conn, vehicles[i % len(vehicles)], f"{base_url}/{photo.name}")
                 await _wait_finished(queries, timeout_s)
                 health = await _read_health(daemon.health.url)
                 rows = await queries.table_jobs(DEMO_TABLE, "local.analysis")
@@ -200,6 +323,8 @@ async def run_demo(
                         if row["image_url"].rsplit("/", 1)[-1] in {p.name for p in before}
                         else "trigger"
                     )
+                if providers:
+                    await _print_provider_report(console, conn, rows)
                 _print_report(console, rows, health, time.perf_counter() - started)
                 if keep_running:
                     console.print("daemon still running; Ctrl+C to stop")
@@ -216,6 +341,11 @@ async def run_demo(
         await runner.cleanup()
         if cluster is not None:
             await asyncio.to_thread(cluster.stop)
+        for proc in fakes:
+            proc.terminate()
+            await proc.wait()
+        if extra is not None:
+            shutil.rmtree(extra, ignore_errors=True)
 
 
 async def _wait_finished(queries: Queries, timeout_s: float) -> None:
@@ -274,3 +404,63 @@ def _print_report(
     )
     complete = sum(1 for r in rows if r["status"] == "complete")
     console.print(f"[bold]{complete} of {len(rows)} photos complete in {seconds:.1f}s[/bold]")
+
+
+def _fake_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"listener_demo_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def _print_provider_report(
+    console: Console, conn: asyncpg.Connection, rows: list[dict[str, Any]]
+) -> None:
+    """What the cloud steps found: labels, angle, quality, tiers, faces and people, cost."""
+    results: dict[int, dict[str, Any]] = {}
+    for r in await conn.fetch(
+        "SELECT job_id, step, output, cost_usd FROM listener.results WHERE step <> $1",
+        "local.analysis",
+    ):
+        entry = results.setdefault(r["job_id"], {"cost": 0.0, "steps": {}})
+        entry["steps"][r["step"]] = json.loads(r["output"])
+        entry["cost"] += float(r["cost_usd"])
+    people = {
+        r["face_id"]: r["person_id"]
+        for r in await conn.fetch("SELECT face_id, person_id FROM listener.faces")
+    }
+    table = Table(title="tiered pipeline: Rekognition and OpenAI steps (local fakes)")
+    for name in ("image", "labels", "angle", "quality", "tiers", "faces", "USD"):
+        table.add_column(name, justify="right" if name in ("quality", "USD") else "left")
+    total = 0.0
+    for row in rows:
+        entry = results.get(row["id"], {"cost": 0.0, "steps": {}})
+        steps = entry["steps"]
+        labels = steps.get("rekognition.labels", {}).get("labels", [])
+        tier1 = steps.get("openai.tier1", {})
+        tiers = sorted({int(k[-1]) for k in steps if k.startswith("openai.tier")})
+        faces = steps.get("rekognition.faces", {}).get("faces", [])
+        face_text = ", ".join(
+            f"{f['decision']}"
+            + (f" -> person {people.get(f['face_id'])}" if people.get(f["face_id"]) else "")
+            for f in faces
+        )
+        total += entry["cost"]
+        table.add_row(
+            row["image_url"].rsplit("/", 1)[-1],
+            ", ".join(label["name"] for label in labels[:3]),
+            str(tier1.get("angle", "")),
+            str(tier1.get("quality", "")),
+            ",".join(map(str, tiers)),
+            face_text or ("none" if "rekognition.faces" in steps else ""),
+            f"{entry['cost']:.4f}",
+        )
+    console.print(table)
+    persons = len({p for p in people.values() if p is not None})
+    console.print(
+        f"faces: {len(people)} indexed, {persons} person(s) recognised across photos; "
+        f"spend recorded: ${total:.4f} (at list prices; the fakes charge nothing)"
+    )

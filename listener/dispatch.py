@@ -34,6 +34,9 @@ from listener.ratelimit import TokenBucket
 from listener.retry import RetryPolicy
 from listener.settings import Price, RateLimit
 
+HINT_PAUSE_MIN_S = 1.0
+"""A spent window with a reset shorter than this (seconds) does not pause the provider."""
+
 
 class Fetcher(Protocol):
     """Fetches image bytes (``listener.fetch.ImageFetcher`` in production)."""
@@ -336,13 +339,21 @@ class Dispatcher:
                 return
 
     async def _apply_hints(self, slot: ProviderSlot, provider: str, result: StepResult) -> None:
+        """Pause when the provider says its window is spent for longer than a second.
+
+        Shorter resets are the limiter's own pacing at work (the window refills before the
+        next reserved slot); pausing for them would only void slots.
+        """
         hints = result.hints
         if hints is None:
             return
-        if hints.remaining_requests == 0 and hints.reset_requests_s:
-            await slot.limiter.pause(hints.reset_requests_s, f"{provider}: request window spent")
-        elif hints.remaining_tokens == 0 and hints.reset_tokens_s:
-            await slot.limiter.pause(hints.reset_tokens_s, f"{provider}: token window spent")
+        for remaining, reset, what in (
+            (hints.remaining_requests, hints.reset_requests_s, "request"),
+            (hints.remaining_tokens, hints.reset_tokens_s, "token"),
+        ):
+            if remaining == 0 and reset is not None and reset > HINT_PAUSE_MIN_S:
+                await slot.limiter.pause(reset, f"{provider}: {what} window spent")
+                return
 
     def _count_error(self, provider: str, error: BaseException) -> None:
         self._metrics.provider_errors.labels(provider, type(error).__name__).inc()

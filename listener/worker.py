@@ -266,7 +266,11 @@ class Worker:
             raise
         for c in done:
             if c.job.id not in written:
-                self._log.warning("job {} finished after its lease was lost; dropped", c.job.id)
+                self._log.warning(
+                    "job {} was not recorded: its lease is no longer ours (expired and "
+                    "reclaimed, or already recorded by an interrupted flush)",
+                    c.job.id,
+                )
         self._metrics.jobs_finished.labels("complete").inc(len(written))
         retried = sum(1 for s in statuses.values() if s == "pending")
         self._metrics.jobs_finished.labels("retry").inc(retried)

@@ -7,6 +7,7 @@ arithmetic is the pure GCRA of ``listener.ratelimit``; this module only stores i
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from listener.db.queries import Queries
@@ -32,6 +33,9 @@ class FleetLimiter:
         self._limit = limit
         self._tpm = tokens_per_minute
         self._paused_until = 0.0
+        # Reservations queue on one row lock across the fleet; two at a time per process is
+        # plenty and keeps the pool free for claims, completions and heartbeats.
+        self._gate = asyncio.Semaphore(2)
 
     async def reserve(self, tokens: int) -> float:
         """Reserve one request and ``tokens`` tokens; returns seconds to wait before sending."""
@@ -46,8 +50,10 @@ class FleetLimiter:
                 tokens_per_minute=self._tpm,
             )
 
-        start, now = await self._q.update_provider_limit(self._provider, take)
-        return max(0.0, start - now)
+        async with self._gate:
+            start, now, read_at = await self._q.update_provider_limit(self._provider, take)
+        # The deadline counts from when the clock was read, not from when the commit returned.
+        return max(0.0, read_at + (start - now) - time.monotonic())
 
     async def correct(self, delta_tokens: int) -> None:
         """Charge or refund the difference between the tokens used and those reserved."""

@@ -8,6 +8,7 @@ connection lost to a Postgres restart is replaced on the next call.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -222,20 +223,23 @@ class Queries:
         provider: str,
         update: Callable[[FleetState, float], T],
         pause_reason: str | None = None,
-    ) -> tuple[T, float]:
+    ) -> tuple[T, float, float]:
         """Apply ``update(state, now)`` to a provider's shared limiter state, atomically.
 
         The row is locked for the duration, so daemons reserving at the same moment queue.
         ``now`` is the database clock (epoch seconds), the one clock the fleet shares.
 
         Returns:
-            ``update``'s return value and ``now``.
+            ``update``'s return value, ``now``, and ``time.monotonic()`` when ``now`` was read
+            (so a caller can turn a database time into a local deadline without counting the
+            commit's latency).
         """
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(self._sql["lock_provider_limit"], provider)
             if row is None:
                 await conn.execute(self._sql["ensure_provider_limit"], provider)
                 row = await conn.fetchrow(self._sql["lock_provider_limit"], provider)
+            read_at = time.monotonic()
             state = FleetState(row["request_tat"], row["token_tat"], row["paused_until"])
             now = float(row["now"])
             value = update(state, now)
@@ -247,7 +251,7 @@ class Queries:
                 state.paused_until,
                 pause_reason,
             )
-        return value, now
+        return value, now, read_at
 
     async def provider_pauses(self) -> dict[str, dict[str, Any]]:
         """Providers paused now: ``{name: {"remaining_s": s, "reason": text}}``."""

@@ -113,7 +113,8 @@ class RekognitionProvider:
         self._stack = AsyncExitStack()
         session = aioboto3.Session(region_name=self._s.region)
         config = Config(
-            retries={"max_attempts": 1, "mode": "standard"},
+            # total_max_attempts counts the first try; max_attempts would allow one retry.
+            retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=self._s.timeout_s,
             read_timeout=self._s.timeout_s,
             region_name=self._s.region or session.region_name or "us-east-1",

@@ -43,3 +43,39 @@ def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
     }
     # The embedded cluster is stopped and removed afterwards.
     assert set(Path("/tmp").glob("listener-pg-*")) <= clusters_before
+
+
+def test_demo_with_cloud_providers_against_the_fakes(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+    env.update({"COLUMNS": "200", "NO_COLOR": "1"})
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "OPENAI_API_KEY"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "listener",
+            "demo",
+            "--health-port",
+            "0",
+            "--providers",
+            "openai,rekognition",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = result.stdout
+    assert result.returncode == 0, result.stderr + out
+    photos = len(find_images(BUNDLED_IMAGES)) + 2  # plus two portraits for the faces step
+    assert f"{photos} of {photos} photos complete" in out
+    assert "tiered pipeline: local, rekognition, openai" in out
+    rows = [line for line in out.splitlines() if "astronaut.png" in line]
+    cloud = [c.strip() for c in rows[0].split("│")]
+    # image, labels, angle, quality, tiers, faces, USD
+    assert "Face" in cloud[2] and cloud[3] and cloud[5].startswith("1")
+    assert "person 1" in cloud[6] and float(cloud[7]) > 0
+    people = re.search(r"faces: (\d+) indexed, (\d+) person", out)
+    assert people is not None and int(people.group(1)) >= 3 and int(people.group(2)) >= 1

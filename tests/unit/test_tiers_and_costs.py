@@ -83,7 +83,7 @@ def test_fleet_gcra_spaces_requests_and_tokens() -> None:
     state = FleetState(0.0, 0.0, 0.0)
     starts = [fleet_reserve(state, 100.0, rps=10, burst=1) for _ in range(30)]
     gaps = {round(b - a, 6) for a, b in itertools.pairwise(starts)}
-    assert starts[0] == 100.0 and gaps == {0.102}
+    assert starts[0] == 100.0 and gaps == {0.104}
     # Any one-second window holds at most 10 starts.
     assert max(sum(1 for s in starts if t <= s < t + 1) for t in starts) <= 10
 
@@ -97,7 +97,7 @@ def test_fleet_gcra_spaces_requests_and_tokens() -> None:
     # Without a refund, 100 more tokens would wait until 18 s (1,300 tokens, 300 over).
     fleet_correct(tokens, -600, 1000)  # the first call used nothing: refund it
     third = fleet_reserve(tokens, 0.0, rps=100, burst=1, tokens=100, tokens_per_minute=1000)
-    assert third == pytest.approx(second + 0.0102)  # only the request spacing remains
+    assert third == pytest.approx(second + 0.0104)  # only the request spacing remains
 
 
 def test_fleet_pause_holds_every_request() -> None:
