@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import asyncpg
 from loguru import logger
 
+from listener.batches import BatchManager
 from listener.budget import Budget
 from listener.db.limits import FleetLimiter
 from listener.db.migrate import applied_versions, load_migrations
@@ -30,6 +31,7 @@ from listener.health import HealthServer, HealthSources
 from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, build_plan
 from listener.providers.base import Provider
+from listener.providers.openai import OpenAIProvider
 from listener.retry import RetryPolicy
 from listener.settings import Settings
 from listener.worker import Worker, WorkerConfig
@@ -155,6 +157,7 @@ class Daemon:
         self.health: HealthServer | None = None
         self.queries: Queries | None = None
         self.budget: Budget | None = None
+        self.batches: BatchManager | None = None
         self._fetcher = ImageFetcher(settings.fetch)
         self._tasks: list[asyncio.Task[None]] = []
         self._started_providers: list[Provider] = []
@@ -200,6 +203,7 @@ class Daemon:
                 self._rng.random,
                 prices=s.prices,
                 budget=self.budget,
+                batch=s.batch if "openai" in self.plan.providers else None,
             )
             worker = Worker(
                 queries,
@@ -239,6 +243,19 @@ class Daemon:
                 asyncio.create_task(self.notifier.run(), name="listener-notify"),
                 asyncio.create_task(worker.run(), name="listener-worker"),
             ]
+            openai_provider = next(
+                (p for p in self._providers if isinstance(p, OpenAIProvider)), None
+            )
+            if openai_provider is not None:
+                self.batches = BatchManager(
+                    self.pool,
+                    openai_provider,
+                    self._fetcher.fetch,
+                    [st.name for st in self.plan.steps if st.provider == "openai"],
+                    s.batch,
+                    s.prices,
+                )
+                self._tasks.append(asyncio.create_task(self.batches.run(), name="listener-batches"))
             if self._want_health:
                 self.health = HealthServer(
                     HealthSources(
@@ -277,11 +294,13 @@ class Daemon:
         if len(self._tasks) > 1:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tasks[1]
+        if self.batches is not None:
+            self.batches.stop()
         if self.notifier is not None:
             self.notifier.stop()
-        if self._tasks:
+        for task in self._tasks[:1] + self._tasks[2:]:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._tasks[0]
+                await task
         self._tasks = []
         await self._close_resources()
         logger.bind(worker_id=self.worker_id).info("listener stopped")

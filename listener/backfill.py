@@ -37,6 +37,7 @@ async def enqueue_backfill(
     max_attempts: int = 5,
     on_chunk: Callable[[int, int], None] | None = None,
     stop: asyncio.Event | None = None,
+    batch: bool | None = None,
 ) -> BackfillReport:
     """Enqueue jobs for the rows of ``table`` (of ``owner``) that have none.
 
@@ -49,6 +50,7 @@ async def enqueue_backfill(
         priority: the jobs' priority (lower runs first; fresh uploads are 0).
         max_attempts: attempts each job is allowed.
         on_chunk: called after each chunk with (rows scanned so far, jobs enqueued so far).
+        batch: ``True`` sends the jobs' OpenAI steps through the Batch API.
         stop: when set, stop after the current chunk (what was enqueued stays enqueued, and
             running the backfill again continues where this one stopped).
 
@@ -61,7 +63,9 @@ async def enqueue_backfill(
     scanned = enqueued = 0
     while limit is None or enqueued < limit:
         size = chunk_size if limit is None else min(chunk_size, limit - enqueued)
-        chunk = await queries.backfill_chunk(table, after, size, owner, priority, max_attempts)
+        chunk = await queries.backfill_chunk(
+            table, after, size, owner, priority, max_attempts, batch
+        )
         scanned += chunk.scanned
         enqueued += chunk.enqueued
         if on_chunk is not None:

@@ -47,6 +47,10 @@ err_console = Console(stderr=True)
 T = TypeVar("T")
 
 
+ESTIMATE_SAMPLE = 20
+"""Images fetched to learn the size distribution for a dry-run estimate."""
+
+
 class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
 
@@ -177,6 +181,9 @@ def backfill(
     limit: Annotated[int | None, typer.Option(help="Enqueue at most N rows.")] = None,
     dry_run: Annotated[bool, typer.Option(help="Only count what would be enqueued.")] = False,
     no_wait: Annotated[bool, typer.Option(help="Enqueue and return; do not follow.")] = False,
+    batch: Annotated[
+        bool, typer.Option("--batch", help="Send OpenAI steps through the Batch API (half price).")
+    ] = False,
 ) -> None:
     """Enqueue the rows of TABLE that were never analyzed, then follow them to completion."""
     from listener.backfill import enqueue_backfill
@@ -192,6 +199,7 @@ def backfill(
                 if limit is not None:
                     count = min(count, limit)
                 console.print(f"{count} rows would be enqueued (dry run: nothing was changed)")
+                await _print_estimate(settings, queries, name, owner, count)
                 return
             # Ctrl+C stops enqueueing after the current chunk, or stops following.
             stop = asyncio.Event()
@@ -212,6 +220,7 @@ def backfill(
                             f"enqueueing: {e} of {s} rows scanned"
                         ),
                         stop=stop,
+                        batch=True if batch else None,
                     )
                 console.print(
                     f"enqueued {report.enqueued} jobs ({report.scanned} rows scanned, "
@@ -231,6 +240,86 @@ def backfill(
     _run(go())
 
 
+async def _print_estimate(
+    settings: Settings, queries: Queries, table: str, owner: str | None, count: int
+) -> None:
+    """Per tier and provider: images, calls, tokens, USD realtime and batch, time."""
+    from listener.dispatch import image_size
+    from listener.estimate import StepHistory, estimate
+    from listener.fetch import ImageFetcher
+    from listener.pipeline import build_plan
+    from listener.providers.openai import OpenAIProvider
+
+    plan = build_plan(settings.pipeline, settings.tiers)
+    sizes: list[tuple[int, int]] = []
+    if any(s.provider == "openai" for s in plan.steps) and count:
+        fetcher = ImageFetcher(settings.fetch)
+        await fetcher.start()
+        try:
+            for url in await queries.column("sample_unqueued", table, owner, ESTIMATE_SAMPLE):
+                try:
+                    fetched = await fetcher.fetch(url)
+                except Exception:
+                    continue
+                size = image_size(fetched.data)
+                if size != (0, 0):
+                    sizes.append(size)
+        finally:
+            await fetcher.close()
+    tier1 = [s.name for s in plan.steps if s.tier == 1]
+    history = {
+        r["step"]: StepHistory(
+            r["results"], r["input_tokens"], r["output_tokens"], r["calls"], r["pass_rate"]
+        )
+        for r in await queries.rows("step_history", tier1)
+    }
+    prompts = {}
+    if any(s.provider == "openai" for s in plan.steps):
+        writer = OpenAIProvider(settings.openai)
+        prompts = {kind: writer.prompt(kind, {}) for kind in ("tier1", "tier2", "tier3")}
+    result = estimate(plan, count, sizes, history, settings, prompts)
+    table_out = Table(title=f"estimate for {count} images ({len(sizes)} sampled for sizes)")
+    for column in ("step", "tier", "images", "calls", "input tok", "output tok"):
+        table_out.add_column(column, justify="left" if column == "step" else "right")
+    for column in ("realtime USD", "batch USD", "basis"):
+        table_out.add_column(column, justify="left" if column == "basis" else "right")
+    for s in result.steps:
+        table_out.add_row(
+            s.step,
+            str(s.tier),
+            str(s.images),
+            str(s.calls),
+            str(s.input_tokens),
+            str(s.output_tokens),
+            f"{s.realtime_usd:.4f}",
+            f"{s.batch_usd:.4f}",
+            s.basis,
+        )
+    table_out.add_row(
+        "[bold]total[/bold]",
+        "",
+        "",
+        "",
+        "",
+        "",
+        f"[bold]{result.realtime_usd:.4f}[/bold]",
+        f"[bold]{result.batch_usd:.4f}[/bold]",
+        "",
+    )
+    console.print(table_out)
+    if result.bottleneck:
+        limit = settings.rate_limit(result.bottleneck)
+        console.print(
+            f"time at the rate limits: about {result.seconds / 60:.1f} min "
+            f"({result.bottleneck} at {limit.rps:g} requests/s)"
+        )
+    else:
+        console.print("time at the rate limits: no finite rate limit applies")
+    if settings.budget_usd_per_day is not None and result.realtime_usd:
+        days = result.realtime_usd / settings.budget_usd_per_day
+        console.print(f"budget: ${settings.budget_usd_per_day:.2f}/day -> about {days:.1f} days")
+
+
 async def _follow_progress(
     queries: Queries, table: str, owner: str | None, since: datetime, stop: asyncio.Event
 ) -> None:
@@ -245,6 +334,7 @@ async def _follow_progress(
         MofNCompleteColumn(),
         TextColumn("{task.fields[failed]} failed"),
         TextColumn("{task.fields[rate]:.1f}/s"),
+        TextColumn("${task.fields[spend]:.4f}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -252,20 +342,32 @@ async def _follow_progress(
     started = loop.time()
     total = first.remaining + first.complete + first.failed
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("analyzing", total=total, failed=0, rate=0.0)
+        task = bar.add_task("analyzing", total=total, failed=0, rate=0.0, spend=0.0)
 
         def update(p: TableProgress) -> None:
             nonlocal total
             total = max(total, p.remaining + p.complete + p.failed)
             done = p.complete + p.failed
             rate = done / max(loop.time() - started, 1e-6)
-            bar.update(task, total=total, completed=done, failed=p.failed, rate=rate)
+            bar.update(
+                task,
+                total=total,
+                completed=done,
+                failed=p.failed,
+                rate=rate,
+                spend=p.spend_usd,
+            )
 
         last = await follow(queries, table, owner, since, update, stop)
     word = "stopped following" if stop.is_set() else "done"
     console.print(
-        f"{word}: {last.complete} complete, {last.failed} failed, {last.remaining} still queued"
-        + (" (the daemon keeps working on them)" if last.remaining else "")
+        f"{word}: {last.complete} complete, {last.failed} failed, {last.remaining} still queued, "
+        f"${last.spend_usd:.4f} spent"
+        + (
+            " (the daemon keeps working on them; run the same command again to follow)"
+            if last.remaining
+            else ""
+        )
     )
 
 
@@ -284,15 +386,50 @@ def status(
 
     doc = _run(go())
     if as_json:
-        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.write(json.dumps(doc, default=str) + "\n")
         return
+    _print_status(doc)
+
+
+def _print_status(doc: dict[str, Any]) -> None:
+    statuses = ("pending", "processing", "batched", "complete", "failed", "cancelled")
     table = Table(title="listener jobs")
-    table.add_column("status")
-    table.add_column("jobs", justify="right")
-    for key in ("pending", "processing", "complete", "failed"):
-        table.add_row(key, str(doc[key]))
+    table.add_column("table")
+    for key in statuses:
+        table.add_column(key, justify="right")
+    for row in doc["by_table"]:
+        table.add_row(row["table"], *(str(row[k]) for k in statuses))
+    table.add_row("[bold]all[/bold]", *(f"[bold]{doc[k]}[/bold]" for k in statuses))
     console.print(table)
-    console.print(f"oldest pending: {doc['oldest_pending_s']:.1f}s")
+    if doc["by_owner"]:
+        owners = Table(title=f"owners with the most work left (top {len(doc['by_owner'])})")
+        for name in ("table", "owner", "pending", "processing", "complete", "failed"):
+            owners.add_column(name, justify="left" if name in ("table", "owner") else "right")
+        for row in doc["by_owner"]:
+            owners.add_row(
+                row["table"],
+                str(row["owner"]),
+                *(str(row[k]) for k in ("pending", "processing", "complete", "failed")),
+            )
+        console.print(owners)
+    if doc["failure_reasons"]:
+        reasons = Table(title="top failure reasons")
+        reasons.add_column("jobs", justify="right")
+        reasons.add_column("reason")
+        for row in doc["failure_reasons"]:
+            reasons.add_row(str(row["count"]), row["reason"])
+        console.print(reasons)
+    eta = doc["eta_s"]
+    console.print(
+        f"throughput: {doc['rate_per_s']:.2f} jobs/s (last 5 min); "
+        + (f"ETA {eta / 60:.1f} min" if eta is not None else "ETA -")
+        + f"; oldest pending: {doc['oldest_pending_s']:.1f}s"
+    )
+    batches = doc["open_batches"]
+    console.print(
+        f"open batches: {len(batches)}"
+        + "".join(f"\n  {b['id']} {b['status']} ({b['requests']} requests)" for b in batches)
+    )
     console.print(f"attached tables: {', '.join(doc['tables']) or 'none'}")
     budget = doc["budget_usd_per_day"]
     spend = f"spend: ${doc['spend_usd_today']:.4f} today, ${doc['spend_usd_total']:.4f} in all"
@@ -307,6 +444,72 @@ def status(
         console.print(
             f"[yellow]{name} paused for {pause['remaining_s']:.0f}s[/yellow]: {pause['reason']}"
         )
+
+
+def _filters_text(reason: str | None, owner: str | None, table: str | None) -> str:
+    parts = [f"reason contains {reason!r}" if reason else "", f"owner {owner}" if owner else ""]
+    parts.append(f"table {table}" if table else "")
+    return ", ".join(p for p in parts if p) or "no filter"
+
+
+@app.command()
+def retry(
+    failed: Annotated[bool, typer.Option("--failed", help="Requeue failed jobs.")] = True,
+    cancelled: Annotated[
+        bool, typer.Option("--cancelled", help="Requeue cancelled jobs too.")
+    ] = False,
+    reason: Annotated[str | None, typer.Option(help="Only jobs whose error contains this.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Only this owner's jobs.")] = None,
+    table: Annotated[str | None, typer.Option(help="Only this table's jobs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Requeue failed (and with --cancelled, cancelled) jobs that match the filters."""
+    settings = _settings()
+    statuses = (["failed"] if failed else []) + (["cancelled"] if cancelled else [])
+
+    async def go() -> list[int]:
+        async with _pool(settings) as pool:
+            queries = Queries(pool)
+            name = (await queries.attachment(table)).source_table if table else None
+            ids = await queries.column("retry_jobs", statuses, reason, owner, name)
+            if ids:
+                await queries.execute("notify_jobs")
+            return ids
+
+    ids = _run(go())
+    if as_json:
+        sys.stdout.write(json.dumps({"requeued": len(ids), "job_ids": ids}) + "\n")
+    else:
+        console.print(f"requeued {len(ids)} jobs ({_filters_text(reason, owner, table)})")
+
+
+@app.command()
+def cancel(
+    reason: Annotated[str | None, typer.Option(help="Only jobs whose error contains this.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Only this owner's jobs.")] = None,
+    table: Annotated[str | None, typer.Option(help="Only this table's jobs.")] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Cancel every pending and running job.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Cancel pending and running jobs that match the filters (`listener retry --cancelled`
+    brings them back)."""
+    if not (reason or owner or table or everything):
+        raise typer.BadParameter("give --reason, --owner or --table, or --all")
+    settings = _settings()
+
+    async def go() -> list[int]:
+        async with _pool(settings) as pool:
+            queries = Queries(pool)
+            name = (await queries.attachment(table)).source_table if table else None
+            return await queries.column("cancel_jobs", reason, owner, name)
+
+    ids = _run(go())
+    if as_json:
+        sys.stdout.write(json.dumps({"cancelled": len(ids), "job_ids": ids}) + "\n")
+    else:
+        console.print(f"cancelled {len(ids)} jobs ({_filters_text(reason, owner, table)})")
 
 
 @app.command()

@@ -26,13 +26,13 @@ from PIL import Image
 
 from listener.costs import cost_usd, price_for
 from listener.errors import ProviderPaused, RateLimited
-from listener.jobs import Completed, Job, Outcome
+from listener.jobs import Batched, Completed, Job, Outcome
 from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, skip_reason
 from listener.providers.base import ImageInput, Provider, StepContext, StepResult
 from listener.ratelimit import TokenBucket
 from listener.retry import RetryPolicy
-from listener.settings import Price, RateLimit
+from listener.settings import BatchSettings, Price, RateLimit
 
 HINT_PAUSE_MIN_S = 1.0
 """A spent window with a reset shorter than this (seconds) does not pause the provider."""
@@ -143,6 +143,14 @@ class ProviderSlot:
         return cls(provider, asyncio.Semaphore(limit.concurrency), limiter)
 
 
+class _ToBatch(Exception):
+    """Internal: the job's next step goes to a provider batch."""
+
+    def __init__(self, step: str) -> None:
+        super().__init__(step)
+        self.step = step
+
+
 class LeaseLost(RuntimeError):
     """The job's lease expired and another worker took it: stop working on it."""
 
@@ -169,6 +177,8 @@ class Dispatcher:
         rng: uniform floats in [0, 1) for backoff jitter.
         prices: the price table (``provider:model`` or ``provider`` -> price).
         budget: the daily budget gate for paid steps, if a budget is set.
+        batch: when given, OpenAI steps of batch-mode jobs (and, with ``batch.auto``, of
+            low-priority jobs) are handed to the Batch API instead of run here.
     """
 
     def __init__(
@@ -182,6 +192,7 @@ class Dispatcher:
         rng: Callable[[], float],
         prices: Mapping[str, Price] | None = None,
         budget: BudgetGate | None = None,
+        batch: BatchSettings | None = None,
     ) -> None:
         missing = {s.provider for s in plan.steps} - set(slots)
         if missing:
@@ -195,6 +206,7 @@ class Dispatcher:
         self._rng = rng
         self._prices = dict(prices or {})
         self._budget = budget
+        self._batch = batch
         self._save_each = len(plan.steps) > 1
         self._paid = {
             name
@@ -211,6 +223,14 @@ class Dispatcher:
         """The plan's providers, in order."""
         return [self._slots[name].provider for name in self._plan.providers]
 
+    def batches(self, job: Job) -> bool:
+        """True when ``job``'s OpenAI steps go to the Batch API."""
+        if self._batch is None or job.batch_mode is False:
+            return False
+        return bool(
+            job.batch_mode or (self._batch.auto and job.priority >= self._batch.min_priority)
+        )
+
     def paid(self, provider: str) -> bool:
         """True when ``provider`` has a non-zero price (the budget applies to it)."""
         return provider in self._paid
@@ -221,6 +241,8 @@ class Dispatcher:
             results = await self._run(job)
         except asyncio.CancelledError:
             raise
+        except _ToBatch as handoff:
+            return Batched(job, handoff.step)
         except Exception as error:
             outcome = self._policy.decide(job, error, self._rng)
             log = logger.bind(job_id=job.id, source_id=job.source_id, attempt=job.attempts)
@@ -234,9 +256,11 @@ class Dispatcher:
         return Completed(job, results)
 
     async def _run(self, job: Job) -> list[StepResult]:
-        # Only a retry can have stored results (a re-enqueued row's are deleted).
+        # Only a retry, or a job back from a batch, can have stored results (a re-enqueued
+        # row's are deleted), so a first run skips the query.
+        resumable = (job.attempts > 1 and self._save_each) or self.batches(job)
         outputs: dict[str, dict[str, Any]] = (
-            await self._store.job_outputs(job.id) if job.attempts > 1 and self._save_each else {}
+            await self._store.job_outputs(job.id) if resumable else {}
         )
         todo = [s for s in self._plan.steps if s.name not in outputs]
         image = await self._image(job, todo)
@@ -245,6 +269,8 @@ class Dispatcher:
             reason = skip_reason(step, self._plan, outputs, image.width, image.height)
             if reason is not None:
                 continue
+            if step.provider == "openai" and self.batches(job):
+                raise _ToBatch(step.name)
             result = await self._step(step, image, outputs)
             if result is None:
                 continue

@@ -6,6 +6,7 @@
   was probed recently; 503 with the reasons otherwise.
 - ``GET /status``: JSON: counts by status, oldest pending age, in flight, per-provider rates.
 - ``GET /metrics``: Prometheus text exposition.
+- ``GET /``: the status page, HTML that refreshes itself (``listener.status_page``).
 
 Nothing here prints a DSN or any other secret.
 """
@@ -94,6 +95,18 @@ async def _status(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
+async def _page(request: web.Request) -> web.Response:
+    from listener.status_page import render
+
+    try:
+        doc = await status_document(request.app[SOURCES])
+    except Exception as error:
+        return web.Response(
+            text=f"listener: database unavailable ({type(error).__name__})", status=503
+        )
+    return web.Response(text=render(doc), content_type="text/html")
+
+
 async def _metrics(request: web.Request) -> web.Response:
     src = request.app[SOURCES]
     try:
@@ -112,6 +125,7 @@ def build_app(sources: HealthSources) -> web.Application:
     """The aiohttp application serving the four endpoints."""
     app = web.Application()
     app[SOURCES] = sources
+    app.router.add_get("/", _page)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/status", _status)

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from listener.providers.base import StepResult
 
-JOB_STATUSES = ("pending", "processing", "complete", "failed")
+JOB_STATUSES = ("pending", "processing", "complete", "failed", "cancelled", "batched")
 """Every status a job can have, in lifecycle order."""
 
 
@@ -25,6 +25,8 @@ class Job:
         attempts: attempts so far, this one included (1 on the first run).
         max_attempts: attempts allowed before the job is failed for good.
         lease_token: the claim's token; completions and heartbeats are fenced by it.
+        batch_mode: ``True``: its OpenAI steps go through the Batch API; ``False``: never;
+            ``None``: batched when it is low priority and automatic batching is on.
     """
 
     id: int
@@ -36,6 +38,7 @@ class Job:
     attempts: int
     max_attempts: int
     lease_token: UUID
+    batch_mode: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,4 +68,12 @@ class Failed:
     counts_attempt: bool = True
 
 
-Outcome = Completed | Failed
+@dataclass(frozen=True, slots=True)
+class Batched:
+    """The job's next step waits for a provider batch; the attempt is given back."""
+
+    job: Job
+    step: str
+
+
+Outcome = Completed | Failed | Batched

@@ -162,6 +162,29 @@ class RekognitionSettings(BaseModel):
     timeout_s: float = 30.0
 
 
+class BatchSettings(BaseModel):
+    """OpenAI's Batch API for bulk work, at half the realtime price.
+
+    Attributes:
+        auto: send the OpenAI steps of low-priority jobs (``priority >= min_priority``, i.e.
+            backfills) to batches; ``listener backfill --batch`` marks jobs for it anyway.
+        min_priority: the priority from which jobs are batched automatically.
+        min_requests: a batch is submitted once this many steps wait...
+        max_wait_s: ...or once the oldest has waited this long, seconds.
+        poll_interval_s: seconds between checks of open batches.
+        max_requests: requests per batch (the API's limit is 50,000).
+        max_bytes: bytes per input file (the API's limit is 200 MB).
+    """
+
+    auto: bool = True
+    min_priority: int = 100
+    min_requests: int = 20
+    max_wait_s: float = 300.0
+    poll_interval_s: float = 60.0
+    max_requests: int = 50_000
+    max_bytes: int = 200 * MB
+
+
 class TierSettings(BaseModel):
     """Which providers run at each tier of the ``tiered`` pipeline, and the gates between.
 
@@ -261,6 +284,7 @@ class Settings(BaseSettings):
     tiers: TierSettings = Field(default_factory=TierSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     rekognition: RekognitionSettings = Field(default_factory=RekognitionSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     prices: dict[str, Price] = Field(default_factory=_default_prices)
     budget_usd_per_day: float | None = Field(default=None, ge=0)
     noop_delay_s: float = Field(default=0.0, ge=0)

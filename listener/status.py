@@ -9,16 +9,28 @@ from listener.budget import utc_midnight
 from listener.db.queries import Queries
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+RATE_WINDOW_S = 300.0
+"""Throughput and ETA are measured over the last five minutes."""
+TOP_OWNERS = 20
+TOP_REASONS = 10
+RECENT_FAILURES = 20
 
 
 async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> dict[str, Any]:
     """Counts by status, spend, budget, paused providers and attached tables.
 
     Returns:
-        ``{"pending": n, "processing": n, "complete": n, "failed": n, "oldest_pending_s": s,
+        ``{"pending": n, "processing": n, "complete": n, "failed": n, "cancelled": n,
+        "batched": n, "oldest_pending_s": s,
         "spend_usd_today": usd, "spend_usd_total": usd, "spend_by_provider_today": {...},
         "budget_usd_per_day": usd | None, "budget_exhausted": bool,
-        "paused_providers": {name: {"remaining_s": s, "reason": text}}, "tables": [...]}``
+        "paused_providers": {name: {"remaining_s": s, "reason": text}}, "tables": [...],
+        "by_table": [{"table", counts...}], "by_owner": [{"table", "owner", counts...}],
+        "failure_reasons": [{"reason", "count"}] (URLs folded to ``<url>``),
+        "recent_failures": [{"job_id", "table", "source_id", "url", "error", "at"}],
+        "throughput_per_minute": [{"minute", "complete", "failed"}] (last hour),
+        "rate_per_s": jobs finished per second (last 5 minutes), "eta_s": s | None,
+        "open_batches": [{"id", "provider", "step", "status", "requests", ...}]}``
 
     Raises:
         asyncpg.PostgresError, OSError: the database failed.
@@ -39,4 +51,25 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
             "tables": [a.source_table for a in await queries.list_attachments()],
         }
     )
+    rate = float(await queries.value("recent_rate", RATE_WINDOW_S))
+    remaining = doc["pending"] + doc["processing"] + doc["batched"]
+    doc.update(
+        {
+            "by_table": await queries.rows("counts_by_table"),
+            "by_owner": await queries.rows("counts_by_owner", TOP_OWNERS),
+            "failure_reasons": await queries.rows("failure_reasons", TOP_REASONS),
+            "recent_failures": _iso(await queries.rows("recent_failures", RECENT_FAILURES)),
+            "throughput_per_minute": _iso(await queries.rows("throughput_per_minute")),
+            "rate_per_s": round(rate, 3),
+            "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else None,
+            "open_batches": _iso(await queries.rows("open_batches")),
+        }
+    )
     return doc
+
+
+def _iso(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Datetimes as ISO 8601 strings, so the document is JSON."""
+    return [
+        {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()} for row in rows
+    ]

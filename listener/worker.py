@@ -37,7 +37,7 @@ from loguru import logger
 
 from listener.db.queries import Queries
 from listener.dispatch import Dispatcher
-from listener.jobs import Completed, Failed, Job, Outcome
+from listener.jobs import Batched, Completed, Failed, Job, Outcome
 from listener.metrics import Metrics
 from listener.retry import full_jitter_backoff
 
@@ -259,8 +259,11 @@ class Worker:
         try:
             done = [o for o in batch if isinstance(o, Completed)]
             failed = [o for o in batch if isinstance(o, Failed)]
+            parked = [o for o in batch if isinstance(o, Batched)]
             written = await self._q.complete_jobs(done)
             statuses = await self._q.fail_jobs(failed)
+            if parked:
+                await self._q.batch_jobs(parked)
         except BaseException:
             self._outcomes = batch + self._outcomes
             raise

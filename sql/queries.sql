@@ -25,7 +25,7 @@ SET status = 'processing',
 FROM next
 WHERE j.id = next.id
 RETURNING j.id, j.source_table, j.source_id, j.image_url, j.owner_id, j.priority,
-          j.attempts, j.max_attempts;
+          j.attempts, j.max_attempts, j.batch_mode;
 
 -- name: renew_leases :many
 -- Heartbeat: extends by $3 seconds the leases this worker still holds (tokens $2) on jobs $1.
@@ -185,6 +185,8 @@ SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
        count(*) FILTER (WHERE status = 'processing') AS processing,
        count(*) FILTER (WHERE status = 'complete') AS complete,
        count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+       count(*) FILTER (WHERE status = 'batched') AS batched,
        coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')),
                 0)::float8 AS oldest_pending_s
 FROM listener.jobs;
@@ -214,13 +216,18 @@ SELECT listener.count_unqueued($1, $2) AS count;
 
 -- name: backfill_chunk :one
 -- Enqueues the next chunk of rows without a job (keyset pagination after $2).
-SELECT last_id, scanned, enqueued FROM listener.backfill_chunk($1, $2, $3, $4, $5, $6);
+SELECT last_id, scanned, enqueued FROM listener.backfill_chunk($1, $2, $3, $4, $5, $6, $7);
 
 -- name: table_progress :one
--- Progress of one table's jobs (optionally one owner's): still to do, and finished since $3.
-SELECT count(*) FILTER (WHERE status IN ('pending', 'processing')) AS remaining,
+-- Progress of one table's jobs (optionally one owner's): still to do, finished since $3,
+-- and what their results cost since $3.
+SELECT count(*) FILTER (WHERE status IN ('pending', 'processing', 'batched')) AS remaining,
        count(*) FILTER (WHERE status = 'complete' AND finished_at >= $3) AS complete,
-       count(*) FILTER (WHERE status = 'failed' AND finished_at >= $3) AS failed
+       count(*) FILTER (WHERE status = 'failed' AND finished_at >= $3) AS failed,
+       (SELECT coalesce(sum(r.cost_usd), 0)::float8
+        FROM listener.results AS r JOIN listener.jobs AS j ON j.id = r.job_id
+        WHERE r.created_at >= $3 AND j.source_table = $1
+          AND ($2::text IS NULL OR j.owner_id = $2)) AS spend_usd
 FROM listener.jobs
 WHERE source_table = $1 AND ($2::text IS NULL OR owner_id = $2);
 
@@ -260,3 +267,218 @@ SELECT face_id FROM listener.faces WHERE face_id = ANY($1::text[]);
 SELECT (SELECT count(*) FROM listener.people) AS people,
        (SELECT count(*) FROM listener.faces) AS faces,
        (SELECT count(*) FROM listener.face_suggestions WHERE status = 'open') AS suggestions;
+
+-- name: counts_by_table :many
+-- Jobs by status for each attached table.
+SELECT source_table AS table,
+       count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'processing') AS processing,
+       count(*) FILTER (WHERE status = 'complete') AS complete,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+       count(*) FILTER (WHERE status = 'batched') AS batched
+FROM listener.jobs
+GROUP BY source_table
+ORDER BY source_table;
+
+-- name: counts_by_owner :many
+-- Jobs by status for the $1 owners with the most work left.
+SELECT source_table AS table, owner_id AS owner,
+       count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'processing') AS processing,
+       count(*) FILTER (WHERE status = 'complete') AS complete,
+       count(*) FILTER (WHERE status = 'failed') AS failed
+FROM listener.jobs
+GROUP BY source_table, owner_id
+ORDER BY count(*) FILTER (WHERE status IN ('pending', 'processing', 'batched')) DESC,
+         count(*) DESC
+LIMIT $1;
+
+-- name: failure_reasons :many
+-- The most common reasons of failed jobs, URLs folded so that one cause is one line.
+SELECT regexp_replace(coalesce(last_error, 'unknown'), '(https?|file)://\S+', '<url>', 'g')
+           AS reason,
+       count(*) AS count
+FROM listener.jobs
+WHERE status = 'failed'
+GROUP BY 1
+ORDER BY 2 DESC, 1
+LIMIT $1;
+
+-- name: recent_failures :many
+-- The last $1 failed jobs.
+SELECT id AS job_id, source_table AS table, source_id, image_url AS url, last_error AS error,
+       finished_at AS at
+FROM listener.jobs
+WHERE status = 'failed'
+ORDER BY finished_at DESC NULLS LAST
+LIMIT $1;
+
+-- name: throughput_per_minute :many
+-- Jobs finished per minute over the last hour.
+SELECT date_trunc('minute', finished_at) AS minute,
+       count(*) FILTER (WHERE status = 'complete') AS complete,
+       count(*) FILTER (WHERE status = 'failed') AS failed
+FROM listener.jobs
+WHERE finished_at >= now() - interval '1 hour'
+GROUP BY 1
+ORDER BY 1;
+
+-- name: recent_rate :one
+-- Jobs finished per second over the last $1 seconds.
+SELECT count(*)::float8 / $1 AS rate
+FROM listener.jobs
+WHERE finished_at >= now() - make_interval(secs => $1);
+
+-- name: open_batches :many
+-- Batches not applied yet.
+SELECT id, provider, step, status, requests, completed, failed, created_at
+FROM listener.batches
+WHERE applied_at IS NULL
+ORDER BY created_at;
+
+-- name: retry_jobs :many
+-- Requeues the jobs in statuses $1 that match the filters ($2 text in the reason, $3 owner,
+-- $4 table), as fresh: attempts reset, runnable now.
+UPDATE listener.jobs
+SET status = 'pending', attempts = 0, run_after = now(), last_error = NULL,
+    finished_at = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+WHERE status = ANY($1::text[])
+  AND ($2::text IS NULL OR last_error ILIKE '%' || $2 || '%')
+  AND ($3::text IS NULL OR owner_id = $3)
+  AND ($4::text IS NULL OR source_table = $4)
+RETURNING id;
+
+-- name: cancel_jobs :many
+-- Cancels the pending and running jobs that match the filters ($1 text in the reason, $2
+-- owner, $3 table). A running job's worker finds its lease gone and records nothing.
+UPDATE listener.jobs
+SET status = 'cancelled', finished_at = now(), updated_at = now(),
+    last_error = 'cancelled by user', lease_token = NULL, lease_expires_at = NULL
+WHERE status IN ('pending', 'processing')
+  AND ($1::text IS NULL OR last_error ILIKE '%' || $1 || '%')
+  AND ($2::text IS NULL OR owner_id = $2)
+  AND ($3::text IS NULL OR source_table = $3)
+RETURNING id;
+
+-- name: notify_jobs :execute
+-- Wakes the daemons (after a retry).
+SELECT pg_notify('listener_jobs', '');
+
+-- name: sample_unqueued :many
+-- Image URLs of up to $3 rows of table $1 (owner $2) without a job.
+SELECT listener.sample_unqueued($1, $2, $3) AS url;
+
+-- name: step_history :many
+-- Per step, averages over the most recent 5,000 results, and the share of jobs with a
+-- tier-1 result (steps $1) that also have this step's (a gate's pass rate).
+WITH recent AS (
+    SELECT job_id, step, input_tokens, output_tokens, calls
+    FROM listener.results
+    ORDER BY created_at DESC
+    LIMIT 5000
+), base AS (
+    SELECT count(DISTINCT job_id) AS jobs FROM recent WHERE step = ANY($1::text[])
+)
+SELECT step, count(*) AS results,
+       coalesce(avg(input_tokens), 0)::float8 AS input_tokens,
+       coalesce(avg(output_tokens), 0)::float8 AS output_tokens,
+       avg(calls)::float8 AS calls,
+       coalesce(count(DISTINCT job_id)::float8 / nullif((SELECT jobs FROM base), 0), 1.0)
+           AS pass_rate
+FROM recent
+GROUP BY step;
+
+-- name: batch_jobs :many
+-- Parks jobs whose next step waits for a batch, fenced by lease token; the attempt is given
+-- back ($3: the step of each job).
+UPDATE listener.jobs AS j
+SET status = 'batched', batch_step = b.step, batch_id = NULL,
+    attempts = greatest(j.attempts - 1, 0), lease_token = NULL, lease_expires_at = NULL,
+    updated_at = now()
+FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS b(id, token, step)
+WHERE j.id = b.id AND j.lease_token = b.token AND j.status = 'processing'
+RETURNING j.id;
+
+-- name: batch_waiting :one
+-- Steps waiting for a batch, per step: how many, and how long the oldest has waited.
+SELECT count(*) AS waiting,
+       coalesce(extract(epoch FROM now() - min(updated_at)), 0)::float8 AS oldest_s
+FROM listener.jobs
+WHERE status = 'batched' AND batch_id IS NULL AND batch_step = $1;
+
+-- name: take_for_batch :many
+-- Locks up to $2 jobs waiting with step $1 for a new batch (SKIP LOCKED: one daemon each).
+SELECT id, source_table, source_id, image_url, owner_id, priority, attempts, max_attempts
+FROM listener.jobs
+WHERE status = 'batched' AND batch_id IS NULL AND batch_step = $1
+ORDER BY priority, updated_at, id
+LIMIT $2
+FOR UPDATE SKIP LOCKED;
+
+-- name: record_batch :execute
+-- Records a batch being submitted and its requests, and marks its jobs (one transaction with
+-- take_for_batch).
+WITH b AS (
+    INSERT INTO listener.batches (id, provider, step, status, input_file_id, requests)
+    VALUES ($1, $2, $3, 'submitting', $4, cardinality($5::text[]))
+), r AS (
+    INSERT INTO listener.batch_requests (custom_id, batch_id, job_id, step)
+    SELECT c, $1, j, $3 FROM unnest($5::text[], $6::bigint[]) AS x(c, j)
+)
+UPDATE listener.jobs SET batch_id = $1, updated_at = now() WHERE id = ANY($6::bigint[]);
+
+-- name: batch_submitted :execute
+-- The provider accepted the batch: its id and status.
+UPDATE listener.batches SET provider_batch_id = $2, status = $3, updated_at = now()
+WHERE id = $1;
+
+-- name: open_batch_rows :many
+-- Batches not applied yet, oldest first.
+SELECT id, provider_batch_id, step, status, input_file_id, requests, created_at
+FROM listener.batches
+WHERE applied_at IS NULL
+ORDER BY created_at;
+
+-- name: batch_progress :execute
+-- Status and counts of a batch as the provider reports them.
+UPDATE listener.batches
+SET status = $2, completed = $3, failed = $4, output_file_id = $5, error_file_id = $6,
+    error = $7, updated_at = now()
+WHERE id = $1;
+
+-- name: lock_batch :one
+-- Locks a batch that is not applied yet (NULL when it is, or another daemon holds it).
+SELECT id, step FROM listener.batches WHERE id = $1 AND applied_at IS NULL
+FOR UPDATE SKIP LOCKED;
+
+-- name: batch_request_jobs :many
+-- The jobs of a batch, by custom_id.
+SELECT r.custom_id, r.job_id, j.source_table, j.source_id, j.image_url, j.owner_id,
+       j.priority, j.attempts, j.max_attempts
+FROM listener.batch_requests AS r JOIN listener.jobs AS j ON j.id = r.job_id
+WHERE r.batch_id = $1;
+
+-- name: save_batch_result :execute
+-- Stores one step result from a batch output line (idempotent on (job, step)).
+INSERT INTO listener.results
+    (job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens, calls,
+     cost_usd)
+VALUES ($1, $2, $3, $4::jsonb, $5, NULL, $6, $7, 1, $8)
+ON CONFLICT (job_id, step) DO UPDATE
+SET output = EXCLUDED.output, model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
+    output_tokens = EXCLUDED.output_tokens, cost_usd = EXCLUDED.cost_usd, created_at = now();
+
+-- name: release_batch_jobs :execute
+-- Hands a batch's jobs back to the per-image path: pending, runnable now; $3 (jobs whose
+-- line failed) records the error and leaves batch mode so they run realtime.
+UPDATE listener.jobs AS j
+SET status = 'pending', batch_id = NULL, batch_step = NULL, run_after = now(),
+    batch_mode = CASE WHEN j.id = ANY($3::bigint[]) THEN false ELSE j.batch_mode END,
+    last_error = CASE WHEN j.id = ANY($3::bigint[]) THEN $4 ELSE j.last_error END,
+    updated_at = now()
+WHERE j.batch_id = $1 AND j.id = ANY($2::bigint[]) AND j.status = 'batched';
+
+-- name: batch_applied :execute
+-- Marks a batch applied: its results are in and its jobs handed back, exactly once.
+UPDATE listener.batches SET applied_at = now(), updated_at = now() WHERE id = $1;

@@ -81,9 +81,11 @@ async def counts(conn: asyncpg.Connection) -> dict[str, int]:
 
 
 async def all_finished(conn: asyncpg.Connection, expected: int) -> bool:
-    """True when ``expected`` jobs exist and none is pending or processing."""
+    """True when ``expected`` jobs exist and none is pending, processing or batched."""
     c = await counts(conn)
-    return sum(c.values()) >= expected and not c.get("pending") and not c.get("processing")
+    return sum(c.values()) >= expected and not any(
+        c.get(s) for s in ("pending", "processing", "batched")
+    )
 
 
 class RecordingProvider:

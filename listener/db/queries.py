@@ -7,6 +7,7 @@ connection lost to a Postgres restart is replaced on the next call.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from uuid import UUID
 import asyncpg
 
 from listener.db.sqlfiles import NamedQuery, parse_named_queries, sql_dir
-from listener.jobs import Completed, Failed, Job
+from listener.jobs import Batched, Completed, Failed, Job
 from listener.providers.base import StepResult
 from listener.ratelimit import FleetState
 
@@ -35,6 +36,8 @@ class QueueCounts:
     complete: int
     failed: int
     oldest_pending_s: float
+    cancelled: int = 0
+    batched: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
         """Counts as ``{"pending": n, "processing": n, "complete": n, "failed": n}``.
@@ -46,6 +49,8 @@ class QueueCounts:
             "processing": self.processing,
             "complete": self.complete,
             "failed": self.failed,
+            "cancelled": self.cancelled,
+            "batched": self.batched,
             "oldest_pending_s": round(self.oldest_pending_s, 3),
         }
 
@@ -73,23 +78,26 @@ class BackfillChunk:
 
 @dataclass(frozen=True, slots=True)
 class TableProgress:
-    """Jobs of a table still to do, and those finished since a given time."""
+    """Jobs of a table still to do, those finished since a given time, and their cost (USD)."""
 
     remaining: int
     complete: int
     failed: int
+    spend_usd: float = 0.0
 
 
+@functools.cache
 def load_queries() -> dict[str, NamedQuery]:
-    """Parse ``sql/queries.sql``."""
+    """Parse ``sql/queries.sql`` (once per process)."""
     return parse_named_queries((sql_dir() / "queries.sql").read_text(encoding="utf-8"))
 
 
 class Queries:
-    """The runtime queries, bound to a pool.
+    """The runtime queries, bound to a pool (or to one connection, inside a transaction).
 
     Args:
-        pool: an ``asyncpg.Pool``; each call acquires and releases one connection.
+        pool: an ``asyncpg.Pool``, where each call acquires and releases one connection; or
+            an ``asyncpg.Connection``, for queries that must share a transaction.
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -130,6 +138,7 @@ class Queries:
                 attempts=r["attempts"],
                 max_attempts=r["max_attempts"],
                 lease_token=token,
+                batch_mode=r["batch_mode"],
             )
             for r in rows
         ]
@@ -275,6 +284,16 @@ class Queries:
         )
         return {r["id"]: r["status"] for r in rows}
 
+    async def batch_jobs(self, parked: Sequence[Batched]) -> list[int]:
+        """Park jobs whose next step waits for a provider batch (fenced by lease token)."""
+        rows = await self._pool.fetch(
+            self._sql["batch_jobs"],
+            [b.job.id for b in parked],
+            [b.job.lease_token for b in parked],
+            [b.step for b in parked],
+        )
+        return [r["id"] for r in rows]
+
     async def release_jobs(self, jobs: Sequence[Job]) -> list[int]:
         """Hand unfinished jobs back as pending without counting the attempt."""
         if not jobs:
@@ -300,6 +319,8 @@ class Queries:
             complete=r["complete"],
             failed=r["failed"],
             oldest_pending_s=float(r["oldest_pending_s"]),
+            cancelled=r["cancelled"],
+            batched=r["batched"],
         )
 
     async def attach(
@@ -351,17 +372,26 @@ class Queries:
         owner: str | None,
         priority: int,
         max_attempts: int,
+        batch: bool | None = None,
     ) -> BackfillChunk:
-        """Enqueue the rows without a job among the next ``chunk`` rows after id ``after``."""
+        """Enqueue the rows without a job among the next ``chunk`` rows after id ``after``.
+
+        ``batch``: the jobs' ``batch_mode`` (True: OpenAI steps through the Batch API).
+        """
         r = await self._pool.fetchrow(
-            self._sql["backfill_chunk"], table, after, chunk, owner, priority, max_attempts
+            self._sql["backfill_chunk"], table, after, chunk, owner, priority, max_attempts, batch
         )
         return BackfillChunk(last_id=r["last_id"], scanned=r["scanned"], enqueued=r["enqueued"])
 
     async def table_progress(self, table: str, owner: str | None, since: datetime) -> TableProgress:
         """Jobs of ``table`` still to do and those finished since ``since``."""
         r = await self._pool.fetchrow(self._sql["table_progress"], table, owner, since)
-        return TableProgress(remaining=r["remaining"], complete=r["complete"], failed=r["failed"])
+        return TableProgress(
+            remaining=r["remaining"],
+            complete=r["complete"],
+            failed=r["failed"],
+            spend_usd=float(r["spend_usd"]),
+        )
 
     async def table_jobs(self, table: str, step: str) -> list[dict[str, Any]]:
         """Every job of ``table`` with its ``step`` result decoded, oldest first."""
@@ -375,7 +405,7 @@ class Queries:
 
 
 def _usd(value: float) -> Decimal:
-    return Decimal(f"{value:.6f}")
+    return Decimal(f"{value:.9f}")
 
 
 def _attachment(r: Any) -> Attachment:

@@ -229,6 +229,137 @@ class OpenAIProvider:
             data, mime = await asyncio.to_thread(_to_jpeg, image.data), "image/jpeg"
         return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
+    async def request_body(
+        self, kind: str, image: ImageInput, previous: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """The chat-completions request of a ``kind`` step, as a JSON-ready dict.
+
+        The same request as ``run`` sends, for the Batch API's input file; the response
+        format is the pydantic model's strict JSON schema, built by the SDK.
+        """
+        from openai.lib._parsing._completions import type_to_response_format_param
+
+        return {
+            "model": self._models[kind],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": self.prompt(kind, previous)},
+                        {
+                            "type": "image_url",
+                            "image_url": {
+                                "url": await self._image_url(image),
+                                "detail": self._s.detail,
+                            },
+                        },
+                    ],
+                }
+            ],
+            "response_format": type_to_response_format_param(self._schemas[kind]),
+            "max_completion_tokens": self._s.max_output_tokens,
+        }
+
+    def parse_body(self, kind: str, body: Mapping[str, Any]) -> StepResult:
+        """A step result from a chat completion body (a Batch API output line's).
+
+        Raises:
+            RejectedByProvider: refusal, content filter, length, or content that does not
+                follow the schema.
+        """
+        choice = body["choices"][0]
+        finish = choice.get("finish_reason")
+        if finish in ("content_filter", "length"):
+            raise RejectedByProvider(f"OpenAI's answer ended with finish_reason {finish}")
+        message = choice.get("message") or {}
+        if message.get("refusal"):
+            raise RejectedByProvider(f"OpenAI refused: {message['refusal']}")
+        try:
+            parsed = self._schemas[kind].model_validate_json(message.get("content") or "")
+        except ValueError as error:
+            raise RejectedByProvider(
+                f"OpenAI's answer does not follow the schema: {error}"
+            ) from None
+        usage = body.get("usage") or {}
+        return StepResult(
+            provider=self.name,
+            step=f"{self.name}.{kind}",
+            output=parsed.model_dump(mode="json"),
+            model=body.get("model"),
+            input_tokens=usage.get("prompt_tokens"),
+            output_tokens=usage.get("completion_tokens"),
+            calls=1,
+        )
+
+    # -- Batch API (https://platform.openai.com/docs/guides/batch) ---------------------------
+
+    def _batch_client(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            raise RuntimeError("OpenAIProvider.start() must be called first")
+        return self._client
+
+    async def upload_batch_file(self, data: bytes) -> str:
+        """Upload a JSONL input file with purpose ``batch``; returns its file id."""
+        try:
+            created = await self._batch_client().files.create(
+                file=("requests.jsonl", data, "application/jsonl"), purpose="batch"
+            )
+        except openai.OpenAIError as error:
+            raise self._translate(error) from None
+        return created.id
+
+    async def create_batch(self, input_file_id: str, local_id: str) -> tuple[str, str]:
+        """Create a batch over ``input_file_id`` (24 h window), tagged with our ``local_id``.
+
+        Returns:
+            The batch's id and status.
+        """
+        try:
+            batch = await self._batch_client().batches.create(
+                input_file_id=input_file_id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata={"listener_batch": local_id},
+            )
+        except openai.OpenAIError as error:
+            raise self._translate(error) from None
+        return batch.id, batch.status
+
+    async def find_batch(self, local_id: str) -> tuple[str, str] | None:
+        """The batch created for ``local_id`` before a crash, if the provider has one."""
+        try:
+            async for batch in self._batch_client().batches.list(limit=100):
+                if (batch.metadata or {}).get("listener_batch") == local_id:
+                    return batch.id, batch.status
+        except openai.OpenAIError as error:
+            raise self._translate(error) from None
+        return None
+
+    async def retrieve_batch(self, batch_id: str) -> dict[str, Any]:
+        """The batch's status, request counts, file ids and errors."""
+        try:
+            batch = await self._batch_client().batches.retrieve(batch_id)
+        except openai.OpenAIError as error:
+            raise self._translate(error) from None
+        counts = batch.request_counts
+        errors = batch.errors.data if batch.errors and batch.errors.data else []
+        return {
+            "status": batch.status,
+            "completed": counts.completed if counts else 0,
+            "failed": counts.failed if counts else 0,
+            "output_file_id": batch.output_file_id,
+            "error_file_id": batch.error_file_id,
+            "error": "; ".join(f"{e.code}: {e.message}" for e in errors) or None,
+        }
+
+    async def file_content(self, file_id: str) -> bytes:
+        """The bytes of a file (a batch's output or error file)."""
+        try:
+            content = await self._batch_client().files.content(file_id)
+        except openai.OpenAIError as error:
+            raise self._translate(error) from None
+        return content.read()
+
     async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult:
         """Ask the ``kind`` tier's model about ``image``.
 

@@ -5,7 +5,7 @@ ALTER TABLE listener.results
     ADD COLUMN input_tokens  integer,
     ADD COLUMN output_tokens integer,
     ADD COLUMN calls         integer NOT NULL DEFAULT 0,
-    ADD COLUMN cost_usd      numeric(12, 6) NOT NULL DEFAULT 0;
+    ADD COLUMN cost_usd      numeric(16, 9) NOT NULL DEFAULT 0;
 CREATE INDEX results_created_idx ON listener.results (created_at);
 
 -- One row per rate-limited provider, shared by every daemon: the state of its generic cell

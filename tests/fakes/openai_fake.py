@@ -33,6 +33,55 @@ until the window is empty again. Only admitted requests take room in the windows
 faulted ones do not. A limit's 429 carries ``retry-after`` (seconds, fractional: the SDK
 accepts floats) and ``retry-after-ms``; a scripted ``Fault`` carries ``retry-after`` only, and
 only when ``retry_after_s`` is set.
+
+Batch API (API reference, "Files" and "Batch"; "Batch API" guide), for chat completions only:
+
+- ``POST /v1/files`` (multipart ``file`` + ``purpose``) answers a File object (``file-...``,
+  status "processed"). A ``purpose=batch`` file must be named ``*.jsonl``, be at most
+  ``max_file_bytes`` (200 MB) and hold 1 to ``max_batch_requests`` (50,000) lines, each a
+  JSON object with a unique non-empty ``custom_id``, ``method`` "POST", ``url``
+  "/v1/chat/completions", an object ``body``, and one ``model`` for the whole file. Any
+  breach is a 400 at upload (the real API reports most of these later, as a "failed"
+  batch), with ``code`` one of ``invalid_file_format``, ``file_too_large``,
+  ``invalid_json_line``, ``missing_custom_id``, ``duplicate_custom_id``,
+  ``invalid_method``, ``invalid_url``, ``invalid_body``, ``mismatched_model``,
+  ``too_many_batch_requests``, ``empty_file``; the message names the line. Bodies are not
+  validated at upload: an invalid one fails as its own request (400 in the error file).
+- ``GET /v1/files/{id}`` and ``GET /v1/files/{id}/content`` (the raw bytes), for uploaded
+  files and the output/error files batches write (purpose ``batch_output``).
+- ``POST /v1/batches`` answers a Batch object in status "validating" with total 0; ``GET
+  /v1/batches/{id}``, ``GET /v1/batches`` (newest first, ``limit``/``after``) and ``POST
+  /v1/batches/{id}/cancel`` read it as of now: there is no background task, each request
+  to these endpoints advances every batch by its clock. With d = ``batch_duration_s`` as
+  it was at creation: "validating" until 0.2 d, "in_progress" until 0.8 d (total set,
+  completed/failed counting up), "finalizing" until d, then "completed". Timestamps are
+  creation time plus those offsets.
+- Each batch takes the next ``batch_next_outcome`` at creation (default "completed"):
+  "failed" stays "validating" until d, then "failed" with ``errors.data`` =
+  [{code "token_limit_exceeded", message, param, line}], no files, no usage; "expired"
+  goes "in_progress" and at d "expired": the first total // 2 requests ran (output file,
+  plus error-file lines for those that failed), the others are in the error file as
+  ``{"response": null, "error": {"code": "batch_expired", "message": ...}}`` (the guide's
+  format); "cancelled" stays "in_progress" with nothing done until someone cancels it.
+- Requests run through the chat logic above (same content for the same body, same usage)
+  without faults, ``finish_reason_override`` or rate limits. Those in
+  ``batch_fail_custom_ids`` or at positions N, 2N, ... for ``batch_fail_every`` = N
+  (both read at creation) fail with 500 ``server_error``. Output lines are ``{"id":
+  "batch_req_...", "custom_id", "response": {"status_code": 200, "request_id", "body":
+  <chat.completion>}, "error": null}``; failed requests go to the error file in the same
+  shape with their error status and ``{"error": {...}}`` body. Lines keep input order.
+  The output file exists once a batch completes (even if empty) or when any request
+  succeeded; the error file only when it has lines.
+- At the end, ``request_counts`` = {total, completed: successes, failed: total -
+  completed} (expired and cancelled requests count as failed), ``usage`` (Batch object,
+  input/output tokens) is set, the tokens are added to ``usage_total`` and the requests
+  that ran to ``batch_requests_seen``.
+- Cancel: "validating"/"in_progress"/"finalizing" become "cancelling", then after
+  ``batch_cancel_s`` "cancelled": the requests done when cancelled are in the files, the
+  rest in the error file with code ``batch_cancelled``. Cancelling a "cancelling" or
+  "cancelled" batch answers it unchanged; a "completed", "failed" or "expired" one is a 409.
+- Unknown ids are 404 ``No such File object: ...`` / ``No such Batch object: ...``;
+  every endpoint wants the bearer key (401 as for chat).
 """
 
 from __future__ import annotations
@@ -56,7 +105,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from PIL import Image, ImageStat
 
 # Real API: "up to 50 MB total payload size per request" (Images and vision guide).
@@ -70,6 +119,40 @@ SUPPORTED_IMAGE_FORMATS = frozenset({"PNG", "JPEG", "GIF", "WEBP"})
 MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 DETAILS = frozenset({"low", "high", "auto"})
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SERVER_ERROR_MESSAGE = "The server had an error while processing your request. Sorry about that!"
+
+# Batch API ("Batch API" guide; API reference, "Files" and "Batch"): up to 50,000 requests
+# and 200 MB per input file, a 24 h completion window, batch files kept 30 days.
+MAX_BATCH_REQUESTS = 50_000
+MAX_BATCH_FILE_BYTES = 200 * 1024 * 1024
+BATCH_ENDPOINT = "/v1/chat/completions"  # the only endpoint the fake can run
+BATCH_ENDPOINTS = frozenset(
+    {
+        "/v1/responses",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/completions",
+        "/v1/moderations",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/videos",
+    }
+)
+BATCH_OUTCOMES = frozenset({"completed", "failed", "expired", "cancelled"})
+BATCH_WINDOW_S = 24 * 3600
+BATCH_FILE_TTL_S = 30 * 24 * 3600
+FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
+# Where the "validating" and "in_progress" phases end, as fractions of batch_duration_s.
+VALIDATING_UNTIL = 0.2
+IN_PROGRESS_UNTIL = 0.8
+BATCH_EXPIRED_ERROR = {
+    "code": "batch_expired",
+    "message": "This request could not be executed before the completion window expired.",
+}
+BATCH_CANCELLED_ERROR = {
+    "code": "batch_cancelled",
+    "message": "This request was not executed because the batch was cancelled.",
+}
 
 
 @dataclass
@@ -716,6 +799,50 @@ def _finish(chat: _Chat, override: str | None) -> tuple[str | None, str]:
     return content, override or "stop"
 
 
+def _chat_completion(
+    chat: _Chat,
+    content: str | None,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:
+    """A ``chat.completion`` object, as ``POST /v1/chat/completions`` answers and as the
+    ``response.body`` of a batch output line."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": chat.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": content,
+                    "refusal": None,
+                    "annotations": [],
+                },
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_fake0000",
+    }
+
+
 def _fault_error(fault: Fault) -> _ApiError:
     """The answer a scripted ``Fault`` stands for."""
     status, code = fault.status, fault.code
@@ -734,7 +861,7 @@ def _fault_error(fault: Fault) -> _ApiError:
         default = "Incorrect API key provided: sk-****. You can find your API key at ..."
     elif status >= 500:
         type_ = "server_error"
-        default = "The server had an error while processing your request. Sorry about that!"
+        default = SERVER_ERROR_MESSAGE
     else:
         type_ = "invalid_request_error"
         default = f"Scripted {status} error."
@@ -742,6 +869,203 @@ def _fault_error(fault: Fault) -> _ApiError:
     if fault.retry_after_s is not None:
         headers["retry-after"] = _format_seconds(fault.retry_after_s)
     return _ApiError(status, fault.message or default, type_=type_, code=code, headers=headers)
+
+
+def _no_api_key() -> _ApiError:
+    return _ApiError(
+        401,
+        "You didn't provide an API key. You need to provide your API key in an "
+        "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        code="invalid_api_key",
+    )
+
+
+# --- the Batch API ----------------------------------------------------------------------
+
+
+@dataclass
+class _BatchLine:
+    """One request of a batch input file, as validated at upload."""
+
+    line: int  # 1-based line number in the file
+    custom_id: str
+    body: dict[str, Any]
+
+
+@dataclass
+class _LineResult:
+    """What running one batch request gave: a chat completion (200) or an error body."""
+
+    custom_id: str
+    status_code: int
+    body: dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True for a chat completion, which goes to the output file."""
+        return self.status_code == 200
+
+
+@dataclass
+class _BatchRun:
+    """A created batch: its wire object (shared with ``FakeOpenAI.batches``) and its plan.
+
+    ``results`` are computed at creation but only published (files, counts, usage) as the
+    batch's clock advances; ``done_at_cancel`` is how many requests had run when it was
+    cancelled.
+    """
+
+    batch: dict[str, Any]
+    results: list[_LineResult]
+    outcome: str
+    duration_s: float
+    started: float  # time.monotonic() at creation
+    created_at: float  # time.time() at creation
+    cancel_requested: float | None = None  # time.monotonic() of the cancel
+    cancel_requested_at: float = 0.0  # time.time() of the cancel
+    cancel_s: float = 0.0  # how long it stays "cancelling"
+    done_at_cancel: int = 0
+    finished: bool = False
+
+
+def _line_error(line: int, message: str, code: str) -> _ApiError:
+    return _ApiError(
+        400, f"Invalid batch input file, line {line}: {message}", param="file", code=code
+    )
+
+
+def _parse_batch_file(data: bytes, max_requests: int) -> list[_BatchLine]:
+    """Validate a batch input file (JSONL of chat requests). Raises ``_ApiError`` (400).
+
+    Blank lines are skipped. Each other line must be a JSON object with a non-empty string
+    ``custom_id`` unique in the file, ``method`` "POST", ``url`` "/v1/chat/completions" and
+    an object ``body``; the bodies' ``model`` values must all be the same. The bodies are
+    not validated further here: an invalid body fails as its own request (400 in the
+    error file), as on the real API.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _ApiError(
+            400,
+            "Invalid file format for Batch API: the file must be UTF-8 encoded JSONL.",
+            param="file",
+            code="invalid_file_format",
+        ) from exc
+    lines: list[_BatchLine] = []
+    seen: set[str] = set()
+    model: str | None = None
+    for number, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw)
+        except ValueError as exc:
+            raise _line_error(number, "the line is not valid JSON.", "invalid_json_line") from exc
+        if not isinstance(item, dict):
+            raise _line_error(number, "expected a JSON object.", "invalid_json_line")
+        custom_id = item.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise _line_error(
+                number, "'custom_id' must be a non-empty string.", "missing_custom_id"
+            )
+        if custom_id in seen:
+            raise _line_error(
+                number,
+                f"The custom_id '{custom_id}' is a duplicate of another request. The "
+                "custom_id parameter must be unique for each request in a batch.",
+                "duplicate_custom_id",
+            )
+        method = item.get("method")
+        if method != "POST":
+            raise _line_error(
+                number, f"Invalid method {method!r}: only 'POST' is supported.", "invalid_method"
+            )
+        url = item.get("url")
+        if url != BATCH_ENDPOINT:
+            raise _line_error(
+                number,
+                f"Invalid url {url!r}: this fake only supports '{BATCH_ENDPOINT}'.",
+                "invalid_url",
+            )
+        body = item.get("body")
+        if not isinstance(body, dict):
+            raise _line_error(number, "'body' must be a JSON object.", "invalid_body")
+        body_model = body.get("model")
+        if isinstance(body_model, str):
+            if model is None:
+                model = body_model
+            elif body_model != model:
+                raise _line_error(
+                    number,
+                    f"The model '{body_model}' differs from the model '{model}' of the "
+                    "earlier lines: a batch input file can only include requests to a "
+                    "single model.",
+                    "mismatched_model",
+                )
+        seen.add(custom_id)
+        lines.append(_BatchLine(number, custom_id, body))
+        if len(lines) > max_requests:
+            raise _ApiError(
+                400,
+                f"The batch input file has more than {max_requests:,} requests, the limit "
+                "per batch.",
+                param="file",
+                code="too_many_batch_requests",
+            )
+    if not lines:
+        raise _ApiError(
+            400,
+            "The batch input file is empty: it must contain at least one request.",
+            param="file",
+            code="empty_file",
+        )
+    return lines
+
+
+def _run_batch_line(line: _BatchLine, fail: bool) -> _LineResult:
+    """One batch request through the chat logic (no faults, overrides or rate limits)."""
+    if fail:
+        error = _ApiError(500, SERVER_ERROR_MESSAGE, type_="server_error")
+        return _LineResult(line.custom_id, 500, error.body())
+    try:
+        chat = _parse_chat(line.body)
+        content, finish_reason = _finish(chat, None)
+    except _ApiError as error:
+        return _LineResult(line.custom_id, error.status, error.body())
+    prompt_tokens = chat.prompt_tokens
+    completion_tokens = math.ceil(len(content or "") / 4)
+    body = _chat_completion(chat, content, finish_reason, prompt_tokens, completion_tokens)
+    return _LineResult(line.custom_id, 200, body, prompt_tokens, completion_tokens)
+
+
+def _request_counts(results: Sequence[_LineResult], total: int) -> dict[str, int]:
+    """``request_counts`` once ``results`` have run, out of ``total``."""
+    completed = sum(1 for result in results if result.ok)
+    return {"total": total, "completed": completed, "failed": len(results) - completed}
+
+
+def _batch_usage(results: Sequence[_LineResult]) -> dict[str, Any]:
+    """A batch's ``usage`` (Batch object, Responses-style names) over its successes."""
+    input_tokens = sum(result.prompt_tokens for result in results if result.ok)
+    output_tokens = sum(result.completion_tokens for result in results if result.ok)
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def _jsonl(entries: Sequence[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(entry) + "\n" for entry in entries).encode()
+
+
+def _not_found(kind: str, object_id: str, param: str | None = None) -> _ApiError:
+    return _ApiError(404, f"No such {kind} object: {object_id}", param=param)
 
 
 # --- the server -------------------------------------------------------------------------
@@ -772,7 +1096,21 @@ class FakeOpenAI:
             bearer token, or None).
         violations: requests rejected by ``rps_limit`` or ``tpm_limit``.
         latency_s: every answer, errors included, waits this long first.
-        usage_total: ``prompt_tokens`` and ``completion_tokens`` of all successful answers.
+        usage_total: ``prompt_tokens`` and ``completion_tokens`` of all successful answers,
+            batch requests included (counted when their batch finishes).
+
+    Batch API attributes (see "Batch API" in the module docstring):
+        batch_duration_s: how long a batch created from now on takes to finish (default 0.5).
+        batch_cancel_s: how long a cancelled batch stays "cancelling" (default 0.1).
+        batch_fail_custom_ids: requests that fail with 500 ``server_error``.
+        batch_fail_every: every Nth request of a batch (1-based: N, 2N, ...) fails with 500.
+        batch_next_outcome: outcomes for the next created batches (FIFO), "completed" when
+            empty: "completed", "failed", "expired" or "cancelled".
+        max_file_bytes / max_batch_requests: the upload limits (200 MB, 50,000 requests).
+        files: the bytes of every file, uploaded or written by a batch, by id.
+        file_objects: the File object of every file, by id.
+        batches: the Batch object of every batch, by id, as last computed.
+        batch_requests_seen: batch requests run so far (not those expired or cancelled).
 
     Args:
         rps_limit: requests per second; a request that would make more than floor(rps) in a
@@ -803,6 +1141,18 @@ class FakeOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.violations = 0
         self.usage_total: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.batch_duration_s = 0.5
+        self.batch_cancel_s = 0.1
+        self.batch_fail_custom_ids: set[str] = set()
+        self.batch_fail_every: int | None = None
+        self.batch_next_outcome: list[str] = []
+        self.max_file_bytes = MAX_BATCH_FILE_BYTES
+        self.max_batch_requests = MAX_BATCH_REQUESTS
+        self.files: dict[str, bytes] = {}
+        self.file_objects: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_requests_seen = 0
+        self._batch_runs: dict[str, _BatchRun] = {}
         self._port = port
         self._base_url: str | None = None
         self._runner: web.AppRunner | None = None
@@ -824,6 +1174,13 @@ class FakeOpenAI:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/files", self._files_create)
+        app.router.add_get("/v1/files/{file_id}", self._files_retrieve)
+        app.router.add_get("/v1/files/{file_id}/content", self._files_content)
+        app.router.add_post("/v1/batches", self._batches_create)
+        app.router.add_get("/v1/batches", self._batches_list)
+        app.router.add_get("/v1/batches/{batch_id}", self._batches_retrieve)
+        app.router.add_post("/v1/batches/{batch_id}/cancel", self._batches_cancel)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self._port)
@@ -896,12 +1253,7 @@ class FakeOpenAI:
         if self.faults:
             raise _fault_error(self.faults.pop(0))
         if api_key is None:
-            raise _ApiError(
-                401,
-                "You didn't provide an API key. You need to provide your API key in an "
-                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                code="invalid_api_key",
-            )
+            raise _no_api_key()
         chat = _parse_chat(body)
         override = self.finish_reason_override[0] if self.finish_reason_override else None
         content, finish_reason = _finish(chat, override)
@@ -912,39 +1264,9 @@ class FakeOpenAI:
             self.finish_reason_override.pop(0)
         self.usage_total["prompt_tokens"] += prompt_tokens
         self.usage_total["completion_tokens"] += completion_tokens
-        completion = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": chat.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": content,
-                        "refusal": None,
-                        "annotations": [],
-                    },
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-                "completion_tokens_details": {
-                    "reasoning_tokens": 0,
-                    "audio_tokens": 0,
-                    "accepted_prediction_tokens": 0,
-                    "rejected_prediction_tokens": 0,
-                },
-            },
-            "service_tier": "default",
-            "system_fingerprint": "fp_fake0000",
-        }
+        completion = _chat_completion(
+            chat, content, finish_reason, prompt_tokens, completion_tokens
+        )
         return web.json_response(completion, headers=self._headers())
 
     def _admit(self, model: str, tokens: int) -> None:
@@ -988,6 +1310,432 @@ class FakeOpenAI:
                 "retry-after-ms": str(wait_ms),
             }
         raise _ApiError(429, message, type_=kind, code="rate_limit_exceeded", headers=headers)
+
+    # -- the Files and Batch APIs --
+
+    async def _guarded(
+        self, request: web.Request, action: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> web.Response:
+        """``action`` after the API key check and the batches' clock; errors as OpenAI's."""
+        try:
+            if _bearer(request.headers.get("Authorization")) is None:
+                raise _no_api_key()
+            self._advance_batches()
+            return await action(request)
+        except _ApiError as error:
+            await request.release()  # drain an unread upload, or the client waits on it
+            headers = {**self._headers(), **error.headers}
+            return web.json_response(error.body(), status=error.status, headers=headers)
+
+    async def _files_create(self, request: web.Request) -> web.Response:
+        """``POST /v1/files``: multipart ``file`` + ``purpose``; batch files are validated."""
+        return await self._guarded(request, self._create_file)
+
+    async def _files_retrieve(self, request: web.Request) -> web.Response:
+        """``GET /v1/files/{file_id}``: the File object."""
+        return await self._guarded(request, self._retrieve_file)
+
+    async def _files_content(self, request: web.Request) -> web.Response:
+        """``GET /v1/files/{file_id}/content``: the file's bytes."""
+        return await self._guarded(request, self._file_content)
+
+    async def _batches_create(self, request: web.Request) -> web.Response:
+        """``POST /v1/batches``: a Batch object in status "validating"."""
+        return await self._guarded(request, self._create_batch)
+
+    async def _batches_list(self, request: web.Request) -> web.Response:
+        """``GET /v1/batches?limit=&after=``: a cursor page, newest first."""
+        return await self._guarded(request, self._list_batches)
+
+    async def _batches_retrieve(self, request: web.Request) -> web.Response:
+        """``GET /v1/batches/{batch_id}``: the Batch object as of now."""
+        return await self._guarded(request, self._retrieve_batch)
+
+    async def _batches_cancel(self, request: web.Request) -> web.Response:
+        """``POST /v1/batches/{batch_id}/cancel``: "cancelling", then "cancelled"."""
+        return await self._guarded(request, self._cancel_batch)
+
+    async def _create_file(self, request: web.Request) -> web.Response:
+        if request.content_type != "multipart/form-data":
+            raise _ApiError(
+                400,
+                f"Invalid Content-Type header ({request.content_type}), expected "
+                "multipart/form-data.",
+            )
+        fields: dict[str, str] = {}
+        upload: tuple[str, bytes] | None = None
+        size = 0
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                await part.release()
+            elif part.name == "file":
+                chunks: list[bytes] = []
+                while chunk := await part.read_chunk(1 << 20):
+                    size += len(chunk)
+                    if size <= self.max_file_bytes:  # past the limit: drain, don't keep
+                        chunks.append(chunk)
+                upload = (part.filename or "upload", b"".join(chunks))
+            elif part.name:
+                fields[part.name] = await part.text()
+            else:
+                await part.release()
+        if upload is None:
+            raise _invalid(
+                "Missing required parameter: 'file'.", "file", "missing_required_parameter"
+            )
+        purpose = fields.get("purpose")
+        if purpose is None:
+            raise _invalid(
+                "Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter"
+            )
+        if purpose not in FILE_PURPOSES:
+            raise _invalid(
+                f"Invalid value: '{purpose}'. Supported values are: 'assistants', 'batch', "
+                "'fine-tune', 'vision', 'user_data', and 'evals'.",
+                "purpose",
+            )
+        filename, data = upload
+        if size > self.max_file_bytes:
+            raise _ApiError(
+                400,
+                f"File is too large: {size:,} bytes, the limit is {self.max_file_bytes:,} bytes.",
+                param="file",
+                code="file_too_large",
+            )
+        if purpose == "batch":
+            if not filename.endswith(".jsonl"):
+                raise _ApiError(
+                    400,
+                    "Invalid file format for Batch API. Must be .jsonl",
+                    param="file",
+                    code="invalid_file_format",
+                )
+            _parse_batch_file(data, self.max_batch_requests)
+        file_object = self._store_file(data, filename, purpose)
+        return web.json_response(file_object, headers=self._headers())
+
+    def _store_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        """Keep ``data`` as a new file; return its File object."""
+        created_at = int(time.time())
+        file_object: dict[str, Any] = {
+            "id": f"file-{uuid.uuid4().hex[:22]}",
+            "object": "file",
+            "bytes": len(data),
+            "created_at": created_at,
+            "expires_at": (
+                created_at + BATCH_FILE_TTL_S if purpose in ("batch", "batch_output") else None
+            ),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "status_details": None,
+        }
+        self.files[file_object["id"]] = data
+        self.file_objects[file_object["id"]] = file_object
+        return file_object
+
+    def _file(self, file_id: str, param: str | None = None) -> dict[str, Any]:
+        if file_id not in self.file_objects:
+            raise _not_found("File", file_id, param)
+        return self.file_objects[file_id]
+
+    async def _retrieve_file(self, request: web.Request) -> web.Response:
+        file_object = self._file(request.match_info["file_id"], "id")
+        return web.json_response(file_object, headers=self._headers())
+
+    async def _file_content(self, request: web.Request) -> web.Response:
+        file_object = self._file(request.match_info["file_id"], "id")
+        return web.Response(
+            body=self.files[file_object["id"]],
+            content_type="application/octet-stream",
+            headers=self._headers(),
+        )
+
+    async def _create_batch(self, request: web.Request) -> web.Response:
+        body: Any = None
+        with contextlib.suppress(ValueError):
+            body = json.loads(await request.read())
+        if not isinstance(body, dict):
+            raise _ApiError(
+                400,
+                "We could not parse the JSON body of your request. (HINT: This likely means "
+                "you aren't using your HTTP library correctly. The OpenAI API expects a JSON "
+                "payload.)",
+            )
+        for name in ("input_file_id", "endpoint", "completion_window"):
+            if body.get(name) is None:
+                raise _invalid(
+                    f"Missing required parameter: '{name}'.", name, "missing_required_parameter"
+                )
+        endpoint = body["endpoint"]
+        if endpoint not in BATCH_ENDPOINTS:
+            raise _invalid(
+                f"Invalid value: '{endpoint}'. Supported values are: "
+                + ", ".join(f"'{e}'" for e in sorted(BATCH_ENDPOINTS))
+                + ".",
+                "endpoint",
+            )
+        if endpoint != BATCH_ENDPOINT:
+            raise _invalid(
+                f"Unsupported endpoint '{endpoint}': the fake only runs '{BATCH_ENDPOINT}'.",
+                "endpoint",
+            )
+        if body["completion_window"] != "24h":
+            raise _invalid(
+                f"Invalid value: '{body['completion_window']}'. Supported values are: '24h'.",
+                "completion_window",
+            )
+        metadata = body.get("metadata")
+        if metadata is not None and not (
+            isinstance(metadata, dict)
+            and len(metadata) <= 16
+            and all(
+                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                for k, v in metadata.items()
+            )
+        ):
+            raise _invalid(
+                "Invalid 'metadata': expected at most 16 string keys of up to 64 characters "
+                "with string values of up to 512 characters.",
+                "metadata",
+            )
+        input_file = self._file(str(body["input_file_id"]), "input_file_id")
+        if input_file["purpose"] != "batch":
+            raise _invalid(
+                f"The input file {input_file['id']} has purpose '{input_file['purpose']}'; "
+                "a batch input file must be uploaded with purpose 'batch'.",
+                "input_file_id",
+            )
+        lines = _parse_batch_file(self.files[input_file["id"]], self.max_batch_requests)
+        outcome = self.batch_next_outcome.pop(0) if self.batch_next_outcome else "completed"
+        if outcome not in BATCH_OUTCOMES:
+            raise _ApiError(
+                500,
+                f"FakeOpenAI: unknown batch outcome {outcome!r} in batch_next_outcome.",
+                type_="server_error",
+            )
+        every = self.batch_fail_every
+        results = [
+            _run_batch_line(
+                line,
+                line.custom_id in self.batch_fail_custom_ids
+                or (every is not None and every > 0 and index % every == 0),
+            )
+            for index, line in enumerate(lines, start=1)
+        ]
+        models = [line.body["model"] for line in lines if isinstance(line.body.get("model"), str)]
+        created_wall = time.time()
+        created_at = int(created_wall)
+        batch: dict[str, Any] = {
+            "id": f"batch_{uuid.uuid4().hex}",
+            "object": "batch",
+            "endpoint": endpoint,
+            "model": models[0] if models else None,
+            "errors": None,
+            "input_file_id": input_file["id"],
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": created_at,
+            "in_progress_at": None,
+            "expires_at": created_at + BATCH_WINDOW_S,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "usage": None,
+            "metadata": metadata,
+        }
+        self.batches[batch["id"]] = batch
+        self._batch_runs[batch["id"]] = _BatchRun(
+            batch=batch,
+            results=results,
+            outcome=outcome,
+            duration_s=max(0.0, self.batch_duration_s),
+            started=time.monotonic(),
+            created_at=created_wall,
+        )
+        return web.json_response(batch, headers=self._headers())
+
+    def _run(self, batch_id: str) -> _BatchRun:
+        if batch_id not in self._batch_runs:
+            raise _not_found("Batch", batch_id, "batch_id")
+        return self._batch_runs[batch_id]
+
+    async def _retrieve_batch(self, request: web.Request) -> web.Response:
+        run = self._run(request.match_info["batch_id"])
+        return web.json_response(run.batch, headers=self._headers())
+
+    async def _list_batches(self, request: web.Request) -> web.Response:
+        raw_limit = request.query.get("limit", "20")
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            raise _invalid(
+                f"Invalid 'limit': '{raw_limit}'. Expected an integer between 1 and 100.",
+                "limit",
+            )
+        newest_first = [run.batch for run in reversed(self._batch_runs.values())]
+        start = 0
+        after = request.query.get("after")
+        if after is not None:
+            ids = [batch["id"] for batch in newest_first]
+            if after not in ids:
+                raise _invalid(f"Invalid 'after': no batch {after}.", "after")
+            start = ids.index(after) + 1
+        page = newest_first[start : start + limit]
+        listing = {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": start + limit < len(newest_first),
+        }
+        return web.json_response(listing, headers=self._headers())
+
+    async def _cancel_batch(self, request: web.Request) -> web.Response:
+        run = self._run(request.match_info["batch_id"])
+        batch = run.batch
+        status = batch["status"]
+        if status in ("completed", "failed", "expired"):
+            raise _ApiError(409, f"Cannot cancel a batch with status '{status}'.")
+        if status in ("validating", "in_progress", "finalizing"):
+            counts = batch["request_counts"]
+            run.cancel_requested = time.monotonic()
+            run.cancel_requested_at = time.time()
+            run.cancel_s = max(0.0, self.batch_cancel_s)
+            run.done_at_cancel = counts["completed"] + counts["failed"]
+            batch["status"] = "cancelling"
+            batch["cancelling_at"] = int(run.cancel_requested_at)
+        return web.json_response(batch, headers=self._headers())
+
+    def _advance_batches(self) -> None:
+        """Bring every batch's status up to date with its clock."""
+        now = time.monotonic()
+        for run in self._batch_runs.values():
+            self._advance(run, now)
+
+    def _advance(self, run: _BatchRun, now: float) -> None:
+        """validating -> in_progress -> finalizing -> completed (or failed/expired/cancelled)."""
+        if run.finished:
+            return
+        batch, results, total = run.batch, run.results, len(run.results)
+        if run.cancel_requested is not None:
+            if now - run.cancel_requested >= run.cancel_s:
+                self._finish_batch(
+                    run, "cancelled", run.done_at_cancel, run.cancel_requested_at + run.cancel_s
+                )
+            return
+        elapsed, duration = now - run.started, run.duration_s
+        if run.outcome == "failed":
+            if elapsed >= duration:
+                self._fail(run)
+            return
+        if elapsed < VALIDATING_UNTIL * duration:
+            return
+        batch["status"] = "in_progress"
+        if batch["in_progress_at"] is None:
+            batch["in_progress_at"] = int(run.created_at + VALIDATING_UNTIL * duration)
+        if run.outcome == "cancelled":  # stuck until cancelled
+            batch["request_counts"] = _request_counts([], total)
+            return
+        if run.outcome == "expired":
+            half = total // 2
+            if elapsed >= duration:
+                self._finish_batch(run, "expired", half, run.created_at + duration)
+            else:
+                progress = (elapsed - VALIDATING_UNTIL * duration) / (
+                    (1 - VALIDATING_UNTIL) * duration
+                )
+                batch["request_counts"] = _request_counts(results[: int(half * progress)], total)
+            return
+        if elapsed >= IN_PROGRESS_UNTIL * duration:
+            batch["status"] = "finalizing"
+            if batch["finalizing_at"] is None:
+                batch["finalizing_at"] = int(run.created_at + IN_PROGRESS_UNTIL * duration)
+            batch["request_counts"] = _request_counts(results, total)
+            if elapsed >= duration:
+                self._finish_batch(run, "completed", total, run.created_at + duration)
+            return
+        progress = (elapsed - VALIDATING_UNTIL * duration) / (
+            (IN_PROGRESS_UNTIL - VALIDATING_UNTIL) * duration
+        )
+        batch["request_counts"] = _request_counts(results[: int(total * progress)], total)
+
+    def _fail(self, run: _BatchRun) -> None:
+        """The "failed" outcome: no request runs, ``errors`` says why."""
+        batch = run.batch
+        model = batch["model"] or "the model"
+        batch["status"] = "failed"
+        batch["failed_at"] = int(run.created_at + run.duration_s)
+        batch["errors"] = {
+            "object": "list",
+            "data": [
+                {
+                    "code": "token_limit_exceeded",
+                    "message": f"Enqueued token limit reached for {model} in organization "
+                    "org-fake. Limit: 90,000 enqueued tokens. Please try submitting this "
+                    "batch again later.",
+                    "param": None,
+                    "line": None,
+                }
+            ],
+        }
+        run.finished = True
+
+    def _finish_batch(self, run: _BatchRun, status: str, done: int, at: float) -> None:
+        """Write the output and error files of a batch whose first ``done`` requests ran."""
+        batch, total = run.batch, len(run.results)
+        ran = run.results[:done]
+        outputs: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for result in ran:
+            entry = {
+                "id": f"batch_req_{uuid.uuid4().hex}",
+                "custom_id": result.custom_id,
+                "response": {
+                    "status_code": result.status_code,
+                    "request_id": f"req_{uuid.uuid4().hex}",
+                    "body": result.body,
+                },
+                "error": None,
+            }
+            (outputs if result.ok else errors).append(entry)
+        unrun_error = BATCH_EXPIRED_ERROR if status == "expired" else BATCH_CANCELLED_ERROR
+        errors += [
+            {
+                "id": f"batch_req_{uuid.uuid4().hex}",
+                "custom_id": result.custom_id,
+                "response": None,
+                "error": dict(unrun_error),
+            }
+            for result in run.results[done:]
+        ]
+        if outputs or status == "completed":
+            output = self._store_file(
+                _jsonl(outputs), f"{batch['id']}_output.jsonl", "batch_output"
+            )
+            batch["output_file_id"] = output["id"]
+        if errors:
+            error = self._store_file(_jsonl(errors), f"{batch['id']}_error.jsonl", "batch_output")
+            batch["error_file_id"] = error["id"]
+        counts = _request_counts(ran, total)
+        counts["failed"] = total - counts["completed"]  # requests never run count as failed
+        batch["request_counts"] = counts
+        batch["usage"] = _batch_usage(ran)
+        self.usage_total["prompt_tokens"] += batch["usage"]["input_tokens"]
+        self.usage_total["completion_tokens"] += batch["usage"]["output_tokens"]
+        self.batch_requests_seen += len(ran)
+        batch["status"] = status
+        batch[f"{status}_at"] = int(at)
+        run.finished = True
 
     def _headers(self) -> dict[str, str]:
         """``x-request-id`` and the ``x-ratelimit-*`` headers for the limits' present state."""

@@ -148,3 +148,70 @@ def test_missing_database_url_is_a_clear_error() -> None:
     )
     assert result.returncode == 2
     assert "set LISTENER_DATABASE_URL or DATABASE_URL" in result.stderr
+
+
+async def test_status_retry_and_cancel(
+    database_url: str, conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
+) -> None:
+    env = env_for_subprocess
+    await make_table(conn, owner=True, status=True)
+    await conn.execute(
+        "INSERT INTO images (url, owner_id) SELECT 'http://img/' || g || '.jpg', "
+        "CASE WHEN g <= 6 THEN 'alice' ELSE 'bob' END FROM generate_series(1, 10) g"
+    )
+    # Three 404s and one timeout for alice, finished now; bob's jobs stay pending.
+    await conn.execute(
+        "UPDATE listener.jobs SET status = 'failed', finished_at = now(), attempts = 1, "
+        "last_error = 'image not found: HTTP 404 from ' || image_url "
+        "WHERE owner_id = 'alice' AND source_id::int <= 3"
+    )
+    await conn.execute(
+        "UPDATE listener.jobs SET status = 'failed', finished_at = now(), attempts = 5, "
+        "last_error = 'timed out (gave up after 5 attempts)' "
+        "WHERE owner_id = 'alice' AND source_id::int = 4"
+    )
+    await conn.execute(
+        "UPDATE listener.jobs SET status = 'complete', finished_at = now() "
+        "WHERE owner_id = 'alice' AND source_id::int > 4"
+    )
+    doc = json.loads(cli(env, "status", "--json").stdout)
+    assert doc["failure_reasons"] == [
+        {"reason": "image not found: HTTP 404 from <url>", "count": 3},
+        {"reason": "timed out (gave up after 5 attempts)", "count": 1},
+    ]
+    assert doc["by_table"] == [
+        {
+            "table": "public.images",
+            "pending": 4,
+            "processing": 0,
+            "complete": 2,
+            "failed": 4,
+            "cancelled": 0,
+            "batched": 0,
+        }
+    ]
+    assert doc["by_owner"][0]["owner"] == "bob" and doc["by_owner"][0]["pending"] == 4
+    assert sum(m["complete"] + m["failed"] for m in doc["throughput_per_minute"]) == 6
+    assert doc["rate_per_s"] == pytest.approx(6 / 300) and doc["eta_s"] == pytest.approx(200)
+    assert len(doc["recent_failures"]) == 4 and doc["open_batches"] == []
+    text = cli(env, "status").stdout
+    assert "image not found: HTTP 404 from <url>" in text and "bob" in text
+
+    # retry: only the 404s, as fresh jobs, with the row's status written back.
+    retried = json.loads(cli(env, "retry", "--failed", "--reason", "404", "--json").stdout)
+    assert retried["requeued"] == 3
+    rows = await conn.fetch(
+        "SELECT status, attempts, last_error FROM listener.jobs WHERE source_id::int <= 3"
+    )
+    assert {tuple(r) for r in rows} == {("pending", 0, None)}
+    assert await conn.fetchval("SELECT count(*) FROM images WHERE status = 'pending'") == 7
+
+    # cancel needs a filter; by owner it takes pending jobs only, and retry brings them back.
+    refused = cli(env, "cancel")
+    assert refused.returncode == 2 and "--all" in refused.stderr
+    cancelled = json.loads(cli(env, "cancel", "--owner", "bob", "--json").stdout)
+    assert cancelled["cancelled"] == 4
+    assert await conn.fetchval("SELECT count(*) FROM images WHERE status = 'cancelled'") == 4
+    back = cli(env, "retry", "--cancelled", "--owner", "bob", "--table", "images")
+    assert "requeued 4 jobs (owner bob, table images)" in back.stdout, back.stderr
+    assert json.loads(cli(env, "status", "--json").stdout)["pending"] == 7

@@ -12,7 +12,6 @@ from listener.demo import BUNDLED_IMAGES, find_images
 
 
 def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
-    clusters_before = set(Path("/tmp").glob("listener-pg-*"))
     env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
     env.update({"COLUMNS": "200", "NO_COLOR": "1"})
     result = subprocess.run(
@@ -42,7 +41,8 @@ def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
         "trigger",
     }
     # The embedded cluster is stopped and removed afterwards.
-    assert set(Path("/tmp").glob("listener-pg-*")) <= clusters_before
+    directory = re.search(r"data directory (\S+) \(removed at the end\)", out)
+    assert directory is not None and not Path(directory.group(1)).exists()
 
 
 def test_demo_with_cloud_providers_against_the_fakes(tmp_path: Path) -> None:
@@ -77,5 +77,6 @@ def test_demo_with_cloud_providers_against_the_fakes(tmp_path: Path) -> None:
     # image, labels, angle, quality, tiers, faces, USD
     assert "Face" in cloud[2] and cloud[3] and cloud[5].startswith("1")
     assert "person 1" in cloud[6] and float(cloud[7]) > 0
+    assert re.search(r"batches: [1-9]\d* through OpenAI's Batch API", out)
     people = re.search(r"faces: (\d+) indexed, (\d+) person", out)
     assert people is not None and int(people.group(1)) >= 3 and int(people.group(2)) >= 1
