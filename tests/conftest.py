@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -154,3 +154,13 @@ def env_for_subprocess(database_url: str) -> dict[str, str]:
     env["LISTENER_DATABASE_URL"] = database_url
     env.pop("LISTENER_LISTEN_DATABASE_URL", None)
     return env
+
+
+@pytest.fixture
+async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to this test's database, closed after the test."""
+    c = await asyncpg.connect(database_url)
+    try:
+        yield c
+    finally:
+        await c.close()

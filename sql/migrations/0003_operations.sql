@@ -68,7 +68,8 @@ END;
 $$;
 
 -- backfill_chunk with batch_mode: `listener backfill --batch` sends the jobs' OpenAI steps
--- to the Batch API (NULL leaves the choice to the daemon).
+-- to the Batch API (NULL leaves the choice to the daemon). It replaces the six-argument one.
+DROP FUNCTION listener.backfill_chunk(text, text, integer, text, integer, integer);
 CREATE FUNCTION listener.backfill_chunk(
     p_table text, p_after text, p_chunk integer, p_owner text, p_priority integer,
     p_max_attempts integer, p_batch boolean,

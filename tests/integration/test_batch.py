@@ -33,15 +33,6 @@ async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
         yield server
 
 
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(database_url)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 def batch_settings(database_url: str, fake: FakeOpenAI, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "pipeline": "tiered",

@@ -7,22 +7,12 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from support import RecordingProvider, fast_settings, make_table
 
 from listener.app import Daemon
-
-
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(database_url)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
@@ -13,15 +12,6 @@ from support import RecordingProvider, all_finished, counts, fast_settings, make
 from listener.app import Daemon, SchemaNotReady
 from listener.db.cluster import TemporaryCluster
 from listener.errors import FetchTimeout, InvalidImage, RateLimited
-
-
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(database_url)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def test_rows_inserted_before_and_while_running_all_complete(

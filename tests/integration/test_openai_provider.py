@@ -45,15 +45,6 @@ async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
         yield server
 
 
-@pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(database_url)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
 def openai_settings(fake: FakeOpenAI, **overrides: Any) -> OpenAISettings:
     values: dict[str, Any] = {
         "api_key": SecretStr(API_KEY),

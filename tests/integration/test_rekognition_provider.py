@@ -40,15 +40,6 @@ async def fake() -> AsyncIterator[FakeRekognition]:
 
 
 @pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(database_url)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-@pytest.fixture
 async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
     shots = {
         "a1.jpg": face_photo("a", seed=1, scale=1.0),

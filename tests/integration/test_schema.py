@@ -16,15 +16,6 @@ from listener.db.notify import CHANNEL
 
 
 @pytest.fixture
-async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(database_url)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-@pytest.fixture
 async def empty_db(pg_admin_dsn: str, dsn_for: Callable[[str], str]) -> AsyncIterator[str]:
     name = f"empty_{secrets.token_hex(6)}"
     admin = await asyncpg.connect(pg_admin_dsn)
@@ -236,15 +227,16 @@ async def test_backfill_functions_enqueue_only_rows_without_jobs(
     assert await conn.fetchval("SELECT listener.count_unqueued('images')") == 25
     assert await conn.fetchval("SELECT listener.count_unqueued('images', 'even')") == 12
     first = await conn.fetchrow(
-        "SELECT * FROM listener.backfill_chunk('images', NULL, 10, NULL, 100, 5)"
+        "SELECT * FROM listener.backfill_chunk('images', NULL, 10, NULL, 100, 5, NULL)"
     )
     assert (first["scanned"], first["enqueued"]) == (10, 10)
     rest = await conn.fetchrow(
-        "SELECT * FROM listener.backfill_chunk('images', $1, 100, NULL, 100, 5)", first["last_id"]
+        "SELECT * FROM listener.backfill_chunk('images', $1, 100, NULL, 100, 5, NULL)",
+        first["last_id"],
     )
     assert (rest["scanned"], rest["enqueued"]) == (16, 15)
     again = await conn.fetchrow(
-        "SELECT * FROM listener.backfill_chunk('images', NULL, 100, NULL, 100, 5)"
+        "SELECT * FROM listener.backfill_chunk('images', NULL, 100, NULL, 100, 5, NULL)"
     )
     assert again["enqueued"] == 0
     prio = await conn.fetch(
