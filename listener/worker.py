@@ -41,6 +41,9 @@ from listener.jobs import Batched, Completed, Failed, Job, Outcome
 from listener.metrics import Metrics
 from listener.retry import full_jitter_backoff
 
+UNRECORDED_FACTOR = 4
+"""A worker holds at most this many times ``concurrency + prefetch`` leases in all."""
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
@@ -153,7 +156,11 @@ class Worker:
 
     def _shortfall(self) -> int:
         target = self.config.concurrency + self.config.prefetch
-        return target - len(self._running) - len(self._buffer)
+        free = target - len(self._running) - len(self._buffer)
+        # Finished jobs waiting to be recorded count against a wider bound: while writes keep
+        # up they do not hold claims back, and when writes stall (a slow or restarting
+        # database) claiming stops instead of piling up leases in memory.
+        return min(free, UNRECORDED_FACTOR * target - len(self._held))
 
     def _should_claim(self) -> bool:
         """Claim when the buffer is at or below half the prefetch and there is room."""
@@ -280,6 +287,8 @@ class Worker:
         self._metrics.jobs_finished.labels("failed").inc(len(statuses) - retried)
         for outcome in batch:
             self._held.pop(outcome.job.id, None)
+        if self._more_waiting and self._should_claim():
+            self._wake.set()
 
     # -- heartbeat ------------------------------------------------------------------------
 

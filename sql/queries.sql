@@ -44,7 +44,10 @@ WITH done AS (
     SET status = 'complete', finished_at = now(), updated_at = now(), last_error = NULL,
         lease_expires_at = NULL, lease_token = NULL
     FROM unnest($1::bigint[], $2::uuid[]) AS d(id, token)
-    WHERE j.id = d.id AND j.lease_token = d.token AND j.status = 'processing'
+    -- id = ANY keeps even a generic (cached) plan on the primary key: joined to unnest
+    -- alone, it can scan every processing job for every row of the batch.
+    WHERE j.id = ANY($1::bigint[]) AND j.id = d.id AND j.lease_token = d.token
+      AND j.status = 'processing'
     RETURNING j.id
 ), saved AS (
     INSERT INTO listener.results AS r
@@ -142,7 +145,8 @@ SET status = CASE WHEN f.delay_s IS NULL THEN 'failed' ELSE 'pending' END,
     updated_at = now()
 FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[], $5::bool[])
      AS f(id, token, delay_s, error, counts)
-WHERE j.id = f.id AND j.lease_token = f.token AND j.status = 'processing'
+WHERE j.id = ANY($1::bigint[]) AND j.id = f.id AND j.lease_token = f.token
+  AND j.status = 'processing'
 RETURNING j.id, j.status;
 
 -- name: release_jobs :many
@@ -397,7 +401,8 @@ SET status = 'batched', batch_step = b.step, batch_id = NULL,
     attempts = greatest(j.attempts - 1, 0), lease_token = NULL, lease_expires_at = NULL,
     updated_at = now()
 FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS b(id, token, step)
-WHERE j.id = b.id AND j.lease_token = b.token AND j.status = 'processing'
+WHERE j.id = ANY($1::bigint[]) AND j.id = b.id AND j.lease_token = b.token
+  AND j.status = 'processing'
 RETURNING j.id;
 
 -- name: batch_waiting :one
