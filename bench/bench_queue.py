@@ -776,6 +776,26 @@ async def describe_machine(server: Server) -> dict[str, Any]:
     }
 
 
+def print_load_and_errors(report: Report, ncpu: Any, label: str) -> None:
+    """The CPU share of each scenario (or phase), a warning when the machine was busy, and
+    the errors; shared with bench_scale.py."""
+    for key, load in report.load.items():
+        print(
+            f"({key}) CPU over {load['seconds']:.1f} s, % of all {ncpu} CPUs: "
+            f"benchmark+listener+Postgres {load['ours_pct']:.0f}%, other processes "
+            f"{load['other_pct']:.0f}% (just before: {load['other_pct_before']:.0f}%), "
+            f"steal {load['steal_pct']:.0f}%"
+        )
+    busy = [k for k, v in report.load.items() if v["other_pct"] >= QUIET_OTHER_PCT]
+    if busy:
+        print(
+            f"WARNING: other processes used >= {QUIET_OTHER_PCT:.0f}% of the CPUs during "
+            f"{label}(s) {', '.join(busy)}: their figures are low; run again on a quiet machine"
+        )
+    for key, error in report.errors.items():
+        print(f"({key}) ERROR: {error}")
+
+
 def print_report(report: Report) -> None:
     m = report.machine
     pg = m.get("postgres", {})
@@ -814,22 +834,7 @@ def print_report(report: Report) -> None:
             "and connection, so it neither queues behind the daemon's loop nor shares its GIL"
         )
     print()
-    ncpu = m.get("nproc")
-    for scenario, load in report.load.items():
-        print(
-            f"({scenario}) CPU over {load['seconds']:.1f} s, % of all {ncpu} CPUs: "
-            f"benchmark+daemon+Postgres {load['ours_pct']:.0f}%, other processes "
-            f"{load['other_pct']:.0f}% (just before: {load['other_pct_before']:.0f}%), "
-            f"steal {load['steal_pct']:.0f}%"
-        )
-    busy = [k for k, v in report.load.items() if v["other_pct"] >= QUIET_OTHER_PCT]
-    if busy:
-        print(
-            f"WARNING: other processes used >= {QUIET_OTHER_PCT:.0f}% of the CPUs during "
-            f"scenario(s) {', '.join(busy)}: their figures are low; run again on a quiet machine"
-        )
-    for scenario, error in report.errors.items():
-        print(f"({scenario}) ERROR: {error}")
+    print_load_and_errors(report, m.get("nproc"), "scenario")
     print(f"\ntotal time {report.elapsed_s:.1f} s")
 
 

@@ -55,6 +55,7 @@ from bench_queue import (
     dsn_for,
     fdatasync_probe,
     percentile,
+    print_load_and_errors,
 )
 
 from listener.db.cluster import TemporaryCluster
@@ -839,22 +840,7 @@ def print_report(report: Report) -> None:
             "during the drain"
         )
     print()
-    ncpu = m.get("nproc")
-    for phase, load in report.load.items():
-        print(
-            f"({phase}) CPU over {load['seconds']:.1f} s, % of all {ncpu} CPUs: "
-            f"benchmark+listener+Postgres {load['ours_pct']:.0f}%, other processes "
-            f"{load['other_pct']:.0f}% (just before: {load['other_pct_before']:.0f}%), "
-            f"steal {load['steal_pct']:.0f}%"
-        )
-    busy = [k for k, v in report.load.items() if v["other_pct"] >= QUIET_OTHER_PCT]
-    if busy:
-        print(
-            f"WARNING: other processes used >= {QUIET_OTHER_PCT:.0f}% of the CPUs during "
-            f"phase(s) {', '.join(busy)}: figures are low; run again on a quiet machine"
-        )
-    for phase, error in report.errors.items():
-        print(f"({phase}) ERROR: {error}")
+    print_load_and_errors(report, m.get("nproc"), "phase")
     print(f"\ntotal time {report.elapsed_s:.1f} s")
 
 
