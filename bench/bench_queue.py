@@ -776,6 +776,31 @@ async def describe_machine(server: Server) -> dict[str, Any]:
     }
 
 
+def print_figures(report: Report, *, name_width: int, target_width: int) -> None:
+    """The figures as a table against their targets, then their notes; shared with
+    bench_scale.py."""
+    header = (
+        f"{'':2} {'figure':{name_width}} {'measured':>12} {'':6} "
+        f"{'target':>{target_width}}  verdict"
+    )
+    print(header)
+    print("-" * len(header))
+    for f in report.figures:
+        value = "-" if f.value is None else f"{f.value:,.{1 if abs(f.value) < 100 else 0}f}"
+        if f.target is None:
+            target = ""
+        else:
+            target = f"{'>=' if f.better == 'higher' else '<='} {f.target:,.0f}"
+        print(
+            f"{f.scenario:2} {f.name:{name_width}} {value:>12} {f.unit:6} "
+            f"{target:>{target_width}}  {f.verdict}"
+        )
+    print()
+    for f in report.figures:
+        if f.note:
+            print(f"({f.scenario}) {f.note}")
+
+
 def print_load_and_errors(report: Report, ncpu: Any, label: str) -> None:
     """The CPU share of each scenario (or phase), a warning when the machine was busy, and
     the errors; shared with bench_scale.py."""
@@ -814,20 +839,7 @@ def print_report(report: Report) -> None:
             f"p99 {fs['p99_ms']:.2f} ms, max {fs['max_ms']:.1f} ms ({fs['samples']} samples)"
         )
     print()
-    header = f"{'':2} {'figure':42} {'measured':>12} {'':6} {'target':>10}  verdict"
-    print(header)
-    print("-" * len(header))
-    for f in report.figures:
-        value = "-" if f.value is None else f"{f.value:,.{1 if f.value < 100 else 0}f}"
-        if f.target is None:
-            target = ""
-        else:
-            target = f"{'>=' if f.better == 'higher' else '<='} {f.target:,.0f}"
-        print(f"{f.scenario:2} {f.name:42} {value:>12} {f.unit:6} {target:>10}  {f.verdict}")
-    print()
-    for f in report.figures:
-        if f.note:
-            print(f"({f.scenario}) {f.note}")
+    print_figures(report, name_width=42, target_width=10)
     if "b" in report.load:
         print(
             "(b) the inserter runs in a separate (spawned) process with its own event loop "

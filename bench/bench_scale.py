@@ -55,6 +55,7 @@ from bench_queue import (
     dsn_for,
     fdatasync_probe,
     percentile,
+    print_figures,
     print_load_and_errors,
 )
 
@@ -815,20 +816,7 @@ def print_report(report: Report) -> None:
             + (f"; database settings: {', '.join(setup['db_set'])}" if setup["db_set"] else "")
         )
     print()
-    header = f"{'':2} {'figure':44} {'measured':>12} {'':6} {'target':>12}  verdict"
-    print(header)
-    print("-" * len(header))
-    for f in report.figures:
-        value = "-" if f.value is None else f"{f.value:,.{1 if abs(f.value) < 100 else 0}f}"
-        if f.target is None:
-            target = ""
-        else:
-            target = f"{'>=' if f.better == 'higher' else '<='} {f.target:,.0f}"
-        print(f"{f.scenario:2} {f.name:44} {value:>12} {f.unit:6} {target:>12}  {f.verdict}")
-    print()
-    for f in report.figures:
-        if f.note:
-            print(f"({f.scenario}) {f.note}")
+    print_figures(report, name_width=44, target_width=12)
     drain = report.details.get("2")
     if drain:
         before, after = drain["jobs_table_before"], drain["jobs_table_after"]

@@ -15,11 +15,11 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import asyncpg
 from loguru import logger
 
-from listener.batches import BatchManager
 from listener.budget import Budget
 from listener.db.limits import FleetLimiter
 from listener.db.migrate import applied_versions, load_migrations
@@ -31,10 +31,12 @@ from listener.health import HealthServer, HealthSources
 from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, build_plan
 from listener.providers.base import Provider
-from listener.providers.openai import OpenAIProvider
 from listener.retry import RetryPolicy
 from listener.settings import Settings
 from listener.worker import Worker, WorkerConfig
+
+if TYPE_CHECKING:
+    from listener.batches import BatchManager
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:
@@ -243,13 +245,15 @@ class Daemon:
                 asyncio.create_task(self.notifier.run(), name="listener-notify"),
                 asyncio.create_task(worker.run(), name="listener-worker"),
             ]
-            openai_provider = next(
-                (p for p in self._providers if isinstance(p, OpenAIProvider)), None
-            )
+            openai_provider = next((p for p in self._providers if p.name == "openai"), None)
             if openai_provider is not None:
+                # Imported here: a local pipeline never loads the OpenAI SDK.
+                from listener.batches import BatchManager
+                from listener.providers.openai import OpenAIProvider
+
                 self.batches = BatchManager(
                     self.pool,
-                    openai_provider,
+                    cast(OpenAIProvider, openai_provider),
                     self._fetcher.fetch,
                     [st.name for st in self.plan.steps if st.provider == "openai"],
                     s.batch,
