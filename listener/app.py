@@ -1,21 +1,23 @@
 """The one place that builds concrete objects and runs the daemon.
 
-``Daemon`` wires the pool, the named queries, the providers, the fetcher, the dispatcher, the
-worker, the LISTEN notifier and the health server from ``Settings``, starts them, and stops
-them in order: stop claiming, drain, close.
+``Daemon`` wires the pool, the job store, the named queries, the providers, the fetcher, the
+dispatcher, the worker, the LISTEN notifier and the health server from ``Settings``. Start
+builds everything and binds the health port *before* any loop runs, so a start that fails
+(port taken, provider that cannot start) has claimed no job. Then one ``asyncio.TaskGroup``
+owns every loop (worker, notifier, batches); stop ends them in order: stop claiming, drain
+and hand leases back, stop the others, close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import signal
 import socket
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import asyncpg
 from loguru import logger
@@ -31,9 +33,11 @@ from listener.health import HealthServer, HealthSources
 from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, build_plan
 from listener.providers.base import Provider
-from listener.retry import RetryPolicy
+from listener.queue.pg_store import PgJobStore
+from listener.queue.retry import RetryPolicy
+from listener.queue.signals import Signals
+from listener.queue.worker import Worker, WorkerConfig
 from listener.settings import Settings
-from listener.worker import Worker, WorkerConfig
 
 if TYPE_CHECKING:
     from listener.batches import BatchManager
@@ -59,6 +63,14 @@ async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, reset=_reset_connection
     )
+
+
+class _Loop(Protocol):
+    """A side loop of the daemon (notifier, batch manager): runs until told to stop."""
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class SchemaNotReady(RuntimeError):
@@ -161,16 +173,19 @@ class Daemon:
         self.budget: Budget | None = None
         self.batches: BatchManager | None = None
         self._fetcher = ImageFetcher(settings.fetch)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loops: asyncio.Task[None] | None = None
+        self.store: PgJobStore | None = None
+        self.signals = Signals()
         self._started_providers: list[Provider] = []
         self.worker_id = settings.worker_id or default_worker_id()
 
     async def start(self) -> None:
-        """Connect, check the schema, start providers, the worker, the notifier and health.
+        """Connect, check the schema, start providers and health, then run every loop.
 
         Raises:
             SchemaNotReady: the database is not migrated.
-            OSError, asyncpg.PostgresError: the database cannot be reached.
+            OSError, asyncpg.PostgresError: the database cannot be reached, or the health
+                port cannot be bound. Nothing was claimed then, and nothing keeps running.
         """
         s = self.settings
         self.pool = await create_pool(s.dsn(), s.pool_min_size, s.pool_max_size)
@@ -179,6 +194,7 @@ class Daemon:
                 await check_schema(conn)
             queries = Queries(self.pool)
             self.queries = queries
+            self.store = PgJobStore(self.pool, s.max_attempts)
             self._providers = self._injected or build_providers(s, self.plan, queries)
             await self._fetcher.start()
             for provider in self._providers:
@@ -199,7 +215,7 @@ class Daemon:
                 self.plan,
                 slots,
                 self._fetcher,
-                queries,
+                self.store,
                 RetryPolicy(s.backoff_base_s, s.backoff_cap_s),
                 self.metrics,
                 self._rng.random,
@@ -208,7 +224,7 @@ class Daemon:
                 batch=s.batch if "openai" in self.plan.providers else None,
             )
             worker = Worker(
-                queries,
+                self.store,
                 dispatcher,
                 WorkerConfig(
                     worker_id=self.worker_id,
@@ -220,6 +236,7 @@ class Daemon:
                 ),
                 self.metrics,
                 self._rng.random,
+                signals=self.signals,
             )
             self.worker = worker
 
@@ -230,6 +247,7 @@ class Daemon:
             def connected() -> None:
                 if self.notifier is not None and self.notifier.generation > 1:
                     self.metrics.reconnects.inc()
+                self.signals.emit("listening")
                 worker.wake()
 
             self.notifier = Notifier(
@@ -241,10 +259,6 @@ class Daemon:
                 reconnect_cap_s=s.reconnect_cap_s,
                 rng=self._rng.random,
             )
-            self._tasks = [
-                asyncio.create_task(self.notifier.run(), name="listener-notify"),
-                asyncio.create_task(worker.run(), name="listener-worker"),
-            ]
             openai_provider = next((p for p in self._providers if p.name == "openai"), None)
             if openai_provider is not None:
                 # Imported here: a local pipeline never loads the OpenAI SDK.
@@ -259,7 +273,6 @@ class Daemon:
                     s.batch,
                     s.prices,
                 )
-                self._tasks.append(asyncio.create_task(self.batches.run(), name="listener-batches"))
             if self._want_health:
                 self.health = HealthServer(
                     HealthSources(
@@ -279,6 +292,8 @@ class Daemon:
         except BaseException:
             await self._close_resources()
             raise
+        # Every fallible set-up step is behind us: only now does anything claim.
+        self._loops = asyncio.create_task(self._run_loops(), name="listener-loops")
         logger.bind(worker_id=self.worker_id).info(
             "listener running: pipeline={}, concurrency={}, health={}",
             ",".join(p.name for p in self._providers),
@@ -286,26 +301,50 @@ class Daemon:
             self.health.url if self.health else "off",
         )
 
+    def _side_loops(self) -> list[_Loop]:
+        loops: list[_Loop] = []
+        if self.notifier is not None:
+            loops.append(self.notifier)
+        if self.batches is not None:
+            loops.append(self.batches)
+        return loops
+
+    async def _run_loops(self) -> None:
+        """Run the worker and the side loops in one task group. When the worker returns
+        (stopped, or crashed), the side loops are told to stop too."""
+        assert self.worker is not None
+        worker = self.worker
+        async with asyncio.TaskGroup() as group:
+            main = group.create_task(worker.run(), name="listener-worker")
+            for loop in self._side_loops():
+                group.create_task(loop.run(), name=f"listener-{type(loop).__name__.lower()}")
+
+            def side_stop(_: asyncio.Task[None]) -> None:
+                for loop in self._side_loops():
+                    loop.stop()
+
+            main.add_done_callback(side_stop)
+
     async def wait(self) -> None:
-        """Wait until the worker stops (``stop`` was called or it crashed)."""
-        if self._tasks:
-            await self._tasks[1]
+        """Wait until the loops end (``stop`` was called, or the worker crashed).
+
+        Raises:
+            ExceptionGroup: what a loop raised.
+        """
+        if self._loops is not None:
+            await asyncio.shield(self._loops)
 
     async def stop(self) -> None:
-        """Stop claiming, let running jobs finish within the grace period, release the rest."""
+        """Stop claiming, let running jobs finish within the grace period, release the rest,
+        stop the other loops and close everything."""
         if self.worker is not None:
             self.worker.stop()
-        if len(self._tasks) > 1:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tasks[1]
-        if self.batches is not None:
-            self.batches.stop()
-        if self.notifier is not None:
-            self.notifier.stop()
-        for task in self._tasks[:1] + self._tasks[2:]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        if self._loops is not None:
+            try:
+                await self._loops
+            except Exception as error:
+                logger.error("a loop failed: {!r}", error)
+            self._loops = None
         await self._close_resources()
         logger.bind(worker_id=self.worker_id).info("listener stopped")
 

@@ -36,10 +36,10 @@ from listener.db.queries import Queries
 from listener.dispatch import FetchResult, image_size
 from listener.errors import ListenerError
 from listener.estimate import BATCH_DISCOUNT
-from listener.jobs import Job
 from listener.providers.base import ImageInput
 from listener.providers.openai import OpenAIProvider
-from listener.retry import describe
+from listener.queue.outcomes import Job
+from listener.queue.retry import describe
 from listener.settings import BatchSettings, Price
 
 OPEN = ("submitting", "validating", "in_progress", "finalizing", "cancelling")
@@ -213,7 +213,7 @@ class BatchManager:
             width,
             height,
         )
-        previous = await q.job_outputs(job.id)
+        previous = {r["step"]: json.loads(r["output"]) for r in await q.rows("job_outputs", job.id)}
         return await self._provider.request_body(kind, image, previous)
 
     async def _create(self, local_id: str, file_id: str) -> None:

@@ -34,6 +34,8 @@ from rich.table import Table
 from listener.db.migrate import MigrationError, migrate
 from listener.db.queries import Queries, TableProgress
 from listener.logs import configure_logging
+from listener.queue.pg_store import PgJobStore
+from listener.queue.store import JobFilter
 from listener.settings import Settings
 
 app = typer.Typer(
@@ -256,7 +258,7 @@ async def _print_estimate(
         fetcher = ImageFetcher(settings.fetch)
         await fetcher.start()
         try:
-            for url in await queries.column("sample_unqueued", table, owner, ESTIMATE_SAMPLE):
+            for url in await queries.sample_unqueued(table, owner, ESTIMATE_SAMPLE):
                 try:
                     fetched = await fetcher.fetch(url)
                 except Exception:
@@ -271,7 +273,7 @@ async def _print_estimate(
         r["step"]: StepHistory(
             r["results"], r["input_tokens"], r["output_tokens"], r["calls"], r["pass_rate"]
         )
-        for r in await queries.rows("step_history", tier1)
+        for r in await queries.step_history(tier1)
     }
     prompts = {}
     if any(s.provider == "openai" for s in plan.steps):
@@ -469,12 +471,8 @@ def retry(
 
     async def go() -> list[int]:
         async with _pool(settings) as pool:
-            queries = Queries(pool)
-            name = (await queries.attachment(table)).source_table if table else None
-            ids = await queries.column("retry_jobs", statuses, reason, owner, name)
-            if ids:
-                await queries.execute("notify_jobs")
-            return ids
+            name = (await Queries(pool).attachment(table)).source_table if table else None
+            return await PgJobStore(pool).requeue(JobFilter(tuple(statuses), reason, owner, name))
 
     ids = _run(go())
     if as_json:
@@ -493,17 +491,16 @@ def cancel(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Cancel pending and running jobs that match the filters (`listener retry --cancelled`
-    brings them back)."""
+    """Cancel pending, running and batched jobs that match the filters (`listener retry
+    --cancelled` brings them back)."""
     if not (reason or owner or table or everything):
         raise typer.BadParameter("give --reason, --owner or --table, or --all")
     settings = _settings()
 
     async def go() -> list[int]:
         async with _pool(settings) as pool:
-            queries = Queries(pool)
-            name = (await queries.attachment(table)).source_table if table else None
-            return await queries.column("cancel_jobs", reason, owner, name)
+            name = (await Queries(pool).attachment(table)).source_table if table else None
+            return await PgJobStore(pool).cancel(JobFilter((), reason, owner, name))
 
     ids = _run(go())
     if as_json:

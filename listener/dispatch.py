@@ -26,12 +26,12 @@ from PIL import Image
 
 from listener.costs import cost_usd, price_for
 from listener.errors import ProviderPaused, RateLimited
-from listener.jobs import Batched, Completed, Job, Outcome
 from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, skip_reason
 from listener.providers.base import ImageInput, Provider, StepContext, StepResult
+from listener.queue.outcomes import Completed, Discarded, Job, Outcome, Parked, Snoozed
+from listener.queue.retry import RetryPolicy
 from listener.ratelimit import TokenBucket
-from listener.retry import RetryPolicy
 from listener.settings import BatchSettings, Price, RateLimit
 
 HINT_PAUSE_MIN_S = 1.0
@@ -76,13 +76,15 @@ class Limiter(Protocol):
 
 
 class ResultStore(Protocol):
-    """Where step results live between attempts (``Queries`` in production)."""
+    """Where step results live between runs: the job store's two step methods
+    (``listener.queue.store.JobStore``)."""
 
-    async def save_step(self, job: Job, result: StepResult) -> bool:
-        """Store one step's result while the job's lease holds; ``False`` if it does not."""
+    async def save_step(self, job: Job, record: StepResult) -> bool:
+        """Store one step's result (and effects) while the job's lease holds; ``False`` if
+        it does not."""
         ...
 
-    async def job_outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
+    async def outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
         """Outputs already stored for the job, by step name."""
         ...
 
@@ -242,25 +244,25 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except _ToBatch as handoff:
-            return Batched(job, handoff.step)
+            return Parked(job, handoff.step)
         except Exception as error:
             outcome = self._policy.decide(job, error, self._rng)
             log = logger.bind(job_id=job.id, source_id=job.source_id, attempt=job.attempts)
-            if outcome.retry_in_s is None:
+            if isinstance(outcome, Discarded):
                 log.warning("job failed: {}", outcome.error)
-            elif not outcome.counts_attempt:
-                log.info("job deferred for {:.0f}s: {}", outcome.retry_in_s, outcome.error)
+            elif isinstance(outcome, Snoozed):
+                log.info("job snoozed for {:.1f}s: {}", outcome.delay_s, outcome.error)
             else:
-                log.info("attempt failed, retry in {:.1f}s: {}", outcome.retry_in_s, outcome.error)
+                log.info("attempt failed, retry in {:.1f}s: {}", outcome.delay_s, outcome.error)
             return outcome
         return Completed(job, results)
 
     async def _run(self, job: Job) -> list[StepResult]:
-        # Only a retry, or a job back from a batch, can have stored results (a re-enqueued
-        # row's are deleted), so a first run skips the query.
-        resumable = (job.attempts > 1 and self._save_each) or self.batches(job)
+        # The claim says which steps are stored (an earlier run, a batch): resume after them,
+        # whatever the attempt counter says (deferral, release and batching give attempts
+        # back). A job with none skips the query.
         outputs: dict[str, dict[str, Any]] = (
-            await self._store.job_outputs(job.id) if resumable else {}
+            await self._store.outputs(job.id) if job.done_steps else {}
         )
         todo = [s for s in self._plan.steps if s.name not in outputs]
         image = await self._image(job, todo)
@@ -274,8 +276,8 @@ class Dispatcher:
             result = await self._step(step, image, outputs)
             if result is None:
                 continue
-            outputs[step.name] = result.output
-            if self._save_each:
+            outputs[step.name] = dict(result.output)
+            if self._save_each or result.effects:
                 if not await self._store.save_step(job, result):
                     raise LeaseLost(f"lease of job {job.id} lost during step {step.name}")
             else:

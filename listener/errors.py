@@ -7,7 +7,8 @@
     │   ├── BudgetExhausted     the daily budget for paid providers is spent
     │   └── ProviderPaused      the provider is paused (quota exhausted, key rejected)
     ├── RetryableError          the job goes back to pending after a backoff
-    │   ├── RateLimited         a provider said 429 / throttled (may carry retry_after)
+    │   ├── RateLimited         a provider said 429 / throttled (may carry retry_after): the
+    │   │                       job is snoozed without using an attempt
     │   ├── ProviderUnavailable connection refused or reset, 5xx
     │   └── FetchTimeout        connect or read timeout
     └── PermanentError          the job is failed at once; retrying cannot help
@@ -78,7 +79,8 @@ class RetryableError(ListenerError):
 
 
 class RateLimited(RetryableError):
-    """The provider answered 429 / throttling."""
+    """The provider answered 429 / throttling: the job waits (``retry_after`` or a backoff)
+    without using an attempt, since the provider asked it to."""
 
 
 class ProviderUnavailable(RetryableError):

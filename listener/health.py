@@ -2,8 +2,8 @@
 
 - ``GET /healthz``: 200 while the event loop answers (liveness; a container restarts on 5xx
   or no answer).
-- ``GET /readyz``: 200 when the pool answers ``SELECT 1`` and the LISTEN connection is up and
-  was probed recently; 503 with the reasons otherwise.
+- ``GET /readyz``: 200 when the pool answers ``SELECT 1``, the LISTEN connection is up and
+  was probed recently, and claims are not failing; 503 with the reasons otherwise.
 - ``GET /status``: JSON: counts by status, oldest pending age, in flight, per-provider rates.
 - ``GET /metrics``: Prometheus text exposition.
 - ``GET /``: the status page, HTML that refreshes itself (``listener.status_page``).
@@ -25,8 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from listener.db.notify import Notifier
 from listener.db.queries import Queries
 from listener.metrics import Metrics
+from listener.queue.worker import Worker
 from listener.status import queue_status
-from listener.worker import Worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,10 @@ class HealthSources:
 
 SOURCES = web.AppKey("sources", HealthSources)
 
+CLAIM_FAILURES_NOT_READY = 3
+"""Claims failing this many times in a row make ``/readyz`` answer 503 (the pool may answer
+``SELECT 1`` while every claim fails, e.g. on a trigger error)."""
+
 
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
@@ -60,6 +64,10 @@ async def _readyz(request: web.Request) -> web.Response:
         problems.append(f"database pool: {type(error).__name__}")
     if not src.notifier.healthy():
         problems.append("LISTEN connection down or not probed recently")
+    if src.worker.claim_failures >= CLAIM_FAILURES_NOT_READY:
+        problems.append(
+            f"claims failing ({src.worker.claim_failures} in a row): {src.worker.last_claim_error}"
+        )
     body = {"ready": not problems, "problems": problems}
     return web.json_response(body, status=200 if not problems else 503)
 

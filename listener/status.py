@@ -51,18 +51,18 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
             "tables": [a.source_table for a in await queries.list_attachments()],
         }
     )
-    rate = float(await queries.value("recent_rate", RATE_WINDOW_S))
+    rate = await queries.recent_rate(RATE_WINDOW_S)
     remaining = doc["pending"] + doc["processing"] + doc["batched"]
     doc.update(
         {
-            "by_table": await queries.rows("counts_by_table"),
-            "by_owner": await queries.rows("counts_by_owner", TOP_OWNERS),
-            "failure_reasons": await queries.rows("failure_reasons", TOP_REASONS),
-            "recent_failures": _iso(await queries.rows("recent_failures", RECENT_FAILURES)),
-            "throughput_per_minute": _iso(await queries.rows("throughput_per_minute")),
+            "by_table": await queries.counts_by_table(),
+            "by_owner": await queries.counts_by_owner(TOP_OWNERS),
+            "failure_reasons": await queries.failure_reasons(TOP_REASONS),
+            "recent_failures": _iso(await queries.recent_failures(RECENT_FAILURES)),
+            "throughput_per_minute": _iso(await queries.throughput_per_minute()),
             "rate_per_s": round(rate, 3),
             "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else None,
-            "open_batches": _iso(await queries.rows("open_batches")),
+            "open_batches": _iso(await queries.open_batches()),
         }
     )
     return doc

@@ -5,7 +5,9 @@
 -- Claims up to $1 runnable jobs for worker $2, leased for $3 seconds under token $4: pending
 -- jobs whose run_after has passed, in priority then age order (an index scan of
 -- jobs_claim_idx). SKIP LOCKED lets concurrent claimers pass over each other's rows instead of
--- queueing behind them; the UPDATE then touches exactly the rows this statement locked.
+-- queueing behind them; the UPDATE then touches exactly the rows this statement locked. A job
+-- without max_attempts (enqueued by a trigger) takes the daemon's default $5. done_steps, the
+-- steps already stored, is what a run resumes after (one primary-key probe per job).
 WITH next AS (
     SELECT id
     FROM listener.jobs
@@ -17,6 +19,8 @@ WITH next AS (
 UPDATE listener.jobs AS j
 SET status = 'processing',
     attempts = j.attempts + 1,
+    claims = j.claims + 1,
+    max_attempts = coalesce(j.max_attempts, $5),
     worker_id = $2,
     lease_token = $4,
     lease_expires_at = now() + make_interval(secs => $3),
@@ -25,7 +29,8 @@ SET status = 'processing',
 FROM next
 WHERE j.id = next.id
 RETURNING j.id, j.source_table, j.source_id, j.image_url, j.owner_id, j.priority,
-          j.attempts, j.max_attempts, j.batch_mode;
+          j.attempts, j.max_attempts, j.batch_mode, j.claims,
+          ARRAY(SELECT r.step FROM listener.results AS r WHERE r.job_id = j.id) AS done_steps;
 
 -- name: renew_leases :many
 -- Heartbeat: extends by $3 seconds the leases this worker still holds (tokens $2) on jobs $1.
@@ -36,9 +41,8 @@ WHERE id = ANY($1::bigint[]) AND lease_token = ANY($2::uuid[]) AND status = 'pro
 RETURNING id;
 
 -- name: complete_jobs :many
--- Marks jobs complete and upserts their results in one statement, fenced by lease token so a
--- worker whose lease expired cannot overwrite a newer run. Upserting on (job_id, step) makes
--- a re-run after a crash replace, not duplicate, its results.
+-- Marks jobs complete and stores their unsaved results in one statement, fenced by lease
+-- token so a worker whose lease expired cannot overwrite a newer run.
 WITH done AS (
     UPDATE listener.jobs AS j
     SET status = 'complete', finished_at = now(), updated_at = now(), last_error = NULL,
@@ -61,30 +65,38 @@ WITH done AS (
               calls, cost_usd)
     WHERE s.job_id IN (SELECT id FROM done)
     ON CONFLICT (job_id, step) DO UPDATE
+    -- Stored twice only when a run was killed between the provider's answer and this write:
+    -- the newer output wins and the costs add up, so spend counts what was paid.
     SET provider = EXCLUDED.provider, output = EXCLUDED.output, model = EXCLUDED.model,
-        duration_ms = EXCLUDED.duration_ms, input_tokens = EXCLUDED.input_tokens,
-        output_tokens = EXCLUDED.output_tokens, calls = EXCLUDED.calls,
-        cost_usd = EXCLUDED.cost_usd, created_at = now()
+        duration_ms = EXCLUDED.duration_ms,
+        input_tokens = coalesce(r.input_tokens, 0) + coalesce(EXCLUDED.input_tokens, 0),
+        output_tokens = coalesce(r.output_tokens, 0) + coalesce(EXCLUDED.output_tokens, 0),
+        calls = r.calls + EXCLUDED.calls, cost_usd = r.cost_usd + EXCLUDED.cost_usd,
+        created_at = now()
 )
 SELECT id FROM done;
 
 -- name: save_step :one
 -- Stores one step's result as soon as it is done, while the job is still leased to us
--- ($2 token), so a retry resumes after it and never pays for it twice. Returns false when
--- the lease was lost.
+-- ($2 token), so the next run resumes after it and never pays for it twice. Returns false
+-- when the lease was lost (nothing is written then).
 WITH held AS (
     SELECT id FROM listener.jobs
     WHERE id = $1 AND lease_token = $2 AND status = 'processing'
 ), saved AS (
-    INSERT INTO listener.results
+    INSERT INTO listener.results AS r
         (job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens,
          calls, cost_usd)
     SELECT held.id, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11 FROM held
     ON CONFLICT (job_id, step) DO UPDATE
+    -- Stored twice only when a run was killed between the provider's answer and this write:
+    -- the newer output wins and the costs add up, so spend counts what was paid.
     SET provider = EXCLUDED.provider, output = EXCLUDED.output, model = EXCLUDED.model,
-        duration_ms = EXCLUDED.duration_ms, input_tokens = EXCLUDED.input_tokens,
-        output_tokens = EXCLUDED.output_tokens, calls = EXCLUDED.calls,
-        cost_usd = EXCLUDED.cost_usd, created_at = now()
+        duration_ms = EXCLUDED.duration_ms,
+        input_tokens = coalesce(r.input_tokens, 0) + coalesce(EXCLUDED.input_tokens, 0),
+        output_tokens = coalesce(r.output_tokens, 0) + coalesce(EXCLUDED.output_tokens, 0),
+        calls = r.calls + EXCLUDED.calls, cost_usd = r.cost_usd + EXCLUDED.cost_usd,
+        created_at = now()
     RETURNING 1
 )
 SELECT EXISTS (SELECT 1 FROM saved) AS saved;
@@ -128,35 +140,63 @@ FROM listener.provider_limits
 WHERE paused_until > extract(epoch FROM clock_timestamp())
 ORDER BY provider;
 
--- name: fail_jobs :many
--- Records failed attempts, fenced by lease token. A NULL delay ($3) is a dead letter: the job
--- is failed for good. Otherwise the job goes back to pending, runnable after the delay
--- (seconds) that the retry policy chose. $4 is the reason, kept in last_error. A deferred job
--- ($5 false: budget spent, provider paused) gets its attempt back.
+-- name: requeue_jobs :many
+-- Operator's retry: the finished jobs in statuses $1 that match the filters ($2 text in the
+-- reason, $3 owner, $4 table) become pending now, attempts reset. A complete job starts from
+-- scratch (its results are removed); a failed or cancelled one resumes after the steps it had
+-- stored.
+WITH targets AS (
+    SELECT id, status FROM listener.jobs
+    WHERE status = ANY($1::text[]) AND status IN ('failed', 'cancelled', 'complete')
+      AND ($2::text IS NULL OR last_error ILIKE '%' || $2 || '%')
+      AND ($3::text IS NULL OR owner_id = $3)
+      AND ($4::text IS NULL OR source_table = $4)
+    FOR UPDATE
+), picked AS (
+    UPDATE listener.jobs AS j
+    SET status = 'pending', attempts = 0, run_after = now(), last_error = NULL,
+        finished_at = NULL, lease_token = NULL, lease_expires_at = NULL, batch_id = NULL,
+        batch_step = NULL, updated_at = now()
+    FROM targets WHERE j.id = targets.id
+    RETURNING j.id, targets.status AS was
+), forgotten AS (
+    DELETE FROM listener.results AS r
+    USING picked WHERE r.job_id = picked.id AND picked.was = 'complete'
+)
+SELECT id FROM picked;
+
+-- name: snooze_jobs :many
+-- Jobs that could not run for a reason not their own (budget, paused or rate-limited
+-- provider): pending after the delay, and the attempt given back; fenced by lease token.
 UPDATE listener.jobs AS j
-SET status = CASE WHEN f.delay_s IS NULL THEN 'failed' ELSE 'pending' END,
-    run_after = CASE WHEN f.delay_s IS NULL THEN j.run_after
-                     ELSE now() + make_interval(secs => f.delay_s) END,
-    finished_at = CASE WHEN f.delay_s IS NULL THEN now() END,
-    attempts = CASE WHEN f.counts THEN j.attempts ELSE greatest(j.attempts - 1, 0) END,
-    last_error = f.error,
-    lease_expires_at = NULL,
-    lease_token = NULL,
-    updated_at = now()
-FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[], $5::bool[])
-     AS f(id, token, delay_s, error, counts)
+SET status = 'pending', run_after = now() + make_interval(secs => f.delay_s),
+    attempts = greatest(j.attempts - 1, 0), last_error = f.error,
+    lease_expires_at = NULL, lease_token = NULL, updated_at = now()
+FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[]) AS f(id, token, delay_s, error)
 WHERE j.id = ANY($1::bigint[]) AND j.id = f.id AND j.lease_token = f.token
   AND j.status = 'processing'
-RETURNING j.id, j.status;
+RETURNING j.id;
+
+-- name: discard_jobs :many
+-- Dead letter: failed for good with the reason ($3); fenced by lease token.
+UPDATE listener.jobs AS j
+SET status = 'failed', finished_at = now(), last_error = f.error,
+    lease_expires_at = NULL, lease_token = NULL, updated_at = now()
+FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS f(id, token, error)
+WHERE j.id = ANY($1::bigint[]) AND j.id = f.id AND j.lease_token = f.token
+  AND j.status = 'processing'
+RETURNING j.id;
 
 -- name: release_jobs :many
 -- Graceful shutdown: hands unfinished jobs back as pending, runnable at once. The attempt is
--- not counted: the job did not fail, its worker stopped.
-UPDATE listener.jobs
-SET status = 'pending', attempts = greatest(attempts - 1, 0), run_after = now(),
+-- not counted: the job did not fail, its worker stopped. Fenced per job by its token.
+UPDATE listener.jobs AS j
+SET status = 'pending', attempts = greatest(j.attempts - 1, 0), run_after = now(),
     lease_expires_at = NULL, lease_token = NULL, updated_at = now()
-WHERE id = ANY($1::bigint[]) AND lease_token = ANY($2::uuid[]) AND status = 'processing'
-RETURNING id;
+FROM unnest($1::bigint[], $2::uuid[]) AS d(id, token)
+WHERE j.id = ANY($1::bigint[]) AND j.id = d.id AND j.lease_token = d.token
+  AND j.status = 'processing'
+RETURNING j.id;
 
 -- name: reap_expired_leases :many
 -- Jobs whose worker stopped renewing the lease (killed, frozen, cut off): back to pending, or
@@ -167,7 +207,7 @@ WITH expired AS (
     FROM listener.jobs
     WHERE status = 'processing' AND lease_expires_at < now()
     ORDER BY lease_expires_at
-    LIMIT 1000
+    LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
 UPDATE listener.jobs AS j
@@ -342,24 +382,24 @@ WHERE applied_at IS NULL
 ORDER BY created_at;
 
 -- name: retry_jobs :many
--- Requeues the jobs in statuses $1 that match the filters ($2 text in the reason, $3 owner,
--- $4 table), as fresh: attempts reset, runnable now.
-UPDATE listener.jobs
-SET status = 'pending', attempts = 0, run_after = now(), last_error = NULL,
-    finished_at = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE status = ANY($1::text[])
-  AND ($2::text IS NULL OR last_error ILIKE '%' || $2 || '%')
-  AND ($3::text IS NULL OR owner_id = $3)
-  AND ($4::text IS NULL OR source_table = $4)
-RETURNING id;
+-- Failed attempts that will run again: pending after the delay ($3, seconds) the retry policy
+-- chose, the reason ($4) in last_error; fenced by lease token.
+UPDATE listener.jobs AS j
+SET status = 'pending', run_after = now() + make_interval(secs => f.delay_s),
+    last_error = f.error, lease_expires_at = NULL, lease_token = NULL, updated_at = now()
+FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[]) AS f(id, token, delay_s, error)
+WHERE j.id = ANY($1::bigint[]) AND j.id = f.id AND j.lease_token = f.token
+  AND j.status = 'processing'
+RETURNING j.id;
 
 -- name: cancel_jobs :many
--- Cancels the pending and running jobs that match the filters ($1 text in the reason, $2
--- owner, $3 table). A running job's worker finds its lease gone and records nothing.
+-- Cancels the pending, running and batched jobs that match the filters ($1 text in the
+-- reason, $2 owner, $3 table). A running job's worker finds its lease gone and records
+-- nothing; a batched job's batch finds it no longer batched and writes nothing to it.
 UPDATE listener.jobs
 SET status = 'cancelled', finished_at = now(), updated_at = now(),
     last_error = 'cancelled by user', lease_token = NULL, lease_expires_at = NULL
-WHERE status IN ('pending', 'processing')
+WHERE status IN ('pending', 'processing', 'batched')
   AND ($1::text IS NULL OR last_error ILIKE '%' || $1 || '%')
   AND ($2::text IS NULL OR owner_id = $2)
   AND ($3::text IS NULL OR source_table = $3)
@@ -393,7 +433,7 @@ SELECT step, count(*) AS results,
 FROM recent
 GROUP BY step;
 
--- name: batch_jobs :many
+-- name: park_jobs :many
 -- Parks jobs whose next step waits for a batch, fenced by lease token; the attempt is given
 -- back ($3: the step of each job).
 UPDATE listener.jobs AS j
@@ -487,3 +527,23 @@ WHERE j.batch_id = $1 AND j.id = ANY($2::bigint[]) AND j.status = 'batched';
 -- name: batch_applied :execute
 -- Marks a batch applied: its results are in and its jobs handed back, exactly once.
 UPDATE listener.batches SET applied_at = now(), updated_at = now() WHERE id = $1;
+
+-- name: enqueue_job :one
+-- Adds a pending job for a source row, as the attach trigger does; NULL when the row already
+-- has one. A NULL max_attempts ($6) takes the daemon's default at the first claim.
+INSERT INTO listener.jobs (source_table, source_id, image_url, owner_id, priority, max_attempts)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (source_table, source_id) DO NOTHING
+RETURNING id;
+
+-- name: job_snapshot :one
+-- One job as stored, with its stored steps' cost and calls.
+SELECT j.id, j.status, j.attempts, j.max_attempts, j.last_error, j.claims,
+       j.lease_token IS NOT NULL AS leased,
+       extract(epoch FROM j.run_after - now())::float8 AS run_after_s,
+       coalesce((SELECT jsonb_object_agg(r.step, jsonb_build_object(
+                    'cost_usd', r.cost_usd::float8, 'calls', r.calls))
+                 FROM listener.results AS r WHERE r.job_id = j.id), '{}'::jsonb) AS steps
+FROM listener.jobs AS j
+WHERE j.id = $1;
+

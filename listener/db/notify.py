@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 from loguru import logger
 
-from listener.retry import full_jitter_backoff
+from listener.queue.retry import full_jitter_backoff
 
 CHANNEL = "listener_jobs"
 """The NOTIFY channel the enqueue triggers signal on."""

@@ -13,15 +13,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, TypeVar
-from uuid import UUID
 
 import asyncpg
 
 from listener.db.sqlfiles import NamedQuery, parse_named_queries, sql_dir
-from listener.jobs import Batched, Completed, Failed, Job
-from listener.providers.base import StepResult
 from listener.ratelimit import FleetState
 
 T = TypeVar("T")
@@ -104,7 +100,8 @@ class Queries:
         self._pool = pool
         self._sql = {name: q.sql for name, q in load_queries().items()}
 
-    # Generic access for the simple queries; the ones with logic have methods of their own.
+    # Generic access, for the batch and face modules until they get typed methods; status
+    # and the CLI use the typed reads below. Job state is written only by the job store.
 
     async def execute(self, name: str, *args: Any) -> str:
         """Run query ``name``; returns the status tag."""
@@ -122,105 +119,47 @@ class Queries:
         """Every row of query ``name``, as dicts."""
         return [dict(r) for r in await self._pool.fetch(self._sql[name], *args)]
 
-    async def claim_jobs(
-        self, limit: int, worker_id: str, lease_s: float, token: UUID
-    ) -> list[Job]:
-        """Claim up to ``limit`` runnable jobs, leased for ``lease_s`` seconds under ``token``."""
-        rows = await self._pool.fetch(self._sql["claim_jobs"], limit, worker_id, lease_s, token)
-        return [
-            Job(
-                id=r["id"],
-                source_table=r["source_table"],
-                source_id=r["source_id"],
-                image_url=r["image_url"],
-                owner_id=r["owner_id"],
-                priority=r["priority"],
-                attempts=r["attempts"],
-                max_attempts=r["max_attempts"],
-                lease_token=token,
-                batch_mode=r["batch_mode"],
-            )
-            for r in rows
-        ]
+    async def _dicts(self, name: str, *args: Any) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self._pool.fetch(self._sql[name], *args)]
 
-    async def renew_leases(self, jobs: Sequence[Job], lease_s: float) -> set[int]:
-        """Extend the leases of ``jobs`` by ``lease_s`` seconds; returns the ids still held."""
-        if not jobs:
-            return set()
-        rows = await self._pool.fetch(
-            self._sql["renew_leases"],
-            [j.id for j in jobs],
-            list({j.lease_token for j in jobs}),
-            lease_s,
-        )
-        return {r["id"] for r in rows}
+    async def recent_rate(self, window_s: float) -> float:
+        """Jobs finished per second over the last ``window_s`` seconds."""
+        return float(await self._pool.fetchval(self._sql["recent_rate"], window_s))
 
-    async def complete_jobs(self, done: Sequence[Completed]) -> set[int]:
-        """Mark jobs complete and upsert their results; returns the ids whose lease still held."""
-        if not done:
-            return set()
-        r_job: list[int] = []
-        r_step: list[str] = []
-        r_provider: list[str] = []
-        r_output: list[str] = []
-        r_model: list[str | None] = []
-        r_ms: list[float] = []
-        r_in: list[int | None] = []
-        r_out: list[int | None] = []
-        r_calls: list[int] = []
-        r_cost: list[Decimal] = []
-        for c in done:
-            for result in c.results:
-                r_job.append(c.job.id)
-                r_step.append(result.step)
-                r_provider.append(result.provider)
-                r_output.append(json.dumps(result.output))
-                r_model.append(result.model)
-                r_ms.append(result.duration_s * 1000.0)
-                r_in.append(result.input_tokens)
-                r_out.append(result.output_tokens)
-                r_calls.append(result.calls)
-                r_cost.append(_usd(result.cost_usd))
-        rows = await self._pool.fetch(
-            self._sql["complete_jobs"],
-            [c.job.id for c in done],
-            [c.job.lease_token for c in done],
-            r_job,
-            r_step,
-            r_provider,
-            r_output,
-            r_model,
-            r_ms,
-            r_in,
-            r_out,
-            r_calls,
-            r_cost,
-        )
-        return {r["id"] for r in rows}
+    async def counts_by_table(self) -> list[dict[str, Any]]:
+        """``[{"table", "pending", "processing", "complete", "failed", "cancelled",
+        "batched"}]``, one per table with jobs."""
+        return await self._dicts("counts_by_table")
 
-    async def save_step(self, job: Job, result: StepResult) -> bool:
-        """Store one step's result while ``job``'s lease holds; ``False`` if it was lost."""
-        return bool(
-            await self._pool.fetchval(
-                self._sql["save_step"],
-                job.id,
-                job.lease_token,
-                result.step,
-                result.provider,
-                json.dumps(result.output),
-                result.model,
-                result.duration_s * 1000.0,
-                result.input_tokens,
-                result.output_tokens,
-                result.calls,
-                _usd(result.cost_usd),
-            )
-        )
+    async def counts_by_owner(self, limit: int) -> list[dict[str, Any]]:
+        """``[{"table", "owner", counts...}]`` for the ``limit`` owners with most work left."""
+        return await self._dicts("counts_by_owner", limit)
 
-    async def job_outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
-        """Outputs already stored for ``job_id``, by step name."""
-        rows = await self._pool.fetch(self._sql["job_outputs"], job_id)
-        return {r["step"]: json.loads(r["output"]) for r in rows}
+    async def failure_reasons(self, limit: int) -> list[dict[str, Any]]:
+        """``[{"reason", "count"}]``: the most common reasons of failed jobs."""
+        return await self._dicts("failure_reasons", limit)
+
+    async def recent_failures(self, limit: int) -> list[dict[str, Any]]:
+        """``[{"job_id", "table", "source_id", "url", "error", "at"}]``, newest first."""
+        return await self._dicts("recent_failures", limit)
+
+    async def throughput_per_minute(self) -> list[dict[str, Any]]:
+        """``[{"minute", "complete", "failed"}]`` over the last hour."""
+        return await self._dicts("throughput_per_minute")
+
+    async def open_batches(self) -> list[dict[str, Any]]:
+        """Provider batches not applied yet, oldest first."""
+        return await self._dicts("open_batches")
+
+    async def sample_unqueued(self, table: str, owner: str | None, limit: int) -> list[str]:
+        """Image URLs of up to ``limit`` rows of ``table`` (of ``owner``) without a job."""
+        rows = await self._pool.fetch(self._sql["sample_unqueued"], table, owner, limit)
+        return [r[0] for r in rows]
+
+    async def step_history(self, tier1_steps: Sequence[str]) -> list[dict[str, Any]]:
+        """Per step: ``{"step", "results", "input_tokens", "output_tokens", "calls",
+        "pass_rate"}`` averaged over the most recent 5,000 results."""
+        return await self._dicts("step_history", list(tier1_steps))
 
     async def spend_since(self, since: datetime) -> dict[str, float]:
         """USD recorded since ``since``, per provider."""
@@ -269,46 +208,6 @@ class Queries:
             r["provider"]: {"remaining_s": round(r["remaining_s"], 1), "reason": r["pause_reason"]}
             for r in rows
         }
-
-    async def fail_jobs(self, failures: Sequence[Failed]) -> dict[int, str]:
-        """Record failed attempts; returns ``{job id: new status}`` for the leases that held."""
-        if not failures:
-            return {}
-        rows = await self._pool.fetch(
-            self._sql["fail_jobs"],
-            [f.job.id for f in failures],
-            [f.job.lease_token for f in failures],
-            [f.retry_in_s for f in failures],
-            [f.error for f in failures],
-            [f.counts_attempt for f in failures],
-        )
-        return {r["id"]: r["status"] for r in rows}
-
-    async def batch_jobs(self, parked: Sequence[Batched]) -> list[int]:
-        """Park jobs whose next step waits for a provider batch (fenced by lease token)."""
-        rows = await self._pool.fetch(
-            self._sql["batch_jobs"],
-            [b.job.id for b in parked],
-            [b.job.lease_token for b in parked],
-            [b.step for b in parked],
-        )
-        return [r["id"] for r in rows]
-
-    async def release_jobs(self, jobs: Sequence[Job]) -> list[int]:
-        """Hand unfinished jobs back as pending without counting the attempt."""
-        if not jobs:
-            return []
-        rows = await self._pool.fetch(
-            self._sql["release_jobs"],
-            [j.id for j in jobs],
-            list({j.lease_token for j in jobs}),
-        )
-        return [r["id"] for r in rows]
-
-    async def reap_expired_leases(self) -> dict[int, str]:
-        """Return jobs whose lease expired to pending (or failed); ``{job id: new status}``."""
-        rows = await self._pool.fetch(self._sql["reap_expired_leases"])
-        return {r["id"]: r["status"] for r in rows}
 
     async def queue_counts(self) -> QueueCounts:
         """Counts by status and the oldest pending job's age."""
@@ -402,10 +301,6 @@ class Queries:
             item["output"] = json.loads(r["output"]) if r["output"] is not None else None
             out.append(item)
         return out
-
-
-def _usd(value: float) -> Decimal:
-    return Decimal(f"{value:.9f}")
 
 
 def _attachment(r: Any) -> Attachment:

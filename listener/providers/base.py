@@ -73,6 +73,9 @@ class StepResult:
         calls: billable API calls the step made (per-call-priced providers).
         cost_usd: what the step cost, filled in by the dispatcher from the price table.
         hints: rate-limit information from the provider's answer.
+        effects: database side effects of the step, as data (``{"faces": ...}``), written by
+            the job store in the same fenced transaction that stores the step; a provider
+            never writes them itself.
     """
 
     provider: str
@@ -85,6 +88,7 @@ class StepResult:
     calls: int = 0
     cost_usd: float = 0.0
     hints: RateHints | None = None
+    effects: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,11 +8,17 @@ import uuid
 
 import pytest
 
-from listener.errors import FetchTimeout, ImageNotFound, InvalidImage, RateLimited
-from listener.jobs import Job
+from listener.errors import (
+    FetchTimeout,
+    ImageNotFound,
+    InvalidImage,
+    ProviderUnavailable,
+    RateLimited,
+)
 from listener.metrics import RateMeter
+from listener.queue.outcomes import Discarded, Job, Retry, Snoozed
+from listener.queue.retry import RetryPolicy, describe, full_jitter_backoff
 from listener.ratelimit import TokenBucket
-from listener.retry import RetryPolicy, describe, full_jitter_backoff
 
 
 class FakeClock:
@@ -39,26 +45,37 @@ def test_permanent_errors_fail_at_once() -> None:
     policy = RetryPolicy(5, 600)
     for error in (ImageNotFound("HTTP 404 for http://x/a.jpg"), InvalidImage("empty body")):
         outcome = policy.decide(job(1), error, lambda: 0.5)
-        assert outcome.retry_in_s is None and outcome.error == str(error)
+        assert isinstance(outcome, Discarded) and outcome.error == str(error)
 
 
 def test_retryable_errors_retry_until_attempts_run_out() -> None:
     policy = RetryPolicy(5, 600)
     first = policy.decide(job(1), FetchTimeout("read timeout"), lambda: 0.5)
-    assert first.retry_in_s == 2.5 and first.error == "read timeout"
+    assert isinstance(first, Retry) and first.delay_s == 2.5 and first.error == "read timeout"
     third = policy.decide(job(3), FetchTimeout("read timeout"), lambda: 0.5)
-    assert third.retry_in_s == 10.0
+    assert isinstance(third, Retry) and third.delay_s == 10.0
     last = policy.decide(job(5), FetchTimeout("read timeout"), lambda: 0.5)
-    assert last.retry_in_s is None
+    assert isinstance(last, Discarded)
     assert last.error == "read timeout (gave up after 5 attempts)"
 
 
 def test_retry_after_is_a_floor_and_unknown_errors_retry() -> None:
     policy = RetryPolicy(5, 600)
-    outcome = policy.decide(job(1), RateLimited("429", retry_after=42), lambda: 0.5)
-    assert outcome.retry_in_s == 42
+    outcome = policy.decide(job(1), ProviderUnavailable("503", retry_after=42), lambda: 0.5)
+    assert isinstance(outcome, Retry) and outcome.delay_s == 42
     bug = policy.decide(job(1), KeyError("boom"), lambda: 0.5)
-    assert bug.retry_in_s is not None and bug.error == "KeyError: 'boom'"
+    assert isinstance(bug, Retry) and bug.error == "KeyError: 'boom'"
+
+
+def test_rate_limited_snoozes_without_spending_an_attempt() -> None:
+    # The provider asked to wait: even on the last attempt the job is not failed.
+    policy = RetryPolicy(5, 600)
+    told = policy.decide(job(5), RateLimited("429", retry_after=42), lambda: 0.5)
+    assert isinstance(told, Snoozed) and told.delay_s == 42
+    untold = policy.decide(job(3), RateLimited("429"), lambda: 0.5)
+    assert isinstance(untold, Snoozed) and untold.delay_s == 10.0
+    server_error = policy.decide(job(5), ProviderUnavailable("HTTP 500"), lambda: 0.5)
+    assert isinstance(server_error, Discarded)
 
 
 def test_describe_is_one_bounded_line() -> None:

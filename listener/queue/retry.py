@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from listener.errors import Deferred, ListenerError, PermanentError, RetryableError
-from listener.jobs import Failed, Job
+from listener.errors import Deferred, ListenerError, PermanentError, RateLimited, RetryableError
+from listener.queue.outcomes import Discarded, Failure, Job, Retry, Snoozed
 
 _MAX_REASON = 1000
 
@@ -60,23 +60,30 @@ class RetryPolicy:
     base_s: float = 5.0
     cap_s: float = 600.0
 
-    def decide(self, job: Job, error: BaseException, rng: Callable[[], float]) -> Failed:
+    def decide(self, job: Job, error: BaseException, rng: Callable[[], float]) -> Failure:
         """The outcome of ``job``'s failed attempt.
 
-        A ``Deferred`` error puts the job back without using the attempt, for its
-        ``retry_after``. A ``PermanentError`` fails the job at once. Anything else is retried
-        after a full-jitter backoff (never sooner than a ``retry_after`` the remote side asked
-        for) until the job has used ``max_attempts`` attempts; then it is failed with the last
-        reason.
+        - ``Deferred`` (budget spent, provider paused): ``Snoozed`` for its ``retry_after``,
+          the attempt given back.
+        - ``RateLimited`` (the provider answered 429 or throttled): ``Snoozed`` too, as River's
+          snooze: the provider asked to wait, the job did nothing wrong. The delay is the
+          provider's ``retry_after`` when given, else a full-jitter backoff.
+        - ``PermanentError``: ``Discarded`` at once.
+        - anything else (5xx, timeouts, unknown errors): ``Retry`` after a full-jitter backoff
+          (never sooner than a ``retry_after`` the remote side asked for) until the job has
+          used ``max_attempts`` attempts; then ``Discarded`` with the last reason.
         """
         reason = describe(error)
         if isinstance(error, Deferred):
-            return Failed(job, reason, max(error.retry_after, 0.0), counts_attempt=False)
+            return Snoozed(job, reason, max(error.retry_after, 0.0))
+        backoff = full_jitter_backoff(job.attempts, self.base_s, self.cap_s, rng)
+        if isinstance(error, RateLimited):
+            wait = error.retry_after if error.retry_after is not None else backoff
+            return Snoozed(job, reason, max(wait, 0.0))
         if isinstance(error, PermanentError):
-            return Failed(job, reason, None)
+            return Discarded(job, reason)
         if job.attempts >= job.max_attempts:
-            return Failed(job, f"{reason} (gave up after {job.attempts} attempts)", None)
-        delay = full_jitter_backoff(job.attempts, self.base_s, self.cap_s, rng)
+            return Discarded(job, f"{reason} (gave up after {job.attempts} attempts)")
         if isinstance(error, RetryableError) and error.retry_after is not None:
-            delay = max(delay, error.retry_after)
-        return Failed(job, reason, delay)
+            backoff = max(backoff, error.retry_after)
+        return Retry(job, reason, backoff)

@@ -30,16 +30,35 @@ import collections
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from loguru import logger
 
-from listener.db.queries import Queries
-from listener.dispatch import Dispatcher
-from listener.jobs import Batched, Completed, Failed, Job, Outcome
 from listener.metrics import Metrics
-from listener.retry import full_jitter_backoff
+from listener.queue.outcomes import (
+    Completed,
+    Discarded,
+    Job,
+    Outcome,
+    Parked,
+    Retry,
+    Snoozed,
+)
+from listener.queue.retry import full_jitter_backoff
+from listener.queue.signals import Signal, Signals
+from listener.queue.store import JobStore
+
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    """Runs one job to an outcome (``listener.dispatch.Dispatcher`` in production); never
+    raises but ``CancelledError``."""
+
+    async def run(self, job: Job) -> Outcome: ...
+
 
 UNRECORDED_FACTOR = 4
 """A worker holds at most this many times ``concurrency + prefetch`` leases in all."""
@@ -71,25 +90,28 @@ class Worker:
     """Claims and runs jobs until stopped.
 
     Args:
-        queries: the named queries, bound to a pool.
-        dispatcher: runs one job to an outcome.
+        store: the job store; every state change goes through it.
+        runner: runs one job to an outcome (the dispatcher).
         config: the worker's settings.
         metrics: counters to update.
         rng: uniform floats in [0, 1) for jitter.
         clock: monotonic clock, seconds.
+        signals: counters tests can await (claimed, completed, retried, ...).
     """
 
     def __init__(
         self,
-        queries: Queries,
-        dispatcher: Dispatcher,
+        store: JobStore,
+        runner: Runner,
         config: WorkerConfig,
         metrics: Metrics,
         rng: Callable[[], float],
         clock: Callable[[], float] = time.monotonic,
+        signals: Signals | None = None,
     ) -> None:
-        self._q = queries
-        self._dispatcher = dispatcher
+        self._store = store
+        self._runner = runner
+        self.signals = signals or Signals()
         self.config = config
         self._metrics = metrics
         self._rng = rng
@@ -106,6 +128,8 @@ class Worker:
         self._log = logger.bind(worker_id=config.worker_id)
         self.claims = 0
         self.last_claim_ok: float | None = None
+        self.claim_failures = 0
+        self.last_claim_error: str | None = None
         self.db_ok = True
 
     # -- public surface -------------------------------------------------------------------
@@ -176,15 +200,19 @@ class Worker:
                 continue
             want = self._shortfall()
             try:
-                jobs = await self._q.claim_jobs(
+                jobs = await self._store.claim(
                     want, self.config.worker_id, self.config.lease_s, uuid.uuid4()
                 )
             except Exception as error:
                 failures += 1
+                self.claim_failures = failures
+                self.last_claim_error = f"{type(error).__name__}: {error}"[:300]
                 self._db_error("claim", error)
                 await self._wait(self._backoff(failures))
                 continue
             failures = 0
+            self.claim_failures = 0
+            self.last_claim_error = None
             self.db_ok = True
             self.claims += 1
             self.last_claim_ok = self._clock()
@@ -197,6 +225,7 @@ class Worker:
                 self._buffer.append(job)
             if jobs:
                 self._metrics.jobs_claimed.inc(len(jobs))
+                self.signals.emit("claimed", len(jobs))
                 self._job_ready.set()
             self._more_waiting = len(jobs) == want
             if not self._more_waiting:
@@ -215,7 +244,7 @@ class Worker:
             self._running[job.id] = job
             self._metrics.in_flight.set(len(self._running))
             try:
-                outcome = await self._dispatcher.run(job)
+                outcome = await self._runner.run(job)
             finally:
                 del self._running[job.id]
                 self._metrics.in_flight.set(len(self._running))
@@ -264,31 +293,61 @@ class Worker:
         batch = self._outcomes
         self._outcomes = []
         try:
-            done = [o for o in batch if isinstance(o, Completed)]
-            failed = [o for o in batch if isinstance(o, Failed)]
-            parked = [o for o in batch if isinstance(o, Batched)]
-            written = await self._q.complete_jobs(done)
-            statuses = await self._q.fail_jobs(failed)
-            if parked:
-                await self._q.batch_jobs(parked)
+            written = await self._write(batch)
         except BaseException:
             self._outcomes = batch + self._outcomes
             raise
-        for c in done:
-            if c.job.id not in written:
-                self._log.warning(
-                    "job {} was not recorded: its lease is no longer ours (expired and "
-                    "reclaimed, or already recorded by an interrupted flush)",
-                    c.job.id,
-                )
-        self._metrics.jobs_finished.labels("complete").inc(len(written))
-        retried = sum(1 for s in statuses.values() if s == "pending")
-        self._metrics.jobs_finished.labels("retry").inc(retried)
-        self._metrics.jobs_finished.labels("failed").inc(len(statuses) - retried)
         for outcome in batch:
+            if outcome.job.id not in written:
+                self._log.warning(
+                    "outcome of job {} was not recorded: its lease is no longer ours (expired "
+                    "and reclaimed, cancelled, or recorded by an interrupted flush)",
+                    outcome.job.id,
+                )
             self._held.pop(outcome.job.id, None)
         if self._more_waiting and self._should_claim():
             self._wake.set()
+
+    async def _write(self, batch: list[Outcome]) -> set[int]:
+        """One fenced statement per kind of outcome; returns the ids recorded."""
+        store = self._store
+        return (
+            await self._record(
+                "complete",
+                "completed",
+                [o for o in batch if isinstance(o, Completed)],
+                store.complete,
+            )
+            | await self._record(
+                "retry", "retried", [o for o in batch if isinstance(o, Retry)], store.retry
+            )
+            | await self._record(
+                "deferred", "snoozed", [o for o in batch if isinstance(o, Snoozed)], store.snooze
+            )
+            | await self._record(
+                "failed",
+                "discarded",
+                [o for o in batch if isinstance(o, Discarded)],
+                store.discard,
+            )
+            | await self._record(
+                "batched", "parked", [o for o in batch if isinstance(o, Parked)], store.park
+            )
+        )
+
+    async def _record(
+        self,
+        label: str,
+        signal: Signal,
+        items: list[T],
+        write: Callable[[Sequence[T]], Awaitable[set[int]]],
+    ) -> set[int]:
+        if not items:
+            return set()
+        ids = await write(items)
+        self._metrics.jobs_finished.labels(label).inc(len(ids))
+        self.signals.emit(signal, len(ids))
+        return ids
 
     # -- heartbeat ------------------------------------------------------------------------
 
@@ -302,8 +361,8 @@ class Worker:
         """Renew this worker's leases and reap expired ones; errors are logged, not raised."""
         held = list(self._held.values())
         try:
-            kept = await self._q.renew_leases(held, self.config.lease_s)
-            reaped = await self._q.reap_expired_leases()
+            kept = await self._store.renew(held, self.config.lease_s)
+            reaped = await self._store.reap()
         except Exception as error:
             self._db_error("heartbeat", error)
             return
@@ -337,8 +396,9 @@ class Worker:
                 if self._outcomes:
                     await self._flush()
                 unfinished = list(self._held.values())
-                released = await self._q.release_jobs(unfinished)
+                released = await self._store.release(unfinished)
                 self._held.clear()
+                self.signals.emit("released", len(released))
                 if released:
                     self._log.info("handed {} unfinished jobs back as pending", len(released))
                 return

@@ -1,0 +1,331 @@
+"""``MemoryJobStore``: the ``JobStore`` in memory, with an injected clock.
+
+It passes the same conformance suite as ``PgJobStore`` (``tests/conformance``), so the worker's
+prefetch, lease cap, drain and retry decisions are unit-tested on it with a fake clock, in
+milliseconds. One asyncio loop only; every method completes without awaiting, so each is
+atomic like the SQL statement it stands for.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from listener.queue.outcomes import Completed, Discarded, Job, Parked, Retry, Snoozed, StepRecord
+from listener.queue.store import JobFilter, JobSnapshot
+
+_FINISHED = ("failed", "cancelled", "complete")
+
+
+@dataclass(slots=True)
+class _Row:
+    id: int
+    source_table: str
+    source_id: str
+    image_url: str | None
+    owner_id: str | None
+    priority: int
+    max_attempts: int | None
+    run_after: float
+    status: str = "pending"
+    attempts: int = 0
+    claims: int = 0
+    lease_token: UUID | None = None
+    lease_expires_at: float | None = None
+    worker_id: str | None = None
+    last_error: str | None = None
+    batch_mode: bool | None = None
+    batch_step: str | None = None
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class MemoryJobStore:
+    """The job store in a dict.
+
+    Args:
+        clock: seconds, monotonic (a fake clock in tests).
+        default_max_attempts: as ``PgJobStore``'s.
+    """
+
+    def __init__(self, clock: Callable[[], float], default_max_attempts: int = 5) -> None:
+        self._clock = clock
+        self._default_max_attempts = default_max_attempts
+        self._rows: dict[int, _Row] = {}
+        self._keys: set[tuple[str, str]] = set()
+        self._ids = itertools.count(1)
+
+    async def enqueue(
+        self,
+        source_table: str,
+        source_id: str,
+        image_url: str | None,
+        owner_id: str | None = None,
+        *,
+        priority: int = 0,
+        max_attempts: int | None = None,
+    ) -> int | None:
+        """See ``JobStore.enqueue``."""
+        if (source_table, source_id) in self._keys:
+            return None
+        self._keys.add((source_table, source_id))
+        row = _Row(
+            next(self._ids),
+            source_table,
+            source_id,
+            image_url,
+            owner_id,
+            priority,
+            max_attempts,
+            self._clock(),
+        )
+        self._rows[row.id] = row
+        return row.id
+
+    async def claim(self, limit: int, worker_id: str, lease_s: float, token: UUID) -> list[Job]:
+        """See ``JobStore.claim``."""
+        now = self._clock()
+        ready = sorted(
+            (r for r in self._rows.values() if r.status == "pending" and r.run_after <= now),
+            key=lambda r: (r.priority, r.run_after, r.id),
+        )[: max(limit, 0)]
+        jobs: list[Job] = []
+        for r in ready:
+            r.status = "processing"
+            r.attempts += 1
+            r.claims += 1
+            if r.max_attempts is None:
+                r.max_attempts = self._default_max_attempts
+            r.worker_id = worker_id
+            r.lease_token = token
+            r.lease_expires_at = now + lease_s
+            jobs.append(
+                Job(
+                    r.id,
+                    r.source_table,
+                    r.source_id,
+                    r.image_url,
+                    r.owner_id,
+                    r.priority,
+                    r.attempts,
+                    r.max_attempts,
+                    token,
+                    batch_mode=r.batch_mode,
+                    done_steps=tuple(r.results),
+                    claims=r.claims,
+                )
+            )
+        return jobs
+
+    def _held(self, job: Job) -> _Row | None:
+        """The job's row when ``job``'s lease still holds (the fence)."""
+        r = self._rows.get(job.id)
+        if r is None or r.status != "processing" or r.lease_token != job.lease_token:
+            return None
+        return r
+
+    def _end_lease(self, r: _Row) -> None:
+        r.lease_token = None
+        r.lease_expires_at = None
+
+    async def renew(self, jobs: Sequence[Job], lease_s: float) -> set[int]:
+        """See ``JobStore.renew``."""
+        kept: set[int] = set()
+        for job in jobs:
+            r = self._held(job)
+            if r is not None:
+                r.lease_expires_at = self._clock() + lease_s
+                kept.add(r.id)
+        return kept
+
+    def _store(self, r: _Row, rec: StepRecord) -> None:
+        old = r.results.get(rec.step)
+        stored: dict[str, Any] = {
+            "provider": rec.provider,
+            "output": dict(rec.output),
+            "model": rec.model,
+            "input_tokens": rec.input_tokens,
+            "output_tokens": rec.output_tokens,
+            "calls": rec.calls,
+            "cost_usd": rec.cost_usd,
+        }
+        if old is not None:  # stored twice: costs add up, as in PgJobStore
+            for key in ("input_tokens", "output_tokens", "calls", "cost_usd"):
+                stored[key] = (old[key] or 0) + (stored[key] or 0)
+        r.results[rec.step] = stored
+
+    async def save_step(self, job: Job, record: StepRecord) -> bool:
+        """See ``JobStore.save_step``.
+
+        Raises:
+            ValueError: ``record.effects`` is not empty (no effects are known here).
+        """
+        if record.effects:
+            raise ValueError(f"unknown step effects: {', '.join(sorted(record.effects))}")
+        r = self._held(job)
+        if r is None:
+            return False
+        self._store(r, record)
+        return True
+
+    async def outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
+        """See ``JobStore.outputs``."""
+        r = self._rows.get(job_id)
+        return {} if r is None else {k: dict(v["output"]) for k, v in r.results.items()}
+
+    async def complete(self, done: Sequence[Completed]) -> set[int]:
+        """See ``JobStore.complete``."""
+        ids: set[int] = set()
+        for c in done:
+            r = self._held(c.job)
+            if r is None:
+                continue
+            for rec in c.results:
+                self._store(r, rec)
+            r.status = "complete"
+            r.last_error = None
+            self._end_lease(r)
+            ids.add(r.id)
+        return ids
+
+    def _back_to_pending(self, job: Job, error: str, delay_s: float, give_back: bool) -> bool:
+        r = self._held(job)
+        if r is None:
+            return False
+        r.status = "pending"
+        r.run_after = self._clock() + delay_s
+        r.last_error = error
+        if give_back:
+            r.attempts = max(r.attempts - 1, 0)
+        self._end_lease(r)
+        return True
+
+    async def retry(self, failures: Sequence[Retry]) -> set[int]:
+        """See ``JobStore.retry``."""
+        return {
+            f.job.id for f in failures if self._back_to_pending(f.job, f.error, f.delay_s, False)
+        }
+
+    async def snooze(self, snoozed: Sequence[Snoozed]) -> set[int]:
+        """See ``JobStore.snooze``."""
+        return {f.job.id for f in snoozed if self._back_to_pending(f.job, f.error, f.delay_s, True)}
+
+    async def discard(self, failures: Sequence[Discarded]) -> set[int]:
+        """See ``JobStore.discard``."""
+        ids: set[int] = set()
+        for f in failures:
+            r = self._held(f.job)
+            if r is not None:
+                r.status = "failed"
+                r.last_error = f.error
+                self._end_lease(r)
+                ids.add(r.id)
+        return ids
+
+    async def park(self, parked: Sequence[Parked]) -> set[int]:
+        """See ``JobStore.park``."""
+        ids: set[int] = set()
+        for p in parked:
+            r = self._held(p.job)
+            if r is not None:
+                r.status = "batched"
+                r.batch_step = p.step
+                r.attempts = max(r.attempts - 1, 0)
+                self._end_lease(r)
+                ids.add(r.id)
+        return ids
+
+    async def release(self, jobs: Sequence[Job]) -> set[int]:
+        """See ``JobStore.release``."""
+        ids: set[int] = set()
+        for job in jobs:
+            r = self._held(job)
+            if r is not None:
+                r.status = "pending"
+                r.attempts = max(r.attempts - 1, 0)
+                r.run_after = self._clock()
+                self._end_lease(r)
+                ids.add(r.id)
+        return ids
+
+    async def reap(self, limit: int = 1000) -> dict[int, str]:
+        """See ``JobStore.reap``."""
+        now = self._clock()
+        expired = sorted(
+            (
+                r
+                for r in self._rows.values()
+                if r.status == "processing"
+                and r.lease_expires_at is not None
+                and r.lease_expires_at < now
+            ),
+            key=lambda r: r.lease_expires_at or 0.0,
+        )[:limit]
+        out: dict[int, str] = {}
+        for r in expired:
+            spent = r.attempts >= (r.max_attempts or self._default_max_attempts)
+            r.status = "failed" if spent else "pending"
+            r.last_error = (
+                f"lease expired: worker {r.worker_id} stopped renewing it "
+                f"(attempt {r.attempts} of {r.max_attempts})"
+            )
+            r.run_after = now
+            self._end_lease(r)
+            out[r.id] = r.status
+        return out
+
+    def _matches(self, r: _Row, which: JobFilter, statuses: Sequence[str]) -> bool:
+        return (
+            r.status in statuses
+            and (which.reason is None or which.reason.lower() in (r.last_error or "").lower())
+            and (which.owner is None or r.owner_id == which.owner)
+            and (which.table is None or r.source_table == which.table)
+        )
+
+    async def requeue(self, which: JobFilter) -> list[int]:
+        """See ``JobStore.requeue``."""
+        bad = set(which.statuses) - set(_FINISHED)
+        if bad:
+            raise ValueError(f"only finished jobs can be retried, not {', '.join(sorted(bad))}")
+        ids: list[int] = []
+        for r in self._rows.values():
+            if self._matches(r, which, which.statuses):
+                if r.status == "complete":
+                    r.results.clear()
+                r.status, r.attempts, r.run_after = "pending", 0, self._clock()
+                r.last_error, r.batch_step = None, None
+                self._end_lease(r)
+                ids.append(r.id)
+        return ids
+
+    async def cancel(self, which: JobFilter) -> list[int]:
+        """See ``JobStore.cancel``."""
+        ids: list[int] = []
+        for r in self._rows.values():
+            if self._matches(r, which, ("pending", "processing", "batched")):
+                r.status, r.last_error = "cancelled", "cancelled by user"
+                self._end_lease(r)
+                ids.append(r.id)
+        return ids
+
+    async def snapshot(self, job_id: int) -> JobSnapshot | None:
+        """See ``JobStore.snapshot``."""
+        r = self._rows.get(job_id)
+        if r is None:
+            return None
+        steps: Mapping[str, Mapping[str, Any]] = {
+            k: {"cost_usd": v["cost_usd"], "calls": v["calls"]} for k, v in r.results.items()
+        }
+        return JobSnapshot(
+            id=r.id,
+            status=r.status,
+            attempts=r.attempts,
+            max_attempts=r.max_attempts,
+            last_error=r.last_error,
+            claims=r.claims,
+            leased=r.lease_token is not None,
+            run_after_s=r.run_after - self._clock(),
+            steps=steps,
+        )

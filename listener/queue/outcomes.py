@@ -1,0 +1,143 @@
+"""The job as the worker sees it, and the outcomes a run can have. Pure data, no I/O.
+
+The queue core knows nothing of images: a job names a source row and a URL, and a step's
+result is any object with the fields of ``StepRecord`` (the analysis side's ``StepResult``
+has them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import UUID
+
+JOB_STATUSES = ("pending", "processing", "complete", "failed", "cancelled", "batched")
+"""Every status a job can have, in lifecycle order."""
+
+
+class StepRecord(Protocol):
+    """What the store keeps of one finished step (one row of ``listener.results``).
+
+    Attributes:
+        provider: who ran it, e.g. ``"openai"``.
+        step: the step's name, unique within a job, e.g. ``"openai.tier1"``.
+        output: JSON-serializable output.
+        model: the model or algorithm version, if any.
+        duration_s: wall time, seconds.
+        input_tokens, output_tokens: tokens billed, if token-priced.
+        calls: billable calls made.
+        cost_usd: what the step cost, USD.
+        effects: database side effects of the step, as data, written by the store in the
+            same fenced transaction that records the step (``{}`` for none). Keys name the
+            effect (``"faces"``); the Postgres store documents the ones it knows.
+    """
+
+    @property
+    def provider(self) -> str: ...
+    @property
+    def step(self) -> str: ...
+    @property
+    def output(self) -> Mapping[str, Any]: ...
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def duration_s(self) -> float: ...
+    @property
+    def input_tokens(self) -> int | None: ...
+    @property
+    def output_tokens(self) -> int | None: ...
+    @property
+    def calls(self) -> int: ...
+    @property
+    def cost_usd(self) -> float: ...
+    @property
+    def effects(self) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed job: one row of ``listener.jobs`` that this worker holds a lease on.
+
+    Attributes:
+        id: ``listener.jobs.id``.
+        source_table: the attached table, schema-qualified and quoted (``public.images``).
+        source_id: the source row's id, as text.
+        image_url: the URL to analyze; ``None`` when the row's URL column is NULL.
+        owner_id: the row's owner, as text, when the table was attached with an owner column.
+        priority: lower runs first (0 fresh uploads, 100 backfill).
+        attempts: attempts so far, this one included (1 on the first run).
+        max_attempts: attempts allowed before the job is failed for good.
+        lease_token: the claim's token; every write about the job is fenced by it.
+        batch_mode: ``True``: its OpenAI steps go through the Batch API; ``False``: never;
+            ``None``: batched when it is low priority and automatic batching is on.
+        done_steps: steps whose results are already stored (an earlier run, a batch): the
+            run resumes after them. Read from the store at claim time, never guessed from
+            ``attempts``.
+        claims: how many times the job has been claimed, this claim included (never given
+            back, unlike ``attempts``): above 1, an earlier run may have left external side
+            effects behind.
+    """
+
+    id: int
+    source_table: str
+    source_id: str
+    image_url: str | None
+    owner_id: str | None
+    priority: int
+    attempts: int
+    max_attempts: int
+    lease_token: UUID
+    batch_mode: bool | None = None
+    done_steps: tuple[str, ...] = ()
+    claims: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """The job ran to the end; ``results`` (not stored yet) are stored with its completion."""
+
+    job: Job
+    results: Sequence[StepRecord] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """The attempt failed and the job runs again after ``delay_s`` seconds (attempt used)."""
+
+    job: Job
+    error: str
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Snoozed:
+    """The job could not run now for a reason not its own (budget spent, provider paused or
+    rate limited): it runs again after ``delay_s`` seconds and the attempt is given back."""
+
+    job: Job
+    error: str
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """The job failed for good (dead letter): a permanent error or its attempts are used up."""
+
+    job: Job
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """The job's next step waits for a provider batch; the attempt is given back."""
+
+    job: Job
+    step: str
+
+
+Failure = Retry | Snoozed | Discarded
+"""What the retry policy decides for a failed attempt."""
+
+Outcome = Completed | Retry | Snoozed | Discarded | Parked
+"""What one run of a job ends with."""

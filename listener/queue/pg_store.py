@@ -1,0 +1,268 @@
+"""``PgJobStore``: the ``JobStore`` over Postgres, one named query of ``sql/queries.sql`` per
+state change. Batch operations (``executemany``-free: arrays through ``unnest``) keep group
+commits to one statement per kind of outcome."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from listener.db.queries import load_queries
+from listener.queue.outcomes import Completed, Discarded, Job, Parked, Retry, Snoozed, StepRecord
+from listener.queue.store import JobFilter, JobSnapshot
+
+_FINISHED = ("failed", "cancelled", "complete")
+
+
+def usd(value: float) -> Decimal:
+    """``value`` (USD) as the ``numeric(16, 9)`` the results table stores."""
+    return Decimal(f"{value:.9f}")
+
+
+def _job(r: Mapping[str, Any], token: UUID) -> Job:
+    return Job(
+        id=r["id"],
+        source_table=r["source_table"],
+        source_id=r["source_id"],
+        image_url=r["image_url"],
+        owner_id=r["owner_id"],
+        priority=r["priority"],
+        attempts=r["attempts"],
+        max_attempts=r["max_attempts"],
+        lease_token=token,
+        batch_mode=r["batch_mode"],
+        done_steps=tuple(r["done_steps"]),
+        claims=r["claims"],
+    )
+
+
+class PgJobStore:
+    """The job store on Postgres.
+
+    Args:
+        pool: an ``asyncpg.Pool`` (each call takes one connection).
+        default_max_attempts: attempts allowed to jobs enqueued without ``max_attempts``
+            (``LISTENER_MAX_ATTEMPTS``), filled in at their first claim.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, default_max_attempts: int = 5) -> None:
+        self._pool = pool
+        self._sql = {name: q.sql for name, q in load_queries().items()}
+        self._default_max_attempts = default_max_attempts
+
+    async def enqueue(
+        self,
+        source_table: str,
+        source_id: str,
+        image_url: str | None,
+        owner_id: str | None = None,
+        *,
+        priority: int = 0,
+        max_attempts: int | None = None,
+    ) -> int | None:
+        """See ``JobStore.enqueue``."""
+        job_id: int | None = await self._pool.fetchval(
+            self._sql["enqueue_job"],
+            source_table,
+            source_id,
+            image_url,
+            owner_id,
+            priority,
+            max_attempts,
+        )
+        return job_id
+
+    async def claim(self, limit: int, worker_id: str, lease_s: float, token: UUID) -> list[Job]:
+        """See ``JobStore.claim``."""
+        rows = await self._pool.fetch(
+            self._sql["claim_jobs"], limit, worker_id, lease_s, token, self._default_max_attempts
+        )
+        return [_job(r, token) for r in rows]
+
+    async def renew(self, jobs: Sequence[Job], lease_s: float) -> set[int]:
+        """See ``JobStore.renew``."""
+        if not jobs:
+            return set()
+        rows = await self._pool.fetch(
+            self._sql["renew_leases"],
+            [j.id for j in jobs],
+            list({j.lease_token for j in jobs}),
+            lease_s,
+        )
+        return {r["id"] for r in rows}
+
+    async def save_step(self, job: Job, record: StepRecord) -> bool:
+        """See ``JobStore.save_step``.
+
+        Raises:
+            ValueError: ``record.effects`` names an effect this store does not know.
+        """
+        if record.effects:
+            raise ValueError(f"unknown step effects: {', '.join(sorted(record.effects))}")
+        return bool(
+            await self._pool.fetchval(
+                self._sql["save_step"],
+                job.id,
+                job.lease_token,
+                record.step,
+                record.provider,
+                json.dumps(record.output),
+                record.model,
+                record.duration_s * 1000.0,
+                record.input_tokens,
+                record.output_tokens,
+                record.calls,
+                usd(record.cost_usd),
+            )
+        )
+
+    async def outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
+        """See ``JobStore.outputs``."""
+        rows = await self._pool.fetch(self._sql["job_outputs"], job_id)
+        return {r["step"]: json.loads(r["output"]) for r in rows}
+
+    async def complete(self, done: Sequence[Completed]) -> set[int]:
+        """See ``JobStore.complete``.
+
+        Raises:
+            ValueError: a result carries effects (steps with effects are saved one by one
+                with ``save_step``, which writes them in the same transaction).
+        """
+        if not done:
+            return set()
+        columns: list[list[Any]] = [[] for _ in range(10)]
+        for c in done:
+            for r in c.results:
+                if r.effects:
+                    raise ValueError(f"step {r.step} has effects: store it with save_step")
+                values = (
+                    c.job.id,
+                    r.step,
+                    r.provider,
+                    json.dumps(r.output),
+                    r.model,
+                    r.duration_s * 1000.0,
+                    r.input_tokens,
+                    r.output_tokens,
+                    r.calls,
+                    usd(r.cost_usd),
+                )
+                for column, value in zip(columns, values, strict=True):
+                    column.append(value)
+        rows = await self._pool.fetch(
+            self._sql["complete_jobs"],
+            [c.job.id for c in done],
+            [c.job.lease_token for c in done],
+            *columns,
+        )
+        return {r["id"] for r in rows}
+
+    async def retry(self, failures: Sequence[Retry]) -> set[int]:
+        """See ``JobStore.retry``."""
+        if not failures:
+            return set()
+        rows = await self._pool.fetch(
+            self._sql["retry_jobs"],
+            [f.job.id for f in failures],
+            [f.job.lease_token for f in failures],
+            [f.delay_s for f in failures],
+            [f.error for f in failures],
+        )
+        return {r["id"] for r in rows}
+
+    async def snooze(self, snoozed: Sequence[Snoozed]) -> set[int]:
+        """See ``JobStore.snooze``."""
+        if not snoozed:
+            return set()
+        rows = await self._pool.fetch(
+            self._sql["snooze_jobs"],
+            [f.job.id for f in snoozed],
+            [f.job.lease_token for f in snoozed],
+            [f.delay_s for f in snoozed],
+            [f.error for f in snoozed],
+        )
+        return {r["id"] for r in rows}
+
+    async def discard(self, failures: Sequence[Discarded]) -> set[int]:
+        """See ``JobStore.discard``."""
+        if not failures:
+            return set()
+        rows = await self._pool.fetch(
+            self._sql["discard_jobs"],
+            [f.job.id for f in failures],
+            [f.job.lease_token for f in failures],
+            [f.error for f in failures],
+        )
+        return {r["id"] for r in rows}
+
+    async def park(self, parked: Sequence[Parked]) -> set[int]:
+        """See ``JobStore.park``."""
+        if not parked:
+            return set()
+        rows = await self._pool.fetch(
+            self._sql["park_jobs"],
+            [b.job.id for b in parked],
+            [b.job.lease_token for b in parked],
+            [b.step for b in parked],
+        )
+        return {r["id"] for r in rows}
+
+    async def release(self, jobs: Sequence[Job]) -> set[int]:
+        """See ``JobStore.release``."""
+        if not jobs:
+            return set()
+        rows = await self._pool.fetch(
+            self._sql["release_jobs"], [j.id for j in jobs], [j.lease_token for j in jobs]
+        )
+        return {r["id"] for r in rows}
+
+    async def reap(self, limit: int = 1000) -> dict[int, str]:
+        """See ``JobStore.reap``."""
+        rows = await self._pool.fetch(self._sql["reap_expired_leases"], limit)
+        return {r["id"]: r["status"] for r in rows}
+
+    async def requeue(self, which: JobFilter) -> list[int]:
+        """See ``JobStore.requeue``."""
+        bad = set(which.statuses) - set(_FINISHED)
+        if bad:
+            raise ValueError(f"only finished jobs can be retried, not {', '.join(sorted(bad))}")
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                self._sql["requeue_jobs"],
+                list(which.statuses),
+                which.reason,
+                which.owner,
+                which.table,
+            )
+            if rows:
+                await conn.execute(self._sql["notify_jobs"])
+        return [r["id"] for r in rows]
+
+    async def cancel(self, which: JobFilter) -> list[int]:
+        """See ``JobStore.cancel`` (``which.statuses`` is not used: every unfinished one)."""
+        rows = await self._pool.fetch(
+            self._sql["cancel_jobs"], which.reason, which.owner, which.table
+        )
+        return [r["id"] for r in rows]
+
+    async def snapshot(self, job_id: int) -> JobSnapshot | None:
+        """See ``JobStore.snapshot``."""
+        r = await self._pool.fetchrow(self._sql["job_snapshot"], job_id)
+        if r is None:
+            return None
+        return JobSnapshot(
+            id=r["id"],
+            status=r["status"],
+            attempts=r["attempts"],
+            max_attempts=r["max_attempts"],
+            last_error=r["last_error"],
+            claims=r["claims"],
+            leased=r["leased"],
+            run_after_s=float(r["run_after_s"]),
+            steps=json.loads(r["steps"]),
+        )
