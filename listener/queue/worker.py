@@ -172,9 +172,10 @@ class Worker:
             await self._record_and_release()
 
     def stop(self) -> None:
-        """Stop claiming; ``run`` then drains and returns."""
+        """Stop claiming and starting buffered jobs; ``run`` then drains and returns."""
         self._stopping.set()
         self._wake.set()
+        self._job_ready.set()
 
     # -- claim ----------------------------------------------------------------------------
 
@@ -233,11 +234,13 @@ class Worker:
 
     async def _consume(self) -> None:
         while True:
-            while not self._buffer:
-                if self._stopping.is_set():
-                    return
+            # Once stopping, no buffered job starts: the drain hands them back unrun.
+            if self._stopping.is_set():
+                return
+            if not self._buffer:
                 self._job_ready.clear()
                 await self._job_ready.wait()
+                continue
             job = self._buffer.popleft()
             if self._more_waiting and self._should_claim():
                 self._wake.set()

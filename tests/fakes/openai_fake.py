@@ -1089,6 +1089,9 @@ class FakeOpenAI:
     Attributes (tests read and set them between requests):
         base_url: ``http://127.0.0.1:PORT/v1``, for ``AsyncOpenAI(base_url=...)``.
         faults: scripted failures, one popped per chat request (FIFO), before any check.
+        fault_plan: when set, asked for a fault for each chat request the ``faults`` list
+            did not fault (``None``: no fault), e.g. a random 20% of 500s.
+        answered: the bodies of chat requests answered 200 (billed), in order.
         finish_reason_override: finish_reasons for the next successful answers (FIFO):
             "content_filter" answers with null content, "length" with the JSON cut in half.
         requests: every chat request received: its JSON body (or ``{"body": text}`` if not
@@ -1137,6 +1140,8 @@ class FakeOpenAI:
         self.tpm_limit = tpm_limit
         self.latency_s = latency_s
         self.faults: list[Fault] = []
+        self.fault_plan: Callable[[], Fault | None] | None = None
+        self.answered: list[Any] = []
         self.finish_reason_override: list[str] = []
         self.requests: list[dict[str, Any]] = []
         self.violations = 0
@@ -1252,6 +1257,10 @@ class FakeOpenAI:
         """The answer to one request; synchronous so that admission is atomic."""
         if self.faults:
             raise _fault_error(self.faults.pop(0))
+        if self.fault_plan is not None:
+            planned = self.fault_plan()
+            if planned is not None:
+                raise _fault_error(planned)
         if api_key is None:
             raise _no_api_key()
         chat = _parse_chat(body)
@@ -1267,6 +1276,7 @@ class FakeOpenAI:
         completion = _chat_completion(
             chat, content, finish_reason, prompt_tokens, completion_tokens
         )
+        self.answered.append(body)
         return web.json_response(completion, headers=self._headers())
 
     def _admit(self, model: str, tokens: int) -> None:

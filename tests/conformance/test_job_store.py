@@ -1,0 +1,235 @@
+"""What every ``JobStore`` guarantees, run against the Postgres and the in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from conftest import DEFAULT_MAX_ATTEMPTS, StoreEnv
+
+from listener.queue.outcomes import Completed, Discarded, Job, Parked, Retry, Snoozed
+from listener.queue.store import JobFilter, JobStore
+
+T = "public.images"
+
+
+@dataclass(frozen=True)
+class Rec:
+    """A step record (the fields of ``StepRecord``)."""
+
+    step: str
+    cost_usd: float = 0.01
+    provider: str = "p"
+    output: dict[str, Any] = field(default_factory=lambda: {"ok": True})
+    model: str | None = "m"
+    duration_s: float = 0.1
+    input_tokens: int | None = 10
+    output_tokens: int | None = 5
+    calls: int = 1
+    effects: dict[str, Any] = field(default_factory=dict)
+
+
+async def enqueue(store: JobStore, n: int, **kwargs: Any) -> list[int]:
+    ids = []
+    for i in range(n):
+        job_id = await store.enqueue(T, str(i + 1), f"http://img/{i + 1}", **kwargs)
+        assert job_id is not None
+        ids.append(job_id)
+    return ids
+
+
+async def claim(store: JobStore, limit: int = 10, lease_s: float = 30.0) -> list[Job]:
+    return await store.claim(limit, "w1", lease_s, uuid.uuid4())
+
+
+async def status(store: JobStore, job_id: int) -> tuple[str, int]:
+    snap = await store.snapshot(job_id)
+    assert snap is not None
+    return snap.status, snap.attempts
+
+
+async def test_enqueue_once_per_source_row(store_env: StoreEnv) -> None:
+    store = store_env.store
+    assert await store.enqueue(T, "1", "http://a") is not None
+    assert await store.enqueue(T, "1", "http://b") is None
+    assert await store.enqueue("public.other", "1", "http://a") is not None
+
+
+async def test_claim_order_limit_and_default_max_attempts(store_env: StoreEnv) -> None:
+    store = store_env.store
+    low = await store.enqueue(T, "low", "u", priority=100)
+    first, second = await enqueue(store, 2)
+    explicit = await store.enqueue(T, "explicit", "u", priority=100, max_attempts=9)
+    jobs = await claim(store, limit=3)
+    assert [j.id for j in jobs] == [first, second, low]
+    assert all(j.attempts == 1 and j.claims == 1 for j in jobs)
+    # Rows enqueued without max_attempts take the daemon's setting at their claim.
+    assert {j.max_attempts for j in jobs} == {DEFAULT_MAX_ATTEMPTS}
+    (last,) = await claim(store)
+    assert last.id == explicit and last.max_attempts == 9
+    assert await claim(store) == []
+
+
+async def test_concurrent_claims_never_share_a_job(store_env: StoreEnv) -> None:
+    store = store_env.store
+    await enqueue(store, 60)
+    batches = await asyncio.gather(*(claim(store, limit=7) for _ in range(12)))
+    ids = [j.id for batch in batches for j in batch]
+    assert len(ids) == len(set(ids)) == 60
+
+
+async def test_every_write_is_fenced_by_the_lease_token(store_env: StoreEnv) -> None:
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1)
+    (job,) = await claim(store)
+    stale = Job(**{**_fields(job), "lease_token": uuid.uuid4()})
+    assert await store.save_step(stale, Rec("a")) is False
+    assert await store.complete([Completed(stale, [Rec("a")])]) == set()
+    assert await store.retry([Retry(stale, "x", 0)]) == set()
+    assert await store.snooze([Snoozed(stale, "x", 0)]) == set()
+    assert await store.discard([Discarded(stale, "x")]) == set()
+    assert await store.park([Parked(stale, "s")]) == set()
+    assert await store.release([stale]) == set()
+    assert await store.renew([stale], 30) == set()
+    snap = await store.snapshot(job_id)
+    assert snap is not None and snap.status == "processing" and snap.steps == {}
+    assert await store.complete([Completed(job, [Rec("a")])]) == {job_id}
+    # Once recorded, the same lease writes nothing more.
+    assert await store.retry([Retry(job, "late", 0)]) == set()
+    assert await status(store, job_id) == ("complete", 1)
+
+
+def _fields(job: Job) -> dict[str, Any]:
+    return {name: getattr(job, name) for name in job.__slots__}
+
+
+async def test_retry_uses_the_attempt_snooze_and_release_give_it_back(
+    store_env: StoreEnv,
+) -> None:
+    store = store_env.store
+    retried, snoozed, released = await enqueue(store, 3)
+    jobs = {j.id: j for j in await claim(store)}
+    assert await store.retry([Retry(jobs[retried], "HTTP 500", 0)]) == {retried}
+    assert await store.snooze([Snoozed(jobs[snoozed], "429", 0)]) == {snoozed}
+    assert await store.release([jobs[released]]) == {released}
+    assert await status(store, retried) == ("pending", 1)
+    assert await status(store, snoozed) == ("pending", 0)
+    assert await status(store, released) == ("pending", 0)
+    snap = await store.snapshot(snoozed)
+    assert snap is not None and snap.last_error == "429"
+
+
+async def test_a_delay_holds_the_job_back(store_env: StoreEnv) -> None:
+    store = store_env.store
+    later, now = await enqueue(store, 2)
+    jobs = {j.id: j for j in await claim(store)}
+    await store.retry([Retry(jobs[later], "wait", 3600), Retry(jobs[now], "go", 0)])
+    await store_env.advance(0.01)
+    assert [j.id for j in await claim(store)] == [now]
+    snap = await store.snapshot(later)
+    assert snap is not None and 3500 < snap.run_after_s <= 3600
+
+
+async def test_discard_is_a_dead_letter(store_env: StoreEnv) -> None:
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1)
+    (job,) = await claim(store)
+    assert await store.discard([Discarded(job, "HTTP 404")]) == {job_id}
+    snap = await store.snapshot(job_id)
+    assert snap is not None and (snap.status, snap.last_error) == ("failed", "HTTP 404")
+    assert await claim(store) == []
+
+
+async def test_reap_returns_expired_leases_and_fails_spent_jobs(store_env: StoreEnv) -> None:
+    store = store_env.store
+    fresh, spent = await enqueue(store, 1) + [
+        await store.enqueue(T, "spent", "u", max_attempts=1) or 0
+    ]
+    expired = await store.claim(10, "dead-worker", 0.0, uuid.uuid4())
+    assert {j.id for j in expired} == {fresh, spent}
+    await store_env.advance(0.01)
+    assert await store.reap() == {fresh: "pending", spent: "failed"}
+    snap = await store.snapshot(fresh)
+    assert snap is not None and "dead-worker" in (snap.last_error or "")
+    # The dead worker's late writes are fenced out.
+    assert await store.complete([Completed(j) for j in expired]) == set()
+    (again,) = await claim(store)
+    assert again.id == fresh and again.attempts == 2 and again.claims == 2
+
+
+async def test_renew_keeps_a_lease_from_being_reaped(store_env: StoreEnv) -> None:
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1)
+    (job,) = await store.claim(1, "w", 0.0, uuid.uuid4())
+    assert await store.renew([job], 60.0) == {job_id}
+    await store_env.advance(0.01)
+    assert await store.reap() == {}
+
+
+async def test_stored_steps_come_back_with_the_claim(store_env: StoreEnv) -> None:
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1)
+    (job,) = await claim(store)
+    assert job.done_steps == ()
+    assert await store.save_step(job, Rec("tier1", output={"quality": 7}))
+    await store.release([job])
+    (again,) = await claim(store)
+    # Resume follows stored state: the attempt was given back, the step stays done.
+    assert again.attempts == 1 and again.done_steps == ("tier1",)
+    assert await store.outputs(job_id) == {"tier1": {"quality": 7}}
+
+
+async def test_a_step_stored_twice_counts_both_costs(store_env: StoreEnv) -> None:
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1)
+    (job,) = await claim(store)
+    assert await store.save_step(job, Rec("tier1", cost_usd=0.25))
+    assert await store.complete([Completed(job, [Rec("tier1", cost_usd=0.5)])]) == {job_id}
+    snap = await store.snapshot(job_id)
+    assert snap is not None
+    assert snap.steps["tier1"]["cost_usd"] == pytest.approx(0.75)
+    assert snap.steps["tier1"]["calls"] == 2
+
+
+async def test_park_gives_the_attempt_back(store_env: StoreEnv) -> None:
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1)
+    (job,) = await claim(store)
+    assert await store.park([Parked(job, "openai.tier1")]) == {job_id}
+    assert await status(store, job_id) == ("batched", 0)
+    assert await claim(store) == []
+
+
+async def test_cancel_reaches_pending_running_and_batched_jobs(store_env: StoreEnv) -> None:
+    store = store_env.store
+    ids = await enqueue(store, 3, owner_id="alice")
+    other = await store.enqueue(T, "bob-1", "u", owner_id="bob")
+    jobs = {j.id: j for j in await claim(store, limit=2)}
+    running, parked = sorted(jobs)
+    await store.park([Parked(jobs[parked], "openai.tier1")])
+    cancelled = await store.cancel(JobFilter((), owner="alice"))
+    assert sorted(cancelled) == sorted(ids)
+    assert await status(store, running) == ("cancelled", 1)
+    # The running job's worker finds its lease gone.
+    assert await store.complete([Completed(jobs[running])]) == set()
+    assert await store.snapshot(other) is not None
+    assert await status(store, other or 0) == ("pending", 0)
+
+
+async def test_requeue_resumes_failed_and_restarts_complete(store_env: StoreEnv) -> None:
+    store = store_env.store
+    failed, done = await enqueue(store, 2)
+    jobs = {j.id: j for j in await claim(store)}
+    await store.save_step(jobs[failed], Rec("tier1"))
+    await store.discard([Discarded(jobs[failed], "HTTP 500 (gave up after 3 attempts)")])
+    await store.complete([Completed(jobs[done], [Rec("tier1")])])
+    with pytest.raises(ValueError, match="processing"):
+        await store.requeue(JobFilter(("processing",)))
+    assert await store.requeue(JobFilter(("failed",), reason="http 500")) == [failed]
+    assert await store.requeue(JobFilter(("complete",))) == [done]
+    again = {j.id: j for j in await claim(store)}
+    assert again[failed].done_steps == ("tier1",) and again[failed].attempts == 1
+    assert again[done].done_steps == ()
