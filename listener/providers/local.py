@@ -571,10 +571,9 @@ class LocalProvider:
             await self._replace_pool(self._pool)
         pool = self._pool
         if pool is None:
-            raise RuntimeError("LocalProvider.start() must be called before analyze()")
+            raise RuntimeError("LocalProvider.start() must be called before run_in_worker()")
         future = pool.schedule(_in_worker, args=(function, *args), timeout=self._timeout_s)
         self._futures.add(future)
-        future.add_done_callback(self._futures.discard)
         try:
             return await asyncio.wrap_future(future)
         except TimeoutError:
@@ -590,6 +589,8 @@ class LocalProvider:
             raise ProviderUnavailable(
                 "the local analysis worker pool broke; it was restarted"
             ) from None
+        finally:
+            self._futures.discard(future)
 
     def _new_pool(self) -> tuple[ProcessPool, Synchronized[int]]:
         context = multiprocessing.get_context("spawn")
