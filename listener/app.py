@@ -88,7 +88,13 @@ def build_providers(settings: Settings, plan: Plan, queries: Queries) -> list[Pr
         elif name == "local":
             from listener.providers.local import LocalProvider
 
-            providers.append(LocalProvider(settings.local, max_pixels=settings.fetch.max_pixels))
+            providers.append(
+                LocalProvider(
+                    settings.local,
+                    max_pixels=settings.fetch.max_pixels,
+                    timeout_s=settings.step_timeout("local"),
+                )
+            )
         elif name == "openai":
             from listener.providers.openai import OpenAIProvider
 
@@ -202,7 +208,10 @@ class Daemon:
                 self._started_providers.append(provider)
             slots = {
                 p.name: ProviderSlot.build(
-                    p, s.rate_limit(p.name), build_limiter(s, p.name, queries)
+                    p,
+                    s.rate_limit(p.name),
+                    build_limiter(s, p.name, queries),
+                    s.step_timeout(p.name),
                 )
                 for p in self._providers
             }

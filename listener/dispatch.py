@@ -3,9 +3,10 @@
 For each step of the plan, in order: skip it if a previous attempt already stored its result
 (a retry resumes at the first unfinished step) or if its tier's gate says so; check the daily
 budget before a paid step; then the provider's semaphore (calls in flight), its limiter
-(requests per second and tokens per minute, shared by the fleet when finite), the call, and
-the cost from the price table. With more than one step, each result is stored as soon as it
-is done, so a crash after tier 1 never pays for tier 1 again.
+(requests per second and tokens per minute, shared by the fleet when finite), the call
+(under the provider's step timeout: a hung call fails as ``StepTimeout``), and the cost from
+the price table. With more than one step, each result is stored as soon as it is done, so a
+crash after tier 1 never pays for tier 1 again.
 
 The dispatcher never raises for a job's failure: it returns an ``Outcome`` decided by the
 retry policy. A 429 pauses the provider's limiter for every task (and every daemon), not only
@@ -15,9 +16,10 @@ for the job that saw it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -25,7 +27,7 @@ from loguru import logger
 from PIL import Image
 
 from listener.costs import cost_usd, price_for
-from listener.errors import ProviderPaused, RateLimited
+from listener.errors import ProviderPaused, RateLimited, StepTimeout
 from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, skip_reason
 from listener.providers.base import ImageInput, Provider, StepContext, StepResult
@@ -133,16 +135,45 @@ class LocalLimiter:
 
 @dataclass(slots=True)
 class ProviderSlot:
-    """A provider with its concurrency limit and its rate limiter."""
+    """A provider with its concurrency limit, its rate limiter and its step timeout.
+
+    Attributes:
+        timeout_s: seconds one call of ``provider.run`` may take; ``None`` for no limit.
+    """
 
     provider: Provider
     semaphore: asyncio.Semaphore
     limiter: Limiter
+    timeout_s: float | None = None
 
     @classmethod
-    def build(cls, provider: Provider, limit: RateLimit, limiter: Limiter) -> ProviderSlot:
-        """Wrap ``provider`` with ``limit.concurrency`` and ``limiter``."""
-        return cls(provider, asyncio.Semaphore(limit.concurrency), limiter)
+    def build(
+        cls,
+        provider: Provider,
+        limit: RateLimit,
+        limiter: Limiter,
+        timeout_s: float | None = None,
+    ) -> ProviderSlot:
+        """Wrap ``provider`` with ``limit.concurrency``, ``limiter`` and ``timeout_s`` (s)."""
+        return cls(provider, asyncio.Semaphore(limit.concurrency), limiter, timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def step_deadline(step: str, timeout_s: float | None) -> AsyncIterator[None]:
+    """Cancel the body after ``timeout_s`` seconds (never when ``None``).
+
+    Raises:
+        StepTimeout: the body ran out of time (``"step <step> timed out after <n>s"``). A
+            ``TimeoutError`` the body raised by itself passes through unchanged.
+    """
+    deadline = asyncio.timeout(timeout_s)
+    try:
+        async with deadline:
+            yield
+    except TimeoutError:
+        if timeout_s is not None and deadline.expired():
+            raise StepTimeout(step, timeout_s) from None
+        raise
 
 
 class _ToBatch(Exception):
@@ -322,7 +353,9 @@ class Dispatcher:
             self._metrics.provider_called(step.provider)
             started = time.perf_counter()
             try:
-                result = await provider.run(step.kind, image, StepContext(step.name, outputs))
+                # A hung call would hold the job's lease forever: the heartbeat renews it.
+                async with step_deadline(step.name, slot.timeout_s):
+                    result = await provider.run(step.kind, image, StepContext(step.name, outputs))
             except RateLimited as error:
                 await slot.limiter.pause(error.retry_after or 1.0, f"{step.provider}: {error}")
                 self._count_error(step.provider, error)

@@ -10,7 +10,8 @@
     │   ├── RateLimited         a provider said 429 / throttled (may carry retry_after): the
     │   │                       job is snoozed without using an attempt
     │   ├── ProviderUnavailable connection refused or reset, 5xx
-    │   └── FetchTimeout        connect or read timeout
+    │   ├── FetchTimeout        connect or read timeout
+    │   └── StepTimeout         a step's provider call ran past its timeout (it hung)
     └── PermanentError          the job is failed at once; retrying cannot help
         ├── InvalidURL          NULL, empty, whitespace, unsupported scheme
         ├── FetchRefused        the URL resolves to a refused address (SSRF guard)
@@ -89,6 +90,26 @@ class ProviderUnavailable(RetryableError):
 
 class FetchTimeout(RetryableError):
     """A connect or read timeout while fetching the image or calling a provider."""
+
+
+class StepTimeout(RetryableError):
+    """A step's provider call did not finish within its timeout (``LISTENER_STEP_TIMEOUTS``).
+
+    The call is abandoned (a hung local analysis process is killed) and the attempt is
+    retried, so a hang never keeps a job's lease forever.
+
+    Args:
+        step: the step's name, e.g. ``"local.analysis"``.
+        timeout_s: the timeout that ran out, seconds.
+    """
+
+    def __init__(self, step: str, timeout_s: float) -> None:
+        super().__init__(f"step {step} timed out after {timeout_s:g}s")
+        self.step = step
+        self.timeout_s = timeout_s
+
+    def __reduce__(self) -> tuple[type[StepTimeout], tuple[str, float]]:
+        return (type(self), (self.step, self.timeout_s))
 
 
 class PermanentError(ListenerError):

@@ -13,7 +13,15 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    PositiveFloat,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MB = 1024 * 1024
@@ -47,6 +55,13 @@ def _default_rate_limits() -> dict[str, RateLimit]:
         # Rekognition's default quota for the image APIs is 5 TPS in most regions.
         "rekognition": RateLimit(rps=5.0, burst=1, concurrency=16),
     }
+
+
+def _default_step_timeouts() -> dict[str, float | None]:
+    # Generous bounds that only a hang reaches: a local analysis takes about a second but may
+    # wait for a free worker process; an OpenAI step covers the SDK's own retries of 60 s
+    # requests; Rekognition calls are 30 s each. ``noop`` only sleeps ``noop_delay_s``.
+    return {"local": 120.0, "openai": 180.0, "rekognition": 90.0, "noop": None}
 
 
 class FetchSettings(BaseModel):
@@ -289,6 +304,11 @@ class Settings(BaseSettings):
     budget_usd_per_day: float | None = Field(default=None, ge=0)
     noop_delay_s: float = Field(default=0.0, ge=0)
     rate_limits: dict[str, RateLimit] = Field(default_factory=_default_rate_limits)
+    step_timeouts: dict[str, PositiveFloat | None] = Field(
+        default_factory=_default_step_timeouts,
+        description="Seconds a step's provider call may take, per provider, merged over the "
+        "defaults; null for no timeout. A step that runs past it fails as retryable.",
+    )
 
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
@@ -323,6 +343,13 @@ class Settings(BaseSettings):
         merged.update(value)
         return merged
 
+    @field_validator("step_timeouts")
+    @classmethod
+    def _keep_default_timeouts(cls, value: dict[str, float | None]) -> dict[str, float | None]:
+        merged = _default_step_timeouts()
+        merged.update(value)
+        return merged
+
     def dsn(self) -> str:
         """The database DSN.
 
@@ -349,3 +376,7 @@ class Settings(BaseSettings):
     def rate_limit(self, provider: str) -> RateLimit:
         """The limits of ``provider``; unlimited when none are configured."""
         return self.rate_limits.get(provider, RateLimit())
+
+    def step_timeout(self, provider: str) -> float | None:
+        """Seconds one step of ``provider`` may take; ``None`` (no timeout) when not set."""
+        return self.step_timeouts.get(provider)

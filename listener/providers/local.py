@@ -17,11 +17,12 @@ import multiprocessing
 import os
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
+from pebble import ProcessExpired, ProcessFuture, ProcessPool
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from listener.errors import (
@@ -29,6 +30,7 @@ from listener.errors import (
     InvalidImage,
     ListenerError,
     ProviderUnavailable,
+    StepTimeout,
 )
 from listener.providers.base import ImageInput, StepContext, StepResult
 
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
     from listener.settings import LocalSettings
+
+T = TypeVar("T")
 
 STEP: Final = "local.analysis"
 #: Laplacian variance below which an image is called blurry: the customary cut-off (Rosebrock,
@@ -427,15 +431,20 @@ def _init_worker(ready: Synchronized[int]) -> None:
         ready.value += 1
 
 
-def _analyze_in_worker(data: bytes, max_side: int, max_pixels: int) -> dict[str, Any]:
-    """``analyze_bytes``, with unexpected errors made safe to send back to the parent."""
+def _in_worker(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, with unexpected errors made safe to send back to the parent."""
     try:
-        return analyze_bytes(data, max_side=max_side, max_pixels=max_pixels)
+        return function(*args)
     except (ListenerError, MemoryError):
         raise
     except Exception as exc:
-        # Some library exceptions (cv2.error) do not survive pickling back to the parent.
+        # Some library exceptions (cv2.error) do not survive pickling back to the parent, and
+        # a TimeoutError of the function's own must not read as the pool's task timeout.
         raise RuntimeError(f"local analysis failed: {type(exc).__name__}: {exc}") from None
+
+
+def _analyze(data: bytes, max_side: int, max_pixels: int) -> dict[str, Any]:
+    return analyze_bytes(data, max_side=max_side, max_pixels=max_pixels)
 
 
 class LocalProvider:
@@ -444,20 +453,30 @@ class LocalProvider:
     Args:
         settings: the ``local`` slice of the settings (workers, analysis_max_side).
         max_pixels: Pillow's decompression-bomb limit, in pixels (``fetch.max_pixels``).
+        timeout_s: seconds one analysis may run in its worker process (waiting for a free
+            worker not included); the process is then killed and replaced. ``None`` for no
+            limit (``step_timeouts["local"]`` in production).
 
     ``analyze`` returns one ``StepResult`` with step ``"local.analysis"`` whose output is
-    ``analyze_bytes``'s dict. It raises ``InvalidImage`` / ``ImageTooLarge`` for bad images and
-    ``ProviderUnavailable`` when a worker died (the pool is then recreated).
+    ``analyze_bytes``'s dict. It raises ``InvalidImage`` / ``ImageTooLarge`` for bad images,
+    ``StepTimeout`` when the analysis hung, and ``ProviderUnavailable`` when a worker died. In
+    both of the last cases only that worker is replaced: the other analyses go on. The pool is
+    Pebble's ``ProcessPool`` (https://pebble.readthedocs.io), which terminates the process of
+    a task that timed out or was cancelled and starts a new one.
     """
 
     name: str = "local"
     needs_image: bool = True
 
-    def __init__(self, settings: LocalSettings, *, max_pixels: int) -> None:
+    def __init__(
+        self, settings: LocalSettings, *, max_pixels: int, timeout_s: float | None = None
+    ) -> None:
         self._max_side = settings.analysis_max_side
         self._max_pixels = max_pixels
         self._workers = settings.workers or os.cpu_count() or 1
-        self._pool: ProcessPoolExecutor | None = None
+        self._timeout_s = timeout_s
+        self._pool: ProcessPool | None = None
+        self._futures: set[ProcessFuture[Any]] = set()
         self._model = "listener-local/1 (opencv, imagehash phash)"
 
     @property
@@ -473,17 +492,15 @@ class LocalProvider:
         """Start the worker processes and wait until each has warmed up (up to 120 s).
 
         Raises:
-            RuntimeError: the workers did not become ready in time.
-            concurrent.futures.process.BrokenProcessPool: a worker failed to start.
+            RuntimeError: the workers did not become ready in time, or the pool broke.
         """
         if self._pool is not None:
             return
         loop = asyncio.get_running_loop()
         pool, ready = self._new_pool()
         self._pool = pool
-        # Submitting one task per worker at once makes the pool spawn every process now.
         versions = await asyncio.gather(
-            *(loop.run_in_executor(pool, _warm_up) for _ in range(self._workers))
+            *(asyncio.wrap_future(pool.schedule(_warm_up)) for _ in range(self._workers))
         )
         major_minor = ".".join(versions[0].split(".")[:2])
         self._model = f"listener-local/1 (opencv {major_minor}, imagehash phash)"
@@ -497,10 +514,13 @@ class LocalProvider:
             await asyncio.sleep(0.02)
 
     async def close(self) -> None:
-        """Stop the worker processes, cancelling queued work. Safe to call twice."""
+        """Stop the worker processes, cancelling queued and running work. Safe to call twice."""
         pool, self._pool = self._pool, None
+        for future in list(self._futures):
+            future.cancel()
         if pool is not None:
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+            pool.stop()
+            await asyncio.to_thread(pool.join)
 
     def estimate_tokens(self, kind: str, image: ImageInput) -> int:
         """The local provider is not token-priced: 0."""
@@ -520,26 +540,10 @@ class LocalProvider:
         Raises:
             InvalidImage: empty, not an image, truncated or undecodable.
             ImageTooLarge: over the pixel limit.
-            ProviderUnavailable: the worker pool broke (e.g. a worker was OOM-killed); a new
-                pool has been started and the job may be retried.
-            RuntimeError: ``start`` was not called, or an unexpected analysis failure.
+            StepTimeout, ProviderUnavailable, RuntimeError: as ``run_in_worker``.
         """
-        pool = self._pool
-        if pool is None:
-            raise RuntimeError("LocalProvider.start() must be called before analyze()")
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        try:
-            output = await loop.run_in_executor(
-                pool,
-                functools.partial(_analyze_in_worker, image.data, self._max_side, self._max_pixels),
-            )
-        except BrokenProcessPool:
-            self._replace_pool(pool)
-            raise ProviderUnavailable(
-                "a local analysis worker died (out of memory or killed); "
-                "the worker pool was restarted"
-            ) from None
+        output = await self.run_in_worker(_analyze, image.data, self._max_side, self._max_pixels)
         return StepResult(
             provider=self.name,
             step=STEP,
@@ -548,19 +552,60 @@ class LocalProvider:
             duration_s=time.perf_counter() - started,
         )
 
-    def _new_pool(self) -> tuple[ProcessPoolExecutor, Synchronized[int]]:
+    async def run_in_worker(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in a worker process, killed once it has run ``timeout_s``.
+
+        ``function`` and ``args`` must pickle (``function`` at module level). Cancelling the
+        awaiting task also kills the process running ``function`` (if it started), so the
+        dispatcher's own step timeout frees the worker too.
+
+        Raises:
+            StepTimeout: ``function`` ran longer than ``timeout_s`` seconds; its process was
+                terminated and a new one started, other tasks were not disturbed.
+            ProviderUnavailable: the worker died (e.g. OOM-killed), or the whole pool broke
+                (then a new pool has been started); the job may be retried.
+            ListenerError, MemoryError: raised by ``function``, as they are.
+            RuntimeError: ``start`` was not called, or ``function`` raised something else.
+        """
+        if self._pool is not None and not self._pool.active:
+            await self._replace_pool(self._pool)
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("LocalProvider.start() must be called before run_in_worker()")
+        future = pool.schedule(_in_worker, args=(function, *args), timeout=self._timeout_s)
+        self._futures.add(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except TimeoutError:
+            # Only Pebble's task timeout: _in_worker turns the function's own into RuntimeError.
+            raise StepTimeout(STEP, self._timeout_s or 0.0) from None
+        except ProcessExpired as exc:
+            raise ProviderUnavailable(
+                f"a local analysis worker died (exit code {exc.exitcode}: out of memory or "
+                "killed); it was replaced"
+            ) from None
+        except BrokenProcessPool:
+            await self._replace_pool(pool)
+            raise ProviderUnavailable(
+                "the local analysis worker pool broke; it was restarted"
+            ) from None
+        finally:
+            self._futures.discard(future)
+
+    def _new_pool(self) -> tuple[ProcessPool, Synchronized[int]]:
         context = multiprocessing.get_context("spawn")
         ready: Synchronized[int] = context.Value("i", 0)
-        pool = ProcessPoolExecutor(
+        pool = ProcessPool(
             max_workers=self._workers,
-            mp_context=context,
             initializer=_init_worker,
             initargs=(ready,),
+            context=context,
         )
         return pool, ready
 
-    def _replace_pool(self, broken: ProcessPoolExecutor) -> None:
+    async def _replace_pool(self, broken: ProcessPool) -> None:
         """Swap in a fresh pool, once per broken pool however many tasks saw it break."""
         if self._pool is broken:
             self._pool, _ = self._new_pool()
-        broken.shutdown(wait=False, cancel_futures=True)
+            broken.stop()
+            await asyncio.to_thread(broken.join)

@@ -1,17 +1,19 @@
 """``listener.providers.local``: ``analyze_bytes`` on real photographs, and the provider.
 
 ``analyze_bytes`` runs in this process; the ``LocalProvider`` tests start real worker
-processes (one each, to stay light).
+processes (one or two each, to stay light), and make one hang or die.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import json
 import os
 import pickle
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from listener.errors import (
     ListenerError,
     ProviderUnavailable,
     RateLimited,
+    StepTimeout,
 )
 from listener.providers.base import ImageInput, Provider, StepResult
 from listener.providers.local import LocalProvider, analyze_bytes
@@ -295,6 +298,9 @@ def test_retryable_errors_keep_retry_after_through_pickling() -> None:
     copy = pickle.loads(pickle.dumps(RateLimited("slow down", retry_after=7.0)))
     assert type(copy) is RateLimited
     assert (str(copy), copy.retry_after) == ("slow down", 7.0)
+    timeout = pickle.loads(pickle.dumps(StepTimeout("local.analysis", 2.5)))
+    assert type(timeout) is StepTimeout
+    assert str(timeout) == "step local.analysis timed out after 2.5s"
 
 
 # --- LocalProvider --------------------------------------------------------------------------
@@ -332,18 +338,110 @@ async def test_provider_end_to_end() -> None:
     assert step.output == analyze(demo("astronaut.png"))
 
 
-async def test_provider_recovers_from_a_dead_worker() -> None:
+# Run in the provider's worker processes (spawned: they import this module by name).
+
+
+def hang(pid_file: str) -> None:
+    """Write this worker's pid to ``pid_file``, then never return (a hung analysis)."""
+    Path(pid_file).write_text(str(os.getpid()))
+    while True:
+        time.sleep(60)
+
+
+def wait_for(pid_file: str, go_file: str) -> int:
+    """Write this worker's pid to ``pid_file``, wait (up to 60 s) for ``go_file``; the pid."""
+    Path(pid_file).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not Path(go_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+async def pid_of(pid_file: Path, timeout: float = 60.0) -> int:
+    """The pid a worker wrote to ``pid_file``, once it has (the worker has started the task)."""
+    deadline = time.monotonic() + timeout
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, f"{pid_file.name} not written in {timeout}s"
+        await asyncio.sleep(0.02)
+    return int(pid_file.read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_provider_recovers_from_a_dead_worker(tmp_path: Path) -> None:
     provider = LocalProvider(LocalSettings(workers=1), max_pixels=MAX_PIXELS)
     await provider.start()
     try:
-        pool = provider._pool
-        assert pool is not None
-        for process in list(pool._processes.values()):  # simulate the OOM killer
-            assert process.pid is not None
-            os.kill(process.pid, signal.SIGKILL)
-            process.join()
-        with pytest.raises(ProviderUnavailable, match="worker"):
-            await provider.analyze(image_input(demo("coffee.png")))
+        running = asyncio.create_task(provider.run_in_worker(hang, str(tmp_path / "w.pid")))
+        os.kill(await pid_of(tmp_path / "w.pid"), signal.SIGKILL)  # simulate the OOM killer
+        with pytest.raises(ProviderUnavailable, match="worker died"):
+            await running
+        step = await provider.analyze(image_input(demo("coffee.png")))
+        assert step.output["width"] == 600
+    finally:
+        await provider.close()
+
+
+def untimed(provider: LocalProvider, function: Any, *args: Any) -> asyncio.Future[Any]:
+    """``function(*args)`` on the provider's pool directly, with no timeout of its own."""
+    assert provider._pool is not None
+    return asyncio.wrap_future(provider._pool.schedule(function, args=args))
+
+
+async def test_hung_analysis_is_killed_and_replaced_others_go_on(tmp_path: Path) -> None:
+    provider = LocalProvider(LocalSettings(workers=2), max_pixels=MAX_PIXELS, timeout_s=2.0)
+    await provider.start()
+    try:
+        hung = asyncio.create_task(provider.run_in_worker(hang, str(tmp_path / "hung.pid")))
+        # In flight on the other worker while the hung one is killed; untimed, so that only
+        # the kill could fail it, however slow this machine is.
+        other = untimed(provider, wait_for, str(tmp_path / "other.pid"), str(tmp_path / "go"))
+        hung_pid = await pid_of(tmp_path / "hung.pid")
+        other_pid = await pid_of(tmp_path / "other.pid")
+        with pytest.raises(StepTimeout, match=r"^step local\.analysis timed out after 2s$"):
+            await hung
+        assert not alive(hung_pid)
+        assert not other.done()
+        (tmp_path / "go").touch()
+        assert await other == other_pid
+
+        # The pool is back to two workers, one of them new: two tasks run at once.
+        (tmp_path / "go").unlink()
+        pair = [
+            untimed(provider, wait_for, str(tmp_path / f"{i}.pid"), str(tmp_path / "go"))
+            for i in range(2)
+        ]
+        pids = {await pid_of(tmp_path / f"{i}.pid") for i in range(2)}
+        (tmp_path / "go").touch()
+        assert set(await asyncio.gather(*pair)) == pids
+        assert other_pid in pids and hung_pid not in pids and len(pids) == 2
+
+        step = await provider.analyze(image_input(demo("coffee.png")))
+        assert step.output["width"] == 600
+    finally:
+        await provider.close()
+
+
+async def test_cancelling_the_caller_kills_the_running_analysis(tmp_path: Path) -> None:
+    """The dispatcher's own step timeout cancels the call: the process must not live on."""
+    provider = LocalProvider(LocalSettings(workers=1), max_pixels=MAX_PIXELS)
+    await provider.start()
+    try:
+        call = asyncio.create_task(provider.run_in_worker(hang, str(tmp_path / "w.pid")))
+        pid = await pid_of(tmp_path / "w.pid")
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        deadline = time.monotonic() + 30
+        while alive(pid):
+            assert time.monotonic() < deadline, "the cancelled analysis's process lives on"
+            await asyncio.sleep(0.05)
         step = await provider.analyze(image_input(demo("coffee.png")))
         assert step.output["width"] == 600
     finally:

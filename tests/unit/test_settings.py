@@ -40,3 +40,15 @@ def test_nested_and_json_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.fetch.allowed_hosts == ["storage.internal", "10.0.0.0/8"]
     assert settings.rate_limit("local").rps == 5 and settings.rate_limit("local").burst == 2
     assert settings.rate_limit("noop").concurrency == 100_000
+
+
+def test_step_timeouts_merge_over_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTENER_STEP_TIMEOUTS", '{"local": 30, "openai": null}')
+    settings = Settings(_env_file=None)
+    assert settings.step_timeout("local") == 30
+    assert settings.step_timeout("openai") is None
+    assert settings.step_timeout("rekognition") == 90
+    assert settings.step_timeout("unknown") is None
+    monkeypatch.setenv("LISTENER_STEP_TIMEOUTS", '{"local": 0}')
+    with pytest.raises(ValueError, match="greater than 0"):
+        Settings(_env_file=None)
