@@ -34,6 +34,7 @@ from listener.providers.base import Provider
 from listener.retry import RetryPolicy
 from listener.settings import Settings
 from listener.worker import Worker, WorkerConfig
+from listener.writeback import StatusWriteBack
 
 if TYPE_CHECKING:
     from listener.batches import BatchManager
@@ -160,6 +161,8 @@ class Daemon:
         self.queries: Queries | None = None
         self.budget: Budget | None = None
         self.batches: BatchManager | None = None
+        self.status_writeback: StatusWriteBack | None = None
+        self._writeback_task: asyncio.Task[None] | None = None
         self._fetcher = ImageFetcher(settings.fetch)
         self._tasks: list[asyncio.Task[None]] = []
         self._started_providers: list[Provider] = []
@@ -226,6 +229,8 @@ class Daemon:
             def notified() -> None:
                 self.metrics.notifications.inc()
                 worker.wake()
+                if self.status_writeback is not None:
+                    self.status_writeback.wake()
 
             def connected() -> None:
                 if self.notifier is not None and self.notifier.generation > 1:
@@ -276,6 +281,18 @@ class Daemon:
                     s.health_port,
                 )
                 await self.health.start()
+
+            # Status write-back (--status-column): a loop of its own, outside every claim,
+            # so the app's row locks never hold up the queue (see listener/writeback.py).
+            self.status_writeback = StatusWriteBack(
+                queries,
+                s.status_writeback_interval_s,
+                s.status_writeback_batch,
+                s.status_writeback_lock_timeout_ms,
+            )
+            self._writeback_task = asyncio.create_task(
+                self.status_writeback.run(), name="listener-status-writeback"
+            )
         except BaseException:
             await self._close_resources()
             raise
@@ -306,6 +323,15 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+
+        # Status write-back: stopped last, so the statuses of released jobs are written too.
+        if self.status_writeback is not None:
+            self.status_writeback.stop()
+        if self._writeback_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writeback_task
+            self._writeback_task = None
+
         await self._close_resources()
         logger.bind(worker_id=self.worker_id).info("listener stopped")
 
