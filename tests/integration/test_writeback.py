@@ -4,14 +4,17 @@ that would stop every claim. Real Postgres, real daemon (scripted provider)."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import subprocess
 import sys
+from collections.abc import Callable
 
 import asyncpg
 import pytest
 from support import RecordingProvider, all_finished, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
+from listener.db.migrate import load_migrations, migrate
 from listener.errors import InvalidImage, ListenerError
 from listener.providers.base import ImageInput, StepContext, StepResult
 
@@ -421,3 +424,51 @@ async def test_cli_attach_explains_refusals(
     assert own.returncode == 2
     assert "listener.jobs is one of listener's own tables" in own.stderr
     assert "Traceback" not in own.stderr
+
+
+async def test_upgrade_moves_existing_attachments_to_the_outbox(
+    pg_admin_dsn: str, dsn_for: Callable[[str], str]
+) -> None:
+    """A database migrated to 0003, with a status column attached and listener.jobs attached
+    by mistake: 0005 swaps the write-back triggers and removes the impossible attachment."""
+    name = f"upgrade_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(dsn_for(name))
+    try:
+        await conn.execute(
+            "CREATE SCHEMA listener; CREATE TABLE listener.schema_migrations ("
+            "version integer PRIMARY KEY, name text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for m in load_migrations():
+            if m.version <= 3:
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO listener.schema_migrations (version, name) VALUES ($1, $2)",
+                    m.version,
+                    m.name,
+                )
+        table = await make_table(conn, status=True)
+        await conn.execute("SELECT listener.attach('listener.jobs', 'id', 'image_url')")
+        assert "0005_status_writeback" in await migrate(conn)
+
+        triggers = await conn.fetch(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'listener.jobs'::regclass "
+            "AND NOT tgisinternal ORDER BY tgname"
+        )
+        assert [r["tgname"] for r in triggers] == [
+            "jobs_forget_results",
+            "jobs_status_outbox_insert",
+            "jobs_status_outbox_update",
+        ]
+        assert await conn.fetchval("SELECT array_agg(source_table) FROM listener.attachments") == [
+            table
+        ]
+        await conn.execute(f"INSERT INTO {table} (url) VALUES ('a')")
+        await write_back(conn)
+        assert await app_statuses(conn, table) == {"a": "pending"}
+    finally:
+        await conn.close()
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
