@@ -280,7 +280,7 @@ class Settings(BaseSettings):
         "attached with --status-column (also written at once after a wake-up).",
     )
     status_writeback_batch: int = Field(
-        default=500,
+        default=200,
         ge=1,
         description="Status rows written per short transaction (app rows stay locked for the "
         "length of one).",

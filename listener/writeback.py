@@ -43,7 +43,7 @@ class StatusWriteBack:
         self,
         queries: Queries,
         interval_s: float = 0.5,
-        batch: int = 500,
+        batch: int = 200,
         lock_timeout_ms: int = 250,
         flush_s: float = 5.0,
     ) -> None:

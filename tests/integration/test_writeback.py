@@ -410,6 +410,7 @@ async def test_cli_attach_explains_refusals(
     )
     assert short.returncode == 2
     assert "status column status of public.typed holds at most 8 characters" in short.stderr
+    assert short.stderr.count("Use text, or varchar(10) or longer.") == 1
     assert "Traceback" not in short.stderr
     own = await asyncio.to_thread(
         cli,
@@ -472,3 +473,34 @@ async def test_upgrade_moves_existing_attachments_to_the_outbox(
         await conn.close()
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_write_back_loop_logs_errors_and_never_raises(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    from loguru import logger
+
+    from listener.db.queries import Queries
+    from listener.writeback import StatusWriteBack
+
+    broken = await make_table(conn, "broken", status=True)
+    fine = await make_table(conn, "fine", status=True)
+    await conn.execute(f"INSERT INTO {broken} (url) VALUES ('a')")
+    await conn.execute(f"INSERT INTO {fine} (url) SELECT 'b' || g FROM generate_series(1, 7) g")
+    await conn.execute(f"ALTER TABLE {broken} ALTER status TYPE varchar(3)")
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        loop = StatusWriteBack(Queries(pool), interval_s=0.05, batch=3)
+        assert await loop.tick() == 7  # three rounds of at most 3 rows
+        assert loop.deferred == 1
+        assert await loop.tick() == 0
+        assert len(messages) == 1 and "public.broken: value too long" in messages[0]
+        await pool.close()
+        assert await loop.tick() == 0  # the pool is gone: logged, not raised
+        assert "status write-back failed" in messages[-1]
+    finally:
+        logger.remove(sink)
+        await pool.close()
+    assert set((await app_statuses(conn, fine)).values()) == {"pending"}
