@@ -38,6 +38,7 @@ from listener.queue.retry import RetryPolicy
 from listener.queue.signals import Signals
 from listener.queue.worker import Worker, WorkerConfig
 from listener.settings import Settings
+from listener.writeback import StatusWriteBack
 
 if TYPE_CHECKING:
     from listener.batches import BatchManager
@@ -178,6 +179,7 @@ class Daemon:
         self.queries: Queries | None = None
         self.budget: Budget | None = None
         self.batches: BatchManager | None = None
+        self.status_writeback: StatusWriteBack | None = None
         self._fetcher = ImageFetcher(settings.fetch)
         self._loops: asyncio.Task[None] | None = None
         self.store: PgJobStore | None = None
@@ -252,6 +254,8 @@ class Daemon:
             def notified() -> None:
                 self.metrics.notifications.inc()
                 worker.wake()
+                if self.status_writeback is not None:
+                    self.status_writeback.wake()
 
             def connected() -> None:
                 if self.notifier is not None and self.notifier.generation > 1:
@@ -298,6 +302,15 @@ class Daemon:
                     s.health_port,
                 )
                 await self.health.start()
+
+            # Status write-back (--status-column): a loop of its own, outside every claim,
+            # so the app's row locks never hold up the queue (see listener/writeback.py).
+            self.status_writeback = StatusWriteBack(
+                queries,
+                s.status_writeback_interval_s,
+                s.status_writeback_batch,
+                s.status_writeback_lock_timeout_ms,
+            )
         except BaseException:
             await self._close_resources()
             raise
@@ -316,6 +329,10 @@ class Daemon:
             loops.append(self.notifier)
         if self.batches is not None:
             loops.append(self.batches)
+        # Told to stop only once the worker has drained, so the statuses of the jobs it
+        # handed back are written too.
+        if self.status_writeback is not None:
+            loops.append(self.status_writeback)
         return loops
 
     async def _run_loops(self) -> None:

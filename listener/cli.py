@@ -76,8 +76,10 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         err_console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
     except asyncpg.PostgresError as error:
+        # str(error) already ends with a "HINT:" line: print the message and the hint once.
+        message = getattr(error, "message", None) or str(error)
         hint = f" ({error.hint})" if getattr(error, "hint", None) else ""
-        err_console.print(f"[red]error:[/red] {error}{hint}")
+        err_console.print(f"[red]error:[/red] {message}{hint}")
         raise typer.Exit(2) from None
     except OSError as error:
         err_console.print(f"[red]error:[/red] cannot reach the database: {error}")

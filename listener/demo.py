@@ -316,6 +316,10 @@ async def run_demo(
                 await _wait_finished(queries, timeout_s)
                 health = await _read_health(daemon.health.url)
                 rows = await queries.table_jobs(DEMO_TABLE, "local.analysis")
+                if daemon.status_writeback is not None:
+                    # The app's status column is written back outside the claim, a moment
+                    # after the job changes: sweep once more so the table below is current.
+                    await daemon.status_writeback.tick()
                 statuses = {
                     str(r["id"]): r["processing_status"]
                     for r in await conn.fetch(f"SELECT id, processing_status FROM {DEMO_TABLE}")

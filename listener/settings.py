@@ -288,6 +288,24 @@ class Settings(BaseSettings):
     backoff_cap_s: float = Field(default=600.0, ge=0)
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     flush_interval_s: float = Field(default=0.002, gt=0)
+    status_writeback_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="Seconds between writes of job statuses to the status columns of tables "
+        "attached with --status-column (also written at once after a wake-up).",
+    )
+    status_writeback_batch: int = Field(
+        default=200,
+        ge=1,
+        description="Status rows written per short transaction (app rows stay locked for the "
+        "length of one).",
+    )
+    status_writeback_lock_timeout_ms: int = Field(
+        default=250,
+        ge=1,
+        description="Longest wait of the status write-back for a lock; keep it below the "
+        "server's deadlock_timeout (1 s by default), so the write-back gives up first.",
+    )
 
     health_host: str = "0.0.0.0"
     health_port: int = 8080

@@ -547,3 +547,18 @@ SELECT j.id, j.status, j.attempts, j.max_attempts, j.last_error, j.claims,
 FROM listener.jobs AS j
 WHERE j.id = $1;
 
+-- name: set_lock_timeout :execute
+-- Bounds every lock wait of the current transaction to $1 (e.g. '250ms'): the status
+-- write-back gives up on a lock rather than make anyone wait behind it.
+SELECT set_config('lock_timeout', $1, true);
+
+-- name: write_back_status :one
+-- Writes the current status of up to $1 queued jobs (ids after $2) to the app's status
+-- columns, skipping app rows someone else holds (see listener.write_back_status in 0005).
+SELECT picked, written, deferred, last_job_id, errors
+FROM listener.write_back_status($1, $2);
+
+-- name: status_outbox_waiting :one
+-- Whether any status waits to be written back (one index probe; spares the write-back's
+-- transaction on idle rounds and on deployments without a status column).
+SELECT EXISTS (SELECT 1 FROM listener.status_outbox) AS waiting;

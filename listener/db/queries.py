@@ -82,6 +82,27 @@ class TableProgress:
     spend_usd: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class WriteBackRound:
+    """One call of ``listener.write_back_status``.
+
+    Attributes:
+        picked: outbox rows taken (at most the limit asked for).
+        written: app rows whose status column changed.
+        deferred: rows left queued: their app row was held by someone else, or their table
+            failed (see ``errors``).
+        last_job_id: the last job id taken, where the next call resumes; ``None`` when none
+            was taken (the end of the outbox).
+        errors: ``"table: message"`` for each table whose write failed.
+    """
+
+    picked: int
+    written: int
+    deferred: int
+    last_job_id: int | None
+    errors: tuple[str, ...] = ()
+
+
 @functools.cache
 def load_queries() -> dict[str, NamedQuery]:
     """Parse ``sql/queries.sql`` (once per process)."""
@@ -236,6 +257,9 @@ class Queries:
             asyncpg.UndefinedTableError: the table does not exist.
             asyncpg.UndefinedColumnError: a named column does not exist.
             asyncpg.WrongObjectTypeError: the name is not a table.
+            asyncpg.InvalidParameterValueError: the table is one of listener's own, or the
+                status column cannot hold the statuses (not text, varchar(10) or longer, or
+                citext; or it is also the id, URL or owner column, or generated).
         """
         result: str = await self._pool.fetchval(
             self._sql["attach"], table, id_column, url_column, owner_column, status_column
@@ -290,6 +314,30 @@ class Queries:
             complete=r["complete"],
             failed=r["failed"],
             spend_usd=float(r["spend_usd"]),
+        )
+
+    async def write_back_status(
+        self, limit: int, after: int, lock_timeout_ms: int
+    ) -> WriteBackRound:
+        """Write the status of up to ``limit`` queued jobs (ids above ``after``) to the app.
+
+        One short transaction of its own, whose lock waits are bounded by ``lock_timeout_ms``
+        milliseconds: app rows held by someone else are skipped and stay queued, so the app
+        never waits for (or fails because of) the write-back.
+
+        Raises:
+            asyncpg.PostgresError: the outbox could not be read (a failing table is reported
+                in ``WriteBackRound.errors`` instead).
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(self._sql["set_lock_timeout"], f"{lock_timeout_ms}ms")
+            r = await conn.fetchrow(self._sql["write_back_status"], limit, after)
+        return WriteBackRound(
+            picked=r["picked"],
+            written=r["written"],
+            deferred=r["deferred"],
+            last_job_id=r["last_job_id"],
+            errors=tuple(r["errors"] or ()),
         )
 
     async def table_jobs(self, table: str, step: str) -> list[dict[str, Any]]:

@@ -194,6 +194,8 @@ async def test_status_retry_and_cancel(
         "SELECT status, attempts, last_error FROM listener.jobs WHERE source_id::int <= 3"
     )
     assert {tuple(r) for r in rows} == {("pending", 0, None)}
+    # No daemon runs here: one round of its status write-back.
+    await conn.execute("SELECT listener.write_back_status(1000)")
     assert await conn.fetchval("SELECT count(*) FROM images WHERE status = 'pending'") == 7
 
     # cancel needs a filter; by owner it takes pending jobs only, and retry brings them back.
@@ -201,6 +203,7 @@ async def test_status_retry_and_cancel(
     assert refused.returncode == 2 and "--all" in refused.stderr
     cancelled = json.loads(cli(env, "cancel", "--owner", "bob", "--json").stdout)
     assert cancelled["cancelled"] == 4
+    await conn.execute("SELECT listener.write_back_status(1000)")
     assert await conn.fetchval("SELECT count(*) FROM images WHERE status = 'cancelled'") == 4
     back = cli(env, "retry", "--cancelled", "--owner", "bob", "--table", "images")
     assert "requeued 4 jobs (owner bob, table images)" in back.stdout, back.stderr

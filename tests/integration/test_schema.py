@@ -107,6 +107,7 @@ async def test_hostile_identifiers_are_quoted(conn: asyncpg.Connection) -> None:
         "owner_id": "o",
         "status": "pending",
     }
+    await conn.execute("SELECT listener.write_back_status(100)")
     assert await conn.fetchval(f'SELECT "st""at" FROM {quoted}') == "pending"
     assert await conn.fetchval("SELECT to_regclass('listener.jobs') IS NOT NULL")
     assert await conn.fetchval("SELECT listener.detach($1)", quoted)
@@ -188,25 +189,30 @@ async def test_url_update_reenqueues_and_other_updates_do_not(conn: asyncpg.Conn
         "image_url": "http://a/2",
         "last_error": None,
     }
+    await conn.execute("SELECT listener.write_back_status(100)")
     assert await conn.fetchval(f"SELECT status FROM {table}") == "pending"
 
 
 async def test_status_is_written_back_to_the_source_row(conn: asyncpg.Connection) -> None:
     table = await make_table(conn, status=True)
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('http://a/1'), ('http://a/2')")
+    # Written by the daemon's write-back (listener.write_back_status), outside the insert.
+    assert await conn.fetchval(f"SELECT array_agg(DISTINCT status) FROM {table}") == [None]
+    await conn.execute("SELECT listener.write_back_status(100)")
     assert await conn.fetchval(f"SELECT array_agg(DISTINCT status) FROM {table}") == ["pending"]
     await conn.execute(
         "UPDATE listener.jobs SET status = 'complete' WHERE image_url = 'http://a/1'"
     )
+    await conn.execute("SELECT listener.write_back_status(100)")
     rows = await conn.fetch(f"SELECT url, status FROM {table} ORDER BY url")
     assert [(r["url"], r["status"]) for r in rows] == [
         ("http://a/1", "complete"),
         ("http://a/2", "pending"),
     ]
-    # The write-back triggers on listener.jobs go with the last table that needs them.
+    # The outbox triggers on listener.jobs go with the last table that needs them.
     jobs_triggers = (
         "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'listener.jobs'::regclass "
-        "AND tgname LIKE 'jobs_write_back_%'"
+        "AND tgname LIKE 'jobs_status_outbox_%'"
     )
     assert await conn.fetchval(jobs_triggers) == 2
     await conn.execute("SELECT listener.detach('images')")

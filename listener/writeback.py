@@ -1,0 +1,125 @@
+"""Writes job statuses back to the app's status columns, outside every claim.
+
+A job state change only queues the job in ``listener.status_outbox`` (a trigger on
+``listener.jobs``, see ``sql/migrations/0005_status_writeback.sql``). ``StatusWriteBack``
+drains that outbox every ``interval_s`` (and at once after ``wake``) in short transactions of
+its own, through ``listener.write_back_status``: app rows someone else holds are skipped and
+retried on the next round, and every lock wait is bounded by a ``lock_timeout`` shorter than
+the server's ``deadlock_timeout``. So the app's own writes never wait for a claim, and the
+status column is eventually right (a round behind the job, at most, while nobody holds the
+row).
+
+Every daemon runs one; ``FOR UPDATE SKIP LOCKED`` on the outbox lets them share the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from loguru import logger
+
+from listener.db.queries import Queries
+from listener.queue.retry import describe
+
+COALESCE_S = 0.05
+"""Seconds a wake-up waits for more wake-ups before the round starts."""
+
+
+class StatusWriteBack:
+    """The status write-back loop of one daemon.
+
+    Args:
+        queries: the daemon's queries, bound to a pool (each round is one transaction).
+        interval_s: seconds between rounds.
+        batch: outbox rows per transaction (the app rows they name stay locked for its
+            length: a few milliseconds).
+        lock_timeout_ms: longest wait for any lock, milliseconds.
+        flush_s: longest time ``run`` spends writing what is left once stopped, seconds.
+    """
+
+    def __init__(
+        self,
+        queries: Queries,
+        interval_s: float = 0.5,
+        batch: int = 200,
+        lock_timeout_ms: int = 250,
+        flush_s: float = 5.0,
+    ) -> None:
+        self._q = queries
+        self._interval_s = interval_s
+        self._batch = batch
+        self._lock_timeout_ms = lock_timeout_ms
+        self._flush_s = flush_s
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._errors: set[str] = set()
+        self.written = 0
+        """App rows written since start."""
+        self.deferred = 0
+        """Rows left queued by the last round (held by the app, or of a failing table)."""
+
+    def wake(self) -> None:
+        """Run a round now rather than at the next interval."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End ``run``: it writes what is left (for up to ``flush_s``) and returns."""
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Run rounds until stopped, then a last one; errors are logged, never raised."""
+        while not self._stop.is_set():
+            await self.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                if not self._stop.is_set():
+                    # A burst of inserts is a burst of wake-ups: one round for all of them.
+                    await asyncio.sleep(min(COALESCE_S, self._interval_s))
+            self._wake.clear()
+        await self.tick(max_s=self._flush_s)
+
+    async def tick(self, max_s: float | None = None) -> int:
+        """One round: sweep the outbox once, in id order, ``batch`` rows per transaction.
+
+        Args:
+            max_s: stop sweeping after this many seconds (the rest waits for the next round).
+
+        Returns:
+            App rows written. Errors are logged (each distinct one once), not raised.
+        """
+        deadline = None if max_s is None else time.monotonic() + max_s
+        written = deferred = 0
+        errors: set[str] = set()
+        after = 0
+        try:
+            if not await self._q.value("status_outbox_waiting"):
+                self.deferred = 0
+                self._report(errors)
+                return 0
+            while True:
+                r = await self._q.write_back_status(self._batch, after, self._lock_timeout_ms)
+                written += r.written
+                deferred += r.deferred
+                errors.update(r.errors)
+                if r.last_job_id is None or r.picked < self._batch:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                after = r.last_job_id
+        except Exception as error:
+            errors.add(f"status write-back failed: {describe(error)}")
+        self.written += written
+        self.deferred = deferred
+        self._report(errors)
+        return written
+
+    def _report(self, errors: set[str]) -> None:
+        """Log errors not seen in the previous round, and recovery once they are gone."""
+        for message in sorted(errors - self._errors):
+            logger.warning("status write-back: {}", message)
+        if self._errors and not errors:
+            logger.info("status write-back recovered")
+        self._errors = errors
