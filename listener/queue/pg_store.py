@@ -138,12 +138,13 @@ class PgJobStore:
                         json.dumps(faces),
                     )
                 )
-                output["faces"] = [
-                    {**f, "person_id": people.get(f["face_id"])}
-                    if isinstance(f, Mapping) and "face_id" in f
-                    else f
-                    for f in output.get("faces", [])
-                ]
+                if "faces" in output:
+                    output["faces"] = [
+                        {**f, "person_id": people.get(f["face_id"])}
+                        if isinstance(f, Mapping) and "face_id" in f
+                        else f
+                        for f in output["faces"]
+                    ]
             return bool(
                 await conn.fetchval(self._sql["save_step"], *self._step_args(job, record, output))
             )
