@@ -101,12 +101,10 @@ def build_providers(settings: Settings, plan: Plan, queries: Queries) -> list[Pr
 
             providers.append(OpenAIProvider(settings.openai))
         elif name == "rekognition":
-            from listener.faces import FaceStore
+            from listener.faces import PgKnownFaces
             from listener.providers.rekognition import RekognitionProvider
 
-            providers.append(
-                RekognitionProvider(settings.rekognition, FaceStore(queries, settings.rekognition))
-            )
+            providers.append(RekognitionProvider(settings.rekognition, PgKnownFaces(queries)))
         else:
             raise ValueError(f"unknown provider {name!r}")
     return providers

@@ -304,7 +304,7 @@ class Dispatcher:
                 continue
             if step.provider == "openai" and self.batches(job):
                 raise _ToBatch(step.name)
-            result = await self._step(step, image, outputs)
+            result = await self._step(step, image, StepContext(step.name, outputs, job.claims))
             if result is None:
                 continue
             outputs[step.name] = dict(result.output)
@@ -340,9 +340,7 @@ class Dispatcher:
             content_type="",
         )
 
-    async def _step(
-        self, step: Step, image: ImageInput, outputs: Mapping[str, Mapping[str, Any]]
-    ) -> StepResult | None:
+    async def _step(self, step: Step, image: ImageInput, context: StepContext) -> StepResult | None:
         slot = self._slots[step.provider]
         provider = slot.provider
         if self._budget is not None and self.paid(step.provider):
@@ -355,7 +353,7 @@ class Dispatcher:
             try:
                 # A hung call would hold the job's lease forever: the heartbeat renews it.
                 async with step_deadline(step.name, slot.timeout_s):
-                    result = await provider.run(step.kind, image, StepContext(step.name, outputs))
+                    result = await provider.run(step.kind, image, context)
             except RateLimited as error:
                 await slot.limiter.pause(error.retry_after or 1.0, f"{step.provider}: {error}")
                 self._count_error(step.provider, error)

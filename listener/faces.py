@@ -1,4 +1,4 @@
-"""Faces per owner: turning Rekognition's matches into people, suggestions and new faces.
+"""Faces per owner: turning Rekognition's matches into decisions, as data.
 
 Each owner has a collection. For each face indexed from an image, the best match among the
 owner's earlier faces decides (thresholds in settings, percent similarity):
@@ -7,20 +7,21 @@ owner's earlier faces decides (thresholds in settings, percent similarity):
   if the matched face had none;
 - ``>= suggest_similarity`` (80): a suggestion is recorded for a person to review;
 - below: a new, unassigned face.
+
+This module only decides and reads: the faces, people and suggestions are written by the job
+store (``PgJobStore.save_step``, the ``"faces"`` effect, ``listener.apply_face_effects``) in
+the transaction that stores the step, fenced by the job's lease.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from listener.db.queries import Queries
-from listener.providers.base import ImageInput
-from listener.settings import RekognitionSettings
 
 Decision = Literal["assigned", "suggested", "new"]
 
@@ -43,6 +44,17 @@ def safe_id(text: str, *, max_len: int = 255) -> str:
 def collection_id(prefix: str, owner_id: str | None) -> str:
     """The collection of an owner: ``<prefix>-<owner>`` (``<prefix>-shared`` without owner)."""
     return safe_id(f"{prefix}-{owner_id if owner_id is not None else 'shared'}")
+
+
+def external_image_id(source_table: str, source_id: str) -> str:
+    """The ``ExternalImageId`` of a source row's faces: ``<schema>.<table>.<id>`` made safe.
+
+    Unique across attached tables: ``source_table`` is a qualified name as ``format('%I.%I')``
+    writes it, so the text before the id parses back unambiguously, and ``safe_id`` keeps
+    distinct texts distinct. At most 255 characters, pattern ``[a-zA-Z0-9_.\\-:]+``
+    (IndexFaces, https://docs.aws.amazon.com/rekognition/latest/APIReference/API_IndexFaces.html).
+    """
+    return safe_id(f"{source_table}.{source_id}")
 
 
 def classify(similarity: float | None, auto: float, suggest: float) -> Decision:
@@ -69,70 +81,66 @@ class FaceMatch:
     similarity: float
 
 
-class FaceStore:
-    """Records faces and their people in the ``listener`` schema.
+class KnownFaces(Protocol):
+    """Which FaceIds listener has recorded (read only)."""
+
+    async def known(self, face_ids: Collection[str]) -> set[str]:
+        """The subset of ``face_ids`` recorded in ``listener.faces``."""
+        ...
+
+
+class PgKnownFaces:
+    """``KnownFaces`` over the ``known_face_ids`` query.
 
     Args:
         queries: the named queries.
-        settings: the thresholds.
     """
 
-    def __init__(self, queries: Queries, settings: RekognitionSettings) -> None:
+    def __init__(self, queries: Queries) -> None:
         self._q = queries
-        self._auto = settings.auto_assign_similarity
-        self._suggest = settings.suggest_similarity
 
-    async def record(
-        self,
-        collection: str,
-        image: ImageInput,
-        faces: Sequence[IndexedFace],
-        matches: Mapping[str, Sequence[FaceMatch]],
-    ) -> list[dict[str, Any]]:
-        """Store ``faces`` and act on their best matches.
+    async def known(self, face_ids: Collection[str]) -> set[str]:
+        """See ``KnownFaces.known``; no query for an empty ``face_ids``."""
+        if not face_ids:
+            return set()
+        return set(await self._q.column("known_face_ids", sorted(face_ids)))
 
-        Returns:
-            One dict per face: ``face_id``, ``decision`` (assigned | suggested | new),
-            ``matched_face_id``, ``similarity``, ``person_id``.
-        """
-        for face in faces:
-            await self._q.execute(
-                "insert_face",
-                face.face_id,
-                collection,
-                image.owner_id,
-                image.job_id,
-                image.source_table,
-                image.source_id,
-                json.dumps(dict(face.bounding_box)),
-                face.confidence,
-            )
-        candidates = {m.face_id for ms in matches.values() for m in ms}
-        known = set(await self._q.column("known_face_ids", sorted(candidates)))
-        new_ids = {f.face_id for f in faces}
-        out: list[dict[str, Any]] = []
-        for face in faces:
-            usable = [
-                m
-                for m in matches.get(face.face_id, [])
-                if m.face_id in known and m.face_id not in new_ids
-            ]
-            best = max(usable, key=lambda m: m.similarity, default=None)
-            decision = classify(best.similarity if best else None, self._auto, self._suggest)
-            person: int | None = None
-            if best is not None and decision == "assigned":
-                person = await self._q.value(
-                    "assign_face", face.face_id, best.face_id, best.similarity
-                )
-            elif best is not None and decision == "suggested":
-                await self._q.execute("suggest_face", face.face_id, best.face_id, best.similarity)
-            out.append(
-                {
-                    "face_id": face.face_id,
-                    "decision": decision,
-                    "matched_face_id": best.face_id if best else None,
-                    "similarity": round(best.similarity, 2) if best else None,
-                    "person_id": person,
-                }
-            )
-        return out
+
+def decide(
+    faces: Sequence[IndexedFace],
+    matches: Mapping[str, Sequence[FaceMatch]],
+    known: Collection[str],
+    auto: float,
+    suggest: float,
+) -> list[dict[str, Any]]:
+    """The decision for each of ``faces`` from its best usable match.
+
+    A match is usable when listener recorded the matched face (``known``) and it is not one of
+    ``faces`` (two faces of one image are never the same person's match).
+
+    Returns:
+        One dict per face, in order: ``face_id``, ``bounding_box`` (ratios), ``confidence``
+        (%), ``decision`` (assigned | suggested | new), ``matched_face_id`` and
+        ``similarity`` (%, unrounded; ``None`` without a usable match): the ``"faces"``
+        effect's entries (``listener.queue.outcomes.StepRecord``).
+    """
+    new_ids = {f.face_id for f in faces}
+    out: list[dict[str, Any]] = []
+    for face in faces:
+        usable = [
+            m
+            for m in matches.get(face.face_id, [])
+            if m.face_id in known and m.face_id not in new_ids
+        ]
+        best = max(usable, key=lambda m: m.similarity, default=None)
+        out.append(
+            {
+                "face_id": face.face_id,
+                "bounding_box": dict(face.bounding_box),
+                "confidence": face.confidence,
+                "decision": classify(best.similarity if best else None, auto, suggest),
+                "matched_face_id": best.face_id if best else None,
+                "similarity": best.similarity if best else None,
+            }
+        )
+    return out

@@ -101,6 +101,20 @@ WITH held AS (
 )
 SELECT EXISTS (SELECT 1 FROM saved) AS saved;
 
+-- name: lock_leased_job :one
+-- Locks job $1 while it is leased to us ($2 token), for a step stored with its effects in one
+-- transaction (no row: the lease was lost, write nothing). FOR UPDATE holds off a reaper, a
+-- cancel or a new claim until the step and its effects are committed.
+SELECT id, source_table, source_id, owner_id
+FROM listener.jobs
+WHERE id = $1 AND lease_token = $2 AND status = 'processing'
+FOR UPDATE;
+
+-- name: apply_face_effects :one
+-- Records the "faces" effect ($5) of job $1 (source table $2, row $3, owner $4): faces,
+-- people, suggestions (see listener.apply_face_effects); {face_id: person_id}.
+SELECT listener.apply_face_effects($1, $2, $3, $4, $5::jsonb) AS people;
+
 -- name: job_outputs :many
 -- The steps a job already has results for (a retry resumes after them).
 SELECT step, output FROM listener.results WHERE job_id = $1;
@@ -283,24 +297,6 @@ FROM listener.jobs AS j
 LEFT JOIN listener.results AS r ON r.job_id = j.id AND r.step = $2
 WHERE j.source_table = $1
 ORDER BY j.id;
-
--- name: insert_face :execute
--- Records a face Rekognition indexed (idempotent on its FaceId).
-INSERT INTO listener.faces
-    (face_id, collection_id, owner_id, job_id, source_table, source_id, bounding_box,
-     confidence)
-VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8)
-ON CONFLICT (face_id) DO NOTHING;
-
--- name: assign_face :one
--- Assigns a face to the person of the face it matched (see listener.assign_face).
-SELECT listener.assign_face($1, $2, $3) AS person_id;
-
--- name: suggest_face :execute
--- Records a borderline match for a person to review.
-INSERT INTO listener.face_suggestions (face_id, candidate_face_id, person_id, similarity)
-SELECT $1, $2, f.person_id, $3 FROM listener.faces AS f WHERE f.face_id = $2
-ON CONFLICT (face_id, candidate_face_id) DO NOTHING;
 
 -- name: known_face_ids :many
 -- Which of the given FaceIds listener has recorded (matches to others are ignored).

@@ -98,10 +98,15 @@ class StepContext:
     Attributes:
         step: the step's full name, ``provider.kind``.
         previous: outputs of the job's steps that already ran, by step name.
+        claims: how many times the job has been claimed, this claim included
+            (``listener.queue.outcomes.Job.claims``): above 1, an earlier run of this step
+            may have left external side effects behind (faces indexed, never recorded) that
+            the step cleans up before doing it again.
     """
 
     step: str
     previous: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    claims: int = 1
 
 
 @runtime_checkable

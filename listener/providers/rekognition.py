@@ -3,8 +3,18 @@
 - ``labels``: DetectLabels with ``GENERAL_LABELS`` and ``IMAGE_PROPERTIES`` (labels, and the
   image's sharpness, brightness and contrast).
 - ``faces``: a collection per owner (created on first use), IndexFaces with
-  ``ExternalImageId`` = the source row's id, then SearchFaces for each new face; the matches
-  become people, suggestions or new faces (``listener.faces``).
+  ``ExternalImageId`` identifying the source row (``listener.faces.external_image_id``), then
+  SearchFaces for each new face; the matches become decisions (assign to a person, suggest,
+  new face: ``listener.faces.decide``) returned as the step's ``"faces"`` effect. The provider
+  only reads the database (which matched faces listener knows); the job store writes faces,
+  people and suggestions with the step, fenced by the lease.
+
+Idempotence of the faces step: a run that indexed faces but never stored its step (killed,
+lease lost) leaves faces in the collection that listener never recorded. When the job was
+claimed before (``StepContext.claims > 1``), the step first lists the collection (ListFaces,
+paginated; it cannot filter by ``ExternalImageId``) and deletes (DeleteFaces) the faces with
+this row's ``ExternalImageId`` that listener has not recorded, then indexes again: one copy of
+each face, whatever the number of attempts.
 
 Images go as bytes: Rekognition takes PNG or JPEG up to 5 MB
 (https://docs.aws.amazon.com/rekognition/latest/dg/limits.html), so other formats are
@@ -41,12 +51,23 @@ from listener.errors import (
     RateLimited,
     RejectedByProvider,
 )
-from listener.faces import FaceMatch, FaceStore, IndexedFace, collection_id, safe_id
+from listener.faces import (
+    FaceMatch,
+    IndexedFace,
+    KnownFaces,
+    collection_id,
+    decide,
+    external_image_id,
+)
 from listener.providers.base import ImageInput, StepContext, StepResult
 from listener.settings import RekognitionSettings
 
 MAX_BYTES = 5 * 1024 * 1024
 """Rekognition's limit for image bytes sent in the request."""
+
+MAX_PAGE = 4096
+"""The most faces ListFaces returns per page (``MaxResults``) and DeleteFaces takes per call
+(``FaceIds``): botocore's service model, ``PageSize`` and ``FaceIdList`` max."""
 
 _THROTTLED = {
     "ThrottlingException",
@@ -95,15 +116,25 @@ class RekognitionProvider:
 
     Args:
         settings: region, endpoint, label and face settings.
-        faces: where faces and people are recorded (needed for the ``faces`` kind).
+        faces: which faces listener has recorded (needed for the ``faces`` kind; read only).
+        page_size: faces per ListFaces page, 1 to ``MAX_PAGE`` (smaller in tests).
     """
 
     name = "rekognition"
     needs_image = True
 
-    def __init__(self, settings: RekognitionSettings, faces: FaceStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: RekognitionSettings,
+        faces: KnownFaces | None = None,
+        *,
+        page_size: int = MAX_PAGE,
+    ) -> None:
+        if not 1 <= page_size <= MAX_PAGE:
+            raise ValueError(f"page_size must be between 1 and {MAX_PAGE}")
         self._s = settings
         self._faces = faces
+        self._page_size = page_size
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
         self._collections: set[str] = set()
@@ -137,6 +168,15 @@ class RekognitionProvider:
     async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult:
         """Run the ``labels`` or ``faces`` step.
 
+        Returns:
+            ``labels``: output ``labels`` (name, confidence %, parents, instances),
+            ``sharpness``, ``brightness``, ``contrast`` (0-100), ``model_version``.
+            ``faces``: output ``collection_id``, ``faces`` (face_id, bounding_box as ratios of
+            the image, decision, matched_face_id, similarity % rounded to 2 places),
+            ``unindexed`` (reasons, bounding_box), ``model_version``, ``removed_faces`` (count
+            of unrecorded faces of an earlier run deleted first); effect ``"faces"`` (see
+            ``listener.queue.outcomes.StepRecord``). ``calls`` counts every API call made.
+
         Raises:
             RateLimited, ProviderPaused, InvalidImage, ImageTooLarge, RejectedByProvider,
             FetchTimeout, ProviderUnavailable: see the module docstring.
@@ -146,10 +186,11 @@ class RekognitionProvider:
         data = await asyncio.to_thread(prepare_image, image.data, image.content_type)
         started = time.perf_counter()
         try:
+            effects: dict[str, Any] = {}
             if kind == "labels":
                 output, calls = await self._labels(data), 1
             elif kind == "faces":
-                output, calls = await self._index_and_match(data, image)
+                output, effects, calls = await self._index_and_match(data, image, context)
             else:
                 raise ValueError(f"rekognition has no step kind {kind!r}")
         except ClientError as error:
@@ -167,6 +208,7 @@ class RekognitionProvider:
             model=output.get("model_version"),
             duration_s=time.perf_counter() - started,
             calls=calls,
+            effects=effects,
         )
 
     async def _labels(self, data: bytes) -> dict[str, Any]:
@@ -204,15 +246,60 @@ class RekognitionProvider:
         self._collections.add(collection)
         return 1
 
-    async def _index_and_match(self, data: bytes, image: ImageInput) -> tuple[dict[str, Any], int]:
+    async def _remove_unrecorded(
+        self, faces: KnownFaces, collection: str, external_id: str
+    ) -> tuple[int, int]:
+        """Delete the faces of ``external_id`` in ``collection`` that listener never recorded.
+
+        Returns:
+            (faces deleted, API calls made).
+        """
+        ours: list[str] = []
+        calls = 0
+        token: str | None = None
+        while True:
+            page = await self._client.list_faces(
+                CollectionId=collection,
+                MaxResults=self._page_size,
+                **({"NextToken": token} if token else {}),
+            )
+            calls += 1
+            ours += [
+                f["FaceId"]
+                for f in page.get("Faces", [])
+                if f.get("ExternalImageId") == external_id
+            ]
+            token = page.get("NextToken")
+            if not token:
+                break
+        stray = sorted(set(ours) - await faces.known(ours))
+        for start in range(0, len(stray), MAX_PAGE):
+            await self._client.delete_faces(
+                CollectionId=collection, FaceIds=stray[start : start + MAX_PAGE]
+            )
+            calls += 1
+        return len(stray), calls
+
+    async def _index_and_match(
+        self, data: bytes, image: ImageInput, context: StepContext
+    ) -> tuple[dict[str, Any], dict[str, Any], int]:
         if self._faces is None:
-            raise RuntimeError("the faces step needs a FaceStore")
+            raise RuntimeError("the faces step needs KnownFaces")
         collection = collection_id(self._s.collection_prefix, image.owner_id)
+        external_id = external_image_id(image.source_table, image.source_id)
         calls = await self._ensure_collection(collection)
+        removed = 0
+        if context.claims > 1:
+            # An earlier run of this job may have indexed faces and died before its step was
+            # stored: remove them, or this run would add a second copy of each.
+            removed, cleanup_calls = await self._remove_unrecorded(
+                self._faces, collection, external_id
+            )
+            calls += cleanup_calls
         indexed = await self._client.index_faces(
             CollectionId=collection,
             Image={"Bytes": data},
-            ExternalImageId=safe_id(image.source_id),
+            ExternalImageId=external_id,
             MaxFaces=self._s.max_faces,
             QualityFilter="AUTO",
             DetectionAttributes=["DEFAULT"],
@@ -239,7 +326,11 @@ class RekognitionProvider:
                 FaceMatch(m["Face"]["FaceId"], float(m["Similarity"]))
                 for m in found.get("FaceMatches", [])
             ]
-        decisions = await self._faces.record(collection, image, faces, matches)
+        candidates = {m.face_id for ms in matches.values() for m in ms}
+        known = await self._faces.known(candidates)
+        decisions = decide(
+            faces, matches, known, self._s.auto_assign_similarity, self._s.suggest_similarity
+        )
         unindexed = [
             {
                 "reasons": u.get("Reasons", []),
@@ -247,18 +338,23 @@ class RekognitionProvider:
             }
             for u in indexed.get("UnindexedFaces", [])
         ]
-        by_id = {f.face_id: f for f in faces}
-        return (
-            {
-                "collection_id": collection,
-                "faces": [
-                    {**d, "bounding_box": dict(by_id[d["face_id"]].bounding_box)} for d in decisions
-                ],
-                "unindexed": unindexed,
-                "model_version": indexed.get("FaceModelVersion"),
-            },
-            calls,
-        )
+        output = {
+            "collection_id": collection,
+            "faces": [
+                {
+                    "face_id": d["face_id"],
+                    "decision": d["decision"],
+                    "matched_face_id": d["matched_face_id"],
+                    "similarity": None if d["similarity"] is None else round(d["similarity"], 2),
+                    "bounding_box": d["bounding_box"],
+                }
+                for d in decisions
+            ],
+            "unindexed": unindexed,
+            "model_version": indexed.get("FaceModelVersion"),
+            "removed_faces": removed,
+        }
+        return output, {"faces": {"collection_id": collection, "faces": decisions}}, calls
 
     def _translate(self, error: ClientError) -> Exception:
         info = error.response.get("Error", {})

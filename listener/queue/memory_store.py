@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from listener.queue.outcomes import Completed, Discarded, Job, Parked, Retry, Snoozed, StepRecord
+from listener.queue.outcomes import (
+    Completed,
+    Discarded,
+    Job,
+    Parked,
+    Retry,
+    Snoozed,
+    StepRecord,
+    check_effects,
+)
 from listener.queue.store import JobFilter, JobSnapshot
 
 _FINISHED = ("failed", "cancelled", "complete")
@@ -40,6 +49,7 @@ class _Row:
     batch_mode: bool | None = None
     batch_step: str | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    effects: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class MemoryJobStore:
@@ -159,16 +169,25 @@ class MemoryJobStore:
     async def save_step(self, job: Job, record: StepRecord) -> bool:
         """See ``JobStore.save_step``.
 
+        Effects are kept as given, by step (``effects``): no faces, people or suggestions
+        logic here.
+
         Raises:
-            ValueError: ``record.effects`` is not empty (no effects are known here).
+            ValueError: ``record.effects`` names an effect no store knows.
         """
-        if record.effects:
-            raise ValueError(f"unknown step effects: {', '.join(sorted(record.effects))}")
+        check_effects(record)
         r = self._held(job)
         if r is None:
             return False
         self._store(r, record)
+        if record.effects:
+            r.effects[record.step] = dict(record.effects)
         return True
+
+    def effects(self, job_id: int) -> dict[str, dict[str, Any]]:
+        """The effects stored with a job's steps: ``{step: {effect name: data}}``."""
+        r = self._rows.get(job_id)
+        return {} if r is None else {k: dict(v) for k, v in r.effects.items()}
 
     async def outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
         """See ``JobStore.outputs``."""

@@ -15,6 +15,20 @@ from uuid import UUID
 JOB_STATUSES = ("pending", "processing", "complete", "failed", "cancelled", "batched")
 """Every status a job can have, in lifecycle order."""
 
+KNOWN_EFFECTS = frozenset({"faces"})
+"""The step effects the stores know (see ``StepRecord.effects``)."""
+
+
+def check_effects(record: StepRecord) -> None:
+    """Refuse a step whose effects a store does not know.
+
+    Raises:
+        ValueError: ``record.effects`` has a key outside ``KNOWN_EFFECTS``.
+    """
+    unknown = set(record.effects) - KNOWN_EFFECTS
+    if unknown:
+        raise ValueError(f"unknown step effects: {', '.join(sorted(unknown))}")
+
 
 class StepRecord(Protocol):
     """What the store keeps of one finished step (one row of ``listener.results``).
@@ -29,8 +43,20 @@ class StepRecord(Protocol):
         calls: billable calls made.
         cost_usd: what the step cost, USD.
         effects: database side effects of the step, as data, written by the store in the
-            same fenced transaction that records the step (``{}`` for none). Keys name the
-            effect (``"faces"``); the Postgres store documents the ones it knows.
+            same fenced transaction that records the step (``{}`` for none): a lost lease
+            writes neither. Keys name the effect (``KNOWN_EFFECTS``); a store raises
+            ``ValueError`` for any other. The one known:
+
+            ``"faces"`` (the Rekognition faces step): ``{"collection_id": str, "faces":
+            [{"face_id": str, "bounding_box": {"Width", "Height", "Left", "Top": ratios},
+            "confidence": percent, "decision": "assigned" | "suggested" | "new",
+            "matched_face_id": str | None, "similarity": percent | None}, ...]}``. The
+            Postgres store inserts each face into ``listener.faces`` (source row and owner
+            taken from the job), assigns ``"assigned"`` faces to the matched face's person
+            (creating it; ``listener.assign_face``), records ``"suggested"`` ones in
+            ``listener.face_suggestions``, and sets ``person_id`` (``None``: unassigned) on
+            each entry of ``output["faces"]`` with the same ``face_id`` before storing the
+            output. The memory store only keeps the effect (``MemoryJobStore.effects``).
     """
 
     @property

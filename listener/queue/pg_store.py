@@ -13,7 +13,16 @@ from uuid import UUID
 import asyncpg
 
 from listener.db.queries import load_queries
-from listener.queue.outcomes import Completed, Discarded, Job, Parked, Retry, Snoozed, StepRecord
+from listener.queue.outcomes import (
+    Completed,
+    Discarded,
+    Job,
+    Parked,
+    Retry,
+    Snoozed,
+    StepRecord,
+    check_effects,
+)
 from listener.queue.store import JobFilter, JobSnapshot
 
 _FINISHED = ("failed", "cancelled", "complete")
@@ -99,26 +108,64 @@ class PgJobStore:
     async def save_step(self, job: Job, record: StepRecord) -> bool:
         """See ``JobStore.save_step``.
 
+        A step with effects is stored in one transaction: the job row is locked while the
+        lease holds (``lock_leased_job``), the effects are written (``"faces"``:
+        ``listener.apply_face_effects``, whose person ids go into the output, see
+        ``StepRecord.effects``), then the result; a lost lease writes nothing.
+
         Raises:
             ValueError: ``record.effects`` names an effect this store does not know.
         """
-        if record.effects:
-            raise ValueError(f"unknown step effects: {', '.join(sorted(record.effects))}")
-        return bool(
-            await self._pool.fetchval(
-                self._sql["save_step"],
-                job.id,
-                job.lease_token,
-                record.step,
-                record.provider,
-                json.dumps(record.output),
-                record.model,
-                record.duration_s * 1000.0,
-                record.input_tokens,
-                record.output_tokens,
-                record.calls,
-                usd(record.cost_usd),
+        check_effects(record)
+        if not record.effects:
+            return bool(
+                await self._pool.fetchval(self._sql["save_step"], *self._step_args(job, record))
             )
+        async with self._pool.acquire() as conn, conn.transaction():
+            held = await conn.fetchrow(self._sql["lock_leased_job"], job.id, job.lease_token)
+            if held is None:
+                return False
+            output = dict(record.output)
+            faces = record.effects.get("faces")
+            if faces is not None:
+                people = json.loads(
+                    await conn.fetchval(
+                        self._sql["apply_face_effects"],
+                        job.id,
+                        held["source_table"],
+                        held["source_id"],
+                        held["owner_id"],
+                        json.dumps(faces),
+                    )
+                )
+                if "faces" in output:
+                    output["faces"] = [
+                        {**f, "person_id": people.get(f["face_id"])}
+                        if isinstance(f, Mapping) and "face_id" in f
+                        else f
+                        for f in output["faces"]
+                    ]
+            return bool(
+                await conn.fetchval(self._sql["save_step"], *self._step_args(job, record, output))
+            )
+
+    @staticmethod
+    def _step_args(
+        job: Job, record: StepRecord, output: Mapping[str, Any] | None = None
+    ) -> tuple[Any, ...]:
+        """The ``save_step`` query's parameters for ``record`` (``output`` replaces its own)."""
+        return (
+            job.id,
+            job.lease_token,
+            record.step,
+            record.provider,
+            json.dumps(record.output if output is None else output),
+            record.model,
+            record.duration_s * 1000.0,
+            record.input_tokens,
+            record.output_tokens,
+            record.calls,
+            usd(record.cost_usd),
         )
 
     async def outputs(self, job_id: int) -> dict[str, dict[str, Any]]:

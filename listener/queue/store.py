@@ -111,11 +111,17 @@ class JobStore(Protocol):
     async def save_step(self, job: Job, record: StepRecord) -> bool:
         """Store one finished step and its effects while the lease holds.
 
-        A step stored twice (only after a kill between a provider's answer and this write)
-        keeps the newer output and adds the costs: spend counts what was paid.
+        The effects (``StepRecord.effects``) are written in the same transaction as the
+        step, or not at all. A step stored twice (only after a kill between a provider's
+        answer and this write) keeps the newer output and adds the costs: spend counts what
+        was paid.
 
         Returns:
             ``False`` when the lease no longer holds; nothing was written then.
+
+        Raises:
+            ValueError: ``record.effects`` names an effect outside
+                ``listener.queue.outcomes.KNOWN_EFFECTS`` (nothing is written).
         """
         ...
 

@@ -130,6 +130,12 @@ async def test_faces_become_people_suggestions_and_new_faces(
     assert first["calls"] == 3 and float(first["cost_usd"]) == pytest.approx(0.003)
     decisions = json.loads(outputs[("a2.jpg", "owner-1", "rekognition.faces")]["output"])
     assert [f["decision"] for f in decisions["faces"]] == ["assigned"]
+    # The person assigned when the store wrote the step is in the stored output.
+    assert [f["person_id"] for f in decisions["faces"]] == [a1["person_id"]]
+    border_output = json.loads(outputs[("border.jpg", "owner-1", "rekognition.faces")]["output"])
+    assert [(f["decision"], f["person_id"]) for f in border_output["faces"]] == [
+        ("suggested", None)
+    ]
     none = json.loads(outputs[("none.jpg", "owner-1", "rekognition.faces")]["output"])
     assert none["faces"] == []
 

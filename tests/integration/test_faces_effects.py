@@ -1,0 +1,278 @@
+"""The faces step's writes are fenced by the lease, and its AWS side effects are idempotent.
+
+Real Postgres (``PgJobStore``), the real ``aioboto3`` client against the Rekognition fake; the
+dispatcher's two moves (run the provider, then ``save_step``) are made by hand so that a lost
+lease or a crash can fall between them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from fakes.rekognition_fake import FakeRekognition, face_photo
+from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+
+from listener.app import Daemon
+from listener.db.queries import Queries
+from listener.faces import PgKnownFaces, external_image_id
+from listener.providers.base import ImageInput, StepContext, StepResult
+from listener.providers.rekognition import RekognitionProvider
+from listener.queue.outcomes import Job
+from listener.queue.pg_store import PgJobStore
+from listener.settings import RateLimit, RekognitionSettings, TierSettings
+
+TABLE = "public.images"
+PHOTOS = {
+    "a1": face_photo("a", seed=1, scale=1.0),
+    "a2": face_photo("a", seed=2, scale=1.25, position=(40, 60), brightness=1.05),
+    "border": face_photo("a_borderline", seed=3, scale=0.9),
+}
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeRekognition]:
+    async with FakeRekognition() as server:
+        yield server
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+async def provider(fake: FakeRekognition, pool: asyncpg.Pool) -> AsyncIterator[RekognitionProvider]:
+    # One face per ListFaces page: the clean-up has to follow NextToken.
+    p = RekognitionProvider(
+        RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
+        PgKnownFaces(Queries(pool)),
+        page_size=1,
+    )
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def claim(store: PgJobStore, source_id: str) -> Job:
+    (job,) = await store.claim(1, f"worker-{uuid.uuid4().hex[:6]}", 30.0, uuid.uuid4())
+    assert job.source_id == source_id
+    return job
+
+
+async def enqueue_and_claim(store: PgJobStore, name: str) -> Job:
+    await store.enqueue(TABLE, name, f"http://photos/{name}.jpg", "owner-1")
+    return await claim(store, name)
+
+
+async def lose_lease(conn: asyncpg.Connection, store: PgJobStore, job: Job) -> None:
+    """The worker froze past its lease and the reaper handed the job back."""
+    await conn.execute(
+        "UPDATE listener.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        job.id,
+    )
+    assert await store.reap() == {job.id: "pending"}
+
+
+async def run_faces(
+    provider: RekognitionProvider, job: Job, data: bytes | None = None
+) -> StepResult:
+    image = ImageInput(
+        job.id,
+        job.source_table,
+        job.source_id,
+        job.owner_id,
+        job.image_url or "",
+        PHOTOS[job.source_id] if data is None else data,
+        "JPEG",
+        640,
+        480,
+    )
+    context = StepContext("rekognition.faces", {}, job.claims)
+    return await provider.run("faces", image, context)
+
+
+async def table_counts(conn: asyncpg.Connection) -> dict[str, int]:
+    row = await conn.fetchrow(
+        "SELECT (SELECT count(*) FROM listener.faces) AS faces, "
+        "(SELECT count(*) FROM listener.people) AS people, "
+        "(SELECT count(*) FROM listener.face_suggestions) AS suggestions, "
+        "(SELECT count(*) FROM listener.results) AS results"
+    )
+    assert row is not None
+    return dict(row)
+
+
+def collection_faces(fake: FakeRekognition, source_id: str) -> list[str]:
+    ext = external_image_id(TABLE, source_id)
+    return [
+        f.face_id
+        for f in fake.collections["listener-owner-1"].faces.values()
+        if f.external_image_id == ext
+    ]
+
+
+async def test_a_lost_lease_writes_no_faces_people_or_suggestions(
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    fake: FakeRekognition,
+    provider: RekognitionProvider,
+) -> None:
+    store = PgJobStore(pool)
+    first = await enqueue_and_claim(store, "a1")
+    assert await store.save_step(first, await run_faces(provider, first))
+    before = await table_counts(conn)
+    assert before == {"faces": 1, "people": 0, "suggestions": 0, "results": 1}
+
+    await store.enqueue(TABLE, "a2", "http://photos/a2.jpg", "owner-1")
+    await store.enqueue(TABLE, "border", "http://photos/border.jpg", "owner-1")
+    jobs = await store.claim(2, "frozen-worker", 30.0, uuid.uuid4())
+    results = [await run_faces(provider, job) for job in jobs]
+    # The steps had something to write: a person, a suggestion.
+    assert [f["decision"] for r in results for f in r.effects["faces"]["faces"]] == [
+        "assigned",
+        "suggested",
+    ]
+    for job in jobs:
+        await lose_lease(conn, store, job)
+    for job, result in zip(jobs, results, strict=True):
+        assert not await store.save_step(job, result)
+    assert await table_counts(conn) == before
+
+    # The same step under a held lease writes it all, and the person goes into the output.
+    a2 = await claim(store, "a2")
+    result = await run_faces(provider, a2)
+    assert await store.save_step(a2, result)
+    person = await conn.fetchval(
+        "SELECT person_id FROM listener.faces WHERE source_id = 'a1' AND source_table = $1", TABLE
+    )
+    assert person is not None
+    stored = json.loads(
+        await conn.fetchval("SELECT output FROM listener.results WHERE job_id = $1", a2.id)
+    )
+    assert [(f["decision"], f["person_id"]) for f in stored["faces"]] == [("assigned", person)]
+    assert await table_counts(conn) == {"faces": 2, "people": 1, "suggestions": 0, "results": 2}
+
+
+async def test_a_crash_after_index_faces_leaves_one_copy_of_each_face(
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    fake: FakeRekognition,
+    provider: RekognitionProvider,
+) -> None:
+    store = PgJobStore(pool)
+    first = await enqueue_and_claim(store, "a1")
+    assert await store.save_step(first, await run_faces(provider, first))
+    job = await enqueue_and_claim(store, "a2")
+    assert job.claims == 1
+    crashed = await run_faces(provider, job)  # IndexFaces done; the step is never stored
+    assert len(collection_faces(fake, "a2")) == 1
+    await lose_lease(conn, store, job)
+
+    retry = await claim(store, "a2")
+    assert retry.claims == 2
+    fake.calls.clear()
+    result = await run_faces(provider, retry)
+    assert await store.save_step(retry, result)
+
+    # The orphan was listed (two faces, one per page), deleted, then the image indexed again.
+    operations = [op for op, _ in fake.calls]
+    assert operations[:5] == ["ListFaces", "ListFaces", "DeleteFaces", "IndexFaces", "SearchFaces"]
+    assert result.output["removed_faces"] == 1
+    (orphan,) = [f["face_id"] for f in crashed.effects["faces"]["faces"]]
+    (face,) = [f["face_id"] for f in result.effects["faces"]["faces"]]
+    assert collection_faces(fake, "a2") == [face] and face != orphan
+    # The recorded face of the other image is left alone.
+    assert len(collection_faces(fake, "a1")) == 1
+    rows = await conn.fetch(
+        "SELECT face_id, person_id FROM listener.faces WHERE source_table = $1 AND source_id = $2",
+        TABLE,
+        "a2",
+    )
+    assert [r["face_id"] for r in rows] == [face] and rows[0]["person_id"] is not None
+    assert await table_counts(conn) == {"faces": 2, "people": 1, "suggestions": 0, "results": 2}
+
+
+async def test_a_first_claim_does_not_list_the_collection(
+    pool: asyncpg.Pool, fake: FakeRekognition, provider: RekognitionProvider
+) -> None:
+    store = PgJobStore(pool)
+    job = await enqueue_and_claim(store, "a1")
+    result = await run_faces(provider, job)
+    assert [op for op, _ in fake.calls] == ["CreateCollection", "IndexFaces", "SearchFaces"]
+    assert result.calls == 3 and result.output["removed_faces"] == 0
+
+
+async def test_unknown_effects_are_refused_before_anything_is_written(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    store = PgJobStore(pool)
+    job = await enqueue_and_claim(store, "a1")
+    with pytest.raises(ValueError, match="unknown step effects: labels"):
+        await store.save_step(job, StepResult("p", "p.s", {"x": 1}, effects={"labels": []}))
+    assert await table_counts(conn) == {"faces": 0, "people": 0, "suggestions": 0, "results": 0}
+
+
+async def test_the_daemon_cleans_up_after_a_worker_that_died_after_index_faces(
+    database_url: str,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    fake: FakeRekognition,
+    provider: RekognitionProvider,
+    tmp_path: Path,
+) -> None:
+    for name, data in PHOTOS.items():
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+    table = await make_table(conn, owner=True)
+    store = PgJobStore(pool)
+    async with StaticServer(str(tmp_path)) as photos:
+        await conn.execute(
+            f"INSERT INTO {table} (url, owner_id) VALUES ($1, 'owner-1')",
+            f"{photos.base_url}/a1.jpg",
+        )
+        # A worker claims the job, indexes its faces and dies before storing the step.
+        job = await claim(store, "1")
+        await run_faces(provider, job, PHOTOS["a1"])
+        assert len(collection_faces(fake, "1")) == 1
+        await conn.execute(
+            "UPDATE listener.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+            job.id,
+        )
+        settings = fast_settings(
+            database_url,
+            pipeline="tiered",
+            tiers=TierSettings(tier1=["rekognition"], faces=True),
+            rekognition=RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
+            rate_limits={"rekognition": RateLimit(rps=100, burst=10, concurrency=4)},
+        )
+        async with Daemon(settings):
+            await wait_until(lambda: all_finished(conn, 1), timeout=30)
+    snapshot = await store.snapshot(job.id)
+    assert snapshot is not None and (snapshot.status, snapshot.claims) == ("complete", 2)
+    (face,) = collection_faces(fake, "1")
+    assert await conn.fetchval("SELECT array_agg(face_id) FROM listener.faces") == [face]
+    output = json.loads(
+        await conn.fetchval(
+            "SELECT output FROM listener.results WHERE job_id = $1 AND step = 'rekognition.faces'",
+            job.id,
+        )
+    )
+    assert output["removed_faces"] == 1 and [f["face_id"] for f in output["faces"]] == [face]
