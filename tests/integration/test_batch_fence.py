@@ -19,6 +19,7 @@ from test_batch import backfill_batch, batch_settings
 
 from listener.app import Daemon
 from listener.demo import BUNDLED_IMAGES
+from listener.queue.outcomes import Parked
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobFilter
 from listener.settings import BatchSettings
@@ -249,8 +250,6 @@ async def test_preparation_abandoned_by_a_dead_daemon_hands_its_jobs_back(
     try:
         # A daemon parks the jobs, takes them into a batch, and dies before the upload.
         store = PgJobStore(pool)
-        from listener.queue.outcomes import Parked
-
         jobs = await store.claim(10, "dead", 60.0, uuid.uuid4())
         assert await store.park([Parked(j, STEP) for j in jobs])
         assert len(await store.take_for_batch(STEP, 100, "lb_dead")) == 5
