@@ -277,7 +277,8 @@ class Daemon:
                 from listener.providers.openai import OpenAIProvider
 
                 self.batches = BatchManager(
-                    self.pool,
+                    queries,
+                    self.store,
                     cast(OpenAIProvider, openai_provider),
                     self._fetcher.fetch,
                     [st.name for st in self.plan.steps if st.provider == "openai"],

@@ -4,31 +4,44 @@ Jobs whose next step is an OpenAI step and that go through batches wait as ``bat
 ``Dispatcher.batches``). The ``BatchManager`` of every daemon:
 
 - **submits**: once ``min_requests`` steps wait (or the oldest has waited ``max_wait_s``), it
-  locks them (SKIP LOCKED), writes one JSONL request per step (``custom_id`` = the step's
-  key), splits at the API's limits (50,000 requests, 200 MB), uploads the file, and records
-  the batch, its requests and its jobs in one transaction *before* creating the batch at
-  OpenAI (status ``submitting``, with our id in the batch's metadata). A crash before the
-  record leaves the jobs waiting; after it, the next poll adopts the batch OpenAI has for our
-  id, or creates it.
+  takes them into a new batch in one short statement (``JobStore.take_for_batch``: the batch
+  is recorded ``preparing`` and the jobs get its id; SKIP LOCKED, so daemons never share a
+  job) and commits. Then, outside any transaction, it fetches the images, writes one JSONL
+  request per step (``custom_id`` = the step's key), keeps what fits the API's limits (50,000
+  requests, 200 MB; the rest waits for the next batch), uploads the file and records it with
+  the requests (``submitting``) *before* creating the batch at OpenAI (with our id in its
+  metadata). Jobs whose image cannot be read go to the per-image path, which records why. A
+  crash while preparing leaves a ``preparing`` batch whose heartbeat stops: after
+  ``abandon_after_s`` any daemon hands its jobs back (``sweep_abandoned_batches``). A crash
+  after the record: the next poll adopts the batch OpenAI has for our id, or creates it.
 - **polls** open batches every ``poll_interval_s``. On ``completed`` (and ``expired``, which
-  keeps what finished) it downloads the output and error files and, in one transaction under
-  the batch's row lock, stores each line's result at batch prices, hands the jobs back as
-  pending (they continue with their next step; a job whose line failed leaves batch mode and
-  runs per image, with the error recorded) and marks the batch applied, so a batch is
-  applied exactly once whatever crashes or restarts. ``failed`` and ``cancelled`` batches
-  hand their jobs back to the per-image path.
+  keeps what finished) it downloads the output and error files and applies them with
+  ``JobStore.apply_batch_result``: in one statement under the batch's row lock, each line's
+  result is stored at batch prices and the jobs are handed back as pending (they continue
+  with their next step; a job whose line failed leaves batch mode and runs per image, with
+  the error recorded), and the batch is marked applied, so it is applied exactly once
+  whatever crashes or restarts. ``failed`` and ``cancelled`` batches hand their jobs back to
+  the per-image path.
+- **fences** every write about a job in a batch by ``(id, batch id, status 'batched',
+  step)``: a job cancelled while its batch runs, or reset by a new URL (which takes it out of
+  its batch), gets nothing from it. A batch that no job is left in is cancelled at OpenAI
+  and closed, and nothing is written to jobs.
+
+This module writes no job state itself: every change goes through the ``JobStore``; the
+``listener.batches`` bookkeeping (provider ids, progress) goes through ``Queries``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import asyncpg
 from loguru import logger
 
 from listener.costs import cost_usd, price_for
@@ -36,10 +49,11 @@ from listener.db.queries import Queries
 from listener.dispatch import FetchResult, image_size
 from listener.errors import ListenerError
 from listener.estimate import BATCH_DISCOUNT
-from listener.providers.base import ImageInput
+from listener.providers.base import ImageInput, StepResult
 from listener.providers.openai import OpenAIProvider
-from listener.queue.outcomes import Job
+from listener.queue.outcomes import BatchJob
 from listener.queue.retry import describe
+from listener.queue.store import JobStore
 from listener.settings import BatchSettings, Price
 
 OPEN = ("submitting", "validating", "in_progress", "finalizing", "cancelling")
@@ -68,7 +82,8 @@ class BatchManager:
     """Submits and applies OpenAI batches for one daemon (several daemons share the work).
 
     Args:
-        pool: the daemon's pool (transactions need their own connection).
+        queries: the daemon's queries (``listener.batches`` bookkeeping).
+        store: the job store (every job state change).
         provider: the OpenAI provider (request bodies, parsing, the Batch API calls).
         fetch: fetches an image (``ImageFetcher.fetch``).
         steps: the OpenAI steps of the plan (``openai.tier1``...).
@@ -78,15 +93,16 @@ class BatchManager:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        queries: Queries,
+        store: JobStore,
         provider: OpenAIProvider,
         fetch: Callable[[str | None], Any],
         steps: Sequence[str],
         settings: BatchSettings,
         prices: Mapping[str, Price],
     ) -> None:
-        self._pool = pool
-        self._q = Queries(pool)
+        self._q = queries
+        self._store = store
         self._provider = provider
         self._fetch = fetch
         self._steps = list(steps)
@@ -107,7 +123,16 @@ class BatchManager:
                 await asyncio.wait_for(self._stop.wait(), self._s.poll_interval_s)
 
     async def tick(self) -> None:
-        """One round: submit what is ready, then poll and apply open batches."""
+        """One round: hand back abandoned preparations, submit what is ready, then poll and
+        apply open batches. Errors are logged, never raised."""
+        try:
+            swept = await self._store.sweep_abandoned_batches(self._s.abandon_after_s)
+            if swept:
+                logger.warning(
+                    "{} jobs of batches abandoned while being prepared wait again", len(swept)
+                )
+        except Exception as error:
+            logger.warning("sweeping abandoned batches failed: {}", describe(error))
         for step in self._steps:
             try:
                 await self.submit_ready(step)
@@ -119,12 +144,16 @@ class BatchManager:
             logger.warning("polling batches failed: {}", describe(error))
 
     async def submit_ready(self, step: str) -> int:
-        """Submit batches for ``step`` if enough steps wait; returns the batches submitted."""
+        """Submit batches for ``step`` while enough steps wait; returns the batches submitted.
+
+        Raises:
+            ListenerError, asyncpg.PostgresError: the upload or the database failed (the
+                batch's jobs were handed back to wait).
+        """
         submitted = 0
         while not self._stop.is_set():
-            row = await self._q.rows("batch_waiting", step)
-            waiting, oldest = row[0]["waiting"], row[0]["oldest_s"]
-            if not waiting or (waiting < self._s.min_requests and oldest < self._s.max_wait_s):
+            waiting, oldest_s = await self._q.batch_waiting(step)
+            if not waiting or (waiting < self._s.min_requests and oldest_s < self._s.max_wait_s):
                 return submitted
             if not await self._submit(step):
                 return submitted
@@ -132,74 +161,82 @@ class BatchManager:
         return submitted
 
     async def _submit(self, step: str) -> bool:
-        kind = step.split(".", 1)[1]
+        """Take waiting jobs into a new batch and submit it; ``False`` when none waited."""
         local_id = f"lb_{uuid.uuid4().hex}"
-        async with self._pool.acquire() as conn, conn.transaction():
-            q = Queries(conn)
-            rows = await q.rows("take_for_batch", step, self._s.max_requests)
-            if not rows:
-                return False
-            lines: list[bytes] = []
-            ids: list[int] = []
-            customs: list[str] = []
-            unusable: list[tuple[int, str]] = []
-            for r in rows:
-                job = Job(
-                    r["id"],
-                    r["source_table"],
-                    r["source_id"],
-                    r["image_url"],
-                    r["owner_id"],
-                    r["priority"],
-                    r["attempts"],
-                    r["max_attempts"],
-                    uuid.uuid4(),
-                )
-                try:
-                    body = await self._body(q, kind, job)
-                except ListenerError as error:
-                    unusable.append((job.id, str(error)))
-                    continue
-                custom_id = f"{job.id}:{step}:{local_id}"
-                lines.append(
-                    json.dumps(
-                        {
-                            "custom_id": custom_id,
-                            "method": "POST",
-                            "url": "/v1/chat/completions",
-                            "body": body,
-                        }
-                    ).encode()
-                )
-                ids.append(job.id)
-                customs.append(custom_id)
-            for job_id, reason in unusable:
-                # The image cannot be read: the per-image path records why.
-                await conn.execute(
-                    "UPDATE listener.jobs SET status = 'pending', batch_mode = false, "
-                    "batch_step = NULL, run_after = now(), last_error = $2 WHERE id = $1",
-                    job_id,
-                    reason,
-                )
-            if not lines:
-                return True
-            group = split_requests(lines, self._s.max_requests, self._s.max_bytes)[0]
-            data = b"\n".join(lines[i] for i in group) + b"\n"
-            file_id = await self._provider.upload_batch_file(data)
-            await q.execute(
-                "record_batch",
-                local_id,
-                "openai",
-                step,
-                file_id,
-                [customs[i] for i in group],
-                [ids[i] for i in group],
-            )
-        logger.info("batch {} recorded: {} requests for {}", local_id, len(group), step)
-        await self._create(local_id, file_id)
+        jobs = await self._store.take_for_batch(step, self._s.max_requests, local_id)
+        if not jobs:
+            return False
+        try:
+            file_id = await self._prepare(local_id, step, jobs)
+        except BaseException:
+            # Whatever went wrong before the file was recorded (upload refused, cancelled at
+            # shutdown), the jobs wait for the next batch now rather than after the sweep.
+            with contextlib.suppress(Exception):
+                await self._store.return_to_wait(local_id, [j.id for j in jobs])
+                await self._q.close_batch(local_id, "abandoned")
+            raise
+        if file_id is not None:
+            await self._create(local_id, file_id)
         return True
 
-    async def _body(self, q: Queries, kind: str, job: Job) -> dict[str, Any]:
+    async def _prepare(self, local_id: str, step: str, jobs: Sequence[BatchJob]) -> str | None:
+        """Fetch, write, upload and record batch ``local_id`` (no transaction is open).
+
+        Returns:
+            The recorded input file's id; ``None`` when there is nothing to create.
+        """
+        kind = step.split(".", 1)[1]
+        log = logger.bind(batch=local_id, step=step)
+        beat_s = max(self._s.abandon_after_s / 3, 0.05)
+        last_beat = time.monotonic()
+        lines: list[bytes] = []
+        ids: list[int] = []
+        customs: list[str] = []
+        unusable: dict[int, str] = {}
+        for job in jobs:
+            if time.monotonic() - last_beat >= beat_s:
+                if not await self._store.keep_preparing(local_id):
+                    log.warning("batch {} was taken back while being prepared", local_id)
+                    return None
+                last_beat = time.monotonic()
+            try:
+                body = await self._body(kind, job)
+            except ListenerError as error:
+                unusable[job.id] = str(error)
+                continue
+            custom_id = f"{job.id}:{step}:{local_id}"
+            lines.append(
+                json.dumps(
+                    {
+                        "custom_id": custom_id,
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": body,
+                    }
+                ).encode()
+            )
+            ids.append(job.id)
+            customs.append(custom_id)
+        # The image cannot be read: the per-image path records why.
+        await self._store.batch_to_per_image(local_id, unusable)
+        if not lines:
+            await self._q.close_batch(local_id, "empty")
+            return None
+        group = split_requests(lines, self._s.max_requests, self._s.max_bytes)[0]
+        taken = set(group)
+        await self._store.return_to_wait(
+            local_id, [job_id for i, job_id in enumerate(ids) if i not in taken]
+        )
+        data = b"\n".join(lines[i] for i in group) + b"\n"
+        file_id = await self._provider.upload_batch_file(data)
+        requests = {customs[i]: ids[i] for i in group}
+        if not await self._store.record_batch_file(local_id, file_id, requests):
+            log.warning("batch {} was taken back while its file was uploaded", local_id)
+            return None
+        log.info("batch {} recorded: {} requests for {}", local_id, len(group), step)
+        return file_id
+
+    async def _body(self, kind: str, job: BatchJob) -> dict[str, Any]:
         fetched: FetchResult = await self._fetch(job.image_url)
         width, height = image_size(fetched.data)
         image = ImageInput(
@@ -213,8 +250,7 @@ class BatchManager:
             width,
             height,
         )
-        previous = {r["step"]: json.loads(r["output"]) for r in await q.rows("job_outputs", job.id)}
-        return await self._provider.request_body(kind, image, previous)
+        return await self._provider.request_body(kind, image, job.outputs)
 
     async def _create(self, local_id: str, file_id: str) -> None:
         try:
@@ -224,104 +260,114 @@ class BatchManager:
                 "creating batch {} failed (retried on the next poll): {}", local_id, describe(error)
             )
             return
-        await self._q.execute("batch_submitted", local_id, batch_id, status)
+        await self._q.batch_submitted(local_id, batch_id, status)
 
     async def poll_open(self) -> None:
-        """Check every open batch; apply the ones that finished."""
-        for row in await self._q.rows("open_batch_rows"):
+        """Check every open batch: apply the finished ones, cancel and close the ones no job
+        is left in.
+
+        Raises:
+            ListenerError, asyncpg.PostgresError: a provider call or the database failed (the
+                batch is checked again on the next poll).
+        """
+        for row in await self._q.open_batch_rows():
             local_id = row["id"]
+            if row["status"] == "preparing":
+                continue  # its daemon is at work, or the abandoned sweep takes it back
+            if await self._store.jobs_in_batch(local_id) == 0:
+                await self._close_empty(local_id, row["provider_batch_id"])
+                continue
             if row["provider_batch_id"] is None:
                 found = await self._provider.find_batch(local_id)
                 if found is None:
                     await self._create(local_id, row["input_file_id"])
                 else:
-                    await self._q.execute("batch_submitted", local_id, *found)
+                    await self._q.batch_submitted(local_id, *found)
                 continue
             state = await self._provider.retrieve_batch(row["provider_batch_id"])
-            await self._q.execute(
-                "batch_progress",
-                local_id,
-                state["status"],
-                state["completed"],
-                state["failed"],
-                state["output_file_id"],
-                state["error_file_id"],
-                state["error"],
-            )
+            await self._q.batch_progress(local_id, state)
             if state["status"] not in OPEN:
                 await self.apply(local_id, row["step"], state)
 
+    async def _close_empty(self, local_id: str, provider_batch_id: str | None) -> None:
+        """Every job left batch ``local_id`` (cancelled, or a new URL): cancel it at OpenAI
+        and close it; nothing is written to jobs. A job never joins a batch after it was
+        taken, so an empty batch stays empty."""
+        status = "cancelled"
+        if provider_batch_id is None:
+            found = await self._provider.find_batch(local_id)
+            if found is not None:
+                await self._q.batch_submitted(local_id, *found)
+                provider_batch_id = found[0]
+        if provider_batch_id is not None:
+            state = await self._provider.retrieve_batch(provider_batch_id)
+            status = state["status"]
+            if status in OPEN and status != "cancelling":
+                status = await self._provider.cancel_batch(provider_batch_id)
+        if await self._q.close_batch(local_id, status):
+            logger.bind(batch=local_id).info(
+                "batch {} closed ({}): no job is left in it", local_id, status
+            )
+
     async def apply(self, local_id: str, step: str, state: Mapping[str, Any]) -> bool:
-        """Apply a finished batch once; returns False when it was applied already."""
+        """Apply a finished batch once (``JobStore.apply_batch_result``).
+
+        Args:
+            local_id: our batch id.
+            step: its step.
+            state: as ``OpenAIProvider.retrieve_batch`` returns it.
+
+        Returns:
+            ``False`` when it was applied already (or another daemon is applying it).
+
+        Raises:
+            ListenerError: its output or error file cannot be read.
+        """
         kind = step.split(".", 1)[1]
         output = await self._lines(state.get("output_file_id"))
         errors = await self._lines(state.get("error_file_id"))
-        async with self._pool.acquire() as conn, conn.transaction():
-            q = Queries(conn)
-            if await q.rows("lock_batch", local_id) == []:
-                return False
-            requests = {r["custom_id"]: r for r in await q.rows("batch_request_jobs", local_id)}
-            done: set[int] = set()
-            failed: dict[int, str] = {}
-            for line in output:
-                request = requests.get(line.get("custom_id", ""))
-                if request is None:
-                    continue
-                job_id = request["job_id"]
-                response = line.get("response") or {}
-                if response.get("status_code") != 200:
-                    failed[job_id] = _line_error(line)
-                    continue
-                try:
-                    result = self._provider.parse_body(kind, response.get("body") or {})
-                except ListenerError as error:
-                    failed[job_id] = str(error)
-                    continue
-                price = price_for(self._prices, "openai", result.model)
-                cost = BATCH_DISCOUNT * cost_usd(
-                    price,
-                    input_tokens=result.input_tokens or 0,
-                    output_tokens=result.output_tokens or 0,
-                )
-                await q.execute(
-                    "save_batch_result",
-                    job_id,
-                    step,
-                    "openai",
-                    json.dumps(result.output),
-                    result.model,
-                    result.input_tokens,
-                    result.output_tokens,
-                    _decimal(cost),
-                )
-                done.add(job_id)
-            for line in errors:
-                request = requests.get(line.get("custom_id", ""))
-                if request is not None and request["job_id"] not in done:
-                    failed[request["job_id"]] = _line_error(line)
-            status = state.get("status")
-            unfinished = {r["job_id"] for r in requests.values()} - done - set(failed)
-            reason = f"batch {local_id} {status}" + (
-                f": {state['error']}" if state.get("error") else ""
+        requests = await self._q.batch_requests(local_id)
+        done: dict[int, StepResult] = {}
+        failed: dict[int, str] = {}
+        for line in output:
+            job_id = requests.get(line.get("custom_id", ""))
+            if job_id is None:
+                continue
+            response = line.get("response") or {}
+            if response.get("status_code") != 200:
+                failed[job_id] = _line_error(line)
+                continue
+            try:
+                result = self._provider.parse_body(kind, response.get("body") or {})
+            except ListenerError as error:
+                failed[job_id] = str(error)
+                continue
+            price = price_for(self._prices, "openai", result.model)
+            cost = BATCH_DISCOUNT * cost_usd(
+                price,
+                input_tokens=result.input_tokens or 0,
+                output_tokens=result.output_tokens or 0,
             )
-            for job_id in unfinished:
-                failed[job_id] = reason
-            all_jobs = [r["job_id"] for r in requests.values()]
-            # One statement per distinct reason keeps the jobs' last_error exact.
-            by_reason: dict[str, list[int]] = {}
-            for job_id, text in failed.items():
-                by_reason.setdefault(text[:1000], []).append(job_id)
-            for text, ids in by_reason.items():
-                await q.execute("release_batch_jobs", local_id, ids, ids, text)
-            await q.execute("release_batch_jobs", local_id, all_jobs, [], None)
-            await q.execute("batch_applied", local_id)
-            await q.execute("notify_jobs")
+            done[job_id] = dataclasses.replace(result, calls=1, cost_usd=cost)
+        for line in errors:
+            job_id = requests.get(line.get("custom_id", ""))
+            if job_id is not None and job_id not in done:
+                failed[job_id] = _line_error(line)
+        status = state.get("status")
+        reason = f"batch {local_id} {status}" + (
+            f": {state['error']}" if state.get("error") else ""
+        )
+        for job_id in set(requests.values()) - set(done) - set(failed):
+            failed[job_id] = reason
+        stored = await self._store.apply_batch_result(local_id, step, done, failed)
+        if stored is None:
+            return False
         self.applied += 1
-        logger.info(
+        logger.bind(batch=local_id).info(
             "batch {} {}: {} results stored, {} back to the per-image path",
             local_id,
             status,
-            len(done),
+            len(stored),
             len(failed),
         )
         return True
@@ -343,9 +389,3 @@ def _line_error(line: Mapping[str, Any]) -> str:
         f"batch request failed ({status}): "
         f"{error.get('code') or ''} {error.get('message') or ''}".strip()
     )
-
-
-def _decimal(value: float) -> Any:
-    from decimal import Decimal
-
-    return Decimal(f"{value:.9f}")

@@ -448,27 +448,6 @@ SELECT count(*) AS waiting,
 FROM listener.jobs
 WHERE status = 'batched' AND batch_id IS NULL AND batch_step = $1;
 
--- name: take_for_batch :many
--- Locks up to $2 jobs waiting with step $1 for a new batch (SKIP LOCKED: one daemon each).
-SELECT id, source_table, source_id, image_url, owner_id, priority, attempts, max_attempts
-FROM listener.jobs
-WHERE status = 'batched' AND batch_id IS NULL AND batch_step = $1
-ORDER BY priority, updated_at, id
-LIMIT $2
-FOR UPDATE SKIP LOCKED;
-
--- name: record_batch :execute
--- Records a batch being submitted and its requests, and marks its jobs (one transaction with
--- take_for_batch).
-WITH b AS (
-    INSERT INTO listener.batches (id, provider, step, status, input_file_id, requests)
-    VALUES ($1, $2, $3, 'submitting', $4, cardinality($5::text[]))
-), r AS (
-    INSERT INTO listener.batch_requests (custom_id, batch_id, job_id, step)
-    SELECT c, $1, j, $3 FROM unnest($5::text[], $6::bigint[]) AS x(c, j)
-)
-UPDATE listener.jobs SET batch_id = $1, updated_at = now() WHERE id = ANY($6::bigint[]);
-
 -- name: batch_submitted :execute
 -- The provider accepted the batch: its id and status.
 UPDATE listener.batches SET provider_batch_id = $2, status = $3, updated_at = now()
@@ -488,41 +467,164 @@ SET status = $2, completed = $3, failed = $4, output_file_id = $5, error_file_id
     error = $7, updated_at = now()
 WHERE id = $1;
 
--- name: lock_batch :one
--- Locks a batch that is not applied yet (NULL when it is, or another daemon holds it).
-SELECT id, step FROM listener.batches WHERE id = $1 AND applied_at IS NULL
-FOR UPDATE SKIP LOCKED;
+-- name: take_for_batch :many
+-- Takes up to $2 jobs waiting with step $1 into a new batch $3, in one short statement: the
+-- batch row is inserted 'preparing' (no file yet) and the jobs get its id. SKIP LOCKED: one
+-- daemon each. The images are fetched and the file uploaded after the commit, outside any
+-- transaction; the batch fence (batch_id, status, batch_step) guards every later write.
+-- updated_at is left alone: it is when the job started waiting (batch_waiting, the order).
+-- outputs: the job's stored step outputs, which the request's prompt builds on.
+WITH picked AS (
+    SELECT id
+    FROM listener.jobs
+    WHERE status = 'batched' AND batch_id IS NULL AND batch_step = $1
+    ORDER BY priority, updated_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), marked AS (
+    UPDATE listener.jobs AS j
+    SET batch_id = $3
+    FROM picked
+    WHERE j.id = picked.id
+    RETURNING j.id, j.source_table, j.source_id, j.image_url, j.owner_id
+), batch AS (
+    INSERT INTO listener.batches (id, provider, step, status, requests)
+    SELECT $3, $4, $1, 'preparing', count(*)::int FROM marked HAVING count(*) > 0
+)
+SELECT m.id, m.source_table, m.source_id, m.image_url, m.owner_id,
+       coalesce((SELECT jsonb_object_agg(r.step, r.output) FROM listener.results AS r
+                 WHERE r.job_id = m.id), '{}'::jsonb) AS outputs
+FROM marked AS m
+ORDER BY m.id;
+
+-- name: keep_preparing :one
+-- Heartbeat of a batch being prepared ($1), so the abandoned sweep leaves it alone; false
+-- when it was swept (its jobs went back: the preparation must stop).
+UPDATE listener.batches SET updated_at = now()
+WHERE id = $1 AND status = 'preparing' AND applied_at IS NULL
+RETURNING true AS kept;
+
+-- name: record_batch_file :one
+-- The input file of batch $1 is uploaded ($2) with requests $3 (custom ids) for jobs $4:
+-- 'preparing' becomes 'submitting', fenced by the status so that a batch the abandoned sweep
+-- took back is never created. Requests of jobs deleted since are left out (foreign key).
+WITH b AS (
+    UPDATE listener.batches
+    SET status = 'submitting', input_file_id = $2, requests = cardinality($3::text[]),
+        updated_at = now()
+    WHERE id = $1 AND status = 'preparing' AND applied_at IS NULL
+    RETURNING id, step
+), r AS (
+    INSERT INTO listener.batch_requests (custom_id, batch_id, job_id, step)
+    SELECT x.c, b.id, x.j, b.step
+    FROM b, unnest($3::text[], $4::bigint[]) AS x(c, j)
+    WHERE EXISTS (SELECT 1 FROM listener.jobs AS j WHERE j.id = x.j)
+)
+SELECT count(*) > 0 AS recorded FROM b;
+
+-- name: batch_to_per_image :many
+-- Jobs of batch $1 whose request could not be written (the image cannot be read, $3 why):
+-- pending now, out of batch mode, so the per-image path runs them and records the reason.
+-- Fenced by (id, batch_id, status 'batched').
+UPDATE listener.jobs AS j
+SET status = 'pending', batch_id = NULL, batch_step = NULL, batch_mode = false,
+    run_after = now(), last_error = f.error, updated_at = now()
+FROM unnest($2::bigint[], $3::text[]) AS f(id, error)
+WHERE j.id = ANY($2::bigint[]) AND j.id = f.id AND j.batch_id = $1 AND j.status = 'batched'
+RETURNING j.id;
+
+-- name: return_to_wait :many
+-- Jobs $2 taken into batch $1 that did not fit its file: waiting again for the next batch,
+-- in their old place (updated_at kept). Fenced by (id, batch_id, status 'batched').
+UPDATE listener.jobs AS j
+SET batch_id = NULL
+WHERE j.id = ANY($2::bigint[]) AND j.batch_id = $1 AND j.status = 'batched'
+RETURNING j.id;
+
+-- name: sweep_abandoned_batches :many
+-- Batches left 'preparing' with no file for $1 seconds (their daemon crashed or hung) are
+-- closed and their jobs wait again for a batch, so nothing is stuck. SKIP LOCKED: a batch
+-- whose preparer is recording its file right now is left to it.
+WITH stale AS (
+    SELECT id FROM listener.batches
+    WHERE status = 'preparing' AND applied_at IS NULL AND input_file_id IS NULL
+      AND updated_at < now() - make_interval(secs => $1)
+    FOR UPDATE SKIP LOCKED
+), closed AS (
+    UPDATE listener.batches AS b
+    SET status = 'abandoned', applied_at = now(), updated_at = now()
+    FROM stale WHERE b.id = stale.id
+    RETURNING b.id
+)
+UPDATE listener.jobs AS j
+SET batch_id = NULL
+FROM closed
+WHERE j.batch_id = closed.id AND j.status = 'batched'
+RETURNING j.id;
+
+-- name: jobs_in_batch :one
+-- How many jobs batch $1 still holds (cancelled jobs and changed URLs have left it).
+SELECT count(*) AS n FROM listener.jobs WHERE batch_id = $1 AND status = 'batched';
+
+-- name: apply_batch_result :many
+-- Applies finished batch $1 (step $2) once, in one statement under the batch's row lock
+-- (SKIP LOCKED: another daemon applying it wins; applied_at: never twice). Only jobs still
+-- in the batch (batch_id $1, status 'batched', batch_step $2) are touched: a cancelled job, or
+-- one whose URL changed, gets nothing. Their results ($3 jobs, $4-$10 columns) are stored at
+-- the price given; every one of them is handed back pending, runnable now; those in $11
+-- (failed lines, reasons $12) leave batch mode and record the reason, so they run per image.
+-- Returns one row per stored result, or one row with job_id NULL when nothing was stored;
+-- no row at all when the batch was applied already (or is being applied elsewhere).
+WITH b AS (
+    SELECT id FROM listener.batches
+    WHERE id = $1 AND step = $2 AND applied_at IS NULL
+    FOR UPDATE SKIP LOCKED
+), members AS (
+    SELECT j.id FROM listener.jobs AS j, b
+    WHERE j.batch_id = b.id AND j.status = 'batched' AND j.batch_step = $2
+    FOR UPDATE OF j
+), saved AS (
+    INSERT INTO listener.results AS r
+        (job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens,
+         calls, cost_usd)
+    SELECT s.job_id, $2, s.provider, s.output, s.model, NULL, s.input_tokens, s.output_tokens,
+           s.calls, s.cost_usd
+    FROM unnest($3::bigint[], $4::text[], $5::jsonb[], $6::text[], $7::int[], $8::int[],
+                $9::int[], $10::numeric[])
+         AS s(job_id, provider, output, model, input_tokens, output_tokens, calls, cost_usd)
+    WHERE s.job_id IN (SELECT id FROM members)
+    ON CONFLICT (job_id, step) DO UPDATE
+    SET provider = EXCLUDED.provider, output = EXCLUDED.output, model = EXCLUDED.model,
+        input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
+        calls = EXCLUDED.calls, cost_usd = EXCLUDED.cost_usd, created_at = now()
+    RETURNING r.job_id
+), released AS (
+    UPDATE listener.jobs AS j
+    SET status = 'pending', batch_id = NULL, batch_step = NULL, run_after = now(),
+        batch_mode = CASE WHEN f.error IS NULL THEN j.batch_mode ELSE false END,
+        last_error = coalesce(f.error, j.last_error), updated_at = now()
+    FROM members
+    LEFT JOIN unnest($11::bigint[], $12::text[]) AS f(id, error) ON f.id = members.id
+    WHERE j.id = members.id
+    RETURNING j.id
+), applied AS (
+    UPDATE listener.batches AS x SET applied_at = now(), updated_at = now()
+    FROM b WHERE x.id = b.id
+    RETURNING x.id
+)
+SELECT s.job_id, (SELECT count(*) FROM released) AS released
+FROM applied LEFT JOIN saved AS s ON true;
 
 -- name: batch_request_jobs :many
--- The jobs of a batch, by custom_id.
-SELECT r.custom_id, r.job_id, j.source_table, j.source_id, j.image_url, j.owner_id,
-       j.priority, j.attempts, j.max_attempts
-FROM listener.batch_requests AS r JOIN listener.jobs AS j ON j.id = r.job_id
-WHERE r.batch_id = $1;
+-- The requests of batch $1: custom_id -> job id (whatever the job has become since).
+SELECT custom_id, job_id FROM listener.batch_requests WHERE batch_id = $1;
 
--- name: save_batch_result :execute
--- Stores one step result from a batch output line (idempotent on (job, step)).
-INSERT INTO listener.results
-    (job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens, calls,
-     cost_usd)
-VALUES ($1, $2, $3, $4::jsonb, $5, NULL, $6, $7, 1, $8)
-ON CONFLICT (job_id, step) DO UPDATE
-SET output = EXCLUDED.output, model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
-    output_tokens = EXCLUDED.output_tokens, cost_usd = EXCLUDED.cost_usd, created_at = now();
-
--- name: release_batch_jobs :execute
--- Hands a batch's jobs back to the per-image path: pending, runnable now; $3 (jobs whose
--- line failed) records the error and leaves batch mode so they run realtime.
-UPDATE listener.jobs AS j
-SET status = 'pending', batch_id = NULL, batch_step = NULL, run_after = now(),
-    batch_mode = CASE WHEN j.id = ANY($3::bigint[]) THEN false ELSE j.batch_mode END,
-    last_error = CASE WHEN j.id = ANY($3::bigint[]) THEN $4 ELSE j.last_error END,
-    updated_at = now()
-WHERE j.batch_id = $1 AND j.id = ANY($2::bigint[]) AND j.status = 'batched';
-
--- name: batch_applied :execute
--- Marks a batch applied: its results are in and its jobs handed back, exactly once.
-UPDATE listener.batches SET applied_at = now(), updated_at = now() WHERE id = $1;
+-- name: close_batch :one
+-- Closes batch $1 that holds no job any more (all cancelled, or their URLs changed), with
+-- status $2: applied, nothing written to jobs. False when it was closed or applied already.
+UPDATE listener.batches SET status = $2, applied_at = now(), updated_at = now()
+WHERE id = $1 AND applied_at IS NULL
+RETURNING true AS closed;
 
 -- name: enqueue_job :one
 -- Adds a pending job for a source row, as the attach trigger does; NULL when the row already

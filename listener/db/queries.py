@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -171,6 +171,46 @@ class Queries:
     async def open_batches(self) -> list[dict[str, Any]]:
         """Provider batches not applied yet, oldest first."""
         return await self._dicts("open_batches")
+
+    # -- provider batches: bookkeeping of listener.batches only (job state: the JobStore) --
+
+    async def batch_waiting(self, step: str) -> tuple[int, float]:
+        """Jobs waiting for a batch of ``step``: how many, and the oldest's wait in seconds."""
+        r = await self._pool.fetchrow(self._sql["batch_waiting"], step)
+        return int(r["waiting"]), float(r["oldest_s"])
+
+    async def open_batch_rows(self) -> list[dict[str, Any]]:
+        """Batches not applied yet, oldest first: ``[{"id", "provider_batch_id", "step",
+        "status", "input_file_id", "requests", "created_at"}]``."""
+        return await self._dicts("open_batch_rows")
+
+    async def batch_submitted(self, batch_id: str, provider_batch_id: str, status: str) -> None:
+        """The provider accepted batch ``batch_id``: record its id there and its status."""
+        await self._pool.execute(self._sql["batch_submitted"], batch_id, provider_batch_id, status)
+
+    async def batch_progress(self, batch_id: str, state: Mapping[str, Any]) -> None:
+        """Record a batch's state as the provider reports it (``OpenAIProvider.retrieve_batch``:
+        ``{"status", "completed", "failed", "output_file_id", "error_file_id", "error"}``)."""
+        await self._pool.execute(
+            self._sql["batch_progress"],
+            batch_id,
+            state["status"],
+            state["completed"],
+            state["failed"],
+            state["output_file_id"],
+            state["error_file_id"],
+            state["error"],
+        )
+
+    async def batch_requests(self, batch_id: str) -> dict[str, int]:
+        """The requests of a batch: ``{custom_id: job id}``."""
+        rows = await self._pool.fetch(self._sql["batch_request_jobs"], batch_id)
+        return {r["custom_id"]: r["job_id"] for r in rows}
+
+    async def close_batch(self, batch_id: str, status: str) -> bool:
+        """Close a batch that holds no job any more, with ``status``: marked applied, no job
+        touched. ``False`` when it was closed or applied already."""
+        return bool(await self._pool.fetchval(self._sql["close_batch"], batch_id, status))
 
     async def sample_unqueued(self, table: str, owner: str | None, limit: int) -> list[str]:
         """Image URLs of up to ``limit`` rows of ``table`` (of ``owner``) without a job."""

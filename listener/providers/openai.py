@@ -352,6 +352,20 @@ class OpenAIProvider:
             "error": "; ".join(f"{e.code}: {e.message}" for e in errors) or None,
         }
 
+    async def cancel_batch(self, batch_id: str) -> str:
+        """Cancel a batch (``POST /v1/batches/{id}/cancel``); returns its status then
+        (``cancelling``, or ``cancelled`` when it was already).
+
+        Raises:
+            RejectedByProvider: it had finished already (409) or is unknown (404).
+            ProviderUnavailable, RateLimited, ProviderPaused: see ``run``.
+        """
+        try:
+            batch = await self._batch_client().batches.cancel(batch_id)
+        except openai.OpenAIError as error:
+            raise self._translate(error) from None
+        return batch.status
+
     async def file_content(self, file_id: str) -> bytes:
         """The bytes of a file (a batch's output or error file)."""
         try:

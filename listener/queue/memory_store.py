@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID
 
 from listener.queue.outcomes import (
+    BatchJob,
     Completed,
     Discarded,
     Job,
@@ -48,8 +49,20 @@ class _Row:
     last_error: str | None = None
     batch_mode: bool | None = None
     batch_step: str | None = None
+    batch_id: str | None = None
+    parked_at: float = 0.0  # when it started waiting for a batch (the take order)
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     effects: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Batch:
+    step: str
+    touched_at: float  # the preparation's heartbeat
+    status: str = "preparing"
+    file_id: str | None = None
+    requests: dict[str, int] = field(default_factory=dict)
+    applied: bool = False
 
 
 class MemoryJobStore:
@@ -66,6 +79,7 @@ class MemoryJobStore:
         self._rows: dict[int, _Row] = {}
         self._keys: set[tuple[str, str]] = set()
         self._ids = itertools.count(1)
+        self._batches: dict[str, _Batch] = {}
 
     async def enqueue(
         self,
@@ -251,6 +265,8 @@ class MemoryJobStore:
             if r is not None:
                 r.status = "batched"
                 r.batch_step = p.step
+                r.batch_id = None
+                r.parked_at = self._clock()
                 r.attempts = max(r.attempts - 1, 0)
                 self._end_lease(r)
                 ids.add(r.id)
@@ -314,7 +330,7 @@ class MemoryJobStore:
                 if r.status == "complete":
                     r.results.clear()
                 r.status, r.attempts, r.run_after = "pending", 0, self._clock()
-                r.last_error, r.batch_step = None, None
+                r.last_error, r.batch_step, r.batch_id = None, None, None
                 self._end_lease(r)
                 ids.append(r.id)
         return ids
@@ -348,3 +364,150 @@ class MemoryJobStore:
             run_after_s=r.run_after - self._clock(),
             steps=steps,
         )
+
+    def _in_batch(self, batch_id: str, job_id: int) -> _Row | None:
+        """The job's row when it is still in ``batch_id`` (the batch fence)."""
+        r = self._rows.get(job_id)
+        if r is None or r.status != "batched" or r.batch_id != batch_id:
+            return None
+        return r
+
+    async def take_for_batch(self, step: str, limit: int, batch_id: str) -> list[BatchJob]:
+        """See ``JobStore.take_for_batch``."""
+        waiting = sorted(
+            (
+                r
+                for r in self._rows.values()
+                if r.status == "batched" and r.batch_id is None and r.batch_step == step
+            ),
+            key=lambda r: (r.priority, r.parked_at, r.id),
+        )[: max(limit, 0)]
+        if not waiting:
+            return []
+        self._batches[batch_id] = _Batch(step, self._clock())
+        for r in waiting:
+            r.batch_id = batch_id
+        return [
+            BatchJob(
+                r.id,
+                r.source_table,
+                r.source_id,
+                r.image_url,
+                r.owner_id,
+                {k: dict(v["output"]) for k, v in r.results.items()},
+            )
+            for r in sorted(waiting, key=lambda r: r.id)
+        ]
+
+    def _preparing(self, batch_id: str) -> _Batch | None:
+        b = self._batches.get(batch_id)
+        return b if b is not None and b.status == "preparing" and not b.applied else None
+
+    async def keep_preparing(self, batch_id: str) -> bool:
+        """See ``JobStore.keep_preparing``."""
+        b = self._preparing(batch_id)
+        if b is None:
+            return False
+        b.touched_at = self._clock()
+        return True
+
+    async def record_batch_file(
+        self, batch_id: str, file_id: str, requests: Mapping[str, int]
+    ) -> bool:
+        """See ``JobStore.record_batch_file``."""
+        b = self._preparing(batch_id)
+        if b is None:
+            return False
+        b.status, b.file_id, b.touched_at = "submitting", file_id, self._clock()
+        b.requests = {c: j for c, j in requests.items() if j in self._rows}
+        return True
+
+    async def batch_to_per_image(self, batch_id: str, errors: Mapping[int, str]) -> set[int]:
+        """See ``JobStore.batch_to_per_image``."""
+        ids: set[int] = set()
+        for job_id, reason in errors.items():
+            r = self._in_batch(batch_id, job_id)
+            if r is not None:
+                r.status, r.batch_id, r.batch_step, r.batch_mode = "pending", None, None, False
+                r.run_after, r.last_error = self._clock(), reason[:1000]
+                ids.add(r.id)
+        return ids
+
+    async def return_to_wait(self, batch_id: str, job_ids: Sequence[int]) -> set[int]:
+        """See ``JobStore.return_to_wait``."""
+        ids: set[int] = set()
+        for job_id in job_ids:
+            r = self._in_batch(batch_id, job_id)
+            if r is not None:
+                r.batch_id = None
+                ids.add(r.id)
+        return ids
+
+    async def sweep_abandoned_batches(self, idle_s: float) -> list[int]:
+        """See ``JobStore.sweep_abandoned_batches``."""
+        now = self._clock()
+        stale = {
+            batch_id
+            for batch_id, b in self._batches.items()
+            if b.status == "preparing" and not b.applied and now - b.touched_at > idle_s
+        }
+        for batch_id in stale:
+            self._batches[batch_id].status = "abandoned"
+            self._batches[batch_id].applied = True
+        ids: list[int] = []
+        for r in self._rows.values():
+            if r.status == "batched" and r.batch_id in stale:
+                r.batch_id = None
+                ids.append(r.id)
+        return sorted(ids)
+
+    async def jobs_in_batch(self, batch_id: str) -> int:
+        """See ``JobStore.jobs_in_batch``."""
+        return sum(
+            1 for r in self._rows.values() if r.status == "batched" and r.batch_id == batch_id
+        )
+
+    async def apply_batch_result(
+        self,
+        batch_id: str,
+        step: str,
+        results: Mapping[int, StepRecord],
+        failures: Mapping[int, str],
+    ) -> set[int] | None:
+        """See ``JobStore.apply_batch_result``.
+
+        Raises:
+            ValueError: a result carries effects, or is of another step.
+        """
+        for job_id, given in results.items():
+            if given.effects:
+                raise ValueError(f"batch result of job {job_id} has effects")
+            if given.step != step:
+                raise ValueError(
+                    f"batch result of job {job_id} is of step {given.step}, not {step}"
+                )
+        b = self._batches.get(batch_id)
+        if b is None or b.applied or b.step != step:
+            return None
+        stored: set[int] = set()
+        for r in self._rows.values():
+            if r.status != "batched" or r.batch_id != batch_id or r.batch_step != step:
+                continue
+            rec = results.get(r.id)
+            if rec is not None:
+                # A batch result replaces an earlier one of the step (as PgJobStore's upsert).
+                r.results[step] = {
+                    "provider": rec.provider,
+                    "output": dict(rec.output),
+                    "model": rec.model,
+                    "input_tokens": rec.input_tokens,
+                    "output_tokens": rec.output_tokens,
+                    "calls": rec.calls,
+                    "cost_usd": rec.cost_usd,
+                }
+                stored.add(r.id)
+            r.status, r.batch_id, r.batch_step, r.run_after = "pending", None, None, self._clock()
+            if r.id in failures:
+                r.batch_mode, r.last_error = False, failures[r.id][:1000]
+        b.applied = True
+        return stored

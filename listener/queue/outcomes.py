@@ -120,6 +120,27 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchJob:
+    """A job taken into a provider batch (``JobStore.take_for_batch``): what its request needs.
+
+    It holds no lease: every later write about it is fenced by ``(id, batch id, status
+    'batched')`` instead.
+
+    Attributes:
+        id, source_table, source_id, image_url, owner_id: as in ``Job``.
+        outputs: the job's stored step outputs by step name (earlier tiers), which the
+            request's prompt builds on.
+    """
+
+    id: int
+    source_table: str
+    source_id: str
+    image_url: str | None
+    owner_id: str | None
+    outputs: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
 class Completed:
     """The job ran to the end; ``results`` (not stored yet) are stored with its completion."""
 

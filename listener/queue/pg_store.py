@@ -14,6 +14,7 @@ import asyncpg
 
 from listener.db.queries import load_queries
 from listener.queue.outcomes import (
+    BatchJob,
     Completed,
     Discarded,
     Job,
@@ -313,3 +314,115 @@ class PgJobStore:
             run_after_s=float(r["run_after_s"]),
             steps=json.loads(r["steps"]),
         )
+
+    async def take_for_batch(self, step: str, limit: int, batch_id: str) -> list[BatchJob]:
+        """See ``JobStore.take_for_batch``; the batch's provider is the step's prefix."""
+        rows = await self._pool.fetch(
+            self._sql["take_for_batch"], step, limit, batch_id, step.split(".", 1)[0]
+        )
+        return [
+            BatchJob(
+                id=r["id"],
+                source_table=r["source_table"],
+                source_id=r["source_id"],
+                image_url=r["image_url"],
+                owner_id=r["owner_id"],
+                outputs=json.loads(r["outputs"]),
+            )
+            for r in rows
+        ]
+
+    async def keep_preparing(self, batch_id: str) -> bool:
+        """See ``JobStore.keep_preparing``."""
+        return bool(await self._pool.fetchval(self._sql["keep_preparing"], batch_id))
+
+    async def record_batch_file(
+        self, batch_id: str, file_id: str, requests: Mapping[str, int]
+    ) -> bool:
+        """See ``JobStore.record_batch_file``."""
+        return bool(
+            await self._pool.fetchval(
+                self._sql["record_batch_file"],
+                batch_id,
+                file_id,
+                list(requests),
+                list(requests.values()),
+            )
+        )
+
+    async def batch_to_per_image(self, batch_id: str, errors: Mapping[int, str]) -> set[int]:
+        """See ``JobStore.batch_to_per_image``; wakes the daemons when a job changed."""
+        if not errors:
+            return set()
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                self._sql["batch_to_per_image"],
+                batch_id,
+                list(errors),
+                [text[:1000] for text in errors.values()],
+            )
+            if rows:
+                await conn.execute(self._sql["notify_jobs"])
+        return {r["id"] for r in rows}
+
+    async def return_to_wait(self, batch_id: str, job_ids: Sequence[int]) -> set[int]:
+        """See ``JobStore.return_to_wait``."""
+        if not job_ids:
+            return set()
+        rows = await self._pool.fetch(self._sql["return_to_wait"], batch_id, list(job_ids))
+        return {r["id"] for r in rows}
+
+    async def sweep_abandoned_batches(self, idle_s: float) -> list[int]:
+        """See ``JobStore.sweep_abandoned_batches``."""
+        rows = await self._pool.fetch(self._sql["sweep_abandoned_batches"], idle_s)
+        return sorted(r["id"] for r in rows)
+
+    async def jobs_in_batch(self, batch_id: str) -> int:
+        """See ``JobStore.jobs_in_batch``."""
+        return int(await self._pool.fetchval(self._sql["jobs_in_batch"], batch_id))
+
+    async def apply_batch_result(
+        self,
+        batch_id: str,
+        step: str,
+        results: Mapping[int, StepRecord],
+        failures: Mapping[int, str],
+    ) -> set[int] | None:
+        """See ``JobStore.apply_batch_result``: one statement, then a wake-up of the daemons
+        in the same transaction.
+
+        Raises:
+            ValueError: a result carries effects, or is of another step.
+        """
+        columns: list[list[Any]] = [[] for _ in range(8)]
+        for job_id, r in results.items():
+            if r.effects:
+                raise ValueError(f"batch result of job {job_id} has effects")
+            if r.step != step:
+                raise ValueError(f"batch result of job {job_id} is of step {r.step}, not {step}")
+            values = (
+                job_id,
+                r.provider,
+                json.dumps(r.output),
+                r.model,
+                r.input_tokens,
+                r.output_tokens,
+                r.calls,
+                usd(r.cost_usd),
+            )
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                self._sql["apply_batch_result"],
+                batch_id,
+                step,
+                *columns,
+                list(failures),
+                [text[:1000] for text in failures.values()],
+            )
+            if not rows:
+                return None
+            if rows[0]["released"]:
+                await conn.execute(self._sql["notify_jobs"])
+        return {r["job_id"] for r in rows if r["job_id"] is not None}

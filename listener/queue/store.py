@@ -17,6 +17,13 @@ State machine (``listener.queue.outcomes.JOB_STATUSES``)::
        |---retry/snooze---|  |  |---park-----> batched (waits for a provider batch)
        |---release/reap------|
     pending | processing | batched --cancel--> cancelled
+    batched (waiting) --take_for_batch--> batched in batch B --apply_batch_result--> pending
+                       <--return_to_wait / sweep_abandoned_batches--|
+                          batched in batch B --batch_to_per_image--> pending (batch mode off)
+
+A job in a provider batch holds no lease: writes about it are fenced by ``(id, batch id,
+status 'batched')`` (and the batch's step), so a job cancelled, or reset by a new URL, while
+its batch runs gets nothing from that batch.
 """
 
 from __future__ import annotations
@@ -26,7 +33,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
 
-from listener.queue.outcomes import Completed, Discarded, Job, Parked, Retry, Snoozed, StepRecord
+from listener.queue.outcomes import (
+    BatchJob,
+    Completed,
+    Discarded,
+    Job,
+    Parked,
+    Retry,
+    Snoozed,
+    StepRecord,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,4 +203,92 @@ class JobStore(Protocol):
 
     async def snapshot(self, job_id: int) -> JobSnapshot | None:
         """The job as stored, ``None`` when there is none."""
+        ...
+
+    # -- provider batches (OpenAI's Batch API): fenced by (id, batch id, status 'batched') --
+
+    async def take_for_batch(self, step: str, limit: int, batch_id: str) -> list[BatchJob]:
+        """Take up to ``limit`` jobs waiting for a batch of ``step`` into new batch ``batch_id``.
+
+        One atomic change: the batch is recorded as ``preparing`` (no input file yet) and the
+        jobs (``status = 'batched'``, no batch, ``batch_step = step``; by priority, then how
+        long they waited, then id) get its id. Concurrent takers never get the same job.
+        Nothing is recorded when no job waits.
+
+        Returns:
+            The jobs taken, by id; empty when none waited.
+        """
+        ...
+
+    async def keep_preparing(self, batch_id: str) -> bool:
+        """Heartbeat of a ``preparing`` batch, so ``sweep_abandoned_batches`` leaves it alone.
+
+        Returns:
+            ``False`` when the batch is no longer ``preparing`` (it was swept: stop).
+        """
+        ...
+
+    async def record_batch_file(
+        self, batch_id: str, file_id: str, requests: Mapping[str, int]
+    ) -> bool:
+        """Record the uploaded input file of a ``preparing`` batch and its requests
+        (``{custom_id: job id}``); the batch becomes ``submitting``.
+
+        Returns:
+            ``False`` when the batch is no longer ``preparing`` (swept): it must not be
+            created at the provider.
+        """
+        ...
+
+    async def batch_to_per_image(self, batch_id: str, errors: Mapping[int, str]) -> set[int]:
+        """Send jobs of ``batch_id`` whose request cannot be written (``{job id: reason}``)
+        to the per-image path: pending now, batch mode off, the reason in ``last_error``.
+
+        Returns:
+            The ids changed (the others had left the batch).
+        """
+        ...
+
+    async def return_to_wait(self, batch_id: str, job_ids: Sequence[int]) -> set[int]:
+        """Jobs taken into ``batch_id`` that did not fit its file wait for the next batch
+        again, in their old place.
+
+        Returns:
+            The ids changed (the others had left the batch).
+        """
+        ...
+
+    async def sweep_abandoned_batches(self, idle_s: float) -> list[int]:
+        """Close ``preparing`` batches without a heartbeat for ``idle_s`` seconds (their daemon
+        died mid-preparation); their jobs wait for a batch again.
+
+        Returns:
+            The ids of the jobs handed back.
+        """
+        ...
+
+    async def jobs_in_batch(self, batch_id: str) -> int:
+        """How many jobs ``batch_id`` still holds (cancelled ones and new URLs have left)."""
+        ...
+
+    async def apply_batch_result(
+        self,
+        batch_id: str,
+        step: str,
+        results: Mapping[int, StepRecord],
+        failures: Mapping[int, str],
+    ) -> set[int] | None:
+        """Apply finished batch ``batch_id`` of ``step``, exactly once, atomically.
+
+        Only the jobs still in the batch (``batch_id``, ``status = 'batched'``,
+        ``batch_step = step``) are touched: their ``results`` (``{job id: record}``, costs as
+        given, i.e. at batch prices) are stored, and every one of them goes back to pending,
+        runnable now, to continue with its next step; those in ``failures``
+        (``{job id: reason}``) leave batch mode and record the reason, so they run per image.
+        The batch is marked applied.
+
+        Returns:
+            The ids whose result was stored; ``None`` when the batch was applied already (or
+            another daemon is applying it right now, or it is unknown or of another step).
+        """
         ...
