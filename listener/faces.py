@@ -103,7 +103,7 @@ class PgKnownFaces:
         """See ``KnownFaces.known``; no query for an empty ``face_ids``."""
         if not face_ids:
             return set()
-        return set(await self._q.column("known_face_ids", sorted(face_ids)))
+        return await self._q.known_face_ids(sorted(face_ids))
 
 
 def decide(

@@ -95,7 +95,7 @@ class StatusWriteBack:
         errors: set[str] = set()
         after = 0
         try:
-            if not await self._q.value("status_outbox_waiting"):
+            if not await self._q.status_outbox_waiting():
                 self.deferred = 0
                 self._report(errors)
                 return 0

@@ -121,27 +121,19 @@ class Queries:
         self._pool = pool
         self._sql = {name: q.sql for name, q in load_queries().items()}
 
-    # Generic access, for the batch and face modules until they get typed methods; status
-    # and the CLI use the typed reads below. Job state is written only by the job store.
-
-    async def execute(self, name: str, *args: Any) -> str:
-        """Run query ``name``; returns the status tag."""
-        return str(await self._pool.execute(self._sql[name], *args))
-
-    async def value(self, name: str, *args: Any) -> Any:
-        """The first column of the first row of query ``name``."""
-        return await self._pool.fetchval(self._sql[name], *args)
-
-    async def column(self, name: str, *args: Any) -> list[Any]:
-        """The first column of every row of query ``name``."""
-        return [r[0] for r in await self._pool.fetch(self._sql[name], *args)]
-
-    async def rows(self, name: str, *args: Any) -> list[dict[str, Any]]:
-        """Every row of query ``name``, as dicts."""
-        return [dict(r) for r in await self._pool.fetch(self._sql[name], *args)]
+    # Typed reads only: job state is written by the job store (listener.queue.pg_store).
 
     async def _dicts(self, name: str, *args: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in await self._pool.fetch(self._sql[name], *args)]
+
+    async def known_face_ids(self, face_ids: Sequence[str]) -> set[str]:
+        """Which of ``face_ids`` (Rekognition FaceIds) listener has recorded."""
+        rows = await self._pool.fetch(self._sql["known_face_ids"], list(face_ids))
+        return {r[0] for r in rows}
+
+    async def status_outbox_waiting(self) -> bool:
+        """True when some job's status waits to be written back to its app row."""
+        return bool(await self._pool.fetchval(self._sql["status_outbox_waiting"]))
 
     async def recent_rate(self, window_s: float) -> float:
         """Jobs finished per second over the last ``window_s`` seconds."""
