@@ -1091,7 +1091,10 @@ class FakeOpenAI:
         faults: scripted failures, one popped per chat request (FIFO), before any check.
         fault_plan: when set, asked for a fault for each chat request the ``faults`` list
             did not fault (``None``: no fault), e.g. a random 20% of 500s.
-        answered: the bodies of chat requests answered 200 (billed), in order.
+        answered: the bodies of chat requests answered 200 (billed), in order. A body is
+            appended when the answer is decided, before the ``latency_s`` wait: a request is
+            billed even if the client goes away before the answer reaches it.
+        answered_at: ``time.monotonic()`` of each decision in ``answered``, same order.
         finish_reason_override: finish_reasons for the next successful answers (FIFO):
             "content_filter" answers with null content, "length" with the JSON cut in half.
         requests: every chat request received: its JSON body (or ``{"body": text}`` if not
@@ -1142,6 +1145,7 @@ class FakeOpenAI:
         self.faults: list[Fault] = []
         self.fault_plan: Callable[[], Fault | None] | None = None
         self.answered: list[Any] = []
+        self.answered_at: list[float] = []
         self.finish_reason_override: list[str] = []
         self.requests: list[dict[str, Any]] = []
         self.violations = 0
@@ -1277,6 +1281,7 @@ class FakeOpenAI:
             chat, content, finish_reason, prompt_tokens, completion_tokens
         )
         self.answered.append(body)
+        self.answered_at.append(time.monotonic())
         return web.json_response(completion, headers=self._headers())
 
     def _admit(self, model: str, tokens: int) -> None:
