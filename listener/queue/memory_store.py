@@ -209,7 +209,15 @@ class MemoryJobStore:
         return {} if r is None else {k: dict(v["output"]) for k, v in r.results.items()}
 
     async def complete(self, done: Sequence[Completed]) -> set[int]:
-        """See ``JobStore.complete``."""
+        """See ``JobStore.complete``.
+
+        Raises:
+            ValueError: a result carries effects (as ``PgJobStore.complete``).
+        """
+        for c in done:
+            for rec in c.results:
+                if rec.effects:
+                    raise ValueError(f"step {rec.step} has effects: store it with save_step")
         ids: set[int] = set()
         for c in done:
             r = self._held(c.job)

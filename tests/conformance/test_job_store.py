@@ -233,3 +233,18 @@ async def test_requeue_resumes_failed_and_restarts_complete(store_env: StoreEnv)
     again = {j.id: j for j in await claim(store)}
     assert again[failed].done_steps == ("tier1",) and again[failed].attempts == 1
     assert again[done].done_steps == ()
+
+
+async def test_effects_are_stored_with_their_step_never_with_the_completion(
+    store_env: StoreEnv,
+) -> None:
+    store = store_env.store
+    await enqueue(store, 1)
+    (job,) = await claim(store)
+    with pytest.raises(ValueError, match="effects"):
+        await store.complete([Completed(job, [Rec("x", effects={"faces": {"faces": []}})])])
+    with pytest.raises(ValueError, match="unknown"):
+        await store.save_step(job, Rec("x", effects={"webhook": {}}))
+    # Nothing was written by the refused calls.
+    snap = await store.snapshot(job.id)
+    assert snap is not None and snap.status == "processing" and snap.steps == {}
