@@ -202,72 +202,49 @@ class PgJobStore:
                 )
                 for column, value in zip(columns, values, strict=True):
                     column.append(value)
+        return await self._fenced("complete_jobs", [c.job for c in done], *columns)
+
+    async def _fenced(self, name: str, jobs: Sequence[Job], *columns: list[Any]) -> set[int]:
+        """Run the fenced statement ``name`` over ``jobs`` (ids ``$1``, tokens ``$2``, then
+        one array per further column); returns the ids it wrote."""
+        if not jobs:
+            return set()
         rows = await self._pool.fetch(
-            self._sql["complete_jobs"],
-            [c.job.id for c in done],
-            [c.job.lease_token for c in done],
-            *columns,
+            self._sql[name], [j.id for j in jobs], [j.lease_token for j in jobs], *columns
         )
         return {r["id"] for r in rows}
 
     async def retry(self, failures: Sequence[Retry]) -> set[int]:
         """See ``JobStore.retry``."""
-        if not failures:
-            return set()
-        rows = await self._pool.fetch(
-            self._sql["retry_jobs"],
-            [f.job.id for f in failures],
-            [f.job.lease_token for f in failures],
+        return await self._fenced(
+            "retry_jobs",
+            [f.job for f in failures],
             [f.delay_s for f in failures],
             [f.error for f in failures],
         )
-        return {r["id"] for r in rows}
 
     async def snooze(self, snoozed: Sequence[Snoozed]) -> set[int]:
         """See ``JobStore.snooze``."""
-        if not snoozed:
-            return set()
-        rows = await self._pool.fetch(
-            self._sql["snooze_jobs"],
-            [f.job.id for f in snoozed],
-            [f.job.lease_token for f in snoozed],
+        return await self._fenced(
+            "snooze_jobs",
+            [f.job for f in snoozed],
             [f.delay_s for f in snoozed],
             [f.error for f in snoozed],
         )
-        return {r["id"] for r in rows}
 
     async def discard(self, failures: Sequence[Discarded]) -> set[int]:
         """See ``JobStore.discard``."""
-        if not failures:
-            return set()
-        rows = await self._pool.fetch(
-            self._sql["discard_jobs"],
-            [f.job.id for f in failures],
-            [f.job.lease_token for f in failures],
-            [f.error for f in failures],
+        return await self._fenced(
+            "discard_jobs", [f.job for f in failures], [f.error for f in failures]
         )
-        return {r["id"] for r in rows}
 
     async def park(self, parked: Sequence[Parked]) -> set[int]:
         """See ``JobStore.park``."""
-        if not parked:
-            return set()
-        rows = await self._pool.fetch(
-            self._sql["park_jobs"],
-            [b.job.id for b in parked],
-            [b.job.lease_token for b in parked],
-            [b.step for b in parked],
-        )
-        return {r["id"] for r in rows}
+        return await self._fenced("park_jobs", [b.job for b in parked], [b.step for b in parked])
 
     async def release(self, jobs: Sequence[Job]) -> set[int]:
         """See ``JobStore.release``."""
-        if not jobs:
-            return set()
-        rows = await self._pool.fetch(
-            self._sql["release_jobs"], [j.id for j in jobs], [j.lease_token for j in jobs]
-        )
-        return {r["id"] for r in rows}
+        return await self._fenced("release_jobs", jobs)
 
     async def reap(self, limit: int = 1000) -> dict[int, str]:
         """See ``JobStore.reap``."""

@@ -33,9 +33,19 @@ class FakeClock:
 
 @dataclass
 class StoreEnv:
+    """A store under test.
+
+    Attributes:
+        advance: let ``seconds`` pass (the memory store's fake clock; a real short sleep
+            for Postgres, whose clock is ``now()``).
+        idle: let ``seconds`` pass without a heartbeat from any preparing provider batch
+            (Postgres: the batches' heartbeats are moved back, as ``now()`` cannot move).
+    """
+
     store: JobStore
     advance: Callable[[float], Awaitable[None]]
     kind: str
+    idle: Callable[[float], Awaitable[None]]
 
 
 @pytest.fixture(params=["memory", "postgres"])
@@ -59,7 +69,9 @@ async def store_env(store_kind: tuple[str, str | None]) -> AsyncIterator[StoreEn
         async def advance_clock(seconds: float) -> None:
             clock.now += seconds
 
-        yield StoreEnv(MemoryJobStore(clock, DEFAULT_MAX_ATTEMPTS), advance_clock, "memory")
+        yield StoreEnv(
+            MemoryJobStore(clock, DEFAULT_MAX_ATTEMPTS), advance_clock, "memory", advance_clock
+        )
         return
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     try:
@@ -67,6 +79,12 @@ async def store_env(store_kind: tuple[str, str | None]) -> AsyncIterator[StoreEn
         async def sleep(seconds: float) -> None:
             await asyncio.sleep(seconds)
 
-        yield StoreEnv(PgJobStore(pool, DEFAULT_MAX_ATTEMPTS), sleep, "postgres")
+        async def age_batches(seconds: float) -> None:
+            await pool.execute(
+                "UPDATE listener.batches SET updated_at = updated_at - make_interval(secs => $1)",
+                seconds,
+            )
+
+        yield StoreEnv(PgJobStore(pool, DEFAULT_MAX_ATTEMPTS), sleep, "postgres", age_batches)
     finally:
         await pool.close()

@@ -2,80 +2,23 @@
 
 Every write about a job in a batch is fenced by ``(id, batch id, status 'batched')`` and the
 batch's step; a batch is applied once; a preparation abandoned by a dead daemon hands its
-jobs back. The fixture is local to this file (``batch_env``), beside the suite's conftest.
+jobs back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
-import asyncpg
 import pytest
+from conftest import StoreEnv
 
 from listener.providers.base import StepResult
-from listener.queue.memory_store import MemoryJobStore
 from listener.queue.outcomes import Parked
-from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobFilter, JobStore
 
 STEP = "openai.tier1"
 OTHER_STEP = "openai.tier2"
-
-
-class FakeClock:
-    """Seconds that move only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class BatchEnv:
-    store: JobStore
-    idle: Callable[[float], Awaitable[None]]
-    """Let ``seconds`` pass without a heartbeat from any preparing batch."""
-    kind: str
-
-
-@pytest.fixture(params=["memory", "postgres"])
-def batch_kind(request: pytest.FixtureRequest) -> tuple[str, str | None]:
-    """``("memory", None)`` or ``("postgres", DSN)``; synchronous because ``database_url``
-    runs its own event loop."""
-    if request.param == "postgres":
-        return "postgres", request.getfixturevalue("database_url")
-    return "memory", None
-
-
-@pytest.fixture
-async def batch_env(batch_kind: tuple[str, str | None]) -> AsyncIterator[BatchEnv]:
-    _, database_url = batch_kind
-    if database_url is None:
-        clock = FakeClock()
-
-        async def advance(seconds: float) -> None:
-            clock.now += seconds
-
-        yield BatchEnv(MemoryJobStore(clock), advance, "memory")
-        return
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    try:
-
-        async def age(seconds: float) -> None:
-            # now() cannot be moved: the heartbeats are moved back instead.
-            await pool.execute(
-                "UPDATE listener.batches SET updated_at = updated_at - make_interval(secs => $1)",
-                seconds,
-            )
-
-        yield BatchEnv(PgJobStore(pool), age, "postgres")
-    finally:
-        await pool.close()
 
 
 def result(step: str = STEP, quality: int = 7) -> StepResult:
@@ -119,8 +62,8 @@ async def status(store: JobStore, job_id: int) -> str:
     return snap.status
 
 
-async def test_take_marks_up_to_limit_of_the_step_and_never_twice(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_take_marks_up_to_limit_of_the_step_and_never_twice(store_env: StoreEnv) -> None:
+    store = store_env.store
     ids = await waiting(store, 5)
     other = await waiting(store, 2, OTHER_STEP, prefix="o")
     first = await store.take_for_batch(STEP, 3, "b1")
@@ -137,8 +80,8 @@ async def test_take_marks_up_to_limit_of_the_step_and_never_twice(batch_env: Bat
     assert [j.id for j in await store.take_for_batch(OTHER_STEP, 10, "b4")] == other
 
 
-async def test_take_orders_by_priority_and_carries_stored_outputs(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_take_orders_by_priority_and_carries_stored_outputs(store_env: StoreEnv) -> None:
+    store = store_env.store
     late = await waiting(store, 1, priority=100, prefix="late")
     # A job with a stored tier-0 step: its request builds on it.
     job_id = await store.enqueue("public.images", "early", "http://x/e.jpg")
@@ -152,16 +95,16 @@ async def test_take_orders_by_priority_and_carries_stored_outputs(batch_env: Bat
     assert [j.id for j in await store.take_for_batch(STEP, 1, "b2")] == late
 
 
-async def test_concurrent_takes_never_share_a_job(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_concurrent_takes_never_share_a_job(store_env: StoreEnv) -> None:
+    store = store_env.store
     ids = await waiting(store, 40)
     taken = await asyncio.gather(*(store.take_for_batch(STEP, 7, f"b{i}") for i in range(8)))
     all_ids = [j.id for batch in taken for j in batch]
     assert sorted(all_ids) == ids  # each once
 
 
-async def test_record_file_is_fenced_by_preparing(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_record_file_is_fenced_by_preparing(store_env: StoreEnv) -> None:
+    store = store_env.store
     ids = await waiting(store, 2)
     await store.take_for_batch(STEP, 10, "b1")
     assert await store.keep_preparing("b1")
@@ -174,16 +117,16 @@ async def test_record_file_is_fenced_by_preparing(batch_env: BatchEnv) -> None:
     assert not await store.record_batch_file("nope", "file-3", {})
 
 
-async def test_abandoned_preparation_hands_its_jobs_back(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_abandoned_preparation_hands_its_jobs_back(store_env: StoreEnv) -> None:
+    store = store_env.store
     ids = await waiting(store, 3)
     await store.take_for_batch(STEP, 10, "dead")
     more = await waiting(store, 2, prefix="m")
     await store.take_for_batch(STEP, 10, "recorded")
     assert await store.record_batch_file("recorded", "f", {f"{i}": i for i in more})
-    await batch_env.idle(60.0)
+    await store_env.idle(60.0)
     assert await store.sweep_abandoned_batches(900.0) == []  # still within its time
-    await batch_env.idle(1_000.0)
+    await store_env.idle(1_000.0)
     assert await store.sweep_abandoned_batches(900.0) == ids
     assert await store.jobs_in_batch("dead") == 0
     assert await store.jobs_in_batch("recorded") == 2  # a recorded batch is never swept
@@ -195,19 +138,19 @@ async def test_abandoned_preparation_hands_its_jobs_back(batch_env: BatchEnv) ->
     assert [j.id for j in await store.take_for_batch(STEP, 10, "next")] == ids
 
 
-async def test_heartbeat_keeps_a_slow_preparation(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_heartbeat_keeps_a_slow_preparation(store_env: StoreEnv) -> None:
+    store = store_env.store
     await waiting(store, 1)
     await store.take_for_batch(STEP, 10, "slow")
-    await batch_env.idle(800.0)
+    await store_env.idle(800.0)
     assert await store.keep_preparing("slow")
-    await batch_env.idle(800.0)
+    await store_env.idle(800.0)
     assert await store.sweep_abandoned_batches(900.0) == []
     assert await store.jobs_in_batch("slow") == 1
 
 
-async def test_batch_to_per_image_is_fenced(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_batch_to_per_image_is_fenced(store_env: StoreEnv) -> None:
+    store = store_env.store
     ids = await waiting(store, 3)
     await store.take_for_batch(STEP, 2, "b1")
     await store.take_for_batch(STEP, 2, "b2")
@@ -225,8 +168,8 @@ async def test_batch_to_per_image_is_fenced(batch_env: BatchEnv) -> None:
     assert await store.batch_to_per_image("b1", {}) == set()
 
 
-async def test_return_to_wait_is_fenced(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_return_to_wait_is_fenced(store_env: StoreEnv) -> None:
+    store = store_env.store
     ids = await waiting(store, 3)
     await store.take_for_batch(STEP, 3, "b1")
     assert await store.return_to_wait("b1", [ids[1], ids[2]]) == {ids[1], ids[2]}
@@ -236,8 +179,8 @@ async def test_return_to_wait_is_fenced(batch_env: BatchEnv) -> None:
     assert [j.id for j in await store.take_for_batch(STEP, 10, "b2")] == ids[1:]
 
 
-async def test_apply_stores_results_and_hands_back_only_members(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_apply_stores_results_and_hands_back_only_members(store_env: StoreEnv) -> None:
+    store = store_env.store
     fresh = await waiting(store, 3)
     gone = await waiting(store, 1, owner="bob", prefix="bob")
     await store.take_for_batch(STEP, 10, "b1")
@@ -269,8 +212,8 @@ async def test_apply_stores_results_and_hands_back_only_members(batch_env: Batch
     assert await store.outputs(fresh[0]) == {STEP: {"quality": 7}}
 
 
-async def test_apply_hands_back_members_without_a_line(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_apply_hands_back_members_without_a_line(store_env: StoreEnv) -> None:
+    store = store_env.store
     ids = await waiting(store, 2)
     await store.take_for_batch(STEP, 10, "b1")
     assert await store.apply_batch_result("b1", STEP, {}, {}) == set()
@@ -278,8 +221,8 @@ async def test_apply_hands_back_members_without_a_line(batch_env: BatchEnv) -> N
     assert await store.jobs_in_batch("b1") == 0
 
 
-async def test_apply_of_an_empty_batch_writes_nothing(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_apply_of_an_empty_batch_writes_nothing(store_env: StoreEnv) -> None:
+    store = store_env.store
     ids = await waiting(store, 2)
     await store.take_for_batch(STEP, 10, "b1")
     await store.cancel(JobFilter(statuses=("batched",)))
@@ -289,8 +232,8 @@ async def test_apply_of_an_empty_batch_writes_nothing(batch_env: BatchEnv) -> No
     assert await store.outputs(ids[0]) == {}
 
 
-async def test_apply_is_fenced_by_step_and_batch(batch_env: BatchEnv) -> None:
-    store = batch_env.store
+async def test_apply_is_fenced_by_step_and_batch(store_env: StoreEnv) -> None:
+    store = store_env.store
     ids = await waiting(store, 2)
     await store.take_for_batch(STEP, 1, "b1")
     await store.take_for_batch(STEP, 1, "b2")
