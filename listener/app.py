@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol
 
 import asyncpg
 from loguru import logger
@@ -32,7 +32,7 @@ from listener.fetch import ImageFetcher
 from listener.health import HealthServer, HealthSources
 from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, build_plan
-from listener.providers.base import Provider
+from listener.providers.base import BatchBackend, Provider
 from listener.queue.pg_store import PgJobStore
 from listener.queue.retry import RetryPolicy
 from listener.queue.signals import Signals
@@ -220,6 +220,8 @@ class Daemon:
                 if s.budget_usd_per_day is not None
                 else None
             )
+            # The provider that can also run steps through a batch API, if any.
+            backend = next((p for p in self._providers if isinstance(p, BatchBackend)), None)
             dispatcher = Dispatcher(
                 self.plan,
                 slots,
@@ -230,7 +232,7 @@ class Daemon:
                 self._rng.random,
                 prices=s.prices,
                 budget=self.budget,
-                batch=s.batch if "openai" in self.plan.providers else None,
+                batch=s.batch if backend is not None else None,
             )
             worker = Worker(
                 self.store,
@@ -270,18 +272,16 @@ class Daemon:
                 reconnect_cap_s=s.reconnect_cap_s,
                 rng=self._rng.random,
             )
-            openai_provider = next((p for p in self._providers if p.name == "openai"), None)
-            if openai_provider is not None:
-                # Imported here: a local pipeline never loads the OpenAI SDK.
+            if backend is not None:
+                # Imported here: a pipeline without a batch backend never loads it.
                 from listener.batches import BatchManager
-                from listener.providers.openai import OpenAIProvider
 
                 self.batches = BatchManager(
                     queries,
                     self.store,
-                    cast(OpenAIProvider, openai_provider),
+                    backend,
                     self._fetcher.fetch,
-                    [st.name for st in self.plan.steps if st.provider == "openai"],
+                    [st.name for st in self.plan.steps if st.provider == backend.name],
                     s.batch,
                     s.prices,
                 )

@@ -48,9 +48,7 @@ from listener.costs import cost_usd, price_for
 from listener.db.queries import Queries
 from listener.dispatch import FetchResult, image_size
 from listener.errors import ListenerError
-from listener.estimate import BATCH_DISCOUNT
-from listener.providers.base import ImageInput, StepResult
-from listener.providers.openai import OpenAIProvider
+from listener.providers.base import BatchBackend, ImageInput, StepResult
 from listener.queue.outcomes import BatchJob
 from listener.queue.retry import describe
 from listener.queue.store import JobStore
@@ -95,7 +93,7 @@ class BatchManager:
         self,
         queries: Queries,
         store: JobStore,
-        provider: OpenAIProvider,
+        provider: BatchBackend,
         fetch: Callable[[str | None], Any],
         steps: Sequence[str],
         settings: BatchSettings,
@@ -342,8 +340,8 @@ class BatchManager:
             except ListenerError as error:
                 failed[job_id] = str(error)
                 continue
-            price = price_for(self._prices, "openai", result.model)
-            cost = BATCH_DISCOUNT * cost_usd(
+            price = price_for(self._prices, self._provider.name, result.model)
+            cost = self._provider.batch_discount * cost_usd(
                 price,
                 input_tokens=result.input_tokens or 0,
                 output_tokens=result.output_tokens or 0,

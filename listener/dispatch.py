@@ -30,7 +30,13 @@ from listener.costs import cost_usd, price_for
 from listener.errors import ProviderPaused, RateLimited, StepTimeout
 from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, skip_reason
-from listener.providers.base import ImageInput, Provider, StepContext, StepResult
+from listener.providers.base import (
+    BatchBackend,
+    ImageInput,
+    Provider,
+    StepContext,
+    StepResult,
+)
 from listener.queue.outcomes import Completed, Discarded, Job, Outcome, Parked, Snoozed
 from listener.queue.retry import RetryPolicy
 from listener.ratelimit import TokenBucket
@@ -241,6 +247,9 @@ class Dispatcher:
         self._budget = budget
         self._batch = batch
         self._save_each = len(plan.steps) > 1
+        self._batchable = {
+            name for name, slot in slots.items() if isinstance(slot.provider, BatchBackend)
+        }
         self._paid = {
             name
             for name in slots
@@ -302,7 +311,7 @@ class Dispatcher:
             reason = skip_reason(step, self._plan, outputs, image.width, image.height)
             if reason is not None:
                 continue
-            if step.provider == "openai" and self.batches(job):
+            if step.provider in self._batchable and self.batches(job):
                 raise _ToBatch(step.name)
             result = await self._step(step, image, StepContext(step.name, outputs, job.claims))
             if result is None:

@@ -145,3 +145,60 @@ class Provider(Protocol):
             listener.errors.Deferred: the provider cannot be used for now.
         """
         ...
+
+
+@runtime_checkable
+class BatchBackend(Protocol):
+    """A provider that can also run steps in bulk through a batch API (OpenAI's Batch API:
+    https://platform.openai.com/docs/guides/batch), at the price table's price times
+    ``batch_discount``. Generic code asks ``isinstance(provider, BatchBackend)``, never for a
+    provider's name."""
+
+    @property
+    def name(self) -> str:
+        """As ``Provider.name``."""
+        ...
+
+    @property
+    def batch_discount(self) -> float:
+        """The share of the realtime price a batch request costs (0.5: half)."""
+        ...
+
+    async def request_body(
+        self, kind: str, image: ImageInput, previous: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """The body of one batch request for a ``kind`` step on ``image``."""
+        ...
+
+    def parse_body(self, kind: str, body: Mapping[str, Any]) -> StepResult:
+        """The step result of one answered batch request.
+
+        Raises:
+            listener.errors.ListenerError: the answer cannot be used.
+        """
+        ...
+
+    async def upload_batch_file(self, data: bytes) -> str:
+        """Upload a JSONL file of requests; returns its file id."""
+        ...
+
+    async def create_batch(self, input_file_id: str, local_id: str) -> tuple[str, str]:
+        """Create a batch over an uploaded file, tagged with ``local_id``; (batch id, status)."""
+        ...
+
+    async def find_batch(self, local_id: str) -> tuple[str, str] | None:
+        """The batch tagged ``local_id``, if the provider has one: (batch id, status)."""
+        ...
+
+    async def retrieve_batch(self, batch_id: str) -> dict[str, Any]:
+        """A batch's state: ``status``, ``completed``, ``failed``, ``output_file_id``,
+        ``error_file_id``, ``error``."""
+        ...
+
+    async def cancel_batch(self, batch_id: str) -> str:
+        """Cancel a batch; returns its new status."""
+        ...
+
+    async def file_content(self, file_id: str) -> bytes:
+        """The bytes of an output or error file."""
+        ...

@@ -147,6 +147,9 @@ class OpenAIProvider:
     """
 
     name = "openai"
+    batch_discount = 0.5
+    """Batch API requests cost half the realtime price (https://openai.com/api/pricing,
+    "Batch API")."""
     needs_image = True
 
     def __init__(self, settings: OpenAISettings) -> None:
