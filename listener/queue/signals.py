@@ -12,8 +12,18 @@ import collections
 from typing import Literal
 
 Signal = Literal[
-    "claimed", "completed", "retried", "snoozed", "discarded", "parked", "released", "listening"
+    "claimed",
+    "completed",
+    "retried",
+    "snoozed",
+    "discarded",
+    "parked",
+    "released",
+    "finished",
+    "listening",
 ]
+"""``finished`` counts jobs that reached a final state through this worker (completed or
+discarded); ``listening`` counts LISTEN (re)connections."""
 
 
 class Signals:

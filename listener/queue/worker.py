@@ -350,6 +350,8 @@ class Worker:
         ids = await write(items)
         self._metrics.jobs_finished.labels(label).inc(len(ids))
         self.signals.emit(signal, len(ids))
+        if signal in ("completed", "discarded"):
+            self.signals.emit("finished", len(ids))
         return ids
 
     # -- heartbeat ------------------------------------------------------------------------

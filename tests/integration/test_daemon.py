@@ -20,10 +20,11 @@ async def test_rows_inserted_before_and_while_running_all_complete(
     table = await make_table(conn, status=True)
     await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 50) g")
     provider = RecordingProvider()
-    async with Daemon(fast_settings(database_url, poll_interval_s=30), providers=[provider]):
+    settings = fast_settings(database_url, poll_interval_s=30)
+    async with Daemon(settings, providers=[provider]) as daemon:
         for i in range(20):
             await conn.execute(f"INSERT INTO {table} (url) VALUES ($1)", f"late{i}")
-        await wait_until(lambda: all_finished(conn, 70), timeout=20)
+        await daemon.signals.wait("finished", 70, timeout=20)
     assert await counts(conn) == {"complete": 70}
     assert len(provider.calls) == 70 and not provider.overlaps
     assert await conn.fetchval(f"SELECT count(*) FROM {table} WHERE status = 'complete'") == 70
@@ -117,9 +118,8 @@ async def test_dead_letter_after_max_attempts(database_url: str, conn: asyncpg.C
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('doomed')")
     key = await conn.fetchval(f"SELECT id::text FROM {table}")
     provider = RecordingProvider(failures={key: [FetchTimeout(f"timeout {i}") for i in range(9)]})
-    async with Daemon(fast_settings(database_url, max_attempts=3), providers=[provider]):
-        await conn.execute("UPDATE listener.jobs SET max_attempts = 3")
-        await wait_until(lambda: all_finished(conn, 1), timeout=20)
+    async with Daemon(fast_settings(database_url, max_attempts=3), providers=[provider]) as d:
+        await d.signals.wait("finished", 1, timeout=20)
     job = await conn.fetchrow("SELECT status, attempts, last_error FROM listener.jobs")
     assert job["status"] == "failed"
     assert job["attempts"] == 3
@@ -131,8 +131,8 @@ async def test_permanent_error_fails_at_once(database_url: str, conn: asyncpg.Co
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('bad'), ('good')")
     key = await conn.fetchval(f"SELECT id::text FROM {table} WHERE url = 'bad'")
     provider = RecordingProvider(failures={key: [InvalidImage("not an image: looks like HTML")]})
-    async with Daemon(fast_settings(database_url), providers=[provider], health=False):
-        await wait_until(lambda: all_finished(conn, 2), timeout=20)
+    async with Daemon(fast_settings(database_url), providers=[provider], health=False) as d:
+        await d.signals.wait("finished", 2, timeout=20)
     rows = await conn.fetch(
         f"SELECT i.url, i.status, j.attempts, j.last_error FROM {table} i "
         "JOIN listener.jobs j ON j.source_id = i.id::text ORDER BY i.url"
@@ -154,7 +154,7 @@ async def test_listen_connection_killed_reconnects_and_reconciles(
         assert daemon.notifier is not None
         await daemon.notifier.wait_connected(1)
         await conn.execute(f"INSERT INTO {table} (url) VALUES ('before')")
-        await wait_until(lambda: all_finished(conn, 1), timeout=10)
+        await daemon.signals.wait("finished", 1, timeout=10)
 
         # Kill the LISTEN backend; insert while nobody listens.
         killed = await conn.fetchval(
@@ -166,7 +166,7 @@ async def test_listen_connection_killed_reconnects_and_reconciles(
             f"INSERT INTO {table} (url) SELECT 'while-down-' || g FROM generate_series(1, 25) g"
         )
         await daemon.notifier.wait_connected(2, timeout=10)
-        await wait_until(lambda: all_finished(conn, 26), timeout=10)
+        await daemon.signals.wait("finished", 26, timeout=10)
         assert daemon.notifier.generation >= 2
     assert len(provider.calls) == 26
 
@@ -206,7 +206,7 @@ async def test_health_endpoints(database_url: str, conn: asyncpg.Connection) -> 
         assert daemon.health is not None and daemon.notifier is not None
         await daemon.notifier.wait_connected(1)
         await conn.execute(f"INSERT INTO {table} (url) VALUES ('a'), ('b'), ('c')")
-        await wait_until(lambda: all_finished(conn, 3), timeout=10)
+        await daemon.signals.wait("finished", 3, timeout=10)
         async with aiohttp.ClientSession(daemon.health.url) as http:
             async with http.get("/healthz") as r:
                 assert r.status == 200
