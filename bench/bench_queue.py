@@ -3,6 +3,7 @@
 Usage::
 
     python bench/bench_queue.py [--only a,b,...] [--json out.json] [--use-database-url]
+    python bench/bench_queue.py --smoke    # tiny sizes: checks that it runs, not its figures
 
 Scenarios (targets are for a 2-core machine):
 
@@ -49,7 +50,7 @@ from listener.app import Daemon
 from listener.db.cluster import TemporaryCluster
 from listener.db.migrate import migrate
 from listener.logs import configure_logging
-from listener.providers.base import ImageInput, StepResult
+from listener.providers.base import ImageInput, StepContext, StepResult
 from listener.settings import Settings
 
 # (a)
@@ -87,6 +88,37 @@ LOAD_SQL = (
     "SELECT 'https://example.invalid/' || g || '.jpg' FROM generate_series(1, $1) AS g"
 )
 UNFINISHED_SQL = "SELECT count(*) FROM listener.jobs WHERE status IN ('pending', 'processing')"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each scenario does; the defaults are the measured sizes.
+
+    ``smoke()`` is a few hundred jobs and about a second per scenario: it shows that every
+    scenario runs and reports, and its figures mean nothing (fixed costs dominate them).
+    """
+
+    throughput_jobs: int = THROUGHPUT_JOBS
+    latency_duration_s: float = LATENCY_DURATION_S
+    overlap_jobs: int = OVERLAP_JOBS
+    insert_rows: int = INSERT_ROWS
+    insert_rounds: int = INSERT_ROUNDS
+    insert_warmup_rows: int = INSERT_WARMUP_ROWS
+    rss_jobs: int = RSS_JOBS
+    fdatasync_probe_s: float = 2.0
+
+    @classmethod
+    def smoke(cls) -> Sizes:
+        return cls(
+            throughput_jobs=300,
+            latency_duration_s=1.0,
+            overlap_jobs=200,
+            insert_rows=100,
+            insert_rounds=2,
+            insert_warmup_rows=20,
+            rss_jobs=300,
+            fdatasync_probe_s=0.2,
+        )
 
 
 # -- results ------------------------------------------------------------------------------
@@ -399,8 +431,8 @@ async def drain(server: Server, label: str, jobs: int, concurrency: int, delay_s
     )
 
 
-async def scenario_throughput(server: Server, report: Report) -> None:
-    d = await drain(server, "a", THROUGHPUT_JOBS, concurrency=10, delay_s=0.0)
+async def scenario_throughput(server: Server, report: Report, sizes: Sizes) -> None:
+    d = await drain(server, "a", sizes.throughput_jobs, concurrency=10, delay_s=0.0)
     report.details["a"] = asdict(d)
     report.figures += [
         Figure(
@@ -416,9 +448,9 @@ async def scenario_throughput(server: Server, report: Report) -> None:
     ]
 
 
-async def scenario_overlap(server: Server, report: Report) -> None:
+async def scenario_overlap(server: Server, report: Report, sizes: Sizes) -> None:
     d = await drain(
-        server, "c", OVERLAP_JOBS, concurrency=OVERLAP_CONCURRENCY, delay_s=OVERLAP_DELAY_S
+        server, "c", sizes.overlap_jobs, concurrency=OVERLAP_CONCURRENCY, delay_s=OVERLAP_DELAY_S
     )
     ideal = OVERLAP_CONCURRENCY / OVERLAP_DELAY_S
     report.details["c"] = asdict(d) | {"ideal_jobs_per_s": ideal}
@@ -459,10 +491,15 @@ class ProbeProvider:
     async def close(self) -> None:
         """Nothing to release."""
 
-    async def analyze(self, image: ImageInput) -> list[StepResult]:
+    def estimate_tokens(self, kind: str, image: ImageInput) -> int:
+        """Not token-priced: 0."""
+        return 0
+
+    async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult | None:
+        """Record the moment and nothing else, like the ``noop`` provider."""
         self.started[image.source_id] = time.monotonic()
         self.changed.set()
-        return []
+        return None
 
 
 def insert_paced(dsn: str, rate: float, duration_s: float) -> dict[str, Any]:
@@ -507,7 +544,7 @@ def _ready() -> bool:
     return True
 
 
-async def scenario_latency(server: Server, report: Report) -> None:
+async def scenario_latency(server: Server, report: Report, sizes: Sizes) -> None:
     """Daemon in this process, inserter in a spawned process with its own event loop.
 
     A shared event loop would put the inserter's sleeps and round trips in the daemon's queue
@@ -525,7 +562,7 @@ async def scenario_latency(server: Server, report: Report) -> None:
                 assert daemon.notifier is not None
                 await daemon.notifier.wait_connected()
                 result: dict[str, Any] = await loop.run_in_executor(
-                    pool, insert_paced, dsn, LATENCY_RATE, LATENCY_DURATION_S
+                    pool, insert_paced, dsn, LATENCY_RATE, sizes.latency_duration_s
                 )
                 rows: list[tuple[int, float, float]] = result["rows"]
                 with contextlib.suppress(TimeoutError):
@@ -598,30 +635,31 @@ async def _insert_rows(conn: asyncpg.Connection, table: str, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-async def scenario_insert_cost(server: Server, report: Report) -> None:
+async def scenario_insert_cost(server: Server, report: Report, sizes: Sizes) -> None:
     """No daemon runs: the cost of the trigger alone (job row, its indexes, the NOTIFY)."""
     rates: dict[str, list[float]] = {"plain": [], "images": []}
     async with server.database("d", plain_table=True) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             for table in rates:
-                await _insert_rows(conn, table, INSERT_WARMUP_ROWS)
-            for round_no in range(INSERT_ROUNDS):
+                await _insert_rows(conn, table, sizes.insert_warmup_rows)
+            for round_no in range(sizes.insert_rounds):
                 order = ("plain", "images") if round_no % 2 == 0 else ("images", "plain")
                 for table in order:
-                    rates[table].append(await _insert_rows(conn, table, INSERT_ROWS))
+                    rates[table].append(await _insert_rows(conn, table, sizes.insert_rows))
         finally:
             await conn.close()
     plain = statistics.median(rates["plain"])
     attached = statistics.median(rates["images"])
     paired = [a / p * 100 for a, p in zip(rates["images"], rates["plain"], strict=True)]
     report.details["d"] = {
-        "rows_per_run": INSERT_ROWS,
-        "rounds": INSERT_ROUNDS,
+        "rows_per_run": sizes.insert_rows,
+        "rounds": sizes.insert_rounds,
         "ratio_per_round_pct": paired,
     } | rates
     note = (
-        f"{INSERT_ROUNDS} rounds x {INSERT_ROWS:,} autocommit single-row INSERTs per table, "
+        f"{sizes.insert_rounds} rounds x {sizes.insert_rows:,} autocommit single-row INSERTs "
+        "per table, "
         "alternating order; verdict on the median of the per-round ratios (each round's pair "
         "runs back to back, so slow drifts of the disk cancel out); one asyncpg connection, "
         "prepared statement; "
@@ -664,12 +702,12 @@ async def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[int, i
         await asyncio.sleep(0.05)
 
 
-async def scenario_rss(server: Server, report: Report) -> None:
+async def scenario_rss(server: Server, report: Report, sizes: Sizes) -> None:
     """``listener run`` in a subprocess drains 100,000 jobs; VmHWM read just before SIGTERM."""
     async with server.database("e") as dsn:
         conn = await asyncpg.connect(dsn)
         try:
-            await load_pending(conn, RSS_JOBS)
+            await load_pending(conn, sizes.rss_jobs)
             env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
             env |= {
                 "DATABASE_URL": dsn,
@@ -716,8 +754,8 @@ async def scenario_rss(server: Server, report: Report) -> None:
             )
         finally:
             await conn.close()
-    if complete != RSS_JOBS:
-        raise RuntimeError(f"only {complete} of {RSS_JOBS} jobs completed")
+    if complete != sizes.rss_jobs:
+        raise RuntimeError(f"only {complete} of {sizes.rss_jobs} jobs completed")
     report.details["e"] = {
         "vm_hwm_kb": hwm_kb,
         "ru_maxrss_kb": maxrss_kb,
@@ -727,7 +765,7 @@ async def scenario_rss(server: Server, report: Report) -> None:
     report.figures += [
         Figure(
             "e",
-            f"peak RSS, {RSS_JOBS:,} jobs",
+            f"peak RSS, {sizes.rss_jobs:,} jobs",
             hwm_kb / 1024,
             "MB",
             RSS_TARGET_MB,
@@ -736,7 +774,7 @@ async def scenario_rss(server: Server, report: Report) -> None:
             "VmHWM from /proc just before SIGTERM (MB = MiB)",
         ),
         Figure("e", "  ru_maxrss after exit", maxrss_kb / 1024, "MB"),
-        Figure("e", "  drain rate (wall clock, 100 ms poll)", RSS_JOBS / drained_s, "jobs/s"),
+        Figure("e", "  drain rate (wall clock, 100 ms poll)", sizes.rss_jobs / drained_s, "jobs/s"),
     ]
 
 
@@ -850,7 +888,7 @@ def print_report(report: Report) -> None:
     print(f"\ntotal time {report.elapsed_s:.1f} s")
 
 
-SCENARIOS: dict[str, Callable[[Server, Report], Awaitable[None]]] = {
+SCENARIOS: dict[str, Callable[[Server, Report, Sizes], Awaitable[None]]] = {
     "a": scenario_throughput,
     "b": scenario_latency,
     "c": scenario_overlap,
@@ -866,17 +904,21 @@ async def run(
     meter: CpuMeter,
     quiet_wait_s: float,
     disk: Path,
+    sizes: Sizes,
 ) -> None:
     report.machine = await describe_machine(server)
     report.machine["fdatasync_dir"] = str(disk)
-    report.machine["fdatasync"] = await asyncio.to_thread(fdatasync_probe, disk)
+    report.machine["fdatasync"] = await asyncio.to_thread(
+        fdatasync_probe, disk, sizes.fdatasync_probe_s
+    )
+    report.details["sizes"] = asdict(sizes)
     for key in only:
         quiet = await meter.wait_quiet(QUIET_OTHER_PCT, quiet_wait_s)
         print(f"scenario {key} ...", file=sys.stderr, flush=True)
         began = time.monotonic()
         before = meter.snapshot()
         try:
-            await SCENARIOS[key](server, report)
+            await SCENARIOS[key](server, report, sizes)
         except Exception as error:
             report.errors[key] = f"{type(error).__name__}: {error}"
             report.figures.append(Figure(key, SCENARIOS[key].__name__, None, ""))
@@ -907,7 +949,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="before each scenario, wait up to this long for other processes to use under "
         f"{QUIET_OTHER_PCT:.0f}%% of the CPUs (default {QUIET_WAIT_S:.0f})",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (a few hundred jobs, about a second per scenario): checks that every "
+        "scenario runs and reports; its figures mean nothing",
+    )
     args = parser.parse_args(argv)
+    args.sizes = Sizes.smoke() if args.smoke else Sizes()
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.only if s not in SCENARIOS]
     if unknown:
@@ -938,7 +987,9 @@ def main(argv: list[str] | None = None) -> int:
         # The cluster's own directory is on the data directory's filesystem.
         disk = cluster.directory if cluster else Path(tempfile.gettempdir())
         meter = CpuMeter(roots)
-        asyncio.run(run(Server(admin_dsn), args.only, report, meter, args.quiet_wait, disk))
+        asyncio.run(
+            run(Server(admin_dsn), args.only, report, meter, args.quiet_wait, disk, args.sizes)
+        )
     finally:
         if cluster is not None:
             cluster.stop()
