@@ -16,10 +16,9 @@ for the job that saw it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -164,20 +163,24 @@ class ProviderSlot:
         return cls(provider, asyncio.Semaphore(limit.concurrency), limiter, timeout_s)
 
 
-@contextlib.asynccontextmanager
-async def step_deadline(step: str, timeout_s: float | None) -> AsyncIterator[None]:
-    """Cancel the body after ``timeout_s`` seconds (never when ``None``).
+async def run_with_deadline(
+    call: Awaitable[StepResult | None], step: str, timeout_s: float | None
+) -> StepResult | None:
+    """Await ``call``, cancelling it after ``timeout_s`` seconds (never when ``None``, which
+    costs nothing on the hot path).
 
     Raises:
-        StepTimeout: the body ran out of time (``"step <step> timed out after <n>s"``). A
-            ``TimeoutError`` the body raised by itself passes through unchanged.
+        StepTimeout: the call ran out of time (``"step <step> timed out after <n>s"``). A
+            ``TimeoutError`` the call raised by itself passes through unchanged.
     """
+    if timeout_s is None:
+        return await call
     deadline = asyncio.timeout(timeout_s)
     try:
         async with deadline:
-            yield
+            return await call
     except TimeoutError:
-        if timeout_s is not None and deadline.expired():
+        if deadline.expired():
             raise StepTimeout(step, timeout_s) from None
         raise
 
@@ -361,8 +364,9 @@ class Dispatcher:
             started = time.perf_counter()
             try:
                 # A hung call would hold the job's lease forever: the heartbeat renews it.
-                async with step_deadline(step.name, slot.timeout_s):
-                    result = await provider.run(step.kind, image, context)
+                result = await run_with_deadline(
+                    provider.run(step.kind, image, context), step.name, slot.timeout_s
+                )
             except RateLimited as error:
                 await slot.limiter.pause(error.retry_after or 1.0, f"{step.provider}: {error}")
                 self._count_error(step.provider, error)

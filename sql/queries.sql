@@ -7,7 +7,9 @@
 -- jobs_claim_idx). SKIP LOCKED lets concurrent claimers pass over each other's rows instead of
 -- queueing behind them; the UPDATE then touches exactly the rows this statement locked. A job
 -- without max_attempts (enqueued by a trigger) takes the daemon's default $5. done_steps, the
--- steps already stored, is what a run resumes after (one primary-key probe per job).
+-- steps already stored, is what a run resumes after: only a job claimed before can have any
+-- (results are written under a claim, or by a batch the job was parked for after a claim), so
+-- a first claim skips the look-up.
 WITH next AS (
     SELECT id
     FROM listener.jobs
@@ -30,7 +32,9 @@ FROM next
 WHERE j.id = next.id
 RETURNING j.id, j.source_table, j.source_id, j.image_url, j.owner_id, j.priority,
           j.attempts, j.max_attempts, j.batch_mode, j.claims,
-          ARRAY(SELECT r.step FROM listener.results AS r WHERE r.job_id = j.id) AS done_steps;
+          CASE WHEN j.claims > 1
+               THEN ARRAY(SELECT r.step FROM listener.results AS r WHERE r.job_id = j.id)
+               ELSE '{}'::text[] END AS done_steps;
 
 -- name: renew_leases :many
 -- Heartbeat: extends by $3 seconds the leases this worker still holds (tokens $2) on jobs $1.

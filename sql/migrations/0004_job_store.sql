@@ -8,3 +8,7 @@
 ALTER TABLE listener.jobs ALTER COLUMN max_attempts DROP NOT NULL;
 ALTER TABLE listener.jobs ALTER COLUMN max_attempts DROP DEFAULT;
 ALTER TABLE listener.jobs ADD COLUMN claims integer NOT NULL DEFAULT 0;
+-- A first claim (claims becomes 1) skips looking for stored steps: jobs that already have
+-- results count as claimed once, so their next run still resumes after them.
+UPDATE listener.jobs AS j SET claims = 1
+WHERE EXISTS (SELECT 1 FROM listener.results AS r WHERE r.job_id = j.id);
