@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -164,18 +163,47 @@ class BatchManager:
         jobs = await self._store.take_for_batch(step, self._s.max_requests, local_id)
         if not jobs:
             return False
+        preparing = asyncio.create_task(self._prepare(local_id, step, jobs))
+        taken_back = asyncio.Event()
+        beating = asyncio.create_task(self._keep_alive(local_id, preparing, taken_back))
         try:
-            file_id = await self._prepare(local_id, step, jobs)
-        except BaseException:
+            file_id = await preparing
+        except BaseException as error:
             # Whatever went wrong before the file was recorded (upload refused, cancelled at
             # shutdown), the jobs wait for the next batch now rather than after the sweep.
             with contextlib.suppress(Exception):
                 await self._store.return_to_wait(local_id, [j.id for j in jobs])
                 await self._q.close_batch(local_id, "abandoned")
+            if isinstance(error, asyncio.CancelledError) and taken_back.is_set():
+                return True  # swept by another daemon while we prepared: nothing to submit
             raise
+        finally:
+            beating.cancel()
         if file_id is not None:
             await self._create(local_id, file_id)
         return True
+
+    async def _keep_alive(
+        self, local_id: str, preparing: asyncio.Task[str | None], taken_back: asyncio.Event
+    ) -> None:
+        """Renew the preparing batch's heartbeat every third of ``abandon_after_s`` while
+        ``preparing`` runs (image fetches and the upload can each take long); when the batch
+        was swept meanwhile, set ``taken_back`` and cancel the preparation."""
+        beat_s = max(self._s.abandon_after_s / 3, 0.05)
+        while not preparing.done():
+            await asyncio.wait({preparing}, timeout=beat_s)
+            if preparing.done():
+                return
+            try:
+                alive = await self._store.keep_preparing(local_id)
+            except Exception as error:
+                logger.warning("batch {} heartbeat failed: {}", local_id, describe(error))
+                continue
+            if not alive:
+                logger.warning("batch {} was taken back while being prepared", local_id)
+                taken_back.set()
+                preparing.cancel()
+                return
 
     async def _prepare(self, local_id: str, step: str, jobs: Sequence[BatchJob]) -> str | None:
         """Fetch, write, upload and record batch ``local_id`` (no transaction is open).
@@ -185,18 +213,11 @@ class BatchManager:
         """
         kind = step.split(".", 1)[1]
         log = logger.bind(batch=local_id, step=step)
-        beat_s = max(self._s.abandon_after_s / 3, 0.05)
-        last_beat = time.monotonic()
         lines: list[bytes] = []
         ids: list[int] = []
         customs: list[str] = []
         unusable: dict[int, str] = {}
         for job in jobs:
-            if time.monotonic() - last_beat >= beat_s:
-                if not await self._store.keep_preparing(local_id):
-                    log.warning("batch {} was taken back while being prepared", local_id)
-                    return None
-                last_beat = time.monotonic()
             try:
                 body = await self._body(kind, job)
             except ListenerError as error:

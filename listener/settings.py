@@ -190,8 +190,9 @@ class BatchSettings(BaseModel):
         max_requests: requests per batch (the API's limit is 50,000).
         max_bytes: bytes per input file (the API's limit is 200 MB).
         abandon_after_s: a batch still being prepared (images fetched, file uploaded) with no
-            sign of life for this long, seconds, was left by a daemon that died: its jobs
-            are handed back to wait for another batch.
+            heartbeat for this long, seconds, was left by a daemon that died: its jobs are
+            handed back to wait for another batch. The preparing daemon beats every third of
+            it, whatever a fetch or the upload takes.
     """
 
     auto: bool = True
@@ -201,7 +202,7 @@ class BatchSettings(BaseModel):
     poll_interval_s: float = 60.0
     max_requests: int = 50_000
     max_bytes: int = 200 * MB
-    abandon_after_s: float = 900.0
+    abandon_after_s: float = 120.0
 
 
 class TierSettings(BaseModel):

@@ -145,6 +145,8 @@ async def test_batch_survives_sigkill_and_postgres_restart(
             "LISTENER_HEALTH_PORT": "0",
             "LISTENER_POLL_INTERVAL_S": "0.2",
             "LISTENER_LEASE_S": "2",
+            # A batch the killed daemon was still preparing is handed back quickly.
+            "LISTENER_BATCH__ABANDON_AFTER_S": "3",
         }
         log = (tmp_path / "daemon.log").open("wb")
         first = subprocess.Popen(
@@ -163,7 +165,16 @@ async def test_batch_survives_sigkill_and_postgres_restart(
             try:
                 again = await asyncpg.connect(database_url)
                 try:
-                    await wait_until(lambda: all_finished(again, 200), timeout=90)
+                    try:
+                        await wait_until(lambda: all_finished(again, 200), timeout=90)
+                    except TimeoutError:
+                        state = await counts(again)
+                        rows = await again.fetch("SELECT * FROM listener.batches")
+                        log.flush()
+                        tail = (tmp_path / "daemon.log").read_text()[-6000:]
+                        raise AssertionError(
+                            f"{state}\n{[dict(r) for r in rows]}\n{tail}"
+                        ) from None
                     final = await counts(again)
                     batches = await again.fetch(
                         "SELECT id, provider_batch_id, applied_at FROM listener.batches"

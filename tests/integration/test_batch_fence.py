@@ -274,3 +274,40 @@ async def test_preparation_abandoned_by_a_dead_daemon_hands_its_jobs_back(
 
 async def _any(rows: Any) -> bool:
     return bool(await rows)
+
+
+async def test_a_slow_preparation_keeps_its_batch_alive(
+    database_url: str, conn: asyncpg.Connection, images: Images
+) -> None:
+    table = await load(conn, images.base_url, 5)
+    images.hold = True
+    async with FakeOpenAI() as fake:
+        settings = batch_settings(
+            database_url,
+            fake,
+            batch=BatchSettings(
+                min_requests=5, max_wait_s=0.5, poll_interval_s=0.3, abandon_after_s=0.6
+            ),
+        )
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            async with Daemon(settings):
+                try:
+                    assert await backfill_batch(database_url, table) == 5
+                    await asyncio.wait_for(images.held.wait(), 30)
+                    # A fetch outlasts abandon_after_s several times over; another daemon's
+                    # sweep must still see the preparation alive (its heartbeat runs beside
+                    # the fetches and the upload).
+                    swept = []
+                    for _ in range(10):
+                        swept += await PgJobStore(pool).sweep_abandoned_batches(0.6)
+                        await asyncio.sleep(0.2)
+                    assert swept == []
+                finally:
+                    images.release.set()
+                await wait_until(lambda: all_finished(conn, 5), timeout=60)
+        finally:
+            await pool.close()
+    assert await counts(conn) == {"complete": 5}
+    statuses = await conn.fetch("SELECT status FROM listener.batches")
+    assert {r["status"] for r in statuses} == {"completed"}  # none abandoned
