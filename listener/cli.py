@@ -484,6 +484,70 @@ def retry(
 
 
 @app.command()
+def reanalyze(
+    table: Annotated[str, typer.Argument(help="An attached table.")],
+    row_id: Annotated[
+        list[str] | None, typer.Option("--id", help="A row id (repeat for more).")
+    ] = None,
+    owner: Annotated[str | None, typer.Option(help="Every row of this owner.")] = None,
+    where: Annotated[
+        str | None, typer.Option(help="Rows matching this SQL predicate on TABLE (read-only).")
+    ] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Every row of TABLE.")] = False,
+    priority: Annotated[
+        int | None, typer.Option(help="Job priority (default: the backfill priority).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Only count and estimate the cost.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Analyze chosen rows again from scratch, complete ones included (results replaced).
+
+    Apps do the same from SQL: ``SELECT listener.reanalyze('public.images', ARRAY['42'], 0)``.
+    """
+    from listener.reanalyze import SelectionError, select_rows
+
+    settings = _settings()
+
+    async def go() -> tuple[int, int]:
+        async with _pool(settings) as pool:
+            queries = Queries(pool)
+            attachment = await queries.attachment(table)
+            try:
+                rows = await select_rows(
+                    pool,
+                    attachment,
+                    ids=row_id or (),
+                    owner=owner,
+                    where=where,
+                    everything=everything,
+                )
+            except SelectionError as error:
+                raise UserError(str(error)) from None
+            if dry_run:
+                if not as_json:
+                    console.print(f"{len(rows)} rows would be analyzed again (dry run)")
+                    await _print_estimate(
+                        settings, queries, attachment.source_table, None, len(rows)
+                    )
+                return len(rows), 0
+            done = 0
+            store = PgJobStore(pool)
+            for start in range(0, len(rows), 10_000):
+                done += await store.reanalyze(
+                    attachment.source_table,
+                    rows[start : start + 10_000],
+                    settings.backfill_priority if priority is None else priority,
+                )
+            return len(rows), done
+
+    count, done = _run(go())
+    if as_json:
+        sys.stdout.write(json.dumps({"rows": count, "reanalyzed": done, "dry_run": dry_run}) + "\n")
+    elif not dry_run:
+        console.print(f"{done} jobs started over ({count} rows selected)")
+
+
+@app.command()
 def cancel(
     reason: Annotated[str | None, typer.Option(help="Only jobs whose error contains this.")] = None,
     owner: Annotated[str | None, typer.Option(help="Only this owner's jobs.")] = None,

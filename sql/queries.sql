@@ -664,3 +664,7 @@ FROM listener.write_back_status($1, $2);
 -- Whether any status waits to be written back (one index probe; spares the write-back's
 -- transaction on idle rounds and on deployments without a status column).
 SELECT EXISTS (SELECT 1 FROM listener.status_outbox) AS waiting;
+
+-- name: reanalyze :one
+-- Starts rows $2 of table $1 over from scratch at priority $3 (see listener.reanalyze).
+SELECT listener.reanalyze($1::regclass, $2::text[], $3) AS jobs;

@@ -353,6 +353,27 @@ class MemoryJobStore:
                 ids.append(r.id)
         return ids
 
+    async def reanalyze(self, source_table: str, source_ids: Sequence[str], priority: int) -> int:
+        """See ``JobStore.reanalyze`` (existing jobs only: there are no app tables here).
+
+        Raises:
+            LookupError: no job of ``source_table`` exists (the table is not attached).
+        """
+        if not any(r.source_table == source_table for r in self._rows.values()):
+            raise LookupError(f"table {source_table} is not attached")
+        wanted = set(source_ids)
+        n = 0
+        for r in self._rows.values():
+            if r.source_table == source_table and r.source_id in wanted:
+                r.status, r.attempts, r.run_after = "pending", 0, self._clock()
+                r.priority, r.last_error = priority, None
+                r.batch_id, r.batch_step = None, None
+                r.results.clear()
+                r.effects.clear()
+                self._end_lease(r)
+                n += 1
+        return n
+
     async def snapshot(self, job_id: int) -> JobSnapshot | None:
         """See ``JobStore.snapshot``."""
         r = self._rows.get(job_id)

@@ -275,6 +275,14 @@ class PgJobStore:
         )
         return [r["id"] for r in rows]
 
+    async def reanalyze(self, source_table: str, source_ids: Sequence[str], priority: int) -> int:
+        """See ``JobStore.reanalyze``: ``listener.reanalyze``, which apps call too."""
+        return int(
+            await self._pool.fetchval(
+                self._sql["reanalyze"], source_table, list(source_ids), priority
+            )
+        )
+
     async def snapshot(self, job_id: int) -> JobSnapshot | None:
         """See ``JobStore.snapshot``."""
         r = await self._pool.fetchrow(self._sql["job_snapshot"], job_id)

@@ -201,6 +201,24 @@ class JobStore(Protocol):
         """
         ...
 
+    async def reanalyze(self, source_table: str, source_ids: Sequence[str], priority: int) -> int:
+        """Start rows over from scratch, whatever their jobs' state (complete included).
+
+        Each job goes back to pending, runnable now, attempts reset, its stored results
+        removed, its lease and batch cleared: a worker or batch still at work on the old run
+        writes nothing. Rows of ``source_table`` that never had a job get one (Postgres: read
+        from the attached table; the memory store has no app tables and restarts only
+        existing jobs).
+
+        Returns:
+            The jobs restarted or created.
+
+        Raises:
+            LookupError (memory) / asyncpg.UndefinedObjectError (Postgres): the table is not
+                attached.
+        """
+        ...
+
     async def snapshot(self, job_id: int) -> JobSnapshot | None:
         """The job as stored, ``None`` when there is none."""
         ...

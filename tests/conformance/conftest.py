@@ -74,6 +74,12 @@ async def store_env(store_kind: tuple[str, str | None]) -> AsyncIterator[StoreEn
         )
         return
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    # The app table the tests' jobs belong to (public.images), attached; its rows stay empty:
+    # the tests enqueue through the store.
+    await pool.execute(
+        "CREATE TABLE public.images (id bigint PRIMARY KEY, url text, owner_id text);"
+        "SELECT listener.attach('public.images', 'id', 'url', 'owner_id')"
+    )
     try:
 
         async def sleep(seconds: float) -> None:

@@ -248,3 +248,22 @@ async def test_effects_are_stored_with_their_step_never_with_the_completion(
     # Nothing was written by the refused calls.
     snap = await store.snapshot(job.id)
     assert snap is not None and snap.status == "processing" and snap.steps == {}
+
+
+async def test_reanalyze_starts_rows_over_whatever_their_state(store_env: StoreEnv) -> None:
+    store = store_env.store
+    done, running, parked, waiting = await enqueue(store, 4)
+    jobs = {j.id: j for j in await claim(store, limit=3)}
+    await store.complete([Completed(jobs[done], [Rec("tier1")])])
+    await store.park([Parked(jobs[parked], "openai.tier1")])
+    restarted = await store.reanalyze(T, ["1", "2", "3", "4"], 5)
+    assert restarted == 4
+    for job_id in (done, running, parked, waiting):
+        snap = await store.snapshot(job_id)
+        assert snap is not None
+        assert (snap.status, snap.attempts, snap.steps, snap.leased) == ("pending", 0, {}, False)
+    # The run that was in flight writes nothing any more.
+    assert await store.complete([Completed(jobs[running], [Rec("tier1")])]) == set()
+    again = await claim(store, limit=10)
+    assert {j.id for j in again} == {done, running, parked, waiting}
+    assert {j.priority for j in again} == {5} and all(j.done_steps == () for j in again)

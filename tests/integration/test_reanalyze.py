@@ -1,0 +1,103 @@
+"""Re-analysis on request: the app calls ``listener.reanalyze`` through its own role, the
+operator runs ``listener reanalyze``; complete rows run again from scratch."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from support import RecordingProvider, counts, fast_settings, make_table
+
+from listener.app import Daemon
+
+
+def as_role(dsn: str, role: str) -> str:
+    """``dsn`` logged in as ``role`` (the test cluster trusts local connections)."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
+
+
+async def test_an_app_role_reanalyzes_complete_rows_and_rows_never_queued(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    table = await make_table(conn, attach=False)
+    await conn.execute(f"INSERT INTO {table} (url) VALUES ('old')")  # before attaching
+    await conn.execute("SELECT listener.attach($1, 'id', 'url')", table)
+    await conn.execute(f"INSERT INTO {table} (url) VALUES ('a'), ('b'), ('c')")
+    role = f"app_{secrets.token_hex(4)}"
+    await conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        provider = RecordingProvider()
+        async with Daemon(fast_settings(database_url), providers=[provider], health=False) as d:
+            await d.signals.wait("finished", 3)
+            app = await asyncpg.connect(as_role(database_url, role))
+            try:
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await app.fetchval("SELECT listener.reanalyze($1, ARRAY['2'], 0)", table)
+                await conn.execute(
+                    f"GRANT USAGE ON SCHEMA listener TO {role}; GRANT EXECUTE ON FUNCTION "
+                    f"listener.reanalyze(regclass, text[], integer) TO {role}"
+                )
+                # Row 2 (complete) again, and row 1, which was inserted before attaching.
+                assert (
+                    await app.fetchval("SELECT listener.reanalyze($1, ARRAY['1', '2'], 0)", table)
+                    == 2
+                )
+            finally:
+                await app.close()
+            await d.signals.wait("finished", 5)
+        assert sorted(provider.calls) == ["1", "2", "2", "3", "4"]
+        assert await counts(conn) == {"complete": 4}
+        results = await conn.fetchval("SELECT count(*) FROM listener.results")
+        assert results == 4  # one per row: the old result of row 2 was replaced, not kept
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+async def test_cli_reanalyze_by_id_owner_where_and_all(
+    database_url: str, conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
+) -> None:
+    table = await make_table(conn, owner=True)
+    await conn.execute(
+        f"INSERT INTO {table} (url, owner_id) VALUES ('a', 'alice'), ('b', 'alice'), "
+        "('c', 'bob'), ('d', 'bob')"
+    )
+    await conn.execute("UPDATE listener.jobs SET status = 'complete'")
+
+    def cli(*args: str) -> dict[str, object]:
+        out = subprocess.run(
+            [sys.executable, "-m", "listener", "reanalyze", table, *args, "--json"],
+            env=env_for_subprocess,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        result: dict[str, object] = json.loads(out.stdout)
+        return result
+
+    assert cli("--id", "1", "--dry-run") == {"rows": 1, "reanalyzed": 0, "dry_run": True}
+    assert await counts(conn) == {"complete": 4}
+    assert cli("--id", "1")["reanalyzed"] == 1
+    assert cli("--owner", "bob")["reanalyzed"] == 2
+    assert cli("--where", "url = 'b'")["reanalyzed"] == 1
+    assert await counts(conn) == {"pending": 4}
+    await conn.execute("UPDATE listener.jobs SET status = 'complete'")
+    assert cli("--all")["reanalyzed"] == 4
+    await conn.execute("UPDATE listener.jobs SET status = 'complete'")
+    # The predicate runs read-only: it cannot write, whatever it contains.
+    bad = subprocess.run(
+        [
+            sys.executable, "-m", "listener", "reanalyze", table,
+            "--where", f"listener.reanalyze('{table}', ARRAY['1'], 0) > 0",
+        ],
+        env=env_for_subprocess, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "read-only" in bad.stderr
+    assert await counts(conn) == {"complete": 4}
