@@ -220,7 +220,15 @@ async def fetch(url: str | None, **overrides: Any) -> FetchedImage:
 
 async def test_fetches_a_photo_from_an_allowed_host(server: str, connections: list[str]) -> None:
     image = await fetch(f"{server}/photo.jpg")
-    assert image == FetchedImage(url=f"{server}/photo.jpg", data=PHOTO, format="JPEG")
+    assert image == FetchedImage(
+        url=f"{server}/photo.jpg",
+        data=PHOTO,
+        format="JPEG",
+        width=640,
+        height=427,
+        mode="RGB",
+        bytes_per_pixel=4,
+    )
     assert connections == ["127.0.0.1"]
 
 
