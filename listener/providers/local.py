@@ -15,6 +15,7 @@ import io
 import math
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -513,6 +514,17 @@ def _in_worker(function: Callable[..., T], *args: Any) -> T:
         raise RuntimeError(f"local analysis failed: {type(exc).__name__}: {exc}") from None
 
 
+def _death(exitcode: int | None) -> str:
+    """``"killed by SIGKILL"`` for a negative exit code (a signal; the OOM killer sends
+    SIGKILL), else ``"exit code <n>"``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
 def _analyze(
     data: bytes, max_side: int, max_pixels: int, max_decode_bytes: int | None
 ) -> dict[str, Any]:
@@ -664,9 +676,10 @@ class LocalProvider:
             # Only Pebble's task timeout: _in_worker turns the function's own into RuntimeError.
             raise StepTimeout(STEP, self._timeout_s or 0.0) from None
         except ProcessExpired as exc:
+            # Pebble fails only the task of the dead process and starts a new process.
             raise ProviderUnavailable(
-                f"a local analysis worker died (exit code {exc.exitcode}: out of memory or "
-                "killed); it was replaced"
+                f"a local analysis worker died ({_death(exc.exitcode)}: out of memory or "
+                "killed); it was replaced and the analysis will be retried"
             ) from None
         except BrokenProcessPool:
             await self._replace_pool(pool)
