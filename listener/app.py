@@ -93,6 +93,7 @@ def build_providers(settings: Settings, plan: Plan, queries: Queries) -> list[Pr
                 LocalProvider(
                     settings.local,
                     max_pixels=settings.fetch.max_pixels,
+                    max_decode_bytes=settings.fetch.max_decode_bytes,
                     timeout_s=settings.step_timeout("local"),
                 )
             )

@@ -45,7 +45,7 @@ from loguru import logger
 
 from listener.costs import cost_usd, price_for
 from listener.db.queries import Queries
-from listener.dispatch import FetchResult, image_size
+from listener.dispatch import FetchResult
 from listener.errors import ListenerError
 from listener.providers.base import BatchBackend, ImageInput, StepResult
 from listener.queue.outcomes import BatchJob
@@ -257,7 +257,6 @@ class BatchManager:
 
     async def _body(self, kind: str, job: BatchJob) -> dict[str, Any]:
         fetched: FetchResult = await self._fetch(job.image_url)
-        width, height = image_size(fetched.data)
         image = ImageInput(
             job.id,
             job.source_table,
@@ -266,8 +265,8 @@ class BatchManager:
             fetched.url,
             fetched.data,
             fetched.format,
-            width,
-            height,
+            fetched.width,
+            fetched.height,
         )
         return await self._provider.request_body(kind, image, job.outputs)
 

@@ -248,7 +248,6 @@ async def _print_estimate(
     settings: Settings, queries: Queries, table: str, owner: str | None, count: int
 ) -> None:
     """Per tier and provider: images, calls, tokens, USD realtime and batch, time."""
-    from listener.dispatch import image_size
     from listener.estimate import StepHistory, estimate
     from listener.fetch import ImageFetcher
     from listener.pipeline import build_plan
@@ -265,9 +264,7 @@ async def _print_estimate(
                     fetched = await fetcher.fetch(url)
                 except Exception:
                     continue
-                size = image_size(fetched.data)
-                if size != (0, 0):
-                    sizes.append(size)
+                sizes.append((fetched.width, fetched.height))
         finally:
             await fetcher.close()
     tier1 = [s.name for s in plan.steps if s.tier == 1]

@@ -16,14 +16,12 @@ for the job that saw it.
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from loguru import logger
-from PIL import Image
 
 from listener.costs import cost_usd, price_for
 from listener.errors import ProviderPaused, RateLimited, StepTimeout
@@ -52,7 +50,8 @@ class Fetcher(Protocol):
 
 
 class FetchResult(Protocol):
-    """What a fetch returns: the final URL, the bytes and the sniffed format."""
+    """What a fetch returns: the final URL, the bytes, and the format and size (pixels) read
+    from the header once, by the fetcher (``listener.fetch.FetchedImage``)."""
 
     @property
     def url(self) -> str: ...
@@ -60,6 +59,10 @@ class FetchResult(Protocol):
     def data(self) -> bytes: ...
     @property
     def format(self) -> str: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
 
 
 class Limiter(Protocol):
@@ -197,15 +200,6 @@ class LeaseLost(RuntimeError):
     """The job's lease expired and another worker took it: stop working on it."""
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding the pixels; (0, 0) if unknown."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return int(img.width), int(img.height)
-    except Exception:
-        return 0, 0
-
-
 class Dispatcher:
     """Turns a claimed ``Job`` into an ``Outcome``.
 
@@ -330,7 +324,6 @@ class Dispatcher:
     async def _image(self, job: Job, todo: Sequence[Step]) -> ImageInput:
         if any(self._slots[s.provider].provider.needs_image for s in todo):
             fetched = await self._fetcher.fetch(job.image_url)
-            width, height = image_size(fetched.data)
             return ImageInput(
                 job_id=job.id,
                 source_table=job.source_table,
@@ -339,8 +332,8 @@ class Dispatcher:
                 url=fetched.url,
                 data=fetched.data,
                 content_type=fetched.format,
-                width=width,
-                height=height,
+                width=fetched.width,
+                height=fetched.height,
             )
         return ImageInput(
             job_id=job.id,

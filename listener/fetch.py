@@ -11,7 +11,9 @@ The URLs come from users' rows, so every fetch is treated as hostile:
   before the request;
 * redirects are followed by hand, each hop checked like the first URL;
 * the body is streamed and cut off as soon as it exceeds ``FetchSettings.max_bytes``;
-* the format is sniffed from the bytes by Pillow, never taken from ``Content-Type``;
+* the format, size and decoded footprint are read from the header by ``listener.probe``
+  (never from ``Content-Type``), once, in a thread: header parsing is CPU work that must not
+  stall the event loop, and it is bounded by the probe's caps on segments and chunks;
 * error messages never contain URL credentials or query strings (``redact_url``).
 
 Errors are those of ``listener.errors``: ``InvalidURL``, ``FetchRefused``, ``ImageNotFound``,
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import io
 import ipaddress
 import math
 import os
@@ -31,14 +32,12 @@ import socket
 import stat
 import time
 import unicodedata
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from PIL import Image, UnidentifiedImageError
 from yarl import URL
 
 from listener import __version__
@@ -53,6 +52,7 @@ from listener.errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from listener.probe import probe_image
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -61,11 +61,6 @@ if TYPE_CHECKING:
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-#: Formats accepted, as Pillow names them (``PIL.Image.Image.format``).
-ACCEPTED_FORMATS: Final = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO")
-# The plugins to try: Pillow's JPEG plugin opens MPO files (reporting "MPO") itself.
-_OPENERS: Final = tuple(name for name in ACCEPTED_FORMATS if name != "MPO")
 
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 _CHUNK_BYTES: Final = 64 * 1024
@@ -89,12 +84,19 @@ class FetchedImage:
         url: the final URL, after redirects, exactly as requested (it may carry credentials
             or a signed query string: pass it through ``redact_url`` before logging it).
         data: the body, at most ``FetchSettings.max_bytes`` bytes, never empty.
-        format: Pillow's format name sniffed from the bytes, one of ``ACCEPTED_FORMATS``.
+        format: Pillow's format name sniffed from the bytes (``listener.probe.ACCEPTED_FORMATS``).
+        width, height: pixels, from the header (before any EXIF rotation).
+        mode: Pillow's mode of the decoded image, e.g. ``"RGB"``.
+        bytes_per_pixel: bytes one decoded pixel takes (``listener.probe.ImageInfo``).
     """
 
     url: str
     data: bytes
     format: str
+    width: int
+    height: int
+    mode: str
+    bytes_per_pixel: int
 
 
 def redact_url(url: str | URL) -> str:
@@ -115,83 +117,6 @@ def redact_url(url: str | URL) -> str:
     if len(shown) > _SHOWN_URL_CHARS:
         shown = shown[: _SHOWN_URL_CHARS - 3] + "..."
     return shown
-
-
-def describe_bytes(data: bytes) -> str:
-    """Say in a few words what ``data`` looks like, for an "it is not an image" message.
-
-    Returns a predicate such as ``"looks like HTML"``, ``"looks like JSON"`` or
-    ``"starts with bytes 00 01 ..."``; the content itself is never quoted, only (for unknown
-    binary data) its first 16 bytes in hex.
-    """
-    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if not head:
-        return "is empty or only whitespace"
-    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
-        return "looks like HTML"
-    if head.startswith(b"<?xml") or head.startswith(b"<svg"):
-        return "looks like XML or SVG"
-    if head.startswith(b"<"):
-        return "looks like HTML"
-    if head.startswith((b"{", b"[")):
-        return "looks like JSON"
-    if head.startswith(b"%pdf"):
-        return "looks like a PDF document"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
-        return "looks like plain text"
-    return f"starts with bytes {data[:16].hex(' ')}"
-
-
-def sniff_format(data: bytes, *, max_pixels: int | None = None, source: str = "the data") -> str:
-    """Pillow's format name for ``data``, read from the header only (nothing is decoded).
-
-    Args:
-        data: the image bytes.
-        max_pixels: when given, images declaring more pixels than this are refused.
-        source: what the bytes are, for messages: ``"the response from <url>"``.
-
-    Returns:
-        One of ``ACCEPTED_FORMATS``.
-
-    Raises:
-        InvalidImage: empty, or not an image in an accepted format (the message says what the
-            bytes look like).
-        ImageTooLarge: the header declares more than ``max_pixels`` pixels, or more than
-            Pillow's own decompression-bomb limit.
-    """
-    if not data:
-        raise InvalidImage(f"empty image: {source} has 0 bytes")
-    try:
-        # Image.open checks the declared size against Pillow's process-wide limit; the warning
-        # it emits below twice that limit is ours to judge, against max_pixels below.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=_OPENERS) as image:
-                image_format = image.format
-                width, height = image.size
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(
-            f"image too large: {source} declares more pixels than Pillow's decompression-bomb limit"
-        ) from None
-    except UnidentifiedImageError:
-        raise InvalidImage(
-            f"not an image: {source} {describe_bytes(data)} "
-            f"(accepted formats: {', '.join(ACCEPTED_FORMATS)})"
-        ) from None
-    except Exception as exc:  # Pillow's plugins raise many types on malformed headers
-        raise InvalidImage(f"cannot read the image header of {source}: {exc}") from None
-    if image_format not in ACCEPTED_FORMATS:
-        raise InvalidImage(f"unsupported image format {image_format!r} in {source}")
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageTooLarge(
-            f"image too large: {source} is {width}x{height} = {width * height} pixels, "
-            f"over the limit of {max_pixels} pixels"
-        )
-    return image_format
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +313,8 @@ class ImageFetcher:
                 ``allow_file_urls`` is set.
 
         Returns:
-            The final URL, the bytes (at most ``max_bytes``) and the sniffed format.
+            The final URL, the bytes (at most ``max_bytes``), and the format, size and mode
+            read from the header.
 
         Raises:
             InvalidURL: ``None``, empty, whitespace or control characters, not absolute,
@@ -396,8 +322,10 @@ class ImageFetcher:
                 404, 408, 410 and 429.
             FetchRefused: a refused address (SSRF guard), file URLs disabled, HTTP 401/403.
             ImageNotFound: HTTP 404/410, or a missing file.
-            ImageTooLarge: over ``max_bytes``, or declaring over ``max_pixels`` pixels.
-            InvalidImage: empty body, or not an image in an accepted format.
+            ImageTooLarge: over ``max_bytes``, declaring over ``max_pixels`` pixels, or over
+                ``max_decode_bytes`` bytes once decoded.
+            InvalidImage: empty body, not an image in an accepted format, or a header over
+                the probe's structure caps (``listener.probe.scan_structure``).
             FetchTimeout: connect, read or total timeout.
             RateLimited: HTTP 429 (``retry_after`` from ``Retry-After`` when present).
             ProviderUnavailable: connection refused/reset, DNS failure, HTTP 408 or 5xx.
@@ -406,15 +334,8 @@ class ImageFetcher:
         target = self._parse(url)
         if target.scheme == "file" or not target.scheme:
             data = await self._read_file(target)
-            return FetchedImage(
-                url=str(target) if target.scheme else target.path,
-                data=data,
-                format=sniff_format(
-                    data,
-                    max_pixels=self._settings.max_pixels,
-                    source=f"the file {redact_url(target)}",
-                ),
-            )
+            shown = str(target) if target.scheme else target.path
+            return await self._probe(shown, data, f"the file {redact_url(target)}")
         if self._session is None:
             raise RuntimeError("ImageFetcher.start() must be called before fetch()")
         total = self._settings.total_timeout_s
@@ -425,14 +346,25 @@ class ImageFetcher:
             raise FetchTimeout(
                 f"fetching {redact_url(target)} took longer than the total timeout of {total} s"
             ) from None
+        return await self._probe(str(final_url), data, f"the response from {redact_url(final_url)}")
+
+    async def _probe(self, url: str, data: bytes, source: str) -> FetchedImage:
+        """Read the header in a thread (bounded CPU work, off the loop) and check the limits."""
+        info = await asyncio.to_thread(
+            probe_image,
+            data,
+            max_pixels=self._settings.max_pixels,
+            max_decode_bytes=self._settings.max_decode_bytes,
+            source=source,
+        )
         return FetchedImage(
-            url=str(final_url),
+            url=url,
             data=data,
-            format=sniff_format(
-                data,
-                max_pixels=self._settings.max_pixels,
-                source=f"the response from {redact_url(final_url)}",
-            ),
+            format=info.format,
+            width=info.width,
+            height=info.height,
+            mode=info.mode,
+            bytes_per_pixel=info.bytes_per_pixel,
         )
 
     def _parse(self, url: str | None) -> URL:

@@ -77,6 +77,10 @@ class FetchSettings(BaseModel):
         allowed_hosts: host names, IP addresses or CIDR networks that may be fetched even
             though they resolve to loopback/private/link-local addresses (self-hosted storage).
         max_pixels: Pillow's decompression-bomb limit, in pixels.
+        max_decode_bytes: the memory one decoded image may take, in bytes: an image whose
+            width x height x bytes per pixel (RGB and RGBA 4, 16-bit RGBA PNG 8, gray 1) is
+            over it is refused before decoding. A local analysis then holds at most this plus
+            three 8-bit planes of width x height bytes (``listener.providers.local``).
     """
 
     max_bytes: int = 20 * MB
@@ -87,6 +91,7 @@ class FetchSettings(BaseModel):
     allow_file_urls: bool = False
     allowed_hosts: list[str] = Field(default_factory=list)
     max_pixels: int = 64_000_000
+    max_decode_bytes: int = Field(default=256 * MB, gt=0)
 
 
 class LocalSettings(BaseModel):

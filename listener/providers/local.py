@@ -15,6 +15,7 @@ import io
 import math
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pebble import ProcessExpired, ProcessFuture, ProcessPool
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from listener.errors import (
     ImageTooLarge,
@@ -32,6 +33,7 @@ from listener.errors import (
     ProviderUnavailable,
     StepTimeout,
 )
+from listener.probe import bytes_per_pixel, scan_structure
 from listener.providers.base import ImageInput, StepContext, StepResult
 
 if TYPE_CHECKING:
@@ -66,10 +68,21 @@ _READY_TIMEOUT_S: Final = 120.0
 #: Pillow plugins allowed to parse the bytes (the JPEG plugin also opens MPO). Others, EPS
 #: above all (it runs Ghostscript), never see untrusted data.
 DECODERS: Final = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+#: Pixels converted at a time to gray (about 4 MB of RGBA), bounding the conversions' memory.
+_STRIP_PIXELS: Final = 1 << 20
 
 
-def analyze_bytes(data: bytes, *, max_side: int, max_pixels: int) -> dict[str, Any]:
+def analyze_bytes(
+    data: bytes, *, max_side: int, max_pixels: int, max_decode_bytes: int | None = None
+) -> dict[str, Any]:
     """Measure one image. CPU-bound, no I/O: meant to run in a worker process.
+
+    Memory: the decoded image (width x height x bytes per pixel, at most
+    ``max_decode_bytes``; a JPEG is decoded at 1/2, 1/4 or 1/8 scale when that still
+    covers ``max_side``, with libjpeg's DCT scaling through Pillow's ``Image.draft``), plus
+    one 8-bit gray plane of width x height bytes, plus strips of about 1 M pixels for the
+    conversions. An 8000x8000 RGBA PNG thus needs about 256 + 64 MB, not the 1.2 GiB a
+    whole-image conversion took.
 
     It sets Pillow's process-wide ``Image.MAX_IMAGE_PIXELS`` to ``max_pixels`` for the
     duration of the call and restores it afterwards, so do not run it in several threads of
@@ -81,6 +94,8 @@ def analyze_bytes(data: bytes, *, max_side: int, max_pixels: int) -> dict[str, A
         max_side: the grayscale copy used for blur, exposure, contrast, hash and faces is
             downscaled to this longest side (pixels), so scores do not depend on resolution.
         max_pixels: Pillow's decompression-bomb limit (width x height).
+        max_decode_bytes: the largest decoded image accepted, in bytes
+            (``listener.probe.ImageInfo.decode_bytes``); ``None`` for no limit.
 
     Returns:
         A JSON-serializable dict::
@@ -110,8 +125,10 @@ def analyze_bytes(data: bytes, *, max_side: int, max_pixels: int) -> dict[str, A
         and the quality score are listener's own.
 
     Raises:
-        InvalidImage: empty, not an image, truncated or undecodable.
-        ImageTooLarge: more than ``max_pixels`` pixels (a possible decompression bomb).
+        InvalidImage: empty, not an image, truncated or undecodable, or over a structure
+            cap of ``listener.probe.scan_structure`` (millions of JPEG segments...).
+        ImageTooLarge: more than ``max_pixels`` pixels (a possible decompression bomb), or
+            more than ``max_decode_bytes`` bytes once decoded.
     """
     import cv2
     import imagehash
@@ -119,10 +136,15 @@ def analyze_bytes(data: bytes, *, max_side: int, max_pixels: int) -> dict[str, A
 
     if not data:
         raise InvalidImage("empty image: 0 bytes")
-    image, info = _decode(data, max_side=max_side, max_pixels=max_pixels)
+    image, orientation, info = _decode(
+        data, max_side=max_side, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes
+    )
     width, height = info["width"], info["height"]
 
-    gray = _downscale(_gray_levels(image), max_side)
+    levels = _gray_levels(image)
+    del image  # the decoded pixels: the largest object of the analysis
+    gray = _orient(_downscale(levels, max_side), orientation)
+    del levels
     laplacian_variance = float(cv2.Laplacian(gray, cv2.CV_64F).var())
     mean_brightness = float(gray.mean()) / 255.0
     shadows = float(np.count_nonzero(gray <= SHADOW_LEVEL)) / gray.size
@@ -212,15 +234,32 @@ def quality_score(
     return round(min(10.0, max(0.0, score)), 1)
 
 
-def _decode(data: bytes, *, max_side: int, max_pixels: int) -> tuple[Image.Image, dict[str, Any]]:
-    """Decode ``data`` into an EXIF-oriented image (JPEGs at reduced scale) and its facts."""
+def _decode(
+    data: bytes, *, max_side: int, max_pixels: int, max_decode_bytes: int | None
+) -> tuple[Image.Image, int, dict[str, Any]]:
+    """Decode ``data`` (JPEGs at reduced scale, straight to gray) and read its facts.
+
+    Returns the decoded image as stored (not rotated), its EXIF orientation (1-8) and the
+    facts of ``analyze_bytes``'s output. Nothing larger than the decoded image is allocated
+    here: rotating is left to the gray copy (``_orient``), since ``ImageOps.exif_transpose``
+    would copy the whole image.
+    """
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
+        declared = scan_structure(data, "the image")
         with warnings.catch_warnings():
             # Pillow only warns between max_pixels and twice that; refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=DECODERS)
+            per_pixel = bytes_per_pixel(image.mode, declared, "transparency" in image.info)
+            decoded = image.width * image.height * per_pixel
+            if max_decode_bytes is not None and decoded > max_decode_bytes:
+                raise ImageTooLarge(
+                    f"image too large: {image.width}x{image.height} pixels of mode "
+                    f"{image.mode} at {per_pixel} bytes per pixel = {decoded} bytes once "
+                    f"decoded, over the limit of {max_decode_bytes} bytes"
+                )
             exif = _exif_summary(image)
             orientation = _orientation(image)
             width, height = image.size
@@ -236,7 +275,6 @@ def _decode(data: bytes, *, max_side: int, max_pixels: int) -> tuple[Image.Image
             # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, straight to gray.
             image.draft("L", (max_side, max_side))
             image.load()
-            oriented = ImageOps.exif_transpose(image)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageTooLarge(
             f"image too large: more than {max_pixels} pixels (a possible decompression bomb)"
@@ -253,7 +291,7 @@ def _decode(data: bytes, *, max_side: int, max_pixels: int) -> tuple[Image.Image
         raise InvalidImage(f"cannot decode image: {type(exc).__name__}: {exc}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
-    return oriented, info
+    return image, orientation, info
 
 
 def _describe_bytes(data: bytes) -> str:
@@ -356,19 +394,52 @@ def _degrees(value: object, ref: object, negative_ref: str) -> float | None:
 
 
 def _gray_levels(image: Image.Image) -> NDArray[np.uint8]:
-    """8-bit gray levels; transparent areas are composited over white."""
+    """8-bit gray levels; transparent areas are composited over white.
+
+    Works in horizontal strips of about ``_STRIP_PIXELS`` pixels, so that besides the decoded
+    image only the result (one byte per pixel) and one strip's conversions are in memory:
+    converting a whole 8000x8000 RGBA image at once (RGBA copy, white background, composite,
+    gray) took over 1 GiB. The levels are the same as converting the whole image at once.
+    """
     import numpy as np
 
+    width, height = image.size
+    rows = max(1, _STRIP_PIXELS // max(1, width))
+    gray = np.empty((height, width), dtype=np.uint8)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        levels = np.asarray(image, dtype=np.float64)
-        if levels.size and float(levels.max()) > 255.0:
-            levels = levels / 257.0
-        return np.clip(levels, 0, 255).astype(np.uint8)
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("L"), dtype=np.uint8)
+        high = image.getextrema()[1]
+        scale = 257.0 if isinstance(high, int | float) and high > 255 else 1.0
+        for top in range(0, height, rows):
+            strip = image.crop((0, top, width, min(height, top + rows)))
+            levels = np.asarray(strip, dtype=np.float64) / scale
+            gray[top : top + rows] = np.clip(levels, 0, 255).astype(np.uint8)
+        return gray
+    transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        if transparent:
+            rgba = strip.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            strip = Image.alpha_composite(background, rgba)
+        gray[top : top + rows] = np.asarray(strip.convert("L"), dtype=np.uint8)
+    return gray
+
+
+def _orient(gray: NDArray[np.uint8], orientation: int) -> NDArray[np.uint8]:
+    """``gray`` turned upright per its EXIF orientation (CIPA DC-008, tag 0x0112), as
+    ``ImageOps.exif_transpose`` turns the image."""
+    import numpy as np
+
+    turned = {
+        2: lambda a: a[:, ::-1],  # mirrored
+        3: lambda a: a[::-1, ::-1],  # rotated 180
+        4: lambda a: a[::-1, :],  # flipped
+        5: lambda a: a.T,  # transposed
+        6: lambda a: np.rot90(a, -1),  # rotated 90 clockwise to be upright
+        7: lambda a: a[::-1, ::-1].T,  # transversed
+        8: lambda a: np.rot90(a, 1),  # rotated 90 counter-clockwise to be upright
+    }.get(orientation)
+    return gray if turned is None else np.ascontiguousarray(turned(gray))
 
 
 def _downscale(gray: NDArray[np.uint8], max_side: int) -> NDArray[np.uint8]:
@@ -443,8 +514,23 @@ def _in_worker(function: Callable[..., T], *args: Any) -> T:
         raise RuntimeError(f"local analysis failed: {type(exc).__name__}: {exc}") from None
 
 
-def _analyze(data: bytes, max_side: int, max_pixels: int) -> dict[str, Any]:
-    return analyze_bytes(data, max_side=max_side, max_pixels=max_pixels)
+def _death(exitcode: int | None) -> str:
+    """``"killed by SIGKILL"`` for a negative exit code (a signal; the OOM killer sends
+    SIGKILL), else ``"exit code <n>"``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _analyze(
+    data: bytes, max_side: int, max_pixels: int, max_decode_bytes: int | None
+) -> dict[str, Any]:
+    return analyze_bytes(
+        data, max_side=max_side, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes
+    )
 
 
 class LocalProvider:
@@ -453,6 +539,8 @@ class LocalProvider:
     Args:
         settings: the ``local`` slice of the settings (workers, analysis_max_side).
         max_pixels: Pillow's decompression-bomb limit, in pixels (``fetch.max_pixels``).
+        max_decode_bytes: the largest decoded image, in bytes (``fetch.max_decode_bytes``);
+            with it one analysis stays within the bound ``analyze_bytes`` states.
         timeout_s: seconds one analysis may run in its worker process (waiting for a free
             worker not included); the process is then killed and replaced. ``None`` for no
             limit (``step_timeouts["local"]`` in production).
@@ -469,10 +557,16 @@ class LocalProvider:
     needs_image: bool = True
 
     def __init__(
-        self, settings: LocalSettings, *, max_pixels: int, timeout_s: float | None = None
+        self,
+        settings: LocalSettings,
+        *,
+        max_pixels: int,
+        max_decode_bytes: int | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self._max_side = settings.analysis_max_side
         self._max_pixels = max_pixels
+        self._max_decode_bytes = max_decode_bytes
         self._workers = settings.workers or os.cpu_count() or 1
         self._timeout_s = timeout_s
         self._pool: ProcessPool | None = None
@@ -543,7 +637,9 @@ class LocalProvider:
             StepTimeout, ProviderUnavailable, RuntimeError: as ``run_in_worker``.
         """
         started = time.perf_counter()
-        output = await self.run_in_worker(_analyze, image.data, self._max_side, self._max_pixels)
+        output = await self.run_in_worker(
+            _analyze, image.data, self._max_side, self._max_pixels, self._max_decode_bytes
+        )
         return StepResult(
             provider=self.name,
             step=STEP,
@@ -580,9 +676,10 @@ class LocalProvider:
             # Only Pebble's task timeout: _in_worker turns the function's own into RuntimeError.
             raise StepTimeout(STEP, self._timeout_s or 0.0) from None
         except ProcessExpired as exc:
+            # Pebble fails only the task of the dead process and starts a new process.
             raise ProviderUnavailable(
-                f"a local analysis worker died (exit code {exc.exitcode}: out of memory or "
-                "killed); it was replaced"
+                f"a local analysis worker died ({_death(exc.exitcode)}: out of memory or "
+                "killed); it was replaced and the analysis will be retried"
             ) from None
         except BrokenProcessPool:
             await self._replace_pool(pool)

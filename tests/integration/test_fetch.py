@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from hostile_images import app1_bomb_jpeg, chunk_bomb_png, rgba16_8k_png
 from PIL import Image
 
 from listener.errors import (
@@ -220,7 +221,15 @@ async def fetch(url: str | None, **overrides: Any) -> FetchedImage:
 
 async def test_fetches_a_photo_from_an_allowed_host(server: str, connections: list[str]) -> None:
     image = await fetch(f"{server}/photo.jpg")
-    assert image == FetchedImage(url=f"{server}/photo.jpg", data=PHOTO, format="JPEG")
+    assert image == FetchedImage(
+        url=f"{server}/photo.jpg",
+        data=PHOTO,
+        format="JPEG",
+        width=640,
+        height=427,
+        mode="RGB",
+        bytes_per_pixel=4,
+    )
     assert connections == ["127.0.0.1"]
 
 
@@ -529,3 +538,62 @@ async def test_fetch_before_start_is_an_error(server: str) -> None:
     with pytest.raises(RuntimeError, match="start"):
         await fetcher.fetch(f"{server}/photo.jpg")
     await fetcher.close()
+
+
+# --- hostile headers ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def hostile_server() -> AsyncIterator[str]:
+    """Serves the hostile files of ``hostile_images`` (and a photo) on 127.0.0.1."""
+    bodies = {
+        "/app1-bomb.jpg": app1_bomb_jpeg(1_000_000),  # 4 MB of empty APP1 segments
+        "/chunk-bomb.png": chunk_bomb_png(300_000),
+        "/rgba16-8k.png": rgba16_8k_png(),
+        "/photo.jpg": PHOTO,
+    }
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=bodies[request.path], content_type="image/jpeg")
+
+    app = web.Application()
+    for path in bodies:
+        app.router.add_get(path, serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_hostile_headers_are_refused_without_stalling_the_loop(hostile_server: str) -> None:
+    """Pillow took seconds, on the loop, to open a JPEG of a million APP1 segments."""
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.create_task(heartbeat())
+    try:
+        async with started(settings(max_bytes=8 * 1024 * 1024)) as fetcher:
+            for _ in range(4):  # four of them once failed the container's HEALTHCHECK
+                with pytest.raises(InvalidImage, match="more than 1024 JPEG segments"):
+                    await fetcher.fetch(f"{hostile_server}/app1-bomb.jpg")
+            with pytest.raises(InvalidImage, match="more than 1024 PNG chunks"):
+                await fetcher.fetch(f"{hostile_server}/chunk-bomb.png")
+            with pytest.raises(ImageTooLarge, match="at 8 bytes per pixel = 512000000 bytes"):
+                await fetcher.fetch(f"{hostile_server}/rgba16-8k.png")
+            image = await fetcher.fetch(f"{hostile_server}/photo.jpg")
+    finally:
+        beating.cancel()
+    assert (image.width, image.height, image.mode, image.bytes_per_pixel) == (640, 427, "RGB", 4)
+    assert gaps and max(gaps) < 1.0, f"the loop stalled for {max(gaps):.2f} s"

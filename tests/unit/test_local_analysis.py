@@ -20,6 +20,7 @@ from typing import Any
 import imagehash
 import numpy as np
 import pytest
+from hostile_images import app1_bomb_jpeg, rgba16_8k_png, rgba_8k_png
 from PIL import ExifTags, Image, ImageFilter, TiffImagePlugin
 
 from listener.errors import (
@@ -28,6 +29,7 @@ from listener.errors import (
     ListenerError,
     ProviderUnavailable,
     RateLimited,
+    RetryableError,
     StepTimeout,
 )
 from listener.providers.base import ImageInput, Provider, StepResult
@@ -444,5 +446,93 @@ async def test_cancelling_the_caller_kills_the_running_analysis(tmp_path: Path) 
             await asyncio.sleep(0.05)
         step = await provider.analyze(image_input(demo("coffee.png")))
         assert step.output["width"] == 600
+    finally:
+        await provider.close()
+
+
+# --- bounded decode -------------------------------------------------------------------------
+
+
+def test_structure_bombs_are_refused_by_the_analysis_too() -> None:
+    """The fetcher refuses them first; the worker does not trust its input either."""
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match="more than 1024 JPEG segments"):
+        analyze(app1_bomb_jpeg(300_000))
+    assert time.perf_counter() - started < 1.0
+
+
+def test_over_the_decode_limit_is_refused_before_decoding() -> None:
+    with pytest.raises(
+        ImageTooLarge, match=r"8000x8000 pixels of mode RGBA at 8 bytes per pixel = 512000000"
+    ):
+        analyze(rgba16_8k_png(), max_decode_bytes=256 * 1024 * 1024)
+
+
+def peak_of_analysis(data: bytes, max_decode_bytes: int) -> tuple[int, int, dict[str, Any]]:
+    """In a worker: (resident kB before, peak resident kB during, output) of one analysis.
+
+    The peak is the kernel's VmHWM, reset first by writing 5 to /proc/self/clear_refs
+    (proc(5)), so only this analysis counts.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+
+    def status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(field)
+
+    before = status("VmRSS")
+    output = analyze_bytes(
+        data, max_side=MAX_SIDE, max_pixels=MAX_PIXELS, max_decode_bytes=max_decode_bytes
+    )
+    return before, status("VmHWM"), output
+
+
+@pytest.mark.timeout(300)
+async def test_an_8k_rgba_analysis_stays_within_the_stated_bound() -> None:
+    """8000x8000 RGBA took 1.2 GiB; the bound is the decoded image (256 MB) plus one gray
+    plane (64 MB) plus strips; 100 MB more is allowed for allocator slack."""
+    provider = LocalProvider(LocalSettings(workers=1), max_pixels=MAX_PIXELS)
+    await provider.start()
+    try:
+        before_kb, peak_kb, output = await provider.run_in_worker(
+            peak_of_analysis, rgba_8k_png(), 256 * 1024 * 1024
+        )
+    finally:
+        await provider.close()
+    grown_mb = (peak_kb - before_kb) / 1024
+    print(f"8000x8000 RGBA analysis: worker peak grew by {grown_mb:.0f} MB")
+    assert (output["width"], output["height"], output["mode"]) == (8000, 8000, "RGBA")
+    assert output["exposure"]["verdict"] == "over"  # fully transparent, over white
+    assert grown_mb < 256 + 64 + 100
+
+
+async def test_a_killed_worker_fails_only_its_own_analysis(tmp_path: Path) -> None:
+    """SIGKILL (what the OOM killer sends) one worker mid-task while the other works."""
+    provider = LocalProvider(LocalSettings(workers=2), max_pixels=MAX_PIXELS)
+    await provider.start()
+    try:
+        doomed = asyncio.create_task(provider.run_in_worker(hang, str(tmp_path / "doomed.pid")))
+        other = asyncio.create_task(
+            provider.run_in_worker(wait_for, str(tmp_path / "other.pid"), str(tmp_path / "go"))
+        )
+        doomed_pid = await pid_of(tmp_path / "doomed.pid")
+        other_pid = await pid_of(tmp_path / "other.pid")
+        os.kill(doomed_pid, signal.SIGKILL)
+        with pytest.raises(
+            ProviderUnavailable, match=r"worker died \(killed by SIGKILL.*will be retried"
+        ) as caught:
+            await doomed
+        assert isinstance(caught.value, RetryableError)
+        await asyncio.sleep(0.5)
+        assert not other.done()  # the other analysis was not disturbed
+        (tmp_path / "go").touch()
+        assert await other == other_pid
+        # Back to two workers: two analyses at once, on a new process and the old one.
+        steps = await asyncio.gather(
+            *(provider.analyze(image_input(demo("coffee.png"), job_id=i)) for i in range(2))
+        )
+        assert [s.output["width"] for s in steps] == [600, 600]
     finally:
         await provider.close()
