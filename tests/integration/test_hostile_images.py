@@ -185,7 +185,7 @@ async def test_hostile_images_fail_alone_and_the_daemon_keeps_serving(
         assert job["status"] == "failed", (key, job["last_error"])
         assert job["attempts"] == 1, (key, job["last_error"])
         assert reason in job["last_error"], (key, job["last_error"])
-    assert gaps and max(gaps) < 1.0, f"the event loop stalled for {max(gaps):.2f} s"
+    assert gaps and max(gaps) < 2.0, f"the event loop stalled for {max(gaps):.2f} s"
     assert len(ready) >= 5 and {status for status, _ in ready} == {200}
     assert rss_after - rss_before < 300, f"peak RSS grew from {rss_before} to {rss_after} MB"
     # Headers are read once per fetched image, never on the event loop's thread.
