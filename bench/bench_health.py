@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench_health.py [--json out.json] [--use-database-url]
+    python bench/bench_health.py [--rounds 3] [--json out.json] [--use-database-url]
     python bench/bench_health.py --smoke    # tiny sizes: checks that it runs, not its figures
 
 Scenarios (targets are for a 2-core machine):
@@ -12,7 +12,10 @@ Scenarios (targets are for a 2-core machine):
   while a prober GETs ``/readyz`` on a new connection every 100 ms.
 - ``f`` flood: the same, after ``bench/idle_clients.py`` (another process) opened 1,000
   connections that sent ``GET /readyz HTT`` and stopped. Targets: throughput within 10% of
-  ``q``'s, ``/readyz`` answering every probe.
+  ``q``'s (ratio of the medians over the rounds), ``/readyz`` answering every probe.
+
+The machine may be shared, so the two alternate over ``--rounds`` rounds (order swapped each
+round) and the figures are medians; each run's CPU share of other processes is printed.
 
 Each scenario gets a fresh database (``bench_queue.Server``). Without ``--use-database-url``
 the script starts its own ``TemporaryCluster`` with default durability.
@@ -25,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -202,74 +206,92 @@ async def drain_with_probe(server: Server, label: str, sizes: Sizes, idle: int) 
     )
 
 
-def figures_for(key: str, run: Run, quiet: Run | None, idle: int) -> list[Figure]:
-    """The figures of scenario ``key`` (``f`` is compared with ``quiet``)."""
+def figures_for(key: str, runs: list[Run], quiet: list[Run], idle: int) -> list[Figure]:
+    """The figures of scenario ``key`` over its rounds (``f`` is compared with ``quiet``)."""
     label = "quiet" if key == "q" else f"{idle:,} idle connections"
+    rates = [r.rate for r in runs]
+    latencies = [ms for r in runs for ms in r.readyz_ms]
+    probes = sum(r.probes_ok + r.probes_failed for r in runs)
     figures = [
         Figure(
             key,
             f"throughput, {label}",
-            run.rate,
+            statistics.median(rates),
             "jobs/s",
-            note=f"noop, concurrency 10: {run.jobs:,} jobs in {run.seconds:.2f} s (INSERT "
-            "commit to max(finished_at))",
+            note=f"noop, concurrency 10, {runs[0].jobs:,} jobs, INSERT commit to "
+            f"max(finished_at); median of {len(runs)} round(s): "
+            + ", ".join(f"{r:,.0f}" for r in rates),
         ),
-        Figure(
-            key,
-            "/readyz p50",
-            percentile(run.readyz_ms, 50) if run.readyz_ms else None,
-            "ms",
-        ),
-        Figure(key, "/readyz p99", percentile(run.readyz_ms, 99) if run.readyz_ms else None, "ms"),
+        Figure(key, "/readyz p50", percentile(latencies, 50) if latencies else None, "ms"),
+        Figure(key, "/readyz p99", percentile(latencies, 99) if latencies else None, "ms"),
         Figure(
             key,
             "/readyz probes failed",
-            float(run.probes_failed),
+            float(sum(r.probes_failed for r in runs)),
             "probes",
             0.0,
             better="lower",
-            note=f"{run.probes_ok + run.probes_failed} probes, a new connection every "
+            note=f"{probes} probes over all rounds, a new connection every "
             f"{PROBE_INTERVAL_S * 1000:.0f} ms, 5 s timeout",
         ),
     ]
     if key == "f":
+        ratios = [100 * f.rate / q.rate for f, q in zip(runs, quiet, strict=False)]
         figures.append(
             Figure(
                 key,
                 "throughput flood / quiet",
-                100 * run.rate / quiet.rate if quiet is not None else None,
+                100 * statistics.median(rates) / statistics.median([q.rate for q in quiet])
+                if quiet
+                else None,
                 "%",
                 THROUGHPUT_RATIO_TARGET_PCT,
-                note=f"{run.idle_opened} idle connections opened; the server evicted "
-                f"{run.evicted} and refused {run.refused}; {run.idle_still_open} still "
-                "open after the drain",
+                note="ratio of the medians; per round: "
+                + ", ".join(f"{r:.0f}%" for r in ratios)
+                + f". Per round, of {runs[0].idle_opened} idle connections opened, the server "
+                f"evicted {'/'.join(str(r.evicted) for r in runs)} and refused "
+                f"{'/'.join(str(r.refused) for r in runs)}; "
+                f"{'/'.join(str(r.idle_still_open) for r in runs)} were still open after the "
+                "drain",
             )
         )
     return figures
 
 
 async def run_all(
-    server: Server, report: Report, meter: CpuMeter, quiet_wait_s: float, sizes: Sizes
+    server: Server,
+    report: Report,
+    meter: CpuMeter,
+    quiet_wait_s: float,
+    sizes: Sizes,
+    rounds: int,
 ) -> None:
+    """``rounds`` rounds of ``q`` and ``f``, the order swapped each round."""
     report.machine = await describe_machine(server)
     report.details["sizes"] = asdict(sizes)
-    runs: dict[str, Run] = {}
-    for key, idle in (("q", 0), ("f", sizes.idle)):
-        quiet = await meter.wait_quiet(QUIET_OTHER_PCT, quiet_wait_s)
-        print(f"scenario {key} ...", file=sys.stderr, flush=True)
-        began = time.monotonic()
-        before = meter.snapshot()
-        try:
-            runs[key] = await drain_with_probe(server, key, sizes, idle)
-            report.details[key] = runs[key].summary()
-            report.figures += figures_for(key, runs[key], runs.get("q"), idle)
-        except Exception as error:
-            report.errors[key] = f"{type(error).__name__}: {error}"
+    idle = {"q": 0, "f": sizes.idle}
+    runs: dict[str, list[Run]] = {"q": [], "f": []}
+    for number in range(rounds):
+        for key in ("q", "f") if number % 2 == 0 else ("f", "q"):
+            quiet = await meter.wait_quiet(QUIET_OTHER_PCT, quiet_wait_s)
+            print(f"round {number + 1}, scenario {key} ...", file=sys.stderr, flush=True)
+            began = time.monotonic()
+            before = meter.snapshot()
+            try:
+                runs[key].append(await drain_with_probe(server, key, sizes, idle[key]))
+            except Exception as error:
+                report.errors[key] = f"{type(error).__name__}: {error}"
+            load = meter.usage(before) | {
+                "other_pct_before": quiet["other_pct"],
+                "seconds": time.monotonic() - began,
+            }
+            report.load[f"{key}{number + 1}"] = load
+    for key in ("q", "f"):
+        report.details[key] = [r.summary() for r in runs[key]]
+        if runs[key]:
+            report.figures += figures_for(key, runs[key], runs["q"], idle[key])
+        else:
             report.figures.append(Figure(key, "drain_with_probe", None, ""))
-        report.load[key] = meter.usage(before) | {
-            "other_pct_before": quiet["other_pct"],
-            "seconds": time.monotonic() - began,
-        }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -282,10 +304,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quiet-wait", type=float, default=QUIET_WAIT_S, metavar="SECONDS")
     parser.add_argument(
-        "--smoke", action="store_true", help="tiny sizes: checks that it runs and reports"
+        "--rounds", type=int, default=3, help="rounds of q and f, order swapped each round"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, one round: checks that it runs and reports; its figures mean nothing",
     )
     args = parser.parse_args(argv)
     args.sizes = Sizes.smoke() if args.smoke else Sizes()
+    if args.smoke:
+        args.rounds = 1
     return args
 
 
@@ -309,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             pid_file = cluster.data_dir / "postmaster.pid"
             roots.append(int(pid_file.read_text().split("\n", 1)[0]))
         meter = CpuMeter(roots)
-        asyncio.run(run_all(Server(admin_dsn), report, meter, args.quiet_wait, args.sizes))
+        asyncio.run(
+            run_all(Server(admin_dsn), report, meter, args.quiet_wait, args.sizes, args.rounds)
+        )
     finally:
         if cluster is not None:
             cluster.stop()

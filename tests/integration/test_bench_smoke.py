@@ -205,6 +205,6 @@ def test_bench_health_reports_quiet_and_flood(pg_admin_dsn: str, tmp_path: Path)
     for rows in figures.values():
         for figure in rows:
             assert figure["value"] is not None, figure
-    flood = doc["details"]["f"]
+    (flood,) = doc["details"]["f"]
     assert flood["idle_opened"] > 0 and flood["probes_ok"] > 0
     assert "throughput flood / quiet" in proc.stdout
