@@ -148,8 +148,9 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-PROTECTED_PATHS = frozenset({"/", "/status", "/metrics"})
-"""Paths that need the token when one is set; ``/healthz`` and ``/readyz`` never do."""
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+"""Paths that never need the token. Every other path does when one is set (``/``,
+``/status``, ``/metrics``, and any route added later), so a new route is guarded by default."""
 
 COOKIE_NAME = "listener_status"
 """The status page's cookie: ``HMAC-SHA256(token, COOKIE_CONTEXT)`` in hex, never the token."""
@@ -204,7 +205,7 @@ def _unauthorized(request: web.Request) -> web.Response:
 def auth_middleware(
     check: TokenCheck,
 ) -> Middleware:
-    """An aiohttp middleware that guards ``PROTECTED_PATHS`` with ``check``.
+    """An aiohttp middleware that guards every path but ``OPEN_PATHS`` with ``check``.
 
     ``GET /?token=<token>`` answers 303 to ``/`` with the cookie set (HttpOnly,
     SameSite=Strict, Path=/, for the browser session) and ``Referrer-Policy: no-referrer``;
@@ -213,7 +214,7 @@ def auth_middleware(
 
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PROTECTED_PATHS:
+        if request.path in OPEN_PATHS:
             return await handler(request)
         if request.path == "/" and "token" in request.query:
             if not check.matches(request.query["token"]):

@@ -107,7 +107,8 @@ async def test_token_guards_status_metrics_and_page(
                 "basic": {"Authorization": f"Basic {TOKEN}"},
                 "empty": {"Authorization": "Bearer "},
             }
-            for path in ("/", "/status", "/metrics"):
+            # Every path but the probes is guarded, including ones no route serves.
+            for path in ("/", "/status", "/metrics", "/status/", "/%73tatus", "/nope"):
                 for label, headers in wrong.items():
                     async with http.get(path, headers=headers) as r:
                         assert r.status == 401, (path, label)
