@@ -1,12 +1,16 @@
 # listener: one container beside your database.
 #   docker build -t listener .
-#   docker run -e DATABASE_URL=postgresql://user:pass@db:5432/app -p 8080:8080 listener
+#   docker run -e DATABASE_URL=postgresql://user:pass@db:5432/app \
+#       -e LISTENER_HEALTH_TOKEN="$(openssl rand -hex 24)" -p 127.0.0.1:8080:8080 listener
+# Inside the container the health server must bind 0.0.0.0 to be reachable through the
+# published port (the daemon's default is 127.0.0.1); publish it on 127.0.0.1 or set a token.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     LISTENER_LOG_JSON=1 \
+    LISTENER_HEALTH_HOST=0.0.0.0 \
     LISTENER_HEALTH_PORT=8080
 
 # OpenCV's headless wheel still links against glib.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import resource
 import signal
 import socket
 import time
@@ -127,6 +128,26 @@ def build_limiter(settings: Settings, provider: str, queries: Queries) -> Limite
     return LocalLimiter(limit, time.monotonic)
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit, so a burst of sockets (pool, LISTEN,
+    fetches, health clients) cannot exhaust descriptors at a low default soft limit (1024).
+
+    Returns:
+        ``(before, after)``: the soft limit, in descriptors, before and after;
+        ``resource.RLIM_INFINITY`` (-1) stands for no limit. Unchanged when the hard limit
+        is infinite and the OS refuses that (macOS caps it at ``OPEN_MAX``), or when the
+        soft limit is already the hard one.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
+
 def default_worker_id() -> str:
     """``host:pid``, unique among daemons running at the same time."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -195,6 +216,8 @@ class Daemon:
                 port cannot be bound. Nothing was claimed then, and nothing keeps running.
         """
         s = self.settings
+        before, after = raise_open_files_limit()
+        logger.info("open files limit: {} (soft limit was {})", after, before)
         self.pool = await create_pool(s.dsn(), s.pool_min_size, s.pool_max_size)
         try:
             async with self.pool.acquire() as conn:
@@ -300,6 +323,9 @@ class Daemon:
                     ),
                     s.health_host,
                     s.health_port,
+                    token=s.health_token_value(),
+                    max_connections=s.health_max_connections,
+                    header_timeout_s=s.health_header_timeout_s,
                 )
                 await self.health.start()
 
@@ -320,7 +346,18 @@ class Daemon:
             "listener running: pipeline={}, concurrency={}, health={}",
             ",".join(p.name for p in self._providers),
             s.concurrency,
-            self.health.url if self.health else "off",
+            self._health_description(),
+        )
+
+    def _health_description(self) -> str:
+        """The bound address (not the requested one), and whether a token guards it."""
+        if self.health is None:
+            return "off"
+        guard = "token required" if self.health.token_required else "no token"
+        return (
+            f"http://{self.health.bound} ({guard} for /, /status, /metrics; "
+            f"{self.settings.health_max_connections} connections max, "
+            f"{self.settings.health_header_timeout_s:g} s header timeout)"
         )
 
     def _side_loops(self) -> list[_Loop]:

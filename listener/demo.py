@@ -314,7 +314,7 @@ async def run_demo(
                 for i, photo in enumerate(after):
                     await _insert(conn, vehicles[i % len(vehicles)], f"{base_url}/{photo.name}")
                 await _wait_finished(queries, timeout_s)
-                health = await _read_health(daemon.health.url)
+                health = await _read_health(daemon.health.url, daemon_settings.health_token_value())
                 rows = await queries.table_jobs(DEMO_TABLE, "local.analysis")
                 if daemon.status_writeback is not None:
                     # The app's status column is written back outside the claim, a moment
@@ -365,13 +365,15 @@ async def _wait_finished(queries: Queries, timeout_s: float) -> None:
             await asyncio.sleep(0.1)
 
 
-async def _read_health(base_url: str) -> dict[str, Any]:
+async def _read_health(base_url: str, token: str | None) -> dict[str, Any]:
+    """``/healthz`` and ``/readyz`` statuses and the ``/status`` document (with the token)."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{base_url}/healthz") as resp:
             healthz = resp.status
         async with session.get(f"{base_url}/readyz") as resp:
             readyz = resp.status
-        async with session.get(f"{base_url}/status") as resp:
+        async with session.get(f"{base_url}/status", headers=auth) as resp:
             status: dict[str, Any] = await resp.json()
     return {"url": base_url, "healthz": healthz, "readyz": readyz, "status": status}
 

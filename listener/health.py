@@ -8,22 +8,41 @@
 - ``GET /metrics``: Prometheus text exposition.
 - ``GET /``: the status page, HTML that refreshes itself (``listener.status_page``).
 
-Nothing here prints a DSN or any other secret.
+Access: ``/healthz`` and ``/readyz`` are open (probes carry no credentials and say nothing
+about the data). When a token is configured (``LISTENER_HEALTH_TOKEN``), ``/``, ``/status``
+and ``/metrics`` require ``Authorization: Bearer <token>`` or the page's cookie; anything else
+gets 401 with a body that names no part of the token. For a browser, ``GET /?token=<token>``
+sets the cookie (HttpOnly, SameSite=Strict, holding an HMAC of the token, never the token)
+and redirects to ``/``, whose ``<meta refresh>`` then reloads with the cookie. Tokens are
+compared in constant time (``hmac.compare_digest`` of SHA-256 digests, so not even the length
+leaks).
+
+Slow clients: connections are capped and a header timeout closes those that never finish a
+request (``listener.http_limits``).
+
+Nothing here prints a DSN, the token or any other secret.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import ipaddress
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from listener.db.notify import Notifier
 from listener.db.queries import Queries
+from listener.http_limits import CappedTCPSite, ConnectionCap
 from listener.metrics import Metrics
 from listener.queue.worker import Worker
 from listener.status import queue_status
@@ -129,9 +148,113 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_app(sources: HealthSources) -> web.Application:
-    """The aiohttp application serving the four endpoints."""
-    app = web.Application()
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+"""Paths that never need the token. Every other path does when one is set (``/``,
+``/status``, ``/metrics``, and any route added later), so a new route is guarded by default."""
+
+COOKIE_NAME = "listener_status"
+"""The status page's cookie: ``HMAC-SHA256(token, COOKIE_CONTEXT)`` in hex, never the token."""
+COOKIE_CONTEXT = b"listener status page cookie v1"
+
+
+class TokenCheck:
+    """Checks the bearer token, the page's cookie and ``?token=`` against one secret.
+
+    Args:
+        token: the configured token (``LISTENER_HEALTH_TOKEN``), non-empty.
+
+    Every comparison is ``hmac.compare_digest`` of two SHA-256 digests (or two HMACs):
+    fixed-length inputs, so neither the content nor the length of the token leaks through
+    timing.
+    """
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the health token is empty")
+        self._digest = hashlib.sha256(token.encode()).digest()
+        self.cookie_value = hmac.new(token.encode(), COOKIE_CONTEXT, hashlib.sha256).hexdigest()
+
+    def matches(self, candidate: str) -> bool:
+        """True when ``candidate`` is the token."""
+        return hmac.compare_digest(hashlib.sha256(candidate.encode()).digest(), self._digest)
+
+    def allows(self, request: web.Request) -> bool:
+        """True when ``request`` carries ``Authorization: Bearer <token>`` or the cookie."""
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and self.matches(credentials.strip()):
+            return True
+        cookie = request.cookies.get(COOKIE_NAME)
+        return cookie is not None and hmac.compare_digest(
+            cookie.encode(), self.cookie_value.encode()
+        )
+
+
+def _unauthorized(request: web.Request) -> web.Response:
+    """401 that says how to authenticate and nothing about the token."""
+    headers = {"WWW-Authenticate": 'Bearer realm="listener"', "Cache-Control": "no-store"}
+    if request.path == "/":
+        return web.Response(
+            status=401,
+            text="listener: this page needs the health token. Open /?token=<token> once "
+            "(it sets a cookie), or send Authorization: Bearer <token>.\n",
+            headers=headers,
+        )
+    return web.json_response({"error": "unauthorized"}, status=401, headers=headers)
+
+
+def auth_middleware(
+    check: TokenCheck,
+) -> Middleware:
+    """An aiohttp middleware that guards every path but ``OPEN_PATHS`` with ``check``.
+
+    ``GET /?token=<token>`` answers 303 to ``/`` with the cookie set (HttpOnly,
+    SameSite=Strict, Path=/, for the browser session) and ``Referrer-Policy: no-referrer``;
+    a wrong ``?token=`` answers 401.
+    """
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        if request.path == "/" and "token" in request.query:
+            if not check.matches(request.query["token"]):
+                return _unauthorized(request)
+            response = web.Response(
+                status=303,
+                headers={
+                    "Location": "/",
+                    "Referrer-Policy": "no-referrer",
+                    "Cache-Control": "no-store",
+                },
+            )
+            response.set_cookie(
+                COOKIE_NAME, check.cookie_value, path="/", httponly=True, samesite="Strict"
+            )
+            return response
+        if not check.allows(request):
+            return _unauthorized(request)
+        return await handler(request)
+
+    return require_token
+
+
+def build_app(
+    sources: HealthSources,
+    *,
+    token: str | None = None,
+    middlewares: Sequence[Middleware] = (),
+) -> web.Application:
+    """The aiohttp application serving the five routes.
+
+    Args:
+        sources: what the endpoints read.
+        token: when set, ``/``, ``/status`` and ``/metrics`` require it (see the module doc).
+        middlewares: run before the token check (the connection cap's).
+    """
+    chain = list(middlewares)
+    if token:
+        chain.append(auth_middleware(TokenCheck(token)))
+    app = web.Application(middlewares=chain)
     app[SOURCES] = sources
     app.router.add_get("/", _page)
     app.router.add_get("/healthz", _healthz)
@@ -144,29 +267,72 @@ def build_app(sources: HealthSources) -> web.Application:
 class HealthServer:
     """Serves ``build_app(sources)`` on ``host:port`` (port 0 picks a free one).
 
+    Args:
+        sources: what the endpoints read.
+        host, port: the address to bind; ``127.0.0.1`` keeps it on this machine.
+        token: the token guarding ``/``, ``/status`` and ``/metrics``; None: open.
+        max_connections: connections served at once (``listener.http_limits``).
+        header_timeout_s: seconds a connection may take to complete a request (and stay
+            idle between requests) before the server closes it.
+
     Raises (from ``start``):
         OSError: the port is taken.
     """
 
-    def __init__(self, sources: HealthSources, host: str, port: int) -> None:
-        self._runner = web.AppRunner(build_app(sources), access_log=None)
+    def __init__(
+        self,
+        sources: HealthSources,
+        host: str,
+        port: int,
+        *,
+        token: str | None = None,
+        max_connections: int = 64,
+        header_timeout_s: float = 10.0,
+    ) -> None:
+        self.cap = ConnectionCap(max_connections)
+        self._runner = web.AppRunner(
+            build_app(sources, token=token, middlewares=[self.cap.busy_middleware]),
+            access_log=None,
+            # aiohttp arms this timer when a connection is made, so it is also the header
+            # timeout (see listener.http_limits).
+            keepalive_timeout=header_timeout_s,
+        )
         self._host = host
         self._port = port
+        self.token_required = bool(token)
         self.port: int | None = None
+        self.bound: str | None = None
 
     async def start(self) -> None:
-        """Bind and serve."""
+        """Bind and serve; ``bound`` is then the address actually bound (``host:port``)."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = CappedTCPSite(self._runner, self._host, self._port, self.cap)
         await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        host, port = self._runner.addresses[0][:2]
+        self.port = int(port)
+        self.bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if not self.token_required and not _is_loopback(self._host):
+            logger.warning(
+                "the health server listens on {} without a token: /status, /metrics and the "
+                "status page are open to anyone who can reach it (set LISTENER_HEALTH_TOKEN)",
+                self.bound,
+            )
 
     @property
     def url(self) -> str:
         """``http://host:port`` as reachable from this machine."""
         host = "127.0.0.1" if self._host in ("0.0.0.0", "::", "") else self._host
+        if ":" in host:
+            host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
     async def close(self) -> None:
         """Stop serving."""
         await self._runner.cleanup()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -317,8 +317,29 @@ class Settings(BaseSettings):
         "server's deadlock_timeout (1 s by default), so the write-back gives up first.",
     )
 
-    health_host: str = "0.0.0.0"
+    health_host: str = Field(
+        default="127.0.0.1",
+        description="Address the health server binds. The default keeps it on this machine; "
+        "the container image sets 0.0.0.0 (set LISTENER_HEALTH_TOKEN then).",
+    )
     health_port: int = 8080
+    health_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token required by /, /status and /metrics (/healthz and /readyz "
+        "stay open); unset or empty: no token.",
+    )
+    health_max_connections: int = Field(
+        default=64,
+        ge=1,
+        description="Connections the health server serves at once; beyond it a new "
+        "connection evicts the oldest idle one, or is closed at once.",
+    )
+    health_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a health connection may take to complete a request, or stay "
+        "idle between requests, before the server closes it.",
+    )
 
     pipeline: Literal["local", "noop", "tiered"] = "local"
     pipeline_file: Path | None = Field(
@@ -346,6 +367,21 @@ class Settings(BaseSettings):
 
     log_json: bool = False
     log_level: str = "INFO"
+
+    @field_validator("health_token", mode="before")
+    @classmethod
+    def _blank_token_is_none(cls, value: object) -> object:
+        # An empty LISTENER_HEALTH_TOKEN= in a .env must not become a token that "Bearer "
+        # matches. No check here may raise: pydantic's error would echo the value.
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, SecretStr) and not value.get_secret_value().strip():
+            return None
+        return value
+
+    def health_token_value(self) -> str | None:
+        """The health token in clear, or None when none is set."""
+        return self.health_token.get_secret_value() if self.health_token is not None else None
 
     @field_validator("prices")
     @classmethod

@@ -1,9 +1,9 @@
 """The benchmark scripts still run on the current code and report their figures.
 
 Each script runs as a subprocess at tiny sizes (``bench_queue.py --smoke``, a few thousand
-rows for ``bench_scale.py``, a 2 s window for ``bench_fleet.py``). The tests check that every
-scenario ran and reported a value for each of its figures, never how fast: at these sizes, on
-a shared machine, the figures mean nothing.
+rows for ``bench_scale.py``, a 2 s window for ``bench_fleet.py``, ``bench_health.py --smoke``).
+The tests check that every scenario ran and reported a value for each of its figures, never
+how fast: at these sizes, on a shared machine, the figures mean nothing.
 """
 
 from __future__ import annotations
@@ -162,3 +162,49 @@ def test_bench_fleet_reports(tmp_path: Path) -> None:
     assert doc["daemons"] == 2
     assert sum(doc["completed_by_worker"].values()) > 0, doc
     assert "requests received" in proc.stdout
+
+
+def test_bench_health_reports_quiet_and_flood(pg_admin_dsn: str, tmp_path: Path) -> None:
+    """Quiet and flooded drains at smoke size (300 jobs, 100 idle connections)."""
+    out = tmp_path / "health.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
+    env["DATABASE_URL"] = pg_admin_dsn
+    proc = run_script(
+        [
+            str(BENCH / "bench_health.py"),
+            "--smoke",
+            "--use-database-url",
+            "--quiet-wait",
+            "0",
+            "--json",
+            str(out),
+        ],
+        timeout_s=100,
+        env=env,
+    )
+    assert proc.returncode == 0, explain(proc)
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == {}
+    assert doc["details"]["sizes"] == {"jobs": 300, "idle": 100}
+    figures = figures_by_scenario(doc)
+    assert sorted(figures) == ["f", "q"]
+    names = {key: [f["name"] for f in rows] for key, rows in figures.items()}
+    assert names["q"] == [
+        "throughput, quiet",
+        "/readyz p50",
+        "/readyz p99",
+        "/readyz probes failed",
+    ]
+    assert names["f"] == [
+        "throughput, 100 idle connections",
+        "/readyz p50",
+        "/readyz p99",
+        "/readyz probes failed",
+        "throughput flood / quiet",
+    ]
+    for rows in figures.values():
+        for figure in rows:
+            assert figure["value"] is not None, figure
+    (flood,) = doc["details"]["f"]
+    assert flood["idle_opened"] > 0 and flood["probes_ok"] > 0
+    assert "throughput flood / quiet" in proc.stdout

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from listener.demo import BUNDLED_IMAGES, find_images
 
+HEALTH_TOKEN = "demo-health-token-" + "Kp3vQ8"  # set: the demo must pass it to /status
+
 
 def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
-    env.update({"COLUMNS": "200", "NO_COLOR": "1"})
+    env.update({"COLUMNS": "200", "NO_COLOR": "1", "LISTENER_HEALTH_TOKEN": HEALTH_TOKEN})
     result = subprocess.run(
         [sys.executable, "-m", "listener", "demo", "--health-port", "0"],
         env=env,
@@ -28,7 +30,8 @@ def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
     assert f"{len(photos)} of {len(photos)} photos complete" in out
     assert "starting an embedded Postgres" in out
     assert "backfill enqueued" in out
-    assert re.search(r"/healthz -> 200, /readyz -> 200", out)
+    assert re.search(r"/healthz -> 200, /readyz -> 200, /status -> pending 0", out)
+    assert HEALTH_TOKEN not in out + result.stderr
     rows = {line.split()[1]: line for line in out.splitlines() if ".png" in line or ".jpg" in line}
     assert len(rows) == len(photos)
     for line in rows.values():
