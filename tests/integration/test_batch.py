@@ -177,7 +177,7 @@ async def test_batch_survives_sigkill_and_postgres_restart(
                         ) from None
                     final = await counts(again)
                     batches = await again.fetch(
-                        "SELECT id, provider_batch_id, applied_at FROM listener.batches"
+                        "SELECT id, provider_batch_id, status, applied_at FROM listener.batches"
                     )
                     results = await again.fetchval("SELECT count(*) FROM listener.results")
                 finally:
@@ -193,8 +193,15 @@ async def test_batch_survives_sigkill_and_postgres_restart(
     assert final == {"complete": 200}, (tmp_path / "daemon.log").read_text()[-3000:]
     assert results == 200  # one tier-1 result per image, none twice
     assert all(b["applied_at"] is not None for b in batches)
-    # Every batch OpenAI ran is one of ours, applied once; none was created twice.
-    assert {b["provider_batch_id"] for b in batches} == provider_batches
+    # Every batch OpenAI ran is one of ours, applied once; none was created twice. A batch the
+    # killed daemon was still preparing never reached OpenAI: it was closed as abandoned.
+    created = [b for b in batches if b["provider_batch_id"] is not None]
+    assert {b["provider_batch_id"] for b in created} == provider_batches
+    assert len(created) == len(provider_batches)
+    assert {b["status"] for b in batches if b["provider_batch_id"] is None} <= {
+        "abandoned",
+        "empty",
+    }
     assert len(fake.requests) == 0
 
 
