@@ -415,15 +415,15 @@ ORDER BY coalesce(sum(n) FILTER (WHERE status IN ('pending', 'processing', 'batc
 LIMIT $1;
 
 -- name: failure_reasons :many
--- The most common reasons among the last 1,000 failures (jobs_failed_idx, newest first), URLs
--- folded so that one cause is one line: O(1,000), however many jobs failed.
+-- The most common reasons among the last 500 failures (jobs_failed_idx, newest first), URLs
+-- folded so that one cause is one line: O(500), however many jobs failed.
 SELECT regexp_replace(coalesce(last_error, 'unknown'), '(https?|file)://\S+', '<url>', 'g')
            AS reason,
        count(*) AS count
 FROM (SELECT last_error FROM listener.jobs
       WHERE status = 'failed' AND finished_at IS NOT NULL
       ORDER BY finished_at DESC
-      LIMIT 1000) AS recent
+      LIMIT 500) AS recent
 GROUP BY 1
 ORDER BY 2 DESC, 1
 LIMIT $1;

@@ -121,6 +121,11 @@ class Queries:
         self._pool = pool
         self._sql = {name: q.sql for name, q in load_queries().items()}
 
+    @property
+    def pooled(self) -> bool:
+        """True when bound to a pool: independent reads may then run at the same time."""
+        return isinstance(self._pool, asyncpg.Pool)
+
     # Typed reads only: job state is written by the job store (listener.queue.pg_store).
 
     async def _dicts(self, name: str, *args: Any) -> list[dict[str, Any]]:
