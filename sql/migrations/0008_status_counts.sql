@@ -49,6 +49,21 @@ CREATE TABLE listener.job_counts_by_table (
     PRIMARY KEY (source_table, status)
 );
 
+-- Jobs finished per minute (status complete or failed), for the throughput chart and the rate:
+-- counted as jobs reach those statuses, so reading the last hour is 60 rows per status
+-- however fast jobs finish. A job finished twice (requeued) counts twice: work done.
+CREATE TABLE listener.finish_deltas (
+    minute timestamptz NOT NULL,
+    status text        NOT NULL,
+    n      bigint      NOT NULL
+);
+CREATE TABLE listener.finished_per_minute (
+    minute timestamptz NOT NULL,
+    status text        NOT NULL,
+    n      bigint      NOT NULL,
+    PRIMARY KEY (minute, status)
+);
+
 CREATE FUNCTION listener.count_inserted_jobs() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -77,6 +92,13 @@ BEGIN
        OR o.source_table IS DISTINCT FROM n.source_table
     GROUP BY 1, 2, 3
     HAVING sum(k.delta) <> 0;
+    INSERT INTO listener.finish_deltas (minute, status, n)
+    SELECT date_trunc('minute', n.finished_at), n.status, count(*)
+    FROM old_jobs AS o
+    JOIN new_jobs AS n ON n.id = o.id
+    WHERE n.status IN ('complete', 'failed') AND o.status IS DISTINCT FROM n.status
+      AND n.finished_at IS NOT NULL
+    GROUP BY 1, 2;
     RETURN NULL;
 END;
 $$;
@@ -99,6 +121,8 @@ BEGIN
     DELETE FROM listener.job_count_deltas;
     DELETE FROM listener.job_counts;
     DELETE FROM listener.job_counts_by_table;
+    DELETE FROM listener.finish_deltas;
+    DELETE FROM listener.finished_per_minute;
     RETURN NULL;
 END;
 $$;
@@ -215,6 +239,16 @@ BEGIN
         ON CONFLICT (provider, day) DO UPDATE SET usd = s.usd + EXCLUDED.usd
     )
     SELECT folded + count(*) INTO folded FROM moved;
+    WITH moved AS (
+        DELETE FROM listener.finish_deltas RETURNING minute, status, n
+    ), per_minute AS (
+        INSERT INTO listener.finished_per_minute AS f (minute, status, n)
+        SELECT m.minute, m.status, sum(m.n) FROM moved AS m GROUP BY 1, 2
+        ON CONFLICT (minute, status) DO UPDATE SET n = f.n + EXCLUDED.n
+    )
+    SELECT folded + count(*) INTO folded FROM moved;
+    -- Only the last hour is read: keep two.
+    DELETE FROM listener.finished_per_minute WHERE minute < now() - interval '2 hours';
     RETURN folded;
 END;
 $$;
@@ -256,6 +290,11 @@ INSERT INTO listener.job_counts (source_table, owner_id, status, n)
 SELECT source_table, owner_id, status, count(*) FROM listener.jobs GROUP BY 1, 2, 3;
 INSERT INTO listener.job_counts_by_table (source_table, status, n)
 SELECT source_table, status, count(*) FROM listener.jobs GROUP BY 1, 2;
+INSERT INTO listener.finished_per_minute (minute, status, n)
+SELECT date_trunc('minute', finished_at), status, count(*)
+FROM listener.jobs
+WHERE status IN ('complete', 'failed') AND finished_at >= now() - interval '2 hours'
+GROUP BY 1, 2;
 INSERT INTO listener.spend_by_day (provider, day, usd)
 SELECT provider, (created_at AT TIME ZONE 'UTC')::date, sum(cost_usd)
 FROM listener.results WHERE cost_usd <> 0 GROUP BY 1, 2;
