@@ -80,25 +80,32 @@ $$;
 CREATE FUNCTION listener.count_updated_jobs() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- One statement, one join of the transition tables, for both kinds of delta: this runs
+    -- for every claim, completion and lease renewal.
+    WITH changed AS (
+        SELECT o.source_table AS old_table, o.owner_id AS old_owner, o.status AS old_status,
+               n.source_table, n.owner_id, n.status, n.finished_at
+        FROM old_jobs AS o
+        JOIN new_jobs AS n ON n.id = o.id
+        WHERE o.status IS DISTINCT FROM n.status
+           OR o.owner_id IS DISTINCT FROM n.owner_id
+           OR o.source_table IS DISTINCT FROM n.source_table
+    ), finished AS (
+        INSERT INTO listener.finish_deltas (minute, status, n)
+        SELECT date_trunc('minute', c.finished_at), c.status, count(*)
+        FROM changed AS c
+        WHERE c.status IN ('complete', 'failed') AND c.old_status IS DISTINCT FROM c.status
+          AND c.finished_at IS NOT NULL
+        GROUP BY 1, 2
+    )
     INSERT INTO listener.job_count_deltas (source_table, owner_id, status, delta)
     SELECT k.source_table, k.owner_id, k.status, sum(k.delta)
-    FROM old_jobs AS o
-    JOIN new_jobs AS n ON n.id = o.id
-    CROSS JOIN LATERAL (VALUES (o.source_table, o.owner_id, o.status, -1),
-                               (n.source_table, n.owner_id, n.status, 1))
+    FROM changed AS c
+    CROSS JOIN LATERAL (VALUES (c.old_table, c.old_owner, c.old_status, -1),
+                               (c.source_table, c.owner_id, c.status, 1))
         AS k(source_table, owner_id, status, delta)
-    WHERE o.status IS DISTINCT FROM n.status
-       OR o.owner_id IS DISTINCT FROM n.owner_id
-       OR o.source_table IS DISTINCT FROM n.source_table
     GROUP BY 1, 2, 3
     HAVING sum(k.delta) <> 0;
-    INSERT INTO listener.finish_deltas (minute, status, n)
-    SELECT date_trunc('minute', n.finished_at), n.status, count(*)
-    FROM old_jobs AS o
-    JOIN new_jobs AS n ON n.id = o.id
-    WHERE n.status IN ('complete', 'failed') AND o.status IS DISTINCT FROM n.status
-      AND n.finished_at IS NOT NULL
-    GROUP BY 1, 2;
     RETURN NULL;
 END;
 $$;
