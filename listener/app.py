@@ -38,6 +38,7 @@ from listener.queue.pg_store import PgJobStore
 from listener.queue.retry import RetryPolicy
 from listener.queue.signals import Signals
 from listener.queue.worker import Worker, WorkerConfig
+from listener.rollup import CountsRollup
 from listener.settings import Settings
 from listener.writeback import StatusWriteBack
 
@@ -200,6 +201,7 @@ class Daemon:
         self.budget: Budget | None = None
         self.batches: BatchManager | None = None
         self.status_writeback: StatusWriteBack | None = None
+        self.counts_rollup: CountsRollup | None = None
         self._fetcher = ImageFetcher(settings.fetch)
         self._loops: asyncio.Task[None] | None = None
         self.store: PgJobStore | None = None
@@ -320,6 +322,7 @@ class Daemon:
                         providers=[p.name for p in self._providers],
                         started_at=time.monotonic(),
                         budget_usd_per_day=s.budget_usd_per_day,
+                        status_cache_s=s.status_cache_s,
                     ),
                     s.health_host,
                     s.health_port,
@@ -337,6 +340,8 @@ class Daemon:
                 s.status_writeback_batch,
                 s.status_writeback_lock_timeout_ms,
             )
+            # Folds the job counters' deltas (0008) so status reads stay a few rows.
+            self.counts_rollup = CountsRollup(queries, s.counts_rollup_interval_s)
         except BaseException:
             await self._close_resources()
             raise
@@ -370,6 +375,8 @@ class Daemon:
         # handed back are written too.
         if self.status_writeback is not None:
             loops.append(self.status_writeback)
+        if self.counts_rollup is not None:
+            loops.append(self.counts_rollup)
         return loops
 
     async def _run_loops(self) -> None:

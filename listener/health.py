@@ -20,6 +20,11 @@ leaks).
 Slow clients: connections are capped and a header timeout closes those that never finish a
 request (``listener.http_limits``).
 
+``/status`` and ``/`` share one document, computed at most once per ``status_cache_s`` (1 s
+by default) however many clients ask: concurrent requests wait for the same computation, so
+a wall of open status pages refreshing every 5 s cannot load the database. ``/metrics``
+reads the job counters (``sql/migrations/0008_status_counts.sql``), never the jobs table.
+
 Nothing here prints a DSN, the token or any other secret.
 """
 
@@ -30,7 +35,7 @@ import hashlib
 import hmac
 import ipaddress
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +50,7 @@ from listener.db.queries import Queries
 from listener.http_limits import CappedTCPSite, ConnectionCap
 from listener.metrics import Metrics
 from listener.queue.worker import Worker
-from listener.status import queue_status
+from listener.status import STATUSES, queue_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +65,75 @@ class HealthSources:
     providers: list[str]
     started_at: float
     budget_usd_per_day: float | None = None
+    status_cache_s: float = 1.0
+    """Seconds a computed ``/status`` document (and the page rendered from it) is served."""
+
+
+class StatusCache:
+    """The ``/status`` document and the page rendered from it, computed at most once per
+    ``ttl_s`` seconds and shared by every request meanwhile.
+
+    A request that finds the document older than ``ttl_s`` starts one computation; requests
+    arriving while it runs await that same computation instead of starting their own. A failed
+    computation is not cached: its error goes to the requests that waited for it, and the next
+    request tries again.
+
+    Args:
+        compute: builds a fresh document (``status_document``).
+        ttl_s: how long a document is served, seconds.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[], Awaitable[dict[str, Any]]],
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._compute = compute
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._doc: dict[str, Any] | None = None
+        self._at = 0.0
+        self._running: asyncio.Task[dict[str, Any]] | None = None
+        self._page: tuple[dict[str, Any], str] | None = None
+        self.computed = 0
+        """Documents computed so far (each one a round of queries)."""
+
+    async def document(self) -> dict[str, Any]:
+        """The current document (at most ``ttl_s`` old).
+
+        Raises:
+            Exception: what the computation raised.
+        """
+        if self._doc is not None and self._clock() - self._at < self._ttl_s:
+            return self._doc
+        if self._running is None:
+            self._running = asyncio.create_task(self._refresh())
+        # shield: a client that disconnects cancels its handler, not the shared computation.
+        return await asyncio.shield(self._running)
+
+    async def page(self) -> str:
+        """The status page of the current document, rendered once per document."""
+        from listener.status_page import render
+
+        doc = await self.document()
+        if self._page is None or self._page[0] is not doc:
+            self._page = (doc, render(doc))
+        return self._page[1]
+
+    async def _refresh(self) -> dict[str, Any]:
+        try:
+            doc = await self._compute()
+            self.computed += 1
+            self._doc, self._at = doc, self._clock()
+            return doc
+        finally:
+            self._running = None
 
 
 SOURCES = web.AppKey("sources", HealthSources)
+STATUS_CACHE = web.AppKey("status_cache", StatusCache)
 
 CLAIM_FAILURES_NOT_READY = 3
 """Claims failing this many times in a row make ``/readyz`` answer 503 (the pool may answer
@@ -116,22 +187,20 @@ async def status_document(src: HealthSources) -> dict[str, Any]:
 
 async def _status(request: web.Request) -> web.Response:
     try:
-        doc = await status_document(request.app[SOURCES])
+        doc = await request.app[STATUS_CACHE].document()
     except Exception as error:
         return web.json_response({"error": f"database: {type(error).__name__}"}, status=503)
     return web.json_response(doc)
 
 
 async def _page(request: web.Request) -> web.Response:
-    from listener.status_page import render
-
     try:
-        doc = await status_document(request.app[SOURCES])
+        page = await request.app[STATUS_CACHE].page()
     except Exception as error:
         return web.Response(
             text=f"listener: database unavailable ({type(error).__name__})", status=503
         )
-    return web.Response(text=render(doc), content_type="text/html")
+    return web.Response(text=page, content_type="text/html")
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -141,7 +210,7 @@ async def _metrics(request: web.Request) -> web.Response:
     except Exception:
         counts = None
     if counts is not None:
-        for status in ("pending", "processing", "complete", "failed"):
+        for status in STATUSES:
             src.metrics.queue_jobs.labels(status).set(getattr(counts, status))
         src.metrics.oldest_pending.set(counts.oldest_pending_s)
     body = generate_latest(src.metrics.registry)
@@ -256,6 +325,7 @@ def build_app(
         chain.append(auth_middleware(TokenCheck(token)))
     app = web.Application(middlewares=chain)
     app[SOURCES] = sources
+    app[STATUS_CACHE] = StatusCache(lambda: status_document(sources), sources.status_cache_s)
     app.router.add_get("/", _page)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -80,10 +80,16 @@ class Metrics:
         )
         self.in_flight = Gauge("listener_jobs_in_flight", "Jobs running now.", registry=r)
         self.queue_jobs = Gauge(
-            "listener_queue_jobs", "Jobs in the queue, by status.", ["status"], registry=r
+            "listener_queue_jobs",
+            "Jobs by status (pending, processing, complete, failed, cancelled, batched), "
+            "from the job counters.",
+            ["status"],
+            registry=r,
         )
         self.oldest_pending = Gauge(
-            "listener_oldest_pending_seconds", "Age of the oldest pending job.", registry=r
+            "listener_oldest_pending_seconds",
+            "Seconds the longest-waiting runnable pending job has waited (now - run_after).",
+            registry=r,
         )
         self.notifications = Counter(
             "listener_notifications", "NOTIFY wake-ups received.", registry=r

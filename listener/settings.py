@@ -316,6 +316,19 @@ class Settings(BaseSettings):
         description="Longest wait of the status write-back for a lock; keep it below the "
         "server's deadlock_timeout (1 s by default), so the write-back gives up first.",
     )
+    counts_rollup_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds between folds of the job counters' deltas into the counts "
+        "(listener.roll_up_job_counts); readers add the deltas not folded yet, so this "
+        "bounds how many they add up, not how exact they are.",
+    )
+    status_cache_s: float = Field(
+        default=1.0,
+        ge=1.0,
+        description="Seconds the health server serves one computed /status document (and "
+        "the status page) to every client, so page refreshes cannot load the database.",
+    )
 
     health_host: str = Field(
         default="127.0.0.1",

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
+
+import asyncpg
 
 from listener.budget import utc_midnight
 from listener.db.queries import Queries
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+STATUSES = ("pending", "processing", "complete", "failed", "cancelled", "batched")
 RATE_WINDOW_S = 300.0
 """Throughput and ETA are measured over the last five minutes."""
 TOP_OWNERS = 20
@@ -18,6 +23,13 @@ RECENT_FAILURES = 20
 
 async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> dict[str, Any]:
     """Counts by status, spend, budget, paused providers and attached tables.
+
+    Every part is bounded, whatever the number of jobs: counts and spend come from the
+    counters of ``sql/migrations/0008_status_counts.sql`` (exact: folded counts plus the deltas
+    not folded yet), failures from the newest entries of ``jobs_failed_idx``, throughput and
+    rate from the last hour's range of ``jobs_finished_idx``; failure reasons are those of the
+    last 500 failures, and ``oldest_pending_s`` is how long the longest-waiting runnable
+    pending job has waited (now - its ``run_after``).
 
     Returns:
         ``{"pending": n, "processing": n, "complete": n, "failed": n, "cancelled": n,
@@ -35,34 +47,68 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
     Raises:
         asyncpg.PostgresError, OSError: the database failed.
     """
-    doc: dict[str, Any] = (await queries.queue_counts()).as_dict()
-    today = await queries.spend_since(utc_midnight(datetime.now(UTC)))
-    total = await queries.spend_since(EPOCH)
-    spent_today = sum(today.values())
-    doc.update(
-        {
-            "spend_usd_today": round(spent_today, 6),
-            "spend_usd_total": round(sum(total.values()), 6),
-            "spend_by_provider_today": {k: round(v, 6) for k, v in today.items()},
-            "budget_usd_per_day": budget_usd_per_day,
-            "budget_exhausted": budget_usd_per_day is not None
-            and spent_today >= budget_usd_per_day,
-            "paused_providers": await queries.provider_pauses(),
-            "tables": [a.source_table for a in await queries.list_attachments()],
-        }
-    )
-    rate = await queries.recent_rate(RATE_WINDOW_S)
+    # Bounds the deltas the reads below add up, when no daemon has folded them lately; a
+    # standby (read-only) database is read as it is.
+    with contextlib.suppress(asyncpg.ReadOnlySQLTransactionError):
+        await queries.roll_up_job_counts()
+    today = utc_midnight(datetime.now(UTC)).date()
+    reads: list[Awaitable[Any]] = [
+        queries.counts_by_table(),
+        queries.oldest_pending(),
+        queries.spend_totals(today),
+        queries.provider_pauses(),
+        queries.list_attachments(),
+        queries.recent_rate(RATE_WINDOW_S),
+        queries.counts_by_owner(TOP_OWNERS),
+        queries.failure_reasons(TOP_REASONS),
+        queries.recent_failures(RECENT_FAILURES),
+        queries.throughput_per_minute(),
+        queries.open_batches(),
+    ]
+    # A dozen small reads: on a pool they run side by side (one round trip's latency, not
+    # twelve); on a single connection, one after the other.
+    if queries.pooled:
+        results = await asyncio.gather(*reads)
+    else:
+        results = [await read for read in reads]
+    (
+        by_table,
+        oldest,
+        spend,
+        pauses,
+        attachments,
+        rate,
+        by_owner,
+        reasons,
+        recent,
+        throughput,
+        batches,
+    ) = results
+    # Totals are the sum of the per-table counts: one snapshot, so they always agree.
+    doc: dict[str, Any] = {s: sum(int(row[s]) for row in by_table) for s in STATUSES}
+    doc["oldest_pending_s"] = round(oldest, 3)
+    spent_today = sum(since for since, _ in spend.values())
     remaining = doc["pending"] + doc["processing"] + doc["batched"]
     doc.update(
         {
-            "by_table": await queries.counts_by_table(),
-            "by_owner": await queries.counts_by_owner(TOP_OWNERS),
-            "failure_reasons": await queries.failure_reasons(TOP_REASONS),
-            "recent_failures": _iso(await queries.recent_failures(RECENT_FAILURES)),
-            "throughput_per_minute": _iso(await queries.throughput_per_minute()),
+            "spend_usd_today": round(spent_today, 6),
+            "spend_usd_total": round(sum(total for _, total in spend.values()), 6),
+            "spend_by_provider_today": {
+                name: round(since, 6) for name, (since, _) in spend.items() if since > 0
+            },
+            "budget_usd_per_day": budget_usd_per_day,
+            "budget_exhausted": budget_usd_per_day is not None
+            and spent_today >= budget_usd_per_day,
+            "paused_providers": pauses,
+            "tables": [a.source_table for a in attachments],
+            "by_table": by_table,
+            "by_owner": by_owner,
+            "failure_reasons": reasons,
+            "recent_failures": _iso(recent),
+            "throughput_per_minute": _iso(throughput),
             "rate_per_s": round(rate, 3),
             "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else None,
-            "open_batches": _iso(await queries.open_batches()),
+            "open_batches": _iso(batches),
         }
     )
     return doc

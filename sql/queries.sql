@@ -131,6 +131,19 @@ WHERE created_at >= $1 AND cost_usd > 0
 GROUP BY provider
 ORDER BY provider;
 
+-- name: spend_totals :many
+-- USD per provider on UTC days from $1 on, and in all, from the spend counters (0008: folded
+-- per day plus the deltas not folded yet): O(providers x days), not O(results).
+SELECT provider,
+       coalesce(sum(usd) FILTER (WHERE day >= $1), 0)::float8 AS since,
+       sum(usd)::float8 AS total
+FROM (SELECT provider, day, usd FROM listener.spend_by_day
+      UNION ALL
+      SELECT provider, day, usd FROM listener.spend_deltas) AS s
+GROUP BY provider
+HAVING sum(usd) <> 0
+ORDER BY provider;
+
 -- name: ensure_provider_limit :execute
 -- Creates a provider's shared limiter row on first use.
 INSERT INTO listener.provider_limits (provider) VALUES ($1) ON CONFLICT DO NOTHING;
@@ -242,16 +255,28 @@ WHERE j.id = expired.id
 RETURNING j.id, j.status;
 
 -- name: queue_counts :one
--- Counts by status and the age (seconds) of the oldest pending job, in one scan.
-SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
-       count(*) FILTER (WHERE status = 'processing') AS processing,
-       count(*) FILTER (WHERE status = 'complete') AS complete,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-       count(*) FILTER (WHERE status = 'batched') AS batched,
-       coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')),
-                0)::float8 AS oldest_pending_s
-FROM listener.jobs;
+-- Counts by status from the counters (0008: folded counts plus the deltas not folded yet, one
+-- snapshot, exact) and the oldest pending age (see oldest_pending): O(tables), not O(jobs).
+SELECT coalesce(sum(n) FILTER (WHERE status = 'pending'), 0)::bigint AS pending,
+       coalesce(sum(n) FILTER (WHERE status = 'processing'), 0)::bigint AS processing,
+       coalesce(sum(n) FILTER (WHERE status = 'complete'), 0)::bigint AS complete,
+       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
+       coalesce(sum(n) FILTER (WHERE status = 'cancelled'), 0)::bigint AS cancelled,
+       coalesce(sum(n) FILTER (WHERE status = 'batched'), 0)::bigint AS batched,
+       (SELECT listener.oldest_pending_s()) AS oldest_pending_s
+FROM (SELECT status, n FROM listener.job_counts_by_table
+      UNION ALL
+      SELECT status, delta FROM listener.job_count_deltas) AS c;
+
+-- name: roll_up_job_counts :one
+-- Folds the counters' deltas into the counts (listener.roll_up_job_counts in 0008); 0 when
+-- another rollup is running. Keeps the deltas readers add up few.
+SELECT listener.roll_up_job_counts() AS folded;
+
+-- name: oldest_pending :one
+-- Seconds the longest-waiting runnable pending job has waited (now - run_after; a new job's
+-- run_after is its insert time): the first entry of jobs_claim_idx per priority.
+SELECT listener.oldest_pending_s() AS oldest_pending_s;
 
 -- name: attach :one
 -- Installs the enqueue triggers on a table (see listener.attach in 0001_init.sql).
@@ -281,17 +306,26 @@ SELECT listener.count_unqueued($1, $2) AS count;
 SELECT last_id, scanned, enqueued FROM listener.backfill_chunk($1, $2, $3, $4, $5, $6, $7);
 
 -- name: table_progress :one
--- Progress of one table's jobs (optionally one owner's): still to do, finished since $3,
--- and what their results cost since $3.
-SELECT count(*) FILTER (WHERE status IN ('pending', 'processing', 'batched')) AS remaining,
-       count(*) FILTER (WHERE status = 'complete' AND finished_at >= $3) AS complete,
-       count(*) FILTER (WHERE status = 'failed' AND finished_at >= $3) AS failed,
+-- Progress of one table's jobs (optionally one owner's): still to do (from the counters, 0008),
+-- finished since $3 and what their results cost since $3 (ranges of jobs_finished_idx and
+-- results_created_idx): O(jobs finished since $3), not O(jobs of the table).
+SELECT (SELECT coalesce(sum(x.n), 0)::bigint
+        FROM (SELECT c.n FROM listener.job_counts AS c
+              WHERE c.source_table = $1 AND ($2::text IS NULL OR c.owner_id = $2)
+                AND c.status IN ('pending', 'processing', 'batched')
+              UNION ALL
+              SELECT d.delta FROM listener.job_count_deltas AS d
+              WHERE d.source_table = $1 AND ($2::text IS NULL OR d.owner_id = $2)
+                AND d.status IN ('pending', 'processing', 'batched')) AS x) AS remaining,
+       count(*) FILTER (WHERE status = 'complete') AS complete,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
        (SELECT coalesce(sum(r.cost_usd), 0)::float8
         FROM listener.results AS r JOIN listener.jobs AS j ON j.id = r.job_id
         WHERE r.created_at >= $3 AND j.source_table = $1
           AND ($2::text IS NULL OR j.owner_id = $2)) AS spend_usd
 FROM listener.jobs
-WHERE source_table = $1 AND ($2::text IS NULL OR owner_id = $2);
+WHERE finished_at >= $3 AND finished_at IS NOT NULL
+  AND source_table = $1 AND ($2::text IS NULL OR owner_id = $2);
 
 -- name: table_jobs :many
 -- Every job of one table with its result for step $2, oldest first (the demo's report).
@@ -313,66 +347,121 @@ SELECT (SELECT count(*) FROM listener.people) AS people,
        (SELECT count(*) FROM listener.face_suggestions WHERE status = 'open') AS suggestions;
 
 -- name: counts_by_table :many
--- Jobs by status for each attached table.
+-- Jobs by status for each table with jobs, from the counters (folded plus deltas, one
+-- snapshot): O(tables x statuses + deltas not folded yet).
 SELECT source_table AS table,
-       count(*) FILTER (WHERE status = 'pending') AS pending,
-       count(*) FILTER (WHERE status = 'processing') AS processing,
-       count(*) FILTER (WHERE status = 'complete') AS complete,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-       count(*) FILTER (WHERE status = 'batched') AS batched
-FROM listener.jobs
+       coalesce(sum(n) FILTER (WHERE status = 'pending'), 0)::bigint AS pending,
+       coalesce(sum(n) FILTER (WHERE status = 'processing'), 0)::bigint AS processing,
+       coalesce(sum(n) FILTER (WHERE status = 'complete'), 0)::bigint AS complete,
+       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
+       coalesce(sum(n) FILTER (WHERE status = 'cancelled'), 0)::bigint AS cancelled,
+       coalesce(sum(n) FILTER (WHERE status = 'batched'), 0)::bigint AS batched
+FROM (SELECT source_table, status, n FROM listener.job_counts_by_table
+      UNION ALL
+      SELECT source_table, status, delta FROM listener.job_count_deltas) AS c
 GROUP BY source_table
+HAVING sum(n) <> 0
 ORDER BY source_table;
 
 -- name: counts_by_owner :many
--- Jobs by status for the $1 owners with the most work left.
+-- Jobs by status for the $1 owners with the most work left (pending, processing, batched),
+-- filled up to $1 with the owners with the most complete jobs; from the counters, reading
+-- only owners with work left (job_counts_left_idx) and $1 more (job_counts_complete_idx).
+WITH work_left AS (
+    SELECT source_table, owner_id
+    FROM (SELECT source_table, owner_id, n FROM listener.job_counts
+          WHERE status IN ('pending', 'processing', 'batched') AND n > 0
+          UNION ALL
+          SELECT source_table, owner_id, delta FROM listener.job_count_deltas
+          WHERE status IN ('pending', 'processing', 'batched')) AS x
+    GROUP BY 1, 2
+    HAVING sum(n) > 0
+    ORDER BY sum(n) DESC, 1, 2
+    LIMIT $1
+), most_done AS (
+    SELECT source_table, owner_id FROM listener.job_counts
+    WHERE status = 'complete' AND n > 0
+    ORDER BY n DESC
+    LIMIT $1
+), picked AS (
+    SELECT source_table, owner_id FROM work_left
+    UNION
+    SELECT source_table, owner_id FROM most_done
+), counted AS (
+    SELECT c.source_table, c.owner_id, c.status, c.n
+    FROM picked AS p
+    JOIN listener.job_counts AS c
+      ON c.source_table = p.source_table
+     AND coalesce(c.owner_id, '') = coalesce(p.owner_id, '')
+     AND (c.owner_id IS NULL) = (p.owner_id IS NULL)
+    UNION ALL
+    SELECT d.source_table, d.owner_id, d.status, d.delta
+    FROM listener.job_count_deltas AS d
+    JOIN picked AS p
+      ON d.source_table = p.source_table
+     AND coalesce(d.owner_id, '') = coalesce(p.owner_id, '')
+     AND (d.owner_id IS NULL) = (p.owner_id IS NULL)
+)
 SELECT source_table AS table, owner_id AS owner,
-       count(*) FILTER (WHERE status = 'pending') AS pending,
-       count(*) FILTER (WHERE status = 'processing') AS processing,
-       count(*) FILTER (WHERE status = 'complete') AS complete,
-       count(*) FILTER (WHERE status = 'failed') AS failed
-FROM listener.jobs
+       coalesce(sum(n) FILTER (WHERE status = 'pending'), 0)::bigint AS pending,
+       coalesce(sum(n) FILTER (WHERE status = 'processing'), 0)::bigint AS processing,
+       coalesce(sum(n) FILTER (WHERE status = 'complete'), 0)::bigint AS complete,
+       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed
+FROM counted
 GROUP BY source_table, owner_id
-ORDER BY count(*) FILTER (WHERE status IN ('pending', 'processing', 'batched')) DESC,
-         count(*) DESC
+HAVING sum(n) <> 0
+ORDER BY coalesce(sum(n) FILTER (WHERE status IN ('pending', 'processing', 'batched')), 0) DESC,
+         sum(n) DESC, source_table, owner_id
 LIMIT $1;
 
 -- name: failure_reasons :many
--- The most common reasons of failed jobs, URLs folded so that one cause is one line.
+-- The most common reasons among the last 500 failures (jobs_failed_idx, newest first), URLs
+-- folded so that one cause is one line: O(500), however many jobs failed.
 SELECT regexp_replace(coalesce(last_error, 'unknown'), '(https?|file)://\S+', '<url>', 'g')
            AS reason,
        count(*) AS count
-FROM listener.jobs
-WHERE status = 'failed'
+FROM (SELECT last_error FROM listener.jobs
+      WHERE status = 'failed' AND finished_at IS NOT NULL
+      ORDER BY finished_at DESC
+      LIMIT 500) AS recent
 GROUP BY 1
 ORDER BY 2 DESC, 1
 LIMIT $1;
 
 -- name: recent_failures :many
--- The last $1 failed jobs.
+-- The last $1 failed jobs: a backward scan of jobs_failed_idx, O($1).
 SELECT id AS job_id, source_table AS table, source_id, image_url AS url, last_error AS error,
        finished_at AS at
 FROM listener.jobs
-WHERE status = 'failed'
-ORDER BY finished_at DESC NULLS LAST
+WHERE status = 'failed' AND finished_at IS NOT NULL
+ORDER BY finished_at DESC
 LIMIT $1;
 
 -- name: throughput_per_minute :many
--- Jobs finished per minute over the last hour.
-SELECT date_trunc('minute', finished_at) AS minute,
-       count(*) FILTER (WHERE status = 'complete') AS complete,
-       count(*) FILTER (WHERE status = 'failed') AS failed
-FROM listener.jobs
-WHERE finished_at >= now() - interval '1 hour'
-GROUP BY 1
-ORDER BY 1;
+-- Jobs that became complete or failed, per minute over the last hour, from the per-minute
+-- counters (0008: folded plus the deltas not folded yet): at most 120 rows, however many
+-- jobs finish.
+SELECT minute,
+       coalesce(sum(n) FILTER (WHERE status = 'complete'), 0)::bigint AS complete,
+       coalesce(sum(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed
+FROM (SELECT minute, status, n FROM listener.finished_per_minute
+      WHERE minute >= date_trunc('minute', now() - interval '1 hour')
+      UNION ALL
+      SELECT minute, status, n FROM listener.finish_deltas) AS f
+WHERE minute >= date_trunc('minute', now() - interval '1 hour')
+GROUP BY minute
+HAVING sum(n) <> 0
+ORDER BY minute;
 
 -- name: recent_rate :one
--- Jobs finished per second over the last $1 seconds.
-SELECT count(*)::float8 / $1 AS rate
-FROM listener.jobs
-WHERE finished_at >= now() - make_interval(secs => $1);
+-- Jobs that became complete or failed per second over the last $1 seconds, from the
+-- per-minute counters (the oldest minute counted in full, so it may read a little high).
+SELECT coalesce(sum(n), 0)::float8 / $1 AS rate
+FROM (SELECT minute, n FROM listener.finished_per_minute
+      WHERE minute >= date_trunc('minute', now() - make_interval(secs => $1))
+      UNION ALL
+      SELECT minute, n FROM listener.finish_deltas) AS f
+WHERE minute >= date_trunc('minute', now() - make_interval(secs => $1));
 
 -- name: open_batches :many
 -- Batches not applied yet.

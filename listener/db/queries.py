@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -120,6 +120,11 @@ class Queries:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._sql = {name: q.sql for name, q in load_queries().items()}
+
+    @property
+    def pooled(self) -> bool:
+        """True when bound to a pool: independent reads may then run at the same time."""
+        return isinstance(self._pool, asyncpg.Pool)
 
     # Typed reads only: job state is written by the job store (listener.queue.pg_store).
 
@@ -262,8 +267,22 @@ class Queries:
             for r in rows
         }
 
+    async def roll_up_job_counts(self) -> int:
+        """Fold the counters' deltas into the counts (jobs and spend); delta rows folded, 0
+        when another rollup is running (it never waits for one)."""
+        return int(await self._pool.fetchval(self._sql["roll_up_job_counts"]))
+
+    async def oldest_pending(self) -> float:
+        """Seconds the longest-waiting runnable pending job has waited (now - run_after)."""
+        return float(await self._pool.fetchval(self._sql["oldest_pending"]))
+
+    async def spend_totals(self, since: date) -> dict[str, tuple[float, float]]:
+        """USD per provider: ``{provider: (on UTC days from since on, in all)}``."""
+        rows = await self._pool.fetch(self._sql["spend_totals"], since)
+        return {r["provider"]: (float(r["since"]), float(r["total"])) for r in rows}
+
     async def queue_counts(self) -> QueueCounts:
-        """Counts by status and the oldest pending job's age."""
+        """Counts by status (from the counters) and the oldest pending job's age."""
         r = await self._pool.fetchrow(self._sql["queue_counts"])
         return QueueCounts(
             pending=r["pending"],

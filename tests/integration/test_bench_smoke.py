@@ -208,3 +208,32 @@ def test_bench_health_reports_quiet_and_flood(pg_admin_dsn: str, tmp_path: Path)
     (flood,) = doc["details"]["f"]
     assert flood["idle_opened"] > 0 and flood["probes_ok"] > 0
     assert "throughput flood / quiet" in proc.stdout
+
+
+def test_bench_status_reports_every_figure(pg_admin_dsn: str, tmp_path: Path) -> None:
+    """Status reads at 2,000 jobs on the session's server: every figure has a value."""
+    out = tmp_path / "status.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
+    env["DATABASE_URL"] = pg_admin_dsn
+    proc = run_script(
+        [str(BENCH / "bench_status.py"), "--smoke", "--use-database-url", "--json", str(out)],
+        timeout_s=110,
+        env=env,
+    )
+    assert proc.returncode == 0, explain(proc)
+    doc = json.loads(out.read_text())
+    assert doc["jobs"] == 2000 and doc["build"]["jobs"] == 2000
+    names = {f["name"] for f in doc["figures"]}
+    assert names == {
+        "/status document (DB)",
+        "/ page (DB + render)",
+        "/metrics (DB)",
+        "listener status --json (DB)",
+        "GET /status (served)",
+        "GET / (served)",
+        "GET /metrics (served)",
+        "listener status --json (subprocess)",
+    }
+    for figure in doc["figures"]:
+        assert figure["p50_ms"] is not None and figure["n"] > 0, figure
+    assert "GET /status (served)" in proc.stdout
