@@ -149,14 +149,36 @@ def attach(
     status_column: Annotated[
         str | None, typer.Option(help="Text column the job status is written back to.")
     ] = None,
+    result_column: Annotated[
+        str | None,
+        typer.Option(help="jsonb column the step outputs are merged into, keyed by step."),
+    ] = None,
+    error_column: Annotated[
+        str | None,
+        typer.Option(help="Text column the last error is written to (cleared on success)."),
+    ] = None,
+    analyzed_at_column: Annotated[
+        str | None,
+        typer.Option(help="timestamptz column the completion time is written to."),
+    ] = None,
 ) -> None:
-    """Install the enqueue triggers on TABLE; the app that inserts rows stays unchanged."""
+    """Install the enqueue triggers on TABLE; the app that inserts rows stays unchanged.
+
+    Re-attaching replaces the previous settings: give every write-back column again.
+    """
     settings = _settings()
 
     async def go() -> str:
         async with _pool(settings) as pool:
             return await Queries(pool).attach(
-                table, id_column, url_column, owner_column, status_column
+                table,
+                id_column,
+                url_column,
+                owner_column,
+                status_column,
+                result_column=result_column,
+                error_column=error_column,
+                analyzed_at_column=analyzed_at_column,
             )
 
     name = _run(go())

@@ -158,6 +158,9 @@ async def _create_table(conn: asyncpg.Connection) -> None:
             vehicle_id        uuid NOT NULL,
             image_url         text,
             processing_status text,
+            ai_scan_metadata  jsonb,
+            processing_error  text,
+            ai_last_scanned   timestamptz,
             created_at        timestamptz NOT NULL DEFAULT now()
         );
         """
@@ -283,7 +286,16 @@ async def run_demo(
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         try:
             queries = Queries(pool)
-            await queries.attach(DEMO_TABLE, "id", "image_url", "vehicle_id", "processing_status")
+            await queries.attach(
+                DEMO_TABLE,
+                "id",
+                "image_url",
+                "vehicle_id",
+                "processing_status",
+                result_column="ai_scan_metadata",
+                error_column="processing_error",
+                analyzed_at_column="ai_last_scanned",
+            )
             report = await enqueue_backfill(
                 queries, DEMO_TABLE, priority=settings.backfill_priority
             )
@@ -334,6 +346,7 @@ async def run_demo(
                 if providers:
                     await _print_provider_report(console, conn, rows)
                 _print_report(console, rows, health, time.perf_counter() - started)
+                await _print_app_row(console, conn)
                 if keep_running:
                     console.print("daemon still running; Ctrl+C to stop")
                     await daemon.wait()
@@ -414,6 +427,32 @@ def _print_report(
     )
     complete = sum(1 for r in rows if r["status"] == "complete")
     console.print(f"[bold]{complete} of {len(rows)} photos complete in {seconds:.1f}s[/bold]")
+
+
+async def _print_app_row(console: Console, conn: asyncpg.Connection) -> None:
+    """One row of the app's table as the app reads it: the columns listener wrote back."""
+    row = await conn.fetchrow(
+        f"SELECT processing_status, processing_error, ai_last_scanned, ai_scan_metadata "
+        f"FROM {DEMO_TABLE} WHERE ai_scan_metadata IS NOT NULL "
+        "ORDER BY ai_last_scanned DESC LIMIT 1"
+    )
+    if row is None:
+        return
+    metadata = json.loads(row["ai_scan_metadata"])
+    brief = {
+        step: {k: v for k, v in out.items() if not isinstance(v, dict | list)}
+        for step, out in metadata.items()
+    }
+    # No file name in this line: the demo's test reads the photo rows by their names.
+    console.print(
+        f"the latest row of {DEMO_TABLE} as the app reads it (written back by listener): "
+        "processing_status="
+        f"{row['processing_status']}, processing_error={row['processing_error']}, "
+        f"ai_last_scanned={row['ai_last_scanned']:%Y-%m-%d %H:%M:%S%z},\n"
+        f"  ai_scan_metadata={json.dumps(brief, sort_keys=True)}",
+        markup=False,
+        highlight=False,
+    )
 
 
 def _fake_module(path: Path) -> ModuleType:

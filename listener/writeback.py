@@ -1,13 +1,16 @@
-"""Writes job statuses back to the app's status columns, outside every claim.
+"""Writes job statuses, results, errors and completion times back to the app's row, outside
+every claim.
 
-A job state change only queues the job in ``listener.status_outbox`` (a trigger on
-``listener.jobs``, see ``sql/migrations/0005_status_writeback.sql``). ``StatusWriteBack``
-drains that outbox every ``interval_s`` (and at once after ``wake``) in short transactions of
-its own, through ``listener.write_back_status``: app rows someone else holds are skipped and
-retried on the next round, and every lock wait is bounded by a ``lock_timeout`` shorter than
-the server's ``deadlock_timeout``. So the app's own writes never wait for a claim, and the
-status column is eventually right (a round behind the job, at most, while nobody holds the
-row).
+A job state change (or a stored step, for tables with a result column) only queues the job in
+``listener.status_outbox`` (statement triggers on ``listener.jobs`` and ``listener.results``,
+see ``sql/migrations/0005_status_writeback.sql`` and ``0011_result_columns.sql``), and every
+write-back column an attachment has (status, result, error, analyzed-at) is written in the
+same round. ``StatusWriteBack`` drains that outbox every ``interval_s`` (and at once after
+``wake``) in short transactions of its own, through ``listener.write_back_status``: app rows
+someone else holds are skipped and retried on the next round, and every lock wait is bounded
+by a ``lock_timeout`` shorter than the server's ``deadlock_timeout``. So the app's own writes
+never wait for a claim, and the columns are eventually right (a round behind the job, at
+most, while nobody holds the row).
 
 Every daemon runs one; ``FOR UPDATE SKIP LOCKED`` on the outbox lets them share the work.
 """

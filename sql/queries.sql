@@ -279,8 +279,10 @@ SELECT listener.roll_up_job_counts() AS folded;
 SELECT listener.oldest_pending_s() AS oldest_pending_s;
 
 -- name: attach :one
--- Installs the enqueue triggers on a table (see listener.attach in 0001_init.sql).
-SELECT listener.attach($1, $2, $3, $4, $5) AS source_table;
+-- Installs the enqueue triggers on a table, with its write-back columns (see listener.attach
+-- in 0005_status_writeback.sql and 0011_result_columns.sql).
+SELECT listener.attach($1::text, $2::text, $3::text, $4::text, $5::text, $6::text, $7::text,
+                       $8::text) AS source_table;
 
 -- name: detach :one
 -- Removes the enqueue triggers from a table; false when it was not attached.
@@ -288,12 +290,14 @@ SELECT listener.detach($1) AS detached;
 
 -- name: attachment :one
 -- The attachment of one table; raises undefined_object when the table is not attached.
-SELECT source_table, id_column, id_type, url_column, owner_column, status_column
+SELECT source_table, id_column, id_type, url_column, owner_column, status_column,
+       result_column, error_column, analyzed_at_column
 FROM listener.attachment($1);
 
 -- name: list_attachments :many
 -- Every attached table.
-SELECT source_table, id_column, id_type, url_column, owner_column, status_column, created_at
+SELECT source_table, id_column, id_type, url_column, owner_column, status_column,
+       result_column, error_column, analyzed_at_column, created_at
 FROM listener.attachments
 ORDER BY source_table;
 
@@ -744,8 +748,9 @@ WHERE j.id = $1;
 SELECT set_config('lock_timeout', $1, true);
 
 -- name: write_back_status :one
--- Writes the current status of up to $1 queued jobs (ids after $2) to the app's status
--- columns, skipping app rows someone else holds (see listener.write_back_status in 0005).
+-- Writes the current status, results, error and completion time of up to $1 queued jobs (ids
+-- after $2) to the app's write-back columns, skipping app rows someone else holds (see
+-- listener.write_back_status in 0005 and 0011).
 SELECT picked, written, deferred, last_job_id, errors
 FROM listener.write_back_status($1, $2);
 

@@ -53,7 +53,12 @@ class QueueCounts:
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """One attached table and the columns listener reads from (and writes status to)."""
+    """One attached table, the columns listener reads from and those it writes back to.
+
+    ``status_column`` gets the job's status, ``result_column`` (jsonb) its step outputs keyed
+    by step, ``error_column`` its last error (``NULL`` on success), ``analyzed_at_column`` when
+    it completed; each is ``None`` when not configured.
+    """
 
     source_table: str
     id_column: str
@@ -61,6 +66,9 @@ class Attachment:
     url_column: str
     owner_column: str | None
     status_column: str | None
+    result_column: str | None = None
+    error_column: str | None = None
+    analyzed_at_column: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +96,7 @@ class WriteBackRound:
 
     Attributes:
         picked: outbox rows taken (at most the limit asked for).
-        written: app rows whose status column changed.
+        written: app rows whose write-back columns changed.
         deferred: rows left queued: their app row was held by someone else, or their table
             failed (see ``errors``).
         last_job_id: the last job id taken, where the next call resumes; ``None`` when none
@@ -301,19 +309,36 @@ class Queries:
         url_column: str,
         owner_column: str | None = None,
         status_column: str | None = None,
+        *,
+        result_column: str | None = None,
+        error_column: str | None = None,
+        analyzed_at_column: str | None = None,
     ) -> str:
         """Install the enqueue triggers on ``table``; returns its qualified, quoted name.
+
+        Re-attaching replaces the previous triggers and settings (a column not given is no
+        longer written).
 
         Raises:
             asyncpg.UndefinedTableError: the table does not exist.
             asyncpg.UndefinedColumnError: a named column does not exist.
             asyncpg.WrongObjectTypeError: the name is not a table.
-            asyncpg.InvalidParameterValueError: the table is one of listener's own, or the
-                status column cannot hold the statuses (not text, varchar(10) or longer, or
-                citext; or it is also the id, URL or owner column, or generated).
+            asyncpg.InvalidParameterValueError: the table is one of listener's own, or a
+                write-back column cannot hold what listener writes (status: text,
+                varchar(10) or longer, or citext; result: jsonb; error: text, varchar(200)
+                or longer, or citext; analyzed-at: timestamptz or timestamp), is also another
+                column, or is generated.
         """
         result: str = await self._pool.fetchval(
-            self._sql["attach"], table, id_column, url_column, owner_column, status_column
+            self._sql["attach"],
+            table,
+            id_column,
+            url_column,
+            owner_column,
+            status_column,
+            result_column,
+            error_column,
+            analyzed_at_column,
         )
         return result
 
@@ -370,7 +395,8 @@ class Queries:
     async def write_back_status(
         self, limit: int, after: int, lock_timeout_ms: int
     ) -> WriteBackRound:
-        """Write the status of up to ``limit`` queued jobs (ids above ``after``) to the app.
+        """Write the status, results, error and completion time of up to ``limit`` queued
+        jobs (ids above ``after``) to their app rows' write-back columns.
 
         One short transaction of its own, whose lock waits are bounded by ``lock_timeout_ms``
         milliseconds: app rows held by someone else are skipped and stay queued, so the app
@@ -410,4 +436,7 @@ def _attachment(r: Any) -> Attachment:
         url_column=r["url_column"],
         owner_column=r["owner_column"],
         status_column=r["status_column"],
+        result_column=r["result_column"],
+        error_column=r["error_column"],
+        analyzed_at_column=r["analyzed_at_column"],
     )
