@@ -24,7 +24,9 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         "batched": n, "oldest_pending_s": s,
         "spend_usd_today": usd, "spend_usd_total": usd, "spend_by_provider_today": {...},
         "budget_usd_per_day": usd | None, "budget_exhausted": bool,
-        "paused_providers": {name: {"remaining_s": s, "reason": text}}, "tables": [...],
+        "paused_providers": {name: {"remaining_s": s, "reason": text}},
+        "operator_pauses": [{"provider": name or "*", "reason": text, "remaining_s": s | None}],
+        "tables": [...],
         "by_table": [{"table", counts...}], "by_owner": [{"table", "owner", counts...}],
         "failure_reasons": [{"reason", "count"}] (URLs folded to ``<url>``),
         "recent_failures": [{"job_id", "table", "source_id", "url", "error", "at"}],
@@ -48,6 +50,10 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
             "budget_exhausted": budget_usd_per_day is not None
             and spent_today >= budget_usd_per_day,
             "paused_providers": await queries.provider_pauses(),
+            "operator_pauses": [
+                {"provider": p.provider, "reason": p.reason, "remaining_s": p.remaining_s}
+                for p in await queries.active_pauses()
+            ],
             "tables": [a.source_table for a in await queries.list_attachments()],
         }
     )
