@@ -582,14 +582,13 @@ def _print_status(doc: dict[str, Any]) -> None:
             else ""
         )
     console.print(spend)
-    for pause in doc.get("operator_pauses", []):
+    for pause in doc["operator_pauses"]:
         what = "pipeline" if pause["provider"] == "*" else pause["provider"]
         left = pause["remaining_s"]
         console.print(
             f"[yellow]{what} paused by operator "
             + ("until resumed" if left is None else f"for {left:.0f}s")
             + f"[/yellow]: {pause['reason'] or 'no reason given'}"
-            + (f"; {pause['held_jobs']} jobs held" if pause.get("held_jobs") else "")
         )
     for name, pause in doc["paused_providers"].items():
         console.print(
