@@ -18,6 +18,7 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
 import asyncpg
@@ -32,8 +33,10 @@ from listener.dispatch import Dispatcher, Limiter, LocalLimiter, ProviderSlot
 from listener.fetch import ImageFetcher
 from listener.health import HealthServer, HealthSources
 from listener.metrics import Metrics
+from listener.pauses import PauseBoard
 from listener.pipeline import Plan, Step, build_plan
 from listener.providers.base import BatchBackend, Provider
+from listener.prune import Pruner
 from listener.queue.pg_store import PgJobStore
 from listener.queue.retry import RetryPolicy
 from listener.queue.signals import Signals
@@ -202,6 +205,8 @@ class Daemon:
         self.batches: BatchManager | None = None
         self.status_writeback: StatusWriteBack | None = None
         self.counts_rollup: CountsRollup | None = None
+        self.pauses: PauseBoard | None = None
+        self.pruner: Pruner | None = None
         self._fetcher = ImageFetcher(settings.fetch)
         self._loops: asyncio.Task[None] | None = None
         self.store: PgJobStore | None = None
@@ -246,6 +251,15 @@ class Daemon:
                 if s.budget_usd_per_day is not None
                 else None
             )
+            # Read at most once per poll interval: a paused pipeline claims nothing, a paused
+            # provider's steps snooze once per job until the pause ends (listener.pauses).
+            self.pauses = PauseBoard(
+                queries.active_pauses,
+                [p.name for p in self._providers],
+                cache_s=s.poll_interval_s,
+                budget=self.budget,
+                paid=lambda name: dispatcher.paid(name),
+            )
             # The provider that can also run steps through a batch API, if any.
             backend = next((p for p in self._providers if isinstance(p, BatchBackend)), None)
             dispatcher = Dispatcher(
@@ -259,6 +273,7 @@ class Daemon:
                 prices=s.prices,
                 budget=self.budget,
                 batch=s.batch if backend is not None else None,
+                pauses=self.pauses,
             )
             worker = Worker(
                 self.store,
@@ -274,8 +289,16 @@ class Daemon:
                 self.metrics,
                 self._rng.random,
                 signals=self.signals,
+                gate=self.pauses,
             )
             self.worker = worker
+            if s.prune_after_days is not None:
+                self.pruner = Pruner(
+                    self.store,
+                    timedelta(days=s.prune_after_days),
+                    interval_s=s.prune_interval_s,
+                    batch=s.prune_batch,
+                )
 
             def notified() -> None:
                 self.metrics.notifications.inc()
@@ -371,6 +394,8 @@ class Daemon:
             loops.append(self.notifier)
         if self.batches is not None:
             loops.append(self.batches)
+        if self.pruner is not None:
+            loops.append(self.pruner)
         # Told to stop only once the worker has drained, so the statuses of the jobs it
         # handed back are written too.
         if self.status_writeback is not None:

@@ -4,17 +4,37 @@ Enqueueing is chunked ``INSERT ... SELECT`` in id order (``listener.backfill_chu
 stays flat whatever the table's size and each chunk is one short transaction. Rows that
 already have a job are skipped, so running it again is safe. Backfilled jobs get a lower
 priority than fresh uploads, which keep flowing while a backfill drains.
+
+With ``--where`` (a predicate on the app table) or ``--limit-per-owner``, the rows are chosen
+first by ``select_rows``, in a READ ONLY transaction with the operator's own rights (the
+predicate is parsed by Postgres and cannot write, whatever it contains), then enqueued by id,
+in chunks, through ``listener.backfill_ids`` (``ON CONFLICT DO NOTHING``: a row that got a job
+meanwhile keeps it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from listener.db.queries import Queries, TableProgress
+import asyncpg
+
+from listener.db.queries import Attachment, Queries, TableProgress
+
+
+class SelectionError(ValueError):
+    """The selection cannot be used (e.g. ``--limit-per-owner`` on a table without owners)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SelectedRow:
+    """A row chosen for backfill: its id and owner, as text."""
+
+    id: str
+    owner: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +119,83 @@ async def follow(
             await asyncio.wait_for(stop.wait(), interval_s)
         except TimeoutError:
             continue
+
+
+async def select_rows(
+    pool: asyncpg.Pool,
+    attachment: Attachment,
+    *,
+    where: str | None = None,
+    owner: str | None = None,
+    limit_per_owner: int | None = None,
+    limit: int | None = None,
+) -> list[SelectedRow]:
+    """The rows of ``attachment``'s table without a job that the selection names, in id order.
+
+    ``where`` is the operator's SQL predicate on the table (alias ``s`` or plain column names),
+    run in a READ ONLY transaction; ``limit_per_owner`` keeps the first N rows (by id) of each
+    owner; ``limit`` caps the total.
+
+    Raises:
+        SelectionError: ``owner`` or ``limit_per_owner`` on a table without an owner column,
+            or a limit below 1.
+        asyncpg.PostgresError: the predicate is not valid SQL, or tried to write
+            (``ReadOnlySQLTransactionError``).
+    """
+    if (owner is not None or limit_per_owner is not None) and attachment.owner_column is None:
+        raise SelectionError(f"{attachment.source_table} was attached without --owner-column")
+    if (limit_per_owner is not None and limit_per_owner < 1) or (limit is not None and limit < 1):
+        raise SelectionError("limits must be at least 1")
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        id_col = await conn.fetchval("SELECT quote_ident($1)", attachment.id_column)
+        owner_expr = "NULL::text"
+        if attachment.owner_column is not None:
+            owner_col = await conn.fetchval("SELECT quote_ident($1)", attachment.owner_column)
+            owner_expr = f"s.{owner_col}::text"
+        query = f"""
+            SELECT q.id, q.owner FROM (
+                SELECT s.{id_col}::text AS id, {owner_expr} AS owner, s.{id_col} AS sort_key,
+                       row_number() OVER (PARTITION BY {owner_expr} ORDER BY s.{id_col}) AS n
+                FROM {attachment.source_table} AS s
+                WHERE NOT EXISTS (
+                        SELECT 1 FROM listener.jobs AS j
+                        WHERE j.source_table = $1 AND j.source_id = s.{id_col}::text)
+                  AND ($2::text IS NULL OR {owner_expr} = $2)
+                  AND ({where or "true"})
+            ) AS q
+            WHERE ($3::bigint IS NULL OR q.n <= $3)
+            ORDER BY q.sort_key
+            LIMIT $4"""
+        rows = await conn.fetch(query, attachment.source_table, owner, limit_per_owner, limit)
+    return [SelectedRow(r["id"], r["owner"]) for r in rows]
+
+
+async def enqueue_rows(
+    queries: Queries,
+    table: str,
+    ids: Sequence[str],
+    *,
+    chunk_size: int = 5000,
+    priority: int = 100,
+    max_attempts: int = 5,
+    batch: bool | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> dict[str | None, int]:
+    """Enqueue rows ``ids`` of ``table`` that have no job, ``chunk_size`` per statement.
+
+    Returns:
+        Jobs created per owner (rows that got a job meanwhile are not counted).
+    """
+    created: dict[str | None, int] = {}
+    for start in range(0, len(ids), chunk_size):
+        chunk = await queries.backfill_ids(
+            table, ids[start : start + chunk_size], priority, max_attempts, batch
+        )
+        for owner, n in chunk.items():
+            created[owner] = created.get(owner, 0) + n
+        if on_chunk is not None:
+            on_chunk(min(start + chunk_size, len(ids)), sum(created.values()))
+        if stop is not None and stop.is_set():
+            break
+    return created

@@ -2,7 +2,10 @@
 
 Spend is the sum of ``listener.results.cost_usd`` since midnight UTC, across the fleet. Once
 it reaches the budget, paid steps raise ``BudgetExhausted``: their jobs wait (the attempt is
-given back) and are tried again a few minutes later, or the next day. Free steps go on.
+given back) until 00:00 UTC, held by ``"budget"``: one write per job, not one every few
+minutes (``listener resume budget`` wakes them early, after the budget was raised). A
+pipeline whose providers are all paid stops claiming while the budget is spent
+(``listener.pauses.PauseBoard``). Free steps go on.
 """
 
 from __future__ import annotations
@@ -12,9 +15,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from listener.errors import BudgetExhausted
-
-RECHECK_S = 300.0
-"""Longest a deferred job waits before the budget is checked again, seconds."""
 
 
 def utc_midnight(now: datetime) -> datetime:
@@ -79,5 +79,5 @@ class Budget:
             raise BudgetExhausted(
                 f"daily budget reached: ${spent:.4f} spent today of ${self.limit_usd:.2f}; "
                 "paid providers wait until 00:00 UTC",
-                retry_after=min(until_midnight, RECHECK_S),
+                retry_after=max(until_midnight, 1.0),
             )

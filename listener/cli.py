@@ -210,8 +210,28 @@ def backfill(
     batch: Annotated[
         bool, typer.Option("--batch", help="Send OpenAI steps through the Batch API (half price).")
     ] = False,
+    where: Annotated[
+        str | None,
+        typer.Option(help="Only rows matching this SQL predicate on TABLE (run read-only)."),
+    ] = None,
+    limit_per_owner: Annotated[
+        int | None, typer.Option(help="Enqueue at most N rows of each owner.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON (implies --no-wait).")
+    ] = False,
 ) -> None:
-    """Enqueue the rows of TABLE that were never analyzed, then follow them to completion."""
+    """Enqueue the rows of TABLE that were never analyzed, then follow them to completion.
+
+    --where and --limit-per-owner choose the rows first, in a READ ONLY transaction with your
+    own rights (the predicate cannot write), then enqueue them by id. The summary lists, per
+    owner, the jobs, their outcome and the faces found and auto-assigned, and why jobs failed.
+    """
+    if where is not None or limit_per_owner is not None:
+        _backfill_selected(
+            table, where, limit_per_owner, owner, limit, dry_run, no_wait, batch, as_json
+        )
+        return
     from listener.backfill import enqueue_backfill
 
     settings = _settings()
@@ -260,10 +280,131 @@ def backfill(
                 if no_wait or stop.is_set():
                     return
                 await _follow_progress(queries, name, owner, since, stop)
+                await _print_summary(queries, name, None, since, {})
             finally:
                 loop.remove_signal_handler(signal.SIGINT)
 
     _run(go())
+
+
+def _backfill_selected(
+    table: str,
+    where: str | None,
+    limit_per_owner: int | None,
+    owner: str | None,
+    limit: int | None,
+    dry_run: bool,
+    no_wait: bool,
+    batch: bool,
+    as_json: bool,
+) -> None:
+    """``backfill --where/--limit-per-owner``: select read-only, then enqueue by id."""
+    from listener.backfill import SelectionError, enqueue_rows, select_rows
+
+    settings = _settings()
+
+    async def go() -> dict[str, Any]:
+        async with _pool(settings) as pool:
+            queries = Queries(pool)
+            attachment = await queries.attachment(table)
+            name = attachment.source_table
+            try:
+                rows = await select_rows(
+                    pool,
+                    attachment,
+                    where=where,
+                    owner=owner,
+                    limit_per_owner=limit_per_owner,
+                    limit=limit,
+                )
+            except SelectionError as error:
+                raise UserError(str(error)) from None
+            selected: dict[str | None, int] = {}
+            for row in rows:
+                selected[row.owner] = selected.get(row.owner, 0) + 1
+            doc: dict[str, Any] = {
+                "dry_run": dry_run,
+                "selected": len(rows),
+                "by_owner": [{"owner": k, "selected": v} for k, v in selected.items()],
+            }
+            if dry_run:
+                if not as_json:
+                    _print_owner_counts(doc["by_owner"], "rows that would be enqueued (dry run)")
+                    await _print_estimate(settings, queries, name, owner, len(rows))
+                return doc
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            try:
+                since = datetime.now(UTC)
+                created = await enqueue_rows(
+                    queries,
+                    name,
+                    [r.id for r in rows],
+                    chunk_size=settings.backfill_chunk_size,
+                    priority=settings.backfill_priority,
+                    max_attempts=settings.max_attempts,
+                    batch=True if batch else None,
+                    stop=stop,
+                )
+                doc["enqueued"] = sum(created.values())
+                if not as_json:
+                    console.print(f"enqueued {doc['enqueued']} jobs ({len(rows)} rows selected)")
+                if not (no_wait or as_json or stop.is_set()):
+                    await _follow_progress(queries, name, owner, since, stop)
+            finally:
+                loop.remove_signal_handler(signal.SIGINT)
+            ids = [r.id for r in rows]
+            summary, failures = await queries.backfill_summary(name, ids, since)
+            for entry in summary:
+                entry["enqueued"] = created.get(entry["owner_id"], 0)
+            doc.update(by_owner=summary, failures=failures)
+            if not as_json:
+                await _print_summary(queries, name, ids, since, created, (summary, failures))
+            return doc
+
+    doc = _run(go())
+    if as_json:
+        sys.stdout.write(json.dumps(doc, default=str) + "\n")
+
+
+def _print_owner_counts(rows: list[dict[str, Any]], title: str) -> None:
+    table_out = Table(title=title)
+    table_out.add_column("owner")
+    table_out.add_column("rows", justify="right")
+    for row in rows:
+        table_out.add_row(str(row["owner"]), str(row["selected"]))
+    table_out.add_row("[bold]all[/bold]", f"[bold]{sum(r['selected'] for r in rows)}[/bold]")
+    console.print(table_out)
+
+
+async def _print_summary(
+    queries: Queries,
+    table: str,
+    ids: list[str] | None,
+    since: datetime,
+    created: dict[str | None, int],
+    read: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
+) -> None:
+    """The backfill's summary: per owner jobs, outcomes and faces; why jobs failed."""
+    summary, failures = read or await queries.backfill_summary(table, ids, since)
+    if not summary:
+        return
+    out = Table(title="backfill summary by owner")
+    names = ("jobs", "complete", "failed", "remaining", "faces_found", "faces_assigned")
+    out.add_column("owner")
+    for name in names:
+        out.add_column(name.replace("_", " "), justify="right")
+    for row in summary:
+        out.add_row(str(row["owner_id"]), *(str(row[k]) for k in names))
+    console.print(out)
+    if failures:
+        reasons = Table(title="failures")
+        reasons.add_column("jobs", justify="right")
+        reasons.add_column("reason")
+        for row in failures:
+            reasons.add_row(str(row["count"]), str(row["reason"]))
+        console.print(reasons)
 
 
 async def _print_estimate(
@@ -463,6 +604,14 @@ def _print_status(doc: dict[str, Any]) -> None:
             else ""
         )
     console.print(spend)
+    for pause in doc["operator_pauses"]:
+        what = "pipeline" if pause["provider"] == "*" else pause["provider"]
+        left = pause["remaining_s"]
+        console.print(
+            f"[yellow]{what} paused by operator "
+            + ("until resumed" if left is None else f"for {left:.0f}s")
+            + f"[/yellow]: {pause['reason'] or 'no reason given'}"
+        )
     for name, pause in doc["paused_providers"].items():
         console.print(
             f"[yellow]{name} paused for {pause['remaining_s']:.0f}s[/yellow]: {pause['reason']}"
@@ -625,6 +774,100 @@ def demo(
             providers=names,
         )
     )
+
+
+@app.command()
+def pause(
+    provider: Annotated[
+        str | None, typer.Argument(help="A provider (openai, rekognition, ...); none: all.")
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Shown in status.")] = None,
+    duration: Annotated[
+        str | None, typer.Option("--for", help="End the pause after this long (e.g. 2h).")
+    ] = None,
+) -> None:
+    """Stop work for PROVIDER (or, without one, stop claiming at all) until `listener resume`.
+
+    Daemons see it within one poll interval. With every provider of their pipeline paused
+    they claim nothing; otherwise a job whose next step needs a paused provider is put back
+    once, to wait until the pause ends. No job row is rewritten while the pause lasts.
+    """
+    from listener.pauses import ALL
+    from listener.prune import parse_age
+
+    settings = _settings()
+    until = datetime.now(UTC) + parse_age(duration) if duration else None
+
+    async def go() -> None:
+        async with _pool(settings) as pool:
+            await Queries(pool).set_pause(provider or ALL, reason, until)
+
+    _run(go())
+    what = provider or "the pipeline"
+    console.print(f"paused {what}" + (f" until {until.isoformat()}" if until else ""))
+
+
+@app.command()
+def resume(
+    provider: Annotated[
+        str | None,
+        typer.Argument(help="A paused provider; none: the pipeline; 'budget': jobs held by it."),
+    ] = None,
+) -> None:
+    """Lift a pause and wake at once the jobs it held."""
+    from listener.pauses import ALL
+
+    settings = _settings()
+
+    async def go() -> tuple[bool, int]:
+        async with _pool(settings) as pool:
+            lifted = await Queries(pool).delete_pause(provider or ALL)
+            woken = await PgJobStore(pool).wake_held(provider or ALL)
+            return lifted, woken
+
+    lifted, woken = _run(go())
+    what = provider or "the pipeline"
+    console.print(
+        (f"resumed {what}" if lifted else f"{what} was not paused") + f"; {woken} jobs woken"
+    )
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option(help="Finished at least this long ago (e.g. 30d, 12h).")
+    ],
+    dry_run: Annotated[bool, typer.Option(help="Only count what would be deleted.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Delete finished jobs (and their results) of app rows that no longer exist.
+
+    Jobs of rows that still exist are kept, however old: their results are what the app reads,
+    and a row without a job would be analyzed (and paid for) again by the next backfill.
+    """
+    from listener.prune import parse_age, prune_all
+
+    settings = _settings()
+    try:
+        before = datetime.now(UTC) - parse_age(older_than)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+    async def go() -> int:
+        async with _pool(settings) as pool:
+            store = PgJobStore(pool)
+            if dry_run:
+                return await store.prune(before, 0, dry_run=True)
+            return await prune_all(store, before, batch=settings.prune_batch)
+
+    n = _run(go())
+    if as_json:
+        sys.stdout.write(json.dumps({"pruned": n, "dry_run": dry_run}) + "\n")
+    else:
+        console.print(
+            f"{n} finished jobs of deleted rows "
+            + ("would be pruned (dry run)" if dry_run else "pruned")
+        )
 
 
 # Typer names commands after functions; `migrate` would shadow the imported function.

@@ -111,6 +111,14 @@ class BudgetGate(Protocol):
         ...
 
 
+class PauseGate(Protocol):
+    """Operator pauses (``listener.pauses.PauseBoard``)."""
+
+    async def check(self, provider: str) -> None:
+        """Raise ``OperatorPaused`` when ``provider`` (or the pipeline) is paused."""
+        ...
+
+
 class LocalLimiter:
     """A per-process token bucket behind the ``Limiter`` interface.
 
@@ -215,6 +223,8 @@ class Dispatcher:
         budget: the daily budget gate for paid steps, if a budget is set.
         batch: when given, OpenAI steps of batch-mode jobs (and, with ``batch.auto``, of
             low-priority jobs) are handed to the Batch API instead of run here.
+        pauses: operator pauses; a step of a paused provider ends the run with a snooze
+            that lasts until the pause ends.
     """
 
     def __init__(
@@ -229,6 +239,7 @@ class Dispatcher:
         prices: Mapping[str, Price] | None = None,
         budget: BudgetGate | None = None,
         batch: BatchSettings | None = None,
+        pauses: PauseGate | None = None,
     ) -> None:
         missing = {s.provider for s in plan.steps} - set(slots)
         if missing:
@@ -243,6 +254,7 @@ class Dispatcher:
         self._prices = dict(prices or {})
         self._budget = budget
         self._batch = batch
+        self._pauses = pauses
         self._save_each = len(plan.steps) > 1
         self._batchable = {
             name for name, slot in slots.items() if isinstance(slot.provider, BatchBackend)
@@ -348,6 +360,8 @@ class Dispatcher:
     async def _step(self, step: Step, image: ImageInput, context: StepContext) -> StepResult | None:
         slot = self._slots[step.provider]
         provider = slot.provider
+        if self._pauses is not None:
+            await self._pauses.check(step.provider)
         if self._budget is not None and self.paid(step.provider):
             await self._budget.check()
         async with slot.semaphore:

@@ -5,7 +5,8 @@
     ListenerError
     ├── Deferred                the job waits, without using an attempt: not its fault
     │   ├── BudgetExhausted     the daily budget for paid providers is spent
-    │   └── ProviderPaused      the provider is paused (quota exhausted, key rejected)
+    │   ├── ProviderPaused      the provider is paused (quota exhausted, key rejected)
+    │   └── OperatorPaused      an operator ran `listener pause [provider]`
     ├── RetryableError          the job goes back to pending after a backoff
     │   ├── RateLimited         a provider said 429 / throttled (may carry retry_after): the
     │   │                       job is snoozed without using an attempt
@@ -41,15 +42,43 @@ class Deferred(ListenerError):
     Args:
         message: the reason recorded on the job (and shown in status).
         retry_after: seconds until the job is tried again.
+        held_by: what holds the job, when ``listener resume`` can end the wait early (a
+            paused provider, ``"*"``, ``"budget"``); recorded on the snoozed job.
     """
 
-    def __init__(self, message: str, *, retry_after: float = 60.0) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float = 60.0, held_by: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.held_by = held_by
 
 
 class BudgetExhausted(Deferred):
     """``LISTENER_BUDGET_USD_PER_DAY`` is spent: paid providers wait for the next UTC day."""
+
+    def __init__(self, message: str, *, retry_after: float = 60.0) -> None:
+        super().__init__(message, retry_after=retry_after, held_by="budget")
+
+
+class OperatorPaused(Deferred):
+    """An operator paused the provider (or the whole pipeline, ``"*"``) with ``listener pause``.
+
+    Args:
+        provider: the paused provider, or ``"*"``.
+        reason: the operator's reason, if given.
+        retry_after: seconds until the pause ends (a day for a pause without an end:
+            ``listener resume`` wakes the jobs it holds).
+    """
+
+    def __init__(self, provider: str, reason: str | None, *, retry_after: float) -> None:
+        what = "the pipeline" if provider == "*" else provider
+        super().__init__(
+            f"paused by operator: {what}" + (f" ({reason})" if reason else ""),
+            retry_after=retry_after,
+            held_by=provider,
+        )
+        self.provider = provider
 
 
 class ProviderPaused(Deferred):

@@ -378,6 +378,15 @@ class Settings(BaseSettings):
     backfill_priority: int = 100
     backfill_chunk_size: int = Field(default=5000, ge=1)
 
+    prune_after_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Prune finished jobs of deleted rows this many days after they finished, "
+        "once an hour (see listener.prune); unset: never.",
+    )
+    prune_interval_s: float = Field(default=3600.0, gt=0)
+    prune_batch: int = Field(default=500, ge=1)
+
     log_json: bool = False
     log_level: str = "INFO"
 

@@ -36,7 +36,9 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         "batched": n, "oldest_pending_s": s,
         "spend_usd_today": usd, "spend_usd_total": usd, "spend_by_provider_today": {...},
         "budget_usd_per_day": usd | None, "budget_exhausted": bool,
-        "paused_providers": {name: {"remaining_s": s, "reason": text}}, "tables": [...],
+        "paused_providers": {name: {"remaining_s": s, "reason": text}},
+        "operator_pauses": [{"provider": name or "*", "reason": text, "remaining_s": s | None}],
+        "tables": [...],
         "by_table": [{"table", counts...}], "by_owner": [{"table", "owner", counts...}],
         "failure_reasons": [{"reason", "count"}] (URLs folded to ``<url>``),
         "recent_failures": [{"job_id", "table", "source_id", "url", "error", "at"}],
@@ -64,6 +66,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         queries.recent_failures(RECENT_FAILURES),
         queries.throughput_per_minute(),
         queries.open_batches(),
+        queries.active_pauses(),
     ]
     # A dozen small reads: on a pool they run side by side (one round trip's latency, not
     # twelve); on a single connection, one after the other.
@@ -83,6 +86,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         recent,
         throughput,
         batches,
+        operator_pauses,
     ) = results
     # Totals are the sum of the per-table counts: one snapshot, so they always agree.
     doc: dict[str, Any] = {s: sum(int(row[s]) for row in by_table) for s in STATUSES}
@@ -100,6 +104,10 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
             "budget_exhausted": budget_usd_per_day is not None
             and spent_today >= budget_usd_per_day,
             "paused_providers": pauses,
+            "operator_pauses": [
+                {"provider": p.provider, "reason": p.reason, "remaining_s": p.remaining_s}
+                for p in operator_pauses
+            ],
             "tables": [a.source_table for a in attachments],
             "by_table": by_table,
             "by_owner": by_owner,

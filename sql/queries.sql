@@ -199,11 +199,14 @@ SELECT id FROM picked;
 -- name: snooze_jobs :many
 -- Jobs that could not run for a reason not their own (budget, paused or rate-limited
 -- provider): pending after the delay, and the attempt given back; fenced by lease token.
+-- held_by ($5) names the operator pause or the spent budget that holds it, if any, so that
+-- `listener resume` can wake it before its delay ends.
 UPDATE listener.jobs AS j
 SET status = 'pending', run_after = now() + make_interval(secs => f.delay_s),
-    attempts = greatest(j.attempts - 1, 0), last_error = f.error,
+    attempts = greatest(j.attempts - 1, 0), last_error = f.error, held_by = f.held_by,
     lease_expires_at = NULL, lease_token = NULL, updated_at = now()
-FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[]) AS f(id, token, delay_s, error)
+FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[], $5::text[])
+     AS f(id, token, delay_s, error, held_by)
 WHERE j.id = ANY($1::bigint[]) AND j.id = f.id AND j.lease_token = f.token
   AND j.status = 'processing'
 RETURNING j.id;
@@ -762,3 +765,69 @@ SELECT EXISTS (SELECT 1 FROM listener.status_outbox) AS waiting;
 -- name: reanalyze :one
 -- Starts rows $2 of table $1 over from scratch at priority $3 (see listener.reanalyze).
 SELECT listener.reanalyze($1::regclass, $2::text[], $3) AS jobs;
+
+-- name: wake_held_jobs :many
+-- `listener resume`: the pending jobs held by pause $1 (a provider, '*' or 'budget') may run
+-- now; nothing else about them changes.
+UPDATE listener.jobs
+SET run_after = now(), held_by = NULL, updated_at = now()
+WHERE held_by = $1 AND status = 'pending'
+RETURNING id;
+
+-- name: set_pause :execute
+-- `listener pause`: pauses provider $1 ('*': the whole pipeline) for reason $2 until $3
+-- (NULL: until resumed); pausing again replaces the reason and the end.
+INSERT INTO listener.pauses (provider, reason, until) VALUES ($1, $2, $3)
+ON CONFLICT (provider) DO UPDATE SET reason = $2, until = $3, paused_at = now();
+
+-- name: delete_pause :one
+-- `listener resume`: lifts the pause of $1; false when it was not paused.
+WITH gone AS (DELETE FROM listener.pauses WHERE provider = $1 RETURNING 1)
+SELECT EXISTS (SELECT 1 FROM gone);
+
+-- name: active_pauses :many
+-- Operator pauses in force now, with the seconds left (NULL: until resumed).
+SELECT provider, reason, until, paused_at,
+       extract(epoch FROM until - now())::float8 AS remaining_s
+FROM listener.pauses
+WHERE until IS NULL OR until > now()
+ORDER BY provider;
+
+-- name: backfill_ids :many
+-- Enqueues rows $2 of table $1 that have no job (see listener.backfill_ids); jobs per owner.
+SELECT owner_id, enqueued FROM listener.backfill_ids($1, $2, $3, $4, $5);
+
+-- name: backfill_summary :many
+-- Per owner, the jobs of table $1 for rows $2 (NULL: jobs created since $3): counts by status,
+-- and the faces found and auto-assigned (faces linked to those jobs that have a person).
+SELECT j.owner_id,
+       count(*)::int AS jobs,
+       count(*) FILTER (WHERE j.status = 'complete')::int AS complete,
+       count(*) FILTER (WHERE j.status = 'failed')::int AS failed,
+       count(*) FILTER (WHERE j.status IN ('pending', 'processing', 'batched'))::int AS remaining,
+       coalesce(sum(f.found), 0)::int AS faces_found,
+       coalesce(sum(f.assigned), 0)::int AS faces_assigned
+FROM listener.jobs AS j
+LEFT JOIN LATERAL (
+    SELECT count(*) AS found, count(*) FILTER (WHERE fc.person_id IS NOT NULL) AS assigned
+    FROM listener.faces AS fc WHERE fc.job_id = j.id
+) AS f ON true
+WHERE j.source_table = $1
+  AND CASE WHEN $2::text[] IS NULL THEN j.created_at >= $3 ELSE j.source_id = ANY($2) END
+GROUP BY j.owner_id
+ORDER BY j.owner_id NULLS FIRST;
+
+-- name: backfill_failures :many
+-- The reasons the same jobs as backfill_summary failed, most common first.
+SELECT j.last_error AS reason, count(*)::int AS count
+FROM listener.jobs AS j
+WHERE j.source_table = $1 AND j.status = 'failed'
+  AND CASE WHEN $2::text[] IS NULL THEN j.created_at >= $3 ELSE j.source_id = ANY($2) END
+GROUP BY j.last_error
+ORDER BY count(*) DESC, j.last_error
+LIMIT 20;
+
+-- name: prune_jobs :one
+-- Retention: deletes up to $2 finished jobs finished before $1 whose app row is gone, or with
+-- $3 only counts them (see listener.prune_jobs for what is kept and why).
+SELECT listener.prune_jobs($1, $2, $3);

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from listener.db.sqlfiles import NamedQuery, parse_named_queries, sql_dir
+from listener.pauses import Pause
 from listener.ratelimit import FleetState
 
 T = TypeVar("T")
@@ -288,6 +289,46 @@ class Queries:
         """USD per provider: ``{provider: (on UTC days from since on, in all)}``."""
         rows = await self._pool.fetch(self._sql["spend_totals"], since)
         return {r["provider"]: (float(r["since"]), float(r["total"])) for r in rows}
+
+    async def active_pauses(self) -> list[Pause]:
+        """Operator pauses in force now (``listener pause``)."""
+        return [
+            Pause(r["provider"], r["reason"], r["remaining_s"])
+            for r in await self._pool.fetch(self._sql["active_pauses"])
+        ]
+
+    async def set_pause(self, provider: str, reason: str | None, until: datetime | None) -> None:
+        """Pause ``provider`` (``"*"``: the pipeline) until ``until`` (``None``: resumed)."""
+        await self._pool.execute(self._sql["set_pause"], provider, reason, until)
+
+    async def delete_pause(self, provider: str) -> bool:
+        """Lift the pause of ``provider``; ``False`` when it was not paused."""
+        return bool(await self._pool.fetchval(self._sql["delete_pause"], provider))
+
+    async def backfill_ids(
+        self,
+        table: str,
+        ids: Sequence[str],
+        priority: int,
+        max_attempts: int,
+        batch: bool | None = None,
+    ) -> dict[str | None, int]:
+        """Enqueue rows ``ids`` of ``table`` that have no job; jobs created per owner."""
+        rows = await self._pool.fetch(
+            self._sql["backfill_ids"], table, list(ids), priority, max_attempts, batch
+        )
+        return {r["owner_id"]: r["enqueued"] for r in rows}
+
+    async def backfill_summary(
+        self, table: str, ids: Sequence[str] | None, since: datetime
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Per owner counts (jobs, complete, failed, remaining, faces_found, faces_assigned)
+        and failure reasons of the jobs of rows ``ids`` (``None``: created since ``since``)."""
+        args = (table, None if ids is None else list(ids), since)
+        return (
+            await self._dicts("backfill_summary", *args),
+            await self._dicts("backfill_failures", *args),
+        )
 
     async def queue_counts(self) -> QueueCounts:
         """Counts by status (from the counters) and the oldest pending job's age."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -51,6 +52,8 @@ class _Row:
     batch_step: str | None = None
     batch_id: str | None = None
     parked_at: float = 0.0  # when it started waiting for a batch (the take order)
+    held_by: str | None = None
+    finished_at: float | None = None
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     effects: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -80,6 +83,7 @@ class MemoryJobStore:
         self._keys: set[tuple[str, str]] = set()
         self._ids = itertools.count(1)
         self._batches: dict[str, _Batch] = {}
+        self._deleted_rows: set[tuple[str, str]] = set()
 
     async def enqueue(
         self,
@@ -226,18 +230,22 @@ class MemoryJobStore:
             for rec in c.results:
                 self._store(r, rec)
             r.status = "complete"
+            r.finished_at = self._clock()
             r.last_error = None
             self._end_lease(r)
             ids.add(r.id)
         return ids
 
-    def _back_to_pending(self, job: Job, error: str, delay_s: float, give_back: bool) -> bool:
+    def _back_to_pending(
+        self, job: Job, error: str, delay_s: float, give_back: bool, held_by: str | None = None
+    ) -> bool:
         r = self._held(job)
         if r is None:
             return False
         r.status = "pending"
         r.run_after = self._clock() + delay_s
         r.last_error = error
+        r.held_by = held_by
         if give_back:
             r.attempts = max(r.attempts - 1, 0)
         self._end_lease(r)
@@ -251,7 +259,46 @@ class MemoryJobStore:
 
     async def snooze(self, snoozed: Sequence[Snoozed]) -> set[int]:
         """See ``JobStore.snooze``."""
-        return {f.job.id for f in snoozed if self._back_to_pending(f.job, f.error, f.delay_s, True)}
+        return {
+            f.job.id
+            for f in snoozed
+            if self._back_to_pending(f.job, f.error, f.delay_s, True, f.held_by)
+        }
+
+    async def wake_held(self, held_by: str) -> int:
+        """See ``JobStore.wake_held``."""
+        n = 0
+        for r in self._rows.values():
+            if r.status == "pending" and r.held_by == held_by:
+                r.run_after, r.held_by = self._clock(), None
+                n += 1
+        return n
+
+    def delete_row(self, source_table: str, source_id: str) -> None:
+        """Tests: the app deleted this source row (what ``prune`` reads in Postgres)."""
+        self._deleted_rows.add((source_table, source_id))
+
+    async def prune(self, before: datetime, limit: int, *, dry_run: bool = False) -> int:
+        """See ``JobStore.prune``: ``before`` is wall-clock time, compared with
+        ``finished_at`` on this store's clock taken as seconds since the epoch."""
+        cutoff = before.timestamp()
+        doomed = sorted(
+            (
+                r
+                for r in self._rows.values()
+                if r.status in _FINISHED
+                and r.finished_at is not None
+                and r.finished_at < cutoff
+                and (r.source_table, r.source_id) in self._deleted_rows
+            ),
+            key=lambda r: (r.finished_at or 0.0, r.id),
+        )
+        if dry_run:
+            return len(doomed)
+        for r in doomed[:limit]:
+            del self._rows[r.id]
+            self._keys.discard((r.source_table, r.source_id))
+        return min(len(doomed), limit)
 
     async def discard(self, failures: Sequence[Discarded]) -> set[int]:
         """See ``JobStore.discard``."""
@@ -260,6 +307,7 @@ class MemoryJobStore:
             r = self._held(f.job)
             if r is not None:
                 r.status = "failed"
+                r.finished_at = self._clock()
                 r.last_error = f.error
                 self._end_lease(r)
                 ids.add(r.id)
@@ -310,6 +358,7 @@ class MemoryJobStore:
         for r in expired:
             spent = r.attempts >= (r.max_attempts or self._default_max_attempts)
             r.status = "failed" if spent else "pending"
+            r.finished_at = self._clock() if spent else None
             r.last_error = (
                 f"lease expired: worker {r.worker_id} stopped renewing it "
                 f"(attempt {r.attempts} of {r.max_attempts})"
@@ -349,6 +398,7 @@ class MemoryJobStore:
         for r in self._rows.values():
             if self._matches(r, which, ("pending", "processing", "batched")):
                 r.status, r.last_error = "cancelled", "cancelled by user"
+                r.finished_at = self._clock()
                 self._end_lease(r)
                 ids.append(r.id)
         return ids

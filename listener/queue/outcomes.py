@@ -160,11 +160,16 @@ class Retry:
 @dataclass(frozen=True, slots=True)
 class Snoozed:
     """The job could not run now for a reason not its own (budget spent, provider paused or
-    rate limited): it runs again after ``delay_s`` seconds and the attempt is given back."""
+    rate limited): it runs again after ``delay_s`` seconds and the attempt is given back.
+
+    ``held_by`` names the operator pause (a provider, ``"*"``) or ``"budget"`` that holds the
+    job, if any: ``JobStore.wake_held`` wakes such jobs before their delay ends.
+    """
 
     job: Job
     error: str
     delay_s: float
+    held_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

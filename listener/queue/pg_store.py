@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -230,6 +231,7 @@ class PgJobStore:
             [f.job for f in snoozed],
             [f.delay_s for f in snoozed],
             [f.error for f in snoozed],
+            [f.held_by for f in snoozed],
         )
 
     async def discard(self, failures: Sequence[Discarded]) -> set[int]:
@@ -282,6 +284,18 @@ class PgJobStore:
                 self._sql["reanalyze"], source_table, list(source_ids), priority
             )
         )
+
+    async def wake_held(self, held_by: str) -> int:
+        """See ``JobStore.wake_held``; wakes the daemons when a job changed."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(self._sql["wake_held_jobs"], held_by)
+            if rows:
+                await conn.execute(self._sql["notify_jobs"])
+        return len(rows)
+
+    async def prune(self, before: datetime, limit: int, *, dry_run: bool = False) -> int:
+        """See ``JobStore.prune``: ``listener.prune_jobs`` (one short statement)."""
+        return int(await self._pool.fetchval(self._sql["prune_jobs"], before, limit, dry_run))
 
     async def snapshot(self, job_id: int) -> JobSnapshot | None:
         """See ``JobStore.snapshot``."""

@@ -64,7 +64,7 @@ class RetryPolicy:
         """The outcome of ``job``'s failed attempt.
 
         - ``Deferred`` (budget spent, provider paused): ``Snoozed`` for its ``retry_after``,
-          the attempt given back.
+          the attempt given back, held by the error's ``held_by``.
         - ``RateLimited`` (the provider answered 429 or throttled): ``Snoozed`` too, as River's
           snooze: the provider asked to wait, the job did nothing wrong. The delay is the
           provider's ``retry_after`` when given, else a full-jitter backoff.
@@ -75,7 +75,7 @@ class RetryPolicy:
         """
         reason = describe(error)
         if isinstance(error, Deferred):
-            return Snoozed(job, reason, max(error.retry_after, 0.0))
+            return Snoozed(job, reason, max(error.retry_after, 0.0), error.held_by)
         backoff = full_jitter_backoff(job.attempts, self.base_s, self.cap_s, rng)
         if isinstance(error, RateLimited):
             wait = error.retry_after if error.retry_after is not None else backoff

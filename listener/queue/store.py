@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -216,6 +217,30 @@ class JobStore(Protocol):
         Raises:
             LookupError (memory) / asyncpg.UndefinedObjectError (Postgres): the table is not
                 attached.
+        """
+        ...
+
+    async def wake_held(self, held_by: str) -> int:
+        """``listener resume``: pending jobs snoozed with ``held_by`` (``Snoozed.held_by``: a
+        paused provider, ``"*"``, ``"budget"``) become runnable now and are held no more.
+
+        Returns:
+            How many jobs were woken.
+        """
+        ...
+
+    async def prune(self, before: datetime, limit: int, *, dry_run: bool = False) -> int:
+        """Retention: delete (with their results) up to ``limit`` finished jobs (complete,
+        failed, cancelled) finished before ``before`` whose source row no longer exists, so
+        nothing an app reads goes. Locked rows are skipped; ``dry_run`` counts every job that
+        would go (no limit) and deletes nothing.
+
+        Whether a source row exists: Postgres reads the attached table (jobs of tables no
+        longer attached are kept); the memory store has no app tables and takes the rows
+        given to ``MemoryJobStore.delete_row``.
+
+        Returns:
+            The jobs deleted (or, with ``dry_run``, that would be).
         """
         ...
 

@@ -53,6 +53,15 @@ from listener.queue.store import JobStore
 T = TypeVar("T")
 
 
+class ClaimGate(Protocol):
+    """Says when the worker must not claim at all (``listener.pauses.PauseBoard``): cheap
+    to call often, it reads the database at most once per poll interval."""
+
+    async def claim_blocked(self) -> str | None:
+        """Why claiming is paused now, or ``None``."""
+        ...
+
+
 class Runner(Protocol):
     """Runs one job to an outcome (``listener.dispatch.Dispatcher`` in production); never
     raises but ``CancelledError``."""
@@ -97,6 +106,8 @@ class Worker:
         rng: uniform floats in [0, 1) for jitter.
         clock: monotonic clock, seconds.
         signals: counters tests can await (claimed, completed, retried, ...).
+        gate: when it says so, the worker does not claim (operator pause, budget spent); no
+            job row is touched meanwhile.
     """
 
     def __init__(
@@ -108,8 +119,11 @@ class Worker:
         rng: Callable[[], float],
         clock: Callable[[], float] = time.monotonic,
         signals: Signals | None = None,
+        gate: ClaimGate | None = None,
     ) -> None:
         self._store = store
+        self._gate = gate
+        self.claims_paused: str | None = None
         self._runner = runner
         self.signals = signals or Signals()
         self.config = config
@@ -201,6 +215,9 @@ class Worker:
                 continue
             want = self._shortfall()
             try:
+                if await self._claims_blocked():
+                    await self._wait(self._poll_interval())
+                    continue
                 jobs = await self._store.claim(
                     want, self.config.worker_id, self.config.lease_s, uuid.uuid4()
                 )
@@ -231,6 +248,17 @@ class Worker:
             self._more_waiting = len(jobs) == want
             if not self._more_waiting:
                 await self._wait(self._poll_interval())
+
+    async def _claims_blocked(self) -> bool:
+        """Ask the gate; log when claiming pauses or resumes."""
+        reason = None if self._gate is None else await self._gate.claim_blocked()
+        if reason != self.claims_paused:
+            if reason is None:
+                self._log.info("claiming resumed")
+            else:
+                self._log.info("claiming paused: {}", reason)
+            self.claims_paused = reason
+        return reason is not None
 
     async def _consume(self) -> None:
         while True:

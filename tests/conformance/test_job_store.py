@@ -267,3 +267,23 @@ async def test_reanalyze_starts_rows_over_whatever_their_state(store_env: StoreE
     again = await claim(store, limit=10)
     assert {j.id for j in again} == {done, running, parked, waiting}
     assert {j.priority for j in again} == {5} and all(j.done_steps == () for j in again)
+
+
+async def test_a_snooze_held_by_a_pause_is_woken_by_resume(store_env: StoreEnv) -> None:
+    store = store_env.store
+    held, other, plain = await enqueue(store, 3)
+    jobs = {j.id: j for j in await claim(store)}
+    assert await store.snooze(
+        [
+            Snoozed(jobs[held], "paused by operator: openai", 86400, "openai"),
+            Snoozed(jobs[other], "paused by operator: rekognition", 86400, "rekognition"),
+            Snoozed(jobs[plain], "429", 86400),
+        ]
+    ) == {held, other, plain}
+    assert await claim(store) == []
+    assert await store.wake_held("openai") == 1
+    assert await store.wake_held("openai") == 0  # held no more
+    await store_env.advance(0.01)
+    assert [j.id for j in await claim(store)] == [held]
+    snap = await store.snapshot(other)
+    assert snap is not None and snap.status == "pending" and snap.run_after_s > 80000

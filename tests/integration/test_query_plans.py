@@ -45,7 +45,7 @@ HOT = {
     ),
     "snooze_jobs": (
         "(ARRAY[{ids}]::bigint[], ARRAY[{tokens}]::uuid[], ARRAY[{delays}]::float8[], "
-        "ARRAY[{errors}]::text[])"
+        "ARRAY[{errors}]::text[], ARRAY[{errors}]::text[])"
     ),
     "discard_jobs": "(ARRAY[{ids}]::bigint[], ARRAY[{tokens}]::uuid[], ARRAY[{errors}]::text[])",
     "release_jobs": "(ARRAY[{ids}]::bigint[], ARRAY[{tokens}]::uuid[])",

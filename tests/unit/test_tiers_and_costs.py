@@ -136,7 +136,8 @@ async def test_budget_defers_paid_work_once_spent() -> None:
     clock[0] = 5.0
     with pytest.raises(BudgetExhausted, match=r"\$1.0000 spent today of \$1.00") as info:
         await budget.check()
-    assert info.value.retry_after == 300.0
+    # One snooze per job until midnight UTC, held by the budget (listener resume budget).
+    assert info.value.retry_after == 12 * 3600.0 and info.value.held_by == "budget"
     assert reads[0] == datetime(2026, 11, 21, tzinfo=UTC)
 
 

@@ -1,0 +1,132 @@
+"""Operator pauses (``listener pause|resume [PROVIDER]``) as a daemon sees them.
+
+A pause is a row of ``listener.pauses`` (provider ``"*"``: the whole pipeline), read at most
+once per ``cache_s`` (the poll interval). What a daemon does with it:
+
+- ``"*"`` paused, or every provider of its pipeline paused (or paid while the daily budget is
+  spent): ``claim_blocked`` says why and the worker does not claim at all, so no job row is
+  written while it lasts.
+- some providers paused: jobs are claimed; a step of a paused provider raises
+  ``OperatorPaused`` (``check``), which the retry policy turns into a snooze lasting until the
+  pause ends (``HOLD_S`` for a pause without an end) held by that provider: one write per job
+  per pause. ``listener resume`` wakes the held jobs at once (``JobStore.wake_held``).
+
+Pure: no database import; the rows come from a callable (``Queries.active_pauses``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from listener.errors import OperatorPaused
+
+ALL = "*"
+"""The provider name of a pause of the whole pipeline."""
+
+HOLD_S = 86_400.0
+"""How long a job waits for a pause without an end (seconds); ``listener resume`` wakes it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """One pause in force.
+
+    Attributes:
+        provider: the paused provider, or ``"*"``.
+        reason: the operator's reason, if given.
+        remaining_s: seconds until it ends; ``None``: until ``listener resume``.
+    """
+
+    provider: str
+    reason: str | None
+    remaining_s: float | None
+
+
+class SpendGate(Protocol):
+    """Today's spend against the budget (``listener.budget.Budget``)."""
+
+    limit_usd: float
+
+    async def spent_today(self) -> float: ...
+
+
+class PauseBoard:
+    """The pauses in force, cached, and what they mean for claims and steps.
+
+    Args:
+        read: returns the pauses in force now.
+        providers: the pipeline's providers.
+        cache_s: seconds a reading (and a claim decision) is reused: the poll interval.
+        budget: the daily budget, if one is set.
+        paid: whether a provider has a price (the budget applies to it).
+        clock: monotonic clock, seconds.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[list[Pause]]],
+        providers: Sequence[str],
+        *,
+        cache_s: float,
+        budget: SpendGate | None = None,
+        paid: Callable[[str], bool] = lambda _: False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._read = read
+        self._providers = tuple(providers)
+        self._cache_s = cache_s
+        self._budget = budget
+        self._paid = paid
+        self._clock = clock
+        self._read_at = -float("inf")
+        self._pauses: dict[str, Pause] = {}
+        self._blocked_at = -float("inf")
+        self._blocked: str | None = None
+
+    async def pauses(self) -> dict[str, Pause]:
+        """The pauses in force, by provider (read at most every ``cache_s``)."""
+        if self._clock() - self._read_at >= self._cache_s:
+            self._pauses = {p.provider: p for p in await self._read()}
+            self._read_at = self._clock()
+        return self._pauses
+
+    async def check(self, provider: str) -> None:
+        """Raise when ``provider`` (or the whole pipeline) is paused.
+
+        Raises:
+            OperatorPaused: held by the pause's provider (``"*"`` for the pipeline), for the
+                seconds left of the pause, ``HOLD_S`` when it has no end.
+        """
+        pauses = await self.pauses()
+        pause = pauses.get(provider) or pauses.get(ALL)
+        if pause is not None:
+            left = HOLD_S if pause.remaining_s is None else max(pause.remaining_s, 1.0)
+            raise OperatorPaused(pause.provider, pause.reason, retry_after=left)
+
+    async def claim_blocked(self) -> str | None:
+        """Why this daemon must not claim now (``None``: it may), decided at most every
+        ``cache_s``: the pipeline is paused, every provider of it is paused, or every one is
+        paid and the daily budget is spent."""
+        if self._clock() - self._blocked_at < self._cache_s:
+            return self._blocked
+        self._blocked = await self._decide()
+        self._blocked_at = self._clock()
+        return self._blocked
+
+    async def _decide(self) -> str | None:
+        pauses = await self.pauses()
+        if ALL in pauses:
+            return "the pipeline is paused (listener resume)"
+        if self._providers and all(p in pauses for p in self._providers):
+            return f"every provider is paused: {', '.join(self._providers)} (listener resume)"
+        if (
+            self._budget is not None
+            and self._providers
+            and all(self._paid(p) for p in self._providers)
+            and await self._budget.spent_today() >= self._budget.limit_usd
+        ):
+            return "the daily budget is spent: paid providers wait until 00:00 UTC"
+        return None
