@@ -2,9 +2,10 @@
 
 Every record passes ``redact_record`` (a loguru patcher): its message and every bound field
 go through ``listener.redact.redact_text``, so a URL with credentials, a provider's error body
-echoing a key, or a DSN never reaches a sink, whichever sink it is. The sinks installed here
-also redact their whole output line, which covers the text of tracebacks, and they never
-print local variables (``diagnose=False``: loguru would otherwise show a DSN held in one).
+echoing a key, or a DSN never reaches a sink, whichever sink it is. A patcher cannot reach
+the traceback of a logged exception: the sinks installed here redact their whole output line,
+which covers it, and never print local variables (``diagnose=False``: loguru would otherwise
+show a DSN held in one). A sink added by someone else gets redacted messages and fields.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def logs() -> Iterator[tuple[io.StringIO, io.StringIO, list[str]]]:
     json_lines, text_lines, own = io.StringIO(), io.StringIO(), list[str]()
     configure_logging("DEBUG", json_lines=True, stream=json_lines)
     text_sink = logger.add(text_lines, level="DEBUG", format=TEXT_FORMAT + " {extra}")
-    own_sink = logger.add(own.append, level="DEBUG", format="{message} {extra}")
+    own_sink = logger.add(own.append, level="DEBUG", format=lambda _: "{message} {extra}\n")
     try:
         yield json_lines, text_lines, own
     finally:
