@@ -100,7 +100,9 @@ def redact_url(url: str | URL) -> str:
     whole: for the user info, the last ``@`` counts (see ``_strip_userinfo``).
     """
     try:
-        parsed = url if isinstance(url, URL) else URL(_strip_userinfo(url))
+        # A parsed URL is read again from its text: yarl reads "user:12/pw@host" as host
+        # "user", port 12, and its user info would then be the path's business.
+        parsed = URL(_strip_userinfo(str(url)))
         if parsed.raw_user is not None or parsed.raw_password is not None:
             parsed = parsed.with_user(None)
         bare = parsed.with_query(None).with_fragment(None)

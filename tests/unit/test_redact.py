@@ -7,6 +7,7 @@ import json
 
 import pytest
 from loguru import logger
+from yarl import URL
 
 from listener.errors import InvalidURL, RejectedByProvider
 from listener.logs import configure_logging
@@ -34,6 +35,11 @@ from listener.settings import Settings
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+def test_redact_url_reads_a_parsed_url_like_its_text() -> None:
+    assert redact_url(URL("https://user:12/HUSH42@host/a.jpg?token=t")) == "https://host/a.jpg"
+    assert redact_url(URL("https://host/a%20b.jpg?x=1")) == "https://host/a b.jpg"
 
 
 @pytest.mark.parametrize(
