@@ -51,6 +51,7 @@ from listener.providers.base import BatchBackend, ImageInput, StepResult
 from listener.queue.outcomes import BatchJob
 from listener.queue.retry import describe
 from listener.queue.store import JobStore
+from listener.redact import redact_text
 from listener.settings import BatchSettings, Price
 
 OPEN = ("submitting", "validating", "in_progress", "finalizing", "cancelling")
@@ -236,8 +237,10 @@ class BatchManager:
             )
             ids.append(job.id)
             customs.append(custom_id)
-        # The image cannot be read: the per-image path records why.
-        await self._store.batch_to_per_image(local_id, unusable)
+        # The image cannot be read: the per-image path records why (redacted: it is stored).
+        await self._store.batch_to_per_image(
+            local_id, {job_id: redact_text(text) for job_id, text in unusable.items()}
+        )
         if not lines:
             await self._q.close_batch(local_id, "empty")
             return None
@@ -377,6 +380,8 @@ class BatchManager:
         )
         for job_id in set(requests.values()) - set(done) - set(failed):
             failed[job_id] = reason
+        # The reasons come from OpenAI's error lines: redact them like every stored reason.
+        failed = {job_id: redact_text(text) for job_id, text in failed.items()}
         stored = await self._store.apply_batch_result(local_id, step, done, failed)
         if stored is None:
             return False

@@ -3,6 +3,10 @@
 Each command parses its options, builds ``Settings`` (options override ``LISTENER_*``
 variables), and calls into the package. Errors a user can fix are printed as one line and exit
 with status 2; a daemon stopped by SIGTERM/SIGINT exits 0.
+
+Every piece of data printed (table names, owner ids, URLs, errors, the text of an exception)
+goes through ``listener.terminal.shown``: redacted, control characters escaped, Rich markup
+escaped, so nothing stored in a row can crash a command or write to the operator's terminal.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from listener.logs import configure_logging
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobFilter
 from listener.settings import Settings
+from listener.terminal import shown
 
 app = typer.Typer(
     name="listener",
@@ -70,19 +75,19 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except UserError as error:
-        err_console.print(f"[red]error:[/red] {error}")
+        err_console.print(f"[red]error:[/red] {shown(error)}")
         raise typer.Exit(2) from None
     except (ValueError, MigrationError) as error:
-        err_console.print(f"[red]error:[/red] {error}")
+        err_console.print(f"[red]error:[/red] {shown(error)}")
         raise typer.Exit(2) from None
     except asyncpg.PostgresError as error:
         # str(error) already ends with a "HINT:" line: print the message and the hint once.
         message = getattr(error, "message", None) or str(error)
         hint = f" ({error.hint})" if getattr(error, "hint", None) else ""
-        err_console.print(f"[red]error:[/red] {message}{hint}")
+        err_console.print(f"[red]error:[/red] {shown(message)}{shown(hint)}")
         raise typer.Exit(2) from None
     except OSError as error:
-        err_console.print(f"[red]error:[/red] cannot reach the database: {error}")
+        err_console.print(f"[red]error:[/red] cannot reach the database: {shown(error)}")
         raise typer.Exit(2) from None
 
 
@@ -108,7 +113,7 @@ def migrate_cmd() -> None:
             await conn.close()
 
     applied = _run(go())
-    console.print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    console.print(f"applied: {shown(', '.join(applied))}" if applied else "schema is up to date")
 
 
 @app.command()
@@ -182,7 +187,7 @@ def attach(
             )
 
     name = _run(go())
-    console.print(f"attached to {name}: new rows and changed URLs are enqueued")
+    console.print(f"attached to {shown(name)}: new rows and changed URLs are enqueued")
 
 
 @app.command()
@@ -195,9 +200,9 @@ def detach(table: Annotated[str, typer.Argument(help="An attached table.")]) -> 
             return await Queries(pool).detach(table)
 
     if _run(go()):
-        console.print(f"detached from {table}")
+        console.print(f"detached from {shown(table)}")
     else:
-        console.print(f"{table} was not attached")
+        console.print(f"{shown(table)} was not attached")
 
 
 @app.command()
@@ -449,7 +454,7 @@ async def _print_estimate(
         table_out.add_column(column, justify="left" if column == "basis" else "right")
     for s in result.steps:
         table_out.add_row(
-            s.step,
+            shown(s.step),
             str(s.tier),
             str(s.images),
             str(s.calls),
@@ -457,7 +462,7 @@ async def _print_estimate(
             str(s.output_tokens),
             f"{s.realtime_usd:.4f}",
             f"{s.batch_usd:.4f}",
-            s.basis,
+            shown(s.basis),
         )
     table_out.add_row(
         "[bold]total[/bold]",
@@ -475,7 +480,7 @@ async def _print_estimate(
         limit = settings.rate_limit(result.bottleneck)
         console.print(
             f"time at the rate limits: about {result.seconds / 60:.1f} min "
-            f"({result.bottleneck} at {limit.rps:g} requests/s)"
+            f"({shown(result.bottleneck)} at {limit.rps:g} requests/s)"
         )
     else:
         console.print("time at the rate limits: no finite rate limit applies")
@@ -562,7 +567,7 @@ def _print_status(doc: dict[str, Any]) -> None:
     for key in statuses:
         table.add_column(key, justify="right")
     for row in doc["by_table"]:
-        table.add_row(row["table"], *(str(row[k]) for k in statuses))
+        table.add_row(shown(row["table"]), *(shown(row[k]) for k in statuses))
     table.add_row("[bold]all[/bold]", *(f"[bold]{doc[k]}[/bold]" for k in statuses))
     console.print(table)
     if doc["by_owner"]:
@@ -571,9 +576,9 @@ def _print_status(doc: dict[str, Any]) -> None:
             owners.add_column(name, justify="left" if name in ("table", "owner") else "right")
         for row in doc["by_owner"]:
             owners.add_row(
-                row["table"],
-                str(row["owner"]),
-                *(str(row[k]) for k in ("pending", "processing", "complete", "failed")),
+                shown(row["table"]),
+                shown(row["owner"]),
+                *(shown(row[k]) for k in ("pending", "processing", "complete", "failed")),
             )
         console.print(owners)
     if doc["failure_reasons"]:
@@ -581,7 +586,7 @@ def _print_status(doc: dict[str, Any]) -> None:
         reasons.add_column("jobs", justify="right")
         reasons.add_column("reason")
         for row in doc["failure_reasons"]:
-            reasons.add_row(str(row["count"]), row["reason"])
+            reasons.add_row(shown(row["count"]), shown(row["reason"]))
         console.print(reasons)
     eta = doc["eta_s"]
     console.print(
@@ -592,9 +597,12 @@ def _print_status(doc: dict[str, Any]) -> None:
     batches = doc["open_batches"]
     console.print(
         f"open batches: {len(batches)}"
-        + "".join(f"\n  {b['id']} {b['status']} ({b['requests']} requests)" for b in batches)
+        + "".join(
+            f"\n  {shown(b['id'])} {shown(b['status'])} ({shown(b['requests'])} requests)"
+            for b in batches
+        )
     )
-    console.print(f"attached tables: {', '.join(doc['tables']) or 'none'}")
+    console.print(f"attached tables: {shown(', '.join(doc['tables'])) or 'none'}")
     budget = doc["budget_usd_per_day"]
     spend = f"spend: ${doc['spend_usd_today']:.4f} today, ${doc['spend_usd_total']:.4f} in all"
     if budget is not None:
@@ -614,7 +622,8 @@ def _print_status(doc: dict[str, Any]) -> None:
         )
     for name, pause in doc["paused_providers"].items():
         console.print(
-            f"[yellow]{name} paused for {pause['remaining_s']:.0f}s[/yellow]: {pause['reason']}"
+            f"[yellow]{shown(name)} paused for {pause['remaining_s']:.0f}s[/yellow]: "
+            f"{shown(pause['reason'])}"
         )
 
 
@@ -648,7 +657,7 @@ def retry(
     if as_json:
         sys.stdout.write(json.dumps({"requeued": len(ids), "job_ids": ids}) + "\n")
     else:
-        console.print(f"requeued {len(ids)} jobs ({_filters_text(reason, owner, table)})")
+        console.print(f"requeued {len(ids)} jobs ({shown(_filters_text(reason, owner, table))})")
 
 
 @app.command()
@@ -740,7 +749,7 @@ def cancel(
     if as_json:
         sys.stdout.write(json.dumps({"cancelled": len(ids), "job_ids": ids}) + "\n")
     else:
-        console.print(f"cancelled {len(ids)} jobs ({_filters_text(reason, owner, table)})")
+        console.print(f"cancelled {len(ids)} jobs ({shown(_filters_text(reason, owner, table))})")
 
 
 @app.command()

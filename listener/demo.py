@@ -37,6 +37,7 @@ from listener.db.cluster import TemporaryCluster
 from listener.db.migrate import migrate
 from listener.db.queries import Queries
 from listener.settings import Settings, TierSettings
+from listener.terminal import shown
 
 DEMO_SCHEMA = "listener_demo"
 DEMO_TABLE = f"{DEMO_SCHEMA}.vehicle_images"
@@ -262,7 +263,7 @@ async def run_demo(
         console.print("[bold]1.[/bold] starting an embedded Postgres (no database URL set)")
         cluster = TemporaryCluster()
         dsn = await asyncio.to_thread(cluster.start)
-        console.print(f"   data directory {cluster.directory} (removed at the end)")
+        console.print(f"   data directory {shown(cluster.directory)} (removed at the end)")
     else:
         console.print("[bold]1.[/bold] using the database from the database URL")
         dsn = settings.dsn()
@@ -408,9 +409,9 @@ def _print_report(
         if row["status"] == "failed":
             status = f"failed: {row['last_error']}"
         table.add_row(
-            name,
-            row["path"],
-            status,
+            shown(name),
+            shown(row["path"]),
+            shown(status),
             f"{out['width']}x{out['height']}" if out else "",
             f"{out['quality']:.1f}" if out else "",
             f"{out['blur']['laplacian_variance']:.0f}" if out else "",
@@ -499,12 +500,12 @@ async def _print_provider_report(
         )
         total += entry["cost"]
         table.add_row(
-            row["image_url"].rsplit("/", 1)[-1],
-            ", ".join(label["name"] for label in labels[:3]),
+            shown(row["image_url"].rsplit("/", 1)[-1]),
+            shown(", ".join(label["name"] for label in labels[:3])),
             str(tier1.get("angle", "")),
             str(tier1.get("quality", "")),
             ",".join(map(str, tiers)),
-            face_text or ("none" if "rekognition.faces" in steps else ""),
+            shown(face_text) or ("none" if "rekognition.faces" in steps else ""),
             f"{entry['cost']:.4f}",
         )
     console.print(table)

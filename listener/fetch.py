@@ -53,6 +53,9 @@ from listener.errors import (
     RateLimited,
 )
 from listener.probe import probe_image
+from listener.redact import redact_url
+
+__all__ = ["FetchedImage", "ImageFetcher", "redact_url"]
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -65,13 +68,13 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 _CHUNK_BYTES: Final = 64 * 1024
 _MAX_URL_CHARS: Final = 8192
-_SHOWN_URL_CHARS: Final = 200
 _HEADERS: Final = {
     "User-Agent": f"listener/{__version__} (image analysis)",
     "Accept": "image/*",
     # Images are compressed already; asking for identity also keeps gzip bombs away.
     "Accept-Encoding": "identity",
 }
+# Signatures of common non-image files (compared with the lowercased head), for messages.
 # RFC 6052 well-known NAT64 prefix: the last 32 bits are an IPv4 address the gateway reaches.
 _NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
 
@@ -97,26 +100,6 @@ class FetchedImage:
     height: int
     mode: str
     bytes_per_pixel: int
-
-
-def redact_url(url: str | URL) -> str:
-    """``url`` without user info, query string or fragment, safe to log and to show users.
-
-    Non-printable characters are escaped and the result is cut to 200 characters. A string
-    that does not parse as a URL is replaced by ``"<unparsable URL>"`` since it may hold a
-    secret in a shape we cannot recognise.
-    """
-    try:
-        parsed = url if isinstance(url, URL) else URL(url)
-        if parsed.raw_user is not None or parsed.raw_password is not None:
-            parsed = parsed.with_user(None)
-        shown = parsed.with_query(None).with_fragment(None).human_repr()
-    except (ValueError, TypeError):
-        return "<unparsable URL>"
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
-    if len(shown) > _SHOWN_URL_CHARS:
-        shown = shown[: _SHOWN_URL_CHARS - 3] + "..."
-    return shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,7 +363,7 @@ class ImageFetcher:
             kind = "whitespace" if bad.isspace() else "a control character"
             raise InvalidURL(
                 f"image URL contains {kind} ({bad!r} at position {url.index(bad)}): "
-                f"{redact_url(url)} (percent-encode it as %{ord(bad):02X})"
+                f"{redact_url(url)} (percent-encode it as {_percent_encoded(bad)})"
             )
         if url.startswith("/"):
             if not self._settings.allow_file_urls:
@@ -400,7 +383,7 @@ class ImageFetcher:
                     f"file URLs are disabled: {redact_url(parsed)} "
                     "(set fetch.allow_file_urls to allow them)"
                 )
-            if parsed.host not in (None, "", "localhost"):
+            if parsed.raw_host not in (None, "", "localhost"):
                 raise InvalidURL(f"file URL with a remote host: {redact_url(parsed)}")
             return parsed
         if not scheme:
@@ -417,6 +400,13 @@ class ImageFetcher:
         host = url.raw_host
         if not host:
             raise InvalidURL(f"image URL has no host: {redact_url(url)}")
+        try:
+            url.host  # noqa: B018  (decodes the IDNA labels, which may be invalid)
+        except UnicodeError:
+            raise InvalidURL(
+                f"image URL has an invalid internationalized host name {host!r}: its "
+                f"'xn--' labels are not valid IDNA (Punycode): {redact_url(url)}"
+            ) from None
         address = _parse_ip(host)
         if address is None and all(c in "0123456789." for c in host):
             # 127.1 or 2130706433: socket would map these onto addresses; refuse the ambiguity.
@@ -485,7 +475,7 @@ class ImageFetcher:
                 raise
             except aiohttp.ConnectionTimeoutError:
                 raise FetchTimeout(
-                    f"timed out connecting to {current.host!r} "
+                    f"timed out connecting to {current.raw_host!r} "
                     f"(connect timeout {self._settings.connect_timeout_s} s) for {shown}"
                 ) from None
             except TimeoutError:  # aiohttp's sock_read timeout
@@ -495,15 +485,15 @@ class ImageFetcher:
                 ) from None
             except aiohttp.ClientConnectorDNSError as exc:
                 raise ProviderUnavailable(
-                    f"cannot resolve host {current.host!r} of {shown}: {_os_reason(exc)}"
+                    f"cannot resolve host {current.raw_host!r} of {shown}: {_os_reason(exc)}"
                 ) from None
             except aiohttp.ClientConnectorCertificateError:
                 raise ProviderUnavailable(
-                    f"TLS certificate of {current.host!r} failed verification: {shown}"
+                    f"TLS certificate of {current.raw_host!r} failed verification: {shown}"
                 ) from None
             except aiohttp.ClientConnectorError as exc:
                 raise ProviderUnavailable(
-                    f"cannot connect to {current.host}:{current.port} for {shown}: "
+                    f"cannot connect to {current.raw_host}:{current.port} for {shown}: "
                     f"{_os_reason(exc)}"
                 ) from None
             except aiohttp.InvalidURL:
@@ -552,6 +542,11 @@ class ImageFetcher:
         if not body:
             raise InvalidImage(f"empty response body from {shown}")
         return bytes(body)
+
+
+def _percent_encoded(char: str) -> str:
+    """``char`` percent-encoded as in a URL: its UTF-8 bytes, ``%E2%80%A8`` for U+2028."""
+    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8"))
 
 
 def _os_reason(exc: aiohttp.ClientConnectorError) -> str:

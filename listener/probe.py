@@ -79,12 +79,23 @@ class ImageInfo:
         return self.width * self.height * self.bytes_per_pixel
 
 
+_KNOWN_MAGIC: Final = (
+    (b"pk\x03\x04", "a ZIP archive (or an Office document)"),
+    (b"\x1f\x8b", "gzip-compressed data"),
+    (b"\x7felf", "an ELF executable"),
+    (b"mz", "a Windows executable"),
+    (b"ftypavif", "an AVIF image, which is not accepted"),
+    (b"ftypheic", "a HEIC image, which is not accepted"),
+)
+
+
 def describe_bytes(data: bytes) -> str:
     """Say in a few words what ``data`` looks like, for an "it is not an image" message.
 
-    Returns a predicate such as ``"looks like HTML"``, ``"looks like JSON"`` or
-    ``"starts with bytes 00 01 ..."``; the content itself is never quoted, only (for unknown
-    binary data) its first 16 bytes in hex.
+    Returns a predicate such as ``"looks like HTML"``, ``"looks like JSON"``, ``"looks like
+    a ZIP archive"`` or ``"is binary data of an unknown format"``. The content itself is never
+    quoted, not even its first bytes in hex: with file URLs allowed, they could be the start
+    of any file the daemon can read.
     """
     head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if not head:
@@ -105,7 +116,8 @@ def describe_bytes(data: bytes) -> str:
         text = None
     if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
         return "looks like plain text"
-    return f"starts with bytes {data[:16].hex(' ')}"
+    kind = next((name for magic, name in _KNOWN_MAGIC if head.startswith(magic)), None)
+    return f"looks like {kind}" if kind else "is binary data of an unknown format"
 
 
 def scan_structure(data: bytes, source: str = "the data") -> int | None:

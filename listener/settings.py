@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from listener.redact import check_dsn
+
 MB = 1024 * 1024
 
 
@@ -440,19 +442,25 @@ class Settings(BaseSettings):
         """The database DSN.
 
         Raises:
-            ValueError: neither ``LISTENER_DATABASE_URL`` nor ``DATABASE_URL`` is set.
+            ValueError: neither ``LISTENER_DATABASE_URL`` nor ``DATABASE_URL`` is set, or it
+                does not parse (``listener.redact.check_dsn``: an unescaped ``/``, ``?`` or
+                ``#`` in the password); the message never quotes the URL.
         """
         if self.database_url is None:
             raise ValueError(
                 "no database: set LISTENER_DATABASE_URL or DATABASE_URL "
                 "(for example postgresql://user:password@localhost:5432/app)"
             )
-        return self.database_url.get_secret_value()
+        return check_dsn(self.database_url.get_secret_value())
 
     def listen_dsn(self) -> str:
-        """The DSN of the dedicated LISTEN connection (``listen_database_url`` or ``dsn()``)."""
+        """The DSN of the dedicated LISTEN connection (``listen_database_url`` or ``dsn()``).
+
+        Raises:
+            ValueError: as ``dsn()``.
+        """
         if self.listen_database_url is not None:
-            return self.listen_database_url.get_secret_value()
+            return check_dsn(self.listen_database_url.get_secret_value())
         return self.dsn()
 
     def prefetch_jobs(self) -> int:

@@ -1,4 +1,9 @@
-"""The queue's state as users see it: ``listener status`` and the health server's ``/status``."""
+"""The queue's state as users see it: ``listener status`` and the health server's ``/status``.
+
+Every text in the document that may hold a secret (a failed job's URL and error, failure
+reasons, pause reasons) passes ``listener.redact`` here, so the JSON, the status page and the
+CLI all show the redacted form: reasons stored before redaction existed included.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import asyncpg
 
 from listener.budget import utc_midnight
 from listener.db.queries import Queries
+from listener.redact import redact_text, redact_url
 
 STATUSES = ("pending", "processing", "complete", "failed", "cancelled", "batched")
 RATE_WINDOW_S = 300.0
@@ -40,8 +46,9 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         "operator_pauses": [{"provider": name or "*", "reason": text, "remaining_s": s | None}],
         "tables": [...],
         "by_table": [{"table", counts...}], "by_owner": [{"table", "owner", counts...}],
-        "failure_reasons": [{"reason", "count"}] (URLs folded to ``<url>``),
-        "recent_failures": [{"job_id", "table", "source_id", "url", "error", "at"}],
+        "failure_reasons": [{"reason", "count"}] (URLs folded to ``<url>``, redacted),
+        "recent_failures": [{"job_id", "table", "source_id", "url", "error", "at"}] (``url``
+        without user info or query string, ``error`` redacted),
         "throughput_per_minute": [{"minute", "complete", "failed"}] (last hour),
         "rate_per_s": jobs finished per second (last 5 minutes), "eta_s": s | None,
         "open_batches": [{"id", "provider", "step", "status", "requests", ...}]}``
@@ -103,16 +110,22 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
             "budget_usd_per_day": budget_usd_per_day,
             "budget_exhausted": budget_usd_per_day is not None
             and spent_today >= budget_usd_per_day,
-            "paused_providers": pauses,
+            "paused_providers": {
+                name: {**pause, "reason": _text(pause.get("reason"))}
+                for name, pause in pauses.items()
+            },
             "operator_pauses": [
-                {"provider": p.provider, "reason": p.reason, "remaining_s": p.remaining_s}
+                {"provider": p.provider, "reason": _text(p.reason), "remaining_s": p.remaining_s}
                 for p in operator_pauses
             ],
             "tables": [a.source_table for a in attachments],
             "by_table": by_table,
             "by_owner": by_owner,
-            "failure_reasons": reasons,
-            "recent_failures": _iso(recent),
+            "failure_reasons": [{**row, "reason": _text(row["reason"])} for row in reasons],
+            "recent_failures": [
+                {**row, "url": _url(row["url"]), "error": _text(row["error"])}
+                for row in _iso(recent)
+            ],
             "throughput_per_minute": _iso(throughput),
             "rate_per_s": round(rate, 3),
             "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else None,
@@ -120,6 +133,14 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         }
     )
     return doc
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None else redact_text(value)
+
+
+def _url(value: str | None) -> str | None:
+    return None if value is None else redact_url(value)
 
 
 def _iso(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 Server-rendered, no JavaScript, no external resources (inline CSS and SVG, and a
 Content-Security-Policy that forbids loading anything); a ``<meta http-equiv="refresh">``
 reloads it every few seconds. Table names, owners, URLs and error texts come from users, so
-every value is escaped with ``html.escape`` before it reaches the page.
+every value is escaped with ``html.escape`` before it reaches the page; failed jobs' URLs and
+errors are shown redacted (``listener.redact``), without credentials or query strings.
 
 Every section carries stable ``id`` and ``data-*`` attributes holding the raw numbers, so tests
 and scripts can read the page without parsing the formatted text:
@@ -33,6 +34,8 @@ import html
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from listener.redact import redact_text, redact_url
 
 STATUSES = ("pending", "processing", "batched", "complete", "failed", "cancelled")
 """The job statuses shown, in the order a job usually passes through them."""
@@ -299,10 +302,11 @@ def _failure_reasons(doc: Mapping[str, Any]) -> str:
     rows = _rows(doc.get("failure_reasons"))
     top = max((_int(r.get("count")) for r in rows), default=0)
     body = "".join(
-        f'<tr data-reason="{_e(row.get("reason"))}" data-count="{_int(row.get("count"))}">'
+        f'<tr data-reason="{_e(_redacted(row.get("reason")))}" '
+        f'data-count="{_int(row.get("count"))}">'
         f'<td class="n">{_int(row.get("count")):,}</td>'
         f'<td><span class="bar" style="width: {_bar_px(_int(row.get("count")), top)}px">'
-        f'</span></td><td class="reason">{_e(row.get("reason"))}</td></tr>'
+        f'</span></td><td class="reason">{_e(_redacted(row.get("reason")))}</td></tr>'
         for row in rows
     )
     heads = '<th class="n">jobs</th><th></th><th>reason</th>'
@@ -315,8 +319,8 @@ def _recent_failures(doc: Mapping[str, Any]) -> str:
         f'<tr data-job-id="{_e(row.get("job_id"))}" data-table="{_e(row.get("table"))}" '
         f'data-source-id="{_e(row.get("source_id"))}">'
         f'<td class="n">{_e(row.get("job_id"))}</td><td>{_e(row.get("table"))}</td>'
-        f'<td title="{_e(row.get("url"))}">{_e(row.get("source_id"))}</td>'
-        f'<td class="error">{_e(row.get("error"))}</td>'
+        f'<td title="{_e(_redacted_url(row.get("url")))}">{_e(row.get("source_id"))}</td>'
+        f'<td class="error">{_e(_redacted(row.get("error")))}</td>'
         f"<td>{_time(row.get('at'))}</td></tr>"
         for row in rows
     )
@@ -419,6 +423,16 @@ def _remaining(info: object) -> float | None:
 def _e(value: object) -> str:
     """``value`` as text, escaped for HTML content and quoted attributes; None is empty."""
     return "" if value is None else html.escape(str(value), quote=True)
+
+
+def _redacted(value: object) -> str | None:
+    """``value`` through ``redact_text`` (the document is redacted already; a page rendered
+    from another source is too)."""
+    return None if value is None else redact_text(str(value))
+
+
+def _redacted_url(value: object) -> str | None:
+    return None if value is None else redact_url(str(value))
 
 
 def _int(value: object) -> int:

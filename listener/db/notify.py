@@ -21,6 +21,7 @@ import asyncpg
 from loguru import logger
 
 from listener.queue.retry import full_jitter_backoff
+from listener.redact import redact_text
 
 CHANNEL = "listener_jobs"
 """The NOTIFY channel the enqueue triggers signal on."""
@@ -117,7 +118,7 @@ class Notifier:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                self.last_error = f"{type(error).__name__}: {error}"
+                self.last_error = redact_text(f"{type(error).__name__}: {error}")
                 logger.warning("LISTEN connection failed: {}", self.last_error)
             finally:
                 self.connected = False

@@ -302,10 +302,8 @@ def _describe_bytes(data: bytes) -> str:
         return "looks like HTML"
     if head.startswith((b"{", b"[")):
         return "looks like JSON"
-    return (
-        f"is not in a supported format ({', '.join(DECODERS)}, MPO): "
-        f"it starts with bytes {data[:16].hex(' ')}"
-    )
+    # Never the bytes themselves, not even in hex: they may be the start of any local file.
+    return f"is not in a supported format ({', '.join(DECODERS)}, MPO)"
 
 
 def _orientation(image: Image.Image) -> int:

@@ -36,6 +36,7 @@ from listener.errors import (
     RejectedByProvider,
 )
 from listener.providers.base import ImageInput, RateHints, StepContext, StepResult
+from listener.redact import redact_text
 from listener.settings import OpenAISettings
 
 _INLINE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
@@ -440,12 +441,13 @@ class OpenAIProvider:
         if isinstance(error, openai.APITimeoutError):
             return FetchTimeout(f"OpenAI did not answer within {self._s.timeout_s:g}s")
         if isinstance(error, openai.APIConnectionError):
-            return ProviderUnavailable(f"cannot reach OpenAI: {error.message}")
+            return ProviderUnavailable(f"cannot reach OpenAI: {redact_text(error.message)}")
         if isinstance(error, openai.APIStatusError):
             status = error.status_code
             code = error.code or ""
             headers = error.response.headers
-            detail = f"OpenAI {status} {code}".strip() + f": {error.message}"[:300]
+            # Redacted before the cut: a key cut in half is no longer recognisable as one.
+            detail = f"OpenAI {status} {code}".strip() + f": {redact_text(error.message)}"[:300]
             if status == 429 and code == "insufficient_quota":
                 return ProviderPaused(
                     f"OpenAI: insufficient_quota (billing); paused {self._s.quota_pause_s:g}s",
@@ -458,4 +460,4 @@ class OpenAIProvider:
             if status >= 500 or status == 408:
                 return ProviderUnavailable(detail, retry_after=retry_after(headers))
             return RejectedByProvider(detail)
-        return ProviderUnavailable(f"OpenAI: {type(error).__name__}: {error}"[:300])
+        return ProviderUnavailable(redact_text(f"OpenAI: {type(error).__name__}: {error}")[:300])

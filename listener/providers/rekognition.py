@@ -60,6 +60,7 @@ from listener.faces import (
     external_image_id,
 )
 from listener.providers.base import ImageInput, StepContext, StepResult
+from listener.redact import redact_text
 from listener.settings import RekognitionSettings
 
 MAX_BYTES = 5 * 1024 * 1024
@@ -199,8 +200,8 @@ class RekognitionProvider:
             raise ProviderPaused("Rekognition: no AWS credentials found", pause_s=300.0) from None
         except BotoCoreError as error:
             if "timeout" in type(error).__name__.lower():
-                raise FetchTimeout(f"Rekognition: {error}") from None
-            raise ProviderUnavailable(f"Rekognition: {error}") from None
+                raise FetchTimeout(redact_text(f"Rekognition: {error}")) from None
+            raise ProviderUnavailable(redact_text(f"Rekognition: {error}")) from None
         return StepResult(
             provider=self.name,
             step=f"{self.name}.{kind}",
@@ -359,7 +360,9 @@ class RekognitionProvider:
     def _translate(self, error: ClientError) -> Exception:
         info = error.response.get("Error", {})
         code = str(info.get("Code", "Unknown"))
-        message = f"Rekognition {code}: {info.get('Message', '')}".strip().rstrip(":")[:300]
+        # Redacted before the cut: a key cut in half is no longer recognisable as one.
+        message = redact_text(f"Rekognition {code}: {info.get('Message', '')}")
+        message = message.strip().rstrip(":")[:300]
         if code in _THROTTLED:
             return RateLimited(message, retry_after=1.0)
         if code in _PERMANENT:

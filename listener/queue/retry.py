@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from listener.errors import Deferred, ListenerError, PermanentError, RateLimited, RetryableError
 from listener.queue.outcomes import Discarded, Failure, Job, Retry, Snoozed
+from listener.redact import redact_text
 
 _MAX_REASON = 1000
 
@@ -36,7 +37,9 @@ def full_jitter_backoff(
 def describe(error: BaseException) -> str:
     """A one-line reason for ``last_error``: listener errors as they are, others with their type.
 
-    Long texts are cut to 1,000 characters.
+    Every reason passes ``listener.redact.redact_text`` (URL credentials and query strings,
+    bearer tokens, keys and signatures masked) before it is cut to 1,000 characters, so no
+    stored reason holds a secret, whatever raised it.
     """
     if isinstance(error, ListenerError):
         text = str(error)
@@ -44,7 +47,7 @@ def describe(error: BaseException) -> str:
         text = f"timed out ({type(error).__name__})"
     else:
         text = f"{type(error).__name__}: {error}".rstrip(": ")
-    text = " ".join(text.split())
+    text = " ".join(redact_text(text).split())
     return text[:_MAX_REASON]
 
 

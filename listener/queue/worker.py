@@ -49,6 +49,7 @@ from listener.queue.outcomes import (
 from listener.queue.retry import full_jitter_backoff
 from listener.queue.signals import Signal, Signals
 from listener.queue.store import JobStore
+from listener.redact import redact_text
 
 T = TypeVar("T")
 
@@ -224,7 +225,7 @@ class Worker:
             except Exception as error:
                 failures += 1
                 self.claim_failures = failures
-                self.last_claim_error = f"{type(error).__name__}: {error}"[:300]
+                self.last_claim_error = redact_text(f"{type(error).__name__}: {error}")[:300]
                 self._db_error("claim", error)
                 await self._wait(self._backoff(failures))
                 continue

@@ -153,6 +153,7 @@ async def server() -> AsyncIterator[str]:
     app.router.add_get("/redirect-local", redirect_to("/photo.jpg", 301))
     app.router.add_get("/redirect-loop", redirect_to("/redirect-loop", 307))
     app.router.add_get("/redirect-file", redirect_to("file:///etc/passwd"))
+    app.router.add_get("/redirect-idna", redirect_to("http://xn--a.com/a.jpg"))
     app.router.add_get("/unavailable.jpg", status(503))
     app.router.add_get("/ratelimited.jpg", status(429, {"Retry-After": "7"}))
     app.router.add_get("/forbidden.jpg", status(403))
@@ -412,6 +413,47 @@ async def test_invalid_urls(url: str | None, message: str, connections: list[str
     with pytest.raises(InvalidURL, match=message):
         await fetch(url)
     assert connections == []
+
+
+async def test_invalid_idna_host_is_a_permanent_invalid_url(connections: list[str]) -> None:
+    # "xn--a" is not valid Punycode: decoding the host for the message raised UnicodeError,
+    # an unknown error that was retried until the attempts ran out.
+    for url in ("https://xn--a.com/a.jpg", "http://user:pw@xn--a.com/a.jpg?token=t"):
+        with pytest.raises(InvalidURL, match="invalid internationalized host name") as caught:
+            await fetch(url)
+        assert isinstance(caught.value, PermanentError)
+        assert "xn--a.com" in str(caught.value)
+        assert "pw" not in str(caught.value) and "token" not in str(caught.value)
+    assert connections == []
+
+
+async def test_redirect_to_an_invalid_idna_host_is_invalid(server: str) -> None:
+    with pytest.raises(InvalidURL, match="invalid internationalized host name"):
+        await fetch(f"{server}/redirect-idna")
+
+
+@pytest.mark.parametrize(
+    ("char", "encoded"),
+    [("\u2028", "%E2%80%A8"), ("\u00a0", "%C2%A0"), ("\x85", "%C2%85"), ("\x7f", "%7F")],
+)
+async def test_the_fix_it_hint_gives_the_utf8_percent_encoding(char: str, encoded: str) -> None:
+    with pytest.raises(InvalidURL, match=f"percent-encode it as {encoded}\\)"):
+        await fetch(f"http://127.0.0.1/a{char}b.jpg")
+
+
+async def test_a_files_first_bytes_never_reach_the_message(tmp_path: Path) -> None:
+    # With file URLs allowed, any readable file can be named; its bytes must not be quoted,
+    # not even as hex (they were: "starts with bytes 53 33 43 ...").
+    secret = b"S3CRET-KEY-MATERIAL\x00\x01\x02\x03\xfe\xff"
+    binary, text = tmp_path / "key.bin", tmp_path / "passwd"
+    binary.write_bytes(secret)
+    text.write_bytes(b"root:S3CRET:0:0:root:/root:/bin/bash\n")
+    for path, looks in ((binary, "binary data of an unknown format"), (text, "plain text")):
+        with pytest.raises(InvalidImage, match=looks) as caught:
+            await fetch(str(path), allow_file_urls=True)
+        message = str(caught.value)
+        assert "S3CRET" not in message
+        assert secret[:4].hex(" ") not in message and secret[:4].hex() not in message
 
 
 async def test_url_with_spaces_is_invalid(server: str) -> None:

@@ -111,7 +111,7 @@ async def test_hostile_images_fail_alone_and_the_daemon_keeps_serving(
         "rgba16": "8000x8000 pixels of mode RGBA at 8 bytes per pixel = 512000000 bytes",
         "truncated": "truncated",
         "html": "looks like HTML",
-        "noise": "starts with bytes 00 01 02",
+        "noise": "is binary data of an unknown format",
     }
     settings = fast_settings(
         database_url,
@@ -144,6 +144,8 @@ async def test_hostile_images_fail_alone_and_the_daemon_keeps_serving(
         table = await make_table(conn, status=True)
         async with Daemon(settings) as daemon:
             assert daemon.health is not None
+            # Ready once LISTENing; from then on it must stay ready through the hostile rows.
+            await daemon.signals.wait("listening", 1)
             rss_before = peak_rss_mb()
             watchers = [
                 asyncio.create_task(heartbeat()),

@@ -248,10 +248,9 @@ def test_html_is_not_an_image() -> None:
 
 
 def test_random_bytes_are_not_an_image() -> None:
-    with pytest.raises(
-        InvalidImage, match=r"cannot decode image: .*supported format.*starts with bytes 00 01 02"
-    ):
+    with pytest.raises(InvalidImage, match=r"cannot decode image: .*supported format") as caught:
         analyze(bytes(range(256)))
+    assert "00 01 02" not in str(caught.value)
 
 
 def test_formats_outside_the_allowed_decoders_are_refused() -> None:
