@@ -250,8 +250,13 @@ class WebhookSender:
                 self.delivered += len(done)
                 self.failed += len(failed)
                 errors.update(r for _, _, r in failed)
-                if len(claimed) < self._concurrency:
+                # Stop at the end of the due events, or when nothing got through (the
+                # receiver is down: the failed ones wait for their backoff, the others for
+                # the next round).
+                if len(claimed) < self._concurrency or not done:
                     break
+                if deadline is None and self._stop.is_set():
+                    break  # the flush after the loop (with its deadline) takes over
                 if deadline is not None and time.monotonic() > deadline:
                     break
         except Exception as error:

@@ -43,9 +43,11 @@ CREATE INDEX event_outbox_due_idx ON listener.event_outbox (next_attempt_at, id)
 -- of the statement's new rows finds none and the function returns. Payloads stay under
 -- NOTIFY's 8000-byte limit: a row id too long for it is left out ("row_id": null,
 -- "row_id_too_long": true; the job id still names the job), since a failing pg_notify would
--- fail the job's own write.
+-- fail the job's own write. SECURITY DEFINER (with a fixed search_path; every name is
+-- qualified): whichever role changed the job, an app role's trigger included, may queue the
+-- event without rights on listener's tables, so no writer fails for lack of them.
 CREATE FUNCTION listener.emit_terminal_events() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     sent integer;
 BEGIN

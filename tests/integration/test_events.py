@@ -411,3 +411,27 @@ async def test_a_webhook_url_without_a_secret_is_refused_without_echoing_it(
     assert "LISTENER_WEBHOOK_SECRET" in out and "querysecret" not in out
     # Refused before enabling anything: no events are queued for it.
     assert not await conn.fetchval("SELECT webhooks FROM listener.event_settings")
+
+
+async def test_a_role_without_rights_on_the_outbox_still_finishes_jobs(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """The trigger queues as its owner: a writer with rights on listener.jobs only (an app
+    role's trigger, say) does not fail for lack of rights on the outbox."""
+    table = await make_table(conn)
+    await conn.execute(f"INSERT INTO {table} (url) VALUES ('u1')")
+    await _enable_webhooks(database_url)
+    role = f"events_writer_{os.getpid()}"
+    await conn.execute(f"CREATE ROLE {role}")
+    try:
+        await conn.execute(f"GRANT USAGE ON SCHEMA listener TO {role}")
+        await conn.execute(f"GRANT SELECT, UPDATE ON listener.jobs TO {role}")
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {role}")
+            await conn.execute("UPDATE listener.jobs SET status = 'cancelled'")
+        queued = await conn.fetchval("SELECT event FROM listener.event_outbox")
+        assert json.loads(queued)["status"] == "cancelled"
+    finally:
+        await conn.execute("RESET ROLE")
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
