@@ -4,8 +4,8 @@
 dispatcher, the worker, the LISTEN notifier and the health server from ``Settings``. Start
 builds everything and binds the health port *before* any loop runs, so a start that fails
 (port taken, provider that cannot start) has claimed no job. Then one ``asyncio.TaskGroup``
-owns every loop (worker, notifier, batches); stop ends them in order: stop claiming, drain
-and hand leases back, stop the others, close.
+owns every loop (worker, notifier, batches, status write-back, webhooks); stop ends them in
+order: stop claiming, drain and hand leases back, stop the others, close.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from listener.queue.signals import Signals
 from listener.queue.worker import Worker, WorkerConfig
 from listener.rollup import CountsRollup
 from listener.settings import Settings
+from listener.webhooks import WebhookSender
 from listener.writeback import StatusWriteBack
 
 if TYPE_CHECKING:
@@ -207,6 +208,7 @@ class Daemon:
         self.counts_rollup: CountsRollup | None = None
         self.pauses: PauseBoard | None = None
         self.pruner: Pruner | None = None
+        self.webhooks: WebhookSender | None = None
         self._fetcher = ImageFetcher(settings.fetch)
         self._loops: asyncio.Task[None] | None = None
         self.store: PgJobStore | None = None
@@ -365,6 +367,7 @@ class Daemon:
             )
             # Folds the job counters' deltas (0008) so status reads stay a few rows.
             self.counts_rollup = CountsRollup(queries, s.counts_rollup_interval_s)
+            await self._start_webhooks(queries)
         except BaseException:
             await self._close_resources()
             raise
@@ -376,6 +379,41 @@ class Daemon:
             s.concurrency,
             self._health_description(),
         )
+
+    async def _start_webhooks(self, queries: Queries) -> None:
+        """With ``webhook_url``: build the delivery loop and have the trigger queue terminal
+        events, before anything is claimed (so no event of this daemon's jobs is missed).
+
+        Raises:
+            ValueError: the URL is not http(s), or no secret is set (messages never repeat
+                the URL or the secret).
+        """
+        s = self.settings
+        if s.webhook_url is None:
+            if await queries.webhooks_enabled():
+                logger.info(
+                    "terminal events are queued for webhooks (another daemon has "
+                    "LISTENER_WEBHOOK_URL); this one delivers none"
+                )
+            return
+        secret = s.webhook_secret_value()
+        if secret is None:
+            raise ValueError(
+                "LISTENER_WEBHOOK_URL is set but LISTENER_WEBHOOK_SECRET is not: webhooks are "
+                "signed with it (README, Events)"
+            )
+        self.webhooks = WebhookSender(
+            queries,
+            s.webhook_url.get_secret_value(),
+            secret,
+            timeout_s=s.webhook_timeout_s,
+            interval_s=s.webhook_interval_s,
+            concurrency=s.webhook_concurrency,
+            backoff_base_s=s.webhook_backoff_base_s,
+            backoff_cap_s=s.webhook_backoff_cap_s,
+            rng=self._rng.random,
+        )
+        await queries.enable_webhooks()
 
     def _health_description(self) -> str:
         """The bound address (not the requested one), and whether a token guards it."""
@@ -402,6 +440,9 @@ class Daemon:
             loops.append(self.status_writeback)
         if self.counts_rollup is not None:
             loops.append(self.counts_rollup)
+        # Also stopped after the drain: the events of the last jobs go out before exit.
+        if self.webhooks is not None:
+            loops.append(self.webhooks)
         return loops
 
     async def _run_loops(self) -> None:

@@ -332,6 +332,39 @@ class Settings(BaseSettings):
         "the status page) to every client, so page refreshes cannot load the database.",
     )
 
+    webhook_url: SecretStr | None = Field(
+        default=None,
+        description="POST every terminal job event (complete, failed, cancelled) here, "
+        "signed with webhook_secret (README, Events). A SecretStr: its query string may hold "
+        "a token, so it is never logged whole.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key of the X-Listener-Signature header; required with "
+        "webhook_url.",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds one webhook POST may take (connect, send, answer).",
+    )
+    webhook_interval_s: float = Field(
+        default=0.5, gt=0, description="Seconds between looks for events due for delivery."
+    )
+    webhook_concurrency: int = Field(
+        default=16,
+        ge=1,
+        description="Events claimed and POSTed at once by one daemon (one round).",
+    )
+    webhook_backoff_base_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="First redelivery's upper bound, seconds (full jitter, doubling).",
+    )
+    webhook_backoff_cap_s: float = Field(
+        default=600.0, ge=0, description="Largest redelivery delay bound, seconds."
+    )
+
     health_host: str = Field(
         default="127.0.0.1",
         description="Address the health server binds. The default keeps it on this machine; "
@@ -392,7 +425,7 @@ class Settings(BaseSettings):
     log_json: bool = False
     log_level: str = "INFO"
 
-    @field_validator("health_token", mode="before")
+    @field_validator("health_token", "webhook_url", "webhook_secret", mode="before")
     @classmethod
     def _blank_token_is_none(cls, value: object) -> object:
         # An empty LISTENER_HEALTH_TOKEN= in a .env must not become a token that "Bearer "
@@ -402,6 +435,10 @@ class Settings(BaseSettings):
         if isinstance(value, SecretStr) and not value.get_secret_value().strip():
             return None
         return value
+
+    def webhook_secret_value(self) -> str | None:
+        """The webhook secret in clear, or None when none is set."""
+        return self.webhook_secret.get_secret_value() if self.webhook_secret is not None else None
 
     def health_token_value(self) -> str | None:
         """The health token in clear, or None when none is set."""

@@ -831,3 +831,49 @@ LIMIT 20;
 -- Retention: deletes up to $2 finished jobs finished before $1 whose app row is gone, or with
 -- $3 only counts them (see listener.prune_jobs for what is kept and why).
 SELECT listener.prune_jobs($1, $2, $3);
+
+-- name: enable_webhooks :execute
+-- Terminal events are queued in listener.event_outbox from now on (a daemon started with
+-- LISTENER_WEBHOOK_URL runs this before it claims). Writes only when the flag was off.
+UPDATE listener.event_settings SET webhooks = true, updated_at = now() WHERE NOT webhooks;
+
+-- name: webhooks_enabled :one
+-- Whether terminal events are queued for webhooks.
+SELECT webhooks FROM listener.event_settings;
+
+-- name: events_due :one
+-- Whether some event waits for delivery now (one probe of the due index; spares idle rounds
+-- a transaction).
+SELECT EXISTS (
+    SELECT 1 FROM listener.event_outbox WHERE next_attempt_at <= now()
+) AS due;
+
+-- name: claim_events :many
+-- Takes up to $1 due events, oldest due first, skipping rows another daemon is taking, and
+-- leases them for $2 seconds (next_attempt_at moves past the deliveries' timeout): a daemon
+-- that dies mid-delivery leaves them to come due again. attempts counts deliveries started.
+WITH due AS (
+    SELECT id FROM listener.event_outbox
+    WHERE next_attempt_at <= now()
+    ORDER BY next_attempt_at, id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE listener.event_outbox AS e
+SET attempts = e.attempts + 1, next_attempt_at = now() + make_interval(secs => $2)
+FROM due
+WHERE e.id = due.id
+RETURNING e.id, e.event::text AS event, e.attempts;
+
+-- name: events_delivered :execute
+-- Events $1 were answered with 2xx: done.
+DELETE FROM listener.event_outbox WHERE id = ANY($1::bigint[]);
+
+-- name: events_failed :execute
+-- Events $1 (claimed at attempt $2) failed with reasons $4: due again in $3 seconds. Fenced by
+-- the attempt, so a daemon whose lease ran out (and whose events another daemon took) does
+-- not move them.
+UPDATE listener.event_outbox AS e
+SET next_attempt_at = now() + make_interval(secs => f.delay_s), last_error = f.error
+FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::text[]) AS f(id, attempts, delay_s, error)
+WHERE e.id = ANY($1::bigint[]) AND e.id = f.id AND e.attempts = f.attempts;

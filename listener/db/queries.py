@@ -112,6 +112,22 @@ class WriteBackRound:
     errors: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One claimed row of ``listener.event_outbox``.
+
+    Attributes:
+        id: the outbox id, sent as ``X-Listener-Event-Id`` (receivers deduplicate on it).
+        body: the event as JSON text (``{"table", "row_id", "status", "job_id"}``), the
+            exact bytes POSTed and signed.
+        attempts: deliveries started, this one included (>= 1).
+    """
+
+    id: int
+    body: str
+    attempts: int
+
+
 @functools.cache
 def load_queries() -> dict[str, NamedQuery]:
     """Parse ``sql/queries.sql`` (once per process)."""
@@ -467,6 +483,48 @@ class Queries:
             item["output"] = json.loads(r["output"]) if r["output"] is not None else None
             out.append(item)
         return out
+
+    # -- terminal events for webhooks: listener.event_outbox (0010_events) --
+
+    async def enable_webhooks(self) -> None:
+        """Queue terminal events in ``listener.event_outbox`` from now on."""
+        await self._pool.execute(self._sql["enable_webhooks"])
+
+    async def webhooks_enabled(self) -> bool:
+        """Whether terminal events are queued for webhooks."""
+        return bool(await self._pool.fetchval(self._sql["webhooks_enabled"]))
+
+    async def events_due(self) -> bool:
+        """True when some event waits for delivery now."""
+        return bool(await self._pool.fetchval(self._sql["events_due"]))
+
+    async def claim_events(self, limit: int, lease_s: float) -> list[OutboxEvent]:
+        """Take up to ``limit`` due events and lease them for ``lease_s`` seconds, in id order.
+
+        Rows another daemon is taking are skipped (``FOR UPDATE SKIP LOCKED``).
+        """
+        rows = await self._pool.fetch(self._sql["claim_events"], limit, lease_s)
+        events = [OutboxEvent(r["id"], r["event"], r["attempts"]) for r in rows]
+        return sorted(events, key=lambda e: e.id)
+
+    async def events_delivered(self, ids: Sequence[int]) -> None:
+        """Delete events ``ids``: their receiver answered 2xx."""
+        await self._pool.execute(self._sql["events_delivered"], list(ids))
+
+    async def events_failed(self, failed: Sequence[tuple[OutboxEvent, float, str]]) -> None:
+        """``(event, delay in seconds, reason)`` each: due again after the delay.
+
+        Fenced by the event's ``attempts``: an event claimed again since is left alone.
+        """
+        if not failed:
+            return
+        await self._pool.execute(
+            self._sql["events_failed"],
+            [e.id for e, _, _ in failed],
+            [e.attempts for e, _, _ in failed],
+            [delay for _, delay, _ in failed],
+            [reason for _, _, reason in failed],
+        )
 
 
 def _attachment(r: Any) -> Attachment:

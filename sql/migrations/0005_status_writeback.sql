@@ -287,7 +287,8 @@ BEGIN
     -- One INSERT ... SELECT and at most one NOTIFY per statement, however many rows it
     -- inserted: NOTIFY takes a cluster-wide lock at commit, so per-row NOTIFY does not scale.
     EXECUTE format($f$
-        CREATE FUNCTION listener.%I() RETURNS trigger LANGUAGE plpgsql AS %L
+        CREATE FUNCTION listener.%I() RETURNS trigger LANGUAGE plpgsql
+            SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L
     $f$, insert_fn, format($body$
         BEGIN
             INSERT INTO listener.jobs (source_table, source_id, image_url, owner_id)
@@ -305,7 +306,8 @@ BEGIN
     -- URL alone, such as the status write-back, never even call the function; pg_notify
     -- folds identical notifications of one transaction into one.
     EXECUTE format($f$
-        CREATE FUNCTION listener.%I() RETURNS trigger LANGUAGE plpgsql AS %L
+        CREATE FUNCTION listener.%I() RETURNS trigger LANGUAGE plpgsql
+            SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L
     $f$, update_fn, format($body$
         BEGIN
             INSERT INTO listener.jobs (source_table, source_id, image_url, owner_id)

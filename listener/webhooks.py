@@ -1,0 +1,302 @@
+"""Delivers terminal job events to ``LISTENER_WEBHOOK_URL``, signed, at least once.
+
+The trigger of ``sql/migrations/0010_events.sql`` writes each terminal change of a job
+(complete, failed, cancelled) into ``listener.event_outbox`` in the change's own transaction,
+once a daemon with a webhook URL has enabled it. ``WebhookSender`` drains that outbox every
+``interval_s`` in short transactions of its own, as ``listener.writeback`` does:
+
+1. claim up to ``concurrency`` due rows (``FOR UPDATE SKIP LOCKED``: daemons share the work)
+   and lease them: their ``next_attempt_at`` moves ``timeout_s + LEASE_MARGIN_S`` ahead;
+2. POST them all at once, each bounded by ``timeout_s``;
+3. delete those answered 2xx; push the others back by a full-jitter backoff
+   (``listener.queue.retry.full_jitter_backoff`` over the row's ``attempts``).
+
+A daemon killed between 1 and 3 leaves its rows to come due when the lease ends, and another
+daemon (or itself, restarted) sends them again: delivery is at least once, and receivers
+deduplicate on ``X-Listener-Event-Id``. Events are retried until delivered; nothing is dropped.
+
+Request: ``POST`` of the event's JSON (``{"table", "row_id", "status", "job_id"}``) with
+``Content-Type: application/json``, ``X-Listener-Event-Id: <outbox id>`` and
+``X-Listener-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`` keyed with
+``LISTENER_WEBHOOK_SECRET`` (HMAC: RFC 2104; the layout is Stripe's ``Stripe-Signature``).
+Redirects are not followed (a 3xx is a failure), so the signed body goes to the configured
+host only. The URL is the operator's: any host is allowed (unlike image URLs,
+``listener.fetch``), but logs and errors show it without credentials, query or fragment, and
+the secret appears nowhere but in the HMAC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import random
+import time
+from collections.abc import Callable
+
+import aiohttp
+from loguru import logger
+from yarl import URL
+
+from listener.db.queries import OutboxEvent, Queries
+from listener.queue.retry import full_jitter_backoff
+
+SIGNATURE_HEADER = "X-Listener-Signature"
+EVENT_ID_HEADER = "X-Listener-Event-Id"
+LEASE_MARGIN_S = 2.0
+"""Seconds a claimed event's lease outlasts the POST's timeout (claim and ack round trips)."""
+DEFAULT_TOLERANCE_S = 300
+"""How old a signature ``verify_signature`` accepts by default, seconds (Stripe's default)."""
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The ``X-Listener-Signature`` value of ``body`` sent at ``timestamp``.
+
+    Args:
+        secret: ``LISTENER_WEBHOOK_SECRET``.
+        body: the exact request body.
+        timestamp: Unix time, whole seconds.
+
+    Returns:
+        ``"t=<timestamp>,v1=<hex HMAC-SHA256(secret, b"<timestamp>." + body)>"`` (RFC 2104).
+    """
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+def verify_signature(
+    secret: str,
+    header: str,
+    body: bytes,
+    *,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    now: float | None = None,
+) -> bool:
+    """Whether ``header`` (an ``X-Listener-Signature``) signs ``body`` with ``secret``.
+
+    For receivers written in Python. The comparison is constant-time; a timestamp more than
+    ``tolerance_s`` seconds from ``now`` (default: ``time.time()``) is refused, which bounds
+    replays. Several ``v1=`` entries are accepted (any one matching), for secret rotation.
+
+    Returns:
+        False for a malformed header, a stale timestamp or no matching signature.
+    """
+    parts = [p.partition("=") for p in header.split(",")]
+    stamps = [v for k, _, v in parts if k.strip() == "t"]
+    candidates = [v.strip() for k, _, v in parts if k.strip() == "v1"]
+    if len(stamps) != 1 or not stamps[0].strip().isdigit() or not candidates:
+        return False
+    timestamp = int(stamps[0])
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance_s:
+        return False
+    expected = sign(secret, body, timestamp).rpartition("v1=")[2]
+    return any(hmac.compare_digest(expected, c) for c in candidates)
+
+
+def redact_url(url: str) -> str:
+    """``url`` as logs may show it: scheme, host, port and path; no user, password, query or
+    fragment (any of which may carry a token)."""
+    try:
+        parsed = URL(url)
+        return str(parsed.with_user(None).with_query(None).with_fragment(None))
+    except (ValueError, TypeError):
+        return "<unparseable URL>"
+
+
+def check_webhook_url(url: str) -> None:
+    """Refuse a webhook URL that cannot work.
+
+    Raises:
+        ValueError: not an absolute ``http``/``https`` URL. The message does not repeat the
+            URL (it may hold a token).
+    """
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        raise ValueError("LISTENER_WEBHOOK_URL is not a valid URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("LISTENER_WEBHOOK_URL must be an absolute http:// or https:// URL")
+
+
+class WebhookSender:
+    """The webhook delivery loop of one daemon.
+
+    Args:
+        queries: the daemon's queries, bound to a pool.
+        url: ``LISTENER_WEBHOOK_URL`` (checked with ``check_webhook_url``).
+        secret: ``LISTENER_WEBHOOK_SECRET``.
+        timeout_s: longest POST, seconds (connect to answer's headers).
+        interval_s: seconds between looks for due events.
+        concurrency: events claimed and POSTed at once.
+        backoff_base_s, backoff_cap_s: redelivery delays, seconds: the n-th failed attempt
+            waits ``rng() * min(cap, base * 2**(n-1))``.
+        rng: uniform floats in [0, 1).
+        clock: Unix time in seconds, for the signature's ``t``.
+        flush_s: longest time ``run`` spends delivering what is due once stopped, seconds.
+    """
+
+    def __init__(
+        self,
+        queries: Queries,
+        url: str,
+        secret: str,
+        *,
+        timeout_s: float = 10.0,
+        interval_s: float = 0.5,
+        concurrency: int = 16,
+        backoff_base_s: float = 1.0,
+        backoff_cap_s: float = 600.0,
+        rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
+        flush_s: float = 5.0,
+    ) -> None:
+        check_webhook_url(url)
+        self._q = queries
+        self._url = url
+        self._secret = secret
+        self.shown_url = redact_url(url)
+        """The URL as logs show it."""
+        self._timeout_s = timeout_s
+        self._interval_s = interval_s
+        self._concurrency = concurrency
+        self._base_s = backoff_base_s
+        self._cap_s = backoff_cap_s
+        self._rng = rng
+        self._clock = clock
+        self._flush_s = flush_s
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._errors: set[str] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self.delivered = 0
+        """Events answered 2xx since start."""
+        self.failed = 0
+        """Delivery attempts that failed since start."""
+
+    def wake(self) -> None:
+        """Look for due events now rather than at the next interval."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End ``run``: it delivers what is due (for up to ``flush_s``) and returns."""
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until stopped, then a last time; errors are logged, never raised."""
+        logger.info("webhooks: delivering terminal job events to {}", self.shown_url)
+        async with self._client() as session:
+            self._session = session
+            try:
+                while not self._stop.is_set():
+                    await self.tick()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._interval_s)
+                    self._wake.clear()
+                await self.tick(max_s=self._flush_s)
+            finally:
+                self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            trust_env=False,
+            headers={"User-Agent": "listener-webhooks"},
+        )
+
+    async def tick(self, max_s: float | None = None) -> int:
+        """Deliver due events, ``concurrency`` at a time, until none is due.
+
+        Args:
+            max_s: stop after this many seconds (the rest waits for the next round).
+
+        Returns:
+            Events delivered (answered 2xx). Errors are logged (each distinct one once),
+            not raised.
+        """
+        if self._session is None:
+            async with self._client() as session:
+                self._session = session
+                try:
+                    return await self.tick(max_s)
+                finally:
+                    self._session = None
+        deadline = None if max_s is None else time.monotonic() + max_s
+        delivered = 0
+        errors: set[str] = set()
+        try:
+            if not await self._q.events_due():
+                self._report(errors)
+                return 0
+            while True:
+                claimed = await self._q.claim_events(
+                    self._concurrency, self._timeout_s + LEASE_MARGIN_S
+                )
+                if not claimed:
+                    break
+                outcomes = await asyncio.gather(*(self._post(e) for e in claimed))
+                done = [e.id for e, reason in zip(claimed, outcomes, strict=True) if not reason]
+                failed = [
+                    (e, full_jitter_backoff(e.attempts, self._base_s, self._cap_s, self._rng), r)
+                    for e, r in zip(claimed, outcomes, strict=True)
+                    if r
+                ]
+                if done:
+                    await self._q.events_delivered(done)
+                await self._q.events_failed(failed)
+                delivered += len(done)
+                self.delivered += len(done)
+                self.failed += len(failed)
+                errors.update(r for _, _, r in failed)
+                # Stop at the end of the due events, or when nothing got through (the
+                # receiver is down: the failed ones wait for their backoff, the others for
+                # the next round).
+                if len(claimed) < self._concurrency or not done:
+                    break
+                if deadline is None and self._stop.is_set():
+                    break  # the flush after the loop (with its deadline) takes over
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+        except Exception as error:
+            errors.add(f"outbox failed: {self._safe(f'{type(error).__name__}: {error}')}")
+        self._report(errors)
+        return delivered
+
+    async def _post(self, event: OutboxEvent) -> str:
+        """POST one event; ``""`` on 2xx, else the reason (no URL query, no secret)."""
+        assert self._session is not None
+        body = event.body.encode()
+        headers = {
+            "Content-Type": "application/json",
+            EVENT_ID_HEADER: str(event.id),
+            SIGNATURE_HEADER: sign(self._secret, body, int(self._clock())),
+        }
+        try:
+            async with self._session.post(
+                self._url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                if 200 <= response.status < 300:
+                    return ""
+                return f"HTTP {response.status}"
+        except TimeoutError:
+            return f"timed out after {self._timeout_s:g} s"
+        except aiohttp.ClientError as error:
+            return self._safe(f"{type(error).__name__}: {error}".rstrip(": "))
+
+    def _safe(self, text: str) -> str:
+        """``text`` with the URL (whole, or its query string) replaced by the shown one."""
+        text = text.replace(self._url, self.shown_url)
+        query = URL(self._url).raw_query_string
+        if query:
+            text = text.replace(query, "...")
+        return " ".join(text.split())[:500]
+
+    def _report(self, errors: set[str]) -> None:
+        """Log reasons not seen in the previous round, and recovery once they are gone."""
+        for message in sorted(errors - self._errors):
+            logger.warning("webhook delivery to {}: {} (will retry)", self.shown_url, message)
+        if self._errors and not errors:
+            logger.info("webhook delivery to {} recovered", self.shown_url)
+        self._errors = errors
