@@ -22,8 +22,8 @@ Figures (p50 / p95 over ``--requests`` calls each, after 3 warm-up calls):
   query run (the rollup included).
 - ``/ page (DB + render)``: the same plus rendering the HTML.
 - ``/metrics (DB)``: the counters' query ``queue_counts``.
-- ``listener status --json (DB)``: what the command does after Python has started: a new pool,
-  ``queue_status``, the pool closed.
+- ``listener status --json (DB)``: what the command does after Python has started: a new
+  connection, ``queue_status`` (its reads one after the other), the connection closed.
 - ``GET /status``, ``GET /``, ``GET /metrics`` as served over HTTP (one client, back to back;
   ``/status`` and ``/`` come from the 1 s cache but for the first request of each second).
 - ``listener status --json`` as a subprocess (5 runs, info: mostly Python's start-up).
@@ -205,11 +205,11 @@ async def measure(dsn: str, requests: int, cli: int) -> dict[str, list[float]]:
             render(await status_document(sources))
 
         async def cli_db() -> None:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+            conn = await asyncpg.connect(dsn)
             try:
-                await queue_status(Queries(pool), None)
+                await queue_status(Queries(conn), None)
             finally:
-                await pool.close()
+                await conn.close()
 
         samples["/status document (DB)"] = await timed(lambda: status_document(sources), requests)
         samples["/ page (DB + render)"] = await timed(page, requests)

@@ -550,8 +550,13 @@ def status(
     async def go() -> dict[str, Any]:
         from listener.status import queue_status
 
-        async with _pool(settings) as pool:
-            return await queue_status(Queries(pool), settings.budget_usd_per_day)
+        # One connection, its reads one after the other: opening a second one would cost
+        # more than the reads themselves.
+        conn = await asyncpg.connect(settings.dsn())
+        try:
+            return await queue_status(Queries(conn), settings.budget_usd_per_day)
+        finally:
+            await conn.close()
 
     doc = _run(go())
     if as_json:
