@@ -45,16 +45,17 @@ from bench_queue import (
     Figure,
     Report,
     Server,
+    bench_server,
     daemon_settings,
     describe_machine,
     percentile,
+    postmaster_pid,
     print_figures,
     print_load_and_errors,
     wait_drained,
 )
 
 from listener.app import Daemon
-from listener.db.cluster import TemporaryCluster
 from listener.logs import configure_logging
 
 JOBS = 20_000
@@ -323,27 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("WARNING")
     report = Report()
     started = time.monotonic()
-    cluster: TemporaryCluster | None = None
-    if args.use_database_url:
-        admin_dsn = os.environ.get("DATABASE_URL")
-        if not admin_dsn:
-            print("--use-database-url given but DATABASE_URL is not set", file=sys.stderr)
-            return 2
-    else:
-        cluster = TemporaryCluster(fast=False)
-        admin_dsn = cluster.start()
-    try:
-        roots = [os.getpid()]
-        if cluster is not None:
-            pid_file = cluster.data_dir / "postmaster.pid"
-            roots.append(int(pid_file.read_text().split("\n", 1)[0]))
-        meter = CpuMeter(roots)
+    with bench_server(args.use_database_url) as (admin_dsn, cluster):
+        meter = CpuMeter([os.getpid()] + ([postmaster_pid(cluster)] if cluster else []))
         asyncio.run(
             run_all(Server(admin_dsn), report, meter, args.quiet_wait, args.sizes, args.rounds)
         )
-    finally:
-        if cluster is not None:
-            cluster.stop()
     report.elapsed_s = time.monotonic() - started
     print()
     print_figures(report, name_width=48, target_width=8)

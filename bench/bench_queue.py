@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -964,8 +964,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _postmaster_pid(cluster: TemporaryCluster) -> int:
+def postmaster_pid(cluster: TemporaryCluster) -> int:
+    """The pid of ``cluster``'s postmaster (its CPU is counted with the benchmark's)."""
     return int((cluster.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+@contextlib.contextmanager
+def bench_server(use_database_url: bool) -> Iterator[tuple[str, TemporaryCluster | None]]:
+    """The server every benchmark script runs on: ``(admin DSN, cluster)``.
+
+    With ``use_database_url``, the server of ``DATABASE_URL`` (cluster ``None``); otherwise a
+    throwaway cluster with default durability, stopped on the way out.
+
+    Raises:
+        SystemExit: 2, ``use_database_url`` without ``DATABASE_URL``.
+    """
+    if use_database_url:
+        admin_dsn = os.environ.get("DATABASE_URL")
+        if not admin_dsn:
+            print("--use-database-url given but DATABASE_URL is not set", file=sys.stderr)
+            raise SystemExit(2)
+        yield admin_dsn, None
+        return
+    cluster = TemporaryCluster(fast=False)
+    admin_dsn = cluster.start()
+    try:
+        yield admin_dsn, cluster
+    finally:
+        with contextlib.suppress(Exception):
+            cluster.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -973,26 +1000,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("WARNING")
     report = Report()
     started = time.monotonic()
-    cluster: TemporaryCluster | None = None
-    if args.use_database_url:
-        admin_dsn = os.environ.get("DATABASE_URL")
-        if not admin_dsn:
-            print("--use-database-url given but DATABASE_URL is not set", file=sys.stderr)
-            return 2
-    else:
-        cluster = TemporaryCluster(fast=False)
-        admin_dsn = cluster.start()
-    try:
-        roots = [os.getpid()] + ([_postmaster_pid(cluster)] if cluster else [])
+    with bench_server(args.use_database_url) as (admin_dsn, cluster):
+        roots = [os.getpid()] + ([postmaster_pid(cluster)] if cluster else [])
         # The cluster's own directory is on the data directory's filesystem.
         disk = cluster.directory if cluster else Path(tempfile.gettempdir())
         meter = CpuMeter(roots)
         asyncio.run(
             run(Server(admin_dsn), args.only, report, meter, args.quiet_wait, disk, args.sizes)
         )
-    finally:
-        if cluster is not None:
-            cluster.stop()
     report.elapsed_s = time.monotonic() - started
     print_report(report)
     if args.json:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -50,9 +49,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+from bench_queue import bench_server
 
 from listener.app import Daemon
-from listener.db.cluster import TemporaryCluster
 from listener.db.migrate import migrate
 from listener.db.queries import Queries
 from listener.health import HealthSources, status_document
@@ -297,21 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.jobs, args.requests, args.cli_runs = 2_000, 5, 1
     configure_logging("WARNING")
-    cluster: TemporaryCluster | None = None
-    if args.use_database_url:
-        admin_dsn = os.environ.get("DATABASE_URL")
-        if not admin_dsn:
-            print("--use-database-url given but DATABASE_URL is not set", file=sys.stderr)
-            return 2
-    else:
-        cluster = TemporaryCluster(fast=False)
-        admin_dsn = cluster.start()
-    try:
+    with bench_server(args.use_database_url) as (admin_dsn, _):
         doc = asyncio.run(run(admin_dsn, args.jobs, args.requests, args.cli_runs))
-    finally:
-        if cluster is not None:
-            with contextlib.suppress(Exception):
-                cluster.stop()
     print_report(doc)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
