@@ -35,6 +35,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from listener.db.cluster import termination_as_interrupt
 from listener.db.migrate import MigrationError, migrate
 from listener.db.queries import Queries, TableProgress
 from listener.logs import configure_logging
@@ -779,15 +780,22 @@ def demo(
 
     settings = _settings()
     names = [p.strip() for p in providers.split(",") if p.strip()]
-    _run(
-        run_demo(
-            settings,
-            images=images,
-            health_port=health_port,
-            keep_running=keep_running,
-            providers=names,
-        )
-    )
+    # The embedded Postgres starts off the main thread: make SIGTERM and SIGHUP stop it (and
+    # the daemon) the way Ctrl+C does, here where signal handlers can be installed.
+    try:
+        with termination_as_interrupt():
+            _run(
+                run_demo(
+                    settings,
+                    images=images,
+                    health_port=health_port,
+                    keep_running=keep_running,
+                    providers=names,
+                )
+            )
+    except KeyboardInterrupt:
+        err_console.print("demo stopped: everything it started was stopped and removed")
+        raise typer.Exit(130) from None
 
 
 @app.command()

@@ -4,9 +4,9 @@ It starts an embedded Postgres unless a database URL is set, migrates, creates a
 like the original app's (``vehicle_images``), inserts half the photos *before* attaching (the
 rows the app never had analyzed: the backfill path), attaches, backfills, starts the daemon,
 inserts the other half one row per transaction (the trigger path), waits until every job is
-finished, prints what the local provider found and what the health endpoint says, and cleans
-up. With a database URL it works in a schema of its own, ``listener_demo``, dropped at the
-end.
+finished, prints what the local provider found, what the health endpoint says, the app's row
+as listener wrote it back and the terminal events a LISTENer heard, and cleans up. With a
+database URL it works in a schema of its own, ``listener_demo``, dropped at the end.
 """
 
 from __future__ import annotations
@@ -269,10 +269,12 @@ async def run_demo(
         dsn = settings.dsn()
     runner, base_url = await serve_folder(photos[0].parent)
     conn: asyncpg.Connection | None = None
+    events = EventStream(console)
     try:
         conn = await asyncpg.connect(dsn)
         applied = await migrate(conn)
         console.print(f"[bold]2.[/bold] migrated: {', '.join(applied) or 'already up to date'}")
+        await events.listen(dsn)
         await _create_table(conn)
         # With faces, one vehicle (one owner, one collection) so its photos can match.
         vehicles = [uuid.uuid4()] if providers else [uuid.uuid4(), uuid.uuid4()]
@@ -348,13 +350,19 @@ async def run_demo(
                     await _print_provider_report(console, conn, rows)
                 _print_report(console, rows, health, time.perf_counter() - started)
                 await _print_app_row(console, conn)
+                events.print_summary()
                 if keep_running:
-                    console.print("daemon still running; Ctrl+C to stop")
+                    console.print(
+                        "daemon still running; insert rows into "
+                        f"{DEMO_TABLE} to see their events here; Ctrl+C to stop"
+                    )
+                    events.live = True
                     await daemon.wait()
         finally:
             await pool.close()
         return rows
     finally:
+        await events.close()
         if conn is not None:
             if cluster is None:
                 await conn.execute(f"SELECT listener.detach('{DEMO_TABLE}')")
@@ -454,6 +462,56 @@ async def _print_app_row(console: Console, conn: asyncpg.Connection) -> None:
         markup=False,
         highlight=False,
     )
+
+
+class EventStream:
+    """What an app's live UI hears: ``LISTEN listener_events`` on a connection of its own.
+
+    Each terminal change of a job (complete, failed, cancelled) arrives as one NOTIFY whose
+    payload is ``{"table", "row_id", "status", "job_id"}`` (migration 0010), after the change
+    committed. The demo keeps them in ``received`` and prints a summary; with ``live`` set it
+    prints each one as it arrives.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.received: list[dict[str, Any]] = []
+        self.live = False
+        self._conn: asyncpg.Connection | None = None
+
+    async def listen(self, dsn: str) -> None:
+        """Open the connection and ``LISTEN listener_events`` on it.
+
+        Raises:
+            OSError, asyncpg.PostgresError: the database cannot be reached.
+        """
+        self._conn = await asyncpg.connect(dsn)
+        await self._conn.add_listener("listener_events", self._on_event)
+
+    def _on_event(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        event = json.loads(payload)
+        self.received.append(event)
+        if self.live:
+            self.console.print(f"event: {json.dumps(event)}", markup=False, highlight=False)
+
+    def print_summary(self, shown_at_most: int = 3) -> None:
+        """The count per status and the first ``shown_at_most`` payloads, as received."""
+        counts: dict[str, int] = {}
+        for event in self.received:
+            counts[str(event.get("status"))] = counts.get(str(event.get("status")), 0) + 1
+        per_status = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        self.console.print(
+            f"events: {len(self.received)} heard on LISTEN listener_events "
+            f"({per_status or 'none'}), one per finished job, for live UIs; the first:"
+        )
+        for event in self.received[:shown_at_most]:
+            self.console.print(f"  {json.dumps(event)}", markup=False, highlight=False)
+
+    async def close(self) -> None:
+        """Close the connection; safe when ``listen`` never ran or failed."""
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
 
 
 def _fake_module(path: Path) -> ModuleType:

@@ -8,6 +8,13 @@ matters.
 ``initdb`` and ``postgres`` refuse to run as root, so when this process is root (CI, containers)
 the server runs as the ``postgres`` user, or ``nobody`` when there is no ``postgres``; no user is
 ever created. POSIX only.
+
+A process that starts a cluster stops it on SIGTERM and SIGHUP as on Ctrl+C: `timeout`,
+`docker stop` and a closing terminal send those, and their default action would end the
+process without running the code that stops the server and deletes its directory.
+``TemporaryCluster.start`` turns them into Ctrl+C while it runs in the main thread, and
+``termination_as_interrupt`` does it for code that starts the cluster from another thread
+(``asyncio.to_thread``).
 """
 
 from __future__ import annotations
@@ -19,16 +26,78 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 from loguru import logger
+
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""The signals a process that owns a cluster treats as Ctrl+C."""
+
+
+def _as_interrupt(signum: int, frame: FrameType | None) -> None:
+    """Handle SIGTERM or SIGHUP as SIGINT is handled at this moment.
+
+    Under ``asyncio.run`` that is the runner's handler, which cancels the main task, so every
+    ``finally`` (and ``async with``) on the way out runs; in plain code it is Python's default
+    handler, which raises ``KeyboardInterrupt``.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+def _install_interrupt_handlers() -> dict[int, object]:
+    """Route SIGTERM/SIGHUP to ``_as_interrupt`` where they still have their default action.
+
+    Returns the handlers replaced (signal number -> previous handler), for
+    ``_restore_handlers``. Installs nothing outside the main thread (Python allows signal
+    handlers only there) and leaves alone a signal someone else already handles.
+    """
+    replaced: dict[int, object] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return replaced
+    for sig in TERMINATION_SIGNALS:
+        previous = signal.getsignal(sig)
+        if previous is signal.SIG_DFL:
+            signal.signal(sig, _as_interrupt)
+            replaced[sig] = previous
+    return replaced
+
+
+def _restore_handlers(replaced: dict[int, object]) -> None:
+    """Put back what ``_install_interrupt_handlers`` replaced, unless it was changed since."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, previous in replaced.items():
+        if signal.getsignal(sig) is _as_interrupt:
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+
+
+@contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP act as Ctrl+C (see ``_as_interrupt``).
+
+    For code that starts a ``TemporaryCluster`` off the main thread, where ``start()`` cannot
+    install the handlers itself; call it in the main thread, around ``asyncio.run``.
+    """
+    replaced = _install_interrupt_handlers()
+    try:
+        yield
+    finally:
+        _restore_handlers(replaced)
+
 
 # Not "listener": a role named like the schema would put "$user" (= listener) first on the
 # search_path, and tables created without a schema would land in listener's schema.
@@ -269,7 +338,8 @@ class TemporaryCluster:
     The temp dir holds ``data/`` (the data directory), ``sock/`` (the Unix socket) and
     ``postgres.log`` (the server log). The server listens on 127.0.0.1 only, with
     ``max_connections=200``; every connection is trusted. A process that exits normally
-    stops a cluster it forgot to stop (atexit).
+    stops a cluster it forgot to stop (atexit), and ``start()`` in the main
+    thread makes SIGTERM and SIGHUP act as Ctrl+C until ``stop()``.
 
     Args:
         server_options: extra server settings, passed as ``-c name=value``; they override
@@ -296,6 +366,7 @@ class TemporaryCluster:
         self._run_as: _RunAs | None = None
         self._directory: Path | None = None
         self._port: int | None = None
+        self._replaced_handlers: dict[int, object] = {}
 
     # -- public API -------------------------------------------------------------------------
 
@@ -326,6 +397,7 @@ class TemporaryCluster:
             tempfile.mkdtemp(prefix="listener-pg-", dir=_temp_parent(self._run_as))
         )
         atexit.register(self.stop)
+        self._replaced_handlers = _install_interrupt_handlers()
         try:
             self._prepare_directory()
             self._initdb()
@@ -422,6 +494,8 @@ class TemporaryCluster:
         if directory is None:
             return
         atexit.unregister(self.stop)
+        _restore_handlers(self._replaced_handlers)
+        self._replaced_handlers = {}
         try:
             if self._binaries is not None and (self.data_dir / "postmaster.pid").exists():
                 self._stop_server()

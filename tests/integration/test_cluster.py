@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,3 +124,39 @@ async def test_server_does_not_run_as_root(pg_cluster: TemporaryCluster | None) 
             assert proc.stat().st_uid != 0
     finally:
         await conn.close()
+
+
+_OWNER_SCRIPT = """
+import sys, time
+from listener.db.cluster import TemporaryCluster
+cluster = TemporaryCluster()
+cluster.start()
+print(cluster.directory, flush=True)
+try:
+    time.sleep(120)
+finally:
+    cluster.stop()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_process_owning_a_cluster_stops_it_on_termination(sig: signal.Signals) -> None:
+    """SIGTERM and SIGHUP reach the owner's clean-up as Ctrl+C does (their default: none)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _OWNER_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        directory = Path(proc.stdout.readline().strip())
+        assert (directory / "data" / "postmaster.pid").exists()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "KeyboardInterrupt" in err
+    assert not directory.exists()

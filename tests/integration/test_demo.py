@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from listener.demo import BUNDLED_IMAGES, find_images
 
@@ -43,9 +47,71 @@ def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
         "backfill",
         "trigger",
     }
+    # The event stream a live UI would hear: one NOTIFY per finished job.
+    assert f"events: {len(photos)} heard on LISTEN listener_events ({len(photos)} complete)" in out
+    assert re.search(r'"row_id": "[0-9a-f-]{36}", "status": "complete"', out)
+    assert '"table": "listener_demo.vehicle_images"' in out
     # The embedded cluster is stopped and removed afterwards.
     directory = re.search(r"data directory (\S+) \(removed at the end\)", out)
     assert directory is not None and not Path(directory.group(1)).exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_demo_keep_running_stops_its_postgres_on_termination(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """`timeout`, `docker stop` and a closing terminal stop the demo as Ctrl+C does."""
+    env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+    env.update({"COLUMNS": "200", "NO_COLOR": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "listener", "demo", "--health-port", "0", "--keep-running"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "daemon still running" in line:
+                break
+        out = "".join(lines)
+        assert "daemon still running" in out, out + (proc.stderr.read() if proc.stderr else "")
+        directory = re.search(r"data directory (\S+) \(removed at the end\)", out)
+        assert directory is not None
+        data = Path(directory.group(1))
+        postmaster = int((data / "data" / "postmaster.pid").read_text().split()[0])
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "demo stopped" in err
+    assert not data.exists()
+    assert _exits(postmaster, within_s=10), f"postmaster {postmaster} still running"
+
+
+def _exits(pid: int, within_s: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie) within ``within_s`` seconds.
+
+    ``pg_ctl stop`` returns once the postmaster removed its pid file, a moment before the
+    process itself ends.
+    """
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_demo_with_cloud_providers_against_the_fakes(tmp_path: Path) -> None:
