@@ -1014,8 +1014,9 @@ class FakeOpenAI:
         finish_reason_override: finish_reasons for the next successful answers (FIFO):
             "content_filter" answers with null content, "length" with the JSON cut in half.
         requests: every chat request received: its JSON body (or ``{"body": text}`` if not
-            a JSON object) plus ``received_at`` (``time.monotonic()``) and ``api_key`` (the
-            bearer token, or None).
+            a JSON object) plus ``received_at`` (``time.monotonic()``), ``api_key`` (the
+            bearer token, or None) and ``traceparent`` (the W3C trace context header, or
+            None).
         violations: requests rejected by ``rps_limit``.
         latency_s: every answer, errors included, waits this long first.
         usage_total: ``prompt_tokens`` and ``completion_tokens`` of all successful answers,
@@ -1134,7 +1135,11 @@ class FakeOpenAI:
             if isinstance(body, dict)
             else {"body": (raw or b"").decode(errors="replace")}
         )
-        record.update(received_at=received_at, api_key=api_key)
+        record.update(
+            received_at=received_at,
+            api_key=api_key,
+            traceparent=request.headers.get("traceparent"),
+        )
         self.requests.append(record)
         try:
             if raw is None:

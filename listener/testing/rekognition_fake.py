@@ -593,6 +593,8 @@ class FakeRekognition:
         faults: exception names the next requests fail with, first in first out, one each.
         latency_s: seconds added to every admitted request.
         calls: ``(operation, time.monotonic())`` of every request, in arrival order.
+        traceparents: ``(operation, traceparent header or None)`` of every request, same
+            order.
         violations: requests refused for exceeding ``tps_limit``.
         collections: collection id -> ``Collection``.
     """
@@ -607,6 +609,7 @@ class FakeRekognition:
         self.faults: list[str] = []
         self.latency_s = 0.0
         self.calls: list[tuple[str, float]] = []
+        self.traceparents: list[tuple[str, str | None]] = []
         self.violations = 0
         self.collections: dict[str, Collection] = {}
         self._host = host
@@ -669,6 +672,7 @@ class FakeRekognition:
         operation = target.removeprefix(_TARGET_PREFIX)
         now = time.monotonic()
         self.calls.append((operation, now))
+        self.traceparents.append((operation, request.headers.get("traceparent")))
         try:
             if "Authorization" not in request.headers:
                 raise RekognitionError(
