@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Status, StatusCode
 
+from listener.redact import redact_text
 from listener.tracing import AttributeValue, Span, Tracing
 
 INSTRUMENTATION_NAME = "listener"
@@ -44,7 +45,7 @@ class _OtelSpan(Span):
             self._span.set_attribute(key, value)
 
     def fail(self, description: str) -> None:
-        self._span.set_status(Status(StatusCode.ERROR, description))
+        self._span.set_status(Status(StatusCode.ERROR, redact_text(description)))
 
 
 class OtelTracing(Tracing):
@@ -78,9 +79,22 @@ class OtelTracing(Tracing):
 
     @contextmanager
     def span(self, name: str, attributes: Mapping[str, AttributeValue | None]) -> Iterator[Span]:
+        """See ``Tracing.span``. An exception is recorded as an ``exception`` event with its
+        type and redacted message (no stack trace), and fails the span."""
         kept = {key: value for key, value in attributes.items() if value is not None}
-        with self._tracer.start_as_current_span(name, attributes=kept) as span:
-            yield _OtelSpan(span)
+        with self._tracer.start_as_current_span(
+            name, attributes=kept, record_exception=False, set_status_on_exception=False
+        ) as span:
+            try:
+                yield _OtelSpan(span)
+            except BaseException as error:
+                message = redact_text(str(error))
+                span.add_event(
+                    "exception",
+                    {"exception.type": type(error).__qualname__, "exception.message": message},
+                )
+                span.set_status(Status(StatusCode.ERROR, message))
+                raise
 
     def headers(self) -> dict[str, str]:
         carrier: dict[str, str] = {}
