@@ -33,14 +33,10 @@ from typing import Any
 import asyncpg
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from fakes.openai_fake import FakeOpenAI  # noqa: E402
-
-from listener.db.cluster import TemporaryCluster  # noqa: E402
-from listener.db.migrate import migrate  # noqa: E402
-from listener.demo import BUNDLED_IMAGES  # noqa: E402
+from listener.db.cluster import TemporaryCluster
+from listener.db.migrate import migrate
+from listener.demo import BUNDLED_IMAGES
+from listener.testing.openai_fake import FakeOpenAI
 
 WARMUP_S = 5.0
 

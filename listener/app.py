@@ -43,6 +43,7 @@ from listener.queue.signals import Signals
 from listener.queue.worker import Worker, WorkerConfig
 from listener.rollup import CountsRollup
 from listener.settings import Settings
+from listener.tracing import Tracing, build_tracing
 from listener.webhooks import WebhookSender
 from listener.writeback import StatusWriteBack
 
@@ -84,8 +85,14 @@ class SchemaNotReady(RuntimeError):
     """The database has not been migrated to this listener's schema."""
 
 
-def build_providers(settings: Settings, plan: Plan, queries: Queries) -> list[Provider]:
-    """One provider object per provider the plan uses, configured from ``settings``."""
+def build_providers(
+    settings: Settings, plan: Plan, queries: Queries, tracing: Tracing | None = None
+) -> list[Provider]:
+    """One provider object per provider the plan uses, configured from ``settings``.
+
+    ``tracing``: the cloud providers send its trace headers with each request.
+    """
+    tracing = tracing or Tracing()
     providers: list[Provider] = []
     for name in plan.providers:
         if name == "noop":
@@ -106,12 +113,14 @@ def build_providers(settings: Settings, plan: Plan, queries: Queries) -> list[Pr
         elif name == "openai":
             from listener.providers.openai import OpenAIProvider
 
-            providers.append(OpenAIProvider(settings.openai))
+            providers.append(OpenAIProvider(settings.openai, tracing=tracing))
         elif name == "rekognition":
             from listener.faces import PgKnownFaces
             from listener.providers.rekognition import RekognitionProvider
 
-            providers.append(RekognitionProvider(settings.rekognition, PgKnownFaces(queries)))
+            providers.append(
+                RekognitionProvider(settings.rekognition, PgKnownFaces(queries), tracing=tracing)
+            )
         else:
             raise ValueError(f"unknown provider {name!r}")
     return providers
@@ -181,6 +190,8 @@ class Daemon:
         providers: the pipeline; defaults to ``build_providers(settings)`` (tests inject
             their own).
         health: serve the health endpoints on ``settings.health_port``.
+        tracing: where job traces go; defaults to ``build_tracing`` from the environment
+            (OpenTelemetry when installed and asked for, else none).
     """
 
     def __init__(
@@ -189,8 +200,12 @@ class Daemon:
         *,
         providers: Sequence[Provider] | None = None,
         health: bool = True,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        # A tracing built here is the daemon's to shut down; one passed in is the caller's.
+        self._owns_tracing = tracing is None
+        self.tracing = tracing if tracing is not None else build_tracing(os.environ, settings.otel)
         self._injected = list(providers) if providers is not None else None
         self.plan = plan_for(settings, self._injected)
         self._providers: list[Provider] = []
@@ -234,7 +249,7 @@ class Daemon:
             queries = Queries(self.pool)
             self.queries = queries
             self.store = PgJobStore(self.pool, s.max_attempts)
-            self._providers = self._injected or build_providers(s, self.plan, queries)
+            self._providers = self._injected or build_providers(s, self.plan, queries, self.tracing)
             await self._fetcher.start()
             for provider in self._providers:
                 await provider.start()
@@ -276,6 +291,7 @@ class Daemon:
                 budget=self.budget,
                 batch=s.batch if backend is not None else None,
                 pauses=self.pauses,
+                tracing=self.tracing,
             )
             worker = Worker(
                 self.store,
@@ -498,6 +514,10 @@ class Daemon:
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
+        if self._owns_tracing:
+            # Exports what is buffered (bounded by the exporter's timeout) off the loop.
+            await asyncio.to_thread(self.tracing.shutdown)
+            self.tracing = Tracing()
 
     async def __aenter__(self) -> Daemon:
         await self.start()

@@ -12,7 +12,6 @@ database URL it works in a schema of its own, ``listener_demo``, dropped at the 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +20,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -38,6 +36,7 @@ from listener.db.migrate import migrate
 from listener.db.queries import Queries
 from listener.settings import Settings, TierSettings
 from listener.terminal import shown
+from listener.testing.rekognition_fake import face_photo
 
 DEMO_SCHEMA = "listener_demo"
 DEMO_TABLE = f"{DEMO_SCHEMA}.vehicle_images"
@@ -50,30 +49,17 @@ PROVIDERS = ("openai", "rekognition")
 """Cloud providers the demo can run against local fakes of their APIs."""
 
 
-def find_fakes_dir() -> Path:
-    """The folder of the fake OpenAI and Rekognition servers (``tests/fakes`` of a checkout).
+async def start_fake(name: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Start the fake of provider ``name`` (``python -m listener.testing.<name>_fake``).
 
-    Raises:
-        ValueError: not found (an installed wheel has no tests: run from a checkout).
-    """
-    for base in (Path(__file__).resolve().parents[1], Path.cwd()):
-        candidate = base / "tests" / "fakes"
-        if (candidate / "openai_fake.py").is_file():
-            return candidate
-    raise ValueError(
-        "the fake OpenAI/Rekognition servers live in the repository's tests/fakes: run "
-        "`listener demo --providers ...` from a checkout (pip install -e .)"
-    )
-
-
-async def start_fake(script: Path) -> tuple[asyncio.subprocess.Process, str]:
-    """Start a fake server script; returns the process and the URL it printed.
+    Returns the process and the URL it printed on its ``READY <url>`` line.
 
     Raises:
         RuntimeError: it exited or did not announce itself within 60 seconds.
     """
+    module = f"listener.testing.{name}_fake"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), "--port", "0", stdout=asyncio.subprocess.PIPE
+        sys.executable, "-m", module, "--port", "0", stdout=asyncio.subprocess.PIPE
     )
     assert proc.stdout is not None
     try:
@@ -85,7 +71,7 @@ async def start_fake(script: Path) -> tuple[asyncio.subprocess.Process, str]:
     except TimeoutError:
         pass
     proc.kill()
-    raise RuntimeError(f"{script.name} did not start")
+    raise RuntimeError(f"{module} did not start")
 
 
 def provider_settings(
@@ -230,10 +216,9 @@ async def run_demo(
     fakes: list[asyncio.subprocess.Process] = []
     extra = None
     if providers:
-        fakes_dir = find_fakes_dir()
         urls: dict[str, str] = {}
         for name in providers:
-            proc, url = await start_fake(fakes_dir / f"{name}_fake.py")
+            proc, url = await start_fake(name)
             fakes.append(proc)
             urls[name] = url
         console.print(
@@ -251,7 +236,6 @@ async def run_demo(
             extra = Path(tempfile.mkdtemp(prefix="listener-demo-"))
             for photo in photos:
                 shutil.copy(photo, extra / photo.name)
-            face_photo = _fake_module(fakes_dir / "rekognition_fake.py").face_photo
             (extra / "portrait_1.jpg").write_bytes(face_photo("a", seed=11))
             (extra / "portrait_2.jpg").write_bytes(face_photo("a", seed=12, scale=1.2))
             photos = find_images(extra)
@@ -512,16 +496,6 @@ class EventStream:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
-
-
-def _fake_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"listener_demo_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 async def _print_provider_report(

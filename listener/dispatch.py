@@ -37,7 +37,9 @@ from listener.providers.base import (
 from listener.queue.outcomes import Completed, Discarded, Job, Outcome, Parked, Snoozed
 from listener.queue.retry import RetryPolicy
 from listener.ratelimit import TokenBucket
+from listener.redact import redact_url
 from listener.settings import BatchSettings, Price, RateLimit
+from listener.tracing import AttributeValue, Tracing
 
 HINT_PAUSE_MIN_S = 1.0
 """A spent window with a reset shorter than this (seconds) does not pause the provider."""
@@ -225,6 +227,8 @@ class Dispatcher:
             low-priority jobs) are handed to the Batch API instead of run here.
         pauses: operator pauses; a step of a paused provider ends the run with a snooze
             that lasts until the pause ends.
+        tracing: each job is a ``listener.job`` span with a ``listener.fetch`` child and a
+            ``listener.step <name>`` child per step run (``listener.tracing``).
     """
 
     def __init__(
@@ -240,6 +244,7 @@ class Dispatcher:
         budget: BudgetGate | None = None,
         batch: BatchSettings | None = None,
         pauses: PauseGate | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         missing = {s.provider for s in plan.steps} - set(slots)
         if missing:
@@ -255,6 +260,7 @@ class Dispatcher:
         self._budget = budget
         self._batch = batch
         self._pauses = pauses
+        self._tracing = tracing or Tracing()
         self._save_each = len(plan.steps) > 1
         self._batchable = {
             name for name, slot in slots.items() if isinstance(slot.provider, BatchBackend)
@@ -288,6 +294,19 @@ class Dispatcher:
 
     async def run(self, job: Job) -> Outcome:
         """Run ``job`` through the pipeline; never raises except ``CancelledError``."""
+        attributes: dict[str, AttributeValue | None] = {
+            "listener.job.id": job.id,
+            "listener.job.source_table": job.source_table,
+            "listener.job.attempt": job.attempts,
+        }
+        with self._tracing.span("listener.job", attributes) as span:
+            outcome = await self._outcome(job)
+            span.set("listener.job.outcome", type(outcome).__name__.lower())
+            if isinstance(outcome, Discarded):
+                span.fail(outcome.error)
+            return outcome
+
+    async def _outcome(self, job: Job) -> Outcome:
         try:
             results = await self._run(job)
         except asyncio.CancelledError:
@@ -335,7 +354,11 @@ class Dispatcher:
 
     async def _image(self, job: Job, todo: Sequence[Step]) -> ImageInput:
         if any(self._slots[s.provider].provider.needs_image for s in todo):
-            fetched = await self._fetcher.fetch(job.image_url)
+            url = redact_url(job.image_url) if job.image_url else None
+            with self._tracing.span("listener.fetch", {"url.full": url}) as span:
+                fetched = await self._fetcher.fetch(job.image_url)
+                span.set("listener.image.bytes", len(fetched.data))
+                span.set("listener.image.format", fetched.format)
             return ImageInput(
                 job_id=job.id,
                 source_table=job.source_table,
@@ -358,6 +381,19 @@ class Dispatcher:
         )
 
     async def _step(self, step: Step, image: ImageInput, context: StepContext) -> StepResult | None:
+        attributes = {"listener.step": step.name, "listener.provider": step.provider}
+        with self._tracing.span(f"listener.step {step.name}", attributes) as span:
+            result = await self._run_step(step, image, context)
+            if result is not None:
+                span.set("listener.cost_usd", result.cost_usd)
+                span.set("listener.tokens.input", result.input_tokens)
+                span.set("listener.tokens.output", result.output_tokens)
+                span.set("listener.model", result.model)
+            return result
+
+    async def _run_step(
+        self, step: Step, image: ImageInput, context: StepContext
+    ) -> StepResult | None:
         slot = self._slots[step.provider]
         provider = slot.provider
         if self._pauses is not None:

@@ -424,6 +424,9 @@ class Settings(BaseSettings):
 
     log_json: bool = False
     log_level: str = "INFO"
+    otel: bool | None = None
+    """``LISTENER_OTEL``: 1 turns OpenTelemetry traces on, 0 off; unset, the standard
+    ``OTEL_*`` variables decide (``listener.tracing``). Needs ``pip install 'listener[otel]'``."""
 
     @field_validator("health_token", "webhook_url", "webhook_secret", mode="before")
     @classmethod

@@ -38,6 +38,7 @@ from listener.errors import (
 from listener.providers.base import ImageInput, RateHints, StepContext, StepResult
 from listener.redact import redact_text
 from listener.settings import OpenAISettings
+from listener.tracing import Tracing
 
 _INLINE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -153,8 +154,9 @@ class OpenAIProvider:
     "Batch API")."""
     needs_image = True
 
-    def __init__(self, settings: OpenAISettings) -> None:
+    def __init__(self, settings: OpenAISettings, *, tracing: Tracing | None = None) -> None:
         self._s = settings
+        self._tracing = tracing or Tracing()
         self._client: openai.AsyncOpenAI | None = None
         self._schemas: dict[str, type[BaseModel]] = {
             "tier1": tier1_model(settings.angles),
@@ -410,6 +412,8 @@ class OpenAIProvider:
                 messages=messages,
                 response_format=schema,
                 max_completion_tokens=self._s.max_output_tokens,
+                # The step's trace context (traceparent), when tracing is on.
+                extra_headers=self._tracing.headers() or None,
             )
             completion = raw.parse()
         except openai.OpenAIError as error:  # APIError, and the parse errors beside it

@@ -62,6 +62,7 @@ from listener.faces import (
 from listener.providers.base import ImageInput, StepContext, StepResult
 from listener.redact import redact_text
 from listener.settings import RekognitionSettings
+from listener.tracing import Tracing
 
 MAX_BYTES = 5 * 1024 * 1024
 """Rekognition's limit for image bytes sent in the request."""
@@ -130,10 +131,12 @@ class RekognitionProvider:
         faces: KnownFaces | None = None,
         *,
         page_size: int = MAX_PAGE,
+        tracing: Tracing | None = None,
     ) -> None:
         if not 1 <= page_size <= MAX_PAGE:
             raise ValueError(f"page_size must be between 1 and {MAX_PAGE}")
         self._s = settings
+        self._tracing = tracing or Tracing()
         self._faces = faces
         self._page_size = page_size
         self._stack: AsyncExitStack | None = None
@@ -154,6 +157,17 @@ class RekognitionProvider:
         self._client = await self._stack.enter_async_context(
             session.client("rekognition", endpoint_url=self._s.endpoint_url, config=config)
         )
+        if self._tracing.enabled:
+            # botocore emits before-send in the calling task: the step's span is current.
+            self._client.meta.events.register("before-send.rekognition", self._add_trace_headers)
+
+    def _add_trace_headers(self, request: Any, **_: Any) -> None:
+        """botocore ``before-send`` handler: the current span's ``traceparent`` and the rest.
+
+        Returns None, so botocore sends the request (a value would stand for its response).
+        """
+        for name, value in self._tracing.headers().items():
+            request.headers[name] = value
 
     async def close(self) -> None:
         """Close the client."""

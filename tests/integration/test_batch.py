@@ -14,7 +14,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from fakes.openai_fake import FakeOpenAI
 from pydantic import SecretStr
 from support import StaticServer, all_finished, counts, fast_settings, make_table, wait_until
 
@@ -24,6 +23,7 @@ from listener.db.cluster import TemporaryCluster
 from listener.db.queries import Queries
 from listener.demo import BUNDLED_IMAGES
 from listener.settings import BatchSettings, OpenAISettings, RateLimit, Settings, TierSettings
+from listener.testing.openai_fake import FakeOpenAI
 
 
 @pytest.fixture

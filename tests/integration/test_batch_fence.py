@@ -13,7 +13,6 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from fakes.openai_fake import FakeOpenAI
 from support import all_finished, counts, make_table, wait_until
 from test_batch import backfill_batch, batch_settings
 
@@ -23,6 +22,7 @@ from listener.queue.outcomes import Parked
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobFilter
 from listener.settings import BatchSettings
+from listener.testing.openai_fake import FakeOpenAI
 
 STEP = "openai.tier1"
 

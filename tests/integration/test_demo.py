@@ -14,6 +14,7 @@ import pytest
 
 from listener.demo import BUNDLED_IMAGES, find_images
 
+ROOT = Path(__file__).resolve().parents[2]
 HEALTH_TOKEN = "demo-health-token-" + "Kp3vQ8"  # set: the demo must pass it to /status
 
 
@@ -114,28 +115,61 @@ def _exits(pid: int, within_s: float) -> bool:
     return False
 
 
-def test_demo_with_cloud_providers_against_the_fakes(tmp_path: Path) -> None:
+def installed_wheel(tmp_path: Path) -> Path:
+    """A venv in ``tmp_path`` with listener installed from a freshly built wheel; its bin/.
+
+    The venv reuses the test venv's installed dependencies through a ``.pth`` line, so the
+    install needs no index; only listener itself comes from the wheel (``--no-deps``), and a
+    ``.pth`` line adds no ``.pth`` processing of its own, so the test venv's editable install of
+    listener is not seen.
+    """
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         str(ROOT), "-w", str(wheels)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    [wheel] = wheels.glob("listener-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
+    [site] = (venv / "lib").glob("python3*/site-packages")
+    deps = [p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir()]
+    (site / "shared-dependencies.pth").write_text("".join(f"{p}\n" for p in deps))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+         "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    return venv / "bin"
+
+
+def test_installed_wheel_runs_the_demo_with_cloud_providers_against_the_fakes(
+    tmp_path: Path,
+) -> None:
+    """``pip install`` then ``listener demo --providers openai,rekognition``, outside the checkout.
+
+    The fakes come from the installed package (``listener.testing``), not from the checkout.
+    """
+    bin_dir = installed_wheel(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+    env.pop("PYTHONPATH", None)
     env.update({"COLUMNS": "200", "NO_COLOR": "1"})
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "OPENAI_API_KEY"):
         env.pop(key, None)
+    where = subprocess.run(
+        [str(bin_dir / "python"), "-c", "import listener.testing; print(listener.__file__)"],
+        env=env, cwd=elsewhere, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert Path(where.stdout.strip()).is_relative_to(bin_dir.parent), where.stdout
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "listener",
-            "demo",
-            "--health-port",
-            "0",
-            "--providers",
-            "openai,rekognition",
-        ],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+        [str(bin_dir / "listener"), "demo", "--health-port", "0",
+         "--providers", "openai,rekognition"],
+        env=env, cwd=elsewhere, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
     out = result.stdout
     assert result.returncode == 0, result.stderr + out
     photos = len(find_images(BUNDLED_IMAGES)) + 2  # plus two portraits for the faces step

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from fakes.openai_fake import FakeOpenAI
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
 from listener.demo import BUNDLED_IMAGES
 from listener.settings import BatchSettings, RateLimit, TierSettings
+from listener.testing.openai_fake import FakeOpenAI
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from fakes.openai_fake import FakeOpenAI, Fault
 from pydantic import SecretStr
 from support import (
     RecordingProvider,
@@ -30,6 +29,7 @@ from listener.app import Daemon
 from listener.demo import BUNDLED_IMAGES
 from listener.errors import ProviderUnavailable
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
+from listener.testing.openai_fake import FakeOpenAI, Fault
 
 TIERS = {"tier1": "camera angle", "tier2": "parts and components", "tier3": "expert"}
 

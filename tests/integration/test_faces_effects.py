@@ -14,7 +14,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from fakes.rekognition_fake import FakeRekognition, face_photo
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
@@ -25,6 +24,7 @@ from listener.providers.rekognition import RekognitionProvider
 from listener.queue.outcomes import Job
 from listener.queue.pg_store import PgJobStore
 from listener.settings import RateLimit, RekognitionSettings, TierSettings
+from listener.testing.rekognition_fake import FakeRekognition, face_photo
 
 TABLE = "public.images"
 PHOTOS = {

@@ -27,9 +27,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-from fakes.openai_fake import FakeOpenAI, Fault
 from PIL import Image, ImageDraw
 from support import StaticServer, all_finished, counts, make_table, wait_until
+
+from listener.testing.openai_fake import FakeOpenAI, Fault
 
 ROWS = 30
 CONCURRENCY = 4

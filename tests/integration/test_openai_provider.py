@@ -10,7 +10,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from fakes.openai_fake import FakeOpenAI, Fault
 from loguru import logger
 from pydantic import SecretStr
 from support import StaticServer, all_finished, counts, fast_settings, make_table, wait_until
@@ -27,6 +26,7 @@ from listener.errors import (
 from listener.providers.base import ImageInput, StepContext
 from listener.providers.openai import OpenAIProvider
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
+from listener.testing.openai_fake import FakeOpenAI, Fault
 
 API_KEY = "sk-test-Very-Secret-Key-123"
 

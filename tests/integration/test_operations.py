@@ -13,7 +13,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from fakes.openai_fake import FakeOpenAI
 from support import (
     RecordingProvider,
     StaticServer,
@@ -28,6 +27,7 @@ from test_openai_provider import tiered
 from listener.app import Daemon
 from listener.demo import BUNDLED_IMAGES
 from listener.queue.pg_store import PgJobStore
+from listener.testing.openai_fake import FakeOpenAI
 
 
 def cli(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

@@ -122,7 +122,7 @@ async def test_sigterm_past_grace_hands_jobs_back_without_counting_the_attempt(
     log = (tmp_path / "impatient.log").read_text()
     assert code == 0, log
     # LISTENER_LOG_JSON=1: every log line is one JSON object.
-    messages = [json.loads(line)["record"]["message"] for line in log.splitlines() if line]
+    messages = [json.loads(line)["message"] for line in log.splitlines() if line]
     assert "handed 3 unfinished jobs back as pending" in messages
     rows = await conn.fetch("SELECT status, attempts, lease_token FROM listener.jobs")
     assert [tuple(r) for r in rows] == [("pending", 0, None)] * 3

@@ -21,7 +21,6 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 import pytest
-from fakes.openai_fake import FakeOpenAI, Fault
 from loguru import logger
 from pydantic import SecretStr
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
@@ -30,6 +29,7 @@ from listener.app import Daemon
 from listener.demo import BUNDLED_IMAGES
 from listener.logs import TEXT_FORMAT, configure_logging
 from listener.settings import OpenAISettings, RateLimit, TierSettings
+from listener.testing.openai_fake import FakeOpenAI, Fault
 
 MARKERS = {
     "basic-auth password": "Mk1pAsswd",

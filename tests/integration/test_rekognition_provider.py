@@ -9,7 +9,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from fakes.rekognition_fake import FakeRekognition, face_photo, no_face_photo
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
@@ -23,6 +22,7 @@ from listener.errors import (
 from listener.providers.base import ImageInput, StepContext
 from listener.providers.rekognition import RekognitionProvider
 from listener.settings import RateLimit, RekognitionSettings, Settings, TierSettings
+from listener.testing.rekognition_fake import FakeRekognition, face_photo, no_face_photo
 
 
 @pytest.fixture(autouse=True)

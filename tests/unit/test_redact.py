@@ -140,7 +140,7 @@ def test_log_records_are_redacted_in_every_sink() -> None:
         logger.remove(sink)
         configure_logging("INFO")
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert lines[0]["record"]["message"] == "fetch https://h/b.jpg failed: Bearer ***"
-    assert lines[0]["record"]["extra"] == {"url": "https://h/a.jpg", "attempt": 2}
-    assert "postgresql://db/app" in lines[1]["text"]
+    assert lines[0]["message"] == "fetch https://h/b.jpg failed: Bearer ***"
+    assert (lines[0]["url"], lines[0]["attempt"]) == ("https://h/a.jpg", 2)
+    assert "ValueError: postgresql://db/app" in lines[1]["exception"]
     assert "HUSH42" not in stream.getvalue() + "".join(own)

@@ -7,9 +7,12 @@ Usage in a test::
         fake.faults.append(Fault(429, retry_after_s=2))
         ...
 
-As a separate process (the demo)::
+As a separate process (``listener demo``, or a daemon under test in your CI)::
 
-    python tests/fakes/openai_fake.py --port 0 --rps 10   # prints "READY http://127.0.0.1:N/v1"
+    python -m listener.testing.openai_fake --port 0 --rps 10   # "READY http://127.0.0.1:N/v1"
+
+then point the SDK (``OpenAI(base_url=...)``) or listener (``LISTENER_OPENAI__BASE_URL``) at
+the printed URL, with any non-empty API key.
 
 ``POST /v1/chat/completions`` answers in OpenAI's wire format (API reference, "Create chat
 completion"; "Structured Outputs" guide; "Error codes" guide; "Rate limits" guide):
@@ -19,36 +22,37 @@ completion"; "Structured Outputs" guide; "Error codes" guide; "Rate limits" guid
   ``invalid_request_error``; undecodable data-URL images: 400 ``invalid_image``), then the
   rate limits (429 ``rate_limit_exceeded``, counted in ``violations``), then the answer.
 - ``response_format: {"type": "json_schema", ...}``: the content is a JSON object that
-  validates against the schema (see ``_SchemaFaker`` for the keywords understood). Values are
+  validates against the schema (see ``_SchemaFaker`` for the keywords understood);
+  ``json_object`` is not supported (400); without ``response_format`` the answer is a line
+  of text. Values are
   a deterministic function of the images (or, with no image, of the text): the same image
   gives the same answer whatever the prompt says.
 - Usage: ``prompt_tokens`` = ceil(characters of all text / 4) + ``image_tokens`` per image;
   ``completion_tokens`` = ceil(len(content) / 4).
 - Every answer, errors included, carries ``x-request-id`` and the ``x-ratelimit-*`` headers.
 
-Rate limits are enforced over sliding windows of the fake's own choosing: requests over 1 s
-(not a minute as on the real API, so tests stay short), tokens over 60 s. The
-``x-ratelimit-limit-requests`` header is therefore "per second" here; ``reset`` is the time
-until the window is empty again. Only admitted requests take room in the windows; rejected and
-faulted ones do not. A limit's 429 carries ``retry-after`` (seconds, fractional: the SDK
-accepts floats) and ``retry-after-ms``; a scripted ``Fault`` carries ``retry-after`` only, and
-only when ``retry_after_s`` is set.
+The request rate limit is enforced over a sliding window of 1 s (not a minute as on the real
+API, so tests stay short). The ``x-ratelimit-limit-requests`` header is therefore "per second"
+here; ``reset`` is the time until the window is empty again; the token headers always report
+an unlimited budget. Only admitted requests take room in the window; rejected and faulted ones
+do not. A limit's 429 carries ``retry-after`` (seconds, fractional: the SDK accepts floats)
+and ``retry-after-ms``; a scripted ``Fault`` carries ``retry-after`` only, and only when
+``retry_after_s`` is set.
 
 Batch API (API reference, "Files" and "Batch"; "Batch API" guide), for chat completions only:
 
 - ``POST /v1/files`` (multipart ``file`` + ``purpose``) answers a File object (``file-...``,
-  status "processed"). A ``purpose=batch`` file must be named ``*.jsonl``, be at most
-  ``max_file_bytes`` (200 MB) and hold 1 to ``max_batch_requests`` (50,000) lines, each a
-  JSON object with a unique non-empty ``custom_id``, ``method`` "POST", ``url``
-  "/v1/chat/completions", an object ``body``, and one ``model`` for the whole file. Any
-  breach is a 400 at upload (the real API reports most of these later, as a "failed"
-  batch), with ``code`` one of ``invalid_file_format``, ``file_too_large``,
-  ``invalid_json_line``, ``missing_custom_id``, ``duplicate_custom_id``,
-  ``invalid_method``, ``invalid_url``, ``invalid_body``, ``mismatched_model``,
-  ``too_many_batch_requests``, ``empty_file``; the message names the line. Bodies are not
-  validated at upload: an invalid one fails as its own request (400 in the error file).
-- ``GET /v1/files/{id}`` and ``GET /v1/files/{id}/content`` (the raw bytes), for uploaded
-  files and the output/error files batches write (purpose ``batch_output``).
+  status "processed"). A ``purpose=batch`` file must be named ``*.jsonl`` and hold at least
+  one line, each a JSON object with a unique non-empty ``custom_id``, ``method`` "POST",
+  ``url`` "/v1/chat/completions", an object ``body``, and one ``model`` for the whole file.
+  Any breach is a 400 at upload (the real API reports most of these later, as a "failed"
+  batch), with ``code`` one of ``invalid_file_format``, ``invalid_json_line``,
+  ``missing_custom_id``, ``duplicate_custom_id``, ``invalid_method``, ``invalid_url``,
+  ``invalid_body``, ``mismatched_model``, ``empty_file``; the message names the line. Bodies
+  are not validated at upload: an invalid one fails as its own request (400 in the error
+  file). The service's size limits (50,000 requests, 200 MB) are not enforced.
+- ``GET /v1/files/{id}/content`` (the raw bytes), for uploaded files and the output/error
+  files batches write (purpose ``batch_output``).
 - ``POST /v1/batches`` answers a Batch object in status "validating" with total 0; ``GET
   /v1/batches/{id}``, ``GET /v1/batches`` (newest first, ``limit``/``after``) and ``POST
   /v1/batches/{id}/cancel`` read it as of now: there is no background task, each request
@@ -64,18 +68,17 @@ Batch API (API reference, "Files" and "Batch"; "Batch API" guide), for chat comp
   ``{"response": null, "error": {"code": "batch_expired", "message": ...}}`` (the guide's
   format); "cancelled" stays "in_progress" with nothing done until someone cancels it.
 - Requests run through the chat logic above (same content for the same body, same usage)
-  without faults, ``finish_reason_override`` or rate limits. Those in
-  ``batch_fail_custom_ids`` or at positions N, 2N, ... for ``batch_fail_every`` = N
-  (both read at creation) fail with 500 ``server_error``. Output lines are ``{"id":
-  "batch_req_...", "custom_id", "response": {"status_code": 200, "request_id", "body":
-  <chat.completion>}, "error": null}``; failed requests go to the error file in the same
-  shape with their error status and ``{"error": {...}}`` body. Lines keep input order.
+  without faults, ``finish_reason_override`` or rate limits. Those at positions N, 2N, ...
+  for ``batch_fail_every`` = N (read at creation) fail with 500 ``server_error``. Output
+  lines are ``{"id": "batch_req_...", "custom_id", "response": {"status_code": 200,
+  "request_id", "body": <chat.completion>}, "error": null}``; failed requests go to the
+  error file in the same shape with their error status and ``{"error": {...}}`` body.
+  Lines keep input order.
   The output file exists once a batch completes (even if empty) or when any request
   succeeded; the error file only when it has lines.
 - At the end, ``request_counts`` = {total, completed: successes, failed: total -
   completed} (expired and cancelled requests count as failed), ``usage`` (Batch object,
-  input/output tokens) is set, the tokens are added to ``usage_total`` and the requests
-  that ran to ``batch_requests_seen``.
+  input/output tokens) is set and the tokens are added to ``usage_total``.
 - Cancel: "validating"/"in_progress"/"finalizing" become "cancelling", then after
   ``batch_cancel_s`` "cancelled": the requests done when cancelled are in the files, the
   rest in the error file with code ``batch_cancelled``. Cancelling a "cancelling" or
@@ -110,7 +113,7 @@ from PIL import Image, ImageStat
 
 # Real API: "up to 50 MB total payload size per request" (Images and vision guide).
 MAX_BODY_BYTES = 50 * 1024 * 1024
-# Reported in the x-ratelimit-* headers when a limit is None ("unlimited").
+# Reported in the x-ratelimit-* headers when there is no limit.
 UNLIMITED_REQUESTS = 1_000_000
 UNLIMITED_TOKENS = 100_000_000
 # The size the fake assumes for an http(s) image, which it never fetches.
@@ -121,27 +124,12 @@ DETAILS = frozenset({"low", "high", "auto"})
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SERVER_ERROR_MESSAGE = "The server had an error while processing your request. Sorry about that!"
 
-# Batch API ("Batch API" guide; API reference, "Files" and "Batch"): up to 50,000 requests
-# and 200 MB per input file, a 24 h completion window, batch files kept 30 days.
-MAX_BATCH_REQUESTS = 50_000
-MAX_BATCH_FILE_BYTES = 200 * 1024 * 1024
+# Batch API ("Batch API" guide; API reference, "Files" and "Batch"): a 24 h completion
+# window, batch files kept 30 days.
 BATCH_ENDPOINT = "/v1/chat/completions"  # the only endpoint the fake can run
-BATCH_ENDPOINTS = frozenset(
-    {
-        "/v1/responses",
-        "/v1/chat/completions",
-        "/v1/embeddings",
-        "/v1/completions",
-        "/v1/moderations",
-        "/v1/images/generations",
-        "/v1/images/edits",
-        "/v1/videos",
-    }
-)
 BATCH_OUTCOMES = frozenset({"completed", "failed", "expired", "cancelled"})
 BATCH_WINDOW_S = 24 * 3600
 BATCH_FILE_TTL_S = 30 * 24 * 3600
-FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 # Where the "validating" and "in_progress" phases end, as fractions of batch_duration_s.
 VALIDATING_UNTIL = 0.2
 IN_PROGRESS_UNTIL = 0.8
@@ -419,8 +407,6 @@ def _parse_content(content: Any, role: str, where: str, texts: list[str]) -> lis
             if not isinstance(part.get("text"), str):
                 raise _invalid(f"Missing required parameter: '{at}.text'.", f"{at}.text")
             texts.append(part["text"])
-        elif kind == "refusal":
-            texts.append(str(part.get("refusal", "")))
         elif kind == "image_url":
             if role != "user":
                 raise _invalid(
@@ -443,8 +429,6 @@ def _parse_content(content: Any, role: str, where: str, texts: list[str]) -> lis
                 )
             key, width, height, luminance = _decode_image(spec["url"], f"{at}.image_url.url")
             images.append(_Image(key, width, height, detail, luminance))
-        elif kind in ("input_audio", "file"):
-            continue  # accepted, not billed: the fake only does text and images
         else:
             raise _invalid(f"Invalid value: '{kind}'. Supported values are: 'text', ...", at)
     return images
@@ -503,12 +487,9 @@ def _parse_response_format(value: Any) -> dict[str, Any] | None:
     kind = value.get("type") if isinstance(value, dict) else None
     if kind == "text":
         return None
-    if kind == "json_object":
-        return value  # type: ignore[no-any-return]
     if kind != "json_schema":
         raise _invalid(
-            f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and "
-            "'json_schema'.",
+            f"Invalid value: '{kind}'. The fake supports 'text' and 'json_schema'.",
             "response_format.type",
         )
     spec = value.get("json_schema")
@@ -599,12 +580,10 @@ def _parse_chat(body: Any) -> _Chat:
 class _SchemaFaker:
     """Deterministic JSON values that validate against a (strict-mode) JSON Schema.
 
-    Understood: ``type`` (one or a list), ``properties``, ``items``, ``enum``, ``const``,
-    ``anyOf`` / ``oneOf`` (one branch picked), ``allOf`` (merged), ``$ref`` to local JSON
-    pointers (``#/$defs/X``, ``#``), ``minimum`` / ``maximum`` / ``exclusiveMinimum`` /
-    ``exclusiveMaximum``, ``minItems`` / ``maxItems``, ``minLength`` / ``maxLength`` and the
-    string formats ``date-time``, ``date``, ``time``, ``email``, ``uuid``. Ignored:
-    ``pattern``, ``multipleOf``.
+    Understood: what pydantic models generate for Structured Outputs: ``type`` (one or a
+    list), ``properties``, ``items``, ``enum``, ``anyOf`` (one branch picked), ``$ref`` to
+    local JSON pointers (``#/$defs/X``, ``#``), ``minimum`` / ``maximum``, ``minItems`` /
+    ``maxItems``. Other keywords (``format``, ``pattern``, string lengths) are ignored.
 
     Every choice is a hash of the seed (the images) and the value's path, so the same image
     gets the same answer. Strings read "<field> of image <8 hex digits>"; arrays have 1-3
@@ -654,25 +633,13 @@ class _SchemaFaker:
             merged = {**self._resolve(schema["$ref"]), **schema}
             del merged["$ref"]
             return self.value(merged, path, name, depth + 1)
-        if "allOf" in schema:
-            merged = {k: v for k, v in schema.items() if k != "allOf"}
-            for part in schema["allOf"]:
-                merged.update(part)
-            return self.value(merged, path, name, depth + 1)
-        if "const" in schema:
-            return schema["const"]
         if "enum" in schema:
             return schema["enum"][self._hash(path) % len(schema["enum"])]
-        for key in ("anyOf", "oneOf"):
-            if key in schema:
-                branches = schema[key]
-                nulls = [b for b in branches if b.get("type") == "null"]
-                chosen = (
-                    nulls[0]
-                    if deep and nulls
-                    else branches[self._hash(path + "|" + key) % len(branches)]
-                )
-                return self.value(chosen, path, name, depth + 1)
+        if "anyOf" in schema:
+            branches = schema["anyOf"]
+            nulls = [b for b in branches if b.get("type") == "null"]
+            chosen = nulls[0] if deep and nulls else branches[self._hash(path) % len(branches)]
+            return self.value(chosen, path, name, depth + 1)
         kind = schema.get("type")
         if isinstance(kind, list):
             kind = (
@@ -695,70 +662,29 @@ class _SchemaFaker:
             count = low if deep else min(max(1 + h % 3, low), high)
             items = schema.get("items", {})
             return [self.value(items, f"{path}[{i}]", name, depth + 1) for i in range(count)]
-        if kind == "integer":
-            return self._integer(schema, h, name)
-        if kind == "number":
-            return self._number(schema, h, name)
+        if kind in ("integer", "number"):
+            return self._number(schema, h, name, integer=kind == "integer")
         if kind == "boolean":
             return h % 2 == 0
         if kind == "null":
             return None
-        return self._string(schema, h, name)
+        return f"{name} of image {self.short}"
 
-    @staticmethod
-    def _bounds(schema: dict[str, Any], span: float) -> tuple[float, float, bool]:
-        """(low, high, both given) from the inclusive or exclusive bounds; ``span`` fills in."""
-        low: float | None = schema.get("minimum", schema.get("exclusiveMinimum"))
-        high: float | None = schema.get("maximum", schema.get("exclusiveMaximum"))
-        given = low is not None and high is not None
-        if low is None:
-            low = 0.0 if high is None else high - span
-        if high is None:
-            high = low + span
-        return float(low), float(high), given
-
-    def _fraction(self, h: int, name: str, given: bool) -> float:
-        """Where in its range a number falls: the image's quality score, or a hash."""
+    def _number(self, schema: dict[str, Any], h: int, name: str, *, integer: bool) -> float:
+        """A number within ``minimum``..``maximum`` (0..100 or 0..1 without bounds)."""
+        given = "minimum" in schema and "maximum" in schema
+        low = float(schema.get("minimum", 0.0))
+        high = float(schema.get("maximum", low + (100 if integer else 1)))
         if given and "quality" in name.lower() and self.quality is not None:
-            return self.quality
-        return (h % 9999 + 1) / 10000  # never exactly a bound
-
-    def _integer(self, schema: dict[str, Any], h: int, name: str) -> int:
-        low, high, given = self._bounds(schema, 100)
-        first = math.floor(low) + 1 if "exclusiveMinimum" in schema else math.ceil(low)
-        last = math.ceil(high) - 1 if "exclusiveMaximum" in schema else math.floor(high)
-        if given and "quality" in name.lower() and self.quality is not None:
-            return first + round((last - first) * self.quality)
-        return first + h % (last - first + 1)
-
-    def _number(self, schema: dict[str, Any], h: int, name: str) -> float:
-        low, high, given = self._bounds(schema, 1.0)
-        value = round(low + (high - low) * self._fraction(h, name, given), 3)
-        too_low = value < low or ("exclusiveMinimum" in schema and value <= low)
-        too_high = value > high or ("exclusiveMaximum" in schema and value >= high)
-        return low + (high - low) / 2 if too_low or too_high else value
-
-    def _string(self, schema: dict[str, Any], h: int, name: str) -> str:
-        fmt = schema.get("format")
-        stamp = 1_700_000_000 + h % 100_000_000
-        if fmt == "date-time":
-            text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
-        elif fmt == "date":
-            text = time.strftime("%Y-%m-%d", time.gmtime(stamp))
-        elif fmt == "time":
-            text = time.strftime("%H:%M:%S", time.gmtime(stamp))
-        elif fmt == "email":
-            text = f"{self.short}@example.com"
-        elif fmt == "uuid":
-            text = str(uuid.UUID(bytes=hashlib.sha256(self.seed + name.encode()).digest()[:16]))
+            fraction = self.quality
         else:
-            text = f"{name} of image {self.short}"
-        min_length = int(schema.get("minLength", 0))
-        if len(text) < min_length:
-            text += "x" * (min_length - len(text))
-        if "maxLength" in schema:
-            text = text[: int(schema["maxLength"])]
-        return text
+            fraction = (h % 9999 + 1) / 10000  # never exactly a bound
+        if integer:
+            first, last = math.ceil(low), math.floor(high)
+            if given and "quality" in name.lower() and self.quality is not None:
+                return first + round((last - first) * fraction)
+            return first + h % (last - first + 1)
+        return round(low + (high - low) * fraction, 3)
 
 
 def _quality_score(chat: _Chat) -> float | None:
@@ -780,8 +706,6 @@ def _content(chat: _Chat) -> str:
         if chat.images:
             return f"The image {short} shows a plausible test scene."
         return f"This is a fake answer ({short}) to a {chat.text_chars}-character prompt."
-    if chat.response_format["type"] == "json_object":
-        return json.dumps({"description": f"description of image {short}"})
     schema = chat.response_format["json_schema"].get("schema", {})
     faker = _SchemaFaker(schema, seed, _quality_score(chat))
     return json.dumps(faker.value(schema), separators=(",", ":"))
@@ -936,7 +860,7 @@ def _line_error(line: int, message: str, code: str) -> _ApiError:
     )
 
 
-def _parse_batch_file(data: bytes, max_requests: int) -> list[_BatchLine]:
+def _parse_batch_file(data: bytes) -> list[_BatchLine]:
     """Validate a batch input file (JSONL of chat requests). Raises ``_ApiError`` (400).
 
     Blank lines are skipped. Each other line must be a JSON object with a non-empty string
@@ -1007,14 +931,6 @@ def _parse_batch_file(data: bytes, max_requests: int) -> list[_BatchLine]:
                 )
         seen.add(custom_id)
         lines.append(_BatchLine(number, custom_id, body))
-        if len(lines) > max_requests:
-            raise _ApiError(
-                400,
-                f"The batch input file has more than {max_requests:,} requests, the limit "
-                "per batch.",
-                param="file",
-                code="too_many_batch_requests",
-            )
     if not lines:
         raise _ApiError(
             400,
@@ -1098,9 +1014,10 @@ class FakeOpenAI:
         finish_reason_override: finish_reasons for the next successful answers (FIFO):
             "content_filter" answers with null content, "length" with the JSON cut in half.
         requests: every chat request received: its JSON body (or ``{"body": text}`` if not
-            a JSON object) plus ``received_at`` (``time.monotonic()``) and ``api_key`` (the
-            bearer token, or None).
-        violations: requests rejected by ``rps_limit`` or ``tpm_limit``.
+            a JSON object) plus ``received_at`` (``time.monotonic()``), ``api_key`` (the
+            bearer token, or None) and ``traceparent`` (the W3C trace context header, or
+            None).
+        violations: requests rejected by ``rps_limit``.
         latency_s: every answer, errors included, waits this long first.
         usage_total: ``prompt_tokens`` and ``completion_tokens`` of all successful answers,
             batch requests included (counted when their batch finishes).
@@ -1108,21 +1025,16 @@ class FakeOpenAI:
     Batch API attributes (see "Batch API" in the module docstring):
         batch_duration_s: how long a batch created from now on takes to finish (default 0.5).
         batch_cancel_s: how long a cancelled batch stays "cancelling" (default 0.1).
-        batch_fail_custom_ids: requests that fail with 500 ``server_error``.
         batch_fail_every: every Nth request of a batch (1-based: N, 2N, ...) fails with 500.
         batch_next_outcome: outcomes for the next created batches (FIFO), "completed" when
             empty: "completed", "failed", "expired" or "cancelled".
-        max_file_bytes / max_batch_requests: the upload limits (200 MB, 50,000 requests).
         files: the bytes of every file, uploaded or written by a batch, by id.
-        file_objects: the File object of every file, by id.
         batches: the Batch object of every batch, by id, as last computed.
-        batch_requests_seen: batch requests run so far (not those expired or cancelled).
 
     Args:
         rps_limit: requests per second; a request that would make more than floor(rps) in a
             sliding 1 s window gets 429 ``rate_limit_exceeded`` with ``retry-after`` (for
             rps < 1: one request per 1/rps seconds). None: unlimited.
-        tpm_limit: tokens (prompt + completion) per sliding 60 s. None: unlimited.
         latency_s: initial ``latency_s``.
         port: TCP port to listen on; 0 picks a free one.
     """
@@ -1131,16 +1043,12 @@ class FakeOpenAI:
         self,
         *,
         rps_limit: float | None = None,
-        tpm_limit: int | None = None,
         latency_s: float = 0.0,
         port: int = 0,
     ) -> None:
         if rps_limit is not None and rps_limit <= 0:
             raise ValueError("rps_limit must be positive")
-        if tpm_limit is not None and tpm_limit <= 0:
-            raise ValueError("tpm_limit must be positive")
         self.rps_limit = rps_limit
-        self.tpm_limit = tpm_limit
         self.latency_s = latency_s
         self.faults: list[Fault] = []
         self.fault_plan: Callable[[], Fault | None] | None = None
@@ -1152,15 +1060,11 @@ class FakeOpenAI:
         self.usage_total: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0}
         self.batch_duration_s = 0.5
         self.batch_cancel_s = 0.1
-        self.batch_fail_custom_ids: set[str] = set()
         self.batch_fail_every: int | None = None
         self.batch_next_outcome: list[str] = []
-        self.max_file_bytes = MAX_BATCH_FILE_BYTES
-        self.max_batch_requests = MAX_BATCH_REQUESTS
         self.files: dict[str, bytes] = {}
-        self.file_objects: dict[str, dict[str, Any]] = {}
+        self._file_objects: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
-        self.batch_requests_seen = 0
         self._batch_runs: dict[str, _BatchRun] = {}
         self._port = port
         self._base_url: str | None = None
@@ -1169,7 +1073,6 @@ class FakeOpenAI:
         if rps_limit is not None:
             length = max(1.0, 1.0 / rps_limit)
             self._rps = _SlidingWindow(length, max(1, math.floor(rps_limit * length)))
-        self._tpm = _SlidingWindow(60.0, tpm_limit) if tpm_limit is not None else None
 
     @property
     def base_url(self) -> str:
@@ -1182,9 +1085,7 @@ class FakeOpenAI:
         """Listen on 127.0.0.1 (port 0: a free one)."""
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_openai_errors])
         app.router.add_post("/v1/chat/completions", self._chat_completions)
-        app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/files", self._files_create)
-        app.router.add_get("/v1/files/{file_id}", self._files_retrieve)
         app.router.add_get("/v1/files/{file_id}/content", self._files_content)
         app.router.add_post("/v1/batches", self._batches_create)
         app.router.add_get("/v1/batches", self._batches_list)
@@ -1217,14 +1118,6 @@ class FakeOpenAI:
 
     # -- handlers --
 
-    async def _models(self, request: web.Request) -> web.Response:
-        """``GET /v1/models``: a short list, enough for a connectivity check."""
-        models = [
-            {"id": name, "object": "model", "created": 1_715_367_049, "owned_by": "system"}
-            for name in ("gpt-4o", "gpt-4o-mini")
-        ]
-        return web.json_response({"object": "list", "data": models}, headers=self._headers())
-
     async def _chat_completions(self, request: web.Request) -> web.Response:
         """``POST /v1/chat/completions``: record, decide at once, then wait ``latency_s``."""
         received_at = time.monotonic()
@@ -1242,7 +1135,11 @@ class FakeOpenAI:
             if isinstance(body, dict)
             else {"body": (raw or b"").decode(errors="replace")}
         )
-        record.update(received_at=received_at, api_key=api_key)
+        record.update(
+            received_at=received_at,
+            api_key=api_key,
+            traceparent=request.headers.get("traceparent"),
+        )
         self.requests.append(record)
         try:
             if raw is None:
@@ -1272,7 +1169,7 @@ class FakeOpenAI:
         content, finish_reason = _finish(chat, override)
         prompt_tokens = chat.prompt_tokens
         completion_tokens = math.ceil(len(content or "") / 4)
-        self._admit(chat.model, prompt_tokens + completion_tokens)
+        self._admit(chat.model)
         if override is not None:
             self.finish_reason_override.pop(0)
         self.usage_total["prompt_tokens"] += prompt_tokens
@@ -1284,47 +1181,24 @@ class FakeOpenAI:
         self.answered_at.append(time.monotonic())
         return web.json_response(completion, headers=self._headers())
 
-    def _admit(self, model: str, tokens: int) -> None:
-        """Take room for one request of ``tokens`` tokens, or raise 429 and count a violation."""
+    def _admit(self, model: str) -> None:
+        """Take room for one request in ``rps_limit``, or raise 429 and count a violation."""
+        if self._rps is None:
+            return
         now = time.monotonic()
-        rejection: tuple[str, float, float, float] | None = None  # kind, limit, used, wait
-        if self._rps is not None:
-            wait = self._rps.wait_for(now, 1)
-            if wait > 0:
-                rejection = ("requests", self._rps.capacity, self._rps.used(now), wait)
-        if rejection is None and self._tpm is not None:
-            wait = self._tpm.wait_for(now, tokens)
-            if wait > 0:
-                rejection = ("tokens", self._tpm.capacity, self._tpm.used(now), wait)
-        if rejection is None:
-            if self._rps is not None:
-                self._rps.add(now, 1)
-            if self._tpm is not None:
-                self._tpm.add(now, tokens)
+        wait = self._rps.wait_for(now, 1)
+        if wait <= 0:
+            self._rps.add(now, 1)
             return
         self.violations += 1
-        kind, limit, used, wait = rejection
-        unit = "requests per second (RPS)" if kind == "requests" else "tokens per min (TPM)"
-        requested = 1 if kind == "requests" else tokens
-        headers: dict[str, str] = {}
-        if math.isinf(wait):
-            message = (
-                f"Request too large for {model} on {unit}: Limit {limit:g}, Requested "
-                f"{requested}. The input or output tokens must be reduced in order to run "
-                "successfully."
-            )
-        else:
-            message = (
-                f"Rate limit reached for {model} in organization org-fake on {unit}: "
-                f"Limit {limit:g}, Used {used:g}, Requested {requested}. Please try again in "
-                f"{format_duration(wait)}."
-            )
-            wait_ms = math.ceil(wait * 1000)
-            headers = {
-                "retry-after": _format_seconds(wait_ms / 1000),
-                "retry-after-ms": str(wait_ms),
-            }
-        raise _ApiError(429, message, type_=kind, code="rate_limit_exceeded", headers=headers)
+        message = (
+            f"Rate limit reached for {model} in organization org-fake on requests per second "
+            f"(RPS): Limit {self._rps.capacity:g}, Used {self._rps.used(now):g}, Requested 1. "
+            f"Please try again in {format_duration(wait)}."
+        )
+        wait_ms = math.ceil(wait * 1000)
+        headers = {"retry-after": _format_seconds(wait_ms / 1000), "retry-after-ms": str(wait_ms)}
+        raise _ApiError(429, message, type_="requests", code="rate_limit_exceeded", headers=headers)
 
     # -- the Files and Batch APIs --
 
@@ -1345,10 +1219,6 @@ class FakeOpenAI:
     async def _files_create(self, request: web.Request) -> web.Response:
         """``POST /v1/files``: multipart ``file`` + ``purpose``; batch files are validated."""
         return await self._guarded(request, self._create_file)
-
-    async def _files_retrieve(self, request: web.Request) -> web.Response:
-        """``GET /v1/files/{file_id}``: the File object."""
-        return await self._guarded(request, self._retrieve_file)
 
     async def _files_content(self, request: web.Request) -> web.Response:
         """``GET /v1/files/{file_id}/content``: the file's bytes."""
@@ -1379,45 +1249,22 @@ class FakeOpenAI:
             )
         fields: dict[str, str] = {}
         upload: tuple[str, bytes] | None = None
-        size = 0
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                await part.release()
-            elif part.name == "file":
-                chunks: list[bytes] = []
-                while chunk := await part.read_chunk(1 << 20):
-                    size += len(chunk)
-                    if size <= self.max_file_bytes:  # past the limit: drain, don't keep
-                        chunks.append(chunk)
-                upload = (part.filename or "upload", b"".join(chunks))
-            elif part.name:
+            if isinstance(part, BodyPartReader) and part.name == "file":
+                upload = (part.filename or "upload", await part.read())
+            elif isinstance(part, BodyPartReader) and part.name:
                 fields[part.name] = await part.text()
             else:
                 await part.release()
-        if upload is None:
-            raise _invalid(
-                "Missing required parameter: 'file'.", "file", "missing_required_parameter"
-            )
-        purpose = fields.get("purpose")
-        if purpose is None:
-            raise _invalid(
-                "Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter"
-            )
-        if purpose not in FILE_PURPOSES:
-            raise _invalid(
-                f"Invalid value: '{purpose}'. Supported values are: 'assistants', 'batch', "
-                "'fine-tune', 'vision', 'user_data', and 'evals'.",
-                "purpose",
-            )
+        for name, value in (("file", upload), ("purpose", fields.get("purpose"))):
+            if value is None:
+                raise _invalid(
+                    f"Missing required parameter: '{name}'.", name, "missing_required_parameter"
+                )
+        assert upload is not None
         filename, data = upload
-        if size > self.max_file_bytes:
-            raise _ApiError(
-                400,
-                f"File is too large: {size:,} bytes, the limit is {self.max_file_bytes:,} bytes.",
-                param="file",
-                code="file_too_large",
-            )
+        purpose = fields["purpose"]
         if purpose == "batch":
             if not filename.endswith(".jsonl"):
                 raise _ApiError(
@@ -1426,7 +1273,7 @@ class FakeOpenAI:
                     param="file",
                     code="invalid_file_format",
                 )
-            _parse_batch_file(data, self.max_batch_requests)
+            _parse_batch_file(data)
         file_object = self._store_file(data, filename, purpose)
         return web.json_response(file_object, headers=self._headers())
 
@@ -1447,17 +1294,13 @@ class FakeOpenAI:
             "status_details": None,
         }
         self.files[file_object["id"]] = data
-        self.file_objects[file_object["id"]] = file_object
+        self._file_objects[file_object["id"]] = file_object
         return file_object
 
     def _file(self, file_id: str, param: str | None = None) -> dict[str, Any]:
-        if file_id not in self.file_objects:
+        if file_id not in self._file_objects:
             raise _not_found("File", file_id, param)
-        return self.file_objects[file_id]
-
-    async def _retrieve_file(self, request: web.Request) -> web.Response:
-        file_object = self._file(request.match_info["file_id"], "id")
-        return web.json_response(file_object, headers=self._headers())
+        return self._file_objects[file_id]
 
     async def _file_content(self, request: web.Request) -> web.Response:
         file_object = self._file(request.match_info["file_id"], "id")
@@ -1484,13 +1327,6 @@ class FakeOpenAI:
                     f"Missing required parameter: '{name}'.", name, "missing_required_parameter"
                 )
         endpoint = body["endpoint"]
-        if endpoint not in BATCH_ENDPOINTS:
-            raise _invalid(
-                f"Invalid value: '{endpoint}'. Supported values are: "
-                + ", ".join(f"'{e}'" for e in sorted(BATCH_ENDPOINTS))
-                + ".",
-                "endpoint",
-            )
         if endpoint != BATCH_ENDPOINT:
             raise _invalid(
                 f"Unsupported endpoint '{endpoint}': the fake only runs '{BATCH_ENDPOINT}'.",
@@ -1502,19 +1338,6 @@ class FakeOpenAI:
                 "completion_window",
             )
         metadata = body.get("metadata")
-        if metadata is not None and not (
-            isinstance(metadata, dict)
-            and len(metadata) <= 16
-            and all(
-                isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
-                for k, v in metadata.items()
-            )
-        ):
-            raise _invalid(
-                "Invalid 'metadata': expected at most 16 string keys of up to 64 characters "
-                "with string values of up to 512 characters.",
-                "metadata",
-            )
         input_file = self._file(str(body["input_file_id"]), "input_file_id")
         if input_file["purpose"] != "batch":
             raise _invalid(
@@ -1522,7 +1345,7 @@ class FakeOpenAI:
                 "a batch input file must be uploaded with purpose 'batch'.",
                 "input_file_id",
             )
-        lines = _parse_batch_file(self.files[input_file["id"]], self.max_batch_requests)
+        lines = _parse_batch_file(self.files[input_file["id"]])
         outcome = self.batch_next_outcome.pop(0) if self.batch_next_outcome else "completed"
         if outcome not in BATCH_OUTCOMES:
             raise _ApiError(
@@ -1532,11 +1355,7 @@ class FakeOpenAI:
             )
         every = self.batch_fail_every
         results = [
-            _run_batch_line(
-                line,
-                line.custom_id in self.batch_fail_custom_ids
-                or (every is not None and every > 0 and index % every == 0),
-            )
+            _run_batch_line(line, every is not None and every > 0 and index % every == 0)
             for index, line in enumerate(lines, start=1)
         ]
         models = [line.body["model"] for line in lines if isinstance(line.body.get("model"), str)]
@@ -1747,7 +1566,6 @@ class FakeOpenAI:
         batch["usage"] = _batch_usage(ran)
         self.usage_total["prompt_tokens"] += batch["usage"]["input_tokens"]
         self.usage_total["completion_tokens"] += batch["usage"]["output_tokens"]
-        self.batch_requests_seen += len(ran)
         batch["status"] = status
         batch[f"{status}_at"] = int(at)
         run.finished = True
@@ -1760,19 +1578,17 @@ class FakeOpenAI:
             "openai-version": "2020-10-01",
             "openai-processing-ms": str(round(self.latency_s * 1000)),
         }
-        for kind, window, unlimited in (
-            ("requests", self._rps, UNLIMITED_REQUESTS),
-            ("tokens", self._tpm, UNLIMITED_TOKENS),
-        ):
-            if window is None:
-                limit, remaining, reset = unlimited, unlimited, 0.0
-            else:
-                limit = int(window.capacity)
-                remaining = max(0, int(window.capacity - window.used(now)))
-                reset = window.reset_in(now)
-            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
-            headers[f"x-ratelimit-reset-{kind}"] = format_duration(reset)
+        limit, remaining, reset = UNLIMITED_REQUESTS, UNLIMITED_REQUESTS, 0.0
+        if self._rps is not None:
+            limit = int(self._rps.capacity)
+            remaining = max(0, int(self._rps.capacity - self._rps.used(now)))
+            reset = self._rps.reset_in(now)
+        headers["x-ratelimit-limit-requests"] = str(limit)
+        headers["x-ratelimit-remaining-requests"] = str(remaining)
+        headers["x-ratelimit-reset-requests"] = format_duration(reset)
+        headers["x-ratelimit-limit-tokens"] = str(UNLIMITED_TOKENS)
+        headers["x-ratelimit-remaining-tokens"] = str(UNLIMITED_TOKENS)
+        headers["x-ratelimit-reset-tokens"] = "0s"
         return headers
 
 
@@ -1791,18 +1607,19 @@ async def _serve(fake: FakeOpenAI) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    """``openai_fake.py [--port N] [--rps R] [--tpm T] [--latency S]``: serve until signalled."""
+    """``python -m listener.testing.openai_fake [--port N] [--rps R] [--latency S]``.
+
+    Serves until SIGTERM or SIGINT, after printing ``READY <base_url>``.
+    """
     parser = argparse.ArgumentParser(
-        prog="openai_fake.py", description="A fake OpenAI API on 127.0.0.1 for tests and demos."
+        prog="python -m listener.testing.openai_fake",
+        description="A fake OpenAI API on 127.0.0.1 for tests and demos.",
     )
     parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
     parser.add_argument("--rps", type=float, default=None, help="requests per second limit")
-    parser.add_argument("--tpm", type=int, default=None, help="tokens per minute limit")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args(list(argv))
-    fake = FakeOpenAI(
-        rps_limit=args.rps, tpm_limit=args.tpm, latency_s=args.latency, port=args.port
-    )
+    fake = FakeOpenAI(rps_limit=args.rps, latency_s=args.latency, port=args.port)
     asyncio.run(_serve(fake))
 
 

@@ -18,8 +18,10 @@ body directly with raw bytes``) for request bodies over 1 MiB, i.e. images over 
 base64-encoded; under ``filterwarnings = error`` that warning fails the call. Timestamps
 (``CreationTimestamp``) travel as epoch seconds and come back as ``datetime``.
 
-As a process: ``python tests/fakes/rekognition_fake.py --port 0 [--tps N]`` prints
-``READY http://127.0.0.1:PORT`` (flushed) and serves until SIGTERM or SIGINT.
+As a process: ``python -m listener.testing.rekognition_fake --port 0 [--tps N]`` prints
+``READY http://127.0.0.1:PORT`` (flushed) and serves until SIGTERM or SIGINT. Point boto3 /
+aioboto3 (``client("rekognition", endpoint_url=...)``) or listener
+(``LISTENER_REKOGNITION__ENDPOINT_URL``) at that URL, with any AWS credentials and region.
 
 Protocol (AWS JSON 1.1, as botocore speaks it for Rekognition): ``POST /`` with
 ``X-Amz-Target: RekognitionService.<Operation>``, ``Content-Type: application/x-amz-json-1.1``
@@ -31,10 +33,10 @@ botocore's JSON parser takes ``__type`` (after any ``#``) as ``Error.Code`` and 
 name, and ``client.exceptions.<Name>`` matches for names in the service model. SigV4 signatures
 are not checked, but an ``Authorization`` header is required.
 
-Operations: CreateCollection, DescribeCollection, ListCollections, DeleteCollection, IndexFaces,
-ListFaces, DeleteFaces, SearchFaces, SearchFacesByImage, DetectFaces, DetectLabels. Shapes
-follow botocore's service model (``rekognition`` 2016-06-27). Behaviour taken from the API
-reference and https://docs.aws.amazon.com/rekognition/latest/dg/limits.html:
+Operations: CreateCollection, ListCollections, IndexFaces, ListFaces, DeleteFaces, SearchFaces,
+DetectLabels (what listener calls; any other is ``UnknownOperationException``). Shapes follow
+botocore's service model (``rekognition`` 2016-06-27). Behaviour taken from the API reference
+and https://docs.aws.amazon.com/rekognition/latest/dg/limits.html:
 
 - ``Image.Bytes``: at most 5 MiB raw (else ``ImageTooLargeException``; botocore does not check
   a blob's ``max``), JPEG or PNG by magic bytes (else ``InvalidImageFormatException``), at
@@ -47,8 +49,9 @@ reference and https://docs.aws.amazon.com/rekognition/latest/dg/limits.html:
 - ``IndexFaces``: faces failing ``QualityFilter`` (default ``AUTO``; ``NONE`` disables it) go
   to ``UnindexedFaces`` with ``SMALL_BOUNDING_BOX`` (side < 40 px, scaled up for images larger
   than 1920x1080), ``LOW_SHARPNESS`` or ``LOW_BRIGHTNESS``; of the rest the largest
-  ``MaxFaces`` are indexed and the others get ``EXCEEDS_MAX_FACES``.
-- ``SearchFacesByImage`` searches with the largest face; no face -> ``InvalidParameterException``.
+  ``MaxFaces`` are indexed and the others get ``EXCEEDS_MAX_FACES``. A ``FaceDetail`` has
+  the DEFAULT members listener reads (BoundingBox, Pose, Quality, Confidence), whatever
+  ``DetectionAttributes`` asks for.
 - Constraints botocore leaves to the server (``pattern`` and ``max``) -> ``ValidationException``.
 - ``CollectionArn`` has the service's ``aws:rekognition:...`` form (no ``arn:`` prefix).
 
@@ -105,7 +108,7 @@ parents are listed as labels too. ``ImageProperties.Quality`` is measured on the
 Brightness = mean / 255 * 100, Contrast = min(100, std / 127.5 * 100), Sharpness =
 100 * log(1 + var(Laplacian)) / log(1 + 3000) capped at 100 (astronaut.png: 84; blurred
 with sigma 2: 31). A face's Quality uses the same formulas on its box resampled to 64x64.
-Dominant colours are the most filled cells of a 4x4x4 RGB grid.
+``DominantColors`` is always empty and ``Settings`` filters are ignored.
 """
 
 from __future__ import annotations
@@ -173,68 +176,6 @@ _QUALITY_BARS = {
     "MEDIUM": (25.0, 15.0),
     "HIGH": (40.0, 25.0),
 }
-# Face attributes beyond DEFAULT: fixed placeholder values, present when asked for.
-_FIXED_ATTRIBUTES: dict[str, dict[str, Any]] = {
-    "AGE_RANGE": {"AgeRange": {"Low": 25, "High": 35}},
-    "SMILE": {"Smile": {"Value": True, "Confidence": 90.0}},
-    "EYEGLASSES": {"Eyeglasses": {"Value": False, "Confidence": 95.0}},
-    "SUNGLASSES": {"Sunglasses": {"Value": False, "Confidence": 98.0}},
-    "GENDER": {"Gender": {"Value": "Female", "Confidence": 60.0}},
-    "BEARD": {"Beard": {"Value": False, "Confidence": 95.0}},
-    "MUSTACHE": {"Mustache": {"Value": False, "Confidence": 95.0}},
-    "EYES_OPEN": {"EyesOpen": {"Value": True, "Confidence": 95.0}},
-    "MOUTH_OPEN": {"MouthOpen": {"Value": False, "Confidence": 80.0}},
-    "EMOTIONS": {"Emotions": [{"Type": "CALM", "Confidence": 80.0}]},
-    "FACE_OCCLUDED": {"FaceOccluded": {"Value": False, "Confidence": 95.0}},
-    "EYE_DIRECTION": {"EyeDirection": {"Yaw": 0.0, "Pitch": 0.0, "Confidence": 90.0}},
-}
-# Landmark positions as fractions of the face box (x, y): a frontal face's usual layout.
-_LANDMARKS = (
-    ("eyeLeft", 0.30, 0.38),
-    ("eyeRight", 0.70, 0.38),
-    ("nose", 0.50, 0.58),
-    ("mouthLeft", 0.34, 0.78),
-    ("mouthRight", 0.66, 0.78),
-)
-_SIMPLIFIED_COLOURS = (
-    ("black", (0, 0, 0)),
-    ("white", (255, 255, 255)),
-    ("grey", (128, 128, 128)),
-    ("red", (220, 30, 30)),
-    ("orange", (255, 140, 0)),
-    ("yellow", (240, 220, 40)),
-    ("green", (40, 160, 60)),
-    ("teal", (0, 128, 128)),
-    ("blue", (40, 80, 220)),
-    ("purple", (128, 50, 160)),
-    ("pink", (255, 150, 190)),
-    ("brown", (140, 90, 50)),
-)
-_CSS_COLOURS = (
-    ("black", (0, 0, 0)),
-    ("dimgray", (105, 105, 105)),
-    ("gray", (128, 128, 128)),
-    ("silver", (192, 192, 192)),
-    ("white", (255, 255, 255)),
-    ("maroon", (128, 0, 0)),
-    ("red", (255, 0, 0)),
-    ("orange", (255, 165, 0)),
-    ("gold", (255, 215, 0)),
-    ("khaki", (240, 230, 140)),
-    ("olive", (128, 128, 0)),
-    ("green", (0, 128, 0)),
-    ("lime", (0, 255, 0)),
-    ("teal", (0, 128, 128)),
-    ("skyblue", (135, 206, 235)),
-    ("blue", (0, 0, 255)),
-    ("navy", (0, 0, 128)),
-    ("purple", (128, 0, 128)),
-    ("pink", (255, 192, 203)),
-    ("tan", (210, 180, 140)),
-    ("sienna", (160, 82, 45)),
-    ("saddlebrown", (139, 69, 19)),
-)
-
 _T = TypeVar("_T")
 Json = dict[str, Any]
 Image = npt.NDArray[np.uint8]
@@ -401,27 +342,14 @@ class DetectedFace:
             "Top": self.y / self.image_height,
         }
 
-    def detail(self, attributes: Sequence[str] = ("DEFAULT",)) -> Json:
-        """A ``FaceDetail``: the DEFAULT members, plus placeholders for other attributes."""
-        box = self.bounding_box()
-        detail: Json = {
-            "BoundingBox": box,
-            "Landmarks": [
-                {
-                    "Type": name,
-                    "X": box["Left"] + fx * box["Width"],
-                    "Y": box["Top"] + fy * box["Height"],
-                }
-                for name, fx, fy in _LANDMARKS
-            ],
+    def detail(self) -> Json:
+        """A ``FaceDetail`` with the members listener reads (a frontal pose)."""
+        return {
+            "BoundingBox": self.bounding_box(),
             "Pose": {"Roll": 0.0, "Yaw": 0.0, "Pitch": 0.0},
             "Quality": {"Brightness": self.brightness, "Sharpness": self.sharpness},
             "Confidence": self.confidence,
         }
-        wanted = set(_FIXED_ATTRIBUTES) if "ALL" in attributes else set(attributes)
-        for name in sorted(wanted & set(_FIXED_ATTRIBUTES)):
-            detail.update(_FIXED_ATTRIBUTES[name])
-        return detail
 
     def quality_reasons(self, quality_filter: str) -> list[str]:
         """``UnindexedFaces`` reasons under ``quality_filter`` (empty: the face passes)."""
@@ -514,39 +442,6 @@ class FaceAnalyzer:
             sharpness=quality["Sharpness"],
             signature=signature,
         )
-
-
-def _nearest_name(rgb: tuple[int, int, int], table: Sequence[tuple[str, tuple[int, ...]]]) -> str:
-    """Name of the colour in ``table`` nearest to ``rgb`` (Euclidean in RGB)."""
-    return min(
-        table, key=lambda item: sum((a - b) ** 2 for a, b in zip(rgb, item[1], strict=True))
-    )[0]
-
-
-def dominant_colours(image: Image, count: int) -> list[Json]:
-    """The ``count`` most filled cells of a 4x4x4 RGB grid, as ``DominantColor`` shapes."""
-    if count <= 0:
-        return []
-    small = _downscale(image, 128).reshape(-1, 3).astype(np.int32)
-    cells = (small[:, 2] // 64) * 16 + (small[:, 1] // 64) * 4 + small[:, 0] // 64
-    counts = np.bincount(cells, minlength=64)
-    colours = []
-    for cell in np.argsort(-counts, kind="stable")[:count]:
-        if counts[cell] == 0:
-            break
-        b, g, r = (int(v) for v in small[cells == cell].mean(axis=0).round())
-        colours.append(
-            {
-                "Red": r,
-                "Green": g,
-                "Blue": b,
-                "HexCode": f"#{r:02x}{g:02x}{b:02x}",
-                "CSSColor": _nearest_name((r, g, b), _CSS_COLOURS),
-                "SimplifiedColor": _nearest_name((r, g, b), _SIMPLIFIED_COLOURS),
-                "PixelPercent": 100.0 * float(counts[cell]) / len(cells),
-            }
-        )
-    return colours
 
 
 def _downscale(image: Image, max_side: int) -> Image:
@@ -698,6 +593,8 @@ class FakeRekognition:
         faults: exception names the next requests fail with, first in first out, one each.
         latency_s: seconds added to every admitted request.
         calls: ``(operation, time.monotonic())`` of every request, in arrival order.
+        traceparents: ``(operation, traceparent header or None)`` of every request, same
+            order.
         violations: requests refused for exceeding ``tps_limit``.
         collections: collection id -> ``Collection``.
     """
@@ -712,6 +609,7 @@ class FakeRekognition:
         self.faults: list[str] = []
         self.latency_s = 0.0
         self.calls: list[tuple[str, float]] = []
+        self.traceparents: list[tuple[str, str | None]] = []
         self.violations = 0
         self.collections: dict[str, Collection] = {}
         self._host = host
@@ -722,15 +620,11 @@ class FakeRekognition:
         self._analyzer = FaceAnalyzer()
         self._operations: dict[str, Callable[[Json], Awaitable[Json]]] = {
             "CreateCollection": self._create_collection,
-            "DescribeCollection": self._describe_collection,
             "ListCollections": self._list_collections,
-            "DeleteCollection": self._delete_collection,
             "IndexFaces": self._index_faces,
             "ListFaces": self._list_faces,
             "DeleteFaces": self._delete_faces,
             "SearchFaces": self._search_faces,
-            "SearchFacesByImage": self._search_faces_by_image,
-            "DetectFaces": self._detect_faces,
             "DetectLabels": self._detect_labels,
         }
 
@@ -778,6 +672,7 @@ class FakeRekognition:
         operation = target.removeprefix(_TARGET_PREFIX)
         now = time.monotonic()
         self.calls.append((operation, now))
+        self.traceparents.append((operation, request.headers.get("traceparent")))
         try:
             if "Authorization" not in request.headers:
                 raise RekognitionError(
@@ -849,16 +744,6 @@ class FakeRekognition:
         self.collections[collection_id] = Collection(collection_id, arn, time.time())
         return {"StatusCode": 200, "CollectionArn": arn, "FaceModelVersion": FACE_MODEL_VERSION}
 
-    async def _describe_collection(self, params: Json) -> Json:
-        collection = self._collection(params)
-        return {
-            "FaceCount": len(collection.faces),
-            "FaceModelVersion": FACE_MODEL_VERSION,
-            "CollectionARN": collection.arn,
-            "CreationTimestamp": collection.created_at,
-            "UserCount": 0,
-        }
-
     async def _list_collections(self, params: Json) -> Json:
         ids = sorted(self.collections)
         page, token = _page(ids, params)
@@ -870,11 +755,6 @@ class FakeRekognition:
             answer["NextToken"] = token
         return answer
 
-    async def _delete_collection(self, params: Json) -> Json:
-        collection = self._collection(params)
-        del self.collections[collection.collection_id]
-        return {"StatusCode": 200}
-
     # -- faces ---------------------------------------------------------------------------------
 
     async def _index_faces(self, params: Json) -> Json:
@@ -884,10 +764,7 @@ class FakeRekognition:
             _check_pattern("externalImageId", external_id, _EXTERNAL_IMAGE_ID)
         max_faces = _int_param(params, "MaxFaces", None, 1, None)
         quality_filter = _quality_filter(params, "AUTO")
-        attributes = params.get("DetectionAttributes") or ["DEFAULT"]
         analysis = await self._analyze(params)
-        if self.collections.get(collection.collection_id) is not collection:
-            raise RekognitionError("ResourceNotFoundException", "The collection was deleted")
         image_id = str(uuid.uuid4())
         records: list[Json] = []
         unindexed: list[Json] = []
@@ -895,14 +772,12 @@ class FakeRekognition:
         for face in analysis.faces:
             reasons = face.quality_reasons(quality_filter)
             if reasons:
-                unindexed.append({"Reasons": reasons, "FaceDetail": face.detail(attributes)})
+                unindexed.append({"Reasons": reasons, "FaceDetail": face.detail()})
             else:
                 candidates.append(face)
         for rank, face in enumerate(candidates):  # largest first
             if max_faces is not None and rank >= max_faces:
-                unindexed.append(
-                    {"Reasons": ["EXCEEDS_MAX_FACES"], "FaceDetail": face.detail(attributes)}
-                )
+                unindexed.append({"Reasons": ["EXCEEDS_MAX_FACES"], "FaceDetail": face.detail()})
                 continue
             stored = StoredFace(
                 face_id=str(uuid.uuid4()),
@@ -913,7 +788,7 @@ class FakeRekognition:
                 signature=face.signature,
             )
             collection.faces[stored.face_id] = stored
-            records.append({"Face": stored.to_json(), "FaceDetail": face.detail(attributes)})
+            records.append({"Face": stored.to_json(), "FaceDetail": face.detail()})
         return {
             "FaceRecords": records,
             "FaceModelVersion": FACE_MODEL_VERSION,
@@ -960,33 +835,6 @@ class FakeRekognition:
             "FaceModelVersion": FACE_MODEL_VERSION,
         }
 
-    async def _search_faces_by_image(self, params: Json) -> Json:
-        collection = self._collection(params)
-        threshold = _threshold(params)
-        limit = _int_param(params, "MaxFaces", _MAX_MATCHES, 1, _MAX_MATCHES)
-        quality_filter = _quality_filter(params, "NONE")
-        analysis = await self._analyze(params)
-        faces = [f for f in analysis.faces if not f.quality_reasons(quality_filter)]
-        if not faces:
-            raise RekognitionError(
-                "InvalidParameterException",
-                "There are no faces in the image. Should be at least 1.",
-            )
-        largest = faces[0]
-        others = list(collection.faces.values())
-        matches = await self._in_worker(_rank_matches, largest.signature, others, threshold, limit)
-        return {
-            "SearchedFaceBoundingBox": largest.bounding_box(),
-            "SearchedFaceConfidence": largest.confidence,
-            "FaceMatches": matches,
-            "FaceModelVersion": FACE_MODEL_VERSION,
-        }
-
-    async def _detect_faces(self, params: Json) -> Json:
-        attributes = params.get("Attributes") or ["DEFAULT"]
-        analysis = await self._analyze(params)
-        return {"FaceDetails": [face.detail(attributes) for face in analysis.faces]}
-
     # -- labels --------------------------------------------------------------------------------
 
     async def _detect_labels(self, params: Json) -> Json:
@@ -995,20 +843,16 @@ class FakeRekognition:
         min_confidence = params.get("MinConfidence", 55.0)
         if not isinstance(min_confidence, int | float) or not 0 <= min_confidence <= 100:
             raise _validation("minConfidence", min_confidence, "be between 0 and 100")
-        settings = params.get("Settings") or {}
         analysis = await self._analyze(params)
         answer: Json = {"Labels": [], "LabelModelVersion": LABEL_MODEL_VERSION}
         if "GENERAL_LABELS" in features:
             labels = await self._in_worker(image_labels, analysis)
-            labels = _filter_labels(labels, settings.get("GeneralLabels") or {})
             labels = [label for label in labels if label["Confidence"] >= min_confidence]
             answer["Labels"] = labels[:max_labels]
         if "IMAGE_PROPERTIES" in features:
-            properties = settings.get("ImageProperties") or {}
-            count = _int_param(properties, "MaxDominantColors", 10, 0, 20)
             answer["ImageProperties"] = {
                 "Quality": gray_quality(analysis.gray),
-                "DominantColors": await self._in_worker(dominant_colours, analysis.image, count),
+                "DominantColors": [],
             }
         return answer
 
@@ -1094,25 +938,6 @@ def _page(items: list[_T], params: Json) -> tuple[list[_T], str | None]:
         ) from None
     end = start + limit
     return items[start:end], (str(end) if end < len(items) else None)
-
-
-def _filter_labels(labels: list[Json], settings: Json) -> list[Json]:
-    """Apply ``Settings.GeneralLabels`` inclusion and exclusion filters."""
-    include = set(settings.get("LabelInclusionFilters") or [])
-    exclude = set(settings.get("LabelExclusionFilters") or [])
-    include_categories = set(settings.get("LabelCategoryInclusionFilters") or [])
-    exclude_categories = set(settings.get("LabelCategoryExclusionFilters") or [])
-    kept = []
-    for label in labels:
-        categories = {c["Name"] for c in label["Categories"]}
-        if include and label["Name"] not in include:
-            continue
-        if include_categories and not categories & include_categories:
-            continue
-        if label["Name"] in exclude or categories & exclude_categories:
-            continue
-        kept.append(label)
-    return kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,1 +1,0 @@
-"""Local stand-ins for remote services, reached through the real SDKs in tests."""

@@ -1,0 +1,117 @@
+"""deploy/: the Prometheus rules and the Grafana dashboard query metrics listener really serves.
+
+Every ``listener_*`` series named in a rule's or a panel's PromQL must be one that
+``listener.metrics.Metrics`` exposes (a counter's ``_total``, a histogram's ``_bucket`` /
+``_sum`` / ``_count``, a gauge's name), and every label matched on must be one of that
+metric's labels, so renaming a metric or a label breaks this test. ``promtool check rules``
+validates the rules file's syntax where Prometheus's ``promtool`` is installed (CI installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from listener.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "prometheus" / "listener-rules.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "listener-dashboard.json"
+SERIES = re.compile(r"\b(listener_[a-zA-Z0-9_]+)(\{[^}]*\})?")
+MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+
+
+def served_series() -> dict[str, set[str]]:
+    """Series name -> label names, for every metric in listener's registry."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    series: dict[str, set[str]] = {}
+    metrics = Metrics(time.monotonic)
+    for family in metrics.registry.collect():
+        labels = set(_labelnames(metrics, family.name))
+        for suffix in suffixes[family.type]:
+            series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return series
+
+
+def _labelnames(metrics: Metrics, family: str) -> tuple[str, ...]:
+    for value in vars(metrics).values():
+        name = getattr(value, "_name", None)
+        if name is not None and name.removesuffix("_total") == family:
+            return tuple(getattr(value, "_labelnames", ()))
+    raise AssertionError(f"no collector for {family}")
+
+
+def rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def panel_exprs() -> list[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in doc["panels"] for t in p["targets"]]
+
+
+def check_expr(expr: str, served: dict[str, set[str]]) -> set[str]:
+    """The listener series ``expr`` uses; fails on an unknown series or label."""
+    used = set()
+    for match in SERIES.finditer(expr):
+        name, matchers = match.group(1), match.group(2) or ""
+        assert name in served, f"{name} (in {expr!r}) is not a metric listener serves"
+        for label in MATCHER.findall(matchers):
+            assert label in served[name] | {"instance", "job"}, f"{name} has no label {label}"
+        used.add(name)
+    return used
+
+
+def test_every_alert_queries_metrics_listener_serves() -> None:
+    served = served_series()
+    alerts = rules()
+    assert {rule["alert"] for rule in alerts} >= {
+        "ListenerDown",
+        "ListenerJobsFailing",
+        "ListenerDeadLettersGrowing",
+        "ListenerOldestPendingJob",
+        "ListenerProviderErrors",
+    }
+    for rule in alerts:
+        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+        assert rule["annotations"]["summary"]
+        used = check_expr(rule["expr"], served)
+        assert used or 'up{job="listener"}' in rule["expr"], rule["alert"]
+
+
+def test_every_panel_queries_metrics_listener_serves_and_covers_them_all() -> None:
+    served = served_series()
+    used: set[str] = set()
+    exprs = panel_exprs()
+    assert exprs
+    for expr in exprs:
+        used |= check_expr(expr, served)
+    families = {re.sub(r"_(total|bucket|sum|count)$", "", name) for name in served}
+    shown = {re.sub(r"_(total|bucket|sum|count)$", "", name) for name in used}
+    assert families == shown, f"metrics without a panel: {sorted(families - shown)}"
+
+
+def test_a_renamed_metric_is_caught() -> None:
+    served = served_series()
+    with pytest.raises(AssertionError, match="listener_jobs_done_total"):
+        check_expr("rate(listener_jobs_done_total[5m])", served)
+    with pytest.raises(AssertionError, match="no label state"):
+        check_expr('listener_queue_jobs{state="failed"}', served)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_accepts_the_rules() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in result.stdout
