@@ -148,9 +148,11 @@ $$;
 
 -- lock_owner_faces(owner): until the end of the transaction, no one else changes which person
 -- any face of `owner` belongs to. Taken first (before any row lock) by apply_face_effects when
--- it assigns faces and by the functions below that move faces or delete people. Without it a
--- merge could delete a person that a job's face is joining at that moment, and the face would
--- silently lose its person (faces.person_id is ON DELETE SET NULL).
+-- it assigns a face or records a suggestion (both refer to the matched face's person), and by
+-- the functions below that move faces or delete people. Without it a merge could delete a
+-- person that a job's face is joining at that moment, and the face would silently lose its
+-- person (faces.person_id is ON DELETE SET NULL), or fail the job's step (a suggestion's
+-- person_id is a foreign key).
 CREATE FUNCTION listener.lock_owner_faces(p_owner text) RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_catalog.pg_advisory_xact_lock(
@@ -159,8 +161,8 @@ $$;
 -- Left executable by PUBLIC: apply_face_effects calls it as the daemon's role, and any role
 -- may take advisory locks anyway.
 
--- apply_face_effects, as in 0007, and: the owner's faces lock when a face is assigned; the
--- suggestions' owner.
+-- apply_face_effects, as in 0007, and: the owner's faces lock when a face is assigned or
+-- suggested (a step with new faces only takes none); the suggestions' owner.
 CREATE OR REPLACE FUNCTION listener.apply_face_effects(
     p_job_id bigint, p_source_table text, p_source_id text, p_owner_id text, p_effect jsonb
 ) RETURNS jsonb
@@ -172,7 +174,7 @@ DECLARE
 BEGIN
     IF EXISTS (
         SELECT 1 FROM jsonb_array_elements(coalesce(p_effect->'faces', '[]'::jsonb)) AS f
-        WHERE f->>'decision' = 'assigned'
+        WHERE f->>'decision' IN ('assigned', 'suggested')
     ) THEN
         PERFORM listener.lock_owner_faces(p_owner_id);
     END IF;

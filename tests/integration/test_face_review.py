@@ -210,6 +210,18 @@ async def test_accept_closes_the_faces_other_suggestions(
     assert moved_to != person
     assert await person_of(conn, candidate) == person  # the first person keeps its other face
 
+    # Its last face leaving, the first person goes; the suggestions that named it stay.
+    effect["faces"][0].update(face_id=candidate, matched_face_id=other)
+    await conn.execute(
+        "SELECT listener.apply_face_effects(NULL, $1, 'alice-a1', 'alice', $2::jsonb)",
+        TABLE,
+        json.dumps(effect),
+    )
+    assert await review.accept("alice", candidate, other) == moved_to
+    assert await conn.fetchval("SELECT count(*) FROM listener.people WHERE id = $1", person) == 0
+    assert await status_of(conn, face, candidate) == "accepted"
+    assert [p["faces"] for p in await review.people("alice", 10)] == [3]
+
 
 async def test_reject_closes_the_suggestion_and_changes_no_face(
     conn: asyncpg.Connection, pool: asyncpg.Pool, seeded: Seeded
@@ -350,11 +362,32 @@ async def test_an_app_role_granted_execute_reviews_its_owners_faces(
         await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
-async def test_a_merge_never_loses_a_face_a_job_is_assigning(
+def face_effect(face_id: str, decision: str, matched: str, similarity: float) -> str:
+    """A faces step's effect for one face of alice, as the provider returns it."""
+    return json.dumps(
+        {
+            "collection_id": "listener-alice",
+            "faces": [
+                {
+                    "face_id": face_id,
+                    "bounding_box": {},
+                    "confidence": 99.0,
+                    "decision": decision,
+                    "matched_face_id": matched,
+                    "similarity": similarity,
+                }
+            ],
+        }
+    )
+
+
+async def test_faces_steps_wait_for_a_merge_and_land_in_the_merged_person(
     database_url: str, conn: asyncpg.Connection, pool: asyncpg.Pool, seeded: Seeded
 ) -> None:
-    """A job's face joining a person that a merge deletes at that moment ends in the person
-    merged into, not in no person (faces.person_id is ON DELETE SET NULL)."""
+    """Two jobs store faces matched to a person while a merge deletes it: a face assigned to
+    it and a face suggested for it. Both wait for the merge, then name the person merged
+    into: neither loses its person (faces.person_id is ON DELETE SET NULL) nor fails its step
+    (a suggestion's person_id is a foreign key)."""
     review = FaceReview(pool)
     face, candidate = seeded.suggestion["alice"]
     into = await review.accept("alice", face, candidate)
@@ -364,47 +397,45 @@ async def test_a_merge_never_loses_a_face_a_job_is_assigning(
     )
     known = seeded.faces["alice", "b"]
     await conn.execute("UPDATE listener.faces SET person_id = $1 WHERE face_id = $2", merged, known)
-    effect = {
-        "collection_id": "listener-alice",
-        "faces": [
-            {
-                "face_id": "new-face",
-                "bounding_box": {},
-                "confidence": 99.0,
-                "decision": "assigned",
-                "matched_face_id": known,
-                "similarity": 99.0,
-            }
-        ],
-    }
+    save = "SELECT listener.apply_face_effects(NULL, $1, $2, 'alice', $3)"
     merging = await asyncpg.connect(database_url)
     try:
         async with merging.transaction():
             await merging.fetchval(
                 "SELECT listener.merge_people('alice', $1, $2::bigint[])", into, [merged]
             )
-            job_save = asyncio.create_task(
-                pool.fetchval(
-                    "SELECT listener.apply_face_effects(NULL, $1, 'alice-new', 'alice', $2)",
-                    TABLE,
-                    json.dumps(effect),
-                )
-            )
-            # The job's write waits for the merge (it holds the owner's faces lock).
-            for _ in range(200):
+            saves = [
+                asyncio.create_task(
+                    pool.fetchval(
+                        save, TABLE, "alice-new", face_effect("new", "assigned", known, 99)
+                    )
+                ),
+                asyncio.create_task(
+                    pool.fetchval(
+                        save, TABLE, "alice-near", face_effect("near", "suggested", known, 90)
+                    )
+                ),
+            ]
+            for _ in range(250):
                 waiting = await conn.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                     "AND query LIKE '%apply_face_effects%' AND datname = current_database()"
                 )
-                if waiting:
+                if waiting == 2:
                     break
                 await asyncio.sleep(0.02)
-            assert waiting == 1 and not job_save.done()
-        people = json.loads(await job_save)
+            assert waiting == 2 and not any(t.done() for t in saves)
+        assigned, suggested = [json.loads(r) for r in await asyncio.gather(*saves)]
     finally:
         await merging.close()
-    assert people == {"new-face": into}
-    assert await person_of(conn, "new-face") == into == await person_of(conn, known)
+    assert (assigned, suggested) == ({"new": into}, {"near": None})
+    assert await person_of(conn, "new") == into == await person_of(conn, known)
+    assert (
+        await conn.fetchval(
+            "SELECT person_id FROM listener.face_suggestions WHERE face_id = 'near'"
+        )
+        == into
+    )
 
 
 async def test_status_shows_the_review_work_waiting(
