@@ -1,4 +1,4 @@
-"""The ``listener`` command line: run, migrate, attach, detach, backfill, status, demo.
+"""The ``listener`` command line: run, migrate, attach, detach, backfill, status, demo, faces.
 
 Each command parses its options, builds ``Settings`` (options override ``LISTENER_*``
 variables), and calls into the package. Errors a user can fix are printed as one line and exit
@@ -608,6 +608,21 @@ def _print_status(doc: dict[str, Any]) -> None:
             for b in batches
         )
     )
+    waiting = doc.get("face_suggestions_open", 0)
+    console.print(
+        f"faces to review: {shown(waiting)} open suggestions"
+        + (
+            " ("
+            + ", ".join(
+                f"{'(no owner)' if r['owner'] is None else shown(r['owner'])}: "
+                f"{shown(r['suggestions'])}"
+                for r in doc.get("face_suggestions_by_owner", [])
+            )
+            + "; `listener faces suggestions --owner OWNER`)"
+            if waiting
+            else ""
+        )
+    )
     console.print(f"attached tables: {shown(', '.join(doc['tables'])) or 'none'}")
     budget = doc["budget_usd_per_day"]
     spend = f"spend: ${doc['spend_usd_today']:.4f} today, ${doc['spend_usd_total']:.4f} in all"
@@ -894,6 +909,11 @@ def prune(
 
 # Typer names commands after functions; `migrate` would shadow the imported function.
 app.registered_commands[0].name = "migrate"
+
+# Imported last: the faces commands use this module's helpers.
+from listener.cli_faces import faces_app  # noqa: E402
+
+app.add_typer(faces_app, name="faces")
 
 
 def main() -> None:

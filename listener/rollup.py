@@ -2,9 +2,10 @@
 
 Job state changes only append deltas to ``listener.job_count_deltas`` (statement triggers,
 ``sql/migrations/0008_status_counts.sql``), so no writer waits on a shared counter row.
-``CountsRollup`` runs ``listener.roll_up_job_counts`` every ``interval_s``: readers add the
-deltas not folded yet to the counts, so the interval bounds how many rows a read adds up, never
-how exact it is. Every daemon runs one; a rollup that finds another running returns at once.
+``CountsRollup`` runs ``listener.roll_up_job_counts`` (and ``roll_up_face_review_counts``, the
+open face suggestions' counters of ``0015_face_review.sql``) every ``interval_s``: readers add
+the deltas not folded yet to the counts, so the interval bounds how many rows a read adds up,
+never how exact it is. Every daemon runs one; a rollup that finds another running returns at once.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class CountsRollup:
         """One rollup: delta rows folded (0 when another daemon's rollup was running)."""
         try:
             folded = await self._q.roll_up_job_counts()
+            folded += await self._q.roll_up_face_review_counts()
         except Exception as error:
             if not self._failing:
                 logger.warning("job counters' rollup failed: {}", describe(error))

@@ -35,7 +35,8 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
     not folded yet), failures from the newest entries of ``jobs_failed_idx``, throughput and
     rate from the last hour's range of ``jobs_finished_idx``; failure reasons are those of the
     last 500 failures, and ``oldest_pending_s`` is how long the longest-waiting runnable
-    pending job has waited (now - its ``run_after``).
+    pending job has waited (now - its ``run_after``). Open face suggestions come from their
+    counters (``sql/migrations/0015_face_review.sql``), exact in the same way.
 
     Returns:
         ``{"pending": n, "processing": n, "complete": n, "failed": n, "cancelled": n,
@@ -51,7 +52,9 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         without user info or query string, ``error`` redacted),
         "throughput_per_minute": [{"minute", "complete", "failed"}] (last hour),
         "rate_per_s": jobs finished per second (last 5 minutes), "eta_s": s | None,
-        "open_batches": [{"id", "provider", "step", "status", "requests", ...}]}``
+        "open_batches": [{"id", "provider", "step", "status", "requests", ...}],
+        "face_suggestions_open": n (face suggestions waiting for review, every owner),
+        "face_suggestions_by_owner": [{"owner", "suggestions"}] (the owners with the most)}``
 
     Raises:
         asyncpg.PostgresError, OSError: the database failed.
@@ -60,6 +63,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
     # standby (read-only) database is read as it is.
     with contextlib.suppress(asyncpg.ReadOnlySQLTransactionError):
         await queries.roll_up_job_counts()
+        await queries.roll_up_face_review_counts()
     today = utc_midnight(datetime.now(UTC)).date()
     reads: list[Awaitable[Any]] = [
         queries.counts_by_table(),
@@ -74,6 +78,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         queries.throughput_per_minute(),
         queries.open_batches(),
         queries.active_pauses(),
+        queries.face_review_waiting(TOP_OWNERS),
     ]
     # A dozen small reads: on a pool they run side by side (one round trip's latency, not
     # twelve); on a single connection, one after the other.
@@ -94,6 +99,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         throughput,
         batches,
         operator_pauses,
+        (suggestions_open, suggestions_by_owner),
     ) = results
     # Totals are the sum of the per-table counts: one snapshot, so they always agree.
     doc: dict[str, Any] = {s: sum(int(row[s]) for row in by_table) for s in STATUSES}
@@ -130,6 +136,8 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
             "rate_per_s": round(rate, 3),
             "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else None,
             "open_batches": _iso(batches),
+            "face_suggestions_open": suggestions_open,
+            "face_suggestions_by_owner": suggestions_by_owner,
         }
     )
     return doc

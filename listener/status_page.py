@@ -23,6 +23,9 @@ and scripts can read the page without parsing the formatted text:
 - ``#spend-today``, ``#spend-total`` (USD), ``#budget`` (USD, empty when none),
   ``#budget-exhausted`` (``true``/``false``); ``#paused-providers`` rows
   ``tr[data-provider][data-remaining-s]``.
+- ``#face-suggestions-open`` (``data-value``): face suggestions waiting for review;
+  ``#face-review`` rows ``tr[data-owner][data-suggestions]`` for the owners with the most
+  (``data-owner`` is empty for rows without an owner).
 - ``#daemon`` (``data-worker-id``, ``data-in-flight``, ...) when the document has them.
 
 An empty list renders as an element ``#<section>-none`` reading "none".
@@ -118,6 +121,8 @@ def render(doc: Mapping[str, Any], *, refresh_s: int = 5, now: datetime | None =
                 spend_usd_today, spend_usd_total: float, USD
                 budget_usd_per_day: float | None, USD; budget_exhausted: bool
                 paused_providers: {name: {"remaining_s": float, "reason": str}}
+                face_suggestions_open: int; face_suggestions_by_owner: [{"owner",
+                    "suggestions"}]
                 worker_id, uptime_s, in_flight, concurrency, providers, listen_connected
 
         refresh_s: seconds between reloads (``<meta http-equiv="refresh">``); 0 or less: never.
@@ -134,6 +139,7 @@ def render(doc: Mapping[str, Any], *, refresh_s: int = 5, now: datetime | None =
         _spend(doc),
         _failure_reasons(doc),
         _open_batches(doc),
+        _face_review(doc),
         _by_owner(doc),
         _recent_failures(doc),
     ]
@@ -296,6 +302,27 @@ def _open_batches(doc: Mapping[str, Any]) -> str:
         '<th class="n">done</th><th class="n">failed</th><th>created</th>'
     )
     return _section("open-batches", "Open batches", heads, body)
+
+
+def _face_review(doc: Mapping[str, Any]) -> str:
+    """Face suggestions waiting for a person to accept or reject them, per owner."""
+    waiting = _int(doc.get("face_suggestions_open"))
+    rows = _rows(doc.get("face_suggestions_by_owner"))
+    body = "".join(
+        f'<tr data-owner="{_e(row.get("owner"))}" '
+        f'data-suggestions="{_int(row.get("suggestions"))}">'
+        f"<td>{_e(row.get('owner')) if row.get('owner') is not None else '(no owner)'}</td>"
+        f'<td class="n">{_int(row.get("suggestions")):,}</td></tr>'
+        for row in rows
+    )
+    heads = '<th>owner</th><th class="n">open suggestions</th>'
+    return (
+        '<section id="face-review-section"><h2>Faces to review</h2>'
+        '<div class="facts"><span>open suggestions: '
+        f'<b id="face-suggestions-open" data-value="{waiting}">{waiting:,}</b></span>'
+        '<span class="muted">listener faces suggestions --owner OWNER</span></div>'
+        f"{_table('face-review', heads, body)}</section>"
+    )
 
 
 def _failure_reasons(doc: Mapping[str, Any]) -> str:

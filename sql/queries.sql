@@ -877,3 +877,116 @@ UPDATE listener.event_outbox AS e
 SET next_attempt_at = now() + make_interval(secs => f.delay_s), last_error = f.error
 FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::text[]) AS f(id, attempts, delay_s, error)
 WHERE e.id = ANY($1::bigint[]) AND e.id = f.id AND e.attempts = f.attempts;
+
+-- name: face_review_waiting :many
+-- Open face suggestions of the $1 owners with the most, each row carrying the total of every
+-- owner: the counters of 0015 (folded counts plus the deltas not folded yet, one snapshot,
+-- exact), so it costs the owners with open suggestions, not the suggestions.
+WITH per_owner AS (
+    SELECT owner_id, sum(n) AS n
+    FROM (SELECT owner_id, n FROM listener.face_review_counts
+          UNION ALL
+          SELECT owner_id, delta FROM listener.face_review_deltas) AS c
+    GROUP BY owner_id
+    HAVING sum(n) > 0
+)
+SELECT owner_id AS owner, n::bigint AS suggestions, (sum(n) OVER ())::bigint AS total
+FROM per_owner
+ORDER BY n DESC, owner_id NULLS FIRST
+LIMIT $1;
+
+-- name: roll_up_face_review_counts :one
+-- Folds the open suggestions' deltas into their counts (0015); 0 when another rollup runs.
+SELECT listener.roll_up_face_review_counts() AS folded;
+
+-- name: face_counts :one
+-- People, faces, faces in no person and open suggestions of owner $1 (NULL: rows without one).
+SELECT people, faces, unassigned, open_suggestions FROM listener.face_counts($1);
+
+-- name: face_counts_by_owner :many
+-- The same for every owner, the $1 with the most open suggestions (then faces) first. Reads
+-- every face: for the operator's CLI, not for status.
+SELECT owner_id AS owner, sum(people)::bigint AS people, sum(faces)::bigint AS faces,
+       sum(unassigned)::bigint AS unassigned, sum(open)::bigint AS open_suggestions
+FROM (SELECT owner_id, count(*) AS people, 0 AS faces, 0 AS unassigned, 0 AS open
+      FROM listener.people GROUP BY owner_id
+      UNION ALL
+      SELECT owner_id, 0, count(*), count(*) FILTER (WHERE person_id IS NULL), 0
+      FROM listener.faces GROUP BY owner_id
+      UNION ALL
+      SELECT owner_id, 0, 0, 0, count(*)
+      FROM listener.face_suggestions WHERE status = 'open' GROUP BY owner_id) AS c
+GROUP BY owner_id
+ORDER BY sum(open) DESC, sum(faces) DESC, owner_id NULLS FIRST
+LIMIT $1;
+
+-- name: face_people :many
+-- People of owner $1, most faces first, $2 of them (listener.face_people, the app's function).
+SELECT $1::text AS owner, person_id, name, faces, sample_face_id, sample_source_table,
+       sample_source_id, sample_bounding_box::text AS sample_bounding_box, created_at
+FROM listener.face_people($1, $2, 0);
+
+-- name: face_people_every_owner :many
+-- People of every owner, most faces first, $1 of them: face_people without the owner filter.
+SELECT p.owner_id AS owner, p.id AS person_id, p.name, n.faces, s.face_id AS sample_face_id,
+       s.source_table AS sample_source_table, s.source_id AS sample_source_id,
+       s.bounding_box::text AS sample_bounding_box, p.created_at
+FROM listener.people AS p
+CROSS JOIN LATERAL (
+    SELECT count(*) AS faces FROM listener.faces AS f WHERE f.person_id = p.id
+) AS n
+LEFT JOIN LATERAL (
+    SELECT f.face_id, f.source_table, f.source_id, f.bounding_box
+    FROM listener.faces AS f WHERE f.person_id = p.id
+    ORDER BY f.confidence DESC NULLS LAST, f.face_id
+    LIMIT 1
+) AS s ON true
+ORDER BY n.faces DESC, p.id
+LIMIT $1;
+
+-- name: open_face_suggestions :many
+-- Open suggestions of owner $1, most similar first, $2 of them (listener.open_face_suggestions).
+SELECT $1::text AS owner, face_id, source_table, source_id, bounding_box::text AS bounding_box,
+       candidate_face_id, candidate_source_table, candidate_source_id,
+       candidate_bounding_box::text AS candidate_bounding_box, person_id, person_name,
+       similarity, created_at
+FROM listener.open_face_suggestions($1, $2, 0);
+
+-- name: open_face_suggestions_every_owner :many
+-- Open suggestions of every owner, most similar first, $1 of them.
+SELECT s.owner_id AS owner, s.face_id, f.source_table, f.source_id,
+       f.bounding_box::text AS bounding_box, s.candidate_face_id,
+       c.source_table AS candidate_source_table, c.source_id AS candidate_source_id,
+       c.bounding_box::text AS candidate_bounding_box, c.person_id, p.name AS person_name,
+       s.similarity, s.created_at
+FROM listener.face_suggestions AS s
+JOIN listener.faces AS f ON f.face_id = s.face_id
+LEFT JOIN listener.faces AS c ON c.face_id = s.candidate_face_id
+LEFT JOIN listener.people AS p ON p.id = c.person_id
+WHERE s.status = 'open'
+ORDER BY s.similarity DESC, s.created_at, s.face_id, s.candidate_face_id
+LIMIT $1;
+
+-- name: face_owner :many
+-- The owner of face $1 (no row: no such face), for the CLI's commands given no --owner.
+SELECT owner_id AS owner FROM listener.faces WHERE face_id = $1;
+
+-- name: person_owner :many
+-- The owner of person $1 (no row: no such person).
+SELECT owner_id AS owner FROM listener.people WHERE id = $1;
+
+-- name: accept_suggestion :one
+-- Face $2 is the person of candidate $3 (owner $1); the person's id (listener.accept_suggestion).
+SELECT listener.accept_suggestion($1, $2, $3) AS person_id;
+
+-- name: reject_suggestion :one
+-- Face $2 is not candidate $3's person (owner $1); false when already rejected.
+SELECT listener.reject_suggestion($1, $2, $3) AS rejected;
+
+-- name: merge_people :one
+-- People $3 join person $2 (owner $1); the faces moved.
+SELECT listener.merge_people($1, $2, $3::bigint[]) AS moved;
+
+-- name: rename_person :one
+-- Names person $2 (owner $1) $3 (NULL or blank: no name); the name stored.
+SELECT listener.rename_person($1, $2, $3) AS name;

@@ -194,6 +194,13 @@ class Queries:
         """Provider batches not applied yet, oldest first."""
         return await self._dicts("open_batches")
 
+    async def face_review_waiting(self, limit: int) -> tuple[int, list[dict[str, Any]]]:
+        """Open face suggestions: their total, and ``[{"owner", "suggestions"}]`` for the
+        ``limit`` owners with the most (from the counters: O(owners with open ones))."""
+        rows = await self._dicts("face_review_waiting", limit)
+        total = int(rows[0]["total"]) if rows else 0
+        return total, [{"owner": r["owner"], "suggestions": int(r["suggestions"])} for r in rows]
+
     # -- provider batches: bookkeeping of listener.batches only (job state: the JobStore) --
 
     async def batch_waiting(self, step: str) -> tuple[int, float]:
@@ -296,6 +303,11 @@ class Queries:
         """Fold the counters' deltas into the counts (jobs and spend); delta rows folded, 0
         when another rollup is running (it never waits for one)."""
         return int(await self._pool.fetchval(self._sql["roll_up_job_counts"]))
+
+    async def roll_up_face_review_counts(self) -> int:
+        """Fold the open face suggestions' deltas into their counts; delta rows folded (0 when
+        another rollup was running)."""
+        return int(await self._pool.fetchval(self._sql["roll_up_face_review_counts"]))
 
     async def oldest_pending(self) -> float:
         """Seconds the longest-waiting runnable pending job has waited (now - run_after)."""

@@ -155,8 +155,16 @@ def test_render_survives_an_empty_document() -> None:
     assert dom.by_id("eta").attrs["data-value"] == ""
     assert dom.by_id("budget").attrs["data-value"] == ""
     assert dom.by_id("budget-exhausted").attrs["data-value"] == "false"
-    for section in ("by-table", "by-owner", "open-batches", "failure-reasons", "recent-failures"):
+    for section in (
+        "by-table",
+        "by-owner",
+        "open-batches",
+        "failure-reasons",
+        "recent-failures",
+        "face-review",
+    ):
         assert dom.by_id(f"{section}-none").text == "none"
+    assert dom.by_id("face-suggestions-open").attrs["data-value"] == "0"
     assert len(dom.find("g", class_="minute")) == 60
     assert not dom.find("link") and not dom.find("script") and not dom.find("img")
 
@@ -180,6 +188,8 @@ def test_render_escapes_every_user_string() -> None:
             }
         ],
         "paused_providers": {evil: {"remaining_s": 3, "reason": evil}},
+        "face_suggestions_open": 3,
+        "face_suggestions_by_owner": [{"owner": evil, "suggestions": 2}, {"owner": None}],
         "worker_id": evil,
         "providers": [evil],
     }
@@ -196,6 +206,12 @@ def test_render_escapes_every_user_string() -> None:
     assert dom.find("td", class_="error", within=failure)[0].text == evil
     assert dom.rows_with("paused-providers", "data-provider")[0].attrs["data-provider"] == evil
     assert dom.by_id("daemon").attrs["data-worker-id"] == evil
+    review = dom.rows_with("face-review", "data-owner")
+    assert [(r.attrs["data-owner"], r.attrs["data-suggestions"]) for r in review] == [
+        (evil, "2"),
+        ("", "0"),
+    ]
+    assert dom.by_id("face-suggestions-open").attrs["data-value"] == "3"
 
 
 def test_throughput_has_one_bar_per_minute_of_the_last_hour() -> None:

@@ -1,0 +1,281 @@
+"""``listener faces ...``: the operator's review of faces, over the app's SQL functions.
+
+``people`` and ``suggestions`` list one owner's (``--owner``) or every owner's; ``accept``,
+``reject``, ``merge`` and ``rename`` act on the owner of the face or person named, or check it
+is ``--owner``'s. Every value printed goes through ``listener.terminal.shown``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from listener.cli import UserError, _pool, _run, _settings, console
+from listener.face_review import FaceReview, NotFound
+from listener.terminal import shown
+
+faces_app = typer.Typer(
+    name="faces",
+    help="Faces per owner: people, suggestions to review (80-95% similar), accept, reject, "
+    "merge, rename.",
+    no_args_is_help=True,
+)
+
+OwnerOption = Annotated[
+    str | None, typer.Option(help="Only this owner's rows (default: every owner).")
+]
+CheckOwnerOption = Annotated[
+    str | None,
+    typer.Option(help="Refuse unless the rows are this owner's (default: their owner)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _owner(value: Any) -> str:
+    return "(no owner)" if value is None else shown(value)
+
+
+def _row(table: Any, source_id: Any) -> str:
+    return f"{shown(table)} {shown(source_id)}" if table is not None else "-"
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, default=str) + "\n")
+
+
+def _counts_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="faces per owner")
+    table.add_column("owner")
+    for name in ("people", "faces", "unassigned", "open suggestions"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(
+            _owner(row["owner"]),
+            *(shown(row[k]) for k in ("people", "faces", "unassigned", "open_suggestions")),
+        )
+    return table
+
+
+@faces_app.command()
+def people(
+    owner: OwnerOption = None,
+    limit: Annotated[int, typer.Option(help="People listed (1-1000).")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """Counts per owner, then people, most faces first.
+
+    Counts: people, faces, faces in no person, open suggestions. Each person is listed with
+    a sample face (its most confident) and the row it was found in.
+    """
+    settings = _settings()
+
+    async def go() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        async with _pool(settings) as pool:
+            review = FaceReview(pool)
+            if owner is None:
+                return (
+                    await review.counts_by_owner(limit),
+                    await review.people_of_every_owner(limit),
+                )
+            return [await review.counts(owner)], await review.people(owner, limit)
+
+    counts, found = _run(go())
+    if as_json:
+        _print_json({"counts": counts, "people": found})
+        return
+    console.print(_counts_table(counts))
+    table = Table(title="people, most faces first")
+    table.add_column("person", justify="right")
+    if owner is None:
+        table.add_column("owner")
+    table.add_column("name")
+    table.add_column("faces", justify="right")
+    table.add_column("sample face")
+    table.add_column("in row")
+    for row in found:
+        cells = [shown(row["person_id"])]
+        if owner is None:
+            cells.append(_owner(row["owner"]))
+        cells += [
+            shown(row["name"]) or "-",
+            shown(row["faces"]),
+            shown(row["sample_face_id"]) or "-",
+            _row(row["sample_source_table"], row["sample_source_id"]),
+        ]
+        table.add_row(*cells)
+    console.print(table if found else "no people yet")
+
+
+@faces_app.command()
+def suggestions(
+    owner: OwnerOption = None,
+    limit: Annotated[int, typer.Option(help="Suggestions listed (1-1000).")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Open suggestions to review, most similar first.
+
+    Each is a face, the earlier face it resembles (the candidate, 80-95% similar) and the
+    candidate's person. Decide with `faces accept` or `faces reject`.
+    """
+    settings = _settings()
+
+    async def go() -> list[dict[str, Any]]:
+        async with _pool(settings) as pool:
+            review = FaceReview(pool)
+            if owner is None:
+                return await review.suggestions_of_every_owner(limit)
+            return await review.suggestions(owner, limit)
+
+    found = _run(go())
+    if as_json:
+        _print_json({"suggestions": found})
+        return
+    if not found:
+        console.print("no open suggestions")
+        return
+    table = Table(title="open suggestions, most similar first")
+    if owner is None:
+        table.add_column("owner")
+    for name in ("face", "in row", "candidate", "in row", "person", "similarity %"):
+        table.add_column(name, justify="right" if name == "similarity %" else "left")
+    for row in found:
+        person = (
+            "-"
+            if row["person_id"] is None
+            else f"{shown(row['person_id'])} {shown(row['person_name'] or '')}".rstrip()
+        )
+        cells = [_owner(row["owner"])] if owner is None else []
+        cells += [
+            shown(row["face_id"]),
+            _row(row["source_table"], row["source_id"]),
+            shown(row["candidate_face_id"]),
+            _row(row["candidate_source_table"], row["candidate_source_id"]),
+            person,
+            f"{row['similarity']:.1f}",
+        ]
+        table.add_row(*cells)
+    console.print(table)
+
+
+async def _face_owner(review: FaceReview, face_id: str, owner: str | None) -> str | None:
+    if owner is not None:
+        return owner
+    try:
+        return await review.face_owner(face_id)
+    except NotFound as error:
+        raise UserError(str(error)) from None
+
+
+async def _person_owner(review: FaceReview, person_id: int, owner: str | None) -> str | None:
+    if owner is not None:
+        return owner
+    try:
+        return await review.person_owner(person_id)
+    except NotFound as error:
+        raise UserError(str(error)) from None
+
+
+@faces_app.command()
+def accept(
+    face: Annotated[str, typer.Argument(help="The suggested face (FaceId).")],
+    candidate: Annotated[str, typer.Argument(help="The candidate face it resembles.")],
+    owner: CheckOwnerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Accept a suggestion: FACE joins the person of CANDIDATE.
+
+    The person is created when neither face had one. The face's other open suggestions are
+    closed. Accepting twice changes nothing.
+    """
+    settings = _settings()
+
+    async def go() -> int:
+        async with _pool(settings) as pool:
+            review = FaceReview(pool)
+            return await review.accept(await _face_owner(review, face, owner), face, candidate)
+
+    person = _run(go())
+    if as_json:
+        _print_json({"face_id": face, "person_id": person})
+    else:
+        console.print(f"face {shown(face)} is in person {person}")
+
+
+@faces_app.command()
+def reject(
+    face: Annotated[str, typer.Argument(help="The suggested face (FaceId).")],
+    candidate: Annotated[str, typer.Argument(help="The candidate face it resembles.")],
+    owner: CheckOwnerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Reject a suggestion: FACE is not CANDIDATE's person (nothing else changes)."""
+    settings = _settings()
+
+    async def go() -> bool:
+        async with _pool(settings) as pool:
+            review = FaceReview(pool)
+            return await review.reject(await _face_owner(review, face, owner), face, candidate)
+
+    changed = _run(go())
+    if as_json:
+        _print_json({"face_id": face, "candidate_face_id": candidate, "rejected": changed})
+    else:
+        console.print(
+            f"rejected: face {shown(face)} is not the person of {shown(candidate)}"
+            if changed
+            else "that suggestion was already rejected"
+        )
+
+
+@faces_app.command()
+def merge(
+    into: Annotated[int, typer.Argument(help="The person that stays.")],
+    people: Annotated[list[int], typer.Argument(help="People whose faces join INTO.")],
+    owner: CheckOwnerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Merge PEOPLE into person INTO (all of one owner).
+
+    Their faces join INTO and they are deleted. INTO keeps its name, or takes the first name
+    among PEOPLE when it has none.
+    """
+    settings = _settings()
+
+    async def go() -> int:
+        async with _pool(settings) as pool:
+            review = FaceReview(pool)
+            return await review.merge(await _person_owner(review, into, owner), into, people)
+
+    moved = _run(go())
+    if as_json:
+        _print_json({"into": into, "merged": people, "faces_moved": moved})
+    else:
+        console.print(f"merged {len(set(people))} people into person {into}: {moved} faces moved")
+
+
+@faces_app.command()
+def rename(
+    person: Annotated[int, typer.Argument(help="A person id.")],
+    name: Annotated[str, typer.Argument(help="The name; an empty string removes it.")],
+    owner: CheckOwnerOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Name PERSON (at most 200 characters; "" removes the name)."""
+    settings = _settings()
+
+    async def go() -> str | None:
+        async with _pool(settings) as pool:
+            review = FaceReview(pool)
+            return await review.rename(await _person_owner(review, person, owner), person, name)
+
+    stored = _run(go())
+    if as_json:
+        _print_json({"person_id": person, "name": stored})
+    elif stored is None:
+        console.print(f"person {person} has no name now")
+    else:
+        console.print(f"person {person} is now named {shown(stored)}")
