@@ -21,7 +21,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from fakes.rekognition_fake import FakeRekognition, face_photo
 
 from listener.db.queries import Queries
 from listener.face_review import FaceReview
@@ -32,6 +31,7 @@ from listener.queue.pg_store import PgJobStore
 from listener.settings import RekognitionSettings
 from listener.status import queue_status
 from listener.status_page import render
+from listener.testing import FakeRekognition, face_photo
 
 TABLE = "public.images"
 PHOTOS = {
