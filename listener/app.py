@@ -4,8 +4,8 @@
 dispatcher, the worker, the LISTEN notifier and the health server from ``Settings``. Start
 builds everything and binds the health port *before* any loop runs, so a start that fails
 (port taken, provider that cannot start) has claimed no job. Then one ``asyncio.TaskGroup``
-owns every loop (worker, notifier, batches, status write-back, webhooks); stop ends them in
-order: stop claiming, drain and hand leases back, stop the others, close.
+owns every loop (worker, notifier, batches, status write-back, deleted rows, webhooks); stop
+ends them in order: stop claiming, drain and hand leases back, stop the others, close.
 """
 
 from __future__ import annotations

@@ -282,8 +282,9 @@ SELECT listener.roll_up_job_counts() AS folded;
 SELECT listener.oldest_pending_s() AS oldest_pending_s;
 
 -- name: attach :one
--- Installs the enqueue triggers on a table, with its write-back columns (see listener.attach
--- in 0005_status_writeback.sql and 0011_result_columns.sql).
+-- Installs the enqueue triggers on a table, with its write-back columns, and the delete
+-- trigger (see listener.attach in 0005_status_writeback.sql, 0011_result_columns.sql and
+-- 0014_deletes.sql).
 SELECT listener.attach($1::text, $2::text, $3::text, $4::text, $5::text, $6::text, $7::text,
                        $8::text) AS source_table;
 

@@ -391,7 +391,8 @@ class Queries:
         error_column: str | None = None,
         analyzed_at_column: str | None = None,
     ) -> str:
-        """Install the enqueue triggers on ``table``; returns its qualified, quoted name.
+        """Install the enqueue triggers and the delete trigger on ``table``; returns its
+        qualified, quoted name.
 
         Re-attaching replaces the previous triggers and settings (a column not given is no
         longer written).

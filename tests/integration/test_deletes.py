@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -231,11 +232,14 @@ async def test_deleting_a_completed_row_deletes_its_faces_and_results(
     assert len(faces_in_collection(fake, a2)) == 1
     jobs = await conn.fetch("SELECT source_id FROM listener.jobs")
     assert [r["source_id"] for r in jobs] == [str(a2)]
-    assert await conn.fetchval(
-        "SELECT count(*) FROM listener.results r JOIN listener.jobs j ON j.id = r.job_id "
-        "WHERE j.source_id <> $1",
-        str(a2),
-    ) == 0
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM listener.results r JOIN listener.jobs j ON j.id = r.job_id "
+            "WHERE j.source_id <> $1",
+            str(a2),
+        )
+        == 0
+    )
     assert await conn.fetchval("SELECT count(*) FROM listener.results") == 2  # a2's
     assert await outbox(conn) == []
 
@@ -386,20 +390,47 @@ async def test_a_table_attached_before_0014_gets_the_delete_trigger_on_migrate(
 
         assert "0014_deletes" in await migrate(conn)
 
-        job_id = await conn.fetchval(
-            "SELECT id FROM listener.jobs WHERE source_id = $1", str(gone)
-        )
+        job_id = await conn.fetchval("SELECT id FROM listener.jobs WHERE source_id = $1", str(gone))
         await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", gone)
         assert await outbox(conn) == [(str(gone), job_id, False)]
         # Its settings are kept, and detach removes the new trigger too.
-        assert await conn.fetchval(
-            "SELECT status_column FROM listener.attachments WHERE source_table = $1", TABLE
-        ) == "status"
+        assert (
+            await conn.fetchval(
+                "SELECT status_column FROM listener.attachments WHERE source_table = $1", TABLE
+            )
+            == "status"
+        )
         assert await conn.fetchval("SELECT listener.detach($1)", TABLE)
         await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", kept)
         assert len(await outbox(conn)) == 1
-        assert await conn.fetchval(
-            "SELECT count(*) FROM pg_proc WHERE proname LIKE 'forget_delete_%'"
-        ) == 0
+        assert (
+            await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname LIKE 'forget_delete_%'")
+            == 0
+        )
     finally:
         await conn.close()
+
+
+async def test_an_app_role_with_no_rights_on_listener_deletes_and_inserts_again(
+    conn: asyncpg.Connection,
+) -> None:
+    """The delete trigger runs as its owner, like the insert trigger: an app role with rights
+    on its own table only deletes rows and inserts them again without an error."""
+    await make_table(conn, owner=True)
+    row_id = await insert(conn, "u1")
+    job_id = await conn.fetchval("SELECT id FROM listener.jobs")
+    role = f"app_deleter_{os.getpid()}"
+    await conn.execute(f"CREATE ROLE {role}")
+    try:
+        await conn.execute(f"GRANT SELECT, INSERT, DELETE ON {TABLE} TO {role}")
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {role}")
+            await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", row_id)
+            await conn.execute(
+                f"INSERT INTO {TABLE} (id, url) OVERRIDING SYSTEM VALUE VALUES ($1, 'u2')", row_id
+            )
+        assert await outbox(conn) == [(str(row_id), job_id, False), (str(row_id), job_id, True)]
+    finally:
+        await conn.execute("RESET ROLE")
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
