@@ -4,8 +4,8 @@
 dispatcher, the worker, the LISTEN notifier and the health server from ``Settings``. Start
 builds everything and binds the health port *before* any loop runs, so a start that fails
 (port taken, provider that cannot start) has claimed no job. Then one ``asyncio.TaskGroup``
-owns every loop (worker, notifier, batches, status write-back, webhooks); stop ends them in
-order: stop claiming, drain and hand leases back, stop the others, close.
+owns every loop (worker, notifier, batches, status write-back, deleted rows, webhooks); stop
+ends them in order: stop claiming, drain and hand leases back, stop the others, close.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from listener.db.limits import FleetLimiter
 from listener.db.migrate import applied_versions, load_migrations
 from listener.db.notify import Notifier
 from listener.db.queries import Queries
+from listener.deletes import DeleteDrain
 from listener.dispatch import Dispatcher, Limiter, LocalLimiter, ProviderSlot
 from listener.fetch import ImageFetcher
 from listener.health import HealthServer, HealthSources
 from listener.metrics import Metrics
 from listener.pauses import PauseBoard
 from listener.pipeline import Plan, Step, build_plan
-from listener.providers.base import BatchBackend, Provider
+from listener.providers.base import BatchBackend, FaceRemover, Provider
 from listener.prune import Pruner
 from listener.queue.pg_store import PgJobStore
 from listener.queue.retry import RetryPolicy
@@ -224,6 +225,7 @@ class Daemon:
         self.pauses: PauseBoard | None = None
         self.pruner: Pruner | None = None
         self.webhooks: WebhookSender | None = None
+        self.deletes: DeleteDrain | None = None
         self._fetcher = ImageFetcher(settings.fetch)
         self._loops: asyncio.Task[None] | None = None
         self.store: PgJobStore | None = None
@@ -323,6 +325,8 @@ class Daemon:
                 worker.wake()
                 if self.status_writeback is not None:
                     self.status_writeback.wake()
+                if self.deletes is not None:
+                    self.deletes.wake()
 
             def connected() -> None:
                 if self.notifier is not None and self.notifier.generation > 1:
@@ -381,6 +385,18 @@ class Daemon:
                 s.status_writeback_batch,
                 s.status_writeback_lock_timeout_ms,
             )
+            # Rows the app deleted: their jobs, results and faces (see listener/deletes.py).
+            self.deletes = DeleteDrain(
+                queries,
+                self.store,
+                self._face_remover(),
+                interval_s=s.deletes_interval_s,
+                batch=s.deletes_batch,
+                backoff_base_s=s.backoff_base_s,
+                backoff_cap_s=s.backoff_cap_s,
+                rng=self._rng.random,
+                signals=self.signals,
+            )
             # Folds the job counters' deltas (0008) so status reads stay a few rows.
             self.counts_rollup = CountsRollup(queries, s.counts_rollup_interval_s)
             await self._start_webhooks(queries)
@@ -431,6 +447,16 @@ class Daemon:
         )
         await queries.enable_webhooks()
 
+    def _face_remover(self) -> FaceRemover | None:
+        """The provider of the plan's faces step, which deletes the faces of deleted rows;
+        ``None`` without a faces step."""
+        for step in self.plan.steps:
+            if step.kind == "faces":
+                for provider in self._providers:
+                    if provider.name == step.provider and isinstance(provider, FaceRemover):
+                        return provider
+        return None
+
     def _health_description(self) -> str:
         """The bound address (not the requested one), and whether a token guards it."""
         if self.health is None:
@@ -456,6 +482,8 @@ class Daemon:
             loops.append(self.status_writeback)
         if self.counts_rollup is not None:
             loops.append(self.counts_rollup)
+        if self.deletes is not None:
+            loops.append(self.deletes)
         # Also stopped after the drain: the events of the last jobs go out before exit.
         if self.webhooks is not None:
             loops.append(self.webhooks)

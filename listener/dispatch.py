@@ -29,6 +29,7 @@ from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, skip_reason
 from listener.providers.base import (
     BatchBackend,
+    EffectUndo,
     ImageInput,
     Provider,
     StepContext,
@@ -347,10 +348,29 @@ class Dispatcher:
             outputs[step.name] = dict(result.output)
             if self._save_each or result.effects:
                 if not await self._store.save_step(job, result):
+                    await self._undo(job, step, result)
                     raise LeaseLost(f"lease of job {job.id} lost during step {step.name}")
             else:
                 unsaved.append(result)
         return unsaved
+
+    async def _undo(self, job: Job, step: Step, result: StepResult) -> None:
+        """The store refused ``result`` (lost lease: the job was cancelled, its row deleted,
+        or another worker took it): undo its effects at the provider, so that faces no one
+        will ever record do not stay in a collection. Failures are logged, not raised."""
+        provider = self._slots[step.provider].provider
+        if not result.effects or not isinstance(provider, EffectUndo):
+            return
+        try:
+            await provider.undo(result.effects)
+        except Exception as error:
+            logger.bind(job_id=job.id, step=step.name).warning(
+                "could not undo the effects of a step the store refused: {}", error
+            )
+        else:
+            logger.bind(job_id=job.id, step=step.name).info(
+                "lease lost: the step's effects were undone at the provider"
+            )
 
     async def _image(self, job: Job, todo: Sequence[Step]) -> ImageInput:
         if any(self._slots[s.provider].provider.needs_image for s in todo):

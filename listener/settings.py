@@ -318,6 +318,17 @@ class Settings(BaseSettings):
         description="Longest wait of the status write-back for a lock; keep it below the "
         "server's deadlock_timeout (1 s by default), so the write-back gives up first.",
     )
+    deletes_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between clean-ups of rows the app deleted (their jobs, results "
+        "and faces; also at once after the delete trigger's NOTIFY), see listener.deletes.",
+    )
+    deletes_batch: int = Field(
+        default=100,
+        ge=1,
+        description="Deleted rows cleaned up per round trip.",
+    )
     counts_rollup_interval_s: float = Field(
         default=2.0,
         gt=0,

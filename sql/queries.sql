@@ -282,8 +282,9 @@ SELECT listener.roll_up_job_counts() AS folded;
 SELECT listener.oldest_pending_s() AS oldest_pending_s;
 
 -- name: attach :one
--- Installs the enqueue triggers on a table, with its write-back columns (see listener.attach
--- in 0005_status_writeback.sql and 0011_result_columns.sql).
+-- Installs the enqueue triggers on a table, with its write-back columns, and the delete
+-- trigger (see listener.attach in 0005_status_writeback.sql, 0011_result_columns.sql and
+-- 0014_deletes.sql).
 SELECT listener.attach($1::text, $2::text, $3::text, $4::text, $5::text, $6::text, $7::text,
                        $8::text) AS source_table;
 
@@ -990,3 +991,55 @@ SELECT listener.merge_people($1, $2, $3::bigint[]) AS moved;
 -- name: rename_person :one
 -- Names person $2 (owner $1) $3 (NULL or blank: no name); the name stored.
 SELECT listener.rename_person($1, $2, $3) AS name;
+
+-- name: deleted_rows_due :one
+-- Whether some deleted row waits for its clean-up now (one probe of the due index; spares
+-- idle rounds a transaction).
+SELECT EXISTS (
+    SELECT 1 FROM listener.deleted_rows WHERE next_attempt_at <= now()
+) AS due;
+
+-- name: claim_deleted_rows :many
+-- Takes up to $1 due deleted rows, oldest first, skipping rows another daemon is taking, and
+-- leases them for $2 seconds (next_attempt_at moves past the clean-up's longest run): a
+-- daemon that dies mid-clean-up leaves them to come due again. attempts counts passes and
+-- fences the acknowledgements.
+WITH due AS (
+    SELECT id FROM listener.deleted_rows
+    WHERE next_attempt_at <= now()
+    ORDER BY next_attempt_at, id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE listener.deleted_rows AS d
+SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => $2)
+FROM due
+WHERE d.id = due.id
+RETURNING d.id, d.source_table, d.source_id, d.job_id, d.reinserted, d.attempts;
+
+-- name: deleted_rows_done :execute
+-- Deleted rows $1 (claimed at attempts $2) are cleaned up: done. Fenced by the attempt.
+DELETE FROM listener.deleted_rows AS d
+USING unnest($1::bigint[], $2::int[]) AS f(id, attempts)
+WHERE d.id = ANY($1::bigint[]) AND d.id = f.id AND d.attempts = f.attempts;
+
+-- name: deleted_rows_later :execute
+-- Deleted rows $1 (claimed at attempts $2) come back in $3 seconds, with reason $4 (NULL:
+-- waiting for a running job's lease to end, no error). Fenced by the attempt.
+UPDATE listener.deleted_rows AS d
+SET next_attempt_at = now() + make_interval(secs => f.delay_s), last_error = f.error
+FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::text[]) AS f(id, attempts, delay_s, error)
+WHERE d.id = ANY($1::bigint[]) AND d.id = f.id AND d.attempts = f.attempts;
+
+-- name: forget_rows :many
+-- Deleted rows ($1 tables, $2 ids, $3 jobs when deleted, $4 reinserted): cancel running
+-- jobs, delete the others with their results, return the faces to delete from their
+-- collections (see listener.forget_rows in 0014).
+SELECT ord, running_s, sweep, owner_id, restarted, faces::text AS faces
+FROM listener.forget_rows($1::text[], $2::text[], $3::bigint[], $4::boolean[])
+ORDER BY ord;
+
+-- name: forget_faces :one
+-- Faces $1 of deleted rows are gone from their collections: delete their rows (see
+-- listener.forget_faces in 0014).
+SELECT listener.forget_faces($1::text[]) AS forgotten;

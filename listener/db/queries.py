@@ -128,6 +128,26 @@ class OutboxEvent:
     attempts: int
 
 
+@dataclass(frozen=True, slots=True)
+class DeletedRowEntry:
+    """One claimed row of ``listener.deleted_rows`` (0014).
+
+    Attributes:
+        id: the outbox id.
+        source_table, source_id: the deleted (or re-inserted) app row.
+        job_id: the row's job when it was deleted (``None``: it had none).
+        reinserted: the row was inserted again while that job held its key.
+        attempts: passes started, this one included (>= 1); fences the acknowledgement.
+    """
+
+    id: int
+    source_table: str
+    source_id: str
+    job_id: int | None
+    reinserted: bool
+    attempts: int
+
+
 @functools.cache
 def load_queries() -> dict[str, NamedQuery]:
     """Parse ``sql/queries.sql`` (once per process)."""
@@ -383,7 +403,8 @@ class Queries:
         error_column: str | None = None,
         analyzed_at_column: str | None = None,
     ) -> str:
-        """Install the enqueue triggers on ``table``; returns its qualified, quoted name.
+        """Install the enqueue triggers and the delete trigger on ``table``; returns its
+        qualified, quoted name.
 
         Re-attaching replaces the previous triggers and settings (a column not given is no
         longer written).
@@ -537,6 +558,54 @@ class Queries:
             [delay for _, delay, _ in failed],
             [reason for _, _, reason in failed],
         )
+
+    # -- deleted rows: listener.deleted_rows (0014); job state goes through the job store --
+
+    async def deleted_rows_due(self) -> bool:
+        """True when some deleted row waits for its clean-up now."""
+        return bool(await self._pool.fetchval(self._sql["deleted_rows_due"]))
+
+    async def claim_deleted_rows(self, limit: int, lease_s: float) -> list[DeletedRowEntry]:
+        """Take up to ``limit`` due deleted rows and lease them for ``lease_s`` seconds, in id
+        order; rows another daemon is taking are skipped (``FOR UPDATE SKIP LOCKED``)."""
+        rows = await self._pool.fetch(self._sql["claim_deleted_rows"], limit, lease_s)
+        entries = [
+            DeletedRowEntry(
+                r["id"],
+                r["source_table"],
+                r["source_id"],
+                r["job_id"],
+                r["reinserted"],
+                r["attempts"],
+            )
+            for r in rows
+        ]
+        return sorted(entries, key=lambda e: e.id)
+
+    async def deleted_rows_done(self, entries: Sequence[DeletedRowEntry]) -> None:
+        """``entries`` are cleaned up: delete them (fenced by their ``attempts``)."""
+        if entries:
+            await self._pool.execute(
+                self._sql["deleted_rows_done"],
+                [e.id for e in entries],
+                [e.attempts for e in entries],
+            )
+
+    async def deleted_rows_later(
+        self, later: Sequence[tuple[DeletedRowEntry, float, str | None]]
+    ) -> None:
+        """``(entry, delay in seconds, reason or None)`` each: due again after the delay.
+
+        Fenced by the entry's ``attempts``: an entry claimed again since is left alone.
+        """
+        if later:
+            await self._pool.execute(
+                self._sql["deleted_rows_later"],
+                [e.id for e, _, _ in later],
+                [e.attempts for e, _, _ in later],
+                [delay for _, delay, _ in later],
+                [reason for _, _, reason in later],
+            )
 
 
 def _attachment(r: Any) -> Attachment:

@@ -202,3 +202,52 @@ class BatchBackend(Protocol):
     async def file_content(self, file_id: str) -> bytes:
         """The bytes of an output or error file."""
         ...
+
+
+@runtime_checkable
+class EffectUndo(Protocol):
+    """A provider whose step effects exist outside the database too (Rekognition's indexed
+    faces) and can be undone when the job store refuses the step (its lease was lost: the job
+    was cancelled, its row deleted, or another worker took it), so nothing the store never
+    recorded is left behind. Generic code asks ``isinstance(provider, EffectUndo)``."""
+
+    async def undo(self, effects: Mapping[str, Any]) -> None:
+        """Undo a refused step's ``effects`` (``StepResult.effects``) at the provider.
+
+        Raises:
+            listener.errors.ListenerError: the provider could not be reached; the caller
+                logs it (what is left is swept when the job's row is deleted or the job runs
+                again).
+        """
+        ...
+
+
+@runtime_checkable
+class FaceRemover(Protocol):
+    """Deletes faces of deleted rows from the owners' face collections."""
+
+    async def delete_faces(self, collection_id: str, face_ids: list[str]) -> int:
+        """Delete ``face_ids`` from ``collection_id``; faces (or a collection) already gone
+        count as deleted.
+
+        Returns:
+            API calls made.
+
+        Raises:
+            listener.errors.ListenerError: the provider refused or could not be reached.
+        """
+        ...
+
+    async def delete_row_faces(
+        self, owner_id: str | None, source_table: str, source_id: str
+    ) -> tuple[int, int]:
+        """Delete every face indexed from a source row in its owner's collection, recorded or
+        not (a run that died after indexing left some no one recorded).
+
+        Returns:
+            (faces deleted, API calls made).
+
+        Raises:
+            listener.errors.ListenerError: the provider refused or could not be reached.
+        """
+        ...

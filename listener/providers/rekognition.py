@@ -16,6 +16,18 @@ paginated; it cannot filter by ``ExternalImageId``) and deletes (DeleteFaces) th
 this row's ``ExternalImageId`` that listener has not recorded, then indexes again: one copy of
 each face, whatever the number of attempts.
 
+Collections deleted outside listener: the provider remembers which collections it created, so
+a collection deleted at AWS (the console, a script) makes IndexFaces, SearchFaces or ListFaces
+answer ``ResourceNotFoundException``. The faces step then forgets it, creates it again and runs
+once more from the start (the faces of the deleted collection are gone with it), instead of
+failing that owner's jobs until a restart.
+
+Deleted rows (``listener.deletes``): ``delete_faces`` removes recorded faces (DeleteFaces, at
+most 4096 per call; a face or a collection already gone counts as deleted) and
+``delete_row_faces`` every face of a row's ``ExternalImageId`` (ListFaces, then DeleteFaces).
+A faces step whose result the job store refused (the job was cancelled, its row deleted, or
+its lease taken over) is undone at once (``undo``: DeleteFaces of the faces it indexed).
+
 Images go as bytes: Rekognition takes PNG or JPEG up to 5 MB
 (https://docs.aws.amazon.com/rekognition/latest/dg/limits.html), so other formats are
 converted to JPEG and larger images are downscaled and re-encoded to fit. botocore's retries
@@ -34,12 +46,14 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aioboto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from loguru import logger
 from PIL import Image
 
 from listener.errors import (
@@ -70,6 +84,8 @@ MAX_BYTES = 5 * 1024 * 1024
 MAX_PAGE = 4096
 """The most faces ListFaces returns per page (``MaxResults``) and DeleteFaces takes per call
 (``FaceIds``): botocore's service model, ``PageSize`` and ``FaceIdList`` max."""
+
+_NOT_FOUND = "ResourceNotFoundException"
 
 _THROTTLED = {
     "ThrottlingException",
@@ -205,7 +221,7 @@ class RekognitionProvider:
             if kind == "labels":
                 output, calls = await self._labels(data), 1
             elif kind == "faces":
-                output, effects, calls = await self._index_and_match(data, image, context)
+                output, effects, calls = await self._faces_step(data, image, context)
             else:
                 raise ValueError(f"rekognition has no step kind {kind!r}")
         except ClientError as error:
@@ -261,13 +277,12 @@ class RekognitionProvider:
         self._collections.add(collection)
         return 1
 
-    async def _remove_unrecorded(
-        self, faces: KnownFaces, collection: str, external_id: str
-    ) -> tuple[int, int]:
-        """Delete the faces of ``external_id`` in ``collection`` that listener never recorded.
+    async def _faces_of(self, collection: str, external_id: str) -> tuple[list[str], int]:
+        """The FaceIds of ``external_id`` in ``collection`` (ListFaces, every page; it cannot
+        filter by ``ExternalImageId``).
 
         Returns:
-            (faces deleted, API calls made).
+            (face ids, API calls made).
         """
         ours: list[str] = []
         calls = 0
@@ -286,14 +301,110 @@ class RekognitionProvider:
             ]
             token = page.get("NextToken")
             if not token:
-                break
-        stray = sorted(set(ours) - await faces.known(ours))
-        for start in range(0, len(stray), MAX_PAGE):
+                return ours, calls
+
+    async def _delete(self, collection: str, face_ids: list[str]) -> int:
+        """DeleteFaces of ``face_ids``, ``MAX_PAGE`` per call; returns the calls made. Faces
+        already gone are reported by the service as unsuccessful deletions and ignored."""
+        calls = 0
+        for start in range(0, len(face_ids), MAX_PAGE):
             await self._client.delete_faces(
-                CollectionId=collection, FaceIds=stray[start : start + MAX_PAGE]
+                CollectionId=collection, FaceIds=face_ids[start : start + MAX_PAGE]
             )
             calls += 1
+        return calls
+
+    async def _remove_unrecorded(
+        self, faces: KnownFaces, collection: str, external_id: str
+    ) -> tuple[int, int]:
+        """Delete the faces of ``external_id`` in ``collection`` that listener never recorded.
+
+        Returns:
+            (faces deleted, API calls made).
+        """
+        ours, calls = await self._faces_of(collection, external_id)
+        stray = sorted(set(ours) - await faces.known(ours))
+        calls += await self._delete(collection, stray)
         return len(stray), calls
+
+    async def _guarded(self, call: Any) -> Any:
+        """Await ``call``, translating SDK errors as ``run`` does."""
+        try:
+            return await call
+        except ClientError as error:
+            raise self._translate(error) from None
+        except NoCredentialsError:
+            raise ProviderPaused("Rekognition: no AWS credentials found", pause_s=300.0) from None
+        except BotoCoreError as error:
+            raise ProviderUnavailable(redact_text(f"Rekognition: {error}")) from None
+
+    async def _delete_or_gone(self, collection: str, face_ids: list[str]) -> int:
+        try:
+            return await self._delete(collection, face_ids)
+        except ClientError as error:
+            if _code(error) != _NOT_FOUND:
+                raise
+            # The collection was deleted, and its faces with it.
+            self._collections.discard(collection)
+            return 1
+
+    async def delete_faces(self, collection_id: str, face_ids: list[str]) -> int:
+        """See ``listener.providers.base.FaceRemover.delete_faces``."""
+        if self._client is None:
+            raise RuntimeError("RekognitionProvider.start() must be called first")
+        if not face_ids:
+            return 0
+        calls: int = await self._guarded(self._delete_or_gone(collection_id, sorted(face_ids)))
+        return calls
+
+    async def delete_row_faces(
+        self, owner_id: str | None, source_table: str, source_id: str
+    ) -> tuple[int, int]:
+        """See ``listener.providers.base.FaceRemover.delete_row_faces``."""
+        if self._client is None:
+            raise RuntimeError("RekognitionProvider.start() must be called first")
+        collection = collection_id(self._s.collection_prefix, owner_id)
+        external_id = external_image_id(source_table, source_id)
+
+        async def sweep() -> tuple[int, int]:
+            try:
+                ours, calls = await self._faces_of(collection, external_id)
+            except ClientError as error:
+                if _code(error) != _NOT_FOUND:
+                    raise
+                self._collections.discard(collection)
+                return 0, 1
+            return len(ours), calls + await self._delete_or_gone(collection, sorted(ours))
+
+        result: tuple[int, int] = await self._guarded(sweep())
+        return result
+
+    async def undo(self, effects: Mapping[str, Any]) -> None:
+        """See ``listener.providers.base.EffectUndo``: the ``"faces"`` effect's faces are
+        deleted from its collection."""
+        faces = effects.get("faces")
+        if not faces or not faces.get("faces"):
+            return
+        await self.delete_faces(faces["collection_id"], [f["face_id"] for f in faces["faces"]])
+
+    async def _faces_step(
+        self, data: bytes, image: ImageInput, context: StepContext
+    ) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """The faces step; once more from the start when the owner's collection was deleted
+        outside listener (``ResourceNotFoundException``): it is created again first."""
+        try:
+            return await self._index_and_match(data, image, context)
+        except ClientError as error:
+            if _code(error) != _NOT_FOUND:
+                raise
+        collection = collection_id(self._s.collection_prefix, image.owner_id)
+        logger.warning(
+            "Rekognition collection {} was deleted outside listener: creating it again",
+            collection,
+        )
+        self._collections.discard(collection)
+        output, effects, calls = await self._index_and_match(data, image, context)
+        return output, effects, calls + 1
 
     async def _index_and_match(
         self, data: bytes, image: ImageInput, context: StepContext
@@ -384,3 +495,8 @@ class RekognitionProvider:
         if code in ("AccessDeniedException", "UnrecognizedClientException"):
             return ProviderPaused(f"Rekognition refused the credentials ({code})", pause_s=300.0)
         return ProviderUnavailable(message)
+
+
+def _code(error: ClientError) -> str:
+    """The AWS error code of ``error`` (``ResourceNotFoundException``...)."""
+    return str(error.response.get("Error", {}).get("Code", ""))

@@ -26,7 +26,13 @@ from listener.queue.outcomes import (
     StepRecord,
     check_effects,
 )
-from listener.queue.store import JobFilter, JobSnapshot
+from listener.queue.store import (
+    DeletedRow,
+    FaceRef,
+    ForgottenRow,
+    JobFilter,
+    JobSnapshot,
+)
 
 _FINISHED = ("failed", "cancelled", "complete")
 
@@ -84,6 +90,8 @@ class MemoryJobStore:
         self._ids = itertools.count(1)
         self._batches: dict[str, _Batch] = {}
         self._deleted_rows: set[tuple[str, str]] = set()
+        # Faces of jobs deleted since (listener.faces rows with job_id NULL), by source row.
+        self._orphan_faces: dict[tuple[str, str], dict[str, FaceRef]] = {}
 
     async def enqueue(
         self,
@@ -296,9 +304,58 @@ class MemoryJobStore:
         if dry_run:
             return len(doomed)
         for r in doomed[:limit]:
-            del self._rows[r.id]
-            self._keys.discard((r.source_table, r.source_id))
+            self._drop(r)
         return min(len(doomed), limit)
+
+    def _drop(self, r: _Row) -> None:
+        """Delete a job; its recorded faces stay, without a job (as ON DELETE SET NULL)."""
+        del self._rows[r.id]
+        self._keys.discard((r.source_table, r.source_id))
+        orphans = self._orphan_faces.setdefault((r.source_table, r.source_id), {})
+        for effects in r.effects.values():
+            faces = effects.get("faces") or {}
+            for face in faces.get("faces", []):
+                orphans[face["face_id"]] = FaceRef(faces["collection_id"], face["face_id"])
+
+    async def forget_rows(self, rows: Sequence[DeletedRow]) -> list[ForgottenRow]:
+        """See ``JobStore.forget_rows``."""
+        now = self._clock()
+        out: list[ForgottenRow] = []
+        for row in rows:
+            key = (row.source_table, row.source_id)
+            r = self._rows.get(row.job_id) if row.job_id is not None else None
+            if r is not None and (r.source_table, r.source_id) != key:
+                r = None
+            if (
+                r is not None
+                and r.status == "processing"
+                and r.lease_expires_at is not None
+                and r.lease_expires_at > now
+            ):
+                running_s = r.lease_expires_at - now
+                r.status, r.last_error, r.finished_at = "cancelled", "source row deleted", now
+                self._end_lease(r)
+                out.append(ForgottenRow(row, running_s=running_s))
+                continue
+            sweep, owner, restarted = False, None, None
+            if r is not None:
+                sweep, owner = r.claims > 0 and r.status != "complete", r.owner_id
+                self._drop(r)
+            faces = tuple(sorted(self._orphan_faces.get(key, {}).values(), key=lambda f: f.face_id))
+            if row.reinserted and r is not None:
+                restarted = await self.enqueue(row.source_table, row.source_id, r.image_url, owner)
+            out.append(ForgottenRow(row, None, faces, sweep, owner, restarted))
+        return out
+
+    async def forget_faces(self, face_ids: Sequence[str]) -> int:
+        """See ``JobStore.forget_faces``."""
+        wanted = set(face_ids)
+        n = 0
+        for orphans in self._orphan_faces.values():
+            for face_id in wanted & set(orphans):
+                del orphans[face_id]
+                n += 1
+        return n
 
     async def discard(self, failures: Sequence[Discarded]) -> set[int]:
         """See ``JobStore.discard``."""

@@ -25,7 +25,13 @@ from listener.queue.outcomes import (
     StepRecord,
     check_effects,
 )
-from listener.queue.store import JobFilter, JobSnapshot
+from listener.queue.store import (
+    DeletedRow,
+    FaceRef,
+    ForgottenRow,
+    JobFilter,
+    JobSnapshot,
+)
 
 _FINISHED = ("failed", "cancelled", "complete")
 
@@ -296,6 +302,41 @@ class PgJobStore:
     async def prune(self, before: datetime, limit: int, *, dry_run: bool = False) -> int:
         """See ``JobStore.prune``: ``listener.prune_jobs`` (one short statement)."""
         return int(await self._pool.fetchval(self._sql["prune_jobs"], before, limit, dry_run))
+
+    async def forget_rows(self, rows: Sequence[DeletedRow]) -> list[ForgottenRow]:
+        """See ``JobStore.forget_rows``: ``listener.forget_rows``, one statement."""
+        if not rows:
+            return []
+        records = await self._pool.fetch(
+            self._sql["forget_rows"],
+            [r.source_table for r in rows],
+            [r.source_id for r in rows],
+            [r.job_id for r in rows],
+            [r.reinserted for r in rows],
+        )
+        out: list[ForgottenRow] = []
+        for rec in records:
+            row = rows[rec["ord"] - 1]
+            faces = tuple(
+                FaceRef(f["collection_id"], f["face_id"]) for f in json.loads(rec["faces"])
+            )
+            out.append(
+                ForgottenRow(
+                    row=row,
+                    running_s=rec["running_s"],
+                    faces=faces,
+                    sweep=rec["sweep"],
+                    owner_id=rec["owner_id"],
+                    restarted=rec["restarted"],
+                )
+            )
+        return out
+
+    async def forget_faces(self, face_ids: Sequence[str]) -> int:
+        """See ``JobStore.forget_faces``: ``listener.forget_faces``."""
+        if not face_ids:
+            return 0
+        return int(await self._pool.fetchval(self._sql["forget_faces"], list(face_ids)))
 
     async def snapshot(self, job_id: int) -> JobSnapshot | None:
         """See ``JobStore.snapshot``."""

@@ -21,9 +21,11 @@ Signal = Literal[
     "released",
     "finished",
     "listening",
+    "forgotten",
 ]
 """``finished`` counts jobs that reached a final state through this worker (completed or
-discarded); ``listening`` counts LISTEN (re)connections."""
+discarded); ``listening`` counts LISTEN (re)connections; ``forgotten`` counts deleted rows
+whose clean-up (job, results, faces) is done (``listener.deletes``)."""
 
 
 class Signals:

@@ -17,6 +17,7 @@ State machine (``listener.queue.outcomes.JOB_STATUSES``)::
        |---retry/snooze---|  |  |---park-----> batched (waits for a provider batch)
        |---release/reap------|
     pending | processing | batched --cancel--> cancelled
+    any --forget_rows (its source row was deleted)--> cancelled, then deleted
     batched (waiting) --take_for_batch--> batched in batch B --apply_batch_result--> pending
                        <--return_to_wait / sweep_abandoned_batches--|
                           batched in batch B --batch_to_per_image--> pending (batch mode off)
@@ -84,6 +85,57 @@ class JobSnapshot:
     leased: bool
     run_after_s: float
     steps: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedRow:
+    """A source row the app deleted, or inserted again while its old job held its key.
+
+    Attributes:
+        source_table, source_id: the row.
+        job_id: the row's job when it was deleted (``None``: it had none). Only this job is
+            forgotten, never a newer one of a row inserted again since.
+        reinserted: the row was inserted again while ``job_id`` held its key: once that job
+            is forgotten, the row gets a fresh one.
+    """
+
+    source_table: str
+    source_id: str
+    job_id: int | None
+    reinserted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FaceRef:
+    """A recorded face: its Rekognition collection and FaceId."""
+
+    collection_id: str
+    face_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForgottenRow:
+    """What ``JobStore.forget_rows`` did for one ``DeletedRow`` and what is left to undo.
+
+    Attributes:
+        row: the deleted row.
+        running_s: the job was running: it was cancelled (its worker's fenced writes fail from
+            now on) but not deleted; forget the row again once these seconds (what its lease
+            had left) have passed, when no run of it can still index faces. ``None`` otherwise.
+        faces: the row's recorded faces whose job is gone, to delete from their collections
+            (then ``forget_faces``).
+        sweep: the job had been claimed without completing: a run may have indexed faces it
+            never recorded; every face of the row in its owner's collection must go.
+        owner_id: the forgotten job's owner (whose collection to sweep).
+        restarted: the fresh job of a reinserted row (``None``: none was created).
+    """
+
+    row: DeletedRow
+    running_s: float | None = None
+    faces: tuple[FaceRef, ...] = ()
+    sweep: bool = False
+    owner_id: str | None = None
+    restarted: int | None = None
 
 
 class JobStore(Protocol):
@@ -241,6 +293,32 @@ class JobStore(Protocol):
 
         Returns:
             The jobs deleted (or, with ``dry_run``, that would be).
+        """
+        ...
+
+    async def forget_rows(self, rows: Sequence[DeletedRow]) -> list[ForgottenRow]:
+        """The app deleted these source rows: their jobs and results go, in one transaction.
+
+        For each row, in order: a job still running (leased, lease not expired) is cancelled
+        and kept (``ForgottenRow.running_s``); any other job of ``DeletedRow.job_id`` is
+        cancelled if unfinished (a terminal event) and deleted with its results. The row's
+        recorded faces whose job is gone are returned, and stay recorded until
+        ``forget_faces``. A ``reinserted`` row then gets a fresh pending job from its current
+        values (Postgres: read from its attached table, none when the row is gone or the
+        table is detached; the memory store has no app tables and re-enqueues the forgotten
+        job's URL and owner). Idempotent: forgetting a row again deletes nothing more.
+
+        Returns:
+            One ``ForgottenRow`` per row, in order.
+        """
+        ...
+
+    async def forget_faces(self, face_ids: Sequence[str]) -> int:
+        """The faces ``face_ids`` of deleted rows are gone from their collections: delete their
+        records (and suggestions about them). A face whose job still exists is kept.
+
+        Returns:
+            The faces whose records were deleted.
         """
         ...
 

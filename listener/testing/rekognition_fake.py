@@ -33,8 +33,9 @@ botocore's JSON parser takes ``__type`` (after any ``#``) as ``Error.Code`` and 
 name, and ``client.exceptions.<Name>`` matches for names in the service model. SigV4 signatures
 are not checked, but an ``Authorization`` header is required.
 
-Operations: CreateCollection, ListCollections, IndexFaces, ListFaces, DeleteFaces, SearchFaces,
-DetectLabels (what listener calls; any other is ``UnknownOperationException``). Shapes follow
+Operations: CreateCollection, ListCollections, DeleteCollection, IndexFaces, ListFaces,
+DeleteFaces, SearchFaces, DetectLabels (what listener calls, and DeleteCollection for tests of a
+collection deleted outside listener; any other is ``UnknownOperationException``). Shapes follow
 botocore's service model (``rekognition`` 2016-06-27). Behaviour taken from the API reference
 and https://docs.aws.amazon.com/rekognition/latest/dg/limits.html:
 
@@ -621,6 +622,7 @@ class FakeRekognition:
         self._operations: dict[str, Callable[[Json], Awaitable[Json]]] = {
             "CreateCollection": self._create_collection,
             "ListCollections": self._list_collections,
+            "DeleteCollection": self._delete_collection,
             "IndexFaces": self._index_faces,
             "ListFaces": self._list_faces,
             "DeleteFaces": self._delete_faces,
@@ -754,6 +756,12 @@ class FakeRekognition:
         if token is not None:
             answer["NextToken"] = token
         return answer
+
+    async def _delete_collection(self, params: Json) -> Json:
+        # A collection deleted outside listener (the console, another tool): its faces go too.
+        collection = self._collection(params)
+        del self.collections[collection.collection_id]
+        return {"StatusCode": 200}
 
     # -- faces ---------------------------------------------------------------------------------
 

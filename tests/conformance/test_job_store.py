@@ -11,7 +11,7 @@ import pytest
 from conftest import DEFAULT_MAX_ATTEMPTS, StoreEnv
 
 from listener.queue.outcomes import Completed, Discarded, Job, Parked, Retry, Snoozed
-from listener.queue.store import JobFilter, JobStore
+from listener.queue.store import DeletedRow, FaceRef, JobFilter, JobStore
 
 T = "public.images"
 
@@ -287,3 +287,88 @@ async def test_a_snooze_held_by_a_pause_is_woken_by_resume(store_env: StoreEnv) 
     assert [j.id for j in await claim(store)] == [held]
     snap = await store.snapshot(other)
     assert snap is not None and snap.status == "pending" and snap.run_after_s > 80000
+
+
+def face(face_id: str) -> dict[str, Any]:
+    """One entry of a ``"faces"`` effect: a new face, no match."""
+    return {
+        "face_id": face_id,
+        "bounding_box": {"Width": 0.2, "Height": 0.2, "Left": 0.1, "Top": 0.1},
+        "confidence": 99.0,
+        "decision": "new",
+        "matched_face_id": None,
+        "similarity": None,
+    }
+
+
+async def test_a_deleted_row_loses_its_job_and_results(store_env: StoreEnv) -> None:
+    store = store_env.store
+    done, waiting = await enqueue(store, 2)
+    jobs = {j.id: j for j in await claim(store, limit=1)}
+    await store.complete([Completed(jobs[done], [Rec("tier1")])])
+    rows = [DeletedRow(T, "1", done), DeletedRow(T, "2", waiting)]
+    forgotten = await store.forget_rows(rows)
+    assert [f.row for f in forgotten] == rows
+    assert [(f.running_s, f.faces, f.restarted) for f in forgotten] == [(None, (), None)] * 2
+    # A completed job never indexed faces it did not record; a pending one never ran.
+    assert [f.sweep for f in forgotten] == [False, False]
+    assert await store.snapshot(done) is None and await store.snapshot(waiting) is None
+    assert await store.outputs(done) == {}
+    # Forgetting again is harmless; the same id inserted again gets a fresh job.
+    assert [f.sweep for f in await store.forget_rows(rows)] == [False, False]
+    fresh = await store.enqueue(T, "1", "http://img/1")
+    assert fresh is not None and fresh not in (done, waiting)
+
+
+async def test_a_running_job_of_a_deleted_row_is_fenced_then_forgotten(
+    store_env: StoreEnv,
+) -> None:
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1, owner_id="alice")
+    (job,) = await claim(store, lease_s=30.0)
+    (first,) = await store.forget_rows([DeletedRow(T, "1", job_id)])
+    assert first.running_s is not None and 20.0 < first.running_s <= 30.0
+    assert await status(store, job_id) == ("cancelled", 1)
+    # The worker's writes are refused from now on: no result lands on the deleted row.
+    assert await store.save_step(job, Rec("tier1")) is False
+    assert await store.complete([Completed(job, [Rec("tier1")])]) == set()
+    assert await store.renew([job], 30.0) == set()
+    # Once its lease would have ended, the job goes; it ran without completing.
+    (second,) = await store.forget_rows([DeletedRow(T, "1", job_id)])
+    assert (second.running_s, second.sweep, second.owner_id) == (None, True, "alice")
+    assert await store.snapshot(job_id) is None
+
+
+async def test_faces_of_a_deleted_row_stay_recorded_until_gone_from_the_collection(
+    store_env: StoreEnv,
+) -> None:
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1, owner_id="alice")
+    (job,) = await claim(store)
+    effect = {"collection_id": "listener-alice", "faces": [face("f-2"), face("f-1")]}
+    assert await store.save_step(job, Rec("rekognition.faces", effects={"faces": effect}))
+    await store.complete([Completed(job)])
+    expected = (FaceRef("listener-alice", "f-1"), FaceRef("listener-alice", "f-2"))
+    (forgotten,) = await store.forget_rows([DeletedRow(T, "1", job_id)])
+    assert forgotten.faces == expected
+    # Until forget_faces, a second pass (a daemon killed after DeleteFaces) finds them again.
+    (again,) = await store.forget_rows([DeletedRow(T, "1", job_id)])
+    assert again.faces == expected
+    assert await store.forget_faces(["f-1", "f-2", "unknown"]) == 2
+    (last,) = await store.forget_rows([DeletedRow(T, "1", job_id)])
+    assert last.faces == ()
+
+
+async def test_only_the_job_a_deleted_row_had_is_forgotten(store_env: StoreEnv) -> None:
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1)
+    (job,) = await claim(store)
+    effect = {"collection_id": "c", "faces": [face("live")]}
+    assert await store.save_step(job, Rec("rekognition.faces", effects={"faces": effect}))
+    # A row deleted before this job existed (it had none, or another one).
+    forgotten = await store.forget_rows([DeletedRow(T, "1", None), DeletedRow(T, "1", 10**9)])
+    assert [(f.faces, f.sweep) for f in forgotten] == [((), False), ((), False)]
+    assert await status(store, job_id) == ("processing", 1)
+    # A face whose job still exists is never forgotten.
+    assert await store.forget_faces(["live"]) == 0
+    assert await store.save_step(job, Rec("tier1")) is True

@@ -1,0 +1,436 @@
+"""Deleting an app row cancels its job, removes its results and deletes its faces.
+
+Real Postgres; Rekognition is the fake (``listener.testing.FakeRekognition``) reached through
+the real ``aioboto3`` client; photos are served over HTTP to the real daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import asyncpg
+import pytest
+from support import StaticServer, fast_settings, make_table, wait_until
+
+from listener.app import Daemon
+from listener.db.migrate import load_migrations, migrate
+from listener.db.queries import Queries
+from listener.deletes import DeleteDrain
+from listener.faces import PgKnownFaces, external_image_id
+from listener.providers.base import ImageInput, StepContext
+from listener.providers.rekognition import RekognitionProvider
+from listener.queue.pg_store import PgJobStore
+from listener.queue.store import DeletedRow
+from listener.settings import RateLimit, RekognitionSettings, Settings, TierSettings
+from listener.testing import FakeRekognition, face_photo
+
+TABLE = "public.images"
+COLLECTION = "listener-owner-1"
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeRekognition]:
+    async with FakeRekognition() as server:
+        yield server
+
+
+@pytest.fixture
+async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
+    shots = {
+        "a1.jpg": face_photo("a", seed=1, scale=1.0),
+        "a2.jpg": face_photo("a", seed=2, scale=1.25, position=(40, 60), brightness=1.05),
+        "b.jpg": face_photo("b", seed=4),
+    }
+    for name, data in shots.items():
+        (tmp_path / name).write_bytes(data)
+    async with StaticServer(str(tmp_path)) as server:
+        yield server
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+def tiered(database_url: str, fake: FakeRekognition, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "pipeline": "tiered",
+        "tiers": TierSettings(tier1=["rekognition"], faces=True),
+        "rekognition": RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
+        "rate_limits": {"rekognition": RateLimit(rps=100, burst=10, concurrency=4)},
+        "deletes_interval_s": 0.2,
+    }
+    values.update(overrides)
+    return fast_settings(database_url, **values)
+
+
+def faces_in_collection(fake: FakeRekognition, row_id: int) -> list[str]:
+    """FaceIds of the row's ``ExternalImageId`` in owner-1's collection of the fake."""
+    ext = external_image_id(TABLE, str(row_id))
+    collection = fake.collections.get(COLLECTION)
+    if collection is None:
+        return []
+    return [f.face_id for f in collection.faces.values() if f.external_image_id == ext]
+
+
+async def insert(conn: asyncpg.Connection, url: str, owner: str = "owner-1") -> int:
+    row_id: int = await conn.fetchval(
+        f"INSERT INTO {TABLE} (url, owner_id) VALUES ($1, $2) RETURNING id", url, owner
+    )
+    return row_id
+
+
+async def job_status(conn: asyncpg.Connection, row_id: int) -> str | None:
+    status: str | None = await conn.fetchval(
+        "SELECT status FROM listener.jobs WHERE source_table = $1 AND source_id = $2",
+        TABLE,
+        str(row_id),
+    )
+    return status
+
+
+async def complete(conn: asyncpg.Connection, *row_ids: int) -> None:
+    async def done() -> bool:
+        return all([await job_status(conn, r) == "complete" for r in row_ids])
+
+    await wait_until(done, timeout=30)
+
+
+async def outbox(conn: asyncpg.Connection) -> list[tuple[str, int | None, bool]]:
+    rows = await conn.fetch(
+        "SELECT source_id, job_id, reinserted FROM listener.deleted_rows ORDER BY id"
+    )
+    return [(r["source_id"], r["job_id"], r["reinserted"]) for r in rows]
+
+
+async def test_deleting_a_pending_row_cancels_its_job_and_never_waits_for_listener(
+    conn: asyncpg.Connection, pool: asyncpg.Pool, database_url: str
+) -> None:
+    await make_table(conn, owner=True)
+    row_id = await insert(conn, "http://127.0.0.1:9/never.jpg")
+    job_id = await conn.fetchval("SELECT id FROM listener.jobs")
+    events: list[dict[str, Any]] = []
+    await conn.add_listener("listener_events", lambda *a: events.append(json.loads(a[3])))
+
+    # A daemon's transaction holds the job row: the app's DELETE does not wait for it.
+    holder = await asyncpg.connect(database_url)
+    try:
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM listener.jobs WHERE id = $1 FOR UPDATE", job_id)
+        app = await asyncpg.connect(database_url)
+        try:
+            await app.execute("SET lock_timeout = '1s'")
+            deleted = await asyncio.wait_for(
+                app.execute(f"DELETE FROM {TABLE} WHERE id = $1", row_id), timeout=5
+            )
+            assert deleted == "DELETE 1"
+        finally:
+            await app.close()
+        # Queued with the job the row had; the job itself is untouched so far.
+        assert await outbox(conn) == [(str(row_id), job_id, False)]
+        assert await job_status(conn, row_id) == "pending"
+        await lock.rollback()
+    finally:
+        await holder.close()
+
+    drain = DeleteDrain(Queries(pool), PgJobStore(pool), None)
+    assert await drain.tick() == 1
+    assert await outbox(conn) == []
+    assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
+    assert await conn.fetchval("SELECT count(*) FROM listener.results") == 0
+    await wait_until(lambda: asyncio.sleep(0, bool(events)), timeout=5)
+    assert events == [
+        {"table": TABLE, "row_id": str(row_id), "status": "cancelled", "job_id": job_id}
+    ]
+    # The same id inserted again gets a fresh job.
+    await conn.execute(
+        f"INSERT INTO {TABLE} (id, url, owner_id) OVERRIDING SYSTEM VALUE VALUES ($1, 'u2', 'o')",
+        row_id,
+    )
+    fresh = await conn.fetchrow("SELECT id, image_url, status FROM listener.jobs")
+    assert fresh is not None and fresh["id"] != job_id
+    assert (fresh["image_url"], fresh["status"]) == ("u2", "pending")
+
+
+async def test_a_row_inserted_again_before_the_clean_up_gets_a_fresh_job(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    await make_table(conn, owner=True)
+    row_id = await insert(conn, "http://old/1.jpg")
+    old_job = await conn.fetchval("SELECT id FROM listener.jobs")
+    await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", row_id)
+    await conn.execute(
+        f"INSERT INTO {TABLE} (id, url, owner_id) OVERRIDING SYSTEM VALUE "
+        "VALUES ($1, 'http://new/1.jpg', 'owner-2')",
+        row_id,
+    )
+    # The old job still held the key: the insert is queued as reinserted.
+    assert await outbox(conn) == [(str(row_id), old_job, False), (str(row_id), old_job, True)]
+    drain = DeleteDrain(Queries(pool), PgJobStore(pool), None)
+    assert await drain.tick() == 2
+    jobs = await conn.fetch("SELECT id, image_url, owner_id, status, attempts FROM listener.jobs")
+    assert [(j["image_url"], j["owner_id"], j["status"], j["attempts"]) for j in jobs] == [
+        ("http://new/1.jpg", "owner-2", "pending", 0)
+    ]
+    assert jobs[0]["id"] != old_job
+    # Draining the same entries again (a daemon killed before acknowledging) changes nothing.
+    store = PgJobStore(pool)
+    again = await store.forget_rows([DeletedRow(TABLE, str(row_id), old_job, True)])
+    assert again[0].restarted is None
+    assert [r["id"] for r in await conn.fetch("SELECT id FROM listener.jobs")] == [jobs[0]["id"]]
+
+
+async def test_deleting_a_completed_row_deletes_its_faces_and_results(
+    database_url: str,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    fake: FakeRekognition,
+    photos: StaticServer,
+) -> None:
+    await make_table(conn, owner=True)
+    base = photos.base_url
+    async with Daemon(tiered(database_url, fake)) as daemon:
+        a1 = await insert(conn, f"{base}/a1.jpg")
+        await complete(conn, a1)
+        a2 = await insert(conn, f"{base}/a2.jpg")
+        b = await insert(conn, f"{base}/b.jpg")
+        await complete(conn, a2, b)
+        assert len(faces_in_collection(fake, a1)) == 1
+        a1_face = faces_in_collection(fake, a1)[0]
+        # a2 is the same person as a1.
+        assert await conn.fetchval(
+            "SELECT matched_face FROM listener.faces WHERE source_id = $1", str(a2)
+        ) == (a1_face)
+
+        await conn.execute(f"DELETE FROM {TABLE} WHERE id = ANY($1::bigint[])", [a1, b])
+        await daemon.signals.wait("forgotten", 2, timeout=20)
+
+    # Gone from the collection and from listener: the user is no longer recognisable there.
+    assert faces_in_collection(fake, a1) == [] and faces_in_collection(fake, b) == []
+    left = await conn.fetch("SELECT source_id, matched_face FROM listener.faces")
+    assert [(r["source_id"], r["matched_face"]) for r in left] == [(str(a2), None)]
+    assert len(faces_in_collection(fake, a2)) == 1
+    jobs = await conn.fetch("SELECT source_id FROM listener.jobs")
+    assert [r["source_id"] for r in jobs] == [str(a2)]
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM listener.results r JOIN listener.jobs j ON j.id = r.job_id "
+            "WHERE j.source_id <> $1",
+            str(a2),
+        )
+        == 0
+    )
+    assert await conn.fetchval("SELECT count(*) FROM listener.results") == 2  # a2's
+    assert await outbox(conn) == []
+
+
+async def test_a_daemon_killed_mid_clean_up_loses_nothing(
+    database_url: str,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    fake: FakeRekognition,
+    photos: StaticServer,
+) -> None:
+    await make_table(conn, owner=True)
+    async with Daemon(tiered(database_url, fake)):
+        a1 = await insert(conn, f"{photos.base_url}/a1.jpg")
+        b = await insert(conn, f"{photos.base_url}/b.jpg")
+        await complete(conn, a1, b)
+    # No daemon runs: the deletes wait in the outbox.
+    await conn.execute(f"DELETE FROM {TABLE} WHERE id = ANY($1::bigint[])", [a1, b])
+    assert len(await outbox(conn)) == 2
+    # A daemon claims them, forgets the jobs, and is killed before touching the collection.
+    queries, store = Queries(pool), PgJobStore(pool)
+    claimed = await queries.claim_deleted_rows(10, 0.5)
+    forgotten = await store.forget_rows(
+        [DeletedRow(e.source_table, e.source_id, e.job_id, e.reinserted) for e in claimed]
+    )
+    assert sum(len(f.faces) for f in forgotten) == 2
+    assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
+    assert len(faces_in_collection(fake, a1)) == 1
+
+    # The next daemon finds them once the dead one's lease ends, and finishes the job.
+    async with Daemon(tiered(database_url, fake)) as daemon:
+        await daemon.signals.wait("forgotten", 2, timeout=20)
+    assert faces_in_collection(fake, a1) == [] and faces_in_collection(fake, b) == []
+    assert await conn.fetchval("SELECT count(*) FROM listener.faces") == 0
+    assert await outbox(conn) == []
+
+
+async def test_a_faces_step_in_flight_for_a_deleted_row_leaves_no_face(
+    database_url: str,
+    conn: asyncpg.Connection,
+    fake: FakeRekognition,
+    photos: StaticServer,
+) -> None:
+    await make_table(conn, owner=True)
+    fake.latency_s = 0.4
+    async with Daemon(tiered(database_url, fake, tiers=TierSettings(tier1=[], faces=True))) as d:
+        await d.signals.wait("listening", 1)
+        row_id = await insert(conn, f"{photos.base_url}/a1.jpg")
+        await wait_until(lambda: asyncio.sleep(0, any(c == "IndexFaces" for c, _ in fake.calls)))
+        # IndexFaces is on its way: the row goes.
+        await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", row_id)
+        await wait_until(lambda: job_is(conn, row_id, "cancelled"), timeout=10)
+        # The worker's step is refused; it deletes the face it indexed, before any sweep.
+        await wait_until(
+            lambda: asyncio.sleep(0, any(c == "DeleteFaces" for c, _ in fake.calls)), timeout=10
+        )
+        await wait_until(lambda: asyncio.sleep(0, not faces_in_collection(fake, row_id)))
+        assert d.signals.count("forgotten") == 0
+        assert "ListFaces" not in [c for c, _ in fake.calls]  # no sweep yet
+        # After the cancelled job's lease would have ended, the row is forgotten for good.
+        await d.signals.wait("forgotten", 1, timeout=20)
+    assert faces_in_collection(fake, row_id) == []
+    assert await conn.fetchval("SELECT count(*) FROM listener.faces") == 0
+    assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
+    assert await conn.fetchval("SELECT count(*) FROM listener.results") == 0
+
+
+async def job_is(conn: asyncpg.Connection, row_id: int, status: str) -> bool:
+    return await job_status(conn, row_id) == status
+
+
+async def test_a_collection_deleted_outside_listener_is_created_again(
+    pool: asyncpg.Pool, fake: FakeRekognition
+) -> None:
+    provider = RekognitionProvider(
+        RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
+        PgKnownFaces(Queries(pool)),
+    )
+    await provider.start()
+    try:
+
+        async def faces_step(source_id: str) -> dict[str, Any]:
+            image = ImageInput(
+                1, TABLE, source_id, "owner-1", "u", face_photo("a", seed=1), "JPEG", 640, 480
+            )
+            result = await provider.run("faces", image, StepContext("rekognition.faces", {}, 1))
+            return dict(result.output)
+
+        assert len((await faces_step("1"))["faces"]) == 1
+        session = aioboto3.Session(region_name="us-east-1")
+        async with session.client("rekognition", endpoint_url=fake.endpoint_url) as client:
+            await client.delete_collection(CollectionId=COLLECTION)
+        assert COLLECTION not in fake.collections
+        # The next job of that owner does not fail: the collection is created again.
+        second = await faces_step("2")
+        assert len(second["faces"]) == 1
+        assert [c for c, _ in fake.calls].count("CreateCollection") == 2
+        assert len(fake.collections[COLLECTION].faces) == 1
+        # Deleting faces of a collection that is gone counts as done.
+        async with session.client("rekognition", endpoint_url=fake.endpoint_url) as client:
+            await client.delete_collection(CollectionId=COLLECTION)
+        assert await provider.delete_faces(COLLECTION, ["f"]) == 1
+        assert await provider.delete_row_faces("owner-1", TABLE, "2") == (0, 1)
+    finally:
+        await provider.close()
+
+
+@pytest.fixture
+async def db_at_0013(pg_admin_dsn: str, dsn_for: Callable[[str], str]) -> AsyncIterator[str]:
+    """A database migrated up to 0013 (the release before deletes)."""
+    name = f"old_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(dsn_for(name))
+    try:
+        await conn.execute(
+            "CREATE SCHEMA listener; CREATE TABLE listener.schema_migrations ("
+            "version integer PRIMARY KEY, name text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for m in load_migrations():
+            if m.version < 14:
+                await conn.execute(m.sql)
+                await conn.execute(
+                    "INSERT INTO listener.schema_migrations (version, name) VALUES ($1, $2)",
+                    m.version,
+                    m.name,
+                )
+    finally:
+        await conn.close()
+    try:
+        yield dsn_for(name)
+    finally:
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_a_table_attached_before_0014_gets_the_delete_trigger_on_migrate(
+    db_at_0013: str,
+) -> None:
+    conn = await asyncpg.connect(db_at_0013)
+    try:
+        await make_table(conn, owner=True, status=True)
+        kept = await insert(conn, "http://x/kept.jpg")
+        gone = await insert(conn, "http://x/gone.jpg")
+        # Before 0014 a delete queued nothing (there is nowhere to queue it).
+        assert await conn.fetchval("SELECT to_regclass('listener.deleted_rows')") is None
+
+        assert "0014_deletes" in await migrate(conn)
+
+        job_id = await conn.fetchval("SELECT id FROM listener.jobs WHERE source_id = $1", str(gone))
+        await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", gone)
+        assert await outbox(conn) == [(str(gone), job_id, False)]
+        # Its settings are kept, and detach removes the new trigger too.
+        assert (
+            await conn.fetchval(
+                "SELECT status_column FROM listener.attachments WHERE source_table = $1", TABLE
+            )
+            == "status"
+        )
+        assert await conn.fetchval("SELECT listener.detach($1)", TABLE)
+        await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", kept)
+        assert len(await outbox(conn)) == 1
+        assert (
+            await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname LIKE 'forget_delete_%'")
+            == 0
+        )
+    finally:
+        await conn.close()
+
+
+async def test_an_app_role_with_no_rights_on_listener_deletes_and_inserts_again(
+    conn: asyncpg.Connection,
+) -> None:
+    """The delete trigger runs as its owner, like the insert trigger: an app role with rights
+    on its own table only deletes rows and inserts them again without an error."""
+    await make_table(conn, owner=True)
+    row_id = await insert(conn, "u1")
+    job_id = await conn.fetchval("SELECT id FROM listener.jobs")
+    role = f"app_deleter_{os.getpid()}"
+    await conn.execute(f"CREATE ROLE {role}")
+    try:
+        await conn.execute(f"GRANT SELECT, INSERT, DELETE ON {TABLE} TO {role}")
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {role}")
+            await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", row_id)
+            await conn.execute(
+                f"INSERT INTO {TABLE} (id, url) OVERRIDING SYSTEM VALUE VALUES ($1, 'u2')", row_id
+            )
+        assert await outbox(conn) == [(str(row_id), job_id, False), (str(row_id), job_id, True)]
+    finally:
+        await conn.execute("RESET ROLE")
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
