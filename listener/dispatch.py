@@ -6,7 +6,9 @@ budget before a paid step; then the provider's semaphore (calls in flight), its 
 (requests per second and tokens per minute, shared by the fleet when finite), the call
 (under the provider's step timeout: a hung call fails as ``StepTimeout``), and the cost from
 the price table. With more than one step, each result is stored as soon as it is done, so a
-crash after tier 1 never pays for tier 1 again.
+crash after tier 1 never pays for tier 1 again. Before a paid step, deduplication
+(``listener.dedup``) may store a copy of another job's result for the same image at $0
+instead.
 
 The dispatcher never raises for a job's failure: it returns an ``Outcome`` decided by the
 retry policy. A 429 pauses the provider's limiter for every task (and every daemon), not only
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 from loguru import logger
 
 from listener.costs import cost_usd, price_for
+from listener.dedup import DedupPolicy, copy_of, digest_for, reusable, sha256
 from listener.errors import ProviderPaused, RateLimited, StepTimeout
 from listener.metrics import Metrics
 from listener.pipeline import Plan, Step, skip_reason
@@ -34,7 +37,16 @@ from listener.providers.base import (
     StepContext,
     StepResult,
 )
-from listener.queue.outcomes import Completed, Discarded, Job, Outcome, Parked, Snoozed
+from listener.queue.outcomes import (
+    Completed,
+    Discarded,
+    InputDigest,
+    Job,
+    Outcome,
+    Parked,
+    Reusable,
+    Snoozed,
+)
 from listener.queue.retry import RetryPolicy
 from listener.ratelimit import TokenBucket
 from listener.settings import BatchSettings, Price, RateLimit
@@ -96,6 +108,17 @@ class ResultStore(Protocol):
 
     async def outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
         """Outputs already stored for the job, by step name."""
+        ...
+
+    async def find_reusable(
+        self,
+        job: Job,
+        step: str,
+        digest: InputDigest,
+        scope: str,
+        max_distance: int | None = None,
+    ) -> Reusable | None:
+        """A stored result of ``step`` for the same image from another job in ``scope``."""
         ...
 
 
@@ -225,6 +248,9 @@ class Dispatcher:
             low-priority jobs) are handed to the Batch API instead of run here.
         pauses: operator pauses; a step of a paused provider ends the run with a snooze
             that lasts until the pause ends.
+        dedup: when given, a paid step first looks for a stored result of the same step for
+            the same image (``listener.dedup``) and stores a copy at $0 instead of calling
+            the provider (before the budget check and before a hand-off to a batch).
     """
 
     def __init__(
@@ -240,6 +266,7 @@ class Dispatcher:
         budget: BudgetGate | None = None,
         batch: BatchSettings | None = None,
         pauses: PauseGate | None = None,
+        dedup: DedupPolicy | None = None,
     ) -> None:
         missing = {s.provider for s in plan.steps} - set(slots)
         if missing:
@@ -255,6 +282,7 @@ class Dispatcher:
         self._budget = budget
         self._batch = batch
         self._pauses = pauses
+        self._dedup = dedup
         self._save_each = len(plan.steps) > 1
         self._batchable = {
             name for name, slot in slots.items() if isinstance(slot.provider, BatchBackend)
@@ -315,16 +343,28 @@ class Dispatcher:
         )
         todo = [s for s in self._plan.steps if s.name not in outputs]
         image = await self._image(job, todo)
+        # The digest of the bytes every step of this run looks at (hashing is about 1 GB/s).
+        sha = sha256(image.data) if image.data else None
         unsaved: list[StepResult] = []
         for step in todo:
             reason = skip_reason(step, self._plan, outputs, image.width, image.height)
             if reason is not None:
+                continue
+            digest = digest_for(sha, outputs)
+            copy = await self._reuse(job, step, digest)
+            if copy is not None:
+                # A copy is stored at once, whatever the plan: its savings are counted there.
+                outputs[step.name] = dict(copy.output)
+                if not await self._store.save_step(job, copy):
+                    raise LeaseLost(f"lease of job {job.id} lost during step {step.name}")
                 continue
             if step.provider in self._batchable and self.batches(job):
                 raise _ToBatch(step.name)
             result = await self._step(step, image, StepContext(step.name, outputs, job.claims))
             if result is None:
                 continue
+            if digest is not None:
+                result = replace(result, digest=digest)
             outputs[step.name] = dict(result.output)
             if self._save_each or result.effects:
                 if not await self._store.save_step(job, result):
@@ -332,6 +372,34 @@ class Dispatcher:
             else:
                 unsaved.append(result)
         return unsaved
+
+    async def _reuse(self, job: Job, step: Step, digest: InputDigest | None) -> StepResult | None:
+        """The copy of a stored result of ``step`` for the same image, or ``None`` when the
+        step runs (deduplication off, a free step or one with effects, no digest, no match).
+
+        An operator pause of the step's provider holds a copy too (``OperatorPaused``); the
+        budget does not: a copy costs nothing.
+        """
+        if self._dedup is None or digest is None or not reusable(step, self.paid(step.provider)):
+            return None
+        if self._pauses is not None:
+            await self._pauses.check(step.provider)
+        found = await self._store.find_reusable(
+            job, step.name, digest, self._dedup.scope, self._dedup.near
+        )
+        if found is None:
+            return None
+        self._metrics.dedup_reused.labels(step.provider, found.kind).inc()
+        self._metrics.dedup_saved_usd.labels(step.provider).inc(max(found.saved_usd, 0.0))
+        logger.bind(job_id=job.id, step=step.name).debug(
+            "step {} reuses the result of job {} ({}, distance {}): ${:.6f} not paid",
+            step.name,
+            found.origin_job_id,
+            found.kind,
+            found.distance,
+            found.saved_usd,
+        )
+        return copy_of(step, found, digest)
 
     async def _image(self, job: Job, todo: Sequence[Step]) -> ImageInput:
         if any(self._slots[s.provider].provider.needs_image for s in todo):
