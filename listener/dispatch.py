@@ -54,6 +54,9 @@ from listener.settings import BatchSettings, Price, RateLimit
 HINT_PAUSE_MIN_S = 1.0
 """A spent window with a reset shorter than this (seconds) does not pause the provider."""
 
+HASH_INLINE_MAX_BYTES = 256 * 1024
+"""Images smaller than this (bytes) are hashed on the loop (well under a millisecond)."""
+
 
 class Fetcher(Protocol):
     """Fetches image bytes (``listener.fetch.ImageFetcher`` in production)."""
@@ -343,8 +346,7 @@ class Dispatcher:
         )
         todo = [s for s in self._plan.steps if s.name not in outputs]
         image = await self._image(job, todo)
-        # The digest of the bytes every step of this run looks at (hashing is about 1 GB/s).
-        sha = sha256(image.data) if image.data else None
+        sha = await self._sha256(image, todo)
         unsaved: list[StepResult] = []
         for step in todo:
             reason = skip_reason(step, self._plan, outputs, image.width, image.height)
@@ -372,6 +374,17 @@ class Dispatcher:
             else:
                 unsaved.append(result)
         return unsaved
+
+    async def _sha256(self, image: ImageInput, todo: Sequence[Step]) -> bytes | None:
+        """The SHA-256 of the image when a step to run could be deduplicated (recorded with
+        its result even while deduplication is off, so turning it on finds earlier ones);
+        ``None`` otherwise. Large images are hashed in a thread (``hashlib`` releases the GIL),
+        so the loop is not held for the ~20 ms a 20 MB image takes."""
+        if not image.data or not any(reusable(s, self.paid(s.provider)) for s in todo):
+            return None
+        if len(image.data) < HASH_INLINE_MAX_BYTES:
+            return sha256(image.data)
+        return await asyncio.to_thread(sha256, image.data)
 
     async def _reuse(self, job: Job, step: Step, digest: InputDigest | None) -> StepResult | None:
         """The copy of a stored result of ``step`` for the same image, or ``None`` when the
