@@ -29,6 +29,7 @@ from listener.db.limits import FleetLimiter
 from listener.db.migrate import applied_versions, load_migrations
 from listener.db.notify import Notifier
 from listener.db.queries import Queries
+from listener.dedup import DedupPolicy
 from listener.deletes import DeleteDrain
 from listener.dispatch import Dispatcher, Limiter, LocalLimiter, ProviderSlot
 from listener.fetch import ImageFetcher
@@ -294,6 +295,9 @@ class Daemon:
                 batch=s.batch if backend is not None else None,
                 pauses=self.pauses,
                 tracing=self.tracing,
+                dedup=None
+                if s.dedup == "off"
+                else DedupPolicy(s.dedup, s.dedup_scope, s.dedup_max_distance),
             )
             worker = Worker(
                 self.store,

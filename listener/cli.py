@@ -439,7 +439,12 @@ async def _print_estimate(
     tier1 = [s.name for s in plan.steps if s.tier == 1]
     history = {
         r["step"]: StepHistory(
-            r["results"], r["input_tokens"], r["output_tokens"], r["calls"], r["pass_rate"]
+            r["results"],
+            r["input_tokens"],
+            r["output_tokens"],
+            r["calls"],
+            r["pass_rate"],
+            r["reuse_rate"],
         )
         for r in await queries.step_history(tier1)
     }
@@ -447,7 +452,8 @@ async def _print_estimate(
     if any(s.provider == "openai" for s in plan.steps):
         writer = OpenAIProvider(settings.openai)
         prompts = {kind: writer.prompt(kind, {}) for kind in ("tier1", "tier2", "tier3")}
-    result = estimate(plan, count, sizes, history, settings, prompts)
+    dedup = settings.dedup != "off"
+    result = estimate(plan, count, sizes, history, settings, prompts, dedup=dedup)
     table_out = Table(title=f"estimate for {count} images ({len(sizes)} sampled for sizes)")
     for column in ("step", "tier", "images", "calls", "input tok", "output tok"):
         table_out.add_column(column, justify="left" if column == "step" else "right")
@@ -485,6 +491,19 @@ async def _print_estimate(
         )
     else:
         console.print("time at the rate limits: no finite rate limit applies")
+    if dedup:
+        saved = await queries.dedup_totals(datetime.now(UTC).date())
+        steps = sum(int(d["steps_total"]) for d in saved.values())
+        usd = sum(float(d["usd_total"]) for d in saved.values())
+        share = result.dedup_usd / result.realtime_usd if result.realtime_usd else 0.0
+        console.print(
+            f"deduplication ({shown(settings.dedup)}, scope {shown(settings.dedup_scope)}): "
+            f"so far {steps} steps reused, ${usd:.6f} saved; at the recent reuse rate these "
+            f"images would save about ${result.dedup_usd:.6f} ({share:.0%} of the realtime "
+            "total; duplicates are known only once the images are fetched)"
+        )
+    else:
+        console.print("deduplication: off (LISTENER_DEDUP): duplicate images are paid again")
     if settings.budget_usd_per_day is not None and result.realtime_usd:
         days = result.realtime_usd / settings.budget_usd_per_day
         console.print(f"budget: ${settings.budget_usd_per_day:.2f}/day -> about {days:.1f} days")
@@ -633,6 +652,13 @@ def _print_status(doc: dict[str, Any]) -> None:
             else ""
         )
     console.print(spend)
+    if doc["dedup_reused_steps_total"]:
+        console.print(
+            f"deduplication saved: ${doc['dedup_saved_usd_today']:.6f} today "
+            f"({doc['dedup_reused_steps_today']} steps reused), "
+            f"${doc['dedup_saved_usd_total']:.6f} in all "
+            f"({doc['dedup_reused_steps_total']} steps)"
+        )
     for pause in doc["operator_pauses"]:
         what = "pipeline" if pause["provider"] == "*" else pause["provider"]
         left = pause["remaining_s"]

@@ -9,7 +9,10 @@ Inputs come from two places. A *sample* of the images (their sizes, read from th
 headers) gives OpenAI's image tokens (``listener.costs.image_tokens``) and the share of images
 over the tier-3 size gate. *History* (the averages of results already recorded, per step)
 gives output tokens, calls per image and the share of images that pass the tier-2 quality
-gate; without history, the priors below are used and the estimate says so.
+gate; without history, the priors below are used and the estimate says so. History also
+gives the share of each step's results that deduplication copied instead of paying for: the
+expected saving (``dedup_usd``) if the new images repeat as often. Identical bytes cannot be
+known before the images are fetched, so it is a projection, not a count.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from listener.costs import cost_usd, image_tokens, price_for, text_tokens
+from listener.dedup import NEVER_REUSED
 from listener.pipeline import Plan
 from listener.settings import Price, Settings
 
@@ -44,6 +48,8 @@ class StepHistory:
         input_tokens, output_tokens, calls: per result.
         pass_rate: share of jobs with a tier-1 result that also have this step's result
             (the gate's pass rate; 1.0 for tier-1 steps).
+        reuse_rate: share of the results that were copies of a duplicate image's result
+            (deduplication, ``listener.dedup``); the averages above are over the others.
     """
 
     results: int
@@ -51,11 +57,17 @@ class StepHistory:
     output_tokens: float
     calls: float
     pass_rate: float
+    reuse_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class StepEstimate:
-    """What one step will take for the images of a backfill."""
+    """What one step will take for the images of a backfill, before deduplication.
+
+    ``dedup_usd`` is the part of ``realtime_usd`` that deduplication is expected to save if
+    the images repeat as often as in the step's history (``StepHistory.reuse_rate``); 0
+    without history or with deduplication off.
+    """
 
     step: str
     provider: str
@@ -67,11 +79,13 @@ class StepEstimate:
     realtime_usd: float
     batch_usd: float
     basis: str
+    dedup_usd: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class Estimate:
-    """The whole estimate: per step, totals, and the time at the rate limits (seconds)."""
+    """The whole estimate: per step, totals (before deduplication; ``dedup_usd`` is the
+    expected saving at realtime prices), and the time at the rate limits (seconds)."""
 
     images: int
     steps: list[StepEstimate]
@@ -79,6 +93,7 @@ class Estimate:
     batch_usd: float
     seconds: float
     bottleneck: str | None
+    dedup_usd: float = 0.0
 
 
 def estimate(
@@ -88,6 +103,8 @@ def estimate(
     history: Mapping[str, StepHistory],
     settings: Settings,
     prompts: Mapping[str, str],
+    *,
+    dedup: bool = False,
 ) -> Estimate:
     """Estimate ``images`` images through ``plan``.
 
@@ -99,6 +116,8 @@ def estimate(
         history: per step name, averages of recorded results.
         settings: prices, OpenAI detail and models, rate limits.
         prompts: the prompt of each OpenAI kind (``tier1``...), for its tokens.
+        dedup: deduplication is on: each step's expected saving is its cost times the share
+            of its recent results that were copies (``StepHistory.reuse_rate``).
     """
     sample = list(sizes) or [(1024, 1024)]
     steps: list[StepEstimate] = []
@@ -117,6 +136,8 @@ def estimate(
         basis = f"history of {past.results} results" if past else "priors (no history yet)"
         calls = input_tokens = output_tokens = 0.0
         model: str | None = None
+        # A history of copies only says nothing of tokens: the priors stand in for it.
+        paid_past = past if past is not None and past.reuse_rate < 1.0 else None
         if step.provider == "openai":
             model = getattr(settings.openai, f"{step.kind}_model")
             per_image = (
@@ -124,14 +145,16 @@ def estimate(
                 + text_tokens(prompts.get(step.kind, ""))
                 + MESSAGE_OVERHEAD_TOKENS
             )
-            if past:
-                per_image = past.input_tokens
+            if paid_past:
+                per_image = paid_past.input_tokens
             calls = n
             input_tokens = n * per_image
-            output_tokens = n * (past.output_tokens if past else PRIOR_OUTPUT_TOKENS[step.kind])
+            output_tokens = n * (
+                paid_past.output_tokens if paid_past else PRIOR_OUTPUT_TOKENS[step.kind]
+            )
         elif step.provider == "rekognition":
             per_image = 1.0 if step.kind == "labels" else 1.0 + PRIOR_FACES_PER_IMAGE
-            calls = n * (past.calls if past else per_image)
+            calls = n * (paid_past.calls if paid_past else per_image)
         price: Price = price_for(settings.prices, step.provider, model)
         realtime = cost_usd(
             price,
@@ -140,6 +163,9 @@ def estimate(
             output_tokens=round(output_tokens),
         )
         batch = realtime * BATCH_DISCOUNT if step.provider == "openai" else realtime
+        reuse = 0.0
+        if dedup and past is not None and step.name not in NEVER_REUSED:
+            reuse = past.reuse_rate
         steps.append(
             StepEstimate(
                 step.name,
@@ -152,6 +178,7 @@ def estimate(
                 realtime,
                 batch,
                 basis,
+                realtime * reuse,
             )
         )
         calls_by_provider[step.provider] = calls_by_provider.get(step.provider, 0.0) + calls
@@ -174,4 +201,5 @@ def estimate(
         sum(s.batch_usd for s in steps),
         seconds,
         bottleneck,
+        sum(s.dedup_usd for s in steps),
     )

@@ -78,6 +78,19 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.dedup_reused = Counter(
+            "listener_dedup_reused_steps",
+            "Paid steps that reused a stored result of a duplicate image instead of calling "
+            "the provider, by provider and match (sha256, phash).",
+            ["provider", "kind"],
+            registry=r,
+        )
+        self.dedup_saved_usd = Counter(
+            "listener_dedup_saved_usd",
+            "USD not spent thanks to deduplication (what the reused results cost), by provider.",
+            ["provider"],
+            registry=r,
+        )
         self.in_flight = Gauge("listener_jobs_in_flight", "Jobs running now.", registry=r)
         self.queue_jobs = Gauge(
             "listener_queue_jobs",

@@ -410,6 +410,24 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     prices: dict[str, Price] = Field(default_factory=_default_prices)
     budget_usd_per_day: float | None = Field(default=None, ge=0)
+    dedup: Literal["off", "sha256", "phash"] = Field(
+        default="sha256",
+        description="Before a paid step runs, reuse a stored result of the same step for an "
+        "image with the same bytes (sha256), or also a near duplicate by perceptual hash "
+        "(phash: needs the local step before the paid ones); off: every image is paid for.",
+    )
+    dedup_scope: Literal["owner", "table", "global"] = Field(
+        default="owner",
+        description="Whose results may be reused: the same attached table and owner (rows "
+        "without an owner share one scope per table), the same table, or any.",
+    )
+    dedup_max_distance: int = Field(
+        default=3,
+        ge=0,
+        le=3,
+        description="Near-duplicate mode: the largest Hamming distance, in bits of the 64-bit "
+        "perceptual hash, at which an image counts as a duplicate.",
+    )
     noop_delay_s: float = Field(default=0.0, ge=0)
     rate_limits: dict[str, RateLimit] = Field(default_factory=_default_rate_limits)
     step_timeouts: dict[str, PositiveFloat | None] = Field(

@@ -28,20 +28,24 @@ RECENT_FAILURES = 20
 
 
 async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> dict[str, Any]:
-    """Counts by status, spend, budget, paused providers and attached tables.
+    """Counts by status, spend, deduplication savings, budget, paused providers and tables.
 
     Every part is bounded, whatever the number of jobs: counts and spend come from the
-    counters of ``sql/migrations/0008_status_counts.sql`` (exact: folded counts plus the deltas
-    not folded yet), failures from the newest entries of ``jobs_failed_idx``, throughput and
-    rate from the last hour's range of ``jobs_finished_idx``; failure reasons are those of the
-    last 500 failures, and ``oldest_pending_s`` is how long the longest-waiting runnable
-    pending job has waited (now - its ``run_after``). Open face suggestions come from their
-    counters (``sql/migrations/0015_face_review.sql``), exact in the same way.
+    counters of ``sql/migrations/0008_status_counts.sql``, deduplication savings from those of
+    ``0016_dedup.sql`` and open face suggestions from those of ``0015_face_review.sql`` (each
+    exact: folded counts plus the deltas not folded yet), failures from the newest entries of
+    ``jobs_failed_idx``, throughput and rate from the last hour's range of
+    ``jobs_finished_idx``; failure reasons are those of the last 500 failures, and
+    ``oldest_pending_s`` is how long the longest-waiting runnable pending job has waited (now -
+    its ``run_after``).
 
     Returns:
         ``{"pending": n, "processing": n, "complete": n, "failed": n, "cancelled": n,
         "batched": n, "oldest_pending_s": s,
         "spend_usd_today": usd, "spend_usd_total": usd, "spend_by_provider_today": {...},
+        "dedup_saved_usd_today": usd, "dedup_saved_usd_total": usd (what the reused results
+        cost when first paid), "dedup_reused_steps_today": n, "dedup_reused_steps_total": n,
+        "dedup_by_provider": {name: {"reused_steps_total": n, "saved_usd_total": usd}},
         "budget_usd_per_day": usd | None, "budget_exhausted": bool,
         "paused_providers": {name: {"remaining_s": s, "reason": text}},
         "operator_pauses": [{"provider": name or "*", "reason": text, "remaining_s": s | None}],
@@ -79,6 +83,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         queries.open_batches(),
         queries.active_pauses(),
         queries.face_review_waiting(TOP_OWNERS),
+        queries.dedup_totals(today),
     ]
     # A dozen small reads: on a pool they run side by side (one round trip's latency, not
     # twelve); on a single connection, one after the other.
@@ -100,6 +105,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         batches,
         operator_pauses,
         (suggestions_open, suggestions_by_owner),
+        dedup,
     ) = results
     # Totals are the sum of the per-table counts: one snapshot, so they always agree.
     doc: dict[str, Any] = {s: sum(int(row[s]) for row in by_table) for s in STATUSES}
@@ -112,6 +118,17 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
             "spend_usd_total": round(sum(total for _, total in spend.values()), 6),
             "spend_by_provider_today": {
                 name: round(since, 6) for name, (since, _) in spend.items() if since > 0
+            },
+            "dedup_saved_usd_today": round(sum(d["usd_since"] for d in dedup.values()), 6),
+            "dedup_saved_usd_total": round(sum(d["usd_total"] for d in dedup.values()), 6),
+            "dedup_reused_steps_today": sum(int(d["steps_since"]) for d in dedup.values()),
+            "dedup_reused_steps_total": sum(int(d["steps_total"]) for d in dedup.values()),
+            "dedup_by_provider": {
+                name: {
+                    "reused_steps_total": d["steps_total"],
+                    "saved_usd_total": round(d["usd_total"], 6),
+                }
+                for name, d in dedup.items()
             },
             "budget_usd_per_day": budget_usd_per_day,
             "budget_exhausted": budget_usd_per_day is not None

@@ -21,7 +21,8 @@ and scripts can read the page without parsing the formatted text:
 - ``#recent-failures`` rows ``tr[data-job-id][data-table][data-source-id]`` with
   ``td.error``.
 - ``#spend-today``, ``#spend-total`` (USD), ``#budget`` (USD, empty when none),
-  ``#budget-exhausted`` (``true``/``false``); ``#paused-providers`` rows
+  ``#budget-exhausted`` (``true``/``false``); ``#dedup-saved`` (USD deduplication did not
+  spend), ``#dedup-reused`` (steps reused); ``#paused-providers`` rows
   ``tr[data-provider][data-remaining-s]``.
 - ``#face-suggestions-open`` (``data-value``): face suggestions waiting for review;
   ``#face-review`` rows ``tr[data-owner][data-suggestions]`` for the owners with the most
@@ -119,6 +120,7 @@ def render(doc: Mapping[str, Any], *, refresh_s: int = 5, now: datetime | None =
                 recent_failures: [{"job_id", "table", "source_id", "url", "error",
                     "at": ISO 8601}]
                 spend_usd_today, spend_usd_total: float, USD
+                dedup_saved_usd_total: float, USD; dedup_reused_steps_total: int
                 budget_usd_per_day: float | None, USD; budget_exhausted: bool
                 paused_providers: {name: {"remaining_s": float, "reason": str}}
                 face_suggestions_open: int; face_suggestions_by_owner: [{"owner",
@@ -384,6 +386,8 @@ def _spend(doc: Mapping[str, Any]) -> str:
         for name, info in pauses.items()
     )
     table = _table("paused-providers", "<th>provider</th><th>resumes in</th><th>reason</th>", body)
+    saved = _float(doc.get("dedup_saved_usd_total")) or 0.0
+    reused = _float(doc.get("dedup_reused_steps_total")) or 0.0
     return (
         '<section id="spend"><h2>Spend and budget</h2>'
         '<div class="facts">'
@@ -394,6 +398,11 @@ def _spend(doc: Mapping[str, Any]) -> str:
         "</span>"
         f'<span id="budget-exhausted" data-value="{"true" if exhausted else "false"}"'
         f"{flag}</span></div>"
+        '<div class="facts">'
+        f'<span>saved by deduplication: <b id="dedup-saved" data-value="{_num(saved)}">'
+        f"{_usd(saved)}</b></span>"
+        f'<span>steps reused: <b id="dedup-reused" data-value="{_num(reused)}">'
+        f"{int(reused)}</b></span></div>"
         f"{meter}<h2>Paused providers</h2>{table}</section>"
     )
 

@@ -60,13 +60,13 @@ WITH done AS (
 ), saved AS (
     INSERT INTO listener.results AS r
         (job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens,
-         calls, cost_usd)
+         calls, cost_usd, image_sha256, image_phash)
     SELECT s.job_id, s.step, s.provider, s.output, s.model, s.duration_ms, s.input_tokens,
-           s.output_tokens, s.calls, s.cost_usd
+           s.output_tokens, s.calls, s.cost_usd, s.image_sha256, s.image_phash
     FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::float8[],
-                $9::int[], $10::int[], $11::int[], $12::numeric[])
+                $9::int[], $10::int[], $11::int[], $12::numeric[], $13::bytea[], $14::bigint[])
          AS s(job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens,
-              calls, cost_usd)
+              calls, cost_usd, image_sha256, image_phash)
     WHERE s.job_id IN (SELECT id FROM done)
     ON CONFLICT (job_id, step) DO UPDATE
     -- Stored twice only when a run was killed between the provider's answer and this write:
@@ -76,6 +76,8 @@ WITH done AS (
         input_tokens = coalesce(r.input_tokens, 0) + coalesce(EXCLUDED.input_tokens, 0),
         output_tokens = coalesce(r.output_tokens, 0) + coalesce(EXCLUDED.output_tokens, 0),
         calls = r.calls + EXCLUDED.calls, cost_usd = r.cost_usd + EXCLUDED.cost_usd,
+        image_sha256 = EXCLUDED.image_sha256, image_phash = EXCLUDED.image_phash,
+        reused_from = NULL, reuse_kind = NULL, saved_usd = NULL,
         created_at = now()
 )
 SELECT id FROM done;
@@ -83,15 +85,19 @@ SELECT id FROM done;
 -- name: save_step :one
 -- Stores one step's result as soon as it is done, while the job is still leased to us
 -- ($2 token), so the next run resumes after it and never pays for it twice. Returns false
--- when the lease was lost (nothing is written then).
+-- when the lease was lost (nothing is written then). $12/$13: the image's SHA-256 and
+-- perceptual hash (for deduplication); $14-$16: set on a copy of job $14's result (kind $15,
+-- $16 USD not paid), which also appends a savings delta (0016_dedup.sql).
 WITH held AS (
     SELECT id FROM listener.jobs
     WHERE id = $1 AND lease_token = $2 AND status = 'processing'
 ), saved AS (
     INSERT INTO listener.results AS r
         (job_id, step, provider, output, model, duration_ms, input_tokens, output_tokens,
-         calls, cost_usd)
-    SELECT held.id, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11 FROM held
+         calls, cost_usd, image_sha256, image_phash, reused_from, reuse_kind, saved_usd)
+    SELECT held.id, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12::bytea, $13::bigint,
+           $14::bigint, $15::text, $16::numeric
+    FROM held
     ON CONFLICT (job_id, step) DO UPDATE
     -- Stored twice only when a run was killed between the provider's answer and this write:
     -- the newer output wins and the costs add up, so spend counts what was paid.
@@ -100,10 +106,67 @@ WITH held AS (
         input_tokens = coalesce(r.input_tokens, 0) + coalesce(EXCLUDED.input_tokens, 0),
         output_tokens = coalesce(r.output_tokens, 0) + coalesce(EXCLUDED.output_tokens, 0),
         calls = r.calls + EXCLUDED.calls, cost_usd = r.cost_usd + EXCLUDED.cost_usd,
-        created_at = now()
+        image_sha256 = EXCLUDED.image_sha256, image_phash = EXCLUDED.image_phash,
+        reused_from = EXCLUDED.reused_from, reuse_kind = EXCLUDED.reuse_kind,
+        saved_usd = EXCLUDED.saved_usd, created_at = now()
     RETURNING 1
+), counted AS (
+    INSERT INTO listener.dedup_deltas (provider, day, steps, usd)
+    SELECT $4, (now() AT TIME ZONE 'UTC')::date, 1, $16::numeric
+    FROM saved
+    WHERE $15::text IS NOT NULL
 )
 SELECT EXISTS (SELECT 1 FROM saved) AS saved;
+
+-- name: find_same_image :one
+-- A stored result of step $1 for the same image bytes (SHA-256 $2) from another job than $3,
+-- in scope $4 ('owner': table $5 and owner $6, NULL owners alike; 'table': table $5;
+-- 'global'): read through results_sha256_idx, at most $7 candidates, then the scope's filter
+-- on each candidate's job by primary key. A copy names its origin and what the origin paid.
+SELECT c.provider, c.output, c.model,
+       coalesce(c.reused_from, c.job_id) AS origin_job_id,
+       (CASE WHEN c.reused_from IS NULL THEN c.cost_usd ELSE c.saved_usd END)::float8
+           AS saved_usd
+FROM (
+    SELECT r.job_id, r.provider, r.output, r.model, r.reused_from, r.cost_usd, r.saved_usd
+    FROM listener.results AS r
+    WHERE r.image_sha256 = $2 AND r.step = $1 AND r.job_id <> $3
+    LIMIT $7
+) AS c
+JOIN listener.jobs AS j ON j.id = c.job_id
+WHERE $4 = 'global'
+   OR (j.source_table = $5
+       AND ($4 = 'table' OR j.owner_id IS NOT DISTINCT FROM $6::text))
+LIMIT 1;
+
+-- name: find_similar_image :one
+-- Near duplicate: a stored result of step $1 whose image's perceptual hash is within $3 bits
+-- of $2 (the nearest), from another job than $4, in scope $5 (as find_same_image: table $6,
+-- owner $7). Candidates share one 16-bit quarter of the hash with $2 (the four
+-- results_phash_q*_idx, which find every hash within 3 bits), at most $8 of them.
+SELECT c.provider, c.output, c.model,
+       coalesce(c.reused_from, c.job_id) AS origin_job_id,
+       (CASE WHEN c.reused_from IS NULL THEN c.cost_usd ELSE c.saved_usd END)::float8
+           AS saved_usd,
+       c.distance
+FROM (
+    SELECT r.job_id, r.provider, r.output, r.model, r.reused_from, r.cost_usd, r.saved_usd,
+           bit_count((r.image_phash # $2::bigint)::bit(64))::int AS distance
+    FROM listener.results AS r
+    WHERE r.step = $1 AND r.image_phash IS NOT NULL AND r.job_id <> $4
+      AND (((r.image_phash >> 48) & 65535) = (($2::bigint >> 48) & 65535)
+           OR ((r.image_phash >> 32) & 65535) = (($2::bigint >> 32) & 65535)
+           OR ((r.image_phash >> 16) & 65535) = (($2::bigint >> 16) & 65535)
+           OR (r.image_phash & 65535) = ($2::bigint & 65535))
+    LIMIT $8
+) AS c
+JOIN listener.jobs AS j ON j.id = c.job_id
+WHERE c.distance <= $3
+  AND ($5 = 'global'
+       OR (j.source_table = $6
+           AND ($5 = 'table' OR j.owner_id IS NOT DISTINCT FROM $7::text)))
+ORDER BY c.distance
+LIMIT 1;
 
 -- name: lock_leased_job :one
 -- Locks job $1 while it is leased to us ($2 token), for a step stored with its effects in one
@@ -142,6 +205,21 @@ FROM (SELECT provider, day, usd FROM listener.spend_by_day
       SELECT provider, day, usd FROM listener.spend_deltas) AS s
 GROUP BY provider
 HAVING sum(usd) <> 0
+ORDER BY provider;
+
+-- name: dedup_totals :many
+-- Per provider, steps reused instead of paid and the USD they did not cost, on UTC days from
+-- $1 on and in all, from the savings counters (0016: folded per day plus the deltas not
+-- folded yet): O(providers x days), not O(results).
+SELECT provider,
+       coalesce(sum(steps) FILTER (WHERE day >= $1), 0)::bigint AS steps_since,
+       coalesce(sum(usd) FILTER (WHERE day >= $1), 0)::float8 AS usd_since,
+       sum(steps)::bigint AS steps_total,
+       sum(usd)::float8 AS usd_total
+FROM (SELECT provider, day, steps, usd FROM listener.dedup_by_day
+      UNION ALL
+      SELECT provider, day, steps, usd FROM listener.dedup_deltas) AS s
+GROUP BY provider
 ORDER BY provider;
 
 -- name: ensure_provider_limit :execute
@@ -272,9 +350,10 @@ FROM (SELECT status, n FROM listener.job_counts_by_table
       SELECT status, delta FROM listener.job_count_deltas) AS c;
 
 -- name: roll_up_job_counts :one
--- Folds the counters' deltas into the counts (listener.roll_up_job_counts in 0008); 0 when
--- another rollup is running. Keeps the deltas readers add up few.
-SELECT listener.roll_up_job_counts() AS folded;
+-- Folds the counters' deltas into the counts (listener.roll_up_job_counts in 0008) and the
+-- deduplication savings' (listener.roll_up_dedup_savings in 0016); 0 when another rollup is
+-- running. Keeps the deltas readers add up few.
+SELECT listener.roll_up_job_counts() + listener.roll_up_dedup_savings() AS folded;
 
 -- name: oldest_pending :one
 -- Seconds the longest-waiting runnable pending job has waited (now - run_after; a new job's
@@ -514,19 +593,24 @@ SELECT listener.sample_unqueued($1, $2, $3) AS url;
 -- Per step, averages over the most recent 5,000 results, and the share of jobs with a
 -- tier-1 result (steps $1) that also have this step's (a gate's pass rate).
 WITH recent AS (
-    SELECT job_id, step, input_tokens, output_tokens, calls
+    SELECT job_id, step, input_tokens, output_tokens, calls, reuse_kind
     FROM listener.results
     ORDER BY created_at DESC
     LIMIT 5000
 ), base AS (
     SELECT count(DISTINCT job_id) AS jobs FROM recent WHERE step = ANY($1::text[])
 )
+-- Copies (deduplication) cost nothing and count no tokens: the averages are over the paid
+-- results, and reuse_rate is the share of the step's results that were copies.
 SELECT step, count(*) AS results,
-       coalesce(avg(input_tokens), 0)::float8 AS input_tokens,
-       coalesce(avg(output_tokens), 0)::float8 AS output_tokens,
-       avg(calls)::float8 AS calls,
+       coalesce(avg(input_tokens) FILTER (WHERE reuse_kind IS NULL), 0)::float8
+           AS input_tokens,
+       coalesce(avg(output_tokens) FILTER (WHERE reuse_kind IS NULL), 0)::float8
+           AS output_tokens,
+       coalesce(avg(calls) FILTER (WHERE reuse_kind IS NULL), 0)::float8 AS calls,
        coalesce(count(DISTINCT job_id)::float8 / nullif((SELECT jobs FROM base), 0), 1.0)
-           AS pass_rate
+           AS pass_rate,
+       (count(*) FILTER (WHERE reuse_kind IS NOT NULL))::float8 / count(*) AS reuse_rate
 FROM recent
 GROUP BY step;
 
@@ -736,12 +820,14 @@ ON CONFLICT (source_table, source_id) DO NOTHING
 RETURNING id;
 
 -- name: job_snapshot :one
--- One job as stored, with its stored steps' cost and calls.
+-- One job as stored, with its stored steps' cost and calls (and, on a copy, its origin job).
 SELECT j.id, j.status, j.attempts, j.max_attempts, j.last_error, j.claims,
        j.lease_token IS NOT NULL AS leased,
        extract(epoch FROM j.run_after - now())::float8 AS run_after_s,
        coalesce((SELECT jsonb_object_agg(r.step, jsonb_build_object(
-                    'cost_usd', r.cost_usd::float8, 'calls', r.calls))
+                    'cost_usd', r.cost_usd::float8, 'calls', r.calls)
+                    || CASE WHEN r.reused_from IS NULL THEN '{}'::jsonb
+                            ELSE jsonb_build_object('reused_from', r.reused_from) END)
                  FROM listener.results AS r WHERE r.job_id = j.id), '{}'::jsonb) AS steps
 FROM listener.jobs AS j
 WHERE j.id = $1;

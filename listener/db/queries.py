@@ -268,7 +268,8 @@ class Queries:
 
     async def step_history(self, tier1_steps: Sequence[str]) -> list[dict[str, Any]]:
         """Per step: ``{"step", "results", "input_tokens", "output_tokens", "calls",
-        "pass_rate"}`` averaged over the most recent 5,000 results."""
+        "pass_rate", "reuse_rate"}`` over the most recent 5,000 results (token and call
+        averages over the paid ones; ``reuse_rate``: the share that were copies)."""
         return await self._dicts("step_history", list(tier1_steps))
 
     async def spend_since(self, since: datetime) -> dict[str, float]:
@@ -320,14 +321,30 @@ class Queries:
         }
 
     async def roll_up_job_counts(self) -> int:
-        """Fold the counters' deltas into the counts (jobs and spend); delta rows folded, 0
-        when another rollup is running (it never waits for one)."""
+        """Fold the counters' deltas into the counts (jobs, spend and deduplication
+        savings); delta rows folded, 0 when another rollup is running (it never waits for
+        one)."""
         return int(await self._pool.fetchval(self._sql["roll_up_job_counts"]))
 
     async def roll_up_face_review_counts(self) -> int:
         """Fold the open face suggestions' deltas into their counts; delta rows folded (0 when
         another rollup was running)."""
         return int(await self._pool.fetchval(self._sql["roll_up_face_review_counts"]))
+
+    async def dedup_totals(self, since: date) -> dict[str, dict[str, float | int]]:
+        """What deduplication saved, per provider: ``{provider: {"steps_since": n,
+        "usd_since": usd, "steps_total": n, "usd_total": usd}}`` (``since``: UTC days from
+        that day on)."""
+        rows = await self._pool.fetch(self._sql["dedup_totals"], since)
+        return {
+            r["provider"]: {
+                "steps_since": int(r["steps_since"]),
+                "usd_since": float(r["usd_since"]),
+                "steps_total": int(r["steps_total"]),
+                "usd_total": float(r["usd_total"]),
+            }
+            for r in rows
+        }
 
     async def oldest_pending(self) -> float:
         """Seconds the longest-waiting runnable pending job has waited (now - run_after)."""

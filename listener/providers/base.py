@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from listener.queue.outcomes import InputDigest, Reuse
+
 
 @dataclass(frozen=True, slots=True)
 class ImageInput:
@@ -76,6 +78,9 @@ class StepResult:
         effects: database side effects of the step, as data (``{"faces": ...}``), written by
             the job store in the same fenced transaction that stores the step; a provider
             never writes them itself.
+        digest: the SHA-256 (and perceptual hash) of the image the step analyzed, set by the
+            dispatcher, stored with the result for deduplication (``listener.dedup``).
+        reused: set by the dispatcher when the result is a copy of another job's (``$0``).
     """
 
     provider: str
@@ -89,6 +94,8 @@ class StepResult:
     cost_usd: float = 0.0
     hints: RateHints | None = None
     effects: Mapping[str, Any] = field(default_factory=dict)
+    digest: InputDigest | None = None
+    reused: Reuse | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,11 @@ from listener.queue.outcomes import (
     BatchJob,
     Completed,
     Discarded,
+    InputDigest,
     Job,
     Parked,
     Retry,
+    Reusable,
     Snoozed,
     StepRecord,
     check_effects,
@@ -35,6 +37,7 @@ from listener.queue.store import (
 )
 
 _FINISHED = ("failed", "cancelled", "complete")
+_SCOPES = ("owner", "table", "global")
 
 
 @dataclass(slots=True)
@@ -92,6 +95,8 @@ class MemoryJobStore:
         self._deleted_rows: set[tuple[str, str]] = set()
         # Faces of jobs deleted since (listener.faces rows with job_id NULL), by source row.
         self._orphan_faces: dict[tuple[str, str], dict[str, FaceRef]] = {}
+        self.dedup_saved: list[tuple[str, float]] = []
+        """Every copy stored (``StepRecord.reused``): (provider, USD not paid)."""
 
     async def enqueue(
         self,
@@ -186,11 +191,15 @@ class MemoryJobStore:
             "output_tokens": rec.output_tokens,
             "calls": rec.calls,
             "cost_usd": rec.cost_usd,
+            "digest": rec.digest,
+            "reused": rec.reused,
         }
         if old is not None:  # stored twice: costs add up, as in PgJobStore
             for key in ("input_tokens", "output_tokens", "calls", "cost_usd"):
                 stored[key] = (old[key] or 0) + (stored[key] or 0)
         r.results[rec.step] = stored
+        if rec.reused is not None:
+            self.dedup_saved.append((rec.provider, rec.reused.saved_usd))
 
     async def save_step(self, job: Job, record: StepRecord) -> bool:
         """See ``JobStore.save_step``.
@@ -220,16 +229,68 @@ class MemoryJobStore:
         r = self._rows.get(job_id)
         return {} if r is None else {k: dict(v["output"]) for k, v in r.results.items()}
 
+    async def find_reusable(
+        self,
+        job: Job,
+        step: str,
+        digest: InputDigest,
+        scope: str,
+        max_distance: int | None = None,
+    ) -> Reusable | None:
+        """See ``JobStore.find_reusable`` (every job is looked at: no candidate limit)."""
+        if scope not in _SCOPES:
+            raise ValueError(f"dedup scope is one of {', '.join(_SCOPES)}, not {scope!r}")
+        candidates: list[tuple[_Row, dict[str, Any], InputDigest]] = []
+        for r in self._rows.values():
+            stored = r.results.get(step)
+            if r.id == job.id or stored is None or stored["digest"] is None:
+                continue
+            if scope != "global" and (
+                r.source_table != job.source_table
+                or (scope == "owner" and r.owner_id != job.owner_id)
+            ):
+                continue
+            candidates.append((r, stored, stored["digest"]))
+        for r, stored, d in candidates:
+            if d.sha256 == digest.sha256:
+                return self._reusable(r, stored, "sha256", 0)
+        if max_distance is None or digest.phash is None:
+            return None
+        best: tuple[int, _Row, dict[str, Any]] | None = None
+        for r, stored, d in candidates:
+            if d.phash is None:
+                continue
+            distance = ((d.phash ^ digest.phash) & ((1 << 64) - 1)).bit_count()
+            if distance <= max_distance and (best is None or distance < best[0]):
+                best = (distance, r, stored)
+        return None if best is None else self._reusable(best[1], best[2], "phash", best[0])
+
+    @staticmethod
+    def _reusable(r: _Row, stored: dict[str, Any], kind: str, distance: int) -> Reusable:
+        reused = stored["reused"]
+        return Reusable(
+            provider=stored["provider"],
+            output=dict(stored["output"]),
+            model=stored["model"],
+            origin_job_id=r.id if reused is None else reused.origin_job_id,
+            saved_usd=stored["cost_usd"] if reused is None else reused.saved_usd,
+            kind=kind,
+            distance=distance,
+        )
+
     async def complete(self, done: Sequence[Completed]) -> set[int]:
         """See ``JobStore.complete``.
 
         Raises:
-            ValueError: a result carries effects (as ``PgJobStore.complete``).
+            ValueError: a result carries effects or is a copy (as ``PgJobStore.complete``).
         """
         for c in done:
             for rec in c.results:
                 if rec.effects:
                     raise ValueError(f"step {rec.step} has effects: store it with save_step")
+                if rec.reused is not None:
+                    raise ValueError(f"step {rec.step} is a copy: store it with save_step")
+                check_effects(rec)
         ids: set[int] = set()
         for c in done:
             r = self._held(c.job)
@@ -487,7 +548,9 @@ class MemoryJobStore:
         if r is None:
             return None
         steps: Mapping[str, Mapping[str, Any]] = {
-            k: {"cost_usd": v["cost_usd"], "calls": v["calls"]} for k, v in r.results.items()
+            k: {"cost_usd": v["cost_usd"], "calls": v["calls"]}
+            | ({} if v["reused"] is None else {"reused_from": v["reused"].origin_job_id})
+            for k, v in r.results.items()
         }
         return JobSnapshot(
             id=r.id,
@@ -640,6 +703,9 @@ class MemoryJobStore:
                     "output_tokens": rec.output_tokens,
                     "calls": rec.calls,
                     "cost_usd": rec.cost_usd,
+                    # As PgJobStore: batch results keep no digest (not reused).
+                    "digest": None,
+                    "reused": None,
                 }
                 stored.add(r.id)
             r.status, r.batch_id, r.batch_step, r.run_after = "pending", None, None, self._clock()

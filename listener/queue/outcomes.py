@@ -18,16 +18,75 @@ JOB_STATUSES = ("pending", "processing", "complete", "failed", "cancelled", "bat
 KNOWN_EFFECTS = frozenset({"faces"})
 """The step effects the stores know (see ``StepRecord.effects``)."""
 
+REUSE_KINDS = ("sha256", "phash")
+"""How a stored result can match another job's input (``Reuse.kind``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputDigest:
+    """What a step's input was, so a later job with the same input can reuse its result.
+
+    Attributes:
+        sha256: the SHA-256 of the input bytes (32 bytes).
+        phash: a 64-bit perceptual hash of the input as a signed integer, when known
+            (``listener.dedup.phash_int``), for near-duplicate matches.
+    """
+
+    sha256: bytes
+    phash: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reuse:
+    """A step result copied from another job's instead of paid for again.
+
+    Attributes:
+        origin_job_id: the job whose paid result was copied (the original, never a copy).
+        kind: ``"sha256"`` (identical input bytes) or ``"phash"`` (a near duplicate).
+        saved_usd: what the original cost, USD: what this copy did not pay.
+    """
+
+    origin_job_id: int
+    kind: str
+    saved_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reusable:
+    """A stored result another job may copy (``JobStore.find_reusable``).
+
+    Attributes:
+        provider, output, model: the stored result's.
+        origin_job_id: the job that paid for it (for a copy: its origin).
+        saved_usd: what that job paid for it, USD.
+        kind: ``"sha256"`` or ``"phash"``, how it matched.
+        distance: Hamming distance of the perceptual hashes (0 for ``"sha256"``).
+    """
+
+    provider: str
+    output: Mapping[str, Any]
+    model: str | None
+    origin_job_id: int
+    saved_usd: float
+    kind: str
+    distance: int = 0
+
 
 def check_effects(record: StepRecord) -> None:
-    """Refuse a step whose effects a store does not know.
+    """Refuse a step whose effects a store does not know, or a malformed reuse or digest.
 
     Raises:
-        ValueError: ``record.effects`` has a key outside ``KNOWN_EFFECTS``.
+        ValueError: ``record.effects`` has a key outside ``KNOWN_EFFECTS``;
+            ``record.reused.kind`` is not one of ``REUSE_KINDS``; ``record.digest.sha256`` is
+            not 32 bytes.
     """
     unknown = set(record.effects) - KNOWN_EFFECTS
     if unknown:
         raise ValueError(f"unknown step effects: {', '.join(sorted(unknown))}")
+    if record.reused is not None and record.reused.kind not in REUSE_KINDS:
+        raise ValueError(f"unknown reuse kind: {record.reused.kind!r}")
+    if record.digest is not None and len(record.digest.sha256) != 32:
+        raise ValueError(f"a SHA-256 digest has 32 bytes, not {len(record.digest.sha256)}")
 
 
 class StepRecord(Protocol):
@@ -57,6 +116,10 @@ class StepRecord(Protocol):
             ``listener.face_suggestions``, and sets ``person_id`` (``None``: unassigned) on
             each entry of ``output["faces"]`` with the same ``face_id`` before storing the
             output. The memory store only keeps the effect (``MemoryJobStore.effects``).
+        digest: what the step's input was (``None``: not known), stored with the result so
+            that a later job with the same input may reuse it (``JobStore.find_reusable``).
+        reused: set when the result is a copy of another job's (cost 0, no calls, no
+            tokens); only ``save_step`` stores such a record.
     """
 
     @property
@@ -79,6 +142,10 @@ class StepRecord(Protocol):
     def cost_usd(self) -> float: ...
     @property
     def effects(self) -> Mapping[str, Any]: ...
+    @property
+    def digest(self) -> InputDigest | None: ...
+    @property
+    def reused(self) -> Reuse | None: ...
 
 
 @dataclass(frozen=True, slots=True)

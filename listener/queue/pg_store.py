@@ -18,9 +18,11 @@ from listener.queue.outcomes import (
     BatchJob,
     Completed,
     Discarded,
+    InputDigest,
     Job,
     Parked,
     Retry,
+    Reusable,
     Snoozed,
     StepRecord,
     check_effects,
@@ -34,6 +36,10 @@ from listener.queue.store import (
 )
 
 _FINISHED = ("failed", "cancelled", "complete")
+_SCOPES = ("owner", "table", "global")
+
+DEDUP_CANDIDATES = 200
+"""Stored results with the same digest read, at most, before the scope's filter."""
 
 
 def usd(value: float) -> Decimal:
@@ -162,6 +168,7 @@ class PgJobStore:
         job: Job, record: StepRecord, output: Mapping[str, Any] | None = None
     ) -> tuple[Any, ...]:
         """The ``save_step`` query's parameters for ``record`` (``output`` replaces its own)."""
+        digest, reused = record.digest, record.reused
         return (
             job.id,
             job.lease_token,
@@ -174,6 +181,11 @@ class PgJobStore:
             record.output_tokens,
             record.calls,
             usd(record.cost_usd),
+            None if digest is None else digest.sha256,
+            None if digest is None else digest.phash,
+            None if reused is None else reused.origin_job_id,
+            None if reused is None else reused.kind,
+            None if reused is None else usd(reused.saved_usd),
         )
 
     async def outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
@@ -181,20 +193,66 @@ class PgJobStore:
         rows = await self._pool.fetch(self._sql["job_outputs"], job_id)
         return {r["step"]: json.loads(r["output"]) for r in rows}
 
+    async def find_reusable(
+        self,
+        job: Job,
+        step: str,
+        digest: InputDigest,
+        scope: str,
+        max_distance: int | None = None,
+    ) -> Reusable | None:
+        """See ``JobStore.find_reusable``: ``find_same_image``, then ``find_similar_image``."""
+        if scope not in _SCOPES:
+            raise ValueError(f"dedup scope is one of {', '.join(_SCOPES)}, not {scope!r}")
+        where = (scope, job.source_table, job.owner_id)
+        r = await self._pool.fetchrow(
+            self._sql["find_same_image"], step, digest.sha256, job.id, *where, DEDUP_CANDIDATES
+        )
+        if r is not None:
+            return self._reusable(r, "sha256", 0)
+        if max_distance is None or digest.phash is None:
+            return None
+        r = await self._pool.fetchrow(
+            self._sql["find_similar_image"],
+            step,
+            digest.phash,
+            max_distance,
+            job.id,
+            *where,
+            DEDUP_CANDIDATES,
+        )
+        return None if r is None else self._reusable(r, "phash", r["distance"])
+
+    @staticmethod
+    def _reusable(r: Mapping[str, Any], kind: str, distance: int) -> Reusable:
+        return Reusable(
+            provider=r["provider"],
+            output=json.loads(r["output"]),
+            model=r["model"],
+            origin_job_id=r["origin_job_id"],
+            saved_usd=float(r["saved_usd"]),
+            kind=kind,
+            distance=distance,
+        )
+
     async def complete(self, done: Sequence[Completed]) -> set[int]:
         """See ``JobStore.complete``.
 
         Raises:
-            ValueError: a result carries effects (steps with effects are saved one by one
-                with ``save_step``, which writes them in the same transaction).
+            ValueError: a result carries effects or is a copy (both are saved one by one
+                with ``save_step``, which writes effects in the same transaction and counts
+                a copy's savings).
         """
         if not done:
             return set()
-        columns: list[list[Any]] = [[] for _ in range(10)]
+        columns: list[list[Any]] = [[] for _ in range(12)]
         for c in done:
             for r in c.results:
                 if r.effects:
                     raise ValueError(f"step {r.step} has effects: store it with save_step")
+                if r.reused is not None:
+                    raise ValueError(f"step {r.step} is a copy: store it with save_step")
+                check_effects(r)
                 values = (
                     c.job.id,
                     r.step,
@@ -206,6 +264,8 @@ class PgJobStore:
                     r.output_tokens,
                     r.calls,
                     usd(r.cost_usd),
+                    None if r.digest is None else r.digest.sha256,
+                    None if r.digest is None else r.digest.phash,
                 )
                 for column, value in zip(columns, values, strict=True):
                     column.append(value)

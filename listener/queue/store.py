@@ -39,9 +39,11 @@ from listener.queue.outcomes import (
     BatchJob,
     Completed,
     Discarded,
+    InputDigest,
     Job,
     Parked,
     Retry,
+    Reusable,
     Snoozed,
     StepRecord,
 )
@@ -73,7 +75,8 @@ class JobSnapshot:
         default), last_error, claims: as in ``listener.jobs``.
         leased: a lease token is set.
         run_after_s: seconds from now until the job may be claimed (negative: already).
-        steps: stored step results by name: ``{"step": {"cost_usd": usd, "calls": n}}``.
+        steps: stored step results by name: ``{"step": {"cost_usd": usd, "calls": n}}``,
+            plus ``"reused_from": origin job id`` on a copy (deduplication).
     """
 
     id: int
@@ -185,12 +188,16 @@ class JobStore(Protocol):
         answer and this write) keeps the newer output and adds the costs: spend counts what
         was paid.
 
+        ``record.digest`` is stored with the result; a ``record.reused`` copy also counts
+        its ``saved_usd`` in the deduplication savings.
+
         Returns:
             ``False`` when the lease no longer holds; nothing was written then.
 
         Raises:
             ValueError: ``record.effects`` names an effect outside
-                ``listener.queue.outcomes.KNOWN_EFFECTS`` (nothing is written).
+                ``listener.queue.outcomes.KNOWN_EFFECTS``, or the record's reuse or digest is
+                malformed (``check_effects``; nothing is written).
         """
         ...
 
@@ -198,8 +205,37 @@ class JobStore(Protocol):
         """The stored step outputs of a job, by step name."""
         ...
 
+    async def find_reusable(
+        self,
+        job: Job,
+        step: str,
+        digest: InputDigest,
+        scope: str,
+        max_distance: int | None = None,
+    ) -> Reusable | None:
+        """A stored result of ``step`` for the same input as ``job``'s, from another job in
+        ``scope``; read only (the copy is stored with ``save_step``).
+
+        Same input: a result whose ``digest.sha256`` is equal (kind ``"sha256"``), else, when
+        ``max_distance`` is given and ``digest.phash`` known, one whose perceptual hash is
+        within ``max_distance`` bits (kind ``"phash"``, the nearest). Scope: ``"owner"``:
+        jobs of the same source table and owner (``None`` owners form one scope);
+        ``"table"``: of the same table; ``"global"``: any job. A result that is itself a copy
+        names its origin, so copies never chain.
+
+        Postgres reads at most ``DEDUP_CANDIDATES`` results with the same digest before the
+        scope filter (``listener.queue.pg_store``), so a digest shared by very many rows of
+        other owners may go unmatched; nothing else is scanned.
+
+        Raises:
+            ValueError: ``scope`` is not one of the three.
+        """
+        ...
+
     async def complete(self, done: Sequence[Completed]) -> set[int]:
-        """Mark jobs complete, storing their unsaved results; fenced by lease.
+        """Mark jobs complete, storing their unsaved results (with their digests); fenced by
+        lease. Results with effects or copies (``reused``) are stored with ``save_step``: a
+        store raises ``ValueError`` for them here.
 
         Returns:
             The ids recorded (the others' leases no longer held; nothing was written).

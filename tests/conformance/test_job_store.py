@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 from conftest import DEFAULT_MAX_ATTEMPTS, StoreEnv
 
-from listener.queue.outcomes import Completed, Discarded, Job, Parked, Retry, Snoozed
+from listener.queue.outcomes import (
+    Completed,
+    Discarded,
+    InputDigest,
+    Job,
+    Parked,
+    Retry,
+    Reuse,
+    Snoozed,
+)
 from listener.queue.store import DeletedRow, FaceRef, JobFilter, JobStore
 
 T = "public.images"
@@ -30,6 +39,8 @@ class Rec:
     output_tokens: int | None = 5
     calls: int = 1
     effects: dict[str, Any] = field(default_factory=dict)
+    digest: InputDigest | None = None
+    reused: Reuse | None = None
 
 
 async def enqueue(store: JobStore, n: int, **kwargs: Any) -> list[int]:

@@ -71,6 +71,8 @@ async def test_dry_run_estimate_matches_recorded_cost(
             "LISTENER_OPENAI__API_KEY": "sk-test",
             "LISTENER_OPENAI__BASE_URL": fake.base_url,
             "LISTENER_FETCH__ALLOWED_HOSTS": '["127.0.0.1"]',
+            # The 40 rows are 4 images over and over: every one is paid, as estimated.
+            "LISTENER_DEDUP": "off",
         }
         realtime, batch, text = await asyncio.to_thread(dry_run_usd, env)
         assert "openai.tier3" in text and batch == pytest.approx(realtime / 2, rel=0.01)
@@ -90,6 +92,7 @@ async def test_dry_run_estimate_matches_recorded_cost(
             rate_limits={"openai": RateLimit(rps=200, burst=20, concurrency=8)},
             # Backfilled jobs go through the Batch API: checked often, submitted quickly.
             batch=BatchSettings(poll_interval_s=0.3, max_wait_s=1.0),
+            dedup="off",
         )
         # Phase 1: the first 8 images, with the priors' estimate.
         async with Daemon(settings):

@@ -250,6 +250,7 @@ async def test_bucket_keeps_the_fake_within_its_limit_and_429_pauses_everyone(
             tiers=TierSettings(tier1=["openai"]),
             concurrency=10,
             rate_limits={"openai": RateLimit(rps=5, burst=1, concurrency=10)},
+            dedup="off",  # the rows repeat images: every one is a request
         )
         fake.faults.append(Fault(429, retry_after_s=1.5))
         async with Daemon(settings):
@@ -312,6 +313,7 @@ async def test_budget_cap_defers_paid_steps(
         prefetch=0,
         tiers=TierSettings(tier1=["openai"]),
         budget_usd_per_day=0.0000001,
+        dedup="off",  # a copy costs nothing, so the budget would not hold it
     )
     async with Daemon(settings) as daemon:
         await conn.execute(

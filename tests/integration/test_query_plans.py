@@ -36,9 +36,17 @@ HOT = {
         "(ARRAY[{ids}]::bigint[], ARRAY[{tokens}]::uuid[], ARRAY[{first}]::bigint[], "
         "ARRAY['s']::text[], ARRAY['p']::text[], ARRAY['{{}}']::jsonb[], ARRAY['m']::text[], "
         "ARRAY[1.0]::float8[], ARRAY[1]::int[], ARRAY[1]::int[], ARRAY[1]::int[], "
-        "ARRAY[0.001]::numeric[])"
+        "ARRAY[0.001]::numeric[], ARRAY[NULL]::bytea[], ARRAY[NULL]::bigint[])"
     ),
-    "save_step": "({first}, '{token}', 's', 'p', '{{}}', 'm', 1.0, 1, 1, 1, 0.001)",
+    "save_step": (
+        "({first}, '{token}', 's', 'p', '{{}}', 'm', 1.0, 1, 1, 1, 0.001, "
+        "sha256('x'), 42, 7, 'sha256', 0.001)"
+    ),
+    # Deduplication's look-ups, before every paid step: by digest, never a scan.
+    "find_same_image": "('s', sha256('x'), {first}, 'owner', 'public.images', NULL, 200)",
+    "find_similar_image": (
+        "('s', -4539648440387803836, 3, {first}, 'owner', 'public.images', NULL, 200)"
+    ),
     "retry_jobs": (
         "(ARRAY[{ids}]::bigint[], ARRAY[{tokens}]::uuid[], ARRAY[{delays}]::float8[], "
         "ARRAY[{errors}]::text[])"

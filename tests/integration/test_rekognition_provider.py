@@ -200,6 +200,7 @@ async def test_bucket_keeps_rekognition_within_its_tps(
             tiers=TierSettings(tier1=["rekognition"]),
             concurrency=10,
             rate_limits={"rekognition": RateLimit(rps=4.5, burst=1, concurrency=10)},
+            dedup="off",  # the rows repeat images: every one is a request
         )
         async with Daemon(settings):
             await conn.execute(
