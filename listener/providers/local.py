@@ -116,7 +116,8 @@ def analyze_bytes(
         Sources: the variance of the Laplacian as a focus measure is from Pech-Pacheco et
         al., "Diatom autofocusing in brightfield microscopy: a comparative study", ICPR 2000;
         the perceptual hash (DCT of a 32x32 gray image) is ImageHash's ``phash`` after Zauner,
-        "Implementation and Benchmarking of Perceptual Image Hash Functions", 2010; faces come
+        "Implementation and Benchmarking of Perceptual Image Hash Functions", 2010, computed
+        with OpenCV's DCT (``listener.phash``); faces come
         from OpenCV's Haar cascade ``haarcascade_frontalface_default.xml`` (Viola & Jones,
         "Rapid Object Detection using a Boosted Cascade of Simple Features", CVPR 2001; the
         cascade is Lienhart's, after Lienhart & Maydt, ICIP 2002) run on the
@@ -131,8 +132,9 @@ def analyze_bytes(
             more than ``max_decode_bytes`` bytes once decoded.
     """
     import cv2
-    import imagehash
     import numpy as np
+
+    from listener.phash import phash
 
     if not data:
         raise InvalidImage("empty image: 0 bytes")
@@ -178,7 +180,7 @@ def analyze_bytes(
             width=width,
             height=height,
         ),
-        "phash": str(imagehash.phash(Image.fromarray(gray))),
+        "phash": phash(Image.fromarray(gray)),
         "faces": _faces(gray, scale=scale, width=width, height=height),
     }
 
@@ -569,13 +571,13 @@ class LocalProvider:
         self._timeout_s = timeout_s
         self._pool: ProcessPool | None = None
         self._futures: set[ProcessFuture[Any]] = set()
-        self._model = "listener-local/1 (opencv, imagehash phash)"
+        self._model = "listener-local/1 (opencv, phash)"
 
     @property
     def model(self) -> str:
         """The version string stored with each result.
 
-        For example ``"listener-local/1 (opencv 4.14, imagehash phash)"``; the OpenCV version
+        For example ``"listener-local/1 (opencv 4.14, phash)"``; the OpenCV version
         is filled in by ``start``, from the workers.
         """
         return self._model
@@ -595,7 +597,7 @@ class LocalProvider:
             *(asyncio.wrap_future(pool.schedule(_warm_up)) for _ in range(self._workers))
         )
         major_minor = ".".join(versions[0].split(".")[:2])
-        self._model = f"listener-local/1 (opencv {major_minor}, imagehash phash)"
+        self._model = f"listener-local/1 (opencv {major_minor}, phash)"
         deadline = loop.time() + _READY_TIMEOUT_S
         while ready.value < self._workers:
             if loop.time() > deadline:
