@@ -4,9 +4,12 @@ operator runs ``listener reanalyze``; complete rows run again from scratch."""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -101,3 +104,75 @@ async def test_cli_reanalyze_by_id_owner_where_and_all(
     )  # fmt: skip
     assert bad.returncode != 0 and "read-only" in bad.stderr
     assert await counts(conn) == {"complete": 4}
+
+
+def _readme_sql(starts_with: str) -> str:
+    """The README's SQL block that starts with ``starts_with`` (what users copy)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for block in re.findall(r"```sql\n(.*?)```", readme, flags=re.S):
+        if starts_with in block:
+            return str(block)
+    raise AssertionError(f"no SQL block with {starts_with!r} in README.md")
+
+
+async def test_the_readme_supabase_retag_rpc_reanalyzes_only_the_callers_rows(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """The README's ``retag_images`` RPC, as Supabase runs it: ``auth.uid()`` from the JWT."""
+    suffix = secrets.token_hex(4)
+    authenticated = f"authenticated_{suffix}"
+    await conn.execute(
+        f"""
+        CREATE SCHEMA IF NOT EXISTS auth;
+        -- Supabase's auth.uid(): the JWT's subject, set per request by PostgREST.
+        CREATE OR REPLACE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql STABLE AS
+            $$ SELECT nullif(current_setting('request.jwt.claim.sub', true), '')::uuid $$;
+        CREATE ROLE {authenticated} LOGIN;
+        GRANT USAGE ON SCHEMA auth TO {authenticated};
+        CREATE TABLE public.vehicle_images (
+            id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            user_id uuid NOT NULL,
+            image_url text NOT NULL,
+            processing_status text
+        );
+        """
+    )
+    await conn.execute(
+        "SELECT listener.attach('public.vehicle_images', 'id', 'image_url', 'user_id', "
+        "'processing_status')"
+    )
+    sql = _readme_sql("CREATE FUNCTION public.retag_images").replace(
+        "TO authenticated", f"TO {authenticated}"
+    )
+    await conn.execute(sql)
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    ids = await conn.fetch(
+        "INSERT INTO public.vehicle_images (user_id, image_url) "
+        "VALUES ($1, 'a'), ($1, 'b'), ($2, 'c') RETURNING id",
+        alice,
+        bob,
+    )
+    # Analyzed once: complete, results stored.
+    await conn.execute(
+        "UPDATE listener.jobs SET status = 'complete', finished_at = now() "
+        "WHERE source_table = 'public.vehicle_images'"
+    )
+    app = await asyncpg.connect(as_role(database_url, authenticated))
+    try:
+        async with app.transaction():
+            await app.execute(f"SET LOCAL request.jwt.claim.sub = '{alice}'")
+            # Alice asks for all three; only her two are hers.
+            n = await app.fetchval("SELECT public.retag_images($1::uuid[])", [r["id"] for r in ids])
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await app.fetchval("SELECT listener.reanalyze('public.vehicle_images', '{}', 0)")
+    finally:
+        await app.close()
+    assert n == 2
+    statuses = {
+        r["owner_id"]: r["statuses"]
+        for r in await conn.fetch(
+            "SELECT owner_id, array_agg(status ORDER BY status) AS statuses FROM listener.jobs "
+            "WHERE source_table = 'public.vehicle_images' GROUP BY owner_id"
+        )
+    }
+    assert statuses == {str(alice): ["pending", "pending"], str(bob): ["complete"]}
