@@ -232,6 +232,7 @@ class Daemon:
         self.store: PgJobStore | None = None
         self.signals = Signals()
         self._started_providers: list[Provider] = []
+        self._limiters: list[Limiter] = []
         self.worker_id = settings.worker_id or default_worker_id()
 
     async def start(self) -> None:
@@ -282,6 +283,7 @@ class Daemon:
             )
             # The provider that can also run steps through a batch API, if any.
             backend = next((p for p in self._providers if isinstance(p, BatchBackend)), None)
+            self._limiters = [slot.limiter for slot in slots.values()]
             dispatcher = Dispatcher(
                 self.plan,
                 slots,
@@ -533,6 +535,13 @@ class Daemon:
         logger.bind(worker_id=self.worker_id).info("listener stopped")
 
     async def _close_resources(self) -> None:
+        # Leased rate-limit slots go back to the fleet while the pool is still open.
+        for limiter in self._limiters:
+            try:
+                await limiter.give_back()
+            except Exception as error:
+                logger.warning("giving back rate-limit slots failed: {}", error)
+        self._limiters = []
         if self.health is not None:
             await self.health.close()
             self.health = None

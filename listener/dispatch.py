@@ -102,6 +102,10 @@ class Limiter(Protocol):
         """Seconds left of a pause this process knows of (0 when none)."""
         ...
 
+    async def give_back(self) -> int:
+        """Return reserved request slots this process will not use; returns how many."""
+        ...
+
 
 class ResultStore(Protocol):
     """Where step results live between runs: the job store's two step methods
@@ -176,6 +180,10 @@ class LocalLimiter:
     def paused_for(self) -> float:
         """Seconds left of the pause."""
         return max(0.0, self._paused_until - self._clock())
+
+    async def give_back(self) -> int:
+        """Nothing is reserved ahead in a per-process bucket: 0."""
+        return 0
 
 
 @dataclass(slots=True)

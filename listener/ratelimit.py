@@ -5,12 +5,22 @@ The bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per secon
 balance negative, which queues callers in arrival order without a lock (the same accounting
 as the generic cell rate algorithm, ITU-T I.371). ``pause`` stops the bucket until a given
 time, for providers that answered "slow down" (429 with Retry-After).
+
+The fleet-wide limit (``listener.db.limits``) keeps the GCRA state of each provider in one
+database row. A daemon leases several request slots per round trip on that row
+(``fleet_lease``), as many as its recent rate spends in a short horizon (``LeaseSizer``), spends
+them locally at their times, and gives the unused tail back when it can (``fleet_give_back``);
+a slot not used by its time lapses, so a crashed daemon's lease expires with its last slot.
+Leases of capacity that expire are Doorman's design (YouTube's "global distributed client-side
+rate limiting", github.com/youtube/doorman, README "Lease length and refresh interval"); the
+slots themselves are GCRA's (ITU-T I.371, virtual scheduling algorithm).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 class TokenBucket:
@@ -148,3 +158,107 @@ def fleet_correct(state: FleetState, delta_tokens: int, tokens_per_minute: int |
 def fleet_pause(state: FleetState, now: float, seconds: float) -> None:
     """Stop every request until ``now + seconds`` (a pause never shortens another)."""
     state.paused_until = max(state.paused_until, now + seconds)
+
+
+def fleet_lease(
+    state: FleetState, now: float, *, rps: float, burst: int, slots: int
+) -> list[float]:
+    """Reserve ``slots`` request slots at once (no tokens); returns their start times.
+
+    Each slot is one ``fleet_reserve``, so a lease is exactly what that many requests reserved
+    one by one at ``now`` would have got: start times ascending, spaced ``SPACING_MARGIN / rps``
+    apart once the burst is spent, none before a pause ends. ``state`` is updated in place;
+    its ``request_tat`` is then the end of the lease.
+
+    Raises:
+        ValueError: ``slots`` < 1.
+    """
+    if slots < 1:
+        raise ValueError(f"a lease needs at least one slot, got {slots}")
+    return [fleet_reserve(state, now, rps=rps, burst=burst) for _ in range(slots)]
+
+
+def fleet_give_back(state: FleetState, lease_end: float, unused: int, *, rps: float) -> int:
+    """Give back the ``unused`` last slots of a lease, if nobody leased after it.
+
+    A lease is a run of slots on the fleet's one timeline; its tail can return to the fleet
+    only while the lease still ends the timeline (``state.request_tat == lease_end``): the next
+    lease then starts where the used part ended. Once another daemon leased after it, those
+    slots stay where they are and lapse at their time (at most one lease length later).
+
+    Returns:
+        The slots given back (0 or ``unused``).
+    """
+    if unused <= 0 or state.request_tat != lease_end:
+        return 0
+    state.request_tat -= unused * SPACING_MARGIN / rps
+    return unused
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """How a daemon sizes its leases of a fleet-wide limit.
+
+    Attributes:
+        horizon_s: a lease covers the daemon's recent rate for this long (seconds): long
+            enough that round trips to the shared row are few (at 75 ms, a daemon spending
+            1,000 slots/s leases 75 per round trip: ~13 round trips/s instead of 1,000), short
+            enough that slots a daemon stops needing lapse soon.
+        max_share_s: no lease holds more than this many seconds of the whole fleet's limit
+            (``rps * max_share_s`` slots), so one daemon cannot take every slot of the next
+            moment; at 10/s (0.1 s) that is one slot, i.e. one round trip per request as before.
+        rate_window_s: time constant of the rate estimate (seconds).
+        late_grace_s: a slot may still be used this long after its time; later it lapses.
+            Well within the 4% spacing margin (40 ms per second), so a late slot never puts
+            more than the limit into a sliding second.
+    """
+
+    horizon_s: float = 0.075
+    max_share_s: float = 0.1
+    rate_window_s: float = 0.5
+    late_grace_s: float = 0.02
+
+    def max_slots(self, rps: float) -> int:
+        """The largest lease for a limit of ``rps`` requests/s (at least 1)."""
+        return max(1, int(rps * self.max_share_s))
+
+
+class LeaseSizer:
+    """The size of a daemon's next lease, from its recent rate and the callers waiting.
+
+    The rate is an exponentially weighted estimate of the slots this daemon spent (events per
+    second with time constant ``policy.rate_window_s``: r <- r * exp(-dt / tau) + n / tau,
+    which converges to the true rate of a steady stream). Pure: the clock is injected.
+
+    Args:
+        rps: the fleet-wide limit, requests per second (finite).
+        policy: the lease policy.
+        clock: a monotonic clock in seconds.
+    """
+
+    def __init__(self, rps: float, policy: LeasePolicy, clock: Callable[[], float]) -> None:
+        self._rps = rps
+        self._policy = policy
+        self._clock = clock
+        self._rate = 0.0
+        self._at = clock()
+
+    @property
+    def rate(self) -> float:
+        """Slots spent per second, recently (decayed to now)."""
+        now = self._clock()
+        return self._rate * math.exp(-(now - self._at) / self._policy.rate_window_s)
+
+    def spent(self, slots: int = 1) -> None:
+        """Count ``slots`` slots used now."""
+        now = self._clock()
+        tau = self._policy.rate_window_s
+        self._rate = self._rate * math.exp(-(now - self._at) / tau) + slots / tau
+        self._at = now
+
+    def size(self, waiting: int) -> int:
+        """Slots to lease now, with ``waiting`` callers queued for one (counting the asker):
+        enough for the waiting callers and for the recent rate over the horizon, at least 1,
+        at most ``policy.max_slots(rps)``."""
+        want = max(1, waiting, math.ceil(self.rate * self._policy.horizon_s))
+        return min(want, self._policy.max_slots(self._rps))

@@ -157,11 +157,51 @@ def test_bench_fleet_reports(tmp_path: Path) -> None:
     assert proc.returncode in (0, 1), explain(proc)
     assert out.exists(), explain(proc)
     doc = json.loads(out.read_text())
-    for key in ("requests", "rate_rps", "max_in_any_1s", "violations", "gap_ms_p50"):
+    for key in (
+        "requests",
+        "rate_rps",
+        "rate_pct_of_limit",
+        "max_in_any_1s",
+        "early_pct_of_worst_1s",
+        "early_pct_of_calls",
+        "violations",
+        "gap_ms_p50",
+    ):
         assert key in doc, (key, doc)
     assert doc["daemons"] == 2
     assert sum(doc["completed_by_worker"].values()) > 0, doc
-    assert "requests received" in proc.stdout
+    assert "% of the limit" in proc.stdout
+    assert "worst sliding second" in proc.stdout
+
+
+def test_bench_fleet_noop_reports(tmp_path: Path) -> None:
+    """Two noop daemons sharing a limit of 500 calls/s through leases, a 2 s window."""
+    out = tmp_path / "fleet-noop.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
+    env.pop("DATABASE_URL", None)
+    proc = run_script(
+        [
+            str(BENCH / "bench_fleet.py"),
+            "--provider",
+            "noop",
+            "--daemons",
+            "2",
+            "--rps",
+            "500",
+            "--seconds",
+            "2",
+            "--json",
+            str(out),
+        ],
+        timeout_s=110,
+        env=env,
+    )
+    assert proc.returncode in (0, 1), explain(proc)
+    doc = json.loads(out.read_text())
+    for key in ("rate_pct_of_limit", "early_pct_of_worst_1s", "limiter_round_trips"):
+        assert key in doc, (key, doc)
+    assert sum(doc["calls_by_daemon"].values()) > 0, doc
+    assert "worst sliding second" in proc.stdout
 
 
 def test_bench_health_reports_quiet_and_flood(pg_admin_dsn: str, tmp_path: Path) -> None:
