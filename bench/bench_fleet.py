@@ -42,11 +42,12 @@ from typing import Any
 import asyncpg
 from PIL import Image
 
-from listener.db.cluster import TemporaryCluster
+from listener.db.cluster import TemporaryCluster, termination_as_interrupt
 from listener.db.migrate import migrate
 from listener.demo import BUNDLED_IMAGES
 from listener.testing.openai_fake import FakeOpenAI
 
+ROOT = Path(__file__).resolve().parents[1]
 WARMUP_S = 5.0
 EARLY_TARGET_PCT = 1.0
 
@@ -266,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    f = asyncio.run(run(args.daemons, args.rps, args.seconds, args.provider, args.concurrency))
+    # The cluster starts off the main thread: SIGTERM/SIGHUP must still stop it (Ctrl+C does).
+    with termination_as_interrupt():
+        f = asyncio.run(run(args.daemons, args.rps, args.seconds, args.provider, args.concurrency))
     f["pass_ceiling"] = f["rate_rps"] <= args.rps
     f["pass_floor"] = f["rate_pct_of_limit"] >= args.min_share
     f["pass_early"] = f["early_pct_of_worst_1s"] <= EARLY_TARGET_PCT
