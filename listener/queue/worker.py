@@ -139,6 +139,9 @@ class Worker:
         self._running: dict[int, Job] = {}
         self._held: dict[int, Job] = {}
         self._outcomes: list[Outcome] = []
+        # Held while a flush writes: the drain takes it before it cancels the flusher, so a
+        # write the database may already have committed is never cut off and repeated.
+        self._flushing = asyncio.Lock()
         self._more_waiting = False
         self._log = logger.bind(worker_id=config.worker_id)
         self.claims = 0
@@ -177,13 +180,21 @@ class Worker:
             self._buffer.clear()  # never started: released below with the rest
             self._job_ready.set()
             await self._finish_running(consumers)
-            # The flusher is stopped before the final flush so the two never write at once;
-            # a flush cancelled midway puts its batch back.
+            # The flusher is stopped before the final flush so the two never write at once,
+            # and only between flushes: a write cut off after its commit would be repeated by
+            # the final flush and refused by the fence ("not recorded"), though it had landed.
+            # A flush that hangs (an unresponsive database) is cut off after the grace period.
             heart.cancel()
+            between_flushes = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushing.acquire(), self.config.shutdown_grace_s)
+                between_flushes = True
             flusher.cancel()
             for task in (heart, flusher):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if between_flushes:
+                self._flushing.release()
             await self._record_and_release()
 
     def stop(self) -> None:
@@ -312,7 +323,8 @@ class Worker:
             if not self._outcomes:
                 continue
             try:
-                await self._flush()
+                async with self._flushing:
+                    await self._flush()
                 failures = 0
             except Exception as error:
                 failures += 1
