@@ -18,7 +18,8 @@ session do not survive that:
 - Session settings, session advisory locks, temporary tables. listener uses none: migrations
   lock with ``pg_advisory_xact_lock`` inside their one transaction, the status write-back sets
   ``lock_timeout`` with ``set_config(..., true)`` (transaction-local), and pooled connections
-  are reset by a ``ROLLBACK`` only.
+  are reset by a ``ROLLBACK`` only. (asyncpg itself sets ``jit`` for the session while it
+  introspects a type it has no codec for; listener's queries use built-in types only.)
 
 ``LISTENER_POOLER`` says which case applies: ``transaction``, ``none`` (a direct connection or
 a session-mode pooler), or ``auto`` (the default), which decides from
