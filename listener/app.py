@@ -25,6 +25,7 @@ import asyncpg
 from loguru import logger
 
 from listener.budget import Budget
+from listener.db.connect import check_listen_dsn, open_database
 from listener.db.limits import FleetLimiter
 from listener.db.migrate import applied_versions, load_migrations
 from listener.db.notify import Notifier
@@ -51,28 +52,6 @@ from listener.writeback import StatusWriteBack
 
 if TYPE_CHECKING:
     from listener.batches import BatchManager
-
-
-async def _reset_connection(conn: asyncpg.Connection) -> None:
-    """Release hook: roll back a transaction left open, and nothing else.
-
-    asyncpg's default reset runs ``UNLISTEN *; RESET ALL; ...`` on every release, a round trip
-    on every query's critical path. Pooled connections here never LISTEN (the notifier has its
-    own connection) and never change session state, so only an open transaction needs undoing.
-    """
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
-
-
-async def create_pool(dsn: str, min_size: int, max_size: int) -> asyncpg.Pool:
-    """The daemon's connection pool.
-
-    Raises:
-        OSError, asyncpg.PostgresError: the database cannot be reached.
-    """
-    return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, reset=_reset_connection
-    )
 
 
 class _Loop(Protocol):
@@ -240,13 +219,21 @@ class Daemon:
 
         Raises:
             SchemaNotReady: the database is not migrated.
+            PoolerError: LISTEN would go through a transaction-mode pooler (no direct
+                ``listen_database_url``); see ``listener.db.connect``.
             OSError, asyncpg.PostgresError: the database cannot be reached, or the health
                 port cannot be bound. Nothing was claimed then, and nothing keeps running.
         """
         s = self.settings
         before, after = raise_open_files_limit()
         logger.info("open files limit: {} (soft limit was {})", after, before)
-        self.pool = await create_pool(s.dsn(), s.pool_min_size, s.pool_max_size)
+        # A transaction-mode pooler on database_url: no named prepared statements, and LISTEN
+        # only on a direct URL (listener.db.connect); refused before anything is built.
+        database = await open_database(s, probe=True)
+        listen_dsn = await check_listen_dsn(
+            database, s.listen_dsn() if s.listen_database_url is not None else None, s.pooler
+        )
+        self.pool = await database.create_pool(s.pool_min_size, s.pool_max_size)
         try:
             async with self.pool.acquire() as conn:
                 await check_schema(conn)
@@ -341,7 +328,7 @@ class Daemon:
                 worker.wake()
 
             self.notifier = Notifier(
-                s.listen_dsn(),
+                listen_dsn,
                 notified,
                 connected,
                 probe_interval_s=s.probe_interval_s,

@@ -36,6 +36,7 @@ from rich.progress import (
 from rich.table import Table
 
 from listener.db.cluster import termination_as_interrupt
+from listener.db.connect import open_database
 from listener.db.migrate import MigrationError, migrate
 from listener.db.queries import Queries, TableProgress
 from listener.logs import configure_logging
@@ -81,6 +82,19 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except (ValueError, MigrationError) as error:
         err_console.print(f"[red]error:[/red] {shown(error)}")
         raise typer.Exit(2) from None
+    except (
+        asyncpg.DuplicatePreparedStatementError,
+        asyncpg.InvalidSQLStatementNameError,
+    ) as error:
+        # Named prepared statements lost or shared between clients: a transaction-mode pooler
+        # that neither the URL nor a probe revealed (listener.db.connect).
+        err_console.print(
+            f"[red]error:[/red] {shown(getattr(error, 'message', None) or error)}: "
+            "LISTENER_DATABASE_URL goes through a transaction-mode pooler; set "
+            "LISTENER_POOLER=transaction (and, for `listener run`, LISTENER_LISTEN_DATABASE_URL "
+            "to a direct connection)"
+        )
+        raise typer.Exit(2) from None
     except asyncpg.PostgresError as error:
         # str(error) already ends with a "HINT:" line: print the message and the hint once.
         message = getattr(error, "message", None) or str(error)
@@ -94,7 +108,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 @asynccontextmanager
 async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(settings.dsn(), min_size=1, max_size=2)
+    pool = await (await open_database(settings)).create_pool(1, 2)
     try:
         yield pool
     finally:
@@ -107,7 +121,8 @@ def migrate_cmd() -> None:
     settings = _settings()
 
     async def go() -> list[str]:
-        conn = await asyncpg.connect(settings.dsn())
+        # One transaction under pg_advisory_xact_lock: works through a transaction-mode pooler.
+        conn = await (await open_database(settings)).connect()
         try:
             return await migrate(conn)
         finally:
@@ -133,7 +148,7 @@ def run(
 
     async def go() -> None:
         if migrate_first:
-            conn = await asyncpg.connect(settings.dsn())
+            conn = await (await open_database(settings)).connect()
             try:
                 await migrate(conn)
             finally:
@@ -572,7 +587,7 @@ def status(
 
         # One connection, its reads one after the other: opening a second one would cost
         # more than the reads themselves.
-        conn = await asyncpg.connect(settings.dsn())
+        conn = await (await open_database(settings)).connect()
         try:
             return await queue_status(Queries(conn), settings.budget_usd_per_day)
         finally:

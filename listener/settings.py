@@ -277,7 +277,15 @@ class Settings(BaseSettings):
     listen_database_url: SecretStr | None = Field(
         default=None,
         description="DSN of the dedicated LISTEN connection; defaults to database_url. Set it "
-        "when database_url goes through a transaction-mode pooler, which cannot LISTEN.",
+        "to a direct connection when database_url goes through a transaction-mode pooler, "
+        "which cannot LISTEN (the daemon refuses to LISTEN through one).",
+    )
+    pooler: Literal["auto", "transaction", "none"] = Field(
+        default="auto",
+        description="What sits on database_url: 'transaction' (a transaction-mode pooler: "
+        "PgBouncer pool_mode=transaction, Supabase on port 6543): no named prepared "
+        "statements, LISTEN only on listen_database_url; 'none' (direct, or a session-mode "
+        "pooler); 'auto' decides from port 6543, else by a probe (listener.db.connect).",
     )
     pool_min_size: int = 2
     pool_max_size: int = 10

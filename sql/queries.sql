@@ -9,7 +9,10 @@
 -- without max_attempts (enqueued by a trigger) takes the daemon's default $5. done_steps, the
 -- steps already stored, is what a run resumes after: only a job claimed before can have any
 -- (results are written under a claim, or by a batch the job was parked for after a claim), so
--- a first claim skips the look-up.
+-- a first claim skips the look-up. The UPDATE finds its rows by id through an array
+-- (jobs_pkey): joined to the CTE instead, a generic plan, which cannot see the size of $1, may
+-- hash-join against a scan of every job (PostgreSQL 18 does). The claimed jobs come back in
+-- claim order (run_after is not changed by the claim).
 WITH next AS (
     SELECT id
     FROM listener.jobs
@@ -17,24 +20,28 @@ WITH next AS (
     ORDER BY priority, run_after, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE listener.jobs AS j
+    SET status = 'processing',
+        attempts = j.attempts + 1,
+        claims = j.claims + 1,
+        max_attempts = coalesce(j.max_attempts, $5),
+        worker_id = $2,
+        lease_token = $4,
+        lease_expires_at = now() + make_interval(secs => $3),
+        started_at = now(),
+        updated_at = now()
+    WHERE j.id = ANY(ARRAY(SELECT id FROM next))
+    RETURNING j.id, j.source_table, j.source_id, j.image_url, j.owner_id, j.priority,
+              j.attempts, j.max_attempts, j.batch_mode, j.claims, j.run_after,
+              CASE WHEN j.claims > 1
+                   THEN ARRAY(SELECT r.step FROM listener.results AS r WHERE r.job_id = j.id)
+                   ELSE '{}'::text[] END AS done_steps
 )
-UPDATE listener.jobs AS j
-SET status = 'processing',
-    attempts = j.attempts + 1,
-    claims = j.claims + 1,
-    max_attempts = coalesce(j.max_attempts, $5),
-    worker_id = $2,
-    lease_token = $4,
-    lease_expires_at = now() + make_interval(secs => $3),
-    started_at = now(),
-    updated_at = now()
-FROM next
-WHERE j.id = next.id
-RETURNING j.id, j.source_table, j.source_id, j.image_url, j.owner_id, j.priority,
-          j.attempts, j.max_attempts, j.batch_mode, j.claims,
-          CASE WHEN j.claims > 1
-               THEN ARRAY(SELECT r.step FROM listener.results AS r WHERE r.job_id = j.id)
-               ELSE '{}'::text[] END AS done_steps;
+SELECT id, source_table, source_id, image_url, owner_id, priority, attempts, max_attempts,
+       batch_mode, claims, done_steps
+FROM claimed
+ORDER BY priority, run_after, id;
 
 -- name: renew_leases :many
 -- Heartbeat: extends by $3 seconds the leases this worker still holds (tokens $2) on jobs $1.

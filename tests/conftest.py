@@ -14,6 +14,9 @@ Fixtures:
     template_db: name of the migrated template database.
     database_url: DSN of a fresh, migrated database of this test's own.
     env_for_subprocess: ``os.environ`` copy pointing ``listener`` subprocesses at it.
+    pgbouncer: the session's PgBouncer (``pool_mode = transaction``) in front of the server;
+        tests that use it skip only when pgbouncer is not installed.
+    pooler_url: ``database_url`` through that PgBouncer.
 
 Session setup runs synchronously (each step in its own short-lived event loop): async
 session fixtures do not mix well with pytest-asyncio's per-test loops.
@@ -30,6 +33,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from pgbouncer_process import PgBouncer, pgbouncer_binary
 
 from listener.db.cluster import TemporaryCluster
 
@@ -164,3 +168,19 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
+    """A PgBouncer of the session's own in ``pool_mode = transaction`` (5 server connections
+    per database), in front of the session's server; skips when pgbouncer is not installed."""
+    if pgbouncer_binary() is None:
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
+    with PgBouncer(pg_admin_dsn, pool_mode="transaction", pool_size=5) as bouncer:
+        yield bouncer
+
+
+@pytest.fixture
+def pooler_url(pgbouncer: PgBouncer, database_url: str) -> str:
+    """This test's database reached through the session's transaction-mode PgBouncer."""
+    return pgbouncer.dsn_for(database_url)

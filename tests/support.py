@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import pytest
 
 from listener.errors import ListenerError
 from listener.providers.base import ImageInput, StepContext, StepResult
@@ -57,6 +58,17 @@ async def make_table(
             "status" if status else None,
         )
     return f"public.{name}"
+
+
+async def create_extension_or_skip(conn: asyncpg.Connection, name: str) -> None:
+    """``CREATE EXTENSION IF NOT EXISTS name``, or skip the test when the server does not ship
+    it (the embedded wheel's PostgreSQL 18 has no contrib modules such as citext)."""
+    available = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = $1)", name
+    )
+    if not available:
+        pytest.skip(f"extension {name} is not installed on this PostgreSQL server")
+    await conn.execute(f'CREATE EXTENSION IF NOT EXISTS "{name}"')
 
 
 async def wait_until(

@@ -137,8 +137,8 @@ class _Binaries:
 
 
 @dataclass(frozen=True)
-class _RunAs:
-    """The unprivileged account the server runs as when this process is root."""
+class RunAs:
+    """The unprivileged account a server program runs as when this process is root."""
 
     name: str
     uid: int
@@ -262,7 +262,7 @@ def find_postgres_bindir() -> Path:
     return _find_binaries().initdb.parent
 
 
-def _unprivileged_user() -> _RunAs | None:
+def _unprivileged_user() -> RunAs | None:
     """Who runs initdb, pg_ctl and postgres: None (ourselves) unless we are root."""
     if os.geteuid() != 0:
         return None
@@ -272,14 +272,14 @@ def _unprivileged_user() -> _RunAs | None:
         except KeyError:
             continue
         if entry.pw_uid != 0:
-            return _RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
+            return RunAs(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
     raise ClusterError(
         "running as root, and PostgreSQL refuses to run as root, but neither a 'postgres' "
         "nor a 'nobody' user exists: run as a non-root user, or set DATABASE_URL"
     )
 
 
-def _can_search(path: Path, user: _RunAs) -> bool:
+def _can_search(path: Path, user: RunAs) -> bool:
     """Whether ``user`` (primary group only) may traverse directory ``path`` (POSIX rules)."""
     st = path.stat()
     if st.st_uid == user.uid:
@@ -289,13 +289,13 @@ def _can_search(path: Path, user: _RunAs) -> bool:
     return bool(st.st_mode & stat.S_IXOTH)
 
 
-def _reachable_by(path: Path, user: _RunAs) -> bool:
+def _reachable_by(path: Path, user: RunAs) -> bool:
     """Whether ``user`` may traverse ``path`` and every directory above it."""
     resolved = path.resolve()
     return all(_can_search(d, user) for d in (resolved, *resolved.parents))
 
 
-def _temp_parent(user: _RunAs | None) -> Path:
+def _temp_parent(user: RunAs | None) -> Path:
     """Where to make the cluster's temp dir: the usual temp dir, else /tmp when that is too
     deep for a Unix socket path or (as root) not reachable by the server's user."""
     for candidate in (Path(tempfile.gettempdir()), Path("/tmp")):
@@ -309,6 +309,35 @@ def _temp_parent(user: _RunAs | None) -> Path:
         f"no temporary directory usable by {who}: set TMPDIR to a short path that every "
         "user can traverse, or set DATABASE_URL"
     )
+
+
+def unprivileged_user() -> RunAs | None:
+    """The account to run a server program that refuses root (postgres, pgbouncer) as.
+
+    Returns:
+        None when this process is not root (the program runs as ourselves); else the
+        ``postgres`` account, or ``nobody`` when there is no ``postgres``.
+
+    Raises:
+        ClusterError: this process is root and neither account exists.
+    """
+    return _unprivileged_user()
+
+
+def scratch_directory(prefix: str, user: RunAs | None) -> Path:
+    """A new private (0700) temporary directory owned by ``user`` (or by us when None).
+
+    It is made under the usual temp dir, or /tmp when that is too deep for a Unix socket
+    path or not reachable by ``user``. The caller deletes it.
+
+    Raises:
+        ClusterError: no temporary directory is usable by ``user``.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir=_temp_parent(user)))
+    os.chmod(directory, 0o700)
+    if user is not None:
+        os.chown(directory, user.uid, user.gid)
+    return directory
 
 
 def _free_port() -> int:
@@ -363,7 +392,7 @@ class TemporaryCluster:
         options.update(server_options or {})
         self._options: dict[str, str] = options
         self._binaries: _Binaries | None = None
-        self._run_as: _RunAs | None = None
+        self._run_as: RunAs | None = None
         self._directory: Path | None = None
         self._port: int | None = None
         self._replaced_handlers: dict[int, object] = {}

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from support import RecordingProvider, fast_settings, wait_until
+from support import RecordingProvider, create_extension_or_skip, fast_settings, wait_until
 
 from listener.app import Daemon
 from listener.db.migrate import load_migrations, migrate
@@ -369,7 +369,7 @@ async def test_attach_accepts_writable_columns(
     conn: asyncpg.Connection, typed: Callable[[str], Any], role: str, column_type: str
 ) -> None:
     if column_type == "citext":
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS citext")
+        await create_extension_or_skip(conn, "citext")
     await typed(column_type)
     assert await conn.fetchval(ATTACH_AS[role]) == "public.typed"
 

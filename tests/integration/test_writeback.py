@@ -11,7 +11,14 @@ from collections.abc import Callable
 
 import asyncpg
 import pytest
-from support import RecordingProvider, all_finished, fast_settings, make_table, wait_until
+from support import (
+    RecordingProvider,
+    all_finished,
+    create_extension_or_skip,
+    fast_settings,
+    make_table,
+    wait_until,
+)
 
 from listener.app import Daemon
 from listener.db.migrate import load_migrations, migrate
@@ -323,7 +330,7 @@ async def test_attach_accepts_text_status_columns(
     conn: asyncpg.Connection, column_type: str
 ) -> None:
     if column_type == "citext":
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS citext")
+        await create_extension_or_skip(conn, "citext")
     await _status_table(conn, column_type)
     await conn.execute("SELECT listener.attach('typed', 'id', 'url', NULL, 'status')")
     await conn.execute("INSERT INTO public.typed VALUES (1, 'a')")
