@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -168,6 +168,47 @@ async def conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def database_before(
+    pg_admin_dsn: str, dsn_for: Callable[[str], str]
+) -> AsyncIterator[Callable[[int], Awaitable[str]]]:
+    """``await database_before(N)``: the DSN of a fresh database holding every migration
+    before version N, recorded as ``listener migrate`` of that release left it: a database
+    of an earlier release, for upgrade tests. Each is dropped after the test."""
+    from listener.db.migrate import load_migrations
+
+    created: list[str] = []
+
+    async def make(version: int) -> str:
+        name = f"before{version}_{secrets.token_hex(6)}"
+        await _admin_execute(pg_admin_dsn, f'CREATE DATABASE "{name}"')
+        created.append(name)
+        conn = await asyncpg.connect(dsn_for(name))
+        try:
+            await conn.execute(
+                "CREATE SCHEMA listener; CREATE TABLE listener.schema_migrations ("
+                "version integer PRIMARY KEY, name text NOT NULL, "
+                "applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for m in load_migrations():
+                if m.version < version:
+                    await conn.execute(m.sql)
+                    await conn.execute(
+                        "INSERT INTO listener.schema_migrations (version, name) VALUES ($1, $2)",
+                        m.version,
+                        m.name,
+                    )
+        finally:
+            await conn.close()
+        return dsn_for(name)
+
+    try:
+        yield make
+    finally:
+        for name in created:
+            await _admin_execute(pg_admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from support import StaticServer, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
-from listener.db.migrate import load_migrations, migrate
+from listener.db.migrate import migrate
 from listener.db.queries import Queries
 from listener.deletes import DeleteDrain
 from listener.faces import PgKnownFaces, external_image_id
@@ -348,33 +347,9 @@ async def test_a_collection_deleted_outside_listener_is_created_again(
 
 
 @pytest.fixture
-async def db_at_0013(pg_admin_dsn: str, dsn_for: Callable[[str], str]) -> AsyncIterator[str]:
+async def db_at_0013(database_before: Callable[[int], Awaitable[str]]) -> str:
     """A database migrated up to 0013 (the release before deletes)."""
-    name = f"old_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    conn = await asyncpg.connect(dsn_for(name))
-    try:
-        await conn.execute(
-            "CREATE SCHEMA listener; CREATE TABLE listener.schema_migrations ("
-            "version integer PRIMARY KEY, name text NOT NULL, "
-            "applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for m in load_migrations():
-            if m.version < 14:
-                await conn.execute(m.sql)
-                await conn.execute(
-                    "INSERT INTO listener.schema_migrations (version, name) VALUES ($1, $2)",
-                    m.version,
-                    m.name,
-                )
-    finally:
-        await conn.close()
-    try:
-        yield dsn_for(name)
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+    return await database_before(14)
 
 
 async def test_a_table_attached_before_0014_gets_the_delete_trigger_on_migrate(

@@ -4,15 +4,14 @@ is still counted; migrate brings tables attached before to the new trigger."""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
 from support import make_table
 from test_status_counts import assert_exact
 
-from listener.db.migrate import load_migrations, migrate
+from listener.db.migrate import migrate
 
 
 async def delta_rows(conn: asyncpg.Connection) -> int:
@@ -78,33 +77,9 @@ async def test_other_inserts_of_jobs_are_still_counted(conn: asyncpg.Connection)
 
 
 @pytest.fixture
-async def db_before_0017(pg_admin_dsn: str, dsn_for: Callable[[str], str]) -> AsyncIterator[str]:
+async def db_before_0017(database_before: Callable[[int], Awaitable[str]]) -> str:
     """A database migrated with every migration before 0017."""
-    name = f"pre17_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    conn = await asyncpg.connect(dsn_for(name))
-    try:
-        await conn.execute(
-            "CREATE SCHEMA listener; CREATE TABLE listener.schema_migrations ("
-            "version integer PRIMARY KEY, name text NOT NULL, "
-            "applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for m in load_migrations():
-            if m.version < 17:
-                await conn.execute(m.sql)
-                await conn.execute(
-                    "INSERT INTO listener.schema_migrations (version, name) VALUES ($1, $2)",
-                    m.version,
-                    m.name,
-                )
-    finally:
-        await conn.close()
-    try:
-        yield dsn_for(name)
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+    return await database_before(17)
 
 
 async def test_migrate_gives_tables_attached_before_the_counting_trigger(

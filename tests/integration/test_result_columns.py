@@ -7,10 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 from support import RecordingProvider, create_extension_or_skip, fast_settings, wait_until
 
 from listener.app import Daemon
-from listener.db.migrate import load_migrations, migrate
+from listener.db.migrate import migrate
 from listener.errors import InvalidImage, ListenerError, ProviderUnavailable
 from listener.providers.base import ImageInput, StepContext, StepResult
 
@@ -487,33 +486,9 @@ async def test_cli_attaches_every_column_and_explains_refusals(
 
 
 @pytest.fixture
-async def old_db(pg_admin_dsn: str, dsn_for: Callable[[str], str]) -> AsyncIterator[str]:
+async def old_db(database_before: Callable[[int], Awaitable[str]]) -> str:
     """A database migrated up to the version before 0011 (the previous release)."""
-    name = f"old_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    conn = await asyncpg.connect(dsn_for(name))
-    try:
-        await conn.execute(
-            "CREATE SCHEMA listener; CREATE TABLE listener.schema_migrations ("
-            "version integer PRIMARY KEY, name text NOT NULL, "
-            "applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for m in load_migrations():
-            if m.version < 11:
-                await conn.execute(m.sql)
-                await conn.execute(
-                    "INSERT INTO listener.schema_migrations (version, name) VALUES ($1, $2)",
-                    m.version,
-                    m.name,
-                )
-    finally:
-        await conn.close()
-    try:
-        yield dsn_for(name)
-    finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+    return await database_before(11)
 
 
 async def enqueue_functions(conn: asyncpg.Connection, table: str) -> dict[str, str]:
