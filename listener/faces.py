@@ -88,6 +88,11 @@ class KnownFaces(Protocol):
         """The subset of ``face_ids`` recorded in ``listener.faces``."""
         ...
 
+    async def of_row(self, source_table: str, source_id: str) -> dict[str, list[str]]:
+        """The faces recorded for one app row, by collection: ``{collection_id: [face_id]}``
+        (empty when none)."""
+        ...
+
 
 class PgKnownFaces:
     """``KnownFaces`` over the ``known_face_ids`` query.
@@ -104,6 +109,10 @@ class PgKnownFaces:
         if not face_ids:
             return set()
         return await self._q.known_face_ids(sorted(face_ids))
+
+    async def of_row(self, source_table: str, source_id: str) -> dict[str, list[str]]:
+        """See ``KnownFaces.of_row``."""
+        return await self._q.row_face_ids(source_table, source_id)
 
 
 def decide(

@@ -434,6 +434,12 @@ ORDER BY j.id;
 -- Which of the given FaceIds listener has recorded (matches to others are ignored).
 SELECT face_id FROM listener.faces WHERE face_id = ANY($1::text[]);
 
+-- name: row_face_ids :many
+-- The faces recorded for app row ($1 table, $2 id), with their collection (faces_source_idx).
+SELECT collection_id, face_id FROM listener.faces
+WHERE source_table = $1 AND source_id = $2
+ORDER BY collection_id, face_id;
+
 -- name: people_counts :one
 -- People and faces recorded, and open suggestions.
 SELECT (SELECT count(*) FROM listener.people) AS people,

@@ -181,6 +181,14 @@ class Queries:
         rows = await self._pool.fetch(self._sql["known_face_ids"], list(face_ids))
         return {r[0] for r in rows}
 
+    async def row_face_ids(self, source_table: str, source_id: str) -> dict[str, list[str]]:
+        """The FaceIds recorded for one app row, by collection: ``{collection_id: [face_id]}``."""
+        rows = await self._pool.fetch(self._sql["row_face_ids"], source_table, source_id)
+        found: dict[str, list[str]] = {}
+        for r in rows:
+            found.setdefault(r["collection_id"], []).append(r["face_id"])
+        return found
+
     async def status_outbox_waiting(self) -> bool:
         """True when some job's status waits to be written back to its app row."""
         return bool(await self._pool.fetchval(self._sql["status_outbox_waiting"]))

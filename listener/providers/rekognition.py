@@ -16,6 +16,12 @@ paginated; it cannot filter by ``ExternalImageId``) and deletes (DeleteFaces) th
 this row's ``ExternalImageId`` that listener has not recorded, then indexes again: one copy of
 each face, whatever the number of attempts.
 
+Re-analysis and a changed URL: the faces recorded for the row by an earlier analysis are
+deleted from their collection before the image is indexed (the new run replaces them; their
+records go when the step is stored, ``listener.apply_face_effects`` of migration 0018), so a
+retag does not record each face twice and the faces of a replaced photo do not stay
+recognisable.
+
 Collections deleted outside listener: the provider remembers which collections it created, so
 a collection deleted at AWS (the console, a script) makes IndexFaces, SearchFaces or ListFaces
 answer ``ResourceNotFoundException``. The faces step then forgets it, creates it again and runs
@@ -414,6 +420,14 @@ class RekognitionProvider:
         collection = collection_id(self._s.collection_prefix, image.owner_id)
         external_id = external_image_id(image.source_table, image.source_id)
         calls = await self._ensure_collection(collection)
+        # The row's faces from an earlier analysis (a re-analysis, or the image at its old
+        # URL): deleted first, so the image's faces are not recorded twice, the new ones cannot
+        # match them, and a replaced photo does not stay recognisable. Their records go when
+        # this step is stored (listener.apply_face_effects, 0018).
+        for old_collection, old_faces in (
+            await self._faces.of_row(image.source_table, image.source_id)
+        ).items():
+            calls += await self._delete_or_gone(old_collection, old_faces)
         removed = 0
         if context.claims > 1:
             # An earlier run of this job may have indexed faces and died before its step was

@@ -409,3 +409,44 @@ async def test_an_app_role_with_no_rights_on_listener_deletes_and_inserts_again(
         await conn.execute("RESET ROLE")
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE {role}")
+
+
+async def test_a_reanalyzed_or_replaced_photo_keeps_one_copy_of_its_faces(
+    database_url: str,
+    conn: asyncpg.Connection,
+    fake: FakeRekognition,
+    photos: StaticServer,
+) -> None:
+    """A retag records each face once; a new image at the row drops the old image's faces."""
+    await make_table(conn, owner=True)
+    base = photos.base_url
+    async with Daemon(tiered(database_url, fake)):
+        a1 = await insert(conn, f"{base}/a1.jpg")
+        await complete(conn, a1)
+        [first] = faces_in_collection(fake, a1)
+
+        # "Retag with AI": the row runs again from scratch.
+        await conn.execute("SELECT listener.reanalyze($1, $2, 0)", TABLE, [str(a1)])
+        await wait_until(lambda: _recorded_faces_not(conn, a1, first), timeout=30)
+        await complete(conn, a1)
+        [second] = faces_in_collection(fake, a1)
+        assert second != first  # indexed again, the old copy deleted first
+        recorded = await conn.fetch(
+            "SELECT face_id, matched_face FROM listener.faces WHERE source_id = $1", str(a1)
+        )
+        # One record, of the new face, which did not match the row's own old face.
+        assert [(r["face_id"], r["matched_face"]) for r in recorded] == [(second, None)]
+
+        # The row now shows another person's photo: the old face must not stay recognisable.
+        await conn.execute(f"UPDATE {TABLE} SET url = $1 WHERE id = $2", f"{base}/b.jpg", a1)
+        await wait_until(lambda: _recorded_faces_not(conn, a1, second), timeout=30)
+        await complete(conn, a1)
+        [third] = faces_in_collection(fake, a1)
+        assert third not in (first, second)
+        assert await conn.fetchval("SELECT array_agg(face_id) FROM listener.faces") == [third]
+
+
+async def _recorded_faces_not(conn: asyncpg.Connection, row_id: int, face_id: str) -> bool:
+    """True once the row has recorded faces and ``face_id`` is not among them."""
+    faces = await conn.fetch("SELECT face_id FROM listener.faces WHERE source_id = $1", str(row_id))
+    return bool(faces) and face_id not in {r["face_id"] for r in faces}
