@@ -58,31 +58,28 @@ def _as_interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
 
-def _install_interrupt_handlers() -> dict[int, object]:
+def _install_interrupt_handlers() -> list[signal.Signals]:
     """Route SIGTERM/SIGHUP to ``_as_interrupt`` where they still have their default action.
 
-    Returns the handlers replaced (signal number -> previous handler), for
-    ``_restore_handlers``. Installs nothing outside the main thread (Python allows signal
-    handlers only there) and leaves alone a signal someone else already handles.
+    Returns the signals routed, for ``_restore_handlers`` (their previous handler is always
+    ``SIG_DFL``). Installs nothing outside the main thread (Python allows signal handlers only
+    there) and leaves alone a signal someone else already handles.
     """
-    replaced: dict[int, object] = {}
     if threading.current_thread() is not threading.main_thread():
-        return replaced
-    for sig in TERMINATION_SIGNALS:
-        previous = signal.getsignal(sig)
-        if previous is signal.SIG_DFL:
-            signal.signal(sig, _as_interrupt)
-            replaced[sig] = previous
-    return replaced
+        return []
+    routed = [sig for sig in TERMINATION_SIGNALS if signal.getsignal(sig) is signal.SIG_DFL]
+    for sig in routed:
+        signal.signal(sig, _as_interrupt)
+    return routed
 
 
-def _restore_handlers(replaced: dict[int, object]) -> None:
-    """Put back what ``_install_interrupt_handlers`` replaced, unless it was changed since."""
+def _restore_handlers(routed: list[signal.Signals]) -> None:
+    """Give ``routed`` their default action back, unless their handler was changed since."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for sig, previous in replaced.items():
+    for sig in routed:
         if signal.getsignal(sig) is _as_interrupt:
-            signal.signal(sig, previous)  # type: ignore[arg-type]
+            signal.signal(sig, signal.SIG_DFL)
 
 
 @contextmanager
@@ -92,11 +89,11 @@ def termination_as_interrupt() -> Iterator[None]:
     For code that starts a ``TemporaryCluster`` off the main thread, where ``start()`` cannot
     install the handlers itself; call it in the main thread, around ``asyncio.run``.
     """
-    replaced = _install_interrupt_handlers()
+    routed = _install_interrupt_handlers()
     try:
         yield
     finally:
-        _restore_handlers(replaced)
+        _restore_handlers(routed)
 
 
 # Not "listener": a role named like the schema would put "$user" (= listener) first on the
@@ -395,7 +392,7 @@ class TemporaryCluster:
         self._run_as: RunAs | None = None
         self._directory: Path | None = None
         self._port: int | None = None
-        self._replaced_handlers: dict[int, object] = {}
+        self._routed_signals: list[signal.Signals] = []
 
     # -- public API -------------------------------------------------------------------------
 
@@ -426,7 +423,7 @@ class TemporaryCluster:
             tempfile.mkdtemp(prefix="listener-pg-", dir=_temp_parent(self._run_as))
         )
         atexit.register(self.stop)
-        self._replaced_handlers = _install_interrupt_handlers()
+        self._routed_signals = _install_interrupt_handlers()
         try:
             self._prepare_directory()
             self._initdb()
@@ -523,8 +520,8 @@ class TemporaryCluster:
         if directory is None:
             return
         atexit.unregister(self.stop)
-        _restore_handlers(self._replaced_handlers)
-        self._replaced_handlers = {}
+        _restore_handlers(self._routed_signals)
+        self._routed_signals = []
         try:
             if self._binaries is not None and (self.data_dir / "postmaster.pid").exists():
                 self._stop_server()

@@ -106,7 +106,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import BodyPartReader, web
 from PIL import Image, ImageStat
@@ -522,7 +522,7 @@ def _parse_response_format(value: Any) -> dict[str, Any] | None:
                 None,
             )
         _check_strict(schema, name)
-    return value  # type: ignore[no-any-return]
+    return cast(dict[str, Any], value)
 
 
 def _parse_chat(body: Any) -> _Chat:
@@ -620,7 +620,7 @@ class _SchemaFaker:
             if not isinstance(node, dict) or token not in node:
                 raise _invalid(f"Unresolvable $ref '{ref}'.", "response_format", None)
             node = node[token]
-        return node  # type: ignore[no-any-return]
+        return cast(dict[str, Any], node)
 
     def value(
         self, schema: dict[str, Any], path: str = "$", name: str = "value", depth: int = 0

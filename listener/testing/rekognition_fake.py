@@ -1064,6 +1064,7 @@ async def _serve(port: int, tps_limit: float | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
+        # Not available on Windows' event loop: there Ctrl+C alone stops the fake.
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
     async with FakeRekognition(tps_limit=tps_limit, port=port) as fake:

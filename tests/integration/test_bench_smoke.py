@@ -175,7 +175,9 @@ def test_bench_fleet_reports(tmp_path: Path) -> None:
 
 
 def test_bench_fleet_noop_reports(tmp_path: Path) -> None:
-    """Two noop daemons sharing a limit of 500 calls/s through leases, a 2 s window."""
+    """Two noop daemons sharing a limit of 500 calls/s through leases, a 2 s window.
+
+    Each daemon is a ``bench/fleet_daemon.py`` process: both must have made calls."""
     out = tmp_path / "fleet-noop.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
     env.pop("DATABASE_URL", None)
@@ -200,7 +202,8 @@ def test_bench_fleet_noop_reports(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     for key in ("rate_pct_of_limit", "early_pct_of_worst_1s", "limiter_round_trips"):
         assert key in doc, (key, doc)
-    assert sum(doc["calls_by_daemon"].values()) > 0, doc
+    assert sorted(doc["calls_by_daemon"]) == ["bench-0", "bench-1"], doc
+    assert all(n > 0 for n in doc["calls_by_daemon"].values()), doc
     assert "worst sliding second" in proc.stdout
 
 
