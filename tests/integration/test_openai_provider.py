@@ -250,8 +250,9 @@ async def test_bucket_keeps_the_fake_within_its_limit_and_429_pauses_everyone(
             tiers=TierSettings(tier1=["openai"]),
             concurrency=10,
             # A margin under the fake's 5/s, as with any real limit: requests leave on their
-            # slots but reach the server with the event loop's and the network's jitter.
-            rate_limits={"openai": RateLimit(rps=4.5, burst=1, concurrency=10)},
+            # slots but reach the server with the event loop's jitter (6 arrivals in 1 s at 4/s
+            # need one request delayed 250 ms more than the fifth after it).
+            rate_limits={"openai": RateLimit(rps=4, burst=1, concurrency=10)},
             dedup="off",  # the rows repeat images: every one is a request
         )
         fake.faults.append(Fault(429, retry_after_s=1.5))
