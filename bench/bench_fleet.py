@@ -202,6 +202,7 @@ async def run_noop(daemons: int, rps: float, seconds: float, concurrency: int) -
         await conn.execute(
             "INSERT INTO images (url) SELECT 'noop://' || g FROM generate_series(1, $1) g", jobs
         )
+        await conn.execute("SELECT listener.admit_inserted_rows($1)", jobs)
         await conn.execute("ANALYZE listener.jobs")
         env = daemon_env(dsn, concurrency) | {
             "LISTENER_RATE_LIMITS": json.dumps(

@@ -2,46 +2,27 @@
 -- and a comment saying what it does and why. listener/db/queries.py exposes one method each.
 
 -- name: claim_jobs :many
--- Claims up to $1 runnable jobs for worker $2, leased for $3 seconds under token $4: pending
--- jobs whose run_after has passed, in priority then age order (an index scan of
--- jobs_claim_idx). SKIP LOCKED lets concurrent claimers pass over each other's rows instead of
--- queueing behind them; the UPDATE then touches exactly the rows this statement locked. A job
--- without max_attempts (enqueued by a trigger) takes the daemon's default $5. done_steps, the
--- steps already stored, is what a run resumes after: only a job claimed before can have any
--- (results are written under a claim, or by a batch the job was parked for after a claim), so
--- a first claim skips the look-up. The UPDATE finds its rows by id through an array
--- (jobs_pkey): joined to the CTE instead, a generic plan, which cannot see the size of $1, may
--- hash-join against a scan of every job (PostgreSQL 18 does). The claimed jobs come back in
--- claim order (run_after is not changed by the claim).
-WITH next AS (
-    SELECT id
-    FROM listener.jobs
-    WHERE status = 'pending' AND run_after <= now()
-    ORDER BY priority, run_after, id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE listener.jobs AS j
-    SET status = 'processing',
-        attempts = j.attempts + 1,
-        claims = j.claims + 1,
-        max_attempts = coalesce(j.max_attempts, $5),
-        worker_id = $2,
-        lease_token = $4,
-        lease_expires_at = now() + make_interval(secs => $3),
-        started_at = now(),
-        updated_at = now()
-    WHERE j.id = ANY(ARRAY(SELECT id FROM next))
-    RETURNING j.id, j.source_table, j.source_id, j.image_url, j.owner_id, j.priority,
-              j.attempts, j.max_attempts, j.batch_mode, j.claims, j.run_after,
-              CASE WHEN j.claims > 1
-                   THEN ARRAY(SELECT r.step FROM listener.results AS r WHERE r.job_id = j.id)
-                   ELSE '{}'::text[] END AS done_steps
-)
+-- Claims up to $1 runnable jobs for worker $2, leased for $3 seconds under token $4, after
+-- admitting up to $6 rows the app inserted (0: none), in one transaction (listener.claim_jobs,
+-- 0019, which holds the statement): pending jobs whose run_after has passed, in priority then
+-- age order (an index scan of jobs_claim_idx). SKIP LOCKED lets concurrent claimers pass over
+-- each other's rows instead of queueing behind them; the UPDATE then touches exactly the rows
+-- this statement locked. A job without max_attempts (enqueued by a trigger) takes the
+-- daemon's default $5. done_steps, the steps already stored, is what a run resumes after:
+-- only a job claimed before can have any (results are written under a claim, or by a batch
+-- the job was parked for after a claim), so a first claim skips the look-up. The UPDATE finds
+-- its rows by id through an array (jobs_pkey): joined to the CTE instead, a generic plan,
+-- which cannot see the size of $1, may hash-join against a scan of every job (PostgreSQL 18
+-- does). The claimed jobs come back in claim order (run_after is not changed by the claim).
 SELECT id, source_table, source_id, image_url, owner_id, priority, attempts, max_attempts,
        batch_mode, claims, done_steps
-FROM claimed
-ORDER BY priority, run_after, id;
+FROM listener.claim_jobs($1, $2, $3, $4, $5, $6);
+
+-- name: admit_inserted_rows :one
+-- Admits up to $1 rows the app inserted into attached tables (0019) outside a claim: their
+-- jobs are made from the rows' current values. Returns the rows taken; NOTIFY when more jobs
+-- were made than $2 (other daemons claim them) or $1 rows were taken (more may wait).
+SELECT listener.admit_inserted_rows($1, $2) AS admitted;
 
 -- name: renew_leases :many
 -- Heartbeat: extends by $3 seconds the leases this worker still holds (tokens $2) on jobs $1.
@@ -345,6 +326,8 @@ RETURNING j.id, j.status;
 -- name: queue_counts :one
 -- Counts by status from the counters (0008: folded counts plus the deltas not folded yet, one
 -- snapshot, exact) and the oldest pending age (see oldest_pending): O(tables), not O(jobs).
+-- Rows inserted but not admitted yet (0019) count as pending: O(rows waiting), a handful
+-- while a daemon runs.
 SELECT coalesce(sum(n) FILTER (WHERE status = 'pending'), 0)::bigint AS pending,
        coalesce(sum(n) FILTER (WHERE status = 'processing'), 0)::bigint AS processing,
        coalesce(sum(n) FILTER (WHERE status = 'complete'), 0)::bigint AS complete,
@@ -354,7 +337,9 @@ SELECT coalesce(sum(n) FILTER (WHERE status = 'pending'), 0)::bigint AS pending,
        (SELECT listener.oldest_pending_s()) AS oldest_pending_s
 FROM (SELECT status, n FROM listener.job_counts_by_table
       UNION ALL
-      SELECT status, delta FROM listener.job_count_deltas) AS c;
+      SELECT status, delta FROM listener.job_count_deltas
+      UNION ALL
+      SELECT 'pending', count(*) FROM listener.inserted_rows) AS c;
 
 -- name: roll_up_job_counts :one
 -- Folds the counters' deltas into the counts (listener.roll_up_job_counts in 0008) and the
@@ -448,7 +433,8 @@ SELECT (SELECT count(*) FROM listener.people) AS people,
 
 -- name: counts_by_table :many
 -- Jobs by status for each table with jobs, from the counters (folded plus deltas, one
--- snapshot): O(tables x statuses + deltas not folded yet).
+-- snapshot): O(tables x statuses + deltas not folded yet). Rows inserted but not admitted yet
+-- (0019) count as pending.
 SELECT source_table AS table,
        coalesce(sum(n) FILTER (WHERE status = 'pending'), 0)::bigint AS pending,
        coalesce(sum(n) FILTER (WHERE status = 'processing'), 0)::bigint AS processing,
@@ -458,7 +444,10 @@ SELECT source_table AS table,
        coalesce(sum(n) FILTER (WHERE status = 'batched'), 0)::bigint AS batched
 FROM (SELECT source_table, status, n FROM listener.job_counts_by_table
       UNION ALL
-      SELECT source_table, status, delta FROM listener.job_count_deltas) AS c
+      SELECT source_table, status, delta FROM listener.job_count_deltas
+      UNION ALL
+      SELECT source_table, 'pending', count(*) FROM listener.inserted_rows
+      GROUP BY source_table) AS c
 GROUP BY source_table
 HAVING sum(n) <> 0
 ORDER BY source_table;
@@ -1102,19 +1091,10 @@ SELECT EXISTS (
 -- Takes up to $1 due deleted rows, oldest first, skipping rows another daemon is taking, and
 -- leases them for $2 seconds (next_attempt_at moves past the clean-up's longest run): a
 -- daemon that dies mid-clean-up leaves them to come due again. attempts counts passes and
--- fences the acknowledgements.
-WITH due AS (
-    SELECT id FROM listener.deleted_rows
-    WHERE next_attempt_at <= now()
-    ORDER BY next_attempt_at, id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE listener.deleted_rows AS d
-SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => $2)
-FROM due
-WHERE d.id = due.id
-RETURNING d.id, d.source_table, d.source_id, d.job_id, d.reinserted, d.attempts;
+-- fences the acknowledgements. listener.claim_deleted_rows (0019) first waits for admissions
+-- in flight, so an entry whose delete raced the admission of its row gets that row's job.
+SELECT id, source_table, source_id, job_id, reinserted, attempts
+FROM listener.claim_deleted_rows($1, $2);
 
 -- name: deleted_rows_done :execute
 -- Deleted rows $1 (claimed at attempts $2) are cleaned up: done. Fenced by the attempt.

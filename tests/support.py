@@ -60,6 +60,16 @@ async def make_table(
     return f"public.{name}"
 
 
+async def admit(conn: asyncpg.Connection) -> int:
+    """Admit every row the app inserted into an attached table, as a daemon does after each
+    wake-up (``listener.admit_inserted_rows``).
+
+    Returns:
+        The rows taken from ``listener.inserted_rows``.
+    """
+    return int(await conn.fetchval("SELECT listener.admit_inserted_rows(1000000)"))
+
+
 async def create_extension_or_skip(conn: asyncpg.Connection, name: str) -> None:
     """``CREATE EXTENSION IF NOT EXISTS name``, or skip the test when the server does not ship
     it (the embedded wheel's PostgreSQL 18 has no contrib modules such as citext)."""
@@ -90,6 +100,17 @@ async def counts(conn: asyncpg.Connection) -> dict[str, int]:
     """Jobs by status."""
     rows = await conn.fetch("SELECT status, count(*) AS n FROM listener.jobs GROUP BY status")
     return {r["status"]: r["n"] for r in rows}
+
+
+async def jobs_and_waiting(conn: asyncpg.Connection) -> int:
+    """Jobs plus rows inserted but not admitted yet, in one snapshot: what the jobs will
+    number once a daemon has admitted them all."""
+    return int(
+        await conn.fetchval(
+            "SELECT (SELECT count(*) FROM listener.jobs) "
+            "+ (SELECT count(*) FROM listener.inserted_rows)"
+        )
+    )
 
 
 async def all_finished(conn: asyncpg.Connection, expected: int) -> bool:

@@ -125,8 +125,14 @@ class MemoryJobStore:
         self._rows[row.id] = row
         return row.id
 
-    async def claim(self, limit: int, worker_id: str, lease_s: float, token: UUID) -> list[Job]:
-        """See ``JobStore.claim``."""
+    async def admit(self, claiming: int = 0) -> int:
+        """See ``JobStore.admit``: jobs here are only enqueued directly, nothing waits."""
+        return 0
+
+    async def claim(
+        self, limit: int, worker_id: str, lease_s: float, token: UUID, *, admit: bool = False
+    ) -> list[Job]:
+        """See ``JobStore.claim`` (nothing waits for admission here)."""
         now = self._clock()
         ready = sorted(
             (r for r in self._rows.values() if r.status == "pending" and r.run_after <= now),

@@ -163,12 +163,34 @@ class JobStore(Protocol):
         """
         ...
 
-    async def claim(self, limit: int, worker_id: str, lease_s: float, token: UUID) -> list[Job]:
+    async def admit(self, claiming: int = 0) -> int:
+        """Make the jobs of rows enqueued outside the store that wait for admission.
+
+        In Postgres, an attached table's insert trigger only records the row
+        (``listener.inserted_rows``); admission reads the row and inserts its job. A worker
+        admits in its next claim after each wake-up (a NOTIFY, a poll, a reconnect: see
+        ``claim``); it calls this while it is not claiming (paused, or its buffer full), so
+        new rows still get their job. A store without such a source returns 0.
+
+        Args:
+            claiming: jobs the caller is about to claim; when more jobs than that were made,
+                or as many rows were taken as one admission takes, other workers are woken.
+
+        Returns:
+            Rows taken from the waiting list (0: none waited).
+        """
+        ...
+
+    async def claim(
+        self, limit: int, worker_id: str, lease_s: float, token: UUID, *, admit: bool = False
+    ) -> list[Job]:
         """Claim up to ``limit`` runnable pending jobs, leased for ``lease_s`` seconds.
 
         Runnable: ``run_after`` has passed; order: priority, then ``run_after``, then id.
         Each claim counts an attempt and fills in a missing ``max_attempts`` with the
-        store's default. Concurrent claimers never get the same job.
+        store's default. Concurrent claimers never get the same job. With ``admit``, rows
+        waiting for admission (see ``admit``) are admitted first in the same transaction,
+        so the claim can take their jobs.
         """
         ...
 

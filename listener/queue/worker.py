@@ -125,6 +125,9 @@ class Worker:
         self._store = store
         self._gate = gate
         self.claims_paused: str | None = None
+        # Rows may wait for admission (JobStore.admit): at start, after a wake-up or a poll,
+        # and while the last admission took some.
+        self._admission_due = True
         self._runner = runner
         self.signals = signals or Signals()
         self.config = config
@@ -153,7 +156,9 @@ class Worker:
     # -- public surface -------------------------------------------------------------------
 
     def wake(self) -> None:
-        """Ask the claim loop to claim now (NOTIFY arrived, a reconnect happened)."""
+        """Ask the claim loop to admit new rows and claim now (NOTIFY arrived, a reconnect
+        happened)."""
+        self._admission_due = True
         self._wake.set()
 
     @property
@@ -222,18 +227,25 @@ class Worker:
         while not self._stopping.is_set():
             self._wake.clear()
             if not self._should_claim():
-                # Full: a consumer taking the buffer down to half wakes us.
+                # Full: a consumer taking the buffer down to half wakes us. New rows still
+                # get their jobs (and the app its pending status) meanwhile.
+                await self._admit_quietly()
                 await self._wait(self._poll_interval())
                 continue
             want = self._shortfall()
             try:
                 if await self._claims_blocked():
+                    await self._admit_quietly()
                     await self._wait(self._poll_interval())
                     continue
+                # After a wake-up, the claim admits new rows first. More than one admission
+                # takes wakes every daemon again (a NOTIFY from the claim itself).
+                admit, self._admission_due = self._admission_due, False
                 jobs = await self._store.claim(
-                    want, self.config.worker_id, self.config.lease_s, uuid.uuid4()
+                    want, self.config.worker_id, self.config.lease_s, uuid.uuid4(), admit=admit
                 )
             except Exception as error:
+                self._admission_due = True
                 failures += 1
                 self.claim_failures = failures
                 self.last_claim_error = redact_text(f"{type(error).__name__}: {error}")[:300]
@@ -260,6 +272,17 @@ class Worker:
             self._more_waiting = len(jobs) == want
             if not self._more_waiting:
                 await self._wait(self._poll_interval())
+
+    async def _admit_quietly(self) -> None:
+        """Admit waiting rows while not claiming (``JobStore.admit``); errors are logged."""
+        if not self._admission_due:
+            return
+        self._admission_due = False
+        try:
+            self._admission_due = await self._store.admit() > 0
+        except Exception as error:
+            self._admission_due = True
+            self._db_error("admit", error)
 
     async def _claims_blocked(self) -> bool:
         """Ask the gate; log when claiming pauses or resumes."""
@@ -299,8 +322,10 @@ class Worker:
     async def _wait(self, timeout: float | None) -> None:
         if self._stopping.is_set():
             return
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            self._admission_due = True  # the poll: the backstop of a lost NOTIFY
 
     def _poll_interval(self) -> float:
         return self.config.poll_interval_s * (0.75 + 0.5 * self._rng())

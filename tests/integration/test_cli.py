@@ -10,7 +10,7 @@ import sys
 
 import asyncpg
 import pytest
-from support import RecordingProvider, fast_settings, make_table
+from support import RecordingProvider, admit, fast_settings, make_table
 
 from listener.app import Daemon
 
@@ -95,6 +95,7 @@ async def test_backfill_dry_run_limit_owner_and_rerun(
     assert "45 rows would be enqueued" in cli(env, "backfill", "images", "--dry-run").stdout
 
     await conn.execute("INSERT INTO images (url, owner_id) VALUES ('fresh', 'bob')")
+    assert await admit(conn) == 1
     priorities = await conn.fetch(
         "SELECT priority, count(*) AS n FROM listener.jobs GROUP BY 1 ORDER BY 1"
     )
@@ -149,6 +150,7 @@ async def test_status_retry_and_cancel(
         "INSERT INTO images (url, owner_id) SELECT 'http://img/' || g || '.jpg', "
         "CASE WHEN g <= 6 THEN 'alice' ELSE 'bob' END FROM generate_series(1, 10) g"
     )
+    assert await admit(conn) == 10
     # Three 404s and one timeout for alice, finished now; bob's jobs stay pending.
     await conn.execute(
         "UPDATE listener.jobs SET status = 'failed', finished_at = now(), attempts = 1, "

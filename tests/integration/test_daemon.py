@@ -7,7 +7,15 @@ import asyncio
 import aiohttp
 import asyncpg
 import pytest
-from support import RecordingProvider, all_finished, counts, fast_settings, make_table, wait_until
+from support import (
+    RecordingProvider,
+    admit,
+    all_finished,
+    counts,
+    fast_settings,
+    make_table,
+    wait_until,
+)
 
 from listener.app import Daemon, SchemaNotReady
 from listener.db.cluster import TemporaryCluster
@@ -61,6 +69,7 @@ async def test_concurrent_claims_are_disjoint(database_url: str, conn: asyncpg.C
 
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 500) g")
+    assert await admit(conn) == 500
     pool = await asyncpg.create_pool(database_url, min_size=8, max_size=8)
     try:
         store = PgJobStore(pool)

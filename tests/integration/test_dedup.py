@@ -20,7 +20,14 @@ import asyncpg
 import pytest
 from PIL import Image
 from pydantic import SecretStr
-from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+from support import (
+    StaticServer,
+    all_finished,
+    fast_settings,
+    jobs_and_waiting,
+    make_table,
+    wait_until,
+)
 
 from listener.app import Daemon
 from listener.db.queries import Queries
@@ -78,7 +85,7 @@ async def analyze(conn: asyncpg.Connection, table: str, url: str, owner: str | N
     row = await conn.fetchval(
         f"INSERT INTO {table} (url, owner_id) VALUES ($1, $2) RETURNING id", url, owner
     )
-    total = await conn.fetchval("SELECT count(*) FROM listener.jobs")
+    total = await jobs_and_waiting(conn)
     await wait_until(lambda: all_finished(conn, total), timeout=30)
     job_id: int = await conn.fetchval(
         "SELECT id FROM listener.jobs WHERE source_table = $1 AND source_id = $2",

@@ -16,7 +16,7 @@ from typing import Any
 import aioboto3
 import asyncpg
 import pytest
-from support import StaticServer, fast_settings, make_table, wait_until
+from support import StaticServer, admit, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
 from listener.db.migrate import migrate
@@ -91,10 +91,16 @@ def faces_in_collection(fake: FakeRekognition, row_id: int) -> list[str]:
     return [f.face_id for f in collection.faces.values() if f.external_image_id == ext]
 
 
-async def insert(conn: asyncpg.Connection, url: str, owner: str = "owner-1") -> int:
+async def insert(
+    conn: asyncpg.Connection, url: str, owner: str = "owner-1", *, admitted: bool = True
+) -> int:
+    """Insert a row and admit it (as a daemon's next claim would): its job exists. Before
+    0019 (``admitted=False``) the insert trigger made the job itself."""
     row_id: int = await conn.fetchval(
         f"INSERT INTO {TABLE} (url, owner_id) VALUES ($1, $2) RETURNING id", url, owner
     )
+    if admitted:
+        await admit(conn)
     return row_id
 
 
@@ -166,6 +172,7 @@ async def test_deleting_a_pending_row_cancels_its_job_and_never_waits_for_listen
         f"INSERT INTO {TABLE} (id, url, owner_id) OVERRIDING SYSTEM VALUE VALUES ($1, 'u2', 'o')",
         row_id,
     )
+    assert await admit(conn) == 1
     fresh = await conn.fetchrow("SELECT id, image_url, status FROM listener.jobs")
     assert fresh is not None and fresh["id"] != job_id
     assert (fresh["image_url"], fresh["status"]) == ("u2", "pending")
@@ -183,7 +190,8 @@ async def test_a_row_inserted_again_before_the_clean_up_gets_a_fresh_job(
         "VALUES ($1, 'http://new/1.jpg', 'owner-2')",
         row_id,
     )
-    # The old job still held the key: the insert is queued as reinserted.
+    # The old job still held the key: admission queues the insert as reinserted.
+    assert await admit(conn) == 1
     assert await outbox(conn) == [(str(row_id), old_job, False), (str(row_id), old_job, True)]
     drain = DeleteDrain(Queries(pool), PgJobStore(pool), None)
     assert await drain.tick() == 2
@@ -358,8 +366,8 @@ async def test_a_table_attached_before_0014_gets_the_delete_trigger_on_migrate(
     conn = await asyncpg.connect(db_at_0013)
     try:
         await make_table(conn, owner=True, status=True)
-        kept = await insert(conn, "http://x/kept.jpg")
-        gone = await insert(conn, "http://x/gone.jpg")
+        kept = await insert(conn, "http://x/kept.jpg", admitted=False)
+        gone = await insert(conn, "http://x/gone.jpg", admitted=False)
         # Before 0014 a delete queued nothing (there is nowhere to queue it).
         assert await conn.fetchval("SELECT to_regclass('listener.deleted_rows')") is None
 
@@ -404,6 +412,7 @@ async def test_an_app_role_with_no_rights_on_listener_deletes_and_inserts_again(
             await conn.execute(
                 f"INSERT INTO {TABLE} (id, url) OVERRIDING SYSTEM VALUE VALUES ($1, 'u2')", row_id
             )
+        assert await admit(conn) == 1
         assert await outbox(conn) == [(str(row_id), job_id, False), (str(row_id), job_id, True)]
     finally:
         await conn.execute("RESET ROLE")

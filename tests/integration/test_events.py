@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 from loguru import logger
-from support import all_finished, make_table, wait_until
+from support import admit, all_finished, make_table, wait_until
 
 from listener.db.queries import Queries
 from listener.queue.pg_store import PgJobStore
@@ -241,6 +241,7 @@ async def test_a_receiver_failing_twice_gets_the_event_three_times_with_backoff(
 ) -> None:
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('u1')")
+    assert await admit(conn) == 1
     lines: list[str] = []
     sink = logger.add(lines.append, level="DEBUG", format="{message}")
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
@@ -304,6 +305,7 @@ async def test_cancel_emits_cancelled_events(
 ) -> None:
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 3) g")
+    assert await admit(conn) == 3
     await _enable_webhooks(database_url)
     listening = await Listening().start(database_url)
     try:
@@ -338,6 +340,7 @@ async def test_trigger_fires_once_per_statement_and_only_for_terminal_changes(
 ) -> None:
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 100) g")
+    assert await admit(conn) == 100
     listening = await Listening().start(database_url)
     try:
         # Not terminal: a claim-like change and a touch; the flag is off: no outbox row.
@@ -372,6 +375,7 @@ async def test_payload_stays_under_the_notify_limit(
     await conn.execute("CREATE TABLE public.docs (id text PRIMARY KEY, url text)")
     await conn.execute("SELECT listener.attach('public.docs', 'id', 'url')")
     await conn.execute("INSERT INTO public.docs VALUES (repeat('x', 9000), 'u'), ('short', 'u')")
+    assert await admit(conn) == 2
     await _enable_webhooks(database_url)
     listening = await Listening().start(database_url)
     try:
@@ -420,6 +424,7 @@ async def test_a_role_without_rights_on_the_outbox_still_finishes_jobs(
     role's trigger, say) does not fail for lack of rights on the outbox."""
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('u1')")
+    assert await admit(conn) == 1
     await _enable_webhooks(database_url)
     role = f"events_writer_{os.getpid()}"
     await conn.execute(f"CREATE ROLE {role}")
@@ -453,6 +458,8 @@ async def test_an_app_role_with_no_rights_on_listener_inserts_and_gets_analyzed(
             await conn.execute(f"SET LOCAL ROLE {role}")
             await conn.execute(f"INSERT INTO {table} (url) VALUES ('u1'), ('u2')")
             await conn.execute(f"UPDATE {table} SET url = 'u3' WHERE url = 'u2'")
+        # A daemon admits the rows: u2's row already has its job (u3).
+        assert await admit(conn) == 2
         jobs = await conn.fetch("SELECT image_url, status FROM listener.jobs ORDER BY id")
         assert [(j["image_url"], j["status"]) for j in jobs] == [
             ("u1", "pending"),

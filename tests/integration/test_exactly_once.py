@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from support import (
     RecordingProvider,
     StaticServer,
+    admit,
     all_finished,
     counts,
     fast_settings,
@@ -179,6 +180,7 @@ async def test_a_port_clash_at_start_claims_nothing_and_leaves_nothing_running(
 ) -> None:
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 20) g")
+    assert await admit(conn) == 20
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -211,6 +213,7 @@ async def test_readiness_reports_claims_that_keep_failing(
         """
     )
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('x')")
+    assert await admit(conn) == 1  # a pending job: its claim is the UPDATE that fails
     async with Daemon(fast_settings(database_url), providers=[RecordingProvider()]) as daemon:
         assert daemon.health is not None and daemon.worker is not None
         worker = daemon.worker

@@ -16,6 +16,7 @@ import pytest
 from support import (
     RecordingProvider,
     StaticServer,
+    admit,
     all_finished,
     counts,
     fast_settings,
@@ -117,6 +118,10 @@ async def fake() -> AsyncIterator[FakeOpenAI]:
         yield server
 
 
+async def _jobs_exist(conn: asyncpg.Connection, n: int) -> bool:
+    return bool(await conn.fetchval("SELECT count(*) FROM listener.jobs") == n)
+
+
 async def test_pause_openai_stops_claims_without_rewriting_jobs(
     database_url: str,
     conn: asyncpg.Connection,
@@ -137,6 +142,8 @@ async def test_pause_openai_stops_claims_without_rewriting_jobs(
         await conn.execute(
             f"INSERT INTO {table} (url) VALUES ($1), ($1)", f"{photos.base_url}/a.png"
         )
+        # Not claiming, the daemon still admits the rows: their jobs exist, pending.
+        await wait_until(lambda: _jobs_exist(conn, 2), timeout=10)
         before = await job_rows(conn)
         for _ in range(4):  # several poll intervals (0.2 s)
             await asyncio.sleep(settings.poll_interval_s * 2)
@@ -187,6 +194,7 @@ async def test_pausing_the_pipeline_stops_claiming(
     settings = fast_settings(database_url)
     async with Daemon(settings, providers=[provider], health=False) as daemon:
         await conn.execute(f"INSERT INTO {table} (url) VALUES ('a')")
+        await wait_until(lambda: _jobs_exist(conn, 1), timeout=10)  # admitted, not claimed
         before = await job_rows(conn)
         await asyncio.sleep(settings.poll_interval_s * 4)
         assert await job_rows(conn) == before and provider.calls == []
@@ -212,6 +220,7 @@ async def prune_fixture(conn: asyncpg.Connection) -> tuple[str, dict[str, int]]:
     ids = {}
     for url, (status, days) in cases.items():
         row_id = await conn.fetchval(f"INSERT INTO {table} (url) VALUES ($1) RETURNING id", url)
+        assert await admit(conn) == 1
         job_id = await conn.fetchval(
             "UPDATE listener.jobs SET status = $2, finished_at = now() - make_interval(days => $3)"
             " WHERE source_id = $1 RETURNING id",

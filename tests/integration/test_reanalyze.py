@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from support import RecordingProvider, counts, fast_settings, make_table
+from support import RecordingProvider, admit, counts, fast_settings, make_table
 
 from listener.app import Daemon
 
@@ -71,6 +71,7 @@ async def test_cli_reanalyze_by_id_owner_where_and_all(
         f"INSERT INTO {table} (url, owner_id) VALUES ('a', 'alice'), ('b', 'alice'), "
         "('c', 'bob'), ('d', 'bob')"
     )
+    assert await admit(conn) == 4
     await conn.execute("UPDATE listener.jobs SET status = 'complete'")
 
     def cli(*args: str) -> dict[str, object]:
@@ -152,6 +153,7 @@ async def test_the_readme_supabase_retag_rpc_reanalyzes_only_the_callers_rows(
         alice,
         bob,
     )
+    assert await admit(conn) == 3
     # Analyzed once: complete, results stored.
     await conn.execute(
         "UPDATE listener.jobs SET status = 'complete', finished_at = now() "

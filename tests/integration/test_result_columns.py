@@ -15,7 +15,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from support import RecordingProvider, create_extension_or_skip, fast_settings, wait_until
+from support import (
+    RecordingProvider,
+    admit,
+    create_extension_or_skip,
+    fast_settings,
+    wait_until,
+)
 
 from listener.app import Daemon
 from listener.db.migrate import migrate
@@ -268,6 +274,7 @@ async def test_result_merges_into_the_apps_object_and_errors_fit_the_column(
     await conn.execute(
         "INSERT INTO public.imgs VALUES (1, 'a', '{\"tier_1_analysis\": {\"old\": true}}')"
     )
+    assert await admit(conn) == 1
     job_id = await conn.fetchval("SELECT id FROM listener.jobs")
     await write_back(conn)
     assert await conn.fetchval("SELECT count(*) FROM listener.status_outbox") == 0
@@ -399,6 +406,7 @@ async def test_attach_refuses_columns_it_cannot_write(
         await conn.execute(ATTACH_AS[role])
     assert await conn.fetchval("SELECT count(*) FROM listener.attachments") == 1
     await conn.execute("INSERT INTO public.typed (id, url) VALUES (1, 'a')")
+    assert await admit(conn) == 1
     assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 1
 
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
-from support import counts, make_table
+from support import admit, counts, make_table
 
 from listener.db.migrate import MigrationError, applied_versions, load_migrations, migrate
 from listener.db.notify import CHANNEL
@@ -100,6 +100,7 @@ async def test_hostile_identifiers_are_quoted(conn: asyncpg.Connection) -> None:
     await conn.execute(
         f'INSERT INTO {quoted} ("url; DELETE FROM x", "Owner") VALUES ($1, $2)', "http://a/1", "o"
     )
+    assert await admit(conn) == 1  # admission reads the row through the quoted names
     row = await conn.fetchrow("SELECT source_table, image_url, owner_id, status FROM listener.jobs")
     assert dict(row) == {
         "source_table": f"public.{quoted}",
@@ -119,6 +120,7 @@ async def test_hostile_identifiers_are_quoted(conn: asyncpg.Connection) -> None:
 async def test_detach_stops_enqueueing_and_keeps_jobs(conn: asyncpg.Connection) -> None:
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('http://a/1')")
+    assert await admit(conn) == 1
     assert await conn.fetchval("SELECT listener.detach('images')") is True
     assert await conn.fetchval("SELECT listener.detach('images')") is False
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('http://a/2')")
@@ -161,6 +163,9 @@ async def test_each_insert_enqueues_every_row_once_with_one_notify(
             expected = 10000
         await asyncio.wait_for(counter.event.wait(), 5)
         assert await counter.settle(listener_conn) == 1
+        # The statement recorded its rows; a daemon's claim makes their jobs.
+        assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
+        assert await admit(conn) == expected
         stats = await conn.fetchrow(
             "SELECT count(*) AS jobs, count(DISTINCT source_id) AS rows FROM listener.jobs"
         )
@@ -178,6 +183,7 @@ async def test_each_insert_enqueues_every_row_once_with_one_notify(
 async def test_url_update_reenqueues_and_other_updates_do_not(conn: asyncpg.Connection) -> None:
     table = await make_table(conn, status=True)
     row_id = await conn.fetchval(f"INSERT INTO {table} (url) VALUES ('http://a/1') RETURNING id")
+    assert await admit(conn) == 1
     await conn.execute("UPDATE listener.jobs SET status = 'failed', attempts = 5, last_error = 'x'")
     await conn.execute(f"UPDATE {table} SET owner_id = 'someone' WHERE id = $1", row_id)
     assert await counts(conn) == {"failed": 1}
@@ -196,6 +202,7 @@ async def test_url_update_reenqueues_and_other_updates_do_not(conn: asyncpg.Conn
 async def test_status_is_written_back_to_the_source_row(conn: asyncpg.Connection) -> None:
     table = await make_table(conn, status=True)
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('http://a/1'), ('http://a/2')")
+    assert await admit(conn) == 2
     # Written by the daemon's write-back (listener.write_back_status), outside the insert.
     assert await conn.fetchval(f"SELECT array_agg(DISTINCT status) FROM {table}") == [None]
     await conn.execute("SELECT listener.write_back_status(100)")
@@ -230,6 +237,7 @@ async def test_backfill_functions_enqueue_only_rows_without_jobs(
     )
     await conn.execute("SELECT listener.attach('images', 'id', 'url', 'owner_id')")
     await conn.execute("INSERT INTO public.images (url, owner_id) VALUES ('http://new', 'odd')")
+    assert await admit(conn) == 1
     assert await conn.fetchval("SELECT listener.count_unqueued('images')") == 25
     assert await conn.fetchval("SELECT listener.count_unqueued('images', 'even')") == 12
     first = await conn.fetchrow(

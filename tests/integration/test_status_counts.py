@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
-from support import RecordingProvider, fast_settings, make_table, wait_until
+from support import RecordingProvider, admit, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
 from listener.db.migrate import load_migrations
@@ -211,6 +211,7 @@ async def test_rollup_is_exact_and_skips_while_another_runs(
         "INSERT INTO images (url, owner_id) SELECT 'http://img/' || g, 'o' || (g % 3) "
         "FROM generate_series(1, 50) g"
     )
+    assert await admit(conn) == 50
     await conn.execute("UPDATE listener.jobs SET status = 'complete' WHERE id % 2 = 0")
     await conn.execute("DELETE FROM listener.jobs WHERE id % 5 = 0")
     other = await asyncpg.connect(database_url)
@@ -334,6 +335,7 @@ async def test_status_and_metrics_report_every_status(
         "INSERT INTO images (url, owner_id) SELECT 'http://img/' || g, 'o' FROM "
         "generate_series(1, 12) g"
     )
+    assert await admit(conn) == 12
     # Two jobs in each status, set directly: no daemon will claim them (all in the future).
     await conn.execute(
         "UPDATE listener.jobs SET run_after = now() + interval '1 hour', "

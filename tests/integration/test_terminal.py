@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import asyncpg
-from support import RecordingProvider, all_finished, fast_settings, wait_until
+from support import RecordingProvider, admit, all_finished, fast_settings, wait_until
 
 from listener.app import Daemon
 from listener.errors import ListenerError, RejectedByProvider
@@ -68,6 +68,7 @@ async def test_status_shows_hostile_owners_errors_and_tables_as_text(
         f"INSERT INTO public.{TABLE} (url, owner_id) VALUES ('u', $1)",
         [(owner,) for owner in OWNERS],
     )
+    assert await admit(conn) == len(OWNERS)
 
     env = env_for_subprocess
     status = cli(env, "status")

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from support import (
     RecordingProvider,
+    admit,
     all_finished,
     create_extension_or_skip,
     fast_settings,
@@ -223,6 +224,7 @@ async def test_writer_skips_locked_rows_and_catches_up(
 ) -> None:
     table = await make_table(conn, status=True)
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('a'), ('b'), ('c')")
+    assert await admit(conn) == 3
     assert await app_statuses(conn, table) == {"a": None, "b": None, "c": None}
     app = await asyncpg.connect(database_url)
     try:
@@ -253,6 +255,7 @@ async def test_change_committed_while_the_writer_holds_the_outbox_row_is_kept(
     """The outbox upsert waits for the writer and re-inserts the row it deleted."""
     table = await make_table(conn, status=True)
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('a')")
+    assert await admit(conn) == 1
     writer = await asyncpg.connect(database_url)
     try:
         tx = writer.transaction()
@@ -279,6 +282,7 @@ async def test_writer_forgets_rows_that_are_gone_and_tables_without_status(
     other = await make_table(conn, "plain")
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('a'), ('b')")
     await conn.execute(f"INSERT INTO {other} (url) VALUES ('x')")
+    assert await admit(conn) == 3
     assert await conn.fetchval("SELECT count(*) FROM listener.status_outbox") == 2
     await conn.execute(f"DELETE FROM {table} WHERE url = 'a'")
     done = await write_back(conn)
@@ -305,6 +309,7 @@ async def test_one_broken_table_does_not_stop_the_others(conn: asyncpg.Connectio
     fine = await make_table(conn, "fine", status=True)
     await conn.execute(f"INSERT INTO {broken} (url) VALUES ('a')")
     await conn.execute(f"INSERT INTO {fine} (url) VALUES ('b')")
+    assert await admit(conn) == 2
     # Changed after attach: 'pending' no longer fits.
     await conn.execute(f"ALTER TABLE {broken} ALTER status TYPE varchar(3)")
     result = await write_back(conn)
@@ -334,6 +339,7 @@ async def test_attach_accepts_text_status_columns(
     await _status_table(conn, column_type)
     await conn.execute("SELECT listener.attach('typed', 'id', 'url', NULL, 'status')")
     await conn.execute("INSERT INTO public.typed VALUES (1, 'a')")
+    assert await admit(conn) == 1
     await conn.execute("UPDATE listener.jobs SET status = 'processing'")
     await write_back(conn)
     assert await conn.fetchval("SELECT status::text FROM public.typed") == "processing"
@@ -472,6 +478,7 @@ async def test_upgrade_moves_existing_attachments_to_the_outbox(
             table
         ]
         await conn.execute(f"INSERT INTO {table} (url) VALUES ('a')")
+        assert await admit(conn) == 1
         await write_back(conn)
         assert await app_statuses(conn, table) == {"a": "pending"}
     finally:
@@ -492,6 +499,7 @@ async def test_write_back_loop_logs_errors_and_never_raises(
     fine = await make_table(conn, "fine", status=True)
     await conn.execute(f"INSERT INTO {broken} (url) VALUES ('a')")
     await conn.execute(f"INSERT INTO {fine} (url) SELECT 'b' || g FROM generate_series(1, 7) g")
+    assert await admit(conn) == 8
     await conn.execute(f"ALTER TABLE {broken} ALTER status TYPE varchar(3)")
     messages: list[str] = []
     sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")

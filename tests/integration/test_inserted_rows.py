@@ -1,0 +1,293 @@
+"""The app's INSERT only appends to listener.inserted_rows (0019); the daemon admits the jobs.
+
+What the app's transaction does, what admission makes of each entry (the row as it is then),
+and the race of an admission with the app deleting the row. Real Postgres throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+import pytest
+from support import RecordingProvider, admit, fast_settings, make_table
+from test_status_counts import assert_exact
+
+from listener.app import Daemon
+from listener.db.migrate import migrate
+from listener.db.queries import Queries
+from listener.deletes import DeleteDrain
+from listener.queue.pg_store import PgJobStore
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def entries(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+    rows = await conn.fetch(
+        "SELECT source_table, source_id FROM listener.inserted_rows ORDER BY id"
+    )
+    return [(r["source_table"], r["source_id"]) for r in rows]
+
+
+async def jobs(conn: asyncpg.Connection) -> list[tuple[str, str | None, str | None, str]]:
+    rows = await conn.fetch(
+        "SELECT source_id, image_url, owner_id, status FROM listener.jobs ORDER BY source_id"
+    )
+    return [(r["source_id"], r["image_url"], r["owner_id"], r["status"]) for r in rows]
+
+
+async def test_an_insert_appends_entries_and_one_notify_per_statement(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    table = await make_table(conn, "photos", owner=True)
+    heard: list[str] = []
+    listener = await asyncpg.connect(database_url)
+    try:
+        await listener.add_listener("listener_jobs", lambda *args: heard.append(args[3]))
+        await conn.execute(
+            "INSERT INTO photos (url, owner_id) "
+            "SELECT 'http://img/' || g || '.jpg', 'ann' FROM generate_series(1, 3) g"
+        )
+        await conn.execute("INSERT INTO photos (url) VALUES ('http://img/4.jpg')")
+        await asyncio.sleep(0.3)
+    finally:
+        await listener.close()
+    # No job is written in the app's transaction: the entries wait for a daemon.
+    assert await entries(conn) == [(table, "1"), (table, "2"), (table, "3"), (table, "4")]
+    assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
+    assert heard == ["", ""]
+    # Status counts them as pending before any daemon ran, per table too.
+    queries = Queries(conn)  # type: ignore[arg-type]
+    assert (await queries.queue_counts()).pending == 4
+    assert [(r["table"], r["pending"]) for r in await queries.counts_by_table()] == [(table, 4)]
+
+    assert await admit(conn) == 4
+    assert await entries(conn) == []
+    assert await jobs(conn) == [
+        ("1", "http://img/1.jpg", "ann", "pending"),
+        ("2", "http://img/2.jpg", "ann", "pending"),
+        ("3", "http://img/3.jpg", "ann", "pending"),
+        ("4", "http://img/4.jpg", None, "pending"),
+    ]
+    assert (await queries.queue_counts()).pending == 4
+    await assert_exact(conn)
+
+
+async def test_admission_takes_each_row_as_it_is_then(conn: asyncpg.Connection) -> None:
+    table = await make_table(conn, "photos", owner=True, status=True)
+    await conn.execute(
+        "INSERT INTO photos (url, owner_id) "
+        "SELECT 'http://img/' || g || '.jpg', 'ann' FROM generate_series(1, 4) g"
+    )
+    # Row 1 deleted before admission: no job, and nothing left to do for its entry.
+    await conn.execute("DELETE FROM photos WHERE id = 1")
+    # Row 2's URL changed before admission: the URL-change trigger made its job; admission
+    # leaves that newer job alone (one job, the new URL, not queued as reinserted).
+    await conn.execute("UPDATE photos SET url = 'http://img/2b.jpg' WHERE id = 2")
+    # Row 3's owner changed: admission reads the owner the row has now.
+    await conn.execute("UPDATE photos SET owner_id = 'bob' WHERE id = 3")
+    assert await admit(conn) == 4
+    assert await jobs(conn) == [
+        ("2", "http://img/2b.jpg", "ann", "pending"),
+        ("3", "http://img/3.jpg", "bob", "pending"),
+        ("4", "http://img/4.jpg", "ann", "pending"),
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM listener.deleted_rows WHERE reinserted") == 0
+    # The status column of each admitted row says pending (the write-back outbox).
+    assert await conn.fetchval(
+        "SELECT array_agg(DISTINCT j.source_id ORDER BY j.source_id) FROM listener.status_outbox o "
+        "JOIN listener.jobs j ON j.id = o.job_id WHERE j.source_id IN ('3', '4')"
+    ) == ["3", "4"]
+    await assert_exact(conn)
+    # Entries of a table no longer attached are dropped.
+    await conn.execute("INSERT INTO photos (url) VALUES ('http://img/5.jpg')")
+    await conn.execute("SELECT listener.detach($1)", table)
+    jobs_before = await jobs(conn)
+    assert await admit(conn) == 1
+    assert await entries(conn) == []
+    assert await jobs(conn) == jobs_before
+
+
+async def test_a_row_inserted_again_while_its_old_job_holds_the_key_is_requeued(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    table = await make_table(conn, "photos", owner=True)
+    await conn.execute("INSERT INTO photos (url, owner_id) VALUES ('http://old/1.jpg', 'ann')")
+    assert await admit(conn) == 1
+    old_job = await conn.fetchval("SELECT id FROM listener.jobs")
+    await conn.execute("DELETE FROM photos WHERE id = 1")
+    await conn.execute(
+        "INSERT INTO photos (id, url, owner_id) OVERRIDING SYSTEM VALUE "
+        "VALUES (1, 'http://new/1.jpg', 'bob')"
+    )
+    assert await admit(conn) == 1  # queued as reinserted: the old job still holds the key
+    rows = await conn.fetch(
+        "SELECT source_table, source_id, job_id, reinserted FROM listener.deleted_rows ORDER BY id"
+    )
+    assert [tuple(r) for r in rows] == [(table, "1", old_job, False), (table, "1", old_job, True)]
+    drain = DeleteDrain(Queries(pool), PgJobStore(pool), None)
+    assert await drain.tick() == 2
+    assert await jobs(conn) == [("1", "http://new/1.jpg", "bob", "pending")]
+    await assert_exact(conn)
+
+
+async def test_a_delete_racing_an_admission_leaves_no_job(
+    database_url: str, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """The admission has read the row and inserted its job, not yet committed, when the app
+    deletes the row: the delete trigger sees no job. The drain waits for the admission and
+    forgets the job it made."""
+    await make_table(conn, "photos")
+    await conn.execute("INSERT INTO photos (url) VALUES ('http://img/1.jpg')")
+    admission = await asyncpg.connect(database_url)
+    try:
+        tx = admission.transaction()
+        await tx.start()
+        assert await admission.fetchval("SELECT listener.admit_inserted_rows(10)") == 1
+        # The app's DELETE does not wait for the admission.
+        async with asyncio.timeout(5):
+            await conn.execute("DELETE FROM photos WHERE id = 1")
+        assert await conn.fetchval("SELECT job_id FROM listener.deleted_rows") is None
+        drain = DeleteDrain(Queries(pool), PgJobStore(pool), None)
+        cleaning = asyncio.create_task(drain.tick())
+        await asyncio.sleep(0.5)
+        assert not cleaning.done()  # waits for the admission's lock
+        await tx.commit()
+        assert await asyncio.wait_for(cleaning, 10) == 1
+    finally:
+        await admission.close()
+    assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
+    assert await conn.fetchval("SELECT count(*) FROM listener.deleted_rows") == 0
+    await assert_exact(conn)
+
+
+async def test_a_table_that_cannot_be_read_holds_up_only_its_own_rows(
+    conn: asyncpg.Connection,
+) -> None:
+    """Its entries stay for a later admission (with a warning naming the reason); the other
+    tables' rows are admitted, and once the table is fixed its rows are too."""
+    photos = await make_table(conn, "photos")
+    await make_table(conn, "scans")
+    await conn.execute("INSERT INTO photos (url) VALUES ('http://img/p.jpg')")
+    await conn.execute("INSERT INTO scans (url) VALUES ('http://img/s.jpg')")
+    await conn.execute("ALTER TABLE photos RENAME COLUMN url TO link")
+    warnings: list[str] = []
+    conn.add_log_listener(lambda _c, message: warnings.append(str(message)))
+    assert await admit(conn) == 2  # both taken, the photo's put back
+    assert await entries(conn) == [(photos, "1")]
+    assert [j[:2] for j in await jobs(conn)] == [("1", "http://img/s.jpg")]
+    assert any("public.photos" in w and "url" in w for w in warnings), warnings
+    await conn.execute("ALTER TABLE photos RENAME COLUMN link TO url")
+    assert await admit(conn) == 1
+    assert await entries(conn) == []
+    await assert_exact(conn)
+
+
+async def test_a_claim_sees_rows_once_admitted(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    await make_table(conn, "photos")
+    await conn.execute(
+        "INSERT INTO photos (url) SELECT 'http://img/' || g || '.jpg' FROM generate_series(1, 5) g"
+    )
+    store = PgJobStore(pool)
+    assert await store.claim(3, "w", 30.0, uuid.uuid4()) == []
+    assert await store.admit(3) == 5
+    assert await store.admit(3) == 0
+    claimed = await store.claim(3, "w", 30.0, uuid.uuid4())
+    assert [j.source_id for j in claimed] == ["1", "2", "3"]
+    assert await entries(conn) == []
+    assert await conn.fetchval("SELECT count(*) FROM listener.jobs WHERE status = 'pending'") == 2
+
+
+async def test_the_daemon_admits_rows_inserted_while_it_runs_and_before_it_started(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    await make_table(conn, "photos")
+    await conn.execute("INSERT INTO photos (url) VALUES ('http://img/before.jpg')")
+    provider = RecordingProvider()
+    settings = fast_settings(database_url, poll_interval_s=30.0)  # only NOTIFY and startup
+    async with Daemon(settings, providers=[provider], health=False) as daemon:
+        await daemon.signals.wait("finished", 1)
+        await conn.execute("INSERT INTO photos (url) VALUES ('http://img/after.jpg')")
+        await daemon.signals.wait("finished", 2)
+    assert sorted(provider.calls) == ["1", "2"]
+    assert await entries(conn) == []
+
+
+async def test_a_hostile_search_path_cannot_redirect_the_trigger(
+    conn: asyncpg.Connection,
+) -> None:
+    """The trigger runs with its owner's rights and no SET search_path: every name in it is
+    schema-qualified, so functions a caller puts first on its path are never called."""
+    await make_table(conn, "photos")
+    await conn.execute("CREATE SCHEMA hostile")
+    await conn.execute(
+        "CREATE FUNCTION hostile.pg_notify(text, text) RETURNS void LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'hijacked'; END $$"
+    )
+    await conn.execute("CREATE TABLE hostile.inserted_rows (source_table text, source_id text)")
+    await conn.execute("SET search_path = hostile, pg_catalog, public")
+    try:
+        await conn.execute("INSERT INTO photos (url) VALUES ('http://img/1.jpg')")
+    finally:
+        await conn.execute("RESET search_path")
+    assert await conn.fetchval("SELECT count(*) FROM hostile.inserted_rows") == 0
+    assert await admit(conn) == 1
+
+
+async def test_other_inserts_of_jobs_are_counted(conn: asyncpg.Connection) -> None:
+    await make_table(conn, "photos", owner=True)
+    await conn.execute(
+        "INSERT INTO listener.jobs (source_table, source_id, owner_id) VALUES ('x', '1', 'o')"
+    )
+    await conn.execute("INSERT INTO photos (url, owner_id) VALUES ('http://img/1.jpg', 'a')")
+    # The URL-change trigger's upsert: a row whose job was deleted gets a new one.
+    await conn.execute("UPDATE photos SET url = 'http://img/2.jpg'")
+    await conn.execute("DELETE FROM listener.jobs WHERE source_table = 'public.photos'")
+    # Backfill of rows without a job.
+    await conn.execute(
+        "SELECT * FROM listener.backfill_ids('public.photos', "
+        "ARRAY(SELECT id::text FROM photos), 100, 5, false)"
+    )
+    assert await admit(conn) == 1  # taken; the backfilled job is newer than the entry
+    assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 2
+    await assert_exact(conn)
+
+
+@pytest.fixture
+async def db_before_0019(database_before: Callable[[int], Awaitable[str]]) -> str:
+    """A database migrated with every migration before 0019."""
+    return await database_before(19)
+
+
+async def test_migrate_gives_tables_attached_before_the_outbox_trigger(
+    db_before_0019: str,
+) -> None:
+    conn = await asyncpg.connect(db_before_0019)
+    try:
+        await make_table(conn, "photos", owner=True)
+        await conn.execute(
+            "INSERT INTO photos (url, owner_id) SELECT 'http://img/' || g, 'o' || (g % 2) "
+            "FROM generate_series(1, 4) g"
+        )
+        assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 4
+
+        assert "0019_inserted_rows" in await migrate(conn)
+
+        await conn.execute("INSERT INTO photos (url, owner_id) VALUES ('http://img/x', 'o1')")
+        assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 4
+        assert await admit(conn) == 1
+        assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 5
+        await assert_exact(conn)
+    finally:
+        await conn.close()
