@@ -28,7 +28,7 @@ from listener.budget import Budget
 from listener.db.connect import check_listen_dsn, open_database
 from listener.db.limits import FleetLimiter
 from listener.db.migrate import applied_versions, load_migrations
-from listener.db.notify import Notifier
+from listener.db.notify import INSERTED, Notifier
 from listener.db.queries import Queries
 from listener.dedup import DedupPolicy
 from listener.deletes import DeleteDrain
@@ -313,9 +313,13 @@ class Daemon:
                     batch=s.prune_batch,
                 )
 
-            def notified() -> None:
+            def notified(payload: str) -> None:
                 self.metrics.notifications.inc()
                 worker.wake()
+                if payload == INSERTED:
+                    # Rows to admit: the worker's next claim does. The other loops would only
+                    # find nothing, and their queries would sit beside that claim.
+                    return
                 if self.status_writeback is not None:
                     self.status_writeback.wake()
                 if self.deletes is not None:

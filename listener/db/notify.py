@@ -26,13 +26,18 @@ from listener.redact import redact_text
 CHANNEL = "listener_jobs"
 """The NOTIFY channel the enqueue triggers signal on."""
 
+INSERTED = "inserted"
+"""The payload of the insert trigger's NOTIFY (0019): rows wait for admission, and nothing
+else (a deleted row, a status to write back) needs a look. Other payloads ('' from the other
+triggers and from the store) wake every loop."""
+
 
 class Notifier:
     """Keeps one LISTEN connection alive.
 
     Args:
         dsn: the connection string (``listen_database_url`` or ``database_url``).
-        on_notify: called for each notification (no arguments; the payload is ignored).
+        on_notify: called for each notification with its payload (``INSERTED``, or '').
         on_connected: called after every successful (re)connect, the first one included.
         probe_interval_s: seconds between ``SELECT 1`` liveness probes.
         reconnect_base_s: first reconnect delay's upper bound, seconds (full jitter).
@@ -44,7 +49,7 @@ class Notifier:
     def __init__(
         self,
         dsn: str,
-        on_notify: Callable[[], None],
+        on_notify: Callable[[str], None],
         on_connected: Callable[[], None],
         *,
         probe_interval_s: float = 5.0,
@@ -143,8 +148,8 @@ class Notifier:
             await conn.fetchval("SELECT 1", timeout=max(1.0, self._probe_interval))
             self.last_probe_ok = self._clock()
 
-    def _notified(self, *_: Any) -> None:
-        self._on_notify()
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self._on_notify(payload)
 
     def _terminated(self, *_: Any) -> None:
         self._lost.set()

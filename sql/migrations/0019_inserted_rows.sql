@@ -8,7 +8,9 @@
 -- executor, the indexes opened and their predicates prepared, the constraints compiled)
 -- dominates, not the row itself. Now, as 0014 did for deletes:
 --   * the trigger appends (source_table, source_id) to listener.inserted_rows, a narrow heap
---     with one index, and sends one NOTIFY per statement: 8-25 us over the plain INSERT;
+--     with one index, and sends one NOTIFY per statement: 8-25 us over the plain INSERT. Its
+--     payload is 'inserted': a daemon wakes its claim only (admission), not the loops for
+--     deleted rows and status write-back, which other NOTIFYs (payload '') still wake;
 --   * the function has no SET clause: every name in its body is schema-qualified (the
 --     practice PostgreSQL's documentation gives for SECURITY DEFINER functions and extension
 --     scripts), so a caller's search_path cannot redirect it;
@@ -57,7 +59,7 @@ BEGIN
             INSERT INTO listener.inserted_rows (source_table, source_id)
             SELECT %1$L, n.%2$I::text FROM new_rows AS n;
             IF FOUND THEN
-                PERFORM pg_catalog.pg_notify('listener_jobs', '');
+                PERFORM pg_catalog.pg_notify('listener_jobs', 'inserted');
             END IF;
             RETURN NULL;
         END;
@@ -187,14 +189,15 @@ DECLARE
     ids bigint[];
     tables text[];
     keys text[];
-    table_ids bigint[];
-    table_keys text[];
-    a listener.attachments;
+    locked text;
+    a record;
     r record;
 BEGIN
     taken := 0;
     admitted := 0;
     claimed := '{}';
+    -- The entries, and the advisory lock (held until commit, taken before any row is read:
+    -- claim_deleted_rows() waits for it) when there are any.
     WITH taken AS (
         DELETE FROM listener.inserted_rows AS i
         WHERE i.id = ANY(ARRAY(
@@ -203,31 +206,34 @@ BEGIN
             FOR UPDATE SKIP LOCKED))
         RETURNING i.id, i.source_table, i.source_id
     )
-    SELECT array_agg(t.id), array_agg(t.source_table), array_agg(t.source_id)
-    INTO ids, tables, keys
+    SELECT array_agg(t.id), array_agg(t.source_table), array_agg(t.source_id),
+           CASE WHEN count(*) > 0
+                THEN (SELECT pg_advisory_xact_lock_shared(7814717795847138676)) END
+    INTO ids, tables, keys, locked
     FROM taken AS t;
     IF ids IS NULL THEN
         RETURN;
     END IF;
     taken := cardinality(ids);
-    -- Held until commit, from before the rows are read: claim_deleted_rows() waits for it.
-    PERFORM pg_advisory_xact_lock_shared(7814717795847138676);
     FOR a IN
-        SELECT * FROM listener.attachments AS x
+        -- Each attached table, with its entries, each key once (the newest entry of a key).
+        SELECT x.source_table, x.table_oid, e.ids, e.keys
+        FROM listener.attachments AS x
+        CROSS JOIN LATERAL (
+            SELECT array_agg(d.id) AS ids, array_agg(d.source_id) AS keys
+            FROM (SELECT DISTINCT ON (u.source_id) u.id, u.source_id
+                  FROM unnest(ids, tables, keys) AS u(id, source_table, source_id)
+                  WHERE u.source_table = x.source_table
+                  ORDER BY u.source_id, u.id DESC) AS d
+        ) AS e
         WHERE x.source_table = ANY(tables)
         ORDER BY x.source_table
     LOOP
-        -- This table's entries, each key once (the newest entry of a key).
-        SELECT array_agg(e.id), array_agg(e.source_id) INTO table_ids, table_keys
-        FROM (SELECT DISTINCT ON (u.source_id) u.id, u.source_id
-              FROM unnest(ids, tables, keys) AS u(id, source_table, source_id)
-              WHERE u.source_table = a.source_table
-              ORDER BY u.source_id, u.id DESC) AS e;
         BEGIN
             EXECUTE format('SELECT * FROM listener.%I($1, $2, $3, $4, $5, $6, $7)',
                            'admit_' || a.table_oid)
             INTO r
-            USING table_ids, table_keys, greatest(p_room - cardinality(claimed), 0), p_worker,
+            USING a.ids, a.keys, greatest(p_room - cardinality(claimed), 0), p_worker,
                   p_lease_s, p_token, p_max_attempts;
             admitted := admitted + r.made;
             claimed := claimed || r.claimed;
@@ -293,6 +299,13 @@ DECLARE
     admission record;
     claimed bigint;
 BEGIN
+    -- After a wake-up (p_admit > 0) the usual case is nothing pending and one new row: a
+    -- read of the claim index spares the claim's UPDATE then.
+    IF p_admit > 0 AND NOT EXISTS (
+        SELECT FROM listener.jobs AS x WHERE x.status = 'pending' AND x.run_after <= now()
+    ) THEN
+        claimed := 0;
+    ELSE
     -- claim: begin
     RETURN QUERY
     WITH next AS (
@@ -327,6 +340,7 @@ BEGIN
     ORDER BY c.priority, c.run_after, c.id;
     -- claim: end
     GET DIAGNOSTICS claimed = ROW_COUNT;
+    END IF;
     IF p_admit > 0 THEN
         -- New rows fill the room the pending jobs left: made claimed, no second write. While
         -- pending jobs fill every claim (a backlog), new rows wait as pending jobs, and the

@@ -73,7 +73,8 @@ async def provider(fake: FakeRekognition, pool: asyncpg.Pool) -> AsyncIterator[R
 
 
 async def claim(store: PgJobStore, source_id: str) -> Job:
-    (job,) = await store.claim(1, f"worker-{uuid.uuid4().hex[:6]}", 30.0, uuid.uuid4())
+    worker = f"worker-{uuid.uuid4().hex[:6]}"
+    (job,) = await store.claim(1, worker, 30.0, uuid.uuid4(), admit=True)
     assert job.source_id == source_id
     return job
 
