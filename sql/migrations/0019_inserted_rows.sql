@@ -385,6 +385,11 @@ BEGIN
     $q$, a.source_table, a.id_column, a.id_type)
     INTO found_job USING p_id;
     RETURN found_job;
+EXCEPTION WHEN OTHERS THEN
+    -- A table that cannot be read (dropped, a column renamed) must not stop the drain of
+    -- every other deleted row: the entry is cleaned up as one whose delete saw no job.
+    RAISE WARNING 'job of deleted row % of % not looked up: %', p_id, p_table, SQLERRM;
+    RETURN NULL;
 END;
 $$;
 

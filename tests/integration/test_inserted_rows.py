@@ -192,6 +192,23 @@ async def test_a_table_that_cannot_be_read_holds_up_only_its_own_rows(
     await assert_exact(conn)
 
 
+async def test_a_table_that_cannot_be_read_does_not_stop_the_drain_of_deleted_rows(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """Deleted rows whose delete saw no job are looked up in their table; one that cannot be
+    read is cleaned up as such, and the others still are."""
+    await make_table(conn, "photos")
+    await make_table(conn, "scans")
+    await conn.execute("INSERT INTO photos (url) VALUES ('http://img/p.jpg')")
+    await conn.execute("INSERT INTO scans (url) VALUES ('http://img/s.jpg')")
+    await conn.execute("DELETE FROM photos")
+    await conn.execute("DELETE FROM scans")
+    await conn.execute("ALTER TABLE photos RENAME COLUMN id TO photo_id")
+    drain = DeleteDrain(Queries(pool), PgJobStore(pool), None)
+    assert await drain.tick() == 2
+    assert await conn.fetchval("SELECT count(*) FROM listener.deleted_rows") == 0
+
+
 async def test_a_claim_sees_rows_once_admitted(
     pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
