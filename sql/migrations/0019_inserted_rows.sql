@@ -41,13 +41,17 @@ CREATE TABLE listener.inserted_rows (
     source_id    text COLLATE "C" NOT NULL
 );
 
--- attach_deletes(table): as in 0017, with the enqueue function above. It is what attach()
--- (both forms) ends with, so every attach, and migrate's reattach_all(), installs it.
-CREATE OR REPLACE FUNCTION listener.attach_deletes(p_table text) RETURNS void
+-- attach_deletes(table): 0017's (now attach_deletes_0017: the delete trigger, and an insert
+-- trigger function replaced here), then the insert trigger function above and the table's
+-- admission function. It is what attach() (both forms) ends with, so every attach, and
+-- migrate's reattach_all(), installs them.
+ALTER FUNCTION listener.attach_deletes(text) RENAME TO attach_deletes_0017;
+CREATE FUNCTION listener.attach_deletes(p_table text) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     a listener.attachments := listener.attachment(p_table);
 BEGIN
+    PERFORM listener.attach_deletes_0017(p_table);
     -- SECURITY DEFINER without SET: its only names are listener.inserted_rows,
     -- pg_catalog.pg_notify and the transition table. A SET clause would cost every insert a
     -- configuration save and restore.
@@ -139,31 +143,6 @@ BEGIN
         a.id_type));
     EXECUTE format('REVOKE EXECUTE ON FUNCTION listener.%I(bigint[], text[], integer, text, '
                    'double precision, uuid, integer) FROM PUBLIC', 'admit_' || a.table_oid);
-
-    -- As in 0014: only an append, no job row is read for update or locked, so the app's
-    -- DELETE never waits for a daemon working on the row's job.
-    EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION listener.%I() RETURNS trigger LANGUAGE plpgsql
-            SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L
-    $f$, 'forget_delete_' || a.table_oid, format($body$
-        BEGIN
-            INSERT INTO listener.deleted_rows (source_table, source_id, job_id)
-            SELECT %1$L, o.%2$I::text, j.id
-            FROM old_rows AS o
-            LEFT JOIN listener.jobs AS j
-              ON j.source_table = %1$L AND j.source_id = o.%2$I::text COLLATE "C";
-            IF FOUND THEN
-                PERFORM pg_notify('listener_jobs', '');
-            END IF;
-            RETURN NULL;
-        END;
-    $body$, a.source_table, a.id_column));
-
-    EXECUTE format('DROP TRIGGER IF EXISTS listener_forget_delete ON %s', a.source_table);
-    EXECUTE format(
-        'CREATE TRIGGER listener_forget_delete AFTER DELETE ON %s '
-        'REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION listener.%I()',
-        a.source_table, 'forget_delete_' || a.table_oid);
 END;
 $$;
 
@@ -428,32 +407,23 @@ BEGIN
 END;
 $$;
 
--- detach(table): as in 0014, and the table's admission function goes too. Entries the table
--- still has are dropped by the next admission (the table is no longer attached).
-CREATE OR REPLACE FUNCTION listener.detach(p_table text) RETURNS boolean
+-- detach(table): as in 0014 (now detach_0014), and the table's admission function goes too.
+-- Entries the table still has are dropped by the next admission (the table is no longer
+-- attached).
+ALTER FUNCTION listener.detach(text) RENAME TO detach_0014;
+CREATE FUNCTION listener.detach(p_table text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
-    a listener.attachments;
-    rel regclass;
+    rel regclass := to_regclass(p_table);
+    oid_of oid;
 BEGIN
-    rel := to_regclass(p_table);
-    SELECT * INTO a FROM listener.attachments
-    WHERE source_table = p_table OR (rel IS NOT NULL AND table_oid = rel::oid);
-    IF NOT FOUND THEN
+    SELECT x.table_oid INTO oid_of FROM listener.attachments AS x
+    WHERE x.source_table = p_table OR (rel IS NOT NULL AND x.table_oid = rel::oid);
+    IF NOT listener.detach_0014(p_table) THEN
         RETURN false;
     END IF;
-    IF to_regclass(a.source_table) IS NOT NULL THEN
-        EXECUTE format('DROP TRIGGER IF EXISTS listener_enqueue_insert ON %s', a.source_table);
-        EXECUTE format('DROP TRIGGER IF EXISTS listener_enqueue_update ON %s', a.source_table);
-        EXECUTE format('DROP TRIGGER IF EXISTS listener_forget_delete ON %s', a.source_table);
-    END IF;
-    EXECUTE format('DROP FUNCTION IF EXISTS listener.%I()', 'enqueue_insert_' || a.table_oid);
-    EXECUTE format('DROP FUNCTION IF EXISTS listener.%I()', 'enqueue_update_' || a.table_oid);
-    EXECUTE format('DROP FUNCTION IF EXISTS listener.%I()', 'forget_delete_' || a.table_oid);
-    EXECUTE format('DROP FUNCTION IF EXISTS listener.%I(bigint[], text[])',
-                   'admit_' || a.table_oid);
-    DELETE FROM listener.attachments WHERE source_table = a.source_table;
-    PERFORM listener.sync_write_back_triggers();
+    EXECUTE format('DROP FUNCTION IF EXISTS listener.%I(bigint[], text[], integer, text, '
+                   'double precision, uuid, integer)', 'admit_' || oid_of);
     RETURN true;
 END;
 $$;

@@ -246,7 +246,15 @@ async def test_a_hostile_search_path_cannot_redirect_the_trigger(
 ) -> None:
     """The trigger runs with its owner's rights and no SET search_path: every name in it is
     schema-qualified, so functions a caller puts first on its path are never called."""
-    await make_table(conn, "photos")
+    table = await make_table(conn, "photos")
+    # No SET clause on the function (a configuration save and restore for every insert).
+    assert (
+        await conn.fetchval(
+            "SELECT proconfig FROM pg_proc WHERE proname = 'enqueue_insert_' || $1::regclass::oid",
+            table,
+        )
+        is None
+    )
     await conn.execute("CREATE SCHEMA hostile")
     await conn.execute(
         "CREATE FUNCTION hostile.pg_notify(text, text) RETURNS void LANGUAGE plpgsql AS "
