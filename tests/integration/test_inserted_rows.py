@@ -209,6 +209,31 @@ async def test_a_table_that_cannot_be_read_does_not_stop_the_drain_of_deleted_ro
     assert await conn.fetchval("SELECT count(*) FROM listener.deleted_rows") == 0
 
 
+async def test_an_admission_killed_before_its_commit_loses_nothing(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """Its entries' deletion goes with its jobs: the server rolls both back, and the next
+    admission makes the jobs."""
+    await make_table(conn, "photos")
+    await conn.execute(
+        "INSERT INTO photos (url) SELECT 'http://img/' || g || '.jpg' FROM generate_series(1, 3) g"
+    )
+    doomed = await asyncpg.connect(database_url)
+    pid = doomed.get_server_pid()
+    try:
+        await doomed.execute("BEGIN")
+        assert await doomed.fetchval("SELECT listener.admit_inserted_rows(10)") == 3
+        # pg_terminate_backend waits (timeout in ms) until the backend has exited.
+        assert await conn.fetchval("SELECT pg_terminate_backend($1, 10000)", pid)
+    finally:
+        await doomed.close()
+    assert len(await entries(conn)) == 3
+    assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
+    assert await admit(conn) == 3
+    assert [j[0] for j in await jobs(conn)] == ["1", "2", "3"]
+    await assert_exact(conn)
+
+
 async def test_a_claim_sees_rows_once_admitted(
     pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
