@@ -225,3 +225,13 @@ def pgbouncer(pg_admin_dsn: str) -> Iterator[PgBouncer]:
 def pooler_url(pgbouncer: PgBouncer, database_url: str) -> str:
     """This test's database reached through the session's transaction-mode PgBouncer."""
     return pgbouncer.dsn_for(database_url)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool of up to four connections to this test's database."""
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield p
+    finally:
+        await p.close()

@@ -134,6 +134,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import cv2
+import cv2.data
 import numpy as np
 import numpy.typing as npt
 from aiohttp import web
@@ -393,7 +394,7 @@ class FaceAnalyzer:
 
     def __init__(self) -> None:
         self._cascade = cv2.CascadeClassifier(
-            cv2.data.haarcascades + "haarcascade_frontalface_default.xml"  # type: ignore[attr-defined]
+            cv2.data.haarcascades + "haarcascade_frontalface_default.xml"
         )
         if self._cascade.empty():
             raise RuntimeError("OpenCV's frontal face cascade did not load")

@@ -61,15 +61,6 @@ async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
         yield server
 
 
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
 def tiered(database_url: str, fake: FakeRekognition, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "pipeline": "tiered",

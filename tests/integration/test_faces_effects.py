@@ -49,15 +49,6 @@ async def fake() -> AsyncIterator[FakeRekognition]:
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-@pytest.fixture
 async def provider(fake: FakeRekognition, pool: asyncpg.Pool) -> AsyncIterator[RekognitionProvider]:
     # One face per ListFaces page: the clean-up has to follow NextToken.
     p = RekognitionProvider(

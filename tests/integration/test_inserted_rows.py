@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -20,15 +20,6 @@ from listener.db.migrate import migrate
 from listener.db.queries import Queries
 from listener.deletes import DeleteDrain
 from listener.queue.pg_store import PgJobStore
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 async def entries(conn: asyncpg.Connection) -> list[tuple[str, str]]:
