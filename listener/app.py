@@ -163,6 +163,32 @@ async def check_schema(conn: asyncpg.Connection) -> None:
         )
 
 
+async def warn_if_privileged(conn: asyncpg.Connection) -> bool:
+    """Log a warning when the daemon's role is a superuser or bypasses row-level security.
+
+    The status write-back is an ordinary UPDATE of the app's rows, so a trigger the table's
+    owner put on it runs with the daemon's rights: a superuser's, then. The daemon should log
+    in as a role of its own in ``listener_worker`` (README, Security in the database).
+
+    Returns:
+        True when it warned.
+    """
+    row = await conn.fetchrow(
+        "SELECT current_user AS me, rolsuper, rolbypassrls FROM pg_roles "
+        "WHERE rolname = current_user"
+    )
+    if row is None or not (row["rolsuper"] or row["rolbypassrls"]):
+        return False
+    logger.warning(
+        "the daemon runs as {}, {}: the triggers of attached tables run with those rights "
+        "during the status write-back; log in as a role of its own in listener_worker "
+        "(CREATE ROLE listener_daemon LOGIN IN ROLE listener_worker)",
+        row["me"],
+        "a superuser" if row["rolsuper"] else "a role that bypasses row-level security",
+    )
+    return True
+
+
 class Daemon:
     """A running listener daemon.
 
@@ -237,6 +263,7 @@ class Daemon:
         try:
             async with self.pool.acquire() as conn:
                 await check_schema(conn)
+                await warn_if_privileged(conn)
             queries = Queries(self.pool)
             self.queries = queries
             self.store = PgJobStore(self.pool, s.max_attempts)

@@ -116,15 +116,25 @@ async def _pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 
 
 @app.command()
-def migrate_cmd() -> None:
+def migrate_cmd(
+    allow_superuser_owner: Annotated[
+        bool,
+        typer.Option(
+            "--allow-superuser-owner",
+            help="Migrate even when the role listener_owner is a superuser (its SECURITY "
+            "DEFINER functions then run as one).",
+        ),
+    ] = False,
+) -> None:
     """Create or upgrade the `listener` schema (safe to run twice, and concurrently)."""
     settings = _settings()
 
     async def go() -> list[str]:
-        # One transaction under pg_advisory_xact_lock: works through a transaction-mode pooler.
+        # One transaction under a transaction-scoped lock: works through a transaction-mode
+        # pooler.
         conn = await (await open_database(settings)).connect()
         try:
-            return await migrate(conn)
+            return await migrate(conn, allow_superuser_owner=allow_superuser_owner)
         finally:
             await conn.close()
 

@@ -21,6 +21,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -152,6 +153,12 @@ async def _create_table(conn: asyncpg.Connection) -> None:
         );
         """
     )
+
+
+def _as_role(dsn: str, role: str) -> str:
+    """``dsn`` (a ``postgresql://`` URL without a password) logged in as ``role``."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rsplit('@', 1)[-1]}"))
 
 
 async def _insert(conn: asyncpg.Connection, vehicle_id: uuid.UUID, url: str) -> None:
@@ -289,13 +296,27 @@ async def run_demo(
             console.print(
                 f"[bold]4.[/bold] attached the triggers; backfill enqueued {report.enqueued} jobs"
             )
+            daemon_dsn = dsn
+            if cluster is not None:
+                # The daemon's own role, as the README sets one up (Security in the
+                # database): in listener_worker, no superuser.
+                await conn.execute(
+                    "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = "
+                    "'listener_daemon') THEN CREATE ROLE listener_daemon LOGIN IN ROLE "
+                    "listener_worker; END IF; END $$"
+                )
+                daemon_dsn = _as_role(dsn, "listener_daemon")
+                console.print(
+                    "   the daemon logs in as listener_daemon (a member of listener_worker; "
+                    "not a superuser)"
+                )
             port = health_port if _port_free(health_port) else 0
             fetch = settings.fetch.model_copy(
                 update={"allowed_hosts": [*settings.fetch.allowed_hosts, "127.0.0.1"]}
             )
             daemon_settings = settings.model_copy(
                 update={
-                    "database_url": SecretStr(dsn),
+                    "database_url": SecretStr(daemon_dsn),
                     "listen_database_url": None,
                     "health_port": port,
                     "fetch": fetch,
@@ -452,9 +473,9 @@ class EventStream:
     """What an app's live UI hears: ``LISTEN listener_events`` on a connection of its own.
 
     Each terminal change of a job (complete, failed, cancelled) arrives as one NOTIFY whose
-    payload is ``{"table", "row_id", "status", "job_id"}`` (migration 0010), after the change
-    committed. The demo keeps them in ``received`` and prints a summary; with ``live`` set it
-    prints each one as it arrives.
+    payload is ``{"table", "status", "job_id"}`` (migrations 0010, 0020: no row id, since any
+    role may LISTEN), after the change committed. The demo keeps them in ``received`` and
+    prints a summary; with ``live`` set it prints each one as it arrives.
     """
 
     def __init__(self, console: Console) -> None:

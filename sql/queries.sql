@@ -852,8 +852,9 @@ FROM listener.write_back_status($1, $2);
 SELECT EXISTS (SELECT 1 FROM listener.status_outbox) AS waiting;
 
 -- name: reanalyze :one
--- Starts rows $2 of table $1 over from scratch at priority $3 (see listener.reanalyze).
-SELECT listener.reanalyze($1::regclass, $2::text[], $3) AS jobs;
+-- Starts rows $2 of table $1 over from scratch at priority $3, with no quota: the operator's
+-- and the store's (see listener.reanalyze_rows; apps call listener.reanalyze).
+SELECT listener.reanalyze_rows($1::regclass, $2::text[], $3) AS jobs;
 
 -- name: wake_held_jobs :many
 -- `listener resume`: the pending jobs held by pause $1 (a provider, '*' or 'budget') may run

@@ -260,17 +260,13 @@ async def test_the_daemon_admits_rows_inserted_while_it_runs_and_before_it_start
 async def test_a_hostile_search_path_cannot_redirect_the_trigger(
     conn: asyncpg.Connection,
 ) -> None:
-    """The trigger runs with its owner's rights and no SET search_path: every name in it is
-    schema-qualified, so functions a caller puts first on its path are never called."""
+    """The trigger runs with its owner's rights and its own search_path (pg_catalog, then
+    pg_temp), so functions and tables a caller puts first on its path are never used."""
     table = await make_table(conn, "photos")
-    # No SET clause on the function (a configuration save and restore for every insert).
-    assert (
-        await conn.fetchval(
-            "SELECT proconfig FROM pg_proc WHERE proname = 'enqueue_insert_' || $1::regclass::oid",
-            table,
-        )
-        is None
-    )
+    assert await conn.fetchval(
+        "SELECT proconfig FROM pg_proc WHERE proname = 'enqueue_insert_' || $1::regclass::oid",
+        table,
+    ) == ["search_path=pg_catalog, pg_temp"]
     await conn.execute("CREATE SCHEMA hostile")
     await conn.execute(
         "CREATE FUNCTION hostile.pg_notify(text, text) RETURNS void LANGUAGE plpgsql AS "
