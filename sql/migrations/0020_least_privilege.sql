@@ -905,6 +905,23 @@ BEGIN
     IF qualified IS NULL THEN
         RAISE EXCEPTION '% is not a table', p_table USING ERRCODE = 'wrong_object_type';
     END IF;
+    -- What attach needs, said before anything is tried.
+    IF NOT pg_has_role(current_user, 'listener_owner', 'USAGE') THEN
+        RAISE EXCEPTION 'attach needs the rights of listener_owner, which % lacks', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Run it as the role that ran listener migrate, or: GRANT '
+                         'listener_owner TO ' || quote_ident(current_user) || ';';
+    END IF;
+    IF NOT pg_has_role(current_user, (SELECT c.relowner FROM pg_class AS c WHERE c.oid = rel),
+                       'USAGE') THEN
+        RAISE EXCEPTION 'attach needs the ownership of % (for its grants and policy), which % '
+                        'lacks', qualified, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Run it as the table''s owner, '
+                         || quote_ident(pg_get_userbyid(
+                                (SELECT c.relowner FROM pg_class AS c WHERE c.oid = rel)))
+                         || ', or a member of it.';
+    END IF;
     IF schema_name = 'listener' THEN
         RAISE EXCEPTION '% is one of listener''s own tables: attach the table your app inserts '
                         'image rows into', qualified
@@ -1289,9 +1306,9 @@ $$;
 
 -- apply_privileges(): every object of the schema belongs to listener_owner; PUBLIC may
 -- execute none of its functions; listener_worker may use the schema, read and write its
--- tables and sequences (schema_migrations: read only) and execute every function that is not
--- a trigger function (trigger functions: their owner only, so no one else can bind them to a
--- table). Idempotent; run by `listener migrate` after every run that applied a migration and
+-- tables and sequences (schema_migrations: read only) and execute every function but the
+-- trigger functions (their owner only, so no one else can bind them to a table) and those
+-- that change what is attached (attach, detach and their helpers: the migrating role's). Idempotent; run by `listener migrate` after every run that applied a migration and
 -- by attach_table. Invoker rights: the caller must be a member of listener_owner.
 CREATE FUNCTION listener.apply_privileges() RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -1331,12 +1348,16 @@ BEGIN
     GRANT USAGE ON SCHEMA listener TO listener_worker;
     REVOKE ALL ON ALL FUNCTIONS IN SCHEMA listener FROM PUBLIC;
     FOR r IN
-        SELECT p.oid::regprocedure AS fn, p.prorettype = 'trigger'::regtype AS is_trigger
+        SELECT p.oid::regprocedure AS fn,
+               p.prorettype = 'trigger'::regtype
+               OR p.proname IN ('attach', 'attach_table', 'detach', 'detach_table',
+                                'reattach_all', 'apply_privileges',
+                                'sync_write_back_triggers') AS owner_only
         FROM pg_proc AS p
         WHERE p.pronamespace = 'listener'::regnamespace
         ORDER BY p.oid
     LOOP
-        IF r.is_trigger THEN
+        IF r.owner_only THEN
             EXECUTE format('REVOKE ALL ON FUNCTION %s FROM listener_worker', r.fn);
         ELSE
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO listener_worker', r.fn);
