@@ -13,10 +13,13 @@ once a daemon with a webhook URL has enabled it. ``WebhookSender`` drains that o
 
 A daemon killed between 1 and 3 leaves its rows to come due when the lease ends, and another
 daemon (or itself, restarted) sends them again: delivery is at least once, and receivers
-deduplicate on ``X-Listener-Event-Id``. Events are retried until delivered; nothing is dropped.
+deduplicate on the body's ``event_id``, which the signature covers. Events are retried until
+delivered; nothing is dropped.
 
-Request: ``POST`` of the event's JSON (``{"table", "row_id", "status", "job_id"}``) with
-``Content-Type: application/json``, ``X-Listener-Event-Id: <outbox id>`` and
+Request: ``POST`` of the event's JSON with its outbox id added
+(``{"table", "row_id", "status", "job_id", "event_id"}``, built by ``event_body``) with
+``Content-Type: application/json``, ``X-Listener-Event-Id: <outbox id>`` (the body's
+``event_id`` again, unsigned, for convenience) and
 ``X-Listener-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`` keyed with
 ``LISTENER_WEBHOOK_SECRET`` (HMAC: RFC 2104; the layout is Stripe's ``Stripe-Signature``).
 Redirects are not followed (a 3xx is a failure), so the signed body goes to the configured
@@ -31,7 +34,9 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import random
+import re
 import time
 from collections.abc import Callable
 
@@ -50,19 +55,58 @@ DEFAULT_TOLERANCE_S = 300
 """How old a signature ``verify_signature`` accepts by default, seconds (Stripe's default)."""
 
 
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+"""A ``t`` value: ASCII digits only (``str.isdigit`` also takes other scripts' digits and
+``²``), at most 12 of them (Unix seconds until the year 33658)."""
+_V1 = re.compile(r"[0-9a-f]{64}")
+"""A ``v1`` value that can match: lowercase hex of a SHA-256 digest."""
+_OWS = " \t"
+"""Whitespace allowed around a header's parts (HTTP's optional whitespace, RFC 9110 5.6.3)."""
+
+
+def event_body(event_id: int, event: str) -> bytes:
+    """The POSTed (and signed) body of outbox event ``event_id``.
+
+    Args:
+        event_id: the event's id in ``listener.event_outbox``.
+        event: the stored event, JSON text of an object (``{"table", "row_id", "status",
+            "job_id"}``).
+
+    Returns:
+        UTF-8 JSON of that object with ``"event_id": event_id`` added (replacing any such key),
+        compact (``separators=(",", ":")``), keys in their stored order: the same bytes for
+        the same row on every attempt, so a redelivery carries the body of the first.
+
+    Raises:
+        ValueError: ``event`` is not JSON text of an object.
+    """
+    parsed = json.loads(event)
+    if not isinstance(parsed, dict):
+        raise ValueError(f"event is JSON {type(parsed).__name__}, not an object")
+    parsed["event_id"] = event_id
+    return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _digest(key: bytes, timestamp: str, body: bytes) -> str:
+    """Lowercase hex HMAC-SHA256 of ``b"<timestamp>." + body`` keyed with ``key`` (RFC 2104)."""
+    return hmac.new(key, timestamp.encode("ascii") + b"." + body, hashlib.sha256).hexdigest()
+
+
 def sign(secret: str, body: bytes, timestamp: int) -> str:
     """The ``X-Listener-Signature`` value of ``body`` sent at ``timestamp``.
 
     Args:
-        secret: ``LISTENER_WEBHOOK_SECRET``.
+        secret: ``LISTENER_WEBHOOK_SECRET`` (its UTF-8 bytes are the key).
         body: the exact request body.
         timestamp: Unix time, whole seconds.
 
     Returns:
         ``"t=<timestamp>,v1=<hex HMAC-SHA256(secret, b"<timestamp>." + body)>"`` (RFC 2104).
+
+    Raises:
+        UnicodeEncodeError: ``secret`` holds a lone surrogate (not encodable as UTF-8).
     """
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={mac.hexdigest()}"
+    return f"t={timestamp},v1={_digest(secret.encode(), str(timestamp), body)}"
 
 
 def verify_signature(
@@ -75,24 +119,62 @@ def verify_signature(
 ) -> bool:
     """Whether ``header`` (an ``X-Listener-Signature``) signs ``body`` with ``secret``.
 
-    For receivers written in Python. The comparison is constant-time; a timestamp more than
-    ``tolerance_s`` seconds from ``now`` (default: ``time.time()``) is refused, which bounds
-    replays. Several ``v1=`` entries are accepted (any one matching), for secret rotation.
+    For receivers written in Python: call it on the raw body, before parsing the JSON, then
+    deduplicate on the body's ``event_id`` (signed, unlike the ``X-Listener-Event-Id``
+    header). Never raises on what a request carries: a malformed header, or a header or body
+    of the wrong type, is refused.
+
+    The header is comma-separated ``key=value`` parts, spaces or tabs allowed around each key
+    and value. It must hold exactly one ``t``, 1 to 12 ASCII digits, at most ``tolerance_s``
+    seconds from ``now`` (default: ``time.time()``), which bounds replays. Each ``v1`` is a
+    candidate signature, any one matching is enough (several allow secret rotation); one that
+    is not 64 lowercase hex characters matches nothing. Parts with other keys are ignored
+    (room for other schemes, as ``Stripe-Signature`` does). The HMAC covers ``t`` as sent,
+    and is compared in constant time, as bytes.
+
+    Args:
+        secret: ``LISTENER_WEBHOOK_SECRET``.
+        header: the ``X-Listener-Signature`` value.
+        body: the raw request body (``bytes`` or ``bytearray``).
+        tolerance_s: largest accepted distance between ``t`` and ``now``, seconds.
+        now: Unix time, seconds.
 
     Returns:
-        False for a malformed header, a stale timestamp or no matching signature.
+        True when some ``v1`` matches; False for a stale timestamp, no matching ``v1``, a
+        malformed header (a part without ``=``, no ``t`` or several, a ``t`` that is not
+        ASCII digits), or arguments of the wrong types.
     """
-    parts = [p.partition("=") for p in header.split(",")]
-    stamps = [v for k, _, v in parts if k.strip() == "t"]
-    candidates = [v.strip() for k, _, v in parts if k.strip() == "v1"]
-    if len(stamps) != 1 or not stamps[0].strip().isdigit() or not candidates:
+    if not (
+        isinstance(secret, str) and isinstance(header, str) and isinstance(body, bytes | bytearray)
+    ):
         return False
-    timestamp = int(stamps[0])
+    stamps: list[str] = []
+    candidates: list[str] = []
+    for part in header.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            return False
+        key, value = key.strip(_OWS), value.strip(_OWS)
+        if key == "t":
+            stamps.append(value)
+        elif key == "v1":
+            candidates.append(value)
+    if len(stamps) != 1 or not _TIMESTAMP.fullmatch(stamps[0]):
+        return False
+    timestamp = stamps[0]
     current = time.time() if now is None else now
-    if abs(current - timestamp) > tolerance_s:
+    # Written so that a NaN (in now or tolerance_s) refuses rather than accepts.
+    if not abs(current - int(timestamp)) <= tolerance_s:
         return False
-    expected = sign(secret, body, timestamp).rpartition("v1=")[2]
-    return any(hmac.compare_digest(expected, c) for c in candidates)
+    try:
+        key_bytes = secret.encode()
+    except UnicodeEncodeError:
+        return False
+    expected = _digest(key_bytes, timestamp, bytes(body)).encode("ascii")
+    matches = [
+        hmac.compare_digest(expected, c.encode("ascii")) for c in candidates if _V1.fullmatch(c)
+    ]
+    return any(matches)
 
 
 def redact_url(url: str) -> str:
@@ -267,7 +349,10 @@ class WebhookSender:
     async def _post(self, event: OutboxEvent) -> str:
         """POST one event; ``""`` on 2xx, else the reason (no URL query, no secret)."""
         assert self._session is not None
-        body = event.body.encode()
+        try:
+            body = event_body(event.id, event.body)
+        except ValueError as error:  # json.JSONDecodeError is one
+            return f"unsendable event: {error}"
         headers = {
             "Content-Type": "application/json",
             EVENT_ID_HEADER: str(event.id),

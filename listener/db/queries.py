@@ -117,9 +117,11 @@ class OutboxEvent:
     """One claimed row of ``listener.event_outbox``.
 
     Attributes:
-        id: the outbox id, sent as ``X-Listener-Event-Id`` (receivers deduplicate on it).
-        body: the event as JSON text (``{"table", "row_id", "status", "job_id"}``), the
-            exact bytes POSTed and signed.
+        id: the outbox id, sent as the body's ``event_id`` (signed; receivers deduplicate on
+            it) and as ``X-Listener-Event-Id``.
+        body: the event as stored, JSON text (``{"table", "row_id", "status", "job_id"}``);
+            ``listener.webhooks.event_body`` adds ``event_id`` to make the bytes POSTed and
+            signed.
         attempts: deliveries started, this one included (>= 1).
     """
 

@@ -2,7 +2,7 @@
 
 A LISTENing client and a local aiohttp receiver (127.0.0.1) watch ``listener run`` processes,
 one of them SIGKILLed mid-delivery; the receiver checks every signature with the documented
-scheme.
+scheme and deduplicates on the signed body's ``event_id``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from support import admit, all_finished, make_table, wait_until
 from listener.db.queries import Queries
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobFilter
-from listener.webhooks import WebhookSender, verify_signature
+from listener.webhooks import WebhookSender, sign, verify_signature
 
 SECRET = "whsec_events_test_secret"
 CHANNEL = "listener_events"
@@ -37,12 +37,18 @@ CHANNEL = "listener_events"
 
 @dataclass
 class Delivery:
-    """One POST the receiver got."""
+    """One POST the receiver got; ``event_id`` is its ``X-Listener-Event-Id`` header."""
 
     event_id: int
     body: bytes
     signature: str
     at: float
+
+    def body_event_id(self) -> int:
+        """The ``event_id`` of the (signed) body."""
+        event_id = json.loads(self.body)["event_id"]
+        assert isinstance(event_id, int)
+        return event_id
 
 
 @dataclass
@@ -88,6 +94,29 @@ class Receiver:
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(d.body) for d in self.deliveries]
+
+    def deduplicated(self) -> dict[int, dict[str, Any]]:
+        """What a receiver that verifies each POST, then deduplicates on the body's
+        ``event_id``, stores: the first body of each id, by id."""
+        stored: dict[int, dict[str, Any]] = {}
+        for d in self.deliveries:
+            assert verify_signature(SECRET, d.signature, d.body), d
+            event = json.loads(d.body)
+            stored.setdefault(event["event_id"], event)
+        return stored
+
+
+def without_id(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` as the trigger queued it: without the ``event_id`` the sender adds."""
+    return {k: v for k, v in event.items() if k != "event_id"}
+
+
+def replayed_as(delivery: Delivery, event_id: int) -> bytes:
+    """``delivery``'s body with another ``event_id`` (what an attacker replaying a captured
+    delivery as a new event would send, under the captured signature)."""
+    event = json.loads(delivery.body)
+    assert event["event_id"] != event_id
+    return json.dumps({**event, "event_id": event_id}, separators=(",", ":")).encode()
 
 
 class Listening:
@@ -211,18 +240,25 @@ async def test_listen_and_webhook_get_every_terminal_event_across_a_sigkill(
         {k: v for k, v in e.items() if k != "row_id"} for e in expected
     ]
 
-    # Webhooks: every event, signed; repeats only of the events the killed daemon had
-    # claimed and not yet seen answered (at least once), each repeat with the same id and body.
+    # Webhooks: every event, signed, its id in the signed body (the header repeats it);
+    # repeats only of the events the killed daemon had claimed and not yet seen answered (at
+    # least once), each repeat with the same id and body.
     for d in receiver.deliveries:
         assert verify_signature(SECRET, d.signature, d.body), d
         assert not verify_signature("whsec_wrong", d.signature, d.body)
+        assert d.body_event_id() == d.event_id, d
     by_id: dict[int, list[bytes]] = {}
     for d in receiver.deliveries:
-        by_id.setdefault(d.event_id, []).append(d.body)
+        by_id.setdefault(d.body_event_id(), []).append(d.body)
     assert all(len(set(bodies)) == 1 for bodies in by_id.values())
-    assert sorted((json.loads(b[0]) for b in by_id.values()), key=lambda e: e["job_id"]) == (
-        expected
-    )
+    # A receiver deduplicating on the body's event_id stores each event exactly once.
+    stored = receiver.deduplicated()
+    assert stored.keys() == by_id.keys()
+    assert sorted(map(without_id, stored.values()), key=lambda e: e["job_id"]) == expected
+    # A captured delivery replayed under another event's id does not verify.
+    first = receiver.deliveries[0]
+    other_id = next(i for i in by_id if i != first.body_event_id())
+    assert not verify_signature(SECRET, first.signature, replayed_as(first, other_id))
     repeated = {i for i, bodies in by_id.items() if len(bodies) > 1}
     assert in_flight_at_kill <= repeated, (in_flight_at_kill, repeated)
     assert len(repeated) <= 8, repeated  # at most one claim (webhook_concurrency) was cut off
@@ -251,6 +287,7 @@ async def test_a_receiver_failing_twice_gets_the_event_three_times_with_backoff(
         queries = Queries(pool)
         await queries.enable_webhooks()
         assert await PgJobStore(pool).cancel(JobFilter((), table=table))
+        queued = await conn.fetchrow("SELECT id, event FROM listener.event_outbox")
         async with Receiver(script=[500, 500, 200]) as receiver:
             # rng() = 1: the largest full-jitter delay, 0.3 s then 0.6 s.
             sender = WebhookSender(
@@ -281,6 +318,17 @@ async def test_a_receiver_failing_twice_gets_the_event_three_times_with_backoff(
     assert first.event_id == second.event_id == third.event_id
     assert first.body == second.body == third.body
     assert json.loads(first.body)["status"] == "cancelled"
+    # The id is in the signed body, equal to the header; the body is the stored event plus it.
+    assert first.body_event_id() == first.event_id == queued["id"]
+    assert json.loads(first.body) == {**json.loads(queued["event"]), "event_id": queued["id"]}
+    assert len(receiver.deduplicated()) == 1
+    # The signature is over exactly the bytes sent: re-signing them at the header's t gives
+    # the header; the same bytes with another event_id do not verify.
+    t = int(first.signature.split(",")[0].removeprefix("t="))
+    assert sign(SECRET, first.body, t) == first.signature
+    assert not verify_signature(
+        SECRET, first.signature, replayed_as(first, first.event_id + 1), now=t
+    )
     assert second.at - first.at >= 0.3 - 0.02
     assert third.at - second.at >= 0.6 - 0.02
     assert sender.delivered == 1 and sender.failed == 2
