@@ -396,6 +396,7 @@ class Daemon:
                     s.health_host,
                     s.health_port,
                     token=s.health_token_value(),
+                    allowed_hosts=s.health_allowed_hosts,
                     max_connections=s.health_max_connections,
                     header_timeout_s=s.health_header_timeout_s,
                 )
@@ -485,7 +486,7 @@ class Daemon:
         """The bound address (not the requested one), and whether a token guards it."""
         if self.health is None:
             return "off"
-        guard = "token required" if self.health.token_required else "no token"
+        guard = "token required" if self.health.token_required else "no token, Host checked"
         return (
             f"http://{self.health.bound} ({guard} for /, /status, /metrics; "
             f"{self.settings.health_max_connections} connections max, "

@@ -17,6 +17,12 @@ and redirects to ``/``, whose ``<meta refresh>`` then reloads with the cookie. T
 compared in constant time (``hmac.compare_digest`` of SHA-256 digests, so not even the length
 leaks).
 
+Without a token, ``/``, ``/status`` and ``/metrics`` answer only requests whose ``Host``
+header names the server by an IP address, ``localhost`` or a name the operator allowed
+(``LISTENER_HEALTH_ALLOWED_HOSTS``); anything else gets 403. This stops DNS rebinding: a web
+page whose own name is re-pointed at this address would otherwise read them from a visitor's
+browser (``HostCheck``).
+
 Slow clients: connections are capped and a header timeout closes those that never finish a
 request (``listener.http_limits``).
 
@@ -34,8 +40,9 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,10 +314,164 @@ def auth_middleware(
     return require_token
 
 
+LOCAL_NAMES = frozenset({"localhost"})
+"""Host names always allowed by ``HostCheck``: resolved by the machine itself, never by a
+DNS server an attacker controls (RFC 6761 §6.3; browsers resolve ``localhost`` to loopback
+themselves)."""
+
+_HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<name>[^:\[\]]*))(?::[0-9]*)?")
+"""``Host: host[:port]`` (RFC 9110 §7.2 and RFC 3986 §3.2.2): an IPv6 address in brackets,
+or a name or IPv4 address without a colon; the port, when present, is digits."""
+
+
+def host_of_header(value: str) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The host a ``Host`` header value names, without its port.
+
+    Returns:
+        an IP address when the host is an IP literal (dotted-quad IPv4, or IPv6 in
+        brackets); else the name, lowercased, without the trailing dot of a fully qualified
+        name (``Localhost.:8080`` gives ``localhost``); None when the value is not a
+        well-formed ``host[:port]`` (empty, an IPv6 address without brackets, a port that is
+        not digits).
+    """
+    match = _HOST_HEADER.fullmatch(value.strip().lower())
+    if match is None:
+        return None
+    if match["ipv6"] is not None:
+        try:
+            return ipaddress.IPv6Address(match["ipv6"])
+        except ValueError:
+            return None
+    name = match["name"].removesuffix(".")
+    if not name:
+        return None
+    try:
+        # Strict dotted quad: ``127.1`` or ``0x7f.0.0.1`` stay names, and are refused unless
+        # allowed (a browser would have rewritten them to ``127.0.0.1`` before sending).
+        return ipaddress.IPv4Address(name)
+    except ValueError:
+        return name
+
+
+class HostCheck:
+    """Decides whether a request's ``Host`` header names this server in a way no attacker's
+    DNS name can: the defence against DNS rebinding when no token guards the server.
+
+    The attack: a page served from ``http://evil.example:8080/`` re-points ``evil.example``
+    at ``127.0.0.1`` (or at this server's LAN address), then fetches
+    ``http://evil.example:8080/status`` from the visitor's browser. For the browser that is
+    the page's own origin, so the page reads the answer, although the server binds loopback
+    only. What gives the attack away is the ``Host`` header: the browser always sends the
+    name from the URL, ``evil.example:8080``, and a page cannot set it (a forbidden header of
+    the Fetch standard). Servers on local addresses therefore validate ``Host``: Jackson et
+    al., "Protecting Browsers from DNS Rebinding Attacks" (ACM CCS 2007: a server defends
+    itself by refusing requests whose Host it does not recognise); Node.js's inspector since
+    CVE-2018-7160 (``localhost``, ``localhost6`` or an IP address); Chromium's DevTools
+    HTTP handler (an IP address or ``localhost``).
+
+    Allowed:
+
+    - any IP literal (IPv4 dotted quad, IPv6 in brackets), loopback or not. A rebinding
+      attack always uses a DNS name: that is the part the attacker re-points. A URL whose host
+      is an IP literal is never resolved, so its origin is that address itself, and a page of
+      that origin is served by whatever answers there, i.e. this server, not the attacker. A
+      page elsewhere may still *send* a request to ``http://127.0.0.1:8080/status``, but it is
+      cross-origin and the browser does not let it read the answer (the server sends no CORS
+      headers). Allowing every IP literal, rather than loopback and the bound address only,
+      keeps working the clients that reach the server by an address it cannot know: a port
+      published from a container (the request names the host's address, not the
+      container's), Prometheus scraping a pod or container IP, a LAN address of a server
+      bound to ``0.0.0.0``.
+    - ``localhost`` (``LOCAL_NAMES``).
+    - the names in ``allowed``: the server's own bind name, and
+      ``LISTENER_HEALTH_ALLOWED_HOSTS`` (a service name such as ``listener`` that a scraper
+      uses). The operator vouches that no attacker controls these names.
+
+    The port in the header is ignored; names compare case-insensitively and without a
+    trailing dot. A request without a ``Host`` header, with several, or with a malformed one
+    is refused.
+
+    This guards against browsers only: any other client that reaches the port sends the
+    ``Host`` it likes. That is what the token (or a loopback bind) is for.
+
+    Args:
+        allowed: host names allowed besides ``LOCAL_NAMES`` (any case, trailing dot or
+            not; IP addresses among them are allowed anyway).
+    """
+
+    def __init__(self, allowed: Iterable[str] = ()) -> None:
+        self.names = LOCAL_NAMES | {
+            name.strip().lower().removesuffix(".") for name in allowed if name.strip()
+        }
+        """The host names allowed, lowercased, without trailing dots."""
+
+    def allows(self, request: web.Request) -> bool:
+        """True when ``request`` has exactly one ``Host`` header and it names an allowed host."""
+        # request.host falls back to the socket's name when the header is missing: read the
+        # header itself.
+        headers = request.headers.getall("Host", [])
+        if len(headers) != 1:
+            return False
+        host = host_of_header(headers[0])
+        if host is None:
+            return False
+        return not isinstance(host, str) or host in self.names
+
+
+def _host_refused(request: web.Request) -> web.Response:
+    """403 that says how to allow the request, and nothing else (no data, no echo)."""
+    how = (
+        "without LISTENER_HEALTH_TOKEN, this server answers only requests addressed to an IP "
+        "address, localhost, or a name in LISTENER_HEALTH_ALLOWED_HOSTS (a guard against DNS "
+        "rebinding). Use http://127.0.0.1:<port>/, add this host name to "
+        "LISTENER_HEALTH_ALLOWED_HOSTS, or set LISTENER_HEALTH_TOKEN."
+    )
+    headers = {"Cache-Control": "no-store"}
+    if request.path == "/":
+        return web.Response(status=403, text=f"listener: {how}\n", headers=headers)
+    return web.json_response({"error": "host not allowed", "how": how}, status=403, headers=headers)
+
+
+def host_middleware(check: HostCheck) -> Middleware:
+    """An aiohttp middleware that serves every path but ``OPEN_PATHS`` only when ``check``
+    allows the request's ``Host``; others get 403 (``_host_refused``).
+
+    Used when no token is set (with a token, ``auth_middleware`` is the guard: a rebinding
+    page has neither the token nor the cookie, which is SameSite=Strict and bound to the
+    host that set it). The first refusal is logged as a warning, later ones at debug level,
+    so a misconfigured scraper is noticed without a flood of lines.
+    """
+    warned = False
+
+    @web.middleware
+    async def require_known_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal warned
+        if request.path in OPEN_PATHS or check.allows(request):
+            return await handler(request)
+        # Header and path are the client's: logged with repr (no line breaks), cut short.
+        refused = repr(",".join(request.headers.getall("Host", []))[:100])
+        path = repr(request.path[:100])
+        if warned:
+            logger.debug("health server: refused Host {} for {}", refused, path)
+        else:
+            warned = True
+            logger.warning(
+                "health server: refused a request for {} with Host {}: without a token it "
+                "serves /, /status and /metrics only to IP addresses, localhost and "
+                "LISTENER_HEALTH_ALLOWED_HOSTS (DNS rebinding guard)",
+                path,
+                refused,
+            )
+        return _host_refused(request)
+
+    return require_known_host
+
+
 def build_app(
     sources: HealthSources,
     *,
     token: str | None = None,
+    allowed_hosts: Iterable[str] = (),
     middlewares: Sequence[Middleware] = (),
 ) -> web.Application:
     """The aiohttp application serving the five routes.
@@ -318,11 +479,16 @@ def build_app(
     Args:
         sources: what the endpoints read.
         token: when set, ``/``, ``/status`` and ``/metrics`` require it (see the module doc).
-        middlewares: run before the token check (the connection cap's).
+            When not, they require a ``Host`` that ``HostCheck(allowed_hosts)`` allows.
+        allowed_hosts: host names allowed besides IP addresses and ``localhost`` when no
+            token is set (``LISTENER_HEALTH_ALLOWED_HOSTS``).
+        middlewares: run before the token or Host check (the connection cap's).
     """
     chain = list(middlewares)
     if token:
         chain.append(auth_middleware(TokenCheck(token)))
+    else:
+        chain.append(host_middleware(HostCheck(allowed_hosts)))
     app = web.Application(middlewares=chain)
     app[SOURCES] = sources
     app[STATUS_CACHE] = StatusCache(lambda: status_document(sources), sources.status_cache_s)
@@ -340,7 +506,10 @@ class HealthServer:
     Args:
         sources: what the endpoints read.
         host, port: the address to bind; ``127.0.0.1`` keeps it on this machine.
-        token: the token guarding ``/``, ``/status`` and ``/metrics``; None: open.
+        token: the token guarding ``/``, ``/status`` and ``/metrics``; None: they answer
+            requests whose ``Host`` is an IP address, ``localhost``, ``host`` itself or one
+            of ``allowed_hosts`` (``HostCheck``).
+        allowed_hosts: ``LISTENER_HEALTH_ALLOWED_HOSTS``; used when no token is set.
         max_connections: connections served at once (``listener.http_limits``).
         header_timeout_s: seconds a connection may take to complete a request (and stay
             idle between requests) before the server closes it.
@@ -356,12 +525,21 @@ class HealthServer:
         port: int,
         *,
         token: str | None = None,
+        allowed_hosts: Sequence[str] = (),
         max_connections: int = 64,
         header_timeout_s: float = 10.0,
     ) -> None:
         self.cap = ConnectionCap(max_connections)
+        # The name the operator binds (when a name, not an address) is theirs, so a client may
+        # use it; addresses, wildcards included, are allowed by HostCheck anyway.
+        names = [*allowed_hosts, host]
         self._runner = web.AppRunner(
-            build_app(sources, token=token, middlewares=[self.cap.busy_middleware]),
+            build_app(
+                sources,
+                token=token,
+                allowed_hosts=names,
+                middlewares=[self.cap.busy_middleware],
+            ),
             access_log=None,
             # aiohttp arms this timer when a connection is made, so it is also the header
             # timeout (see listener.http_limits).
@@ -384,7 +562,9 @@ class HealthServer:
         if not self.token_required and not _is_loopback(self._host):
             logger.warning(
                 "the health server listens on {} without a token: /status, /metrics and the "
-                "status page are open to anyone who can reach it (set LISTENER_HEALTH_TOKEN)",
+                "status page are open to anyone who can reach it (browsers only by an IP "
+                "address, localhost or LISTENER_HEALTH_ALLOWED_HOSTS; set "
+                "LISTENER_HEALTH_TOKEN)",
                 self.bound,
             )
 

@@ -7,8 +7,10 @@ module never reads the environment itself. Secrets are ``SecretStr``: their ``re
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -27,6 +29,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from listener.redact import check_dsn
 
 MB = 1024 * 1024
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+"""A DNS host name, lowercased, without the trailing dot (labels of letters, digits, ``-``,
+``_``; an IPv4 address matches too)."""
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class RateLimit(BaseModel):
@@ -395,6 +409,14 @@ class Settings(BaseSettings):
         description="Bearer token required by /, /status and /metrics (/healthz and /readyz "
         "stay open); unset or empty: no token.",
     )
+    health_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names, besides localhost and IP addresses, by which clients may "
+        "reach /, /status and /metrics when no token is set (a JSON list such as "
+        '["listener", "listener.internal"], without ports). Any other Host header gets 403, '
+        "so a web page cannot read the server by rebinding its own DNS name to this address "
+        "(listener.health.HostCheck). Unused when a token is set.",
+    )
     health_max_connections: int = Field(
         default=64,
         ge=1,
@@ -475,6 +497,23 @@ class Settings(BaseSettings):
         if isinstance(value, SecretStr) and not value.get_secret_value().strip():
             return None
         return value
+
+    @field_validator("health_allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        # Lowercase, without the root's trailing dot: the form the health server compares
+        # Host headers in. A port, scheme, path or wildcard would never match: say so now.
+        names: list[str] = []
+        for entry in value:
+            name = entry.strip().lower().removesuffix(".")
+            if not (_HOST_NAME.fullmatch(name) or _is_ip(name.strip("[]"))):
+                raise ValueError(
+                    f"LISTENER_HEALTH_ALLOWED_HOSTS: {entry!r} is not a host name (give names "
+                    'such as "listener" or "listener.internal": no scheme, port, path or '
+                    "wildcard; IP addresses are always allowed)"
+                )
+            names.append(name)
+        return names
 
     def webhook_secret_value(self) -> str | None:
         """The webhook secret in clear, or None when none is set."""

@@ -155,6 +155,148 @@ async def test_token_guards_status_metrics_and_page(
     assert "token required" in running
 
 
+async def raw_get(port: int, head: bytes) -> tuple[int, str]:
+    """Send ``head`` (a request without body) to 127.0.0.1:``port``; the status and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = (await reader.read()).decode(errors="replace")
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition("\r\n")
+    return int(status_line.split()[1]), rest.partition("\r\n\r\n")[2]
+
+
+OWNER = "owner-Mx4vT9"
+"""An owner name that appears nowhere but in the data, so a leak of it shows."""
+
+
+async def test_without_a_token_only_known_hosts_are_served(
+    database_url: str, conn: asyncpg.Connection, log_lines: list[str]
+) -> None:
+    """DNS rebinding: with no token, a request whose Host is a DNS name the operator did not
+    allow (as a rebinding page's always is) gets 403 and no data on every path but the probes;
+    IP addresses, localhost and LISTENER_HEALTH_ALLOWED_HOSTS are served."""
+    table = await make_table(conn, "photos_kq2vz", owner=True)
+    settings = fast_settings(database_url, health_allowed_hosts=["listener", "Listener.Internal."])
+    async with Daemon(settings, providers=[RecordingProvider()]) as daemon:
+        assert daemon.health is not None and daemon.notifier is not None
+        await daemon.notifier.wait_connected(1)
+        await conn.execute(f"INSERT INTO {table} (url, owner_id) VALUES ('a', $1)", OWNER)
+        await daemon.signals.wait("finished", 1, timeout=10)
+        port = daemon.health.port
+        assert port is not None
+        refused: list[str] = []
+        async with aiohttp.ClientSession(daemon.health.url) as http:
+            # The status document holds what a rebinding page is after.
+            async with http.get("/status") as r:
+                assert r.status == 200 and OWNER in await r.text()
+            for host in (
+                f"evil.example:{port}",
+                "evil.example",
+                f"EVIL.example.:{port}",
+                f"127.0.0.1.evil.example:{port}",
+                f"localhost.evil.example:{port}",
+                f"listener.evil.example:{port}",
+                f"127.1:{port}",
+                "",
+            ):
+                for path in ("/", "/status", "/metrics", "/status/", "/nope"):
+                    async with http.get(path, headers={"Host": host}) as r:
+                        body = await r.text()
+                        assert r.status == 403, (host, path, r.status)
+                        assert r.headers["Cache-Control"] == "no-store"
+                        assert "LISTENER_HEALTH_ALLOWED_HOSTS" in body, body
+                        assert "LISTENER_HEALTH_TOKEN" in body, body
+                        refused.append(body + str(r.headers))
+                # The probes stay open, whatever the Host.
+                for path in ("/healthz", "/readyz"):
+                    async with http.get(path, headers={"Host": host}) as r:
+                        assert r.status == 200, (host, path)
+            async with http.get("/", headers={"Host": "evil.example"}) as r:
+                assert r.content_type == "text/plain"
+            async with http.get("/status", headers={"Host": "evil.example"}) as r:
+                assert (await r.json())["error"] == "host not allowed"
+
+            served = (
+                f"127.0.0.1:{port}",
+                "127.0.0.1",
+                f"localhost:{port}",
+                "LOCALHOST",
+                "localhost.",
+                f"[::1]:{port}",
+                "[::1]",
+                "192.0.2.10:8080",  # any IP literal: it cannot be rebound
+                "listener",
+                f"LISTENER:{port}",
+                "listener.internal:9999",
+            )
+            for host in served:
+                async with http.get("/status", headers={"Host": host}) as r:
+                    assert r.status == 200, host
+                    assert (await r.json())["complete"] == 1
+                async with http.get("/metrics", headers={"Host": host}) as r:
+                    assert r.status == 200 and "listener_queue_jobs" in await r.text(), host
+                async with http.get("/", headers={"Host": host}) as r:
+                    assert r.status == 200 and "listener status" in await r.text(), host
+
+        # No Host header, or two: refused. aiohttp's parser already answers 400 to an HTTP/1.1
+        # request without one and to a repeated one; HTTP/1.0 may omit it, and gets 403.
+        for head, expected in (
+            (b"GET /status HTTP/1.0\r\n\r\n", 403),
+            (b"GET /status HTTP/1.1\r\nConnection: close\r\n\r\n", 400),
+            (
+                b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n"
+                b"Connection: close\r\n\r\n",
+                400,
+            ),
+        ):
+            status, body = await raw_get(port, head)
+            assert status == expected, (head, status)
+            refused.append(body)
+        status, body = await raw_get(port, b"GET /status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        assert status == 200 and OWNER in body
+
+    for text in refused:
+        for secret in (OWNER, "photos_kq2vz", "complete", "listener_queue_jobs"):
+            assert secret not in text, (secret, text)
+    running = next(line for line in log_lines if "listener running" in line)
+    assert "no token, Host checked" in running
+    warnings = [line for line in log_lines if "refused a request" in line]
+    assert len(warnings) == 1 and "evil.example" in warnings[0]
+
+
+async def test_with_a_token_the_token_is_the_guard_whatever_the_host(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """With a token, the Host is not checked: the token (or the SameSite=Strict cookie, which
+    a rebinding page cannot have) is required and enough, as before."""
+    table = await make_table(conn)
+    settings = fast_settings(database_url, health_token=TOKEN)
+    async with Daemon(settings, providers=[RecordingProvider()]) as daemon:
+        assert daemon.health is not None and daemon.notifier is not None
+        await daemon.notifier.wait_connected(1)
+        await conn.execute(f"INSERT INTO {table} (url) VALUES ('a')")
+        await daemon.signals.wait("finished", 1, timeout=10)
+        async with aiohttp.ClientSession(daemon.health.url) as http:
+            for host in ("evil.example:8080", "127.0.0.1", "listener"):
+                auth = {"Host": host, "Authorization": f"Bearer {TOKEN}"}
+                async with http.get("/status", headers=auth) as r:
+                    assert r.status == 200 and (await r.json())["complete"] == 1, host
+                async with http.get("/metrics", headers=auth) as r:
+                    assert r.status == 200 and "listener_queue_jobs" in await r.text()
+                async with http.get("/", headers=auth) as r:
+                    assert r.status == 200 and "listener status" in await r.text()
+                for path in ("/", "/status", "/metrics"):
+                    async with http.get(path, headers={"Host": host}) as r:
+                        assert r.status == 401, (host, path)
+                for path in ("/healthz", "/readyz"):
+                    async with http.get(path, headers={"Host": host}) as r:
+                        assert r.status == 200, (host, path)
+
+
 async def test_an_empty_token_means_no_token() -> None:
     settings = Settings(_env_file=None, health_token="  ")  # type: ignore[call-arg]
     assert settings.health_token is None and settings.health_token_value() is None
