@@ -864,7 +864,9 @@ $$;
 -- generated, and hold what listener writes (status: text, citext or varchar(10+); result:
 -- jsonb; error: text, citext or varchar(200+); analyzed_at: timestamptz or timestamp). Then:
 --   * the generated functions, each SECURITY DEFINER (owned by listener_owner) only where the
---     app's own writes fire it, SET search_path = pg_catalog, pg_temp, checking TG_RELID:
+--     app's own writes fire it, SET search_path = pg_catalog, pg_temp, checking TG_RELID (the
+--     table, or for a partitioned table one of its partitions, where row triggers fire; the
+--     partition lookup runs only when TG_RELID is another table's):
 --       enqueue_insert_<oid>: appends (table, id) of a statement's new rows to
 --           listener.inserted_rows, then one NOTIFY (0019);
 --       enqueue_update_<oid>: a changed URL starts the row's job over (0001);
@@ -1043,7 +1045,10 @@ BEGIN
             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L
     $f$, 'enqueue_insert_' || rel, format($body$
         BEGIN
-            IF TG_RELID <> %3$s::pg_catalog.oid THEN
+            IF TG_RELID <> %3$s::pg_catalog.oid AND NOT EXISTS (
+                SELECT FROM pg_catalog.pg_partition_ancestors(TG_RELID) AS a
+                WHERE a.relid OPERATOR(pg_catalog.=) %3$s::pg_catalog.oid
+            ) THEN
                 RAISE EXCEPTION USING MESSAGE = %4$L, ERRCODE = 'wrong_object_type';
             END IF;
             INSERT INTO listener.inserted_rows (source_table, source_id)
@@ -1065,7 +1070,10 @@ BEGIN
             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L
     $f$, 'enqueue_update_' || rel, format($body$
         BEGIN
-            IF TG_RELID <> %5$s::pg_catalog.oid THEN
+            IF TG_RELID <> %5$s::pg_catalog.oid AND NOT EXISTS (
+                SELECT FROM pg_catalog.pg_partition_ancestors(TG_RELID) AS a
+                WHERE a.relid OPERATOR(pg_catalog.=) %5$s::pg_catalog.oid
+            ) THEN
                 RAISE EXCEPTION USING MESSAGE = %6$L, ERRCODE = 'wrong_object_type';
             END IF;
             INSERT INTO listener.jobs (source_table, source_id, image_url, owner_id)
@@ -1091,7 +1099,10 @@ BEGIN
             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L
     $f$, 'forget_delete_' || rel, format($body$
         BEGIN
-            IF TG_RELID <> %3$s::pg_catalog.oid THEN
+            IF TG_RELID <> %3$s::pg_catalog.oid AND NOT EXISTS (
+                SELECT FROM pg_catalog.pg_partition_ancestors(TG_RELID) AS a
+                WHERE a.relid OPERATOR(pg_catalog.=) %3$s::pg_catalog.oid
+            ) THEN
                 RAISE EXCEPTION USING MESSAGE = %4$L, ERRCODE = 'wrong_object_type';
             END IF;
             INSERT INTO listener.deleted_rows (source_table, source_id, job_id)

@@ -257,3 +257,31 @@ async def test_backfill_functions_enqueue_only_rows_without_jobs(
         "SELECT priority, count(*) AS n FROM listener.jobs GROUP BY 1 ORDER BY 1"
     )
     assert [(r["priority"], r["n"]) for r in prio] == [(0, 1), (100, 25)]
+
+
+async def test_a_partitioned_table_is_attached_through_its_parent(
+    conn: asyncpg.Connection,
+) -> None:
+    """Row triggers fire on the partitions they were cloned to (TG_RELID is the partition's):
+    the generated functions accept the partitions of their table and no other table."""
+    await conn.execute(
+        "CREATE TABLE public.shots (id bigint, region text, url text, PRIMARY KEY (id, region))"
+        " PARTITION BY LIST (region); "
+        "CREATE TABLE public.shots_eu PARTITION OF public.shots FOR VALUES IN ('eu'); "
+        "CREATE TABLE public.shots_us PARTITION OF public.shots FOR VALUES IN ('us'); "
+        "SELECT listener.attach('public.shots', 'id', 'url')"
+    )
+    await conn.execute(
+        "INSERT INTO public.shots VALUES (1, 'eu', 'a'), (2, 'us', 'b'), (3, 'eu', 'c')"
+    )
+    assert await admit(conn) == 3
+    await conn.execute("UPDATE listener.jobs SET status = 'complete'")
+    await conn.execute("UPDATE public.shots SET url = 'b2' WHERE id = 2")  # a partition's row
+    assert (
+        await conn.fetchval(
+            "SELECT image_url || ' ' || status FROM listener.jobs WHERE source_id = '2'"
+        )
+        == "b2 pending"
+    )
+    await conn.execute("DELETE FROM public.shots WHERE id = 3")
+    assert await conn.fetchval("SELECT source_id FROM listener.deleted_rows") == "3"
