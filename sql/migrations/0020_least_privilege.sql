@@ -1045,11 +1045,14 @@ BEGIN
             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L
     $f$, 'enqueue_insert_' || rel, format($body$
         BEGIN
-            IF TG_RELID <> %3$s::pg_catalog.oid AND NOT EXISTS (
-                SELECT FROM pg_catalog.pg_partition_ancestors(TG_RELID) AS a
-                WHERE a.relid OPERATOR(pg_catalog.=) %3$s::pg_catalog.oid
-            ) THEN
-                RAISE EXCEPTION USING MESSAGE = %4$L, ERRCODE = 'wrong_object_type';
+            -- Nested: the outer test stays a simple expression (no executor) on every call.
+            IF TG_RELID <> %3$s::pg_catalog.oid THEN
+                IF NOT EXISTS (
+                    SELECT FROM pg_catalog.pg_partition_ancestors(TG_RELID) AS a
+                    WHERE a.relid OPERATOR(pg_catalog.=) %3$s::pg_catalog.oid
+                ) THEN
+                    RAISE EXCEPTION USING MESSAGE = %4$L, ERRCODE = 'wrong_object_type';
+                END IF;
             END IF;
             INSERT INTO listener.inserted_rows (source_table, source_id)
             SELECT %1$L, n.%2$I::pg_catalog.text FROM new_rows AS n;
@@ -1070,11 +1073,14 @@ BEGIN
             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L
     $f$, 'enqueue_update_' || rel, format($body$
         BEGIN
-            IF TG_RELID <> %5$s::pg_catalog.oid AND NOT EXISTS (
-                SELECT FROM pg_catalog.pg_partition_ancestors(TG_RELID) AS a
-                WHERE a.relid OPERATOR(pg_catalog.=) %5$s::pg_catalog.oid
-            ) THEN
-                RAISE EXCEPTION USING MESSAGE = %6$L, ERRCODE = 'wrong_object_type';
+            -- Nested: the outer test stays a simple expression (no executor) on every call.
+            IF TG_RELID <> %5$s::pg_catalog.oid THEN
+                IF NOT EXISTS (
+                    SELECT FROM pg_catalog.pg_partition_ancestors(TG_RELID) AS a
+                    WHERE a.relid OPERATOR(pg_catalog.=) %5$s::pg_catalog.oid
+                ) THEN
+                    RAISE EXCEPTION USING MESSAGE = %6$L, ERRCODE = 'wrong_object_type';
+                END IF;
             END IF;
             INSERT INTO listener.jobs (source_table, source_id, image_url, owner_id)
             VALUES (%1$L, NEW.%2$I::pg_catalog.text, NEW.%3$I::pg_catalog.text, %4$s)
@@ -1099,11 +1105,14 @@ BEGIN
             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L
     $f$, 'forget_delete_' || rel, format($body$
         BEGIN
-            IF TG_RELID <> %3$s::pg_catalog.oid AND NOT EXISTS (
-                SELECT FROM pg_catalog.pg_partition_ancestors(TG_RELID) AS a
-                WHERE a.relid OPERATOR(pg_catalog.=) %3$s::pg_catalog.oid
-            ) THEN
-                RAISE EXCEPTION USING MESSAGE = %4$L, ERRCODE = 'wrong_object_type';
+            -- Nested: the outer test stays a simple expression (no executor) on every call.
+            IF TG_RELID <> %3$s::pg_catalog.oid THEN
+                IF NOT EXISTS (
+                    SELECT FROM pg_catalog.pg_partition_ancestors(TG_RELID) AS a
+                    WHERE a.relid OPERATOR(pg_catalog.=) %3$s::pg_catalog.oid
+                ) THEN
+                    RAISE EXCEPTION USING MESSAGE = %4$L, ERRCODE = 'wrong_object_type';
+                END IF;
             END IF;
             INSERT INTO listener.deleted_rows (source_table, source_id, job_id)
             SELECT %1$L, o.%2$I::pg_catalog.text, j.id
