@@ -247,6 +247,24 @@ async def every_rpc(app: App, tenant: asyncpg.Connection, faces: dict[str, str])
     await tenant.fetchval("SELECT public.merge_people($1, '{}')", person)
 
 
+async def everything_a_tenant_does(
+    app: App, tenant: asyncpg.Connection, faces: dict[str, str]
+) -> uuid.UUID:
+    """Insert a row, change its URL, call every RPC, delete the row (alice's own), each of
+    which fires listener's triggers or functions. Returns the row's id."""
+    row: uuid.UUID = await tenant.fetchval(
+        f"INSERT INTO {TABLE} (user_id, image_url) VALUES ($1, 'https://img.example/a') "
+        "RETURNING id",
+        app.alice,
+    )
+    await tenant.execute(
+        f"UPDATE {TABLE} SET image_url = 'https://img.example/b' WHERE id = $1", row
+    )
+    await every_rpc(app, tenant, faces)
+    await tenant.execute(f"DELETE FROM {TABLE} WHERE id = $1", row)
+    return row
+
+
 async def test_a_pg_temp_type_named_text_runs_nothing_as_listener_or_a_superuser(
     app: App,
 ) -> None:
@@ -276,16 +294,7 @@ async def test_a_pg_temp_type_named_text_runs_nothing_as_listener_or_a_superuser
             CREATE CAST (bigint AS pg_temp.text) WITH FUNCTION pg_temp.from_bigint(bigint);
             """
         )
-        row = await tenant.fetchval(
-            f"INSERT INTO {TABLE} (user_id, image_url) VALUES ($1, 'https://img.example/a') "
-            "RETURNING id",
-            app.alice,
-        )
-        await tenant.execute(
-            f"UPDATE {TABLE} SET image_url = 'https://img.example/b' WHERE id = $1", row
-        )
-        await every_rpc(app, tenant, faces)
-        await tenant.execute(f"DELETE FROM {TABLE} WHERE id = $1", row)
+        row = await everything_a_tenant_does(app, tenant, faces)
     finally:
         await tenant.close()
     assert await app.breaches() == []
@@ -340,16 +349,7 @@ async def test_a_schema_the_tenant_owns_first_on_its_search_path_shadows_nothing
             """
         )
         await tenant.execute("SET search_path = evil, pg_catalog, public")
-        row = await tenant.fetchval(
-            f"INSERT INTO {TABLE} (user_id, image_url) VALUES ($1, 'https://img.example/a') "
-            "RETURNING id",
-            app.alice,
-        )
-        await tenant.execute(
-            f"UPDATE {TABLE} SET image_url = 'https://img.example/b' WHERE id = $1", row
-        )
-        await every_rpc(app, tenant, faces)
-        await tenant.execute(f"DELETE FROM {TABLE} WHERE id = $1", row)
+        await everything_a_tenant_does(app, tenant, faces)
         assert await tenant.fetchval("SELECT count(*) FROM evil.inserted_rows") == 0
     finally:
         await tenant.close()
