@@ -109,13 +109,11 @@ async def _check_roles(conn: asyncpg.Connection) -> None:
     row = await conn.fetchrow(
         """
         SELECT r.rolsuper, r.rolcreaterole, current_user AS me,
-               (SELECT count(*) FROM pg_roles WHERE rolname IN ($1, $2)) AS present,
                EXISTS (SELECT FROM pg_roles WHERE rolname = $1)
                    AND pg_has_role(current_user, $1, 'MEMBER') AS member
         FROM pg_roles AS r WHERE r.rolname = current_user
         """,
         OWNER_ROLE,
-        WORKER_ROLE,
     )
     if row["rolsuper"] or row["member"] or row["rolcreaterole"]:
         return
