@@ -15,10 +15,11 @@ session do not survive that:
   notifications reach whichever client holds it next, or nobody. LISTEN therefore runs on
   ``listen_database_url`` (a direct connection), and the daemon refuses to start when that URL
   goes through a transaction-mode pooler too.
-- Session settings, session advisory locks, temporary tables. listener uses none: migrations
-  lock with ``pg_advisory_xact_lock`` inside their one transaction, the status write-back sets
+- Session settings, session advisory locks, temporary tables. listener uses none through such
+  a pooler: migrations lock inside their one transaction, the status write-back sets
   ``lock_timeout`` with ``set_config(..., true)`` (transaction-local), and pooled connections
-  are reset by a ``ROLLBACK`` only. (asyncpg itself sets ``jit`` for the session while it
+  are reset by a ``ROLLBACK`` only. On a direct connection the pool sets ``plan_cache_mode``
+  for the session (``plan_each_execution``). (asyncpg itself sets ``jit`` for the session while it
   introspects a type it has no codec for; listener's queries use built-in types only.)
 
 ``LISTENER_POOLER`` says which case applies: ``transaction``, ``none`` (a direct connection or
@@ -138,6 +139,23 @@ async def detect_transaction_pooling(
             await asyncio.wait_for(a.close(), timeout_s)
 
 
+async def plan_each_execution(conn: asyncpg.Connection) -> None:
+    """Pool connection hook: ``plan_cache_mode = force_custom_plan`` for the session.
+
+    asyncpg prepares every statement under a name, and after five executions Postgres may
+    switch a prepared statement to a generic plan that it keeps for the connection's life.
+    Made while ``listener.jobs`` was empty (every fresh install), that plan can read jobs by a
+    sequential scan, or through the index of every processing job, at any size later: a
+    claim or a completion of 20 jobs then reads all of them. Planned for each execution, a
+    statement sees the parameters and the table sizes of the moment; listener's statements
+    are small, so planning costs little next to a wrong plan. The functions listener calls
+    keep generic plans that read through indexes whatever the sizes (0021). Not used through
+    a transaction-mode pooler: there every statement is unnamed, so planned for each
+    execution anyway, and a session setting would reach other clients.
+    """
+    await conn.execute("SET plan_cache_mode = force_custom_plan")
+
+
 async def reset_connection(conn: asyncpg.Connection) -> None:
     """Pool release hook: roll back a transaction left open, and nothing else.
 
@@ -173,6 +191,13 @@ class Database:
         """asyncpg ``connect``/``create_pool`` keyword arguments for this database."""
         return dict(NO_CACHE) if self.transaction_pooler else {}
 
+    def pool_options(self) -> dict[str, Any]:
+        """``options()`` plus, on a direct connection, ``plan_each_execution`` as the pool's
+        ``init`` hook."""
+        if self.transaction_pooler:
+            return self.options()
+        return self.options() | {"init": plan_each_execution}
+
     async def connect(self) -> asyncpg.Connection:
         """One connection (a command that runs its reads one after the other).
 
@@ -192,7 +217,7 @@ class Database:
             min_size=min_size,
             max_size=max_size,
             reset=reset_connection,
-            **self.options(),
+            **self.pool_options(),
         )
 
 

@@ -6,7 +6,11 @@ One ``Worker`` runs these loops:
   consumers, so a consumer that finishes a job starts the next one at once instead of waiting
   for a claim round trip. It claims, in one statement, as many jobs as running + buffered falls
   short of ``concurrency + prefetch``, whenever the buffer drops to half, on a NOTIFY, on a
-  reconnect, or on the jittered poll timer (NOTIFY is only a hint).
+  reconnect, or on the jittered poll timer (NOTIFY is only a hint). When jobs finish faster
+  than ``prefetch`` per ``prefetch_window_s``, the buffer grows to what finishes in that
+  window (outcomes written per second times the window, up to ``max_prefetch``): fewer,
+  larger claims, each one commit, while a backlog of quick jobs drains, and never more than
+  a window's work waiting behind a newly claimed job.
 - **consumers** (``concurrency`` of them: the global bound on jobs running at once): take the
   next buffered job and run it through the dispatcher.
 - **flush**: writes finished outcomes as soon as there are any, batching whatever finished
@@ -73,6 +77,9 @@ class Runner(Protocol):
 UNRECORDED_FACTOR = 4
 """A worker holds at most this many times ``concurrency + prefetch`` leases in all."""
 
+RATE_PERIOD_S = 0.1
+"""The finish rate that sizes the prefetch is re-measured at most this often, seconds."""
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
@@ -82,7 +89,12 @@ class WorkerConfig:
         worker_id: this daemon's name in ``listener.jobs.worker_id``.
         concurrency: the most jobs running at once (the global semaphore).
         prefetch: jobs claimed ahead of free consumers, so the next job starts without a
-            database round trip; 0 claims only for idle consumers.
+            database round trip; 0 claims only for idle consumers (and never more).
+        prefetch_window_s: seconds of work the buffer may hold when jobs finish quickly: the
+            prefetch in force is the rate of outcomes written (jobs/s, measured over at least
+            ``RATE_PERIOD_S``) times this, at least ``prefetch``, at most ``max_prefetch``;
+            0 keeps ``prefetch``.
+        max_prefetch: the most jobs the buffer holds.
         lease_s: lease length, seconds; renewed every ``lease_s / 3``.
         poll_interval_s: mean seconds between claims when no NOTIFY arrives (jittered ±25%).
         shutdown_grace_s: seconds running jobs get to finish on stop.
@@ -91,6 +103,8 @@ class WorkerConfig:
     worker_id: str
     concurrency: int = 10
     prefetch: int = 10
+    prefetch_window_s: float = 0.05
+    max_prefetch: int = 1000
     lease_s: float = 30.0
     poll_interval_s: float = 2.0
     shutdown_grace_s: float = 20.0
@@ -146,6 +160,11 @@ class Worker:
         # write the database may already have committed is never cut off and repeated.
         self._flushing = asyncio.Lock()
         self._more_waiting = False
+        # The prefetch in force (see WorkerConfig.prefetch_window_s), sized from the outcomes
+        # written since the last measurement: while writes stall, it falls back to prefetch.
+        self._prefetch = config.prefetch
+        self._finished = 0
+        self._rate_mark = (clock(), 0)
         self._log = logger.bind(worker_id=config.worker_id)
         self.claims = 0
         self.last_claim_ok: float | None = None
@@ -210,8 +229,29 @@ class Worker:
 
     # -- claim ----------------------------------------------------------------------------
 
+    @property
+    def prefetch(self) -> int:
+        """The prefetch in force: ``prefetch``, or more while jobs finish quickly."""
+        return self._prefetch
+
+    def _resize_prefetch(self) -> None:
+        """Size the prefetch to the jobs finished per ``prefetch_window_s`` (see
+        ``WorkerConfig``), from the finish rate since the last measurement."""
+        config = self.config
+        if config.prefetch == 0 or config.prefetch_window_s <= 0:
+            return
+        now = self._clock()
+        since, finished = self._rate_mark
+        if now - since < RATE_PERIOD_S:
+            return
+        rate = (self._finished - finished) / (now - since)
+        self._rate_mark = (now, self._finished)
+        self._prefetch = max(
+            config.prefetch, min(config.max_prefetch, round(rate * config.prefetch_window_s))
+        )
+
     def _shortfall(self) -> int:
-        target = self.config.concurrency + self.config.prefetch
+        target = self.config.concurrency + self._prefetch
         free = target - len(self._running) - len(self._buffer)
         # Finished jobs waiting to be recorded count against a wider bound: while writes keep
         # up they do not hold claims back, and when writes stall (a slow or restarting
@@ -220,12 +260,13 @@ class Worker:
 
     def _should_claim(self) -> bool:
         """Claim when the buffer is at or below half the prefetch and there is room."""
-        return self._shortfall() > 0 and len(self._buffer) <= self.config.prefetch // 2
+        return self._shortfall() > 0 and len(self._buffer) <= self._prefetch // 2
 
     async def _claim_loop(self) -> None:
         failures = 0
         while not self._stopping.is_set():
             self._wake.clear()
+            self._resize_prefetch()
             if not self._should_claim():
                 # Full: a consumer taking the buffer down to half wakes us. New rows still
                 # get their jobs (and the app its pending status) meanwhile.
@@ -366,6 +407,7 @@ class Worker:
         except BaseException:
             self._outcomes = batch + self._outcomes
             raise
+        self._finished += len(batch)
         for outcome in batch:
             if outcome.job.id not in written:
                 self._log.warning(

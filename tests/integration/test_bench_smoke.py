@@ -75,7 +75,7 @@ def test_bench_queue_every_scenario_reports(pg_admin_dsn: str, tmp_path: Path) -
     figures = figures_by_scenario(doc)
     assert sorted(figures) == ["a", "b", "c", "d", "e"]
     expected = {
-        "a": "throughput, noop, concurrency 10",
+        "a": "throughput from the app's INSERT, noop, concurrency 10",
         "b": "insert -> provider p99",
         "c": "overlap, noop 50 ms, concurrency 50",
         "d": "attached / plain, median of rounds",

@@ -162,7 +162,7 @@ async def test_migrate_hands_tables_attached_before_0020_to_listener_owner(
             "SELECT listener.attach('public.photos', 'id', 'url')"
         )
         await conn.execute("INSERT INTO public.photos VALUES (1, 'u1')")
-        assert await migrate(conn) == ["0020_least_privilege"]
+        assert (await migrate(conn))[0] == "0020_least_privilege"
         row = await conn.fetchrow(
             "SELECT pg_get_userbyid(proowner) AS owner, proconfig FROM pg_proc "
             "WHERE proname = 'enqueue_insert_' || 'public.photos'::regclass::oid"

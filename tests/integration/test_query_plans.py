@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from listener.db.connect import plan_each_execution
 from listener.db.queries import load_queries
 
 JOBS = 1_000_000
@@ -171,3 +172,226 @@ async def test_hot_statements_keep_index_plans_at_a_million_jobs(
         if wrong:
             bad[name] = scans
     assert bad == {}, f"plans off their index under {mode}: {bad}"
+
+
+# -- plans made on a fresh install, used as it grows ---------------------------------------
+
+GROWN = 120_000
+# Tables that grow with the work, and the only way each may be read: through an index.
+GROWING = {"jobs", "inserted_rows", "images", "results"}
+IMAGES_DDL = "CREATE TABLE public.images (id bigint PRIMARY KEY, url text)"
+
+
+def function_statement(
+    source: str, start: str, end: str, into: str, names: list[str], types: str
+) -> str:
+    """The statement of a PL/pgSQL function's source from ``start`` to ``end`` (inclusive),
+    without its ``into`` clause, with the parameters ``names`` as $1, $2 ... of ``types``
+    (``"(integer, text)"``): what PL/pgSQL prepares for that statement, as a PREPARE's
+    ``(types) AS statement``."""
+    body = source[source.index(start) :]
+    body = body[: body.index(end) + len(end)].rstrip(";").replace(into, "")
+    for n, name in enumerate(names, start=1):
+        body = re.sub(rf"\b{name}\b", f"${n}", body)
+    assert "p_" not in body, body
+    return f"{types} AS {body}"
+
+
+def off_index(plan: dict[str, Any], jobs_indexes: set[str] | None) -> list[str]:
+    """The reads of a growing table in ``plan`` (a JSON plan) that are not through an index,
+    or that read listener.jobs through another index than ``jobs_indexes`` (None: any).
+
+    A bitmap heap scan counts as a read through the indexes of the bitmap index scans under
+    it (a bitmap AND of the primary key and the index of every lease is two reads).
+    """
+    wrong = []
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.get("Plans", []))
+        relation = node.get("Relation Name")
+        if relation not in GROWING or node["Node Type"] == "ModifyTable":
+            continue
+        kind = node["Node Type"]
+        if kind in ("Index Scan", "Index Only Scan"):
+            indexes = {node["Index Name"]}
+        elif kind == "Bitmap Heap Scan":
+            indexes = set()
+            below = list(node.get("Plans", []))
+            while below:
+                child = below.pop()
+                below.extend(child.get("Plans", []))
+                if child["Node Type"] == "Bitmap Index Scan":
+                    indexes.add(child["Index Name"])
+        else:
+            wrong.append(f"{kind} on {relation}")
+            continue
+        if relation == "jobs" and jobs_indexes is not None and not indexes <= jobs_indexes:
+            wrong.append(f"{kind} on {relation} through {sorted(indexes)}")
+    return wrong
+
+
+async def function_settings(conn: asyncpg.Connection, signature: str) -> list[str]:
+    """The ``SET`` clauses of a function (``proconfig``), as ``name=value``."""
+    config = await conn.fetchval(
+        "SELECT proconfig FROM pg_proc WHERE oid = $1::regprocedure", signature
+    )
+    return list(config or [])
+
+
+@pytest.mark.timeout(300)
+async def test_plans_made_on_a_fresh_install_read_indexes_after_it_grows(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """Every statement planned while listener.jobs, inserted_rows and the app's table are
+    empty (a fresh install's first claim, admission and completion), then used on the same
+    connection after they grew past 100,000 rows, reads them through indexes only.
+
+    The daemon's statements run on a connection set up as its pool sets up each one
+    (``plan_each_execution``), prepared and executed as asyncpg does, six times so Postgres
+    may settle on a generic plan. A function's statement is prepared under the function's
+    own SET clauses, as PL/pgSQL plans it. Autovacuum is off for the growing tables: an
+    ANALYZE would make every connection plan again and hide a frozen plan.
+    """
+    await conn.execute(IMAGES_DDL)
+    await conn.execute("SELECT listener.attach('public.images', 'id', 'url', NULL, NULL)")
+    for table in ("listener.jobs", "listener.inserted_rows", "public.images", "listener.results"):
+        await conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    table_oid = await conn.fetchval("SELECT 'public.images'::regclass::oid")
+    token = str(uuid.uuid4())
+    sql = load_queries()
+    admit_signature = (
+        f"listener.admit_{table_oid}(bigint[], text[], integer, text, double precision, uuid, "
+        "integer)"
+    )
+    entries_signature = (
+        "listener.admit_entries(integer, integer, text, double precision, uuid, integer)"
+    )
+    claim_signature = "listener.claim_jobs(integer, text, double precision, uuid, integer, integer)"
+    admit_source = await conn.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE oid = $1::regprocedure", admit_signature
+    )
+    entries_source = await conn.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE oid = $1::regprocedure", entries_signature
+    )
+    # name: (statement, settings it is planned under, EXPLAIN arguments before and after)
+    statements: dict[str, tuple[str, list[str], str]] = {
+        name: (sql[name].sql, [], args) for name, args in HOT.items() if name != "claim_jobs"
+    }
+    statements["claim_jobs"] = (
+        await claim_statement(conn),
+        await function_settings(conn, claim_signature),
+        HOT["claim_jobs"],
+    )
+    statements["admit_entries"] = (
+        function_statement(
+            entries_source,
+            "WITH taken AS (",
+            "FROM taken AS t;",
+            "INTO ids, tables, keys",
+            ["p_limit"],
+            "(integer)",
+        ),
+        await function_settings(conn, entries_signature),
+        "(1000)",
+    )
+    statements["admit_table"] = (
+        function_statement(
+            admit_source,
+            "WITH present AS (",
+            "INTO made, claimed;",
+            "INTO made, claimed",
+            ["p_ids", "p_keys", "p_room", "p_worker", "p_lease_s", "p_token", "p_max_attempts"],
+            "(bigint[], text[], integer, text, double precision, uuid, integer)",
+        ),
+        await function_settings(conn, admit_signature),
+        "(ARRAY[{ids}]::bigint[], ARRAY[{keys}]::text[], 0, 'w', 30.0, '{token}', 5)",
+    )
+
+    worker = await asyncpg.connect(database_url)
+    try:
+        await plan_each_execution(worker)
+
+        async def under(settings: list[str], statement: str) -> Any:
+            """Run ``statement`` with a function's settings in force, then reset them."""
+            names = [s.split("=", 1)[0] for s in settings if not s.startswith("search_path")]
+            for setting in settings:
+                name, value = setting.split("=", 1)
+                if name != "search_path":
+                    await worker.execute(f"SET {name} = {value}")
+            try:
+                return await worker.fetchval(statement)
+            finally:
+                for name in names:
+                    await worker.execute(f"RESET {name}")
+                await plan_each_execution(worker)
+
+        empty = {
+            "ids": "1",
+            "first": 1,
+            "keys": "'1'",
+            "token": token,
+            "tokens": f"'{token}'",
+            "delays": "1.0",
+            "errors": "'e'",
+        }
+        for name, (statement, settings, args) in statements.items():
+            typed = statement if statement.startswith("(") else f"AS {statement}"
+            await worker.execute(f"PREPARE {name} {typed.rstrip().rstrip(';')}")
+            for _ in range(6):
+                await worker.execute("BEGIN")
+                await under(settings, f"EXECUTE {name}{args.format(**empty)}")
+                await worker.execute("ROLLBACK")
+
+        # The install grows: rows of the app, their entries, jobs in every state.
+        await conn.execute(
+            "ALTER TABLE public.images DISABLE TRIGGER USER;"
+            f"INSERT INTO public.images SELECT g, 'http://img/' || g "
+            f"FROM generate_series(1, {GROWN}) AS g;"
+            "ALTER TABLE public.images ENABLE TRIGGER USER;"
+            "INSERT INTO listener.inserted_rows (source_table, source_id) "
+            f"SELECT 'public.images', g::text FROM generate_series(1, {GROWN}) AS g"
+        )
+        await conn.execute(
+            """
+            INSERT INTO listener.jobs (source_table, source_id, image_url, status, attempts,
+                                       max_attempts, lease_token, lease_expires_at, finished_at)
+            SELECT 'public.images', g::text, 'http://img/' || g,
+                   CASE WHEN g % 3 = 0 THEN 'complete'
+                        WHEN g % 3 = 1 THEN 'pending' ELSE 'processing' END,
+                   1, 5,
+                   CASE WHEN g % 3 = 2 THEN $2::uuid END,
+                   CASE WHEN g % 3 = 2 THEN now() + interval '1 minute' END,
+                   CASE WHEN g % 3 = 0 THEN now() END
+            FROM generate_series(1, $1) AS g
+            """,
+            GROWN,
+            token,
+        )
+        ids = [
+            r["id"]
+            for r in await conn.fetch(
+                "SELECT id FROM listener.jobs WHERE status = 'processing' ORDER BY id LIMIT 20"
+            )
+        ]
+        grown = {
+            "ids": ", ".join(map(str, ids)),
+            "first": ids[0],
+            "keys": ", ".join(f"'{i}'" for i in range(1, 21)),
+            "token": token,
+            "tokens": ", ".join(f"'{token}'" for _ in ids),
+            "delays": ", ".join("1.0" for _ in ids),
+            "errors": ", ".join("'e'" for _ in ids),
+        }
+        bad: dict[str, list[tuple[str, str, str]]] = {}
+        for name, (_, settings, args) in statements.items():
+            explained = await under(
+                settings, f"EXPLAIN (FORMAT JSON) EXECUTE {name}{args.format(**grown)}"
+            )
+            plan = json.loads(explained)[0]["Plan"]
+            wrong = off_index(plan, ALLOWED.get(name, BY_ID) if name in HOT else None)
+            if wrong:
+                bad[name] = wrong
+        assert bad == {}, f"plans made on empty tables, off their index at {GROWN:,} rows: {bad}"
+    finally:
+        await worker.close()

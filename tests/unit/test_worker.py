@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -62,7 +63,14 @@ async def statuses(store: MemoryJobStore, ids: Sequence[int]) -> dict[int, tuple
 async def running(
     store: MemoryJobStore, runner: GatedRunner, **config: float
 ) -> AsyncIterator[Worker]:
-    values = {"concurrency": 3, "prefetch": 2, "poll_interval_s": 0.01, "shutdown_grace_s": 1.0}
+    values = {
+        "concurrency": 3,
+        "prefetch": 2,
+        "poll_interval_s": 0.01,
+        "shutdown_grace_s": 1.0,
+        "prefetch_window_s": 0.0,
+        "max_prefetch": 1000,
+    }
     values.update(config)
     worker = Worker(
         store,
@@ -73,6 +81,8 @@ async def running(
             prefetch=int(values["prefetch"]),
             poll_interval_s=values["poll_interval_s"],
             shutdown_grace_s=values["shutdown_grace_s"],
+            prefetch_window_s=values["prefetch_window_s"],
+            max_prefetch=int(values["max_prefetch"]),
         ),
         Metrics(time.monotonic),
         lambda: 0.5,
@@ -205,3 +215,48 @@ async def test_an_outcome_whose_lease_was_lost_is_not_recorded() -> None:
             await asyncio.sleep(0.005)
         assert worker.signals.count("completed") == 0
     assert await statuses(store, [job_id]) == {job_id: ("cancelled", 1)}
+
+
+class ClaimSizes(MemoryJobStore):
+    """Records how many jobs each claim asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(time.monotonic)
+        self.asked: list[int] = []
+
+    async def claim(
+        self, limit: int, worker_id: str, lease_s: float, token: uuid.UUID, *, admit: bool = False
+    ) -> list[Job]:
+        self.asked.append(limit)
+        return await super().claim(limit, worker_id, lease_s, token, admit=admit)
+
+
+async def test_quick_jobs_grow_the_prefetch_up_to_its_bound() -> None:
+    """Jobs that finish in no time: claims grow past concurrency + prefetch (fewer, larger
+    claims, each one commit) but never past concurrency + max_prefetch."""
+    store = ClaimSizes()
+    ids = await enqueue(store, 3000)
+    runner = GatedRunner()
+    runner.open_all = True
+    async with running(store, runner, max_prefetch=40, prefetch_window_s=1.0) as worker:
+        await worker.signals.wait("completed", 3000)
+    assert set((await statuses(store, ids)).values()) == {("complete", 1)}
+    assert max(store.asked) > 3 + 2
+    assert max(store.asked) <= 3 + 40
+
+
+async def test_slow_jobs_keep_the_configured_prefetch() -> None:
+    """Jobs that wait on their gate: the worker never holds more than concurrency +
+    prefetch, however long it polls."""
+    store = ClaimSizes()
+    await enqueue(store, 100)
+    runner = GatedRunner()
+    async with running(store, runner, prefetch_window_s=1.0) as worker:
+        await worker.signals.wait("claimed", 5)
+        for _ in range(30):
+            await asyncio.sleep(0.01)
+        assert worker.prefetch == 2
+        assert worker.held == 5
+        runner.open_all = True
+        for gate in runner.gates.values():
+            gate.set()
