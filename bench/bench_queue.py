@@ -17,6 +17,13 @@ Scenarios (targets are for a 2-core machine):
 - ``d`` trigger cost: single-row autocommit INSERT rate, attached table vs plain table.
 - ``e`` memory: peak RSS of a ``listener run`` subprocess draining 100,000 rows inserted as
   in (a).
+- ``f`` backlog: 1,000,000 rows inserted in one statement before the daemon starts, drained as
+  in (a); and the cost of admitting 1,000 rows (``listener.admit_entries``) over the last
+  tenth of the admissions against the first tenth.
+- ``g`` stream: 200,000 rows inserted at full speed (100-row INSERTs, autocommit, from a
+  spawned process) while the daemon runs; the same two figures.
+
+``f`` and ``g`` take minutes: run them with ``--only f,g`` (the default is a to e).
 
 Each scenario gets a fresh database. Without ``--use-database-url`` the script starts its own
 ``TemporaryCluster`` with default durability (``fsync``, ``synchronous_commit`` and
@@ -78,6 +85,14 @@ INSERT_RATIO_TARGET = 0.85
 # (e)
 RSS_JOBS = 100_000
 RSS_TARGET_MB = 150.0
+# (f), (g)
+BACKLOG_ROWS = 1_000_000
+STREAM_ROWS = 200_000
+STREAM_BATCH = 100
+BACKLOG_TARGET = 10_000.0
+ADMISSION_GROWTH_TARGET = 1.5
+# Seconds between two reads of the admission's cumulative function statistics.
+ADMISSION_SAMPLE_S = 0.5
 
 POLL_S = 0.020
 # Before each scenario, wait up to QUIET_WAIT_S for other processes to use under
@@ -117,6 +132,8 @@ class Sizes:
     insert_rounds: int = INSERT_ROUNDS
     insert_warmup_rows: int = INSERT_WARMUP_ROWS
     rss_jobs: int = RSS_JOBS
+    backlog_rows: int = BACKLOG_ROWS
+    stream_rows: int = STREAM_ROWS
     fdatasync_probe_s: float = 2.0
 
     @classmethod
@@ -129,6 +146,8 @@ class Sizes:
             insert_rounds=2,
             insert_warmup_rows=20,
             rss_jobs=300,
+            backlog_rows=3000,
+            stream_rows=2000,
             fdatasync_probe_s=0.2,
         )
 
@@ -811,6 +830,193 @@ async def scenario_rss(server: Server, report: Report, sizes: Sizes) -> None:
     ]
 
 
+# -- (f) and (g): backlogs of any size ----------------------------------------------------
+
+
+@dataclass
+class Admissions:
+    """Cumulative statistics of ``listener.admit_entries`` (``pg_stat_user_functions``) read
+    every ``ADMISSION_SAMPLE_S``: ``(monotonic s, calls, total ms)``. In a backlog every call
+    takes ``ADMIT_BATCH`` (1,000) entries but the last, so ms per call is the cost of
+    admitting 1,000 rows."""
+
+    samples: list[tuple[float, int, float]] = field(default_factory=list)
+
+    def growth(self) -> tuple[float, float, float] | None:
+        """(ms per call over the first tenth of the calls, over the last tenth, last/first);
+        None with fewer than 20 calls or samples too coarse to tell the tenths apart."""
+        steps = [
+            (c1 - c0, t1 - t0)
+            for (_, c0, t0), (_, c1, t1) in zip(self.samples, self.samples[1:], strict=False)
+            if c1 > c0
+        ]
+        total = sum(n for n, _ in steps)
+        if total < 20 or len(steps) < 3:
+            return None
+        tenth = total / 10
+
+        def mean(ordered: list[tuple[int, float]]) -> float:
+            calls, ms = 0, 0.0
+            for n, spent in ordered:
+                if calls >= tenth:
+                    break
+                calls += n
+                ms += spent
+            return ms / calls
+
+        first, last = mean(steps), mean(steps[::-1])
+        return first, last, last / first
+
+
+async def sample_admissions(dsn: str, into: Admissions, stop: asyncio.Event) -> None:
+    """Append ``(time, calls, total ms)`` of ``listener.admit_entries`` to ``into`` every
+    ``ADMISSION_SAMPLE_S`` until ``stop``, then once more. Backends publish their function
+    statistics at most once a second, so a sample may lag the truth by that much."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        while True:
+            row = await conn.fetchrow(
+                "SELECT coalesce(sum(calls), 0)::bigint AS calls, "
+                "coalesce(sum(total_time), 0)::float8 AS ms FROM pg_stat_user_functions "
+                "WHERE schemaname = 'listener' AND funcname = 'admit_entries'"
+            )
+            into.samples.append((time.monotonic(), row["calls"], row["ms"]))
+            if stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ADMISSION_SAMPLE_S)
+    finally:
+        await conn.close()
+
+
+def insert_stream(dsn: str, rows: int, batch: int) -> dict[str, float]:
+    """Runs in a spawned process: ``rows`` rows as ``batch``-row INSERT statements, each its
+    own transaction, one after the other as fast as the server takes them. Returns
+    ``{"elapsed_s", "rows_per_s"}``."""
+    return asyncio.run(_insert_stream(dsn, rows, batch))
+
+
+async def _insert_stream(dsn: str, rows: int, batch: int) -> dict[str, float]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        insert = await conn.prepare(
+            "INSERT INTO images (url) SELECT 'https://example.invalid/' || g || '.jpg' "
+            "FROM generate_series($1::int, $2::int) AS g"
+        )
+        began = time.monotonic()
+        for first in range(1, rows + 1, batch):
+            await insert.fetch(first, min(first + batch - 1, rows))
+        elapsed = time.monotonic() - began
+        return {"elapsed_s": elapsed, "rows_per_s": rows / elapsed}
+    finally:
+        await conn.close()
+
+
+async def backlog_drain(
+    server: Server, label: str, rows: int, *, stream: bool
+) -> tuple[Drain, Admissions, dict[str, float]]:
+    """``rows`` rows inserted into a fresh install, before the daemon starts (``stream``
+    False: one statement) or while it runs (``stream`` True: ``insert_stream`` in a spawned
+    process, started with the daemon); one daemon, noop, concurrency 10, drained. Function
+    statistics are on for the database (``track_functions = 'pl'``, which needs a superuser)
+    so the admission's cost can be followed."""
+    loop = asyncio.get_running_loop()
+    admissions = Admissions()
+    inserted: dict[str, float] = {}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        await loop.run_in_executor(pool, _ready)
+        async with server.database(label) as dsn:
+            await server.admin(
+                f"ALTER DATABASE \"{urlsplit(dsn).path.lstrip('/')}\" SET track_functions = 'pl'"
+            )
+            conn = await asyncpg.connect(dsn)
+            try:
+                if not stream:
+                    await load_rows(conn, rows)
+                stop = asyncio.Event()
+                sampler = asyncio.create_task(sample_admissions(dsn, admissions, stop))
+                daemon = Daemon(daemon_settings(dsn, concurrency=10), health=False)
+                t0: datetime = await conn.fetchval("SELECT clock_timestamp()")
+                async with daemon:
+                    if stream:
+                        inserted = await loop.run_in_executor(
+                            pool, insert_stream, dsn, rows, STREAM_BATCH
+                        )
+                    await wait_drained(conn, timeout_s=max(DRAIN_TIMEOUT_S, rows / 2_000))
+                stop.set()
+                await sampler
+                row = await conn.fetchrow(
+                    "SELECT count(*) FILTER (WHERE status = 'complete') AS complete, "
+                    "max(finished_at) AS last, min(started_at) AS first FROM listener.jobs"
+                )
+            finally:
+                await conn.close()
+    if row["complete"] != rows:
+        raise RuntimeError(f"only {row['complete']} of {rows} jobs completed")
+    drained = Drain(
+        jobs=rows,
+        complete=row["complete"],
+        from_start_s=(row["last"] - t0).total_seconds(),
+        from_first_claim_s=(row["last"] - row["first"]).total_seconds(),
+    )
+    return drained, admissions, inserted
+
+
+def backlog_figures(key: str, what: str, d: Drain, admissions: Admissions) -> list[Figure]:
+    """The drain rate and the admission's growth of one backlog scenario."""
+    growth = admissions.growth()
+    figures = [
+        Figure(
+            key,
+            f"{what}: drain",
+            d.rate,
+            "jobs/s",
+            BACKLOG_TARGET,
+            note=f"{d.jobs:,} rows drained in {d.from_start_s:.1f} s from Daemon.start()",
+        )
+    ]
+    if growth is None:
+        # Too few admissions sampled to tell a first tenth from a last (smoke sizes).
+        return figures
+    first, last, ratio = growth
+    figures += [
+        Figure(
+            key,
+            f"{what}: admitting 1,000 rows, last/first tenth",
+            ratio,
+            "x",
+            ADMISSION_GROWTH_TARGET,
+            "lower",
+            note=f"listener.admit_entries: {first:.1f} ms per call over the first tenth of "
+            f"the calls, {last:.1f} ms over the last (pg_stat_user_functions every "
+            f"{ADMISSION_SAMPLE_S} s)",
+        ),
+    ]
+    return figures
+
+
+async def scenario_backlog(server: Server, report: Report, sizes: Sizes) -> None:
+    d, admissions, _ = await backlog_drain(server, "f", sizes.backlog_rows, stream=False)
+    report.details["f"] = asdict(d) | {"admission_growth": admissions.growth()}
+    report.figures += backlog_figures(
+        "f", f"{sizes.backlog_rows:,} rows before start", d, admissions
+    )
+
+
+async def scenario_stream(server: Server, report: Report, sizes: Sizes) -> None:
+    d, admissions, inserted = await backlog_drain(server, "g", sizes.stream_rows, stream=True)
+    report.details["g"] = asdict(d) | {
+        "admission_growth": admissions.growth(),
+        "inserter": inserted,
+    }
+    figures = backlog_figures("g", f"{sizes.stream_rows:,} rows while running", d, admissions)
+    figures[0].note += (
+        f"; inserted in {inserted.get('elapsed_s', 0):.1f} s "
+        f"({inserted.get('rows_per_s', 0):,.0f} rows/s, {STREAM_BATCH}-row INSERTs)"
+    )
+    report.figures += figures
+
+
 # -- machine and output -------------------------------------------------------------------
 
 
@@ -927,7 +1133,10 @@ SCENARIOS: dict[str, Callable[[Server, Report, Sizes], Awaitable[None]]] = {
     "c": scenario_overlap,
     "d": scenario_insert_cost,
     "e": scenario_rss,
+    "f": scenario_backlog,
+    "g": scenario_stream,
 }
+DEFAULT_SCENARIOS = "a,b,c,d,e"
 
 
 async def run(
@@ -965,7 +1174,9 @@ async def run(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--only", default=",".join(SCENARIOS), help="comma-separated scenarios (default a,b,c,d,e)"
+        "--only",
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated scenarios of {','.join(SCENARIOS)} (default {DEFAULT_SCENARIOS})",
     )
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument(
