@@ -266,7 +266,7 @@ def probe(side: Side, workdir: Path, env: dict[str, str]) -> str:
         timeout=120,
     )
     if proc.returncode != 0:
-        raise SetupError(f"{side.key}: cannot import listener: {proc.stderr[-2000:]}")
+        raise SetupError(f"{side.key}: cannot import listener: {redact(proc.stderr[-2000:], [])}")
     imported = Path(proc.stdout.strip())
     if not imported.is_relative_to(side.tree.resolve()):
         raise SetupError(f"{side.key}: listener imported from {imported}, not from {side.tree}")
