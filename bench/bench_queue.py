@@ -115,6 +115,12 @@ UNFINISHED_SQL = (
     "OR EXISTS (SELECT FROM listener.jobs WHERE status = 'processing') "
     "OR EXISTS (SELECT FROM listener.inserted_rows)"
 )
+# The same before 0019, when the app's trigger made the jobs itself and there was no
+# inserted_rows (bench/compare.py runs this script against older revisions).
+UNFINISHED_BEFORE_0019_SQL = (
+    "SELECT EXISTS (SELECT FROM listener.jobs WHERE status = 'pending') "
+    "OR EXISTS (SELECT FROM listener.jobs WHERE status = 'processing')"
+)
 
 
 @dataclass(frozen=True)
@@ -383,11 +389,20 @@ async def load_rows(conn: asyncpg.Connection, n: int, *, admitted: bool = False)
     await conn.execute(LOAD_SQL, n)
     if not admitted:
         return
-    await conn.execute("SELECT listener.admit_inserted_rows($1)", n)
+    # Before 0019 the trigger made the jobs itself: nothing to admit.
+    if await conn.fetchval("SELECT to_regclass('listener.inserted_rows') IS NOT NULL"):
+        await conn.execute("SELECT listener.admit_inserted_rows($1)", n)
     await conn.execute("ANALYZE listener.jobs")
     jobs = await conn.fetchval("SELECT count(*) FROM listener.jobs WHERE status = 'pending'")
     if jobs != n:
         raise RuntimeError(f"expected {n} pending jobs after the load, found {jobs}")
+
+
+async def unfinished_sql(conn: asyncpg.Connection) -> str:
+    """``UNFINISHED_SQL``, or its form for a schema before 0019 (no inserted_rows)."""
+    if await conn.fetchval("SELECT to_regclass('listener.inserted_rows') IS NOT NULL"):
+        return UNFINISHED_SQL
+    return UNFINISHED_BEFORE_0019_SQL
 
 
 async def wait_drained(conn: asyncpg.Connection, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
@@ -397,7 +412,8 @@ async def wait_drained(conn: asyncpg.Connection, timeout_s: float = DRAIN_TIMEOU
         TimeoutError: jobs are still unfinished after ``timeout_s``.
     """
     async with asyncio.timeout(timeout_s):
-        while await conn.fetchval(UNFINISHED_SQL):
+        sql = await unfinished_sql(conn)
+        while await conn.fetchval(sql):
             await asyncio.sleep(POLL_S)
 
 
@@ -783,7 +799,8 @@ async def scenario_rss(server: Server, report: Report, sizes: Sizes) -> None:
                 started = time.monotonic()
                 try:
                     async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                        while await conn.fetchval(UNFINISHED_SQL):
+                        sql = await unfinished_sql(conn)
+                        while await conn.fetchval(sql):
                             if proc.poll() is not None:
                                 raise RuntimeError(
                                     f"the daemon exited with {proc.returncode}:\n"

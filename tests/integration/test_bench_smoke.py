@@ -280,3 +280,56 @@ def test_bench_status_reports_every_figure(pg_admin_dsn: str, tmp_path: Path) ->
     for figure in doc["figures"]:
         assert figure["p50_ms"] is not None and figure["n"] > 0, figure
     assert "GET /status (served)" in proc.stdout
+
+
+def test_bench_compare_reports_a_ratio_per_figure(pg_admin_dsn: str, tmp_path: Path) -> None:
+    """``compare.py HEAD --smoke --reuse-venv --only a,d`` on the session's server: every
+    figure of a and d has both medians and a ratio, printed and in the JSON, and the two
+    sides imported ``listener`` from different checkouts (the temporary one is gone after)."""
+    out = tmp_path / "compare.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
+    env["DATABASE_URL"] = pg_admin_dsn
+    proc = run_script(
+        [
+            str(BENCH / "compare.py"),
+            "HEAD",
+            "--smoke",
+            "--reuse-venv",
+            "--only",
+            "a,d",
+            "--use-database-url",
+            "--quiet-wait",
+            "0",
+            "--json",
+            str(out),
+        ],
+        timeout_s=110,
+        env=env,
+    )
+    assert proc.returncode == 0, explain(proc)
+    assert pg_admin_dsn not in proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == []
+    assert doc["runs"] == 1 and doc["smoke"] is True
+    new, old = doc["new"]["listener"], doc["old"]["listener"]
+    assert Path(new) == ROOT / "listener"
+    assert new != old and not Path(old).is_relative_to(ROOT), (new, old)
+    assert [(r["side"], r["listener"]) for r in doc["run_log"]] == [("new", new), ("old", old)]
+    assert not Path(old).exists(), "the temporary worktree was not removed"
+    figures = figures_by_scenario(doc)
+    assert sorted(figures) == ["a", "d"]
+    assert "attached / plain, median of rounds" in [f["name"] for f in figures["d"]]
+    for rows in figures.values():
+        for figure in rows:
+            assert figure["new_median"] is not None and figure["old_median"] is not None, figure
+            assert figure["ratio"] == figure["new_median"] / figure["old_median"], figure
+            assert figure["better"] in ("new", "old", "same"), figure
+            lines = [line for line in proc.stdout.splitlines() if figure["name"] in line]
+            assert lines and f" {figure['ratio']:.3f} " in lines[0], (figure, lines)
+    directions = {f["name"]: f["direction"] for rows in figures.values() for f in rows}
+    assert directions["attached / plain, median of rounds"] == "higher"
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    assert f"new: work tree {ROOT}, HEAD {head}" in proc.stdout
+    assert f"PostgreSQL {doc['server_version']}" in proc.stdout
