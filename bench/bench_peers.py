@@ -890,6 +890,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sizes = Sizes.smoke() if args.smoke else Sizes()
     if args.smoke:
         args.runs = 1
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in args.only if s not in SCENARIOS]
     if unknown:
