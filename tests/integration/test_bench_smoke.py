@@ -1,7 +1,8 @@
 """The benchmark scripts still run on the current code and report their figures.
 
 Each script runs as a subprocess at tiny sizes (``bench_queue.py --smoke``, a few thousand
-rows for ``bench_scale.py``, a 2 s window for ``bench_fleet.py``, ``bench_health.py --smoke``).
+rows for ``bench_scale.py``, a 2 s window for ``bench_fleet.py``, ``bench_health.py --smoke``,
+``bench_peers.py --smoke`` without graphile-worker).
 The tests check that every scenario ran and reported a value for each of its figures, never
 how fast: at these sizes, on a shared machine, the figures mean nothing.
 """
@@ -333,3 +334,51 @@ def test_bench_compare_reports_a_ratio_per_figure(pg_admin_dsn: str, tmp_path: P
     ).stdout.strip()
     assert f"new: work tree {ROOT}, HEAD {head}" in proc.stdout
     assert f"PostgreSQL {doc['server_version']}" in proc.stdout
+
+
+def test_bench_peers_every_scenario_compares(pg_admin_dsn: str, tmp_path: Path) -> None:
+    """listener and pgqueuer in every scenario of ``bench_peers.py`` at smoke size.
+
+    graphile-worker is left out (``--no-graphile``): it needs node and a registry (or a cache).
+    """
+    out = tmp_path / "peers.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENER_", "PGQUEUER_"))}
+    env["DATABASE_URL"] = pg_admin_dsn
+    proc = run_script(
+        [
+            str(BENCH / "bench_peers.py"),
+            "--smoke",
+            "--no-graphile",
+            "--use-database-url",
+            "--quiet-wait",
+            "0",
+            "--json",
+            str(out),
+        ],
+        timeout_s=110,
+        env=env,
+    )
+    assert proc.returncode == 0, explain(proc)
+    doc = json.loads(out.read_text())
+    assert doc["errors"] == {}
+    assert doc["sizes"]["drain_jobs"] < 1000 and doc["sizes"]["runs"] == 1
+    runs = {(s["scenario"], s["peer"]) for s in doc["samples"]}
+    scenarios = ["drain-20k", "drain-2-daemons", "latency"]
+    assert runs == {(s, p) for s in scenarios for p in ("listener", "pgqueuer")}
+    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    for row in doc["summary"]:
+        by_scenario.setdefault(row["scenario"], []).append(row)
+    assert sorted(by_scenario) == sorted(scenarios)
+    for scenario, rows in by_scenario.items():
+        for row in rows:
+            assert row["median"]["listener"] is not None, (scenario, row)
+            assert row["median"]["pgqueuer"] is not None, (scenario, row)
+            assert row["advantage"]["pgqueuer"] is not None, (scenario, row)
+            if scenario.startswith("drain"):
+                assert row["verdict_target"] in ("PASS", "MISS"), row
+                assert row["verdict_required"] in ("PASS", "MISS"), row
+        assert f"\n{scenario} " in proc.stdout, f"no printed line for {scenario}"
+    # Both worker processes of the two-daemon drain ran and reported, for each queue.
+    for sample in doc["samples"]:
+        if sample["scenario"] == "drain-2-daemons":
+            assert len(sample["details"]["calls_by_worker"]) == 2, sample
