@@ -1084,7 +1084,8 @@ def print_figures(report: Report, *, name_width: int, target_width: int) -> None
         if f.target is None:
             target = ""
         else:
-            target = f"{'>=' if f.better == 'higher' else '<='} {f.target:,.0f}"
+            digits = 0 if f.target >= 100 else 1
+            target = f"{'>=' if f.better == 'higher' else '<='} {f.target:,.{digits}f}"
         print(
             f"{f.scenario:2} {f.name:{name_width}} {value:>12} {f.unit:6} "
             f"{target:>{target_width}}  {f.verdict}"

@@ -52,7 +52,7 @@ def figures_by_scenario(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def test_bench_queue_every_scenario_reports(pg_admin_dsn: str, tmp_path: Path) -> None:
-    """Scenarios a-e on the session's server (``--use-database-url``), at smoke sizes."""
+    """Scenarios a-g on the session's server (``--use-database-url``), at smoke sizes."""
     out = tmp_path / "queue.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
     env["DATABASE_URL"] = pg_admin_dsn
@@ -60,6 +60,8 @@ def test_bench_queue_every_scenario_reports(pg_admin_dsn: str, tmp_path: Path) -
         [
             str(BENCH / "bench_queue.py"),
             "--smoke",
+            "--only",
+            "a,b,c,d,e,f,g",
             "--use-database-url",
             "--quiet-wait",
             "0",
@@ -74,13 +76,15 @@ def test_bench_queue_every_scenario_reports(pg_admin_dsn: str, tmp_path: Path) -
     assert doc["errors"] == {}
     assert doc["details"]["sizes"]["throughput_jobs"] < 1000
     figures = figures_by_scenario(doc)
-    assert sorted(figures) == ["a", "b", "c", "d", "e"]
+    assert sorted(figures) == ["a", "b", "c", "d", "e", "f", "g"]
     expected = {
         "a": "throughput from the app's INSERT, noop, concurrency 10",
         "b": "insert -> provider p99",
         "c": "overlap, noop 50 ms, concurrency 50",
         "d": "attached / plain, median of rounds",
         "e": "peak RSS, 300 jobs",
+        "f": "3,000 rows before start: drain",
+        "g": "2,000 rows while running: drain",
     }
     for scenario, name in expected.items():
         names = [f["name"] for f in figures[scenario]]
