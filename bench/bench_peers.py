@@ -47,10 +47,10 @@ import asyncpg
 from bench_queue import (
     POLL_S,
     QUIET_OTHER_PCT,
-    QUIET_WAIT_S,
     UNFINISHED_SQL,
     CpuMeter,
     Server,
+    add_server_options,
     bench_server,
     daemon_settings,
     describe_machine,
@@ -866,20 +866,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per queue and scenario")
     parser.add_argument("--json", type=Path, help="also write every sample to this file")
-    parser.add_argument(
-        "--use-database-url",
-        action="store_true",
-        help="use the server of DATABASE_URL (a role that may CREATE DATABASE) instead of a "
-        "temporary cluster",
-    )
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=QUIET_WAIT_S,
-        metavar="SECONDS",
-        help="before each run, wait up to this long for other processes to use under "
-        f"{QUIET_OTHER_PCT:.0f}%% of the CPUs (default {QUIET_WAIT_S:.0f})",
-    )
+    add_server_options(parser, "run")
     parser.add_argument(
         "--smoke",
         action="store_true",

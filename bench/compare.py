@@ -47,7 +47,7 @@ from types import FrameType
 from typing import Any, Literal
 
 import asyncpg
-from bench_queue import SCENARIOS, bench_server
+from bench_queue import DEFAULT_SCENARIOS, SCENARIOS, bench_server
 
 from listener.logs import configure_logging
 
@@ -454,7 +454,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("rev", help="the git revision to compare with (HEAD~1, a sha, a branch)")
     parser.add_argument(
-        "--only", default=",".join(SCENARIOS), help="comma-separated scenarios (default a,b,c,d,e)"
+        "--only",
+        default=DEFAULT_SCENARIOS,
+        help=f"comma-separated scenarios of {','.join(SCENARIOS)} (default {DEFAULT_SCENARIOS}; "
+        "f and g take minutes per run)",
     )
     parser.add_argument(
         "--runs", type=int, default=DEFAULT_RUNS, help=f"runs per side (default {DEFAULT_RUNS})"

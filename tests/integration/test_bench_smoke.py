@@ -36,6 +36,17 @@ def run_script(
     )
 
 
+def script_env(database_url: str | None) -> dict[str, str]:
+    """The environment for a script: no ``LISTENER_*`` or ``PGQUEUER_*`` variable of the
+    developer's, and ``DATABASE_URL`` set to ``database_url`` (None: removed, so the script
+    starts its own cluster)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENER_", "PGQUEUER_"))}
+    env.pop("DATABASE_URL", None)
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    return env
+
+
 def explain(proc: subprocess.CompletedProcess[str]) -> str:
     """The exit status and the tails of the output, for an assertion message."""
     return (
@@ -54,8 +65,7 @@ def figures_by_scenario(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 def test_bench_queue_every_scenario_reports(pg_admin_dsn: str, tmp_path: Path) -> None:
     """Scenarios a-g on the session's server (``--use-database-url``), at smoke sizes."""
     out = tmp_path / "queue.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
-    env["DATABASE_URL"] = pg_admin_dsn
+    env = script_env(pg_admin_dsn)
     proc = run_script(
         [
             str(BENCH / "bench_queue.py"),
@@ -144,8 +154,7 @@ def test_bench_fleet_reports(tmp_path: Path) -> None:
     machine says nothing: the test only requires that the script finished and reported.
     """
     out = tmp_path / "fleet.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
-    env.pop("DATABASE_URL", None)
+    env = script_env(None)
     proc = run_script(
         [
             str(BENCH / "bench_fleet.py"),
@@ -184,8 +193,7 @@ def test_bench_fleet_noop_reports(tmp_path: Path) -> None:
 
     Each daemon is a ``bench/fleet_daemon.py`` process: both must have made calls."""
     out = tmp_path / "fleet-noop.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
-    env.pop("DATABASE_URL", None)
+    env = script_env(None)
     proc = run_script(
         [
             str(BENCH / "bench_fleet.py"),
@@ -215,8 +223,7 @@ def test_bench_fleet_noop_reports(tmp_path: Path) -> None:
 def test_bench_health_reports_quiet_and_flood(pg_admin_dsn: str, tmp_path: Path) -> None:
     """Quiet and flooded drains at smoke size (300 jobs, 100 idle connections)."""
     out = tmp_path / "health.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
-    env["DATABASE_URL"] = pg_admin_dsn
+    env = script_env(pg_admin_dsn)
     proc = run_script(
         [
             str(BENCH / "bench_health.py"),
@@ -261,8 +268,7 @@ def test_bench_health_reports_quiet_and_flood(pg_admin_dsn: str, tmp_path: Path)
 def test_bench_status_reports_every_figure(pg_admin_dsn: str, tmp_path: Path) -> None:
     """Status reads at 2,000 jobs on the session's server: every figure has a value."""
     out = tmp_path / "status.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
-    env["DATABASE_URL"] = pg_admin_dsn
+    env = script_env(pg_admin_dsn)
     proc = run_script(
         [str(BENCH / "bench_status.py"), "--smoke", "--use-database-url", "--json", str(out)],
         timeout_s=110,
@@ -292,8 +298,7 @@ def test_bench_compare_reports_a_ratio_per_figure(pg_admin_dsn: str, tmp_path: P
     figure of a and d has both medians and a ratio, printed and in the JSON, and the two
     sides imported ``listener`` from different checkouts (the temporary one is gone after)."""
     out = tmp_path / "compare.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTENER_")}
-    env["DATABASE_URL"] = pg_admin_dsn
+    env = script_env(pg_admin_dsn)
     proc = run_script(
         [
             str(BENCH / "compare.py"),
@@ -346,8 +351,7 @@ def test_bench_peers_every_scenario_compares(pg_admin_dsn: str, tmp_path: Path) 
     graphile-worker is left out (``--no-graphile``): it needs node and a registry (or a cache).
     """
     out = tmp_path / "peers.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENER_", "PGQUEUER_"))}
-    env["DATABASE_URL"] = pg_admin_dsn
+    env = script_env(pg_admin_dsn)
     proc = run_script(
         [
             str(BENCH / "bench_peers.py"),
