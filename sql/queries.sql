@@ -2,10 +2,11 @@
 -- and a comment saying what it does and why. listener/db/queries.py exposes one method each.
 
 -- name: claim_jobs :many
--- Claims up to $1 runnable jobs for worker $2, leased for $3 seconds under token $4, after
--- admitting up to $6 rows the app inserted (0: none), in one transaction (listener.claim_jobs,
--- 0019, which holds the statement): pending jobs whose run_after has passed, in priority then
--- age order (an index scan of jobs_claim_idx). SKIP LOCKED lets concurrent claimers pass over
+-- Claims up to $1 runnable jobs for worker $2, leased for $3 seconds under token $4, in one
+-- transaction (listener.claim_jobs, 0021, which holds the statement): pending jobs whose
+-- run_after has passed, in priority then age order (an index scan of jobs_claim_idx), and,
+-- with $6 > 0, up to $6 rows the app inserted, admitted as jobs claimed at once in the room
+-- the pending jobs of priority 0 or less left, before those of higher numbers. SKIP LOCKED lets concurrent claimers pass over
 -- each other's rows instead of queueing behind them; the UPDATE then touches exactly the rows
 -- this statement locked. A job without max_attempts (enqueued by a trigger) takes the
 -- daemon's default $5. done_steps, the steps already stored, is what a run resumes after:

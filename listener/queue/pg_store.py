@@ -39,8 +39,9 @@ _FINISHED = ("failed", "cancelled", "complete")
 _SCOPES = ("owner", "table", "global")
 
 DEDUP_CANDIDATES = 200
-# Rows the app inserted admitted as jobs before each claim, at most (0019). One admission of
-# 1,000 rows takes tens of milliseconds; a backlog drains at this many per claim.
+# Rows the app inserted admitted as jobs by one claim (into its room, 0021) or by one
+# admission outside a claim (0019), at most. One admission of 1,000 rows takes tens of
+# milliseconds.
 ADMIT_BATCH = 1_000
 ADMIT_ALL = 2**31 - 1
 """Stored results with the same digest read, at most, before the scope's filter."""
@@ -117,8 +118,9 @@ class PgJobStore:
     async def claim(
         self, limit: int, worker_id: str, lease_s: float, token: UUID, *, admit: bool = False
     ) -> list[Job]:
-        """See ``JobStore.claim``: ``listener.claim_jobs`` (0019), which admits up to
-        ``ADMIT_BATCH`` rows first when ``admit`` is set: one round trip, one commit."""
+        """See ``JobStore.claim``: ``listener.claim_jobs`` (0021), which admits up to
+        ``ADMIT_BATCH`` rows into the claim's room when ``admit`` is set: one round trip,
+        one commit."""
         rows = await self._pool.fetch(
             self._sql["claim_jobs"],
             limit,

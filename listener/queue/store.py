@@ -189,8 +189,10 @@ class JobStore(Protocol):
         Runnable: ``run_after`` has passed; order: priority, then ``run_after``, then id.
         Each claim counts an attempt and fills in a missing ``max_attempts`` with the
         store's default. Concurrent claimers never get the same job. With ``admit``, rows
-        waiting for admission (see ``admit``) are admitted first in the same transaction,
-        so the claim can take their jobs.
+        waiting for admission (see ``admit``) are admitted in the same transaction as jobs
+        claimed at once, as many as the claim has room for after the pending jobs of
+        priority 0 or less (before those of higher numbers); the rest wait for the next
+        claim.
         """
         ...
 

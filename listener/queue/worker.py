@@ -311,6 +311,10 @@ class Worker:
                 self.signals.emit("claimed", len(jobs))
                 self._job_ready.set()
             self._more_waiting = len(jobs) == want
+            if admit and self._more_waiting:
+                # The admission may have filled the claim's room: more rows may wait, and
+                # the next claim admits them without waiting for the NOTIFY that says so.
+                self._admission_due = True
             if not self._more_waiting:
                 await self._wait(self._poll_interval())
 

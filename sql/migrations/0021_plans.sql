@@ -26,8 +26,6 @@ DROP INDEX listener.jobs_lease_idx;
 CREATE INDEX jobs_lease_idx ON listener.jobs (lease_expires_at)
     WHERE lease_expires_at IS NOT NULL;
 
-ALTER FUNCTION listener.claim_jobs(integer, text, double precision, uuid, integer, integer)
-    SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off;
 ALTER FUNCTION listener.admit_entries(integer, integer, text, double precision, uuid, integer)
     SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off;
 
@@ -416,5 +414,115 @@ BEGIN
     PERFORM listener.sync_write_back_triggers();
     PERFORM listener.apply_privileges();
     RETURN qualified;
+END;
+$$;
+
+-- claim_jobs(limit, worker, lease_s, token, default_max_attempts, admit): as in 0019, with
+-- the admission just in time. A claim takes, in this order and up to p_limit in all:
+--   1. pending jobs of priority 0 or less (fresh rows' jobs, retries, re-analyses), in
+--      priority then age order;
+--   2. when p_admit > 0 (after a wake-up), rows the app inserted, admitted as jobs claimed at
+--      once, as many as the claim has room for (up to p_admit): they are priority 0 and
+--      newer than every pending job of step 1;
+--   3. pending jobs of higher priority numbers (a backfill's 100), in the same order.
+-- That is the order in which 0019 ran them, where the admission made up to p_admit pending
+-- jobs that the next claim took; in a backlog of inserted rows each job is now written twice
+-- (made claimed, finished) instead of three times (made pending, claimed, finished). Rows
+-- beyond the room wait in listener.inserted_rows (counted as pending by the status counts)
+-- for the next claim, or for admit_inserted_rows() when the daemon is not claiming. One
+-- NOTIFY wakes the other daemons when the admission filled the room (more may wait) or made
+-- jobs it did not claim (a row re-inserted under a key its old job holds). The claim is the
+-- statement between the two "claim" markers, run once per pass
+-- (tests/integration/test_query_plans.py EXPLAINs it from this function's source).
+CREATE OR REPLACE FUNCTION listener.claim_jobs(
+    p_limit integer, p_worker text, p_lease_s double precision, p_token uuid,
+    p_default_max_attempts integer, p_admit integer
+) RETURNS TABLE (
+    id bigint, source_table text, source_id text, image_url text, owner_id text,
+    priority integer, attempts integer, max_attempts integer, batch_mode boolean,
+    claims integer, done_steps text[]
+)
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
+#variable_conflict use_column
+DECLARE
+    admission record;
+    got bigint := 0;
+    n bigint;
+    room integer;
+    pending boolean;
+    first_priority integer;
+    last_priority integer;
+BEGIN
+    -- After a wake-up (p_admit > 0) the usual case is nothing pending and one new row: a
+    -- read of the claim index spares the claim's UPDATE then.
+    pending := p_admit <= 0 OR EXISTS (
+        SELECT FROM listener.jobs AS x WHERE x.status = 'pending' AND x.run_after <= now());
+    FOR pass IN 1..2 LOOP
+        IF pass = 1 THEN
+            first_priority := -2147483648;
+            last_priority := 0;
+        ELSE
+            room := p_limit - got::integer;
+            IF p_admit > 0 AND room > 0 THEN
+                SELECT * INTO admission FROM listener.admit_entries(
+                    least(p_admit, room), room, p_worker, p_lease_s, p_token,
+                    p_default_max_attempts);
+                IF cardinality(admission.claimed) > 0 THEN
+                    RETURN QUERY
+                    SELECT j.id, j.source_table::text, j.source_id::text, j.image_url,
+                           j.owner_id, j.priority, j.attempts, j.max_attempts, j.batch_mode,
+                           j.claims, '{}'::text[]
+                    FROM listener.jobs AS j
+                    WHERE j.id = ANY(admission.claimed)
+                    ORDER BY j.id;
+                    got := got + cardinality(admission.claimed);
+                END IF;
+                IF admission.admitted > cardinality(admission.claimed)
+                   OR admission.taken >= least(p_admit, room) THEN
+                    PERFORM pg_notify('listener_jobs', '');
+                END IF;
+            END IF;
+            first_priority := 1;
+            last_priority := 2147483647;
+        END IF;
+        CONTINUE WHEN NOT pending OR got >= p_limit;
+        -- claim: begin
+        RETURN QUERY
+        WITH next AS (
+            SELECT x.id
+            FROM listener.jobs AS x
+            WHERE x.status = 'pending' AND x.run_after <= now()
+              AND x.priority >= first_priority AND x.priority <= last_priority
+            ORDER BY x.priority, x.run_after, x.id
+            LIMIT p_limit - got
+            FOR UPDATE SKIP LOCKED
+        ), claimed AS (
+            UPDATE listener.jobs AS j
+            SET status = 'processing',
+                attempts = j.attempts + 1,
+                claims = j.claims + 1,
+                max_attempts = coalesce(j.max_attempts, p_default_max_attempts),
+                worker_id = p_worker,
+                lease_token = p_token,
+                lease_expires_at = now() + make_interval(secs => p_lease_s),
+                started_at = now(),
+                updated_at = now()
+            WHERE j.id = ANY(ARRAY(SELECT next.id FROM next))
+            RETURNING j.id, j.source_table, j.source_id, j.image_url, j.owner_id, j.priority,
+                      j.attempts, j.max_attempts, j.batch_mode, j.claims, j.run_after,
+                      CASE WHEN j.claims > 1
+                           THEN ARRAY(SELECT r.step FROM listener.results AS r
+                                      WHERE r.job_id = j.id)
+                           ELSE '{}'::text[] END AS done_steps
+        )
+        SELECT c.id, c.source_table::text, c.source_id::text, c.image_url, c.owner_id,
+               c.priority, c.attempts, c.max_attempts, c.batch_mode, c.claims, c.done_steps
+        FROM claimed AS c
+        ORDER BY c.priority, c.run_after, c.id;
+        -- claim: end
+        GET DIAGNOSTICS n = ROW_COUNT;
+        got := got + n;
+    END LOOP;
 END;
 $$;

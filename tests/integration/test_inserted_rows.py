@@ -242,6 +242,38 @@ async def test_a_claim_sees_rows_once_admitted(
     assert await conn.fetchval("SELECT count(*) FROM listener.jobs WHERE status = 'pending'") == 2
 
 
+async def test_a_claim_admits_fresh_rows_after_urgent_jobs_and_before_a_backfill(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """One claim with admission takes pending jobs of priority 0 or less first, then fresh
+    rows (admitted as jobs claimed at once, only as many as there is room for: the rest wait
+    as entries), then a backfill's jobs (priority 100) in the room left."""
+    await make_table(conn, "photos")
+    await conn.execute(
+        "INSERT INTO photos (url) SELECT 'http://img/' || g || '.jpg' FROM generate_series(1, 4) g"
+    )
+    assert await admit(conn) == 4
+    await conn.execute(
+        "UPDATE listener.jobs SET priority = CASE WHEN source_id IN ('1', '2') THEN 100 ELSE -1 END"
+    )
+    await conn.execute(
+        "INSERT INTO photos (url) SELECT 'http://img/' || g || '.jpg' FROM generate_series(5, 7) g"
+    )
+    store = PgJobStore(pool)
+    first = await store.claim(4, "w", 30.0, uuid.uuid4(), admit=True)
+    # Urgent jobs (3, 4), then two of the three fresh rows (5, 6): no room for the backfill.
+    assert [(j.source_id, j.priority) for j in first] == [("3", -1), ("4", -1), ("5", 0), ("6", 0)]
+    assert await entries(conn) == [("public.photos", "7")]
+    assert (
+        await conn.fetchval("SELECT count(*) FROM listener.jobs WHERE status = 'processing'") == 4
+    )
+    second = await store.claim(4, "w", 30.0, uuid.uuid4(), admit=True)
+    # The last fresh row, then the backfill's jobs in the room left.
+    assert [(j.source_id, j.priority) for j in second] == [("7", 0), ("1", 100), ("2", 100)]
+    assert await entries(conn) == []
+    await assert_exact(conn)
+
+
 async def test_the_daemon_admits_rows_inserted_while_it_runs_and_before_it_started(
     database_url: str, conn: asyncpg.Connection
 ) -> None:

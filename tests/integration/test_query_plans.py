@@ -32,7 +32,7 @@ ALLOWED = {
     "reap_expired_leases": {"jobs_lease_idx", "jobs_pkey"},
 }
 HOT = {
-    "claim_jobs": "(20, 'w', 30.0, '{token}', 5)",
+    "claim_jobs": "(20, 'w', 30.0, '{token}', 5, -2147483648, 0, 0)",
     "renew_leases": "(ARRAY[{ids}]::bigint[], ARRAY['{token}']::uuid[], 30.0)",
     "complete_jobs": (
         "(ARRAY[{ids}]::bigint[], ARRAY[{tokens}]::uuid[], ARRAY[{first}]::bigint[], "
@@ -102,24 +102,37 @@ async def big_queue(conn: asyncpg.Connection) -> tuple[list[int], str]:
     return ids, token
 
 
-# listener.claim_jobs's parameters, in the order of the claim_jobs query's placeholders.
-CLAIM_PARAMETERS = ("p_limit", "p_worker", "p_lease_s", "p_token", "p_default_max_attempts")
+# listener.claim_jobs's parameters, in the order of the claim_jobs query's placeholders, then
+# the function's variables the claim statement reads (0021: the priority range of the pass
+# and the jobs already taken), with their types.
+CLAIM_PARAMETERS = (
+    ("p_limit", "integer"),
+    ("p_worker", "text"),
+    ("p_lease_s", "double precision"),
+    ("p_token", "uuid"),
+    ("p_default_max_attempts", "integer"),
+    ("first_priority", "integer"),
+    ("last_priority", "integer"),
+    ("got", "bigint"),
+)
 
 
 async def claim_statement(conn: asyncpg.Connection) -> str:
-    """The claim statement of ``listener.claim_jobs`` (0019), from the function's source
-    between its "claim" markers, with its parameters as $1..$5: what PL/pgSQL plans, custom
-    or generic, for the function's claim."""
+    """The claim statement of ``listener.claim_jobs`` (0021), from the function's source
+    between its "claim" markers, with its parameters and variables as $1..$8, as a
+    PREPARE's ``(types) AS statement``: what PL/pgSQL plans, custom or generic, for the
+    function's claim. EXPLAIN arguments: ``HOT["claim_jobs"]`` (the first pass)."""
     source = await conn.fetchval(
         "SELECT prosrc FROM pg_proc WHERE oid = 'listener.claim_jobs(integer, text, "
         "double precision, uuid, integer, integer)'::regprocedure"
     )
     body = source.split("-- claim: begin", 1)[1].split("-- claim: end", 1)[0]
     statement = body.strip().removeprefix("RETURN QUERY").strip()
-    for n, name in enumerate(CLAIM_PARAMETERS, start=1):
+    for n, (name, _) in enumerate(CLAIM_PARAMETERS, start=1):
         statement = re.sub(rf"\b{name}\b", f"${n}", statement)
     assert "p_" not in statement, statement
-    return statement
+    types = ", ".join(t for _, t in CLAIM_PARAMETERS)
+    return f"({types}) AS {statement}"
 
 
 def _scans(plan: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -152,8 +165,8 @@ async def test_hot_statements_keep_index_plans_at_a_million_jobs(
     await conn.execute(f"SET plan_cache_mode = {mode}")
     bad: dict[str, list[tuple[str, str, str]]] = {}
     for name, args in HOT.items():
-        text = await claim_statement(conn) if name == "claim_jobs" else sql[name].sql
-        await conn.execute(f"PREPARE {name} AS {text.rstrip().rstrip(';')}")
+        text = await claim_statement(conn) if name == "claim_jobs" else f"AS {sql[name].sql}"
+        await conn.execute(f"PREPARE {name} {text.rstrip().rstrip(';')}")
         try:
             explained = await conn.fetchval(
                 f"EXPLAIN (FORMAT JSON) EXECUTE {name}{args.format(**values)}"
