@@ -19,7 +19,7 @@ Scenarios (targets are for a 2-core machine):
   in (a).
 - ``f`` backlog: 1,000,000 rows inserted in one statement before the daemon starts, drained as
   in (a); and the cost of admitting 1,000 rows (``listener.admit_entries``) over the last
-  tenth of the admissions against the first tenth.
+  tenth of the rows admitted against the first tenth.
 - ``g`` stream: 200,000 rows inserted at full speed (100-row INSERTs, autocommit, from a
   spawned process) while the daemon runs; the same two figures.
 
@@ -852,52 +852,56 @@ async def scenario_rss(server: Server, report: Report, sizes: Sizes) -> None:
 
 @dataclass
 class Admissions:
-    """Cumulative statistics of ``listener.admit_entries`` (``pg_stat_user_functions``) read
-    every ``ADMISSION_SAMPLE_S``: ``(monotonic s, calls, total ms)``. In a backlog every call
-    takes ``ADMIT_BATCH`` (1,000) entries but the last, so ms per call is the cost of
-    admitting 1,000 rows."""
+    """What the admission (``listener.admit_entries``) cost, read every
+    ``ADMISSION_SAMPLE_S``: ``(monotonic s, total ms, jobs inserted)`` from
+    ``pg_stat_user_functions`` and ``pg_stat_user_tables`` (``n_tup_ins`` of
+    ``listener.jobs``: in these scenarios every job is made by an admission). A claim admits as
+    many rows as it has room for (0021), so the cost is per 1,000 rows, not per call."""
 
-    samples: list[tuple[float, int, float]] = field(default_factory=list)
+    samples: list[tuple[float, float, int]] = field(default_factory=list)
 
     def growth(self) -> tuple[float, float, float] | None:
-        """(ms per call over the first tenth of the calls, over the last tenth, last/first);
-        None with fewer than 20 calls or samples too coarse to tell the tenths apart."""
+        """(ms per 1,000 rows admitted over the first tenth of the rows, over the last tenth,
+        last/first); None with fewer than 3 sampled steps (too coarse to tell the tenths
+        apart)."""
         steps = [
-            (c1 - c0, t1 - t0)
-            for (_, c0, t0), (_, c1, t1) in zip(self.samples, self.samples[1:], strict=False)
-            if c1 > c0
+            (r1 - r0, t1 - t0)
+            for (_, t0, r0), (_, t1, r1) in zip(self.samples, self.samples[1:], strict=False)
+            if r1 > r0
         ]
         total = sum(n for n, _ in steps)
         if total < 20 or len(steps) < 3:
             return None
         tenth = total / 10
 
-        def mean(ordered: list[tuple[int, float]]) -> float:
-            calls, ms = 0, 0.0
+        def per_thousand(ordered: list[tuple[int, float]]) -> float:
+            rows, ms = 0, 0.0
             for n, spent in ordered:
-                if calls >= tenth:
+                if rows >= tenth:
                     break
-                calls += n
+                rows += n
                 ms += spent
-            return ms / calls
+            return ms / rows * 1000
 
-        first, last = mean(steps), mean(steps[::-1])
+        first, last = per_thousand(steps), per_thousand(steps[::-1])
         return first, last, last / first
 
 
 async def sample_admissions(dsn: str, into: Admissions, stop: asyncio.Event) -> None:
-    """Append ``(time, calls, total ms)`` of ``listener.admit_entries`` to ``into`` every
-    ``ADMISSION_SAMPLE_S`` until ``stop``, then once more. Backends publish their function
-    statistics at most once a second, so a sample may lag the truth by that much."""
+    """Append ``(time, total ms of listener.admit_entries, jobs inserted)`` to ``into`` every
+    ``ADMISSION_SAMPLE_S`` until ``stop``, then once more. Backends publish their statistics
+    at most once a second (functions and tables together), so a sample may lag the truth by
+    that much."""
     conn = await asyncpg.connect(dsn)
     try:
         while True:
             row = await conn.fetchrow(
-                "SELECT coalesce(sum(calls), 0)::bigint AS calls, "
-                "coalesce(sum(total_time), 0)::float8 AS ms FROM pg_stat_user_functions "
-                "WHERE schemaname = 'listener' AND funcname = 'admit_entries'"
+                "SELECT (SELECT coalesce(sum(total_time), 0)::float8 FROM pg_stat_user_functions "
+                "        WHERE schemaname = 'listener' AND funcname = 'admit_entries') AS ms, "
+                "       (SELECT coalesce(sum(n_tup_ins), 0)::bigint FROM pg_stat_user_tables "
+                "        WHERE schemaname = 'listener' AND relname = 'jobs') AS rows"
             )
-            into.samples.append((time.monotonic(), row["calls"], row["ms"]))
+            into.samples.append((time.monotonic(), row["ms"], row["rows"]))
             if stop.is_set():
                 return
             with contextlib.suppress(TimeoutError):
@@ -1004,9 +1008,9 @@ def backlog_figures(key: str, what: str, d: Drain, admissions: Admissions) -> li
             "x",
             ADMISSION_GROWTH_TARGET,
             "lower",
-            note=f"listener.admit_entries: {first:.1f} ms per call over the first tenth of "
-            f"the calls, {last:.1f} ms over the last (pg_stat_user_functions every "
-            f"{ADMISSION_SAMPLE_S} s)",
+            note=f"listener.admit_entries: {first:.1f} ms per 1,000 rows over the first tenth "
+            f"of the rows admitted, {last:.1f} ms over the last (pg_stat_user_functions and "
+            f"n_tup_ins of listener.jobs every {ADMISSION_SAMPLE_S} s)",
         ),
     ]
     return figures
