@@ -55,6 +55,7 @@ from bench_queue import (
     daemon_settings,
     describe_machine,
     drain,
+    drained,
     dsn_for,
     load_rows,
     percentile,
@@ -560,18 +561,13 @@ async def listener_drain_2(ctx: Context, run: int) -> Sample:
                 t0: datetime = await conn.fetchval("SELECT clock_timestamp()")
                 go()
                 await poll_until(conn, UNFINISHED_SQL, DRAIN_TIMEOUT_S)
-            row = await conn.fetchrow(
-                "SELECT count(*) FILTER (WHERE status = 'complete') AS complete, "
-                "max(finished_at) AS last, min(started_at) AS first FROM listener.jobs"
-            )
+            d = await drained(conn, jobs, t0)
         finally:
             await conn.close()
-    if row["complete"] != jobs:
-        raise RuntimeError(f"only {row['complete']} of {jobs} jobs completed")
     details = {
         "jobs": jobs,
-        "from_start_s": (row["last"] - t0).total_seconds(),
-        "from_first_claim_s": (row["last"] - row["first"]).total_seconds(),
+        "from_start_s": d.from_start_s,
+        "from_first_claim_s": d.from_first_claim_s,
         "calls_by_worker": [r["calls"] for r in results],
     }
     return Sample("drain-2-daemons", "listener", run, drain_figures(details), details)

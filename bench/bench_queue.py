@@ -451,6 +451,27 @@ class Drain:
         return self.complete / self.from_first_claim_s
 
 
+async def drained(conn: asyncpg.Connection, jobs: int, t0: datetime) -> Drain:
+    """The drain of ``jobs`` jobs whose clock started at ``t0`` (Postgres time), read once
+    every job finished: to ``max(finished_at)``, and from ``min(started_at)``.
+
+    Raises:
+        RuntimeError: fewer than ``jobs`` jobs completed.
+    """
+    row = await conn.fetchrow(
+        "SELECT count(*) FILTER (WHERE status = 'complete') AS complete, "
+        "max(finished_at) AS last, min(started_at) AS first FROM listener.jobs"
+    )
+    if row["complete"] != jobs:
+        raise RuntimeError(f"only {row['complete']} of {jobs} jobs completed")
+    return Drain(
+        jobs=jobs,
+        complete=row["complete"],
+        from_start_s=(row["last"] - t0).total_seconds(),
+        from_first_claim_s=(row["last"] - row["first"]).total_seconds(),
+    )
+
+
 async def drain(
     server: Server,
     label: str,
@@ -476,20 +497,9 @@ async def drain(
             t0: datetime = await conn.fetchval("SELECT clock_timestamp()")
             async with daemon:
                 await wait_drained(conn)
-            row = await conn.fetchrow(
-                "SELECT count(*) FILTER (WHERE status = 'complete') AS complete, "
-                "max(finished_at) AS last, min(started_at) AS first FROM listener.jobs"
-            )
+            return await drained(conn, jobs, t0)
         finally:
             await conn.close()
-    if row["complete"] != jobs:
-        raise RuntimeError(f"only {row['complete']} of {jobs} jobs completed")
-    return Drain(
-        jobs=jobs,
-        complete=row["complete"],
-        from_start_s=(row["last"] - t0).total_seconds(),
-        from_first_claim_s=(row["last"] - row["first"]).total_seconds(),
-    )
 
 
 async def scenario_throughput(server: Server, report: Report, sizes: Sizes) -> None:
@@ -966,21 +976,9 @@ async def backlog_drain(
                     await wait_drained(conn, timeout_s=max(DRAIN_TIMEOUT_S, rows / 2_000))
                 stop.set()
                 await sampler
-                row = await conn.fetchrow(
-                    "SELECT count(*) FILTER (WHERE status = 'complete') AS complete, "
-                    "max(finished_at) AS last, min(started_at) AS first FROM listener.jobs"
-                )
+                return await drained(conn, rows, t0), admissions, inserted
             finally:
                 await conn.close()
-    if row["complete"] != rows:
-        raise RuntimeError(f"only {row['complete']} of {rows} jobs completed")
-    drained = Drain(
-        jobs=rows,
-        complete=row["complete"],
-        from_start_s=(row["last"] - t0).total_seconds(),
-        from_first_claim_s=(row["last"] - row["first"]).total_seconds(),
-    )
-    return drained, admissions, inserted
 
 
 def backlog_figures(key: str, what: str, d: Drain, admissions: Admissions) -> list[Figure]:
