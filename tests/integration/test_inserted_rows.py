@@ -274,6 +274,29 @@ async def test_a_claim_admits_fresh_rows_after_urgent_jobs_and_before_a_backfill
     await assert_exact(conn)
 
 
+async def test_a_claim_admits_a_row_the_app_holds_locked_without_waiting(
+    pool: asyncpg.Pool, conn: asyncpg.Connection, database_url: str
+) -> None:
+    """The app holds its row FOR UPDATE in an open transaction: the claim's admission reads
+    the row without a lock, so it neither waits nor fails, and the app's transaction
+    commits afterwards unharmed."""
+    await make_table(conn, "photos")
+    await conn.execute("INSERT INTO photos (url) VALUES ('http://img/1.jpg')")
+    app = await asyncpg.connect(database_url)
+    try:
+        tx = app.transaction()
+        await tx.start()
+        await app.execute("SELECT * FROM photos WHERE id = 1 FOR UPDATE")
+        store = PgJobStore(pool)
+        async with asyncio.timeout(5):
+            claimed = await store.claim(5, "w", 30.0, uuid.uuid4(), admit=True)
+        assert [j.source_id for j in claimed] == ["1"]
+        await app.execute("UPDATE photos SET url = url WHERE id = 1")
+        await tx.commit()
+    finally:
+        await app.close()
+
+
 async def test_the_daemon_admits_rows_inserted_while_it_runs_and_before_it_started(
     database_url: str, conn: asyncpg.Connection
 ) -> None:
