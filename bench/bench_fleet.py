@@ -42,9 +42,9 @@ from typing import Any
 import asyncpg
 from PIL import Image
 
-from listener.db.cluster import TemporaryCluster, termination_as_interrupt
+from listener.cli.demo import BUNDLED_IMAGES
 from listener.db.migrate import migrate
-from listener.demo import BUNDLED_IMAGES
+from listener.testing.cluster import TemporaryCluster, termination_as_interrupt
 from listener.testing.openai_fake import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]

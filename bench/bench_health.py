@@ -56,7 +56,7 @@ from bench_queue import (
 )
 
 from listener.app import Daemon
-from listener.logs import configure_logging
+from listener.ops.logs import configure_logging
 
 JOBS = 20_000
 IDLE_CONNECTIONS = 1_000

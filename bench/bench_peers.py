@@ -69,7 +69,7 @@ from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
 from pgqueuer.errors import FailingListenerError
 
 from listener.app import Daemon
-from listener.logs import configure_logging
+from listener.ops.logs import configure_logging
 
 BENCH = Path(__file__).resolve().parent
 DRAIN_JOBS = 20_000

@@ -57,12 +57,12 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 from pydantic import SecretStr
 
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
-from listener.db.cluster import TemporaryCluster
 from listener.db.migrate import migrate
-from listener.logs import configure_logging
-from listener.providers.base import ImageInput, StepContext, StepResult
+from listener.ops.logs import configure_logging
 from listener.settings import Settings
+from listener.testing.cluster import TemporaryCluster
 
 # (a)
 THROUGHPUT_JOBS = 20_000

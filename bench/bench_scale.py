@@ -59,9 +59,9 @@ from bench_queue import (
     print_load_and_errors,
 )
 
-from listener.db.cluster import TemporaryCluster
 from listener.db.migrate import migrate
-from listener.logs import configure_logging
+from listener.ops.logs import configure_logging
+from listener.testing.cluster import TemporaryCluster
 
 ROWS = 1_000_000
 OWNERS = 1_000

@@ -51,15 +51,15 @@ import aiohttp
 import asyncpg
 from bench_queue import bench_server
 
+from listener.analysis.providers.noop import NoopProvider
 from listener.app import Daemon
 from listener.db.migrate import migrate
 from listener.db.queries import Queries
-from listener.health import HealthSources, status_document
-from listener.logs import configure_logging
-from listener.providers.noop import NoopProvider
+from listener.ops.health import HealthSources, status_document
+from listener.ops.logs import configure_logging
+from listener.ops.status import queue_status
+from listener.ops.status_page import render
 from listener.settings import Settings
-from listener.status import queue_status
-from listener.status_page import render
 
 TARGET_MS = 10.0
 TABLES = ("public.images", "public.photos", "public.scans")

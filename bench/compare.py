@@ -49,7 +49,7 @@ from typing import Any, Literal
 import asyncpg
 from bench_queue import DEFAULT_SCENARIOS, SCENARIOS, bench_server
 
-from listener.logs import configure_logging
+from listener.ops.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_QUEUE = ROOT / "bench" / "bench_queue.py"

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon, run_until_signalled
-from listener.logs import configure_logging
-from listener.providers.base import ImageInput, StepContext, StepResult
+from listener.ops.logs import configure_logging
 from listener.settings import Settings
 
 

@@ -24,34 +24,34 @@ from typing import TYPE_CHECKING, Protocol
 import asyncpg
 from loguru import logger
 
-from listener.budget import Budget
+from listener.analysis.budget import Budget
+from listener.analysis.dedup import DedupPolicy
+from listener.analysis.dispatch import Dispatcher, Limiter, LocalLimiter, ProviderSlot
+from listener.analysis.fetch import ImageFetcher
+from listener.analysis.fleet_limits import FleetLimiter
+from listener.analysis.pipeline import Plan, Step, build_plan
+from listener.analysis.providers.base import BatchBackend, Provider
+from listener.app_side.deletes import DeleteDrain, FaceRemover
+from listener.app_side.webhooks import WebhookSender
+from listener.app_side.writeback import StatusWriteBack
 from listener.db.connect import check_listen_dsn, open_database
-from listener.db.limits import FleetLimiter
 from listener.db.migrate import applied_versions, load_migrations
-from listener.db.notify import INSERTED, Notifier
 from listener.db.queries import Queries
-from listener.dedup import DedupPolicy
-from listener.deletes import DeleteDrain
-from listener.dispatch import Dispatcher, Limiter, LocalLimiter, ProviderSlot
-from listener.fetch import ImageFetcher
-from listener.health import HealthServer, HealthSources
-from listener.metrics import Metrics
-from listener.pauses import PauseBoard
-from listener.pipeline import Plan, Step, build_plan
-from listener.providers.base import BatchBackend, FaceRemover, Provider
-from listener.prune import Pruner
+from listener.ops.health import HealthServer, HealthSources
+from listener.ops.metrics import Metrics
+from listener.ops.tracing import Tracing, build_tracing
+from listener.queue.notify import INSERTED, Notifier
+from listener.queue.pauses import PauseBoard
 from listener.queue.pg_store import PgJobStore
+from listener.queue.prune import Pruner
 from listener.queue.retry import RetryPolicy
+from listener.queue.rollup import CountsRollup
 from listener.queue.signals import Signals
 from listener.queue.worker import Worker, WorkerConfig
-from listener.rollup import CountsRollup
 from listener.settings import Settings
-from listener.tracing import Tracing, build_tracing
-from listener.webhooks import WebhookSender
-from listener.writeback import StatusWriteBack
 
 if TYPE_CHECKING:
-    from listener.batches import BatchManager
+    from listener.analysis.batches import BatchManager
 
 
 class _Loop(Protocol):
@@ -77,11 +77,11 @@ def build_providers(
     providers: list[Provider] = []
     for name in plan.providers:
         if name == "noop":
-            from listener.providers.noop import NoopProvider
+            from listener.analysis.providers.noop import NoopProvider
 
             providers.append(NoopProvider(settings.noop_delay_s))
         elif name == "local":
-            from listener.providers.local import LocalProvider
+            from listener.analysis.providers.local import LocalProvider
 
             providers.append(
                 LocalProvider(
@@ -92,12 +92,12 @@ def build_providers(
                 )
             )
         elif name == "openai":
-            from listener.providers.openai import OpenAIProvider
+            from listener.analysis.providers.openai import OpenAIProvider
 
             providers.append(OpenAIProvider(settings.openai, tracing=tracing))
         elif name == "rekognition":
-            from listener.faces import PgKnownFaces
-            from listener.providers.rekognition import RekognitionProvider
+            from listener.analysis.faces import PgKnownFaces
+            from listener.analysis.providers.rekognition import RekognitionProvider
 
             providers.append(
                 RekognitionProvider(settings.rekognition, PgKnownFaces(queries), tracing=tracing)
@@ -369,7 +369,7 @@ class Daemon:
             )
             if backend is not None:
                 # Imported here: a pipeline without a batch backend never loads it.
-                from listener.batches import BatchManager
+                from listener.analysis.batches import BatchManager
 
                 self.batches = BatchManager(
                     queries,
@@ -403,14 +403,14 @@ class Daemon:
                 await self.health.start()
 
             # Status write-back (--status-column): a loop of its own, outside every claim,
-            # so the app's row locks never hold up the queue (see listener/writeback.py).
+            # so the app's row locks never hold up the queue (see listener/app_side/writeback.py).
             self.status_writeback = StatusWriteBack(
                 queries,
                 s.status_writeback_interval_s,
                 s.status_writeback_batch,
                 s.status_writeback_lock_timeout_ms,
             )
-            # Rows the app deleted: their jobs, results and faces (see listener/deletes.py).
+            # Rows the app deleted: their jobs, results and faces (listener/app_side/deletes.py).
             self.deletes = DeleteDrain(
                 queries,
                 self.store,

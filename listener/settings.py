@@ -96,7 +96,7 @@ class FetchSettings(BaseModel):
         max_decode_bytes: the memory one decoded image may take, in bytes: an image whose
             width x height x bytes per pixel (RGB and RGBA 4, 16-bit RGBA PNG 8, gray 1) is
             over it is refused before decoding. A local analysis then holds at most this plus
-            three 8-bit planes of width x height bytes (``listener.providers.local``).
+            three 8-bit planes of width x height bytes (``listener.analysis.providers.local``).
     """
 
     max_bytes: int = 20 * MB
@@ -485,7 +485,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     otel: bool | None = None
     """``LISTENER_OTEL``: 1 turns OpenTelemetry traces on, 0 off; unset, the standard
-    ``OTEL_*`` variables decide (``listener.tracing``). Needs ``pip install 'listener[otel]'``."""
+    ``OTEL_*`` variables decide (``listener.ops.tracing``). Needs ``pip install
+    'listener[otel]'``."""
 
     @field_validator("health_token", "webhook_url", "webhook_secret", mode="before")
     @classmethod

@@ -35,7 +35,7 @@ import asyncpg
 import pytest
 from pgbouncer_process import PgBouncer, pgbouncer_binary
 
-from listener.db.cluster import TemporaryCluster
+from listener.testing.cluster import TemporaryCluster
 
 _T = TypeVar("_T")
 

@@ -5,7 +5,7 @@ as the system service. Each ``PgBouncer`` writes its ``pgbouncer.ini`` and ``use
 a temporary directory, listens on a free port of 127.0.0.1 (no Unix socket), trusts the users
 of its userlist and forwards every database name to the upstream server (``* =``). PgBouncer
 refuses to run as root, so as root it runs as the account the throwaway cluster uses
-(``listener.db.cluster.unprivileged_user``).
+(``listener.testing.cluster.unprivileged_user``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from listener.db.cluster import RunAs, scratch_directory, unprivileged_user
+from listener.testing.cluster import RunAs, scratch_directory, unprivileged_user
 
 _START_TIMEOUT_S = 20.0
 

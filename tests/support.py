@@ -10,8 +10,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.errors import ListenerError
-from listener.providers.base import ImageInput, StepContext, StepResult
 from listener.settings import FetchSettings, Settings
 
 

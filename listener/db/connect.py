@@ -172,7 +172,7 @@ async def reset_connection(conn: asyncpg.Connection) -> None:
 @dataclass(frozen=True, slots=True)
 class Database:
     """``database_url`` and how to talk to it: the only builder of asyncpg connections
-    (the LISTEN connection aside, ``listener.db.notify``).
+    (the LISTEN connection aside, ``listener.queue.notify``).
 
     Attributes:
         dsn: the checked URL (a secret: never logged).

@@ -13,15 +13,26 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
 from listener.db.sqlfiles import NamedQuery, parse_named_queries, sql_dir
-from listener.pauses import Pause
-from listener.ratelimit import FleetState
+from listener.queue.pauses import Pause
 
 T = TypeVar("T")
+
+
+class LimiterState(Protocol):
+    """A provider's shared limiter state as stored in ``listener.provider_limits``: epoch
+    seconds on the database's clock (``listener.analysis.ratelimit.FleetState``)."""
+
+    request_tat: float
+    token_tat: float
+    paused_until: float
+
+
+S = TypeVar("S", bound=LimiterState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +131,7 @@ class OutboxEvent:
         id: the outbox id, sent as the body's ``event_id`` (signed; receivers deduplicate on
             it) and as ``X-Listener-Event-Id``.
         body: the event as stored, JSON text (``{"table", "row_id", "status", "job_id"}``);
-            ``listener.webhooks.event_body`` adds ``event_id`` to make the bytes POSTed and
+            ``listener.app_side.webhooks.event_body`` adds ``event_id`` to make the bytes POSTed and
             signed.
         attempts: deliveries started, this one included (>= 1).
     """
@@ -290,10 +301,14 @@ class Queries:
     async def update_provider_limit(
         self,
         provider: str,
-        update: Callable[[FleetState, float], T],
+        state_type: Callable[[float, float, float], S],
+        update: Callable[[S, float], T],
         pause_reason: str | None = None,
     ) -> tuple[T, float, float]:
         """Apply ``update(state, now)`` to a provider's shared limiter state, atomically.
+
+        ``state_type(request_tat, token_tat, paused_until)`` builds the state ``update``
+        mutates (``listener.analysis.ratelimit.FleetState``); its three attributes are saved.
 
         The row is locked for the duration, so daemons reserving at the same moment queue.
         ``now`` is the database clock (epoch seconds), the one clock the fleet shares.
@@ -309,7 +324,7 @@ class Queries:
                 await conn.execute(self._sql["ensure_provider_limit"], provider)
                 row = await conn.fetchrow(self._sql["lock_provider_limit"], provider)
             read_at = time.monotonic()
-            state = FleetState(row["request_tat"], row["token_tat"], row["paused_until"])
+            state = state_type(row["request_tat"], row["token_tat"], row["paused_until"])
             now = float(row["now"])
             value = update(state, now)
             await conn.execute(

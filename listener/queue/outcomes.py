@@ -29,7 +29,7 @@ class InputDigest:
     Attributes:
         sha256: the SHA-256 of the input bytes (32 bytes).
         phash: a 64-bit perceptual hash of the input as a signed integer, when known
-            (``listener.dedup.phash_int``), for near-duplicate matches.
+            (``listener.analysis.dedup.phash_int``), for near-duplicate matches.
     """
 
     sha256: bytes

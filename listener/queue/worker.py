@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from loguru import logger
+from prometheus_client import Counter, Gauge
 
-from listener.metrics import Metrics
 from listener.queue.outcomes import (
     Completed,
     Discarded,
@@ -58,8 +58,17 @@ from listener.redact import redact_text
 T = TypeVar("T")
 
 
+class WorkerMetrics(Protocol):
+    """The Prometheus metrics the worker updates (``listener.ops.metrics.Metrics`` has them)."""
+
+    jobs_claimed: Counter
+    jobs_finished: Counter
+    in_flight: Gauge
+    db_errors: Counter
+
+
 class ClaimGate(Protocol):
-    """Says when the worker must not claim at all (``listener.pauses.PauseBoard``): cheap
+    """Says when the worker must not claim at all (``listener.queue.pauses.PauseBoard``): cheap
     to call often, it reads the database at most once per poll interval."""
 
     async def claim_blocked(self) -> str | None:
@@ -68,7 +77,7 @@ class ClaimGate(Protocol):
 
 
 class Runner(Protocol):
-    """Runs one job to an outcome (``listener.dispatch.Dispatcher`` in production); never
+    """Runs one job to an outcome (``listener.analysis.dispatch.Dispatcher`` in production); never
     raises but ``CancelledError``."""
 
     async def run(self, job: Job) -> Outcome: ...
@@ -130,7 +139,7 @@ class Worker:
         store: JobStore,
         runner: Runner,
         config: WorkerConfig,
-        metrics: Metrics,
+        metrics: WorkerMetrics,
         rng: Callable[[], float],
         clock: Callable[[], float] = time.monotonic,
         signals: Signals | None = None,

@@ -13,7 +13,7 @@ import uuid
 import pytest
 from conftest import StoreEnv
 
-from listener.providers.base import StepResult
+from listener.analysis.providers.base import StepResult
 from listener.queue.outcomes import Parked
 from listener.queue.store import JobFilter, JobStore
 

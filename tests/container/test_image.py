@@ -29,7 +29,7 @@ import asyncpg
 import pytest
 from support import StaticServer, wait_until
 
-from listener.providers.local import analyze_bytes
+from listener.analysis.providers.local import analyze_bytes
 from listener.settings import FetchSettings, LocalSettings
 
 DEMO_IMAGES = Path(__file__).resolve().parents[2] / "listener" / "demo_images"

@@ -18,11 +18,11 @@ from pydantic import SecretStr
 from support import StaticServer, all_finished, counts, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
-from listener.backfill import enqueue_backfill
-from listener.db.cluster import TemporaryCluster
+from listener.app_side.backfill import enqueue_backfill
+from listener.cli.demo import BUNDLED_IMAGES
 from listener.db.queries import Queries
-from listener.demo import BUNDLED_IMAGES
 from listener.settings import BatchSettings, OpenAISettings, RateLimit, Settings, TierSettings
+from listener.testing.cluster import TemporaryCluster
 from listener.testing.openai_fake import FakeOpenAI
 
 

@@ -17,7 +17,7 @@ from support import all_finished, counts, make_table, wait_until
 from test_batch import backfill_batch, batch_settings
 
 from listener.app import Daemon
-from listener.demo import BUNDLED_IMAGES
+from listener.cli.demo import BUNDLED_IMAGES
 from listener.queue.outcomes import Parked
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobFilter

@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from listener.db.cluster import ClusterError, TemporaryCluster
+from listener.testing.cluster import ClusterError, TemporaryCluster
 
 # What a restart does to a connection that was open: the server ends it (57P01), and asyncpg
 # reports that as a server error or as a closed connection, depending on timing.
@@ -128,7 +128,7 @@ async def test_server_does_not_run_as_root(pg_cluster: TemporaryCluster | None) 
 
 _OWNER_SCRIPT = """
 import sys, time
-from listener.db.cluster import TemporaryCluster
+from listener.testing.cluster import TemporaryCluster
 cluster = TemporaryCluster()
 cluster.start()
 print(cluster.directory, flush=True)

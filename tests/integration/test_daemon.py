@@ -18,8 +18,8 @@ from support import (
 )
 
 from listener.app import Daemon, SchemaNotReady
-from listener.db.cluster import TemporaryCluster
 from listener.errors import FetchTimeout, InvalidImage, RateLimited
+from listener.testing.cluster import TemporaryCluster
 
 
 async def test_rows_inserted_before_and_while_running_all_complete(

@@ -30,11 +30,11 @@ from support import (
 )
 
 from listener.app import Daemon
+from listener.cli.demo import BUNDLED_IMAGES
 from listener.db.queries import Queries
-from listener.demo import BUNDLED_IMAGES
+from listener.ops.status import queue_status
+from listener.ops.status_page import render
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
-from listener.status import queue_status
-from listener.status_page import render
 from listener.testing import FakeOpenAI
 
 ASTRONAUT = (BUNDLED_IMAGES / "astronaut.png").read_bytes()

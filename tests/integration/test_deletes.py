@@ -18,13 +18,13 @@ import asyncpg
 import pytest
 from support import StaticServer, admit, fast_settings, make_table, wait_until
 
+from listener.analysis.faces import PgKnownFaces, external_image_id
+from listener.analysis.providers.base import ImageInput, StepContext
+from listener.analysis.providers.rekognition import RekognitionProvider
 from listener.app import Daemon
+from listener.app_side.deletes import DeleteDrain
 from listener.db.migrate import migrate
 from listener.db.queries import Queries
-from listener.deletes import DeleteDrain
-from listener.faces import PgKnownFaces, external_image_id
-from listener.providers.base import ImageInput, StepContext
-from listener.providers.rekognition import RekognitionProvider
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import DeletedRow
 from listener.settings import RateLimit, RekognitionSettings, Settings, TierSettings

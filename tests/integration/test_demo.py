@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from listener.demo import BUNDLED_IMAGES, find_images
+from listener.cli.demo import BUNDLED_IMAGES, find_images
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_TOKEN = "demo-health-token-" + "Kp3vQ8"  # set: the demo must pass it to /status

@@ -15,7 +15,7 @@ import pytest
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
-from listener.demo import BUNDLED_IMAGES
+from listener.cli.demo import BUNDLED_IMAGES
 from listener.settings import BatchSettings, RateLimit, TierSettings
 from listener.testing.openai_fake import FakeOpenAI
 

@@ -26,10 +26,10 @@ from aiohttp import web
 from loguru import logger
 from support import admit, all_finished, make_table, wait_until
 
+from listener.app_side.webhooks import WebhookSender, sign, verify_signature
 from listener.db.queries import Queries
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobFilter
-from listener.webhooks import WebhookSender, sign, verify_signature
 
 SECRET = "whsec_events_test_secret"
 CHANNEL = "listener_events"

@@ -27,7 +27,7 @@ from support import (
 )
 
 from listener.app import Daemon
-from listener.demo import BUNDLED_IMAGES
+from listener.cli.demo import BUNDLED_IMAGES
 from listener.errors import ProviderUnavailable
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
 from listener.testing.openai_fake import FakeOpenAI, Fault

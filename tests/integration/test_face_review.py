@@ -21,15 +21,15 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from listener.analysis.faces import PgKnownFaces
+from listener.analysis.providers.base import ImageInput, StepContext
+from listener.analysis.providers.rekognition import RekognitionProvider
+from listener.app_side.face_review import FaceReview
 from listener.db.queries import Queries
-from listener.face_review import FaceReview
-from listener.faces import PgKnownFaces
-from listener.providers.base import ImageInput, StepContext
-from listener.providers.rekognition import RekognitionProvider
+from listener.ops.status import queue_status
+from listener.ops.status_page import render
 from listener.queue.pg_store import PgJobStore
 from listener.settings import RekognitionSettings
-from listener.status import queue_status
-from listener.status_page import render
 from listener.testing import FakeRekognition, face_photo
 
 TABLE = "public.images"

@@ -16,11 +16,11 @@ import asyncpg
 import pytest
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
 
+from listener.analysis.faces import PgKnownFaces, external_image_id
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
+from listener.analysis.providers.rekognition import RekognitionProvider
 from listener.app import Daemon
 from listener.db.queries import Queries
-from listener.faces import PgKnownFaces, external_image_id
-from listener.providers.base import ImageInput, StepContext, StepResult
-from listener.providers.rekognition import RekognitionProvider
 from listener.queue.outcomes import Job
 from listener.queue.pg_store import PgJobStore
 from listener.settings import RateLimit, RekognitionSettings, TierSettings

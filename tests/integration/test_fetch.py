@@ -1,4 +1,4 @@
-"""``listener.fetch.ImageFetcher`` against a real aiohttp server on 127.0.0.1.
+"""``listener.analysis.fetch.ImageFetcher`` against a real aiohttp server on 127.0.0.1.
 
 Every test runs under the ``connections`` guard: it records each TCP connect the event loop
 makes and fails the test on any address outside 127.0.0.0/8, so refused URLs are proven to
@@ -23,6 +23,14 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from hostile_images import app1_bomb_jpeg, chunk_bomb_png, rgba16_8k_png
 from PIL import Image
 
+from listener.analysis.fetch import (
+    FetchedImage,
+    GuardedResolver,
+    ImageFetcher,
+    _AddressPolicy,
+    parse_retry_after,
+    redact_url,
+)
 from listener.errors import (
     FetchRefused,
     FetchTimeout,
@@ -35,14 +43,6 @@ from listener.errors import (
     ProviderUnavailable,
     RateLimited,
     RetryableError,
-)
-from listener.fetch import (
-    FetchedImage,
-    GuardedResolver,
-    ImageFetcher,
-    _AddressPolicy,
-    parse_retry_after,
-    redact_url,
 )
 from listener.settings import FetchSettings
 

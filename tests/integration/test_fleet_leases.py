@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from listener.db.limits import FleetLimiter
+from listener.analysis.fleet_limits import FleetLimiter
+from listener.analysis.ratelimit import SPACING_MARGIN, LeasePolicy
 from listener.db.queries import Queries
-from listener.ratelimit import SPACING_MARGIN, LeasePolicy
 from listener.settings import RateLimit
 
 

@@ -24,7 +24,7 @@ from loguru import logger
 from support import RecordingProvider, counts, fast_settings, make_table
 
 from listener.app import Daemon, raise_open_files_limit
-from listener.health import COOKIE_NAME
+from listener.ops.health import COOKIE_NAME
 from listener.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

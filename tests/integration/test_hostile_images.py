@@ -34,7 +34,7 @@ from hostile_images import (
 from support import all_finished, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
-from listener.demo import BUNDLED_IMAGES
+from listener.cli.demo import BUNDLED_IMAGES
 from listener.settings import MB, FetchSettings, LocalSettings
 
 

@@ -16,9 +16,9 @@ from support import RecordingProvider, admit, fast_settings, make_table
 from test_status_counts import assert_exact
 
 from listener.app import Daemon
+from listener.app_side.deletes import DeleteDrain
 from listener.db.migrate import migrate
 from listener.db.queries import Queries
-from listener.deletes import DeleteDrain
 from listener.queue.pg_store import PgJobStore
 
 

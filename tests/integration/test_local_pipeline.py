@@ -14,7 +14,7 @@ from PIL import Image
 from support import all_finished, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
-from listener.demo import BUNDLED_IMAGES
+from listener.cli.demo import BUNDLED_IMAGES
 
 
 @pytest.fixture

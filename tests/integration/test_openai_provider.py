@@ -14,8 +14,10 @@ from loguru import logger
 from pydantic import SecretStr
 from support import StaticServer, all_finished, counts, fast_settings, make_table, wait_until
 
+from listener.analysis.providers.base import ImageInput, StepContext
+from listener.analysis.providers.openai import OpenAIProvider
 from listener.app import Daemon
-from listener.demo import BUNDLED_IMAGES
+from listener.cli.demo import BUNDLED_IMAGES
 from listener.errors import (
     FetchTimeout,
     ProviderPaused,
@@ -23,8 +25,6 @@ from listener.errors import (
     RateLimited,
     RejectedByProvider,
 )
-from listener.providers.base import ImageInput, StepContext
-from listener.providers.openai import OpenAIProvider
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
 from listener.testing.openai_fake import FakeOpenAI, Fault
 
@@ -273,7 +273,7 @@ async def test_bucket_keeps_the_fake_within_its_limit_and_429_pauses_everyone(
 async def test_insufficient_quota_pauses_provider_and_status_says_so(
     database_url: str, conn: asyncpg.Connection, fake: FakeOpenAI, photos: StaticServer
 ) -> None:
-    from listener.status import queue_status
+    from listener.ops.status import queue_status
 
     table = await make_table(conn)
     settings = tiered(
@@ -306,7 +306,7 @@ async def test_budget_cap_defers_paid_steps(
     database_url: str, conn: asyncpg.Connection, fake: FakeOpenAI, photos: StaticServer
 ) -> None:
     from listener.db.queries import Queries
-    from listener.status import queue_status
+    from listener.ops.status import queue_status
 
     table = await make_table(conn)
     settings = tiered(

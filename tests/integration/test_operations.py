@@ -26,7 +26,7 @@ from support import (
 from test_openai_provider import tiered
 
 from listener.app import Daemon
-from listener.demo import BUNDLED_IMAGES
+from listener.cli.demo import BUNDLED_IMAGES
 from listener.queue.pg_store import PgJobStore
 from listener.testing.openai_fake import FakeOpenAI
 

@@ -26,8 +26,8 @@ from pydantic import SecretStr
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
-from listener.demo import BUNDLED_IMAGES
-from listener.logs import TEXT_FORMAT, configure_logging
+from listener.cli.demo import BUNDLED_IMAGES
+from listener.ops.logs import TEXT_FORMAT, configure_logging
 from listener.settings import OpenAISettings, RateLimit, TierSettings
 from listener.testing.openai_fake import FakeOpenAI, Fault
 

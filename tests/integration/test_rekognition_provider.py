@@ -11,6 +11,8 @@ import asyncpg
 import pytest
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
 
+from listener.analysis.providers.base import ImageInput, StepContext
+from listener.analysis.providers.rekognition import RekognitionProvider
 from listener.app import Daemon
 from listener.errors import (
     ImageTooLarge,
@@ -19,8 +21,6 @@ from listener.errors import (
     RateLimited,
     RejectedByProvider,
 )
-from listener.providers.base import ImageInput, StepContext
-from listener.providers.rekognition import RekognitionProvider
 from listener.settings import RateLimit, RekognitionSettings, Settings, TierSettings
 from listener.testing.rekognition_fake import FakeRekognition, face_photo, no_face_photo
 

@@ -23,10 +23,10 @@ from support import (
     wait_until,
 )
 
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
 from listener.db.migrate import migrate
 from listener.errors import InvalidImage, ListenerError, ProviderUnavailable
-from listener.providers.base import ImageInput, StepContext, StepResult
 
 COLUMNS = "status text, ai_scan_metadata jsonb, processing_error text, ai_last_scanned timestamptz"
 

@@ -12,7 +12,7 @@ import pytest
 from support import admit, counts, make_table
 
 from listener.db.migrate import MigrationError, applied_versions, load_migrations, migrate
-from listener.db.notify import CHANNEL
+from listener.queue.notify import CHANNEL
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from listener.app import Daemon
 from listener.db.migrate import load_migrations
 from listener.db.queries import Queries
 from listener.errors import InvalidImage, RateLimited
-from listener.health import StatusCache
-from listener.status import STATUSES, queue_status
+from listener.ops.health import StatusCache
+from listener.ops.status import STATUSES, queue_status
 
 Key = tuple[str, str | None, str]
 

@@ -29,11 +29,11 @@ import pytest
 from aiohttp import web
 from support import RecordingProvider, all_finished, counts, fast_settings, make_table, wait_until
 
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
 from listener.errors import InvalidImage, ListenerError
-from listener.health import SOURCES, HealthSources, build_app, status_document
-from listener.providers.base import ImageInput, StepContext, StepResult
-from listener.status_page import STATUSES, render
+from listener.ops.health import SOURCES, HealthSources, build_app, status_document
+from listener.ops.status_page import STATUSES, render
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

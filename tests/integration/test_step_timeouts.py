@@ -7,8 +7,8 @@ import asyncio
 import asyncpg
 from support import all_finished, counts, fast_settings, make_table, wait_until
 
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
-from listener.providers.base import ImageInput, StepContext, StepResult
 
 
 class HangingProvider:

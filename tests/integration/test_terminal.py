@@ -16,8 +16,8 @@ import asyncpg
 from support import RecordingProvider, admit, all_finished, fast_settings, wait_until
 
 from listener.app import Daemon
+from listener.cli.render import shown
 from listener.errors import ListenerError, RejectedByProvider
-from listener.terminal import shown
 
 OSC_TITLE = "\x1b]0;pwned title\x07"
 OSC8_LINK = "\x1b]8;;http://evil.example/\x1b\\click me\x1b]8;;\x1b\\"

@@ -21,8 +21,8 @@ from pydantic import SecretStr
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
-from listener.demo import BUNDLED_IMAGES
-from listener.otel import OtelTracing
+from listener.cli.demo import BUNDLED_IMAGES
+from listener.ops.otel import OtelTracing
 from listener.settings import OpenAISettings, RateLimit, RekognitionSettings, TierSettings
 from listener.testing import FakeOpenAI, FakeRekognition
 

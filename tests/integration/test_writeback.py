@@ -21,10 +21,10 @@ from support import (
     wait_until,
 )
 
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
 from listener.db.migrate import load_migrations, migrate
 from listener.errors import InvalidImage, ListenerError
-from listener.providers.base import ImageInput, StepContext, StepResult
 
 
 class GatedProvider(RecordingProvider):
@@ -492,8 +492,8 @@ async def test_write_back_loop_logs_errors_and_never_raises(
 ) -> None:
     from loguru import logger
 
+    from listener.app_side.writeback import StatusWriteBack
     from listener.db.queries import Queries
-    from listener.writeback import StatusWriteBack
 
     broken = await make_table(conn, "broken", status=True)
     fine = await make_table(conn, "fine", status=True)

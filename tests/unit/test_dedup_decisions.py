@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from listener.dedup import DedupPolicy, phash_int
-from listener.dispatch import Dispatcher, LocalLimiter, ProviderSlot
+from listener.analysis.dedup import DedupPolicy, phash_int
+from listener.analysis.dispatch import Dispatcher, LocalLimiter, ProviderSlot
+from listener.analysis.estimate import StepHistory, estimate
+from listener.analysis.pipeline import Plan, Step
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.errors import BudgetExhausted
-from listener.estimate import StepHistory, estimate
-from listener.metrics import Metrics
-from listener.pipeline import Plan, Step
-from listener.providers.base import ImageInput, StepContext, StepResult
+from listener.ops.metrics import Metrics
 from listener.queue.memory_store import MemoryJobStore
 from listener.queue.outcomes import Completed, Job
 from listener.queue.retry import RetryPolicy

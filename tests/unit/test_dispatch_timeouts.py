@@ -10,10 +10,10 @@ import time
 import uuid
 from typing import Any
 
-from listener.dispatch import Dispatcher, FetchResult, LocalLimiter, ProviderSlot
-from listener.metrics import Metrics
-from listener.pipeline import Plan, Step
-from listener.providers.base import ImageInput, StepContext, StepResult
+from listener.analysis.dispatch import Dispatcher, FetchResult, LocalLimiter, ProviderSlot
+from listener.analysis.pipeline import Plan, Step
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
+from listener.ops.metrics import Metrics
 from listener.queue.outcomes import Completed, Discarded, Job, Retry
 from listener.queue.retry import RetryPolicy
 from listener.settings import RateLimit

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from listener.faces import FaceMatch, IndexedFace, decide, external_image_id
-from listener.providers.base import StepResult
+from listener.analysis.faces import FaceMatch, IndexedFace, decide, external_image_id
+from listener.analysis.providers.base import StepResult
 from listener.queue.memory_store import MemoryJobStore
 
 

@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from listener.health import HostCheck, host_of_header
+from listener.ops.health import HostCheck, host_of_header
 from listener.settings import Settings
 
 

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from listener.ratelimit import (
+from listener.analysis.ratelimit import (
     SPACING_MARGIN,
     FleetState,
     LeasePolicy,

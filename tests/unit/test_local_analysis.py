@@ -1,4 +1,4 @@
-"""``listener.providers.local``: ``analyze_bytes`` on real photographs, and the provider.
+"""``listener.analysis.providers.local``: ``analyze_bytes`` on real photographs, and the provider.
 
 ``analyze_bytes`` runs in this process; the ``LocalProvider`` tests start real worker
 processes (one or two each, to stay light), and make one hang or die.
@@ -23,6 +23,8 @@ import pytest
 from hostile_images import app1_bomb_jpeg, rgba16_8k_png, rgba_8k_png
 from PIL import ExifTags, Image, ImageFilter, TiffImagePlugin
 
+from listener.analysis.providers.base import ImageInput, Provider, StepResult
+from listener.analysis.providers.local import LocalProvider, analyze_bytes
 from listener.errors import (
     ImageTooLarge,
     InvalidImage,
@@ -32,8 +34,6 @@ from listener.errors import (
     RetryableError,
     StepTimeout,
 )
-from listener.providers.base import ImageInput, Provider, StepResult
-from listener.providers.local import LocalProvider, analyze_bytes
 from listener.settings import LocalSettings
 
 DEMO = Path(__file__).resolve().parents[2] / "listener" / "demo_images"

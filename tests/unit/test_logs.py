@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from loguru import logger
 
-from listener.logs import configure_logging
+from listener.ops.logs import configure_logging
 
 
 def test_json_log_lines_are_flat() -> None:

@@ -1,7 +1,7 @@
 """deploy/: the Prometheus rules and the Grafana dashboard query metrics listener really serves.
 
 Every ``listener_*`` series named in a rule's or a panel's PromQL must be one that
-``listener.metrics.Metrics`` exposes (a counter's ``_total``, a histogram's ``_bucket`` /
+``listener.ops.metrics.Metrics`` exposes (a counter's ``_total``, a histogram's ``_bucket`` /
 ``_sum`` / ``_count``, a gauge's name), and every label matched on must be one of that
 metric's labels, so renaming a metric or a label breaks this test. ``promtool check rules``
 validates the rules file's syntax where Prometheus's ``promtool`` is installed (CI installs it).
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from listener.metrics import Metrics
+from listener.ops.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "listener-rules.yml"

@@ -1,4 +1,5 @@
-"""``listener.phash``: the same hashes as ImageHash's ``phash`` (SciPy's DCT), with OpenCV's."""
+"""``listener.analysis.phash``: the same hashes as ImageHash's ``phash`` (SciPy's DCT), with
+OpenCV's."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import imagehash
 import pytest
 from PIL import Image
 
-from listener.phash import phash
+from listener.analysis.phash import phash
 
 DEMO = Path(__file__).resolve().parents[2] / "listener" / "demo_images"
 PHOTOS = sorted(DEMO.iterdir())

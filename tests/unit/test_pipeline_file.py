@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from listener.pipeline import build_plan
+from listener.analysis.pipeline import build_plan
 from listener.settings import Settings
 
 

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from listener.analysis.ratelimit import TokenBucket
 from listener.errors import (
     FetchTimeout,
     ImageNotFound,
@@ -15,10 +16,9 @@ from listener.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from listener.metrics import RateMeter
+from listener.ops.metrics import RateMeter
 from listener.queue.outcomes import Discarded, Job, Retry, Snoozed
 from listener.queue.retry import RetryPolicy, describe, full_jitter_backoff
-from listener.ratelimit import TokenBucket
 
 
 class FakeClock:

@@ -1,4 +1,4 @@
-"""``listener.probe``: one bounded header read per image, and the decoded-memory cap."""
+"""``listener.analysis.probe``: one bounded header read per image, and the decoded-memory cap."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from hostile_images import (
 )
 from PIL import Image
 
-from listener.errors import ImageTooLarge, InvalidImage
-from listener.probe import (
+from listener.analysis.probe import (
     MAX_GIF_BLOCKS,
     MAX_JPEG_SEGMENTS,
     MAX_JPEG_SKIPPED_BYTES,
@@ -28,6 +27,7 @@ from listener.probe import (
     bytes_per_pixel,
     probe_image,
 )
+from listener.errors import ImageTooLarge, InvalidImage
 from listener.settings import MB, FetchSettings
 
 DEMO = Path(__file__).resolve().parents[2] / "listener" / "demo_images"

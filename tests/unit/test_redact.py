@@ -10,7 +10,7 @@ from loguru import logger
 from yarl import URL
 
 from listener.errors import InvalidURL, RejectedByProvider
-from listener.logs import configure_logging
+from listener.ops.logs import configure_logging
 from listener.queue.retry import describe
 from listener.redact import check_dsn, redact_text, redact_url
 from listener.settings import Settings

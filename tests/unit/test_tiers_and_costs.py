@@ -9,14 +9,14 @@ from datetime import UTC, datetime
 import pytest
 from PIL import Image
 
-from listener.budget import Budget
-from listener.costs import cost_usd, image_tokens, price_for
+from listener.analysis.budget import Budget
+from listener.analysis.costs import cost_usd, image_tokens, price_for
+from listener.analysis.faces import classify, collection_id, safe_id
+from listener.analysis.pipeline import PipelineError, build_plan, skip_reason, tier1_quality
+from listener.analysis.providers.openai import parse_duration, rate_hints, retry_after
+from listener.analysis.providers.rekognition import prepare_image
+from listener.analysis.ratelimit import FleetState, fleet_correct, fleet_pause, fleet_reserve
 from listener.errors import BudgetExhausted
-from listener.faces import classify, collection_id, safe_id
-from listener.pipeline import PipelineError, build_plan, skip_reason, tier1_quality
-from listener.providers.openai import parse_duration, rate_hints, retry_after
-from listener.providers.rekognition import prepare_image
-from listener.ratelimit import FleetState, fleet_correct, fleet_pause, fleet_reserve
 from listener.settings import Price, TierSettings
 
 

@@ -1,4 +1,4 @@
-"""When traces are on (``listener.tracing``), and that off costs no OpenTelemetry import."""
+"""When traces are on (``listener.ops.tracing``), and that off costs no OpenTelemetry import."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from listener.otel import OtelTracing
-from listener.tracing import Tracing, build_tracing, tracing_requested
+from listener.ops.otel import OtelTracing
+from listener.ops.tracing import Tracing, build_tracing, tracing_requested
 
 
 @pytest.mark.parametrize(
@@ -45,8 +45,8 @@ def test_exporters_follow_the_standard_variables() -> None:
 def test_off_imports_nothing_of_opentelemetry() -> None:
     code = (
         "import os, sys\n"
-        "import listener.app, listener.dispatch, listener.providers.openai\n"
-        "from listener.tracing import build_tracing\n"
+        "import listener.app, listener.analysis.dispatch, listener.analysis.providers.openai\n"
+        "from listener.ops.tracing import build_tracing\n"
         "tracing = build_tracing(os.environ, None)\n"
         "with tracing.span('listener.job', {'listener.job.id': 1}) as span:\n"
         "    span.set('listener.job.outcome', 'completed')\n"

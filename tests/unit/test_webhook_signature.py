@@ -17,7 +17,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from listener.webhooks import (
+from listener.app_side.webhooks import (
     DEFAULT_TOLERANCE_S,
     event_body,
     redact_url,

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
-from listener.metrics import Metrics
+from listener.ops.metrics import Metrics
 from listener.queue.memory_store import MemoryJobStore
 from listener.queue.outcomes import (
     Completed,

@@ -7,7 +7,7 @@ budget before a paid step; then the provider's semaphore (calls in flight), its 
 (under the provider's step timeout: a hung call fails as ``StepTimeout``), and the cost from
 the price table. With more than one step, each result is stored as soon as it is done, so a
 crash after tier 1 never pays for tier 1 again. Before a paid step, deduplication
-(``listener.dedup``) may store a copy of another job's result for the same image at $0
+(``listener.analysis.dedup``) may store a copy of another job's result for the same image at $0
 instead.
 
 The dispatcher never raises for a job's failure: it returns an ``Outcome`` decided by the
@@ -25,12 +25,10 @@ from typing import Any, Protocol
 
 from loguru import logger
 
-from listener.costs import cost_usd, price_for
-from listener.dedup import DedupPolicy, copy_of, digest_for, reusable, sha256
-from listener.errors import ProviderPaused, RateLimited, StepTimeout
-from listener.metrics import Metrics
-from listener.pipeline import Plan, Step, skip_reason
-from listener.providers.base import (
+from listener.analysis.costs import cost_usd, price_for
+from listener.analysis.dedup import DedupPolicy, copy_of, digest_for, reusable, sha256
+from listener.analysis.pipeline import Plan, Step, skip_reason
+from listener.analysis.providers.base import (
     BatchBackend,
     EffectUndo,
     ImageInput,
@@ -38,6 +36,10 @@ from listener.providers.base import (
     StepContext,
     StepResult,
 )
+from listener.analysis.ratelimit import TokenBucket
+from listener.errors import ProviderPaused, RateLimited, StepTimeout
+from listener.ops.metrics import Metrics
+from listener.ops.tracing import AttributeValue, Tracing
 from listener.queue.outcomes import (
     Completed,
     Discarded,
@@ -49,10 +51,8 @@ from listener.queue.outcomes import (
     Snoozed,
 )
 from listener.queue.retry import RetryPolicy
-from listener.ratelimit import TokenBucket
 from listener.redact import redact_url
 from listener.settings import BatchSettings, Price, RateLimit
-from listener.tracing import AttributeValue, Tracing
 
 HINT_PAUSE_MIN_S = 1.0
 """A spent window with a reset shorter than this (seconds) does not pause the provider."""
@@ -62,14 +62,14 @@ HASH_INLINE_MAX_BYTES = 256 * 1024
 
 
 class Fetcher(Protocol):
-    """Fetches image bytes (``listener.fetch.ImageFetcher`` in production)."""
+    """Fetches image bytes (``listener.analysis.fetch.ImageFetcher`` in production)."""
 
     async def fetch(self, url: str | None) -> FetchResult: ...
 
 
 class FetchResult(Protocol):
     """What a fetch returns: the final URL, the bytes, and the format and size (pixels) read
-    from the header once, by the fetcher (``listener.fetch.FetchedImage``)."""
+    from the header once, by the fetcher (``listener.analysis.fetch.FetchedImage``)."""
 
     @property
     def url(self) -> str: ...
@@ -133,7 +133,7 @@ class ResultStore(Protocol):
 
 
 class BudgetGate(Protocol):
-    """Stops paid steps once the daily budget is spent (``listener.budget.Budget``)."""
+    """Stops paid steps once the daily budget is spent (``listener.analysis.budget.Budget``)."""
 
     async def check(self) -> None:
         """Raise ``BudgetExhausted`` when today's spend has reached the budget."""
@@ -145,7 +145,7 @@ class BudgetGate(Protocol):
 
 
 class PauseGate(Protocol):
-    """Operator pauses (``listener.pauses.PauseBoard``)."""
+    """Operator pauses (``listener.queue.pauses.PauseBoard``)."""
 
     async def check(self, provider: str) -> None:
         """Raise ``OperatorPaused`` when ``provider`` (or the pipeline) is paused."""
@@ -262,10 +262,10 @@ class Dispatcher:
             low-priority jobs) are handed to the Batch API instead of run here.
         pauses: operator pauses; a step of a paused provider ends the run with a snooze
             that lasts until the pause ends.
-        tracing: each job is a ``listener.job`` span with a ``listener.fetch`` child and a
-            ``listener.step <name>`` child per step run (``listener.tracing``).
+        tracing: each job is a ``listener.job`` span with a ``listener.analysis.fetch`` child and a
+            ``listener.step <name>`` child per step run (``listener.ops.tracing``).
         dedup: when given, a paid step first looks for a stored result of the same step for
-            the same image (``listener.dedup``) and stores a copy at $0 instead of calling
+            the same image (``listener.analysis.dedup``) and stores a copy at $0 instead of calling
             the provider (before the budget check and before a hand-off to a batch).
     """
 

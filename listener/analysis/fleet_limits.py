@@ -2,7 +2,7 @@
 
 Every daemon reserves its requests on the same row, under a row lock, with the database's
 clock, so N daemons together stay within the provider's limit instead of N times it. The
-arithmetic is the pure GCRA of ``listener.ratelimit``; this module only stores its state.
+arithmetic is the pure GCRA of ``listener.analysis.ratelimit``; this module only stores its state.
 
 A row lock per request would cap the whole fleet at the row's lock rate (about 1,100
 requests/s on a 2-core machine, whatever the limit). So requests without a token limit are
@@ -20,8 +20,7 @@ import asyncio
 import collections
 import time
 
-from listener.db.queries import Queries
-from listener.ratelimit import (
+from listener.analysis.ratelimit import (
     FleetState,
     LeasePolicy,
     LeaseSizer,
@@ -31,6 +30,7 @@ from listener.ratelimit import (
     fleet_pause,
     fleet_reserve,
 )
+from listener.db.queries import Queries
 from listener.settings import RateLimit
 
 
@@ -94,7 +94,9 @@ class FleetLimiter:
             )
 
         async with self._gate:
-            start, now, read_at = await self._q.update_provider_limit(self._provider, take)
+            start, now, read_at = await self._q.update_provider_limit(
+                self._provider, FleetState, take
+            )
         # The deadline counts from when the clock was read, not from when the commit returned.
         return max(0.0, read_at + (start - now) - time.monotonic())
 
@@ -126,7 +128,9 @@ class FleetLimiter:
             return starts, state.request_tat
 
         async with self._gate:
-            (starts, end), now, read_at = await self._q.update_provider_limit(self._provider, take)
+            (starts, end), now, read_at = await self._q.update_provider_limit(
+                self._provider, FleetState, take
+            )
         # Database times become local deadlines from when the clock was read.
         offset = read_at - now
         self._slots.extend(start + offset for start in starts)
@@ -142,7 +146,9 @@ class FleetLimiter:
             return 0
         lease_end, rps = self._lease_end, self._limit.rps
         given, _, _ = await self._q.update_provider_limit(
-            self._provider, lambda state, now: fleet_give_back(state, lease_end, unused, rps=rps)
+            self._provider,
+            FleetState,
+            lambda state, now: fleet_give_back(state, lease_end, unused, rps=rps),
         )
         return given
 
@@ -152,7 +158,7 @@ class FleetLimiter:
             return
         tpm = self._tpm
         await self._q.update_provider_limit(
-            self._provider, lambda state, now: fleet_correct(state, delta_tokens, tpm)
+            self._provider, FleetState, lambda state, now: fleet_correct(state, delta_tokens, tpm)
         )
 
     async def pause(self, seconds: float, reason: str) -> None:
@@ -167,7 +173,7 @@ class FleetLimiter:
             fleet_give_back(state, lease_end, unused, rps=rps)
             fleet_pause(state, now, seconds)
 
-        await self._q.update_provider_limit(self._provider, stop, reason)
+        await self._q.update_provider_limit(self._provider, FleetState, stop, reason)
 
     def paused_for(self) -> float:
         """Seconds left of a pause this process set (others' pauses delay ``reserve``)."""

@@ -3,9 +3,11 @@
 - ``labels``: DetectLabels with ``GENERAL_LABELS`` and ``IMAGE_PROPERTIES`` (labels, and the
   image's sharpness, brightness and contrast).
 - ``faces``: a collection per owner (created on first use), IndexFaces with
-  ``ExternalImageId`` identifying the source row (``listener.faces.external_image_id``), then
+  ``ExternalImageId`` identifying the source row (``listener.analysis.faces.external_image_id``),
+  then
   SearchFaces for each new face; the matches become decisions (assign to a person, suggest,
-  new face: ``listener.faces.decide``) returned as the step's ``"faces"`` effect. The provider
+  new face: ``listener.analysis.faces.decide``) returned as the step's ``"faces"`` effect. The
+  provider
   only reads the database (which matched faces listener knows); the job store writes faces,
   people and suggestions with the step, fenced by the lease.
 
@@ -28,7 +30,8 @@ answer ``ResourceNotFoundException``. The faces step then forgets it, creates it
 once more from the start (the faces of the deleted collection are gone with it), instead of
 failing that owner's jobs until a restart.
 
-Deleted rows (``listener.deletes``): ``delete_faces`` removes recorded faces (DeleteFaces, at
+Deleted rows (``listener.app_side.deletes``): ``delete_faces`` removes recorded faces (DeleteFaces,
+at
 most 4096 per call; a face or a collection already gone counts as deleted) and
 ``delete_row_faces`` every face of a row's ``ExternalImageId`` (ListFaces, then DeleteFaces).
 A faces step whose result the job store refused (the job was cancelled, its row deleted, or
@@ -62,6 +65,15 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from loguru import logger
 from PIL import Image
 
+from listener.analysis.faces import (
+    FaceMatch,
+    IndexedFace,
+    KnownFaces,
+    collection_id,
+    decide,
+    external_image_id,
+)
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.errors import (
     FetchTimeout,
     ImageTooLarge,
@@ -71,18 +83,9 @@ from listener.errors import (
     RateLimited,
     RejectedByProvider,
 )
-from listener.faces import (
-    FaceMatch,
-    IndexedFace,
-    KnownFaces,
-    collection_id,
-    decide,
-    external_image_id,
-)
-from listener.providers.base import ImageInput, StepContext, StepResult
+from listener.ops.tracing import Tracing
 from listener.redact import redact_text
 from listener.settings import RekognitionSettings
-from listener.tracing import Tracing
 
 MAX_BYTES = 5 * 1024 * 1024
 """Rekognition's limit for image bytes sent in the request."""
@@ -355,7 +358,7 @@ class RekognitionProvider:
             return 1
 
     async def delete_faces(self, collection_id: str, face_ids: list[str]) -> int:
-        """See ``listener.providers.base.FaceRemover.delete_faces``."""
+        """See ``listener.app_side.deletes.FaceRemover.delete_faces``."""
         if self._client is None:
             raise RuntimeError("RekognitionProvider.start() must be called first")
         if not face_ids:
@@ -366,7 +369,7 @@ class RekognitionProvider:
     async def delete_row_faces(
         self, owner_id: str | None, source_table: str, source_id: str
     ) -> tuple[int, int]:
-        """See ``listener.providers.base.FaceRemover.delete_row_faces``."""
+        """See ``listener.app_side.deletes.FaceRemover.delete_row_faces``."""
         if self._client is None:
             raise RuntimeError("RekognitionProvider.start() must be called first")
         collection = collection_id(self._s.collection_prefix, owner_id)
@@ -386,7 +389,7 @@ class RekognitionProvider:
         return result
 
     async def undo(self, effects: Mapping[str, Any]) -> None:
-        """See ``listener.providers.base.EffectUndo``: the ``"faces"`` effect's faces are
+        """See ``listener.analysis.providers.base.EffectUndo``: the ``"faces"`` effect's faces are
         deleted from its collection."""
         faces = effects.get("faces")
         if not faces or not faces.get("faces"):

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from pebble import ProcessExpired, ProcessFuture, ProcessPool
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from listener.analysis.probe import bytes_per_pixel, scan_structure
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.errors import (
     ImageTooLarge,
     InvalidImage,
@@ -33,8 +35,6 @@ from listener.errors import (
     ProviderUnavailable,
     StepTimeout,
 )
-from listener.probe import bytes_per_pixel, scan_structure
-from listener.providers.base import ImageInput, StepContext, StepResult
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
@@ -95,7 +95,7 @@ def analyze_bytes(
             downscaled to this longest side (pixels), so scores do not depend on resolution.
         max_pixels: Pillow's decompression-bomb limit (width x height).
         max_decode_bytes: the largest decoded image accepted, in bytes
-            (``listener.probe.ImageInfo.decode_bytes``); ``None`` for no limit.
+            (``listener.analysis.probe.ImageInfo.decode_bytes``); ``None`` for no limit.
 
     Returns:
         A JSON-serializable dict::
@@ -117,7 +117,7 @@ def analyze_bytes(
         al., "Diatom autofocusing in brightfield microscopy: a comparative study", ICPR 2000;
         the perceptual hash (DCT of a 32x32 gray image) is ImageHash's ``phash`` after Zauner,
         "Implementation and Benchmarking of Perceptual Image Hash Functions", 2010, computed
-        with OpenCV's DCT (``listener.phash``); faces come
+        with OpenCV's DCT (``listener.analysis.phash``); faces come
         from OpenCV's Haar cascade ``haarcascade_frontalface_default.xml`` (Viola & Jones,
         "Rapid Object Detection using a Boosted Cascade of Simple Features", CVPR 2001; the
         cascade is Lienhart's, after Lienhart & Maydt, ICIP 2002) run on the
@@ -127,14 +127,14 @@ def analyze_bytes(
 
     Raises:
         InvalidImage: empty, not an image, truncated or undecodable, or over a structure
-            cap of ``listener.probe.scan_structure`` (millions of JPEG segments...).
+            cap of ``listener.analysis.probe.scan_structure`` (millions of JPEG segments...).
         ImageTooLarge: more than ``max_pixels`` pixels (a possible decompression bomb), or
             more than ``max_decode_bytes`` bytes once decoded.
     """
     import cv2
     import numpy as np
 
-    from listener.phash import phash
+    from listener.analysis.phash import phash
 
     if not data:
         raise InvalidImage("empty image: 0 bytes")

@@ -20,7 +20,7 @@ Turned on by (``build_tracing``), in this order:
 
 Asked for without ``pip install 'listener[otel]'``, the daemon logs a warning and runs without
 traces. Off, nothing of OpenTelemetry is imported and a span costs one no-op context manager.
-The exporter follows the standard variables (``listener.otel``).
+The exporter follows the standard variables (``listener.ops.otel``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ _NO_SPAN = Span()
 class Tracing:
     """Spans and trace headers; this base class is tracing switched off (no-op, no imports).
 
-    ``listener.otel.OtelTracing`` is the OpenTelemetry implementation.
+    ``listener.ops.otel.OtelTracing`` is the OpenTelemetry implementation.
     """
 
     enabled = False
@@ -109,6 +109,6 @@ def build_tracing(environ: Mapping[str, str], listener_otel: bool | None) -> Tra
             "installed: pip install 'listener[otel]'; running without traces"
         )
         return Tracing()
-    from listener.otel import OtelTracing
+    from listener.ops.otel import OtelTracing
 
     return OtelTracing.from_environment(environ)

@@ -2,7 +2,7 @@
 
 ``people`` and ``suggestions`` list one owner's (``--owner``) or every owner's; ``accept``,
 ``reject``, ``merge`` and ``rename`` act on the owner of the face or person named, or check it
-is ``--owner``'s. Every value printed goes through ``listener.terminal.shown``.
+is ``--owner``'s. Every value printed goes through ``listener.cli.render.shown``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from listener.app_side.face_review import FaceReview, NotFound
 from listener.cli import UserError, _pool, _run, _settings, console
-from listener.face_review import FaceReview, NotFound
-from listener.terminal import shown
+from listener.cli.render import shown
 
 faces_app = typer.Typer(
     name="faces",

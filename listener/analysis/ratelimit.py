@@ -6,7 +6,8 @@ balance negative, which queues callers in arrival order without a lock (the same
 as the generic cell rate algorithm, ITU-T I.371). ``pause`` stops the bucket until a given
 time, for providers that answered "slow down" (429 with Retry-After).
 
-The fleet-wide limit (``listener.db.limits``) keeps the GCRA state of each provider in one
+The fleet-wide limit (``listener.analysis.fleet_limits``) keeps the GCRA state of each provider in
+one
 database row. A daemon leases several request slots per round trip on that row
 (``fleet_lease``), as many as its recent rate spends in a short horizon (``LeaseSizer``), spends
 them locally at their times, and gives the unused tail back when it can (``fleet_give_back``);

@@ -46,7 +46,7 @@ class Pause:
 
 
 class SpendGate(Protocol):
-    """Today's spend against the budget (``listener.budget.Budget``)."""
+    """Today's spend against the budget (``listener.analysis.budget.Budget``)."""
 
     limit_usd: float
 

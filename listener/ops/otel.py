@@ -1,6 +1,6 @@
-"""OpenTelemetry implementation of ``listener.tracing.Tracing`` (the ``otel`` extra).
+"""OpenTelemetry implementation of ``listener.ops.tracing.Tracing`` (the ``otel`` extra).
 
-Imported only when tracing is on (``listener.tracing.build_tracing``). The exporter follows
+Imported only when tracing is on (``listener.ops.tracing.build_tracing``). The exporter follows
 the standard environment variables of the OpenTelemetry specification ("SDK Environment
 Variables", "OTLP Exporter Configuration"):
 
@@ -30,8 +30,8 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import Status, StatusCode
 
+from listener.ops.tracing import AttributeValue, Span, Tracing
 from listener.redact import redact_text
-from listener.tracing import AttributeValue, Span, Tracing
 
 INSTRUMENTATION_NAME = "listener"
 

@@ -3,7 +3,7 @@
 The trigger of ``sql/migrations/0010_events.sql`` writes each terminal change of a job
 (complete, failed, cancelled) into ``listener.event_outbox`` in the change's own transaction,
 once a daemon with a webhook URL has enabled it. ``WebhookSender`` drains that outbox every
-``interval_s`` in short transactions of its own, as ``listener.writeback`` does:
+``interval_s`` in short transactions of its own, as ``listener.app_side.writeback`` does:
 
 1. claim up to ``concurrency`` due rows (``FOR UPDATE SKIP LOCKED``: daemons share the work)
    and lease them: their ``next_attempt_at`` moves ``timeout_s + LEASE_MARGIN_S`` ahead;
@@ -24,7 +24,8 @@ Request: ``POST`` of the event's JSON with its outbox id added
 ``LISTENER_WEBHOOK_SECRET`` (HMAC: RFC 2104; the layout is Stripe's ``Stripe-Signature``).
 Redirects are not followed (a 3xx is a failure), so the signed body goes to the configured
 host only. The URL is the operator's: any host is allowed (unlike image URLs,
-``listener.fetch``), but logs and errors show it without credentials, query or fragment, and
+``listener.analysis.fetch``), but logs and errors show it without credentials, query or fragment,
+and
 the secret appears nowhere but in the HMAC.
 """
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from listener.budget import utc_midnight
+from listener.analysis.budget import utc_midnight
 from listener.db.queries import Queries
 from listener.redact import redact_text, redact_url
 

@@ -11,7 +11,7 @@ The URLs come from users' rows, so every fetch is treated as hostile:
   before the request;
 * redirects are followed by hand, each hop checked like the first URL;
 * the body is streamed and cut off as soon as it exceeds ``FetchSettings.max_bytes``;
-* the format, size and decoded footprint are read from the header by ``listener.probe``
+* the format, size and decoded footprint are read from the header by ``listener.analysis.probe``
   (never from ``Content-Type``), once, in a thread: header parsing is CPU work that must not
   stall the event loop, and it is bounded by the probe's caps on segments and chunks;
 * error messages never contain URL credentials or query strings (``redact_url``).
@@ -41,6 +41,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from listener import __version__
+from listener.analysis.probe import probe_image
 from listener.errors import (
     FetchRefused,
     FetchTimeout,
@@ -52,7 +53,6 @@ from listener.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from listener.probe import probe_image
 from listener.redact import redact_url
 
 __all__ = ["FetchedImage", "ImageFetcher", "redact_url"]
@@ -87,10 +87,11 @@ class FetchedImage:
         url: the final URL, after redirects, exactly as requested (it may carry credentials
             or a signed query string: pass it through ``redact_url`` before logging it).
         data: the body, at most ``FetchSettings.max_bytes`` bytes, never empty.
-        format: Pillow's format name sniffed from the bytes (``listener.probe.ACCEPTED_FORMATS``).
+        format: Pillow's format name sniffed from the bytes
+        (``listener.analysis.probe.ACCEPTED_FORMATS``).
         width, height: pixels, from the header (before any EXIF rotation).
         mode: Pillow's mode of the decoded image, e.g. ``"RGB"``.
-        bytes_per_pixel: bytes one decoded pixel takes (``listener.probe.ImageInfo``).
+        bytes_per_pixel: bytes one decoded pixel takes (``listener.analysis.probe.ImageInfo``).
     """
 
     url: str
@@ -308,7 +309,7 @@ class ImageFetcher:
             ImageTooLarge: over ``max_bytes``, declaring over ``max_pixels`` pixels, or over
                 ``max_decode_bytes`` bytes once decoded.
             InvalidImage: empty body, not an image in an accepted format, or a header over
-                the probe's structure caps (``listener.probe.scan_structure``).
+                the probe's structure caps (``listener.analysis.probe.scan_structure``).
             FetchTimeout: connect, read or total timeout.
             RateLimited: HTTP 429 (``retry_after`` from ``Retry-After`` when present).
             ProviderUnavailable: connection refused/reset, DNS failure, HTTP 408 or 5xx.

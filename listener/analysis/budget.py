@@ -5,7 +5,7 @@ it reaches the budget, paid steps raise ``BudgetExhausted``: their jobs wait (th
 given back) until 00:00 UTC, held by ``"budget"``: one write per job, not one every few
 minutes (``listener resume budget`` wakes them early, after the budget was raised). A
 pipeline whose providers are all paid stops claiming while the budget is spent
-(``listener.pauses.PauseBoard``). Free steps go on.
+(``listener.queue.pauses.PauseBoard``). Free steps go on.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from listener.pipeline import Step
-from listener.providers.base import StepResult
+from listener.analysis.pipeline import Step
+from listener.analysis.providers.base import StepResult
 from listener.queue.outcomes import InputDigest, Reusable, Reuse
 
 NEVER_REUSED = frozenset({"rekognition.faces"})

@@ -27,7 +27,8 @@ from typing import Any, Literal
 import openai
 from pydantic import BaseModel, Field, create_model
 
-from listener.costs import image_tokens, text_tokens
+from listener.analysis.costs import image_tokens, text_tokens
+from listener.analysis.providers.base import ImageInput, RateHints, StepContext, StepResult
 from listener.errors import (
     FetchTimeout,
     ProviderPaused,
@@ -35,10 +36,9 @@ from listener.errors import (
     RateLimited,
     RejectedByProvider,
 )
-from listener.providers.base import ImageInput, RateHints, StepContext, StepResult
+from listener.ops.tracing import Tracing
 from listener.redact import redact_text
 from listener.settings import OpenAISettings
-from listener.tracing import Tracing
 
 _INLINE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

@@ -5,7 +5,7 @@ variables), and calls into the package. Errors a user can fix are printed as one
 with status 2; a daemon stopped by SIGTERM/SIGINT exits 0.
 
 Every piece of data printed (table names, owner ids, URLs, errors, the text of an exception)
-goes through ``listener.terminal.shown``: redacted, control characters escaped, Rich markup
+goes through ``listener.cli.render.shown``: redacted, control characters escaped, Rich markup
 escaped, so nothing stored in a row can crash a command or write to the operator's terminal.
 """
 
@@ -35,15 +35,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from listener.db.cluster import termination_as_interrupt
+from listener.cli.render import shown
 from listener.db.connect import open_database
 from listener.db.migrate import MigrationError, migrate
 from listener.db.queries import Queries, TableProgress
-from listener.logs import configure_logging
+from listener.ops.logs import configure_logging
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobFilter
 from listener.settings import Settings
-from listener.terminal import shown
+from listener.testing.cluster import termination_as_interrupt
 
 app = typer.Typer(
     name="listener",
@@ -263,7 +263,7 @@ def backfill(
             table, where, limit_per_owner, owner, limit, dry_run, no_wait, batch, as_json
         )
         return
-    from listener.backfill import enqueue_backfill
+    from listener.app_side.backfill import enqueue_backfill
 
     settings = _settings()
 
@@ -330,7 +330,7 @@ def _backfill_selected(
     as_json: bool,
 ) -> None:
     """``backfill --where/--limit-per-owner``: select read-only, then enqueue by id."""
-    from listener.backfill import SelectionError, enqueue_rows, select_rows
+    from listener.app_side.backfill import SelectionError, enqueue_rows, select_rows
 
     settings = _settings()
 
@@ -442,10 +442,10 @@ async def _print_estimate(
     settings: Settings, queries: Queries, table: str, owner: str | None, count: int
 ) -> None:
     """Per tier and provider: images, calls, tokens, USD realtime and batch, time."""
-    from listener.estimate import StepHistory, estimate
-    from listener.fetch import ImageFetcher
-    from listener.pipeline import build_plan
-    from listener.providers.openai import OpenAIProvider
+    from listener.analysis.estimate import StepHistory, estimate
+    from listener.analysis.fetch import ImageFetcher
+    from listener.analysis.pipeline import build_plan
+    from listener.analysis.providers.openai import OpenAIProvider
 
     plan = build_plan(settings.pipeline, settings.tiers)
     sizes: list[tuple[int, int]] = []
@@ -538,7 +538,7 @@ async def _follow_progress(
     queries: Queries, table: str, owner: str | None, since: datetime, stop: asyncio.Event
 ) -> None:
     """Show a progress bar of ``table``'s jobs until none is left or ``stop`` is set."""
-    from listener.backfill import follow
+    from listener.app_side.backfill import follow
 
     loop = asyncio.get_running_loop()
     first = await queries.table_progress(table, owner, since)
@@ -593,7 +593,7 @@ def status(
     settings = _settings()
 
     async def go() -> dict[str, Any]:
-        from listener.status import queue_status
+        from listener.ops.status import queue_status
 
         # One connection, its reads one after the other: opening a second one would cost
         # more than the reads themselves.
@@ -753,7 +753,7 @@ def reanalyze(
 
     Apps do the same from SQL: ``SELECT listener.reanalyze('public.images', ARRAY['42'], 0)``.
     """
-    from listener.reanalyze import SelectionError, select_rows
+    from listener.app_side.reanalyze import SelectionError, select_rows
 
     settings = _settings()
 
@@ -842,7 +842,7 @@ def demo(
     ] = "",
 ) -> None:
     """Run the whole pipeline on real photos: embedded Postgres, triggers, backfill, daemon."""
-    from listener.demo import run_demo
+    from listener.cli.demo import run_demo
 
     settings = _settings()
     names = [p.strip() for p in providers.split(",") if p.strip()]
@@ -880,8 +880,8 @@ def pause(
     they claim nothing; otherwise a job whose next step needs a paused provider is put back
     once, to wait until the pause ends. No job row is rewritten while the pause lasts.
     """
-    from listener.pauses import ALL
-    from listener.prune import parse_age
+    from listener.queue.pauses import ALL
+    from listener.queue.prune import parse_age
 
     settings = _settings()
     until = datetime.now(UTC) + parse_age(duration) if duration else None
@@ -903,7 +903,7 @@ def resume(
     ] = None,
 ) -> None:
     """Lift a pause and wake at once the jobs it held."""
-    from listener.pauses import ALL
+    from listener.queue.pauses import ALL
 
     settings = _settings()
 
@@ -933,7 +933,7 @@ def prune(
     Jobs of rows that still exist are kept, however old: their results are what the app reads,
     and a row without a job would be analyzed (and paid for) again by the next backfill.
     """
-    from listener.prune import parse_age, prune_all
+    from listener.queue.prune import parse_age, prune_all
 
     settings = _settings()
     try:
@@ -962,7 +962,7 @@ def prune(
 app.registered_commands[0].name = "migrate"
 
 # Imported last: the faces commands use this module's helpers.
-from listener.cli_faces import faces_app  # noqa: E402
+from listener.cli.faces import faces_app  # noqa: E402
 
 app.add_typer(faces_app, name="faces")
 

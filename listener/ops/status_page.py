@@ -102,7 +102,7 @@ def render(doc: Mapping[str, Any], *, refresh_s: int = 5, now: datetime | None =
     """The status page for ``doc``, a complete HTML document.
 
     Args:
-        doc: the ``/status`` document (``listener.status.queue_status`` plus the health
+        doc: the ``/status`` document (``listener.ops.status.queue_status`` plus the health
             server's daemon fields). Every key is optional; a missing or ``None`` value renders
             as zero, "none" or a dash. The shape read::
 

@@ -4,7 +4,7 @@ The delete trigger ``attach`` installs (``sql/migrations/0014_deletes.sql``) onl
 deleted rows to ``listener.deleted_rows``, with the job each row had, so the app's DELETE never
 waits for listener or fails because of it. ``DeleteDrain`` drains that outbox every
 ``interval_s`` (and at once after ``wake``: the trigger sends a NOTIFY) in short transactions
-of its own, at least once, as ``listener.webhooks`` drains its outbox:
+of its own, at least once, as ``listener.app_side.webhooks`` drains its outbox:
 
 1. claim up to ``batch`` due entries (``FOR UPDATE SKIP LOCKED``: daemons share the work) and
    lease them for ``lease_s``;
@@ -39,12 +39,11 @@ import contextlib
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from loguru import logger
 
 from listener.db.queries import DeletedRowEntry
-from listener.providers.base import FaceRemover
 from listener.queue.retry import describe, full_jitter_backoff
 from listener.queue.signals import Signals
 from listener.queue.store import DeletedRow, ForgottenRow
@@ -73,6 +72,38 @@ class ForgetStore(Protocol):
     async def forget_rows(self, rows: Sequence[DeletedRow]) -> list[ForgottenRow]: ...
 
     async def forget_faces(self, face_ids: Sequence[str]) -> int: ...
+
+
+@runtime_checkable
+class FaceRemover(Protocol):
+    """Deletes faces of deleted rows from the owners' face collections (a provider with face
+    collections implements it: ``listener.analysis.providers.rekognition``)."""
+
+    async def delete_faces(self, collection_id: str, face_ids: list[str]) -> int:
+        """Delete ``face_ids`` from ``collection_id``; faces (or a collection) already gone
+        count as deleted.
+
+        Returns:
+            API calls made.
+
+        Raises:
+            listener.errors.ListenerError: the provider refused or could not be reached.
+        """
+        ...
+
+    async def delete_row_faces(
+        self, owner_id: str | None, source_table: str, source_id: str
+    ) -> tuple[int, int]:
+        """Delete every face indexed from a source row in its owner's collection, recorded or
+        not (a run that died after indexing left some no one recorded).
+
+        Returns:
+            (faces deleted, API calls made).
+
+        Raises:
+            listener.errors.ListenerError: the provider refused or could not be reached.
+        """
+        ...
 
 
 class NoFaceRemover(RuntimeError):

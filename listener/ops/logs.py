@@ -10,7 +10,7 @@ show a DSN held in one). A sink added by someone else gets redacted messages and
 JSON lines (``LISTENER_LOG_JSON=1``) are flat, one object per line, for log shippers (Loki,
 CloudWatch, Datadog) to index without unnesting::
 
-    {"time": "2025-05-01T12:00:00.123Z", "level": "WARNING", "logger": "listener.dispatch",
+    {"time": "2025-05-01T12:00:00.123Z", "level": "WARNING", "logger": "listener.analysis.dispatch",
      "message": "openai.tier1 failed, retrying in 2.0 s", "job_id": 42, "provider": "openai"}
 
 ``time`` is ISO 8601 in UTC with milliseconds; ``logger`` the emitting module; ``exception``

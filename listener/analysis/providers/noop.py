@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from listener.providers.base import ImageInput, StepContext, StepResult
+from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 
 
 class NoopProvider:

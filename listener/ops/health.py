@@ -6,7 +6,7 @@
   was probed recently, and claims are not failing; 503 with the reasons otherwise.
 - ``GET /status``: JSON: counts by status, oldest pending age, in flight, per-provider rates.
 - ``GET /metrics``: Prometheus text exposition.
-- ``GET /``: the status page, HTML that refreshes itself (``listener.status_page``).
+- ``GET /``: the status page, HTML that refreshes itself (``listener.ops.status_page``).
 
 Access: ``/healthz`` and ``/readyz`` are open (probes carry no credentials and say nothing
 about the data). When a token is configured (``LISTENER_HEALTH_TOKEN``), ``/``, ``/status``
@@ -24,7 +24,7 @@ page whose own name is re-pointed at this address would otherwise read them from
 browser (``HostCheck``).
 
 Slow clients: connections are capped and a header timeout closes those that never finish a
-request (``listener.http_limits``).
+request (``listener.ops.http_limits``).
 
 ``/status`` and ``/`` share one document, computed at most once per ``status_cache_s`` (1 s
 by default) however many clients ask: concurrent requests wait for the same computation, so
@@ -52,12 +52,12 @@ from aiohttp.typedefs import Handler, Middleware
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from listener.db.notify import Notifier
 from listener.db.queries import Queries
-from listener.http_limits import CappedTCPSite, ConnectionCap
-from listener.metrics import Metrics
+from listener.ops.http_limits import CappedTCPSite, ConnectionCap
+from listener.ops.metrics import Metrics
+from listener.ops.status import STATUSES, queue_status
+from listener.queue.notify import Notifier
 from listener.queue.worker import Worker
-from listener.status import STATUSES, queue_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +122,7 @@ class StatusCache:
 
     async def page(self) -> str:
         """The status page of the current document, rendered once per document."""
-        from listener.status_page import render
+        from listener.ops.status_page import render
 
         doc = await self.document()
         if self._page is None or self._page[0] is not doc:
@@ -510,7 +510,7 @@ class HealthServer:
             requests whose ``Host`` is an IP address, ``localhost``, ``host`` itself or one
             of ``allowed_hosts`` (``HostCheck``).
         allowed_hosts: ``LISTENER_HEALTH_ALLOWED_HOSTS``; used when no token is set.
-        max_connections: connections served at once (``listener.http_limits``).
+        max_connections: connections served at once (``listener.ops.http_limits``).
         header_timeout_s: seconds a connection may take to complete a request (and stay
             idle between requests) before the server closes it.
 

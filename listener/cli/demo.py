@@ -31,18 +31,18 @@ from rich.console import Console
 from rich.table import Table
 
 from listener.app import Daemon
-from listener.backfill import enqueue_backfill
-from listener.db.cluster import TemporaryCluster
+from listener.app_side.backfill import enqueue_backfill
+from listener.cli.render import shown
 from listener.db.migrate import migrate
 from listener.db.queries import Queries
 from listener.settings import Settings, TierSettings
-from listener.terminal import shown
+from listener.testing.cluster import TemporaryCluster
 from listener.testing.rekognition_fake import face_photo
 
 DEMO_SCHEMA = "listener_demo"
 DEMO_TABLE = f"{DEMO_SCHEMA}.vehicle_images"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-BUNDLED_IMAGES = Path(__file__).resolve().parent / "demo_images"
+BUNDLED_IMAGES = Path(__file__).resolve().parents[1] / "demo_images"
 """Public-domain / CC0 photographs from scikit-image's sample data (NASA, SpaceX, CC0 authors)."""
 
 

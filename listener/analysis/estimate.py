@@ -6,7 +6,8 @@ at batch prices (OpenAI's Batch API is half price; Rekognition has no batch disc
 long it takes at the configured rate limits.
 
 Inputs come from two places. A *sample* of the images (their sizes, read from the image
-headers) gives OpenAI's image tokens (``listener.costs.image_tokens``) and the share of images
+headers) gives OpenAI's image tokens (``listener.analysis.costs.image_tokens``) and the share of
+images
 over the tier-3 size gate. *History* (the averages of results already recorded, per step)
 gives output tokens, calls per image and the share of images that pass the tier-2 quality
 gate; without history, the priors below are used and the estimate says so. History also
@@ -21,9 +22,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from listener.costs import cost_usd, image_tokens, price_for, text_tokens
-from listener.dedup import NEVER_REUSED
-from listener.pipeline import Plan
+from listener.analysis.costs import cost_usd, image_tokens, price_for, text_tokens
+from listener.analysis.dedup import NEVER_REUSED
+from listener.analysis.pipeline import Plan
 from listener.settings import Price, Settings
 
 BATCH_DISCOUNT = 0.5
@@ -49,7 +50,7 @@ class StepHistory:
         pass_rate: share of jobs with a tier-1 result that also have this step's result
             (the gate's pass rate; 1.0 for tier-1 steps).
         reuse_rate: share of the results that were copies of a duplicate image's result
-            (deduplication, ``listener.dedup``); the averages above are over the others.
+            (deduplication, ``listener.analysis.dedup``); the averages above are over the others.
     """
 
     results: int

@@ -43,11 +43,11 @@ from typing import Any
 
 from loguru import logger
 
-from listener.costs import cost_usd, price_for
+from listener.analysis.costs import cost_usd, price_for
+from listener.analysis.dispatch import FetchResult
+from listener.analysis.providers.base import BatchBackend, ImageInput, StepResult
 from listener.db.queries import Queries
-from listener.dispatch import FetchResult
 from listener.errors import ListenerError
-from listener.providers.base import BatchBackend, ImageInput, StepResult
 from listener.queue.outcomes import BatchJob
 from listener.queue.retry import describe
 from listener.queue.store import JobStore

@@ -79,7 +79,7 @@ class StepResult:
             the job store in the same fenced transaction that stores the step; a provider
             never writes them itself.
         digest: the SHA-256 (and perceptual hash) of the image the step analyzed, set by the
-            dispatcher, stored with the result for deduplication (``listener.dedup``).
+            dispatcher, stored with the result for deduplication (``listener.analysis.dedup``).
         reused: set by the dispatcher when the result is a copy of another job's (``$0``).
     """
 
@@ -225,36 +225,5 @@ class EffectUndo(Protocol):
             listener.errors.ListenerError: the provider could not be reached; the caller
                 logs it (what is left is swept when the job's row is deleted or the job runs
                 again).
-        """
-        ...
-
-
-@runtime_checkable
-class FaceRemover(Protocol):
-    """Deletes faces of deleted rows from the owners' face collections."""
-
-    async def delete_faces(self, collection_id: str, face_ids: list[str]) -> int:
-        """Delete ``face_ids`` from ``collection_id``; faces (or a collection) already gone
-        count as deleted.
-
-        Returns:
-            API calls made.
-
-        Raises:
-            listener.errors.ListenerError: the provider refused or could not be reached.
-        """
-        ...
-
-    async def delete_row_faces(
-        self, owner_id: str | None, source_table: str, source_id: str
-    ) -> tuple[int, int]:
-        """Delete every face indexed from a source row in its owner's collection, recorded or
-        not (a run that died after indexing left some no one recorded).
-
-        Returns:
-            (faces deleted, API calls made).
-
-        Raises:
-            listener.errors.ListenerError: the provider refused or could not be reached.
         """
         ...

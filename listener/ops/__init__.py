@@ -1,0 +1,1 @@
+"""Operations: health and metrics endpoint, status, status page, logs, tracing."""
