@@ -75,3 +75,18 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "reference" / "settings" / "index.html").exists()
     assert (tmp_path / "decisions" / "0002-leases" / "index.html").exists()
+
+
+def test_the_readme_is_a_front_door_with_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 200
+    demo = "python3 -m venv .venv && . .venv/bin/activate && pip install . && listener demo"
+    tests = (
+        "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[dev,bench]' && pytest"
+    )
+    assert demo in readme and tests in readme
+    # CI runs the same test command (with the embedded extra too), and builds the site.
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "pip install -q -e '.[dev,embedded,bench]'" in ci
+    assert "\npytest\n" in ci
+    assert "\nmkdocs build --strict\n" in ci
