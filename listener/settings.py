@@ -236,6 +236,9 @@ class TierSettings(BaseModel):
             exceeds ``tier2_min_quality``.
         tier3: providers of tier 3 (``openai``): expert assessment; runs only when the
             image's shorter side is at least ``tier3_min_side`` pixels.
+        tier2_min_quality: the gate of tier 2, on OpenAI's tier-1 quality, else the local
+            score (0-10).
+        tier3_min_side: the gate of tier 3: the image's shorter side, pixels.
         faces: index and match faces with Rekognition (per owner collections).
     """
 
@@ -248,7 +251,13 @@ class TierSettings(BaseModel):
 
 
 class Price(BaseModel):
-    """Price of one provider/model: per call, and per million input and output tokens (USD)."""
+    """Price of one provider/model: per call, and per million input and output tokens (USD).
+
+    Attributes:
+        per_call_usd: USD per call.
+        per_million_input_usd: USD per million input tokens.
+        per_million_output_usd: USD per million output tokens.
+    """
 
     per_call_usd: float = 0.0
     per_million_input_usd: float = 0.0
@@ -286,6 +295,9 @@ class Settings(BaseSettings):
 
     database_url: SecretStr | None = Field(
         default=None,
+        description="The database (a DSN); LISTENER_DATABASE_URL wins over DATABASE_URL. A "
+        "password with an unescaped /, ? or # is refused with a message that quotes no part "
+        "of the URL (percent-encode them: %2F, %3F, %23).",
         validation_alias=AliasChoices("LISTENER_DATABASE_URL", "DATABASE_URL", "database_url"),
     )
     listen_database_url: SecretStr | None = Field(
@@ -301,27 +313,68 @@ class Settings(BaseSettings):
         "statements, LISTEN only on listen_database_url; 'none' (direct, or a session-mode "
         "pooler); 'auto' decides from port 6543, else by a probe (listener.db.connect).",
     )
-    pool_min_size: int = 2
-    pool_max_size: int = 10
+    pool_min_size: int = Field(default=2, description="Fewest connections the pool keeps.")
+    pool_max_size: int = Field(default=10, description="Most connections the pool opens.")
 
-    worker_id: str | None = None
-    concurrency: int = Field(default=10, ge=1)
+    worker_id: str | None = Field(
+        default=None,
+        description="This daemon's name in listener.jobs.worker_id and its logs; default: "
+        "host:pid.",
+    )
+    concurrency: int = Field(default=10, ge=1, description="Jobs running at once per daemon.")
     prefetch: int | None = Field(
         default=None,
         ge=0,
         description="Jobs claimed ahead of free slots so the next job starts without a "
-        "database round trip; default: the concurrency.",
+        "database round trip; default: the concurrency. While jobs finish faster than that "
+        "per 50 ms, the buffer grows to what finishes in 50 ms (at most 1,000 jobs), so a "
+        "backlog of quick jobs drains in fewer, larger claims; 0 turns both off.",
     )
-    lease_s: float = Field(default=30.0, gt=0)
-    poll_interval_s: float = Field(default=2.0, gt=0)
-    probe_interval_s: float = Field(default=5.0, gt=0)
-    reconnect_base_s: float = 0.25
-    reconnect_cap_s: float = 10.0
-    max_attempts: int = Field(default=5, ge=1)
-    backoff_base_s: float = Field(default=5.0, ge=0)
-    backoff_cap_s: float = Field(default=600.0, ge=0)
-    shutdown_grace_s: float = Field(default=20.0, ge=0)
-    flush_interval_s: float = Field(default=0.002, gt=0)
+    lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Lease of a claimed job, seconds; renewed every third of it. A job whose "
+        "lease expired goes back to pending.",
+    )
+    poll_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Claim at least this often, seconds (jittered by 25% either way), when no "
+        "NOTIFY comes; pauses are read at most once per interval.",
+    )
+    probe_interval_s: float = Field(
+        default=5.0, gt=0, description="Seconds between liveness probes of the LISTEN connection."
+    )
+    reconnect_base_s: float = Field(
+        default=0.25,
+        description="First reconnect delay's upper bound of the LISTEN connection, seconds "
+        "(full jitter, doubling).",
+    )
+    reconnect_cap_s: float = Field(
+        default=10.0, description="Largest reconnect delay of the LISTEN connection, seconds."
+    )
+    max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Attempts before a job is failed; it holds for every job, those the "
+        "triggers enqueue included (filled in at a job's first claim).",
+    )
+    backoff_base_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="First retry's upper bound, seconds (full-jitter exponential backoff, "
+        "doubling; never sooner than a Retry-After).",
+    )
+    backoff_cap_s: float = Field(default=600.0, ge=0, description="Largest retry delay, seconds.")
+    shutdown_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="Seconds running jobs get to finish on SIGTERM; the rest are handed back "
+        "as pending.",
+    )
+    flush_interval_s: float = Field(
+        default=0.002, gt=0, description="Reserved: no component reads it."
+    )
     status_writeback_interval_s: float = Field(
         default=0.5,
         gt=0,
@@ -344,7 +397,7 @@ class Settings(BaseSettings):
         default=1.0,
         gt=0,
         description="Seconds between clean-ups of rows the app deleted (their jobs, results "
-        "and faces; also at once after the delete trigger's NOTIFY), see listener.deletes.",
+        "and faces; also at once after the delete trigger's NOTIFY).",
     )
     deletes_batch: int = Field(
         default=100,
@@ -368,8 +421,8 @@ class Settings(BaseSettings):
     webhook_url: SecretStr | None = Field(
         default=None,
         description="POST every terminal job event (complete, failed, cancelled) here, "
-        "signed with webhook_secret (README, Events). A SecretStr: its query string may hold "
-        "a token, so it is never logged whole.",
+        "signed with webhook_secret (see Events and webhooks). A SecretStr: its query "
+        "string may hold a token, so it is never logged whole.",
     )
     webhook_secret: SecretStr | None = Field(
         default=None,
@@ -403,7 +456,9 @@ class Settings(BaseSettings):
         description="Address the health server binds. The default keeps it on this machine; "
         "the container image sets 0.0.0.0 (set LISTENER_HEALTH_TOKEN then).",
     )
-    health_port: int = 8080
+    health_port: int = Field(
+        default=8080, description="Port of the health server (listener run --health-port)."
+    )
     health_token: SecretStr | None = Field(
         default=None,
         description="Bearer token required by /, /status and /metrics (/healthz and /readyz "
@@ -414,8 +469,8 @@ class Settings(BaseSettings):
         description="Host names, besides localhost and IP addresses, by which clients may "
         "reach /, /status and /metrics when no token is set (a JSON list such as "
         '["listener", "listener.internal"], without ports). Any other Host header gets 403, '
-        "so a web page cannot read the server by rebinding its own DNS name to this address "
-        "(listener.health.HostCheck). Unused when a token is set.",
+        "so a web page cannot read the server by rebinding its own DNS name to this "
+        "address. Unused when a token is set.",
     )
     health_max_connections: int = Field(
         default=64,
@@ -430,7 +485,11 @@ class Settings(BaseSettings):
         "idle between requests, before the server closes it.",
     )
 
-    pipeline: Literal["local", "noop", "tiered"] = "local"
+    pipeline: Literal["local", "noop", "tiered"] = Field(
+        default="local",
+        description="local: offline analysis; noop: no analysis (benchmarks); tiered: the "
+        "tiers below (LISTENER_TIERS__*, or LISTENER_PIPELINE_FILE).",
+    )
     pipeline_file: Path | None = Field(
         default=None, description="A TOML file with a [tiers] table (see TierSettings)."
     )
@@ -438,8 +497,18 @@ class Settings(BaseSettings):
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     rekognition: RekognitionSettings = Field(default_factory=RekognitionSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
-    prices: dict[str, Price] = Field(default_factory=_default_prices)
-    budget_usd_per_day: float | None = Field(default=None, ge=0)
+    prices: dict[str, Price] = Field(
+        default_factory=_default_prices,
+        description="Price per provider ('rekognition') or provider and model "
+        "('openai:gpt-4o'), merged over the defaults (the providers' published list prices), "
+        'e.g. {"openai:gpt-4o": {"per_million_input_usd": 2.5}}.',
+    )
+    budget_usd_per_day: float | None = Field(
+        default=None,
+        ge=0,
+        description="Daily cap on paid providers, USD: once today's spend (UTC) reaches it "
+        "their jobs wait until 00:00 UTC; unset: no cap.",
+    )
     dedup: Literal["off", "sha256", "phash"] = Field(
         default="sha256",
         description="Before a paid step runs, reuse a stored result of the same step for an "
@@ -458,8 +527,14 @@ class Settings(BaseSettings):
         description="Near-duplicate mode: the largest Hamming distance, in bits of the 64-bit "
         "perceptual hash, at which an image counts as a duplicate.",
     )
-    noop_delay_s: float = Field(default=0.0, ge=0)
-    rate_limits: dict[str, RateLimit] = Field(default_factory=_default_rate_limits)
+    noop_delay_s: float = Field(
+        default=0.0, ge=0, description="Seconds the noop provider sleeps per job."
+    )
+    rate_limits: dict[str, RateLimit] = Field(
+        default_factory=_default_rate_limits,
+        description="Per provider: rps, burst, concurrency, merged over the defaults. A "
+        "finite rps is shared by every daemon on the database.",
+    )
     step_timeouts: dict[str, PositiveFloat | None] = Field(
         default_factory=_default_step_timeouts,
         description="Seconds a step's provider call may take, per provider, merged over the "
@@ -469,24 +544,33 @@ class Settings(BaseSettings):
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
 
-    backfill_priority: int = 100
-    backfill_chunk_size: int = Field(default=5000, ge=1)
+    backfill_priority: int = Field(
+        default=100,
+        description="Priority of backfilled and re-analyzed jobs (lower runs first; fresh "
+        "uploads are 0).",
+    )
+    backfill_chunk_size: int = Field(default=5000, ge=1, description="Rows per backfill statement.")
 
     prune_after_days: float | None = Field(
         default=None,
         gt=0,
         description="Prune finished jobs of deleted rows this many days after they finished, "
-        "once an hour (see listener.prune); unset: never.",
+        "as listener prune does, every prune_interval_s; unset: never.",
     )
-    prune_interval_s: float = Field(default=3600.0, gt=0)
-    prune_batch: int = Field(default=500, ge=1)
+    prune_interval_s: float = Field(
+        default=3600.0, gt=0, description="Seconds between prunes (with prune_after_days)."
+    )
+    prune_batch: int = Field(default=500, ge=1, description="Jobs pruned per statement.")
 
-    log_json: bool = False
-    log_level: str = "INFO"
-    otel: bool | None = None
-    """``LISTENER_OTEL``: 1 turns OpenTelemetry traces on, 0 off; unset, the standard
-    ``OTEL_*`` variables decide (``listener.ops.tracing``). Needs ``pip install
-    'listener[otel]'``."""
+    log_json: bool = Field(
+        default=False, description="Log one flat JSON object per line (the image sets it)."
+    )
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR, CRITICAL.")
+    otel: bool | None = Field(
+        default=None,
+        description="1 turns OpenTelemetry traces on, 0 off; unset, the standard OTEL_* "
+        "variables decide. Needs pip install 'listener[otel]'.",
+    )
 
     @field_validator("health_token", "webhook_url", "webhook_secret", mode="before")
     @classmethod

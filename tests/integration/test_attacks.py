@@ -1,11 +1,12 @@
 """listener's SQL beside hostile tenants: each attack a tenant could try, as a test.
 
-The setup is the README's for Supabase ("A Supabase table, every column"): the app's table
+The setup is the documented one for Supabase (docs/guides/supabase.md, "A Supabase table,
+every column"): the app's table
 ``public.vehicle_images`` belongs to a role of the app (not a superuser) and has row-level
 security, one policy per tenant (``user_id = auth.uid()``); the signed-in user is the role
 ``authenticated`` (here with a random suffix: roles are shared by the whole test cluster);
-the app's RPCs are the README's wrappers, created by the table's owner. As a worst case the
-tenant also has USAGE on schema ``listener`` (what an older README advised). Every attack runs
+the app's RPCs are the documented wrappers, created by the table's owner. As a worst case the
+tenant also has USAGE on schema ``listener`` (what older instructions advised). Every attack runs
 as that tenant, on a real PostgreSQL:
 
 1. a ``pg_temp`` type named ``text`` (with casts to it) while inserting, updating and deleting
@@ -41,16 +42,17 @@ import asyncpg
 import pytest
 from support import admit
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 TABLE = "public.vehicle_images"
 
 
-def readme_sql(starts_with: str) -> str:
-    """The README's SQL block whose text contains ``starts_with`` (what users copy)."""
-    for block in re.findall(r"```sql\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
+def docs_sql(page: str, starts_with: str) -> str:
+    """The SQL block of the docs page ``page`` (relative to docs/) whose text contains
+    ``starts_with`` (what users copy)."""
+    for block in re.findall(r"```sql\n(.*?)```", (DOCS / page).read_text(encoding="utf-8"), re.S):
         if starts_with in block:
             return str(block)
-    raise AssertionError(f"no SQL block with {starts_with!r} in README.md")
+    raise AssertionError(f"no SQL block with {starts_with!r} in docs/{page}")
 
 
 def as_role(dsn: str, role: str) -> str:
@@ -62,7 +64,7 @@ def as_role(dsn: str, role: str) -> str:
 
 @dataclass
 class App:
-    """The README's Supabase setup in this test's database."""
+    """The documented Supabase setup in this test's database."""
 
     dsn: str
     admin: asyncpg.Connection
@@ -138,14 +140,16 @@ async def app(database_url: str, conn: asyncpg.Connection) -> AsyncIterator[App]
             "'ai_scan_metadata', 'processing_error', 'ai_last_scanned')",
             TABLE,
         )
-        # The README's grants for an RPC owner that did not run `listener migrate`, then its
+        # The documented grants for an RPC owner that did not run `listener migrate`, then its
         # RPCs, created by that owner.
         await conn.execute(
-            readme_sql("GRANT USAGE ON SCHEMA listener TO app_owner").replace("app_owner", owner)
+            docs_sql(
+                "reference/sql-functions.md", "GRANT USAGE ON SCHEMA listener TO app_owner"
+            ).replace("app_owner", owner)
         )
         await conn.execute(f"SET ROLE {owner}")
         await conn.execute(
-            readme_sql("CREATE FUNCTION public.retag_images").replace(
+            docs_sql("guides/supabase.md", "CREATE FUNCTION public.retag_images").replace(
                 "TO authenticated", f"TO {tenant}"
             )
         )
@@ -229,7 +233,7 @@ async def rows_of(app: App, user: uuid.UUID, n: int) -> list[uuid.UUID]:
 
 
 async def every_rpc(app: App, tenant: asyncpg.Connection, faces: dict[str, str]) -> None:
-    """Call each of the README's RPCs once, as the signed-in tenant (alice)."""
+    """Call each of the documented RPCs once, as the signed-in tenant (alice)."""
     # Ids as text: a session with a pg_temp type named text cannot introspect uuid[] (the
     # driver's own query casts to text), which is the attacker's problem, not listener's.
     mine = await tenant.fetchval(f"SELECT array_agg(id::pg_catalog.text) FROM {TABLE}")
@@ -312,7 +316,7 @@ async def test_a_schema_the_tenant_owns_first_on_its_search_path_shadows_nothing
     app: App,
 ) -> None:
     """Functions and operators a tenant creates in its own schema, placed before pg_catalog,
-    are never called by listener's functions or the README's RPCs."""
+    are never called by listener's functions or the documented RPCs."""
     faces = await seed_faces(app)
     await rows_of(app, app.alice, 1)
     await app.admin.execute(

@@ -1,7 +1,7 @@
-"""The daemon runs as a login role of its own in ``listener_worker``, as the README's Security
-in the database section sets it up, against a table with row-level security owned by a role
-of the app's: rows are admitted, analyzed, written back and forgotten when deleted, and the
-app's own triggers never run as a superuser or as listener's owner."""
+"""The daemon runs as a login role of its own in ``listener_worker``, as "Security in the
+database" (docs/explanations/security.md) sets it up, against a table with row-level security
+owned by a role of the app's: rows are admitted, analyzed, written back and forgotten when
+deleted, and the app's own triggers never run as a superuser or as listener's owner."""
 
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 from support import RecordingProvider, fast_settings, wait_until
-from test_attacks import as_role, readme_sql
+from test_attacks import as_role, docs_sql
 
 from listener.app import Daemon, warn_if_privileged
 
 
 @pytest.fixture
 async def daemon_role(conn: asyncpg.Connection) -> AsyncIterator[str]:
-    """The README's ``listener_daemon``, under a name of this test's."""
+    """The documented ``listener_daemon``, under a name of this test's."""
     role = f"listener_daemon_{secrets.token_hex(4)}"
     await conn.execute(
-        readme_sql("CREATE ROLE listener_daemon LOGIN").replace("listener_daemon", role)
+        docs_sql("explanations/security.md", "CREATE ROLE listener_daemon LOGIN").replace(
+            "listener_daemon", role
+        )
     )
     try:
         yield role

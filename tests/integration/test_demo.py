@@ -50,7 +50,7 @@ def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
     }
     # The event stream a live UI would hear: one NOTIFY per finished job.
     assert f"events: {len(photos)} heard on LISTEN listener_events ({len(photos)} complete)" in out
-    # No row id on the channel every role may LISTEN to (the README's Events).
+    # No row id on the channel every role may LISTEN to (docs/reference/events.md).
     assert re.search(r'"job_id": [0-9]+, "status": "complete"', out)
     assert '"row_id"' not in out
     assert "the daemon logs in as listener_daemon" in out

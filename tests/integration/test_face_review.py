@@ -317,7 +317,7 @@ async def test_an_app_role_granted_execute_reviews_its_owners_faces(
         try:
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await app.fetch("SELECT * FROM listener.open_face_suggestions('bob')")
-            # The grants the README gives.
+            # The grants docs/reference/sql-functions.md gives.
             await conn.execute(
                 f"GRANT USAGE ON SCHEMA listener TO {role}; GRANT EXECUTE ON FUNCTION "
                 "listener.face_counts(text), listener.face_people(text, integer, integer), "

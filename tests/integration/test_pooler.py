@@ -2,7 +2,7 @@
 pooler on port 6543 behaves the same for prepared statements and LISTEN).
 
 The CLI and the daemon run as subprocesses with ``LISTENER_DATABASE_URL`` on the pooler and
-``LISTENER_LISTEN_DATABASE_URL`` direct, as the README advises. PgBouncer has 5 server
+``LISTENER_LISTEN_DATABASE_URL`` direct, as docs/guides/poolers.md advises. PgBouncer has 5 server
 connections per database, so concurrent clients share them, which is where named prepared
 statements and session state break.
 """
@@ -44,7 +44,7 @@ async def cli_async(env: dict[str, str], *args: str) -> subprocess.CompletedProc
 def pooled_env(
     env_for_subprocess: dict[str, str], pooler_url: str, database_url: str
 ) -> dict[str, str]:
-    """The README's advice: database URL on the pooler, LISTEN URL direct; no LISTENER_POOLER
+    """The documented advice: database URL on the pooler, LISTEN URL direct; no LISTENER_POOLER
     (auto), so the pooler must be detected."""
     env = dict(env_for_subprocess)
     env.pop("LISTENER_POOLER", None)

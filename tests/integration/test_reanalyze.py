@@ -107,19 +107,19 @@ async def test_cli_reanalyze_by_id_owner_where_and_all(
     assert await counts(conn) == {"complete": 4}
 
 
-def _readme_sql(starts_with: str) -> str:
-    """The README's SQL block that starts with ``starts_with`` (what users copy)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for block in re.findall(r"```sql\n(.*?)```", readme, flags=re.S):
+def _supabase_sql(starts_with: str) -> str:
+    """The Supabase guide's SQL block that contains ``starts_with`` (what users copy)."""
+    page = Path(__file__).resolve().parents[2] / "docs" / "guides" / "supabase.md"
+    for block in re.findall(r"```sql\n(.*?)```", page.read_text(), flags=re.S):
         if starts_with in block:
             return str(block)
-    raise AssertionError(f"no SQL block with {starts_with!r} in README.md")
+    raise AssertionError(f"no SQL block with {starts_with!r} in docs/guides/supabase.md")
 
 
-async def test_the_readme_supabase_retag_rpc_reanalyzes_only_the_callers_rows(
+async def test_the_documented_supabase_retag_rpc_reanalyzes_only_the_callers_rows(
     database_url: str, conn: asyncpg.Connection
 ) -> None:
-    """The README's ``retag_images`` RPC, as Supabase runs it: ``auth.uid()`` from the JWT."""
+    """The documented ``retag_images`` RPC, as Supabase runs it: ``auth.uid()`` from the JWT."""
     suffix = secrets.token_hex(4)
     authenticated = f"authenticated_{suffix}"
     await conn.execute(
@@ -142,7 +142,7 @@ async def test_the_readme_supabase_retag_rpc_reanalyzes_only_the_callers_rows(
         "SELECT listener.attach('public.vehicle_images', 'id', 'image_url', 'user_id', "
         "'processing_status')"
     )
-    sql = _readme_sql("CREATE FUNCTION public.retag_images").replace(
+    sql = _supabase_sql("CREATE FUNCTION public.retag_images").replace(
         "TO authenticated", f"TO {authenticated}"
     )
     await conn.execute(sql)

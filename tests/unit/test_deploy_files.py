@@ -150,7 +150,8 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     """Every ``docker run`` / ``docker compose run`` in the docs and deploy files, as
     (file, the arguments given to the image), shell continuations joined."""
     found = []
-    for name in ("README.md", "Dockerfile", "docker-compose.yml"):
+    pages = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))
+    for name in ["README.md", *pages, "Dockerfile", "docker-compose.yml"]:
         text = re.sub(r"\\\n[#\s]*", " ", (ROOT / name).read_text())
         for line in text.splitlines():
             match = re.search(r"docker (compose )?run (.*)", line)

@@ -115,3 +115,11 @@ def test_promtool_accepts_the_rules() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules())} rules found" in result.stdout
+
+
+def test_every_served_metric_is_documented() -> None:
+    """docs/reference/metrics.md lists every metric family listener serves, as scraped."""
+    page = (ROOT / "docs" / "reference" / "metrics.md").read_text(encoding="utf-8")
+    suffix = {"counter": "_total", "histogram": "", "gauge": ""}
+    for family in Metrics(time.monotonic).registry.collect():
+        assert f"`{family.name}{suffix[family.type]}`" in page, family.name

@@ -1,7 +1,8 @@
-"""The webhook signature scheme: examples, properties (hypothesis), and README's snippet.
+"""The webhook signature scheme: examples, properties (hypothesis), and the documented snippet.
 
-README's receiver snippet is read from README.md and run beside ``verify_signature``: both
-must refuse malformed headers without raising, and agree on every header.
+The receiver snippet of docs/reference/events.md is read from that page and run beside
+``verify_signature``: both must refuse malformed headers without raising, and agree on every
+header.
 """
 
 from __future__ import annotations
@@ -27,33 +28,33 @@ from listener.app_side.webhooks import (
 
 SECRET = "whsec_test_0123456789"
 BODY = b'{"table":"public.images","job_id":7,"row_id":"7","status":"complete","event_id":3}'
-README = Path(__file__).resolve().parents[2] / "README.md"
+EVENTS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference" / "events.md"
 
 # Bounded and without hypothesis's per-example deadline (a timed assertion): fast and steady.
 # No example database: nothing to replay from a previous run, the same run everywhere.
 PROPERTY = settings(max_examples=300, deadline=None, database=None)
 
 
-def readme_verify() -> Callable[..., bool]:
-    """The ``verify`` function of README's Events section, as written there."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+def documented_verify() -> Callable[..., bool]:
+    """The ``verify`` function of the Events and webhooks page, as written there."""
+    blocks = re.findall(r"```python\n(.*?)```", EVENTS_PAGE.read_text(encoding="utf-8"), re.S)
     (snippet,) = [b for b in blocks if "def verify(secret: str, header: str" in b]
     namespace: dict[str, Any] = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)
+    exec(compile(snippet, "docs/reference/events.md", "exec"), namespace)
     verify: Callable[..., bool] = namespace["verify"]
     return verify
 
 
-VERIFY_FROM_README = readme_verify()
+VERIFY_FROM_DOCS = documented_verify()
 
 
 def test_signature_verifies_with_the_documented_scheme_and_fails_with_a_wrong_secret() -> None:
     now = int(time.time())
     header = sign(SECRET, BODY, now)
     assert header.startswith(f"t={now},v1=")
-    assert VERIFY_FROM_README(SECRET, header, BODY)
+    assert VERIFY_FROM_DOCS(SECRET, header, BODY)
     assert verify_signature(SECRET, header, BODY)
-    assert not VERIFY_FROM_README("whsec_wrong", header, BODY)
+    assert not VERIFY_FROM_DOCS("whsec_wrong", header, BODY)
     assert not verify_signature("whsec_wrong", header, BODY)
     assert not verify_signature(SECRET, header, BODY.replace(b"complete", b"failed"))
 
@@ -83,7 +84,7 @@ def test_malformed_headers_are_refused_without_raising(header: str) -> None:
     arabic = "".join(chr(0x0660 + int(d)) for d in now)
     header = header.replace("ARABIC_NOW", arabic).replace("NOW", now)
     assert verify_signature(SECRET, header, BODY) is False
-    assert VERIFY_FROM_README(SECRET, header, BODY) is False
+    assert VERIFY_FROM_DOCS(SECRET, header, BODY) is False
 
 
 @pytest.mark.parametrize(
@@ -116,7 +117,7 @@ def test_stale_timestamps_rotation_and_whitespace() -> None:
     assert not verify_signature(SECRET, f"t={now},v1={good.upper()}", BODY)
     # Spaces and tabs around parts, keys and values; other schemes are ignored.
     assert verify_signature(SECRET, f" t = {now} ,\tv1={good}\t, v0=whatever", BODY)
-    assert VERIFY_FROM_README(SECRET, f" t = {now} ,\tv1={good}\t, v0=whatever", BODY)
+    assert VERIFY_FROM_DOCS(SECRET, f" t = {now} ,\tv1={good}\t, v0=whatever", BODY)
     # The HMAC covers t as sent: the same instant with a leading zero is another payload.
     assert not verify_signature(SECRET, f"t=0{now},v1={good}", BODY)
 
@@ -140,7 +141,7 @@ def test_the_body_carries_the_event_id_under_the_signature() -> None:
     replayed = event_body(4, stored)
     assert json.loads(replayed)["event_id"] == 4
     assert not verify_signature(SECRET, header, replayed)
-    assert not VERIFY_FROM_README(SECRET, header, replayed)
+    assert not VERIFY_FROM_DOCS(SECRET, header, replayed)
 
 
 # -- properties --
@@ -182,7 +183,7 @@ def test_any_header_gives_a_bool_and_never_raises(secret: str, header: str, body
     # Any t of 1 to 12 digits in time: the HMAC and the comparisons run too.
     assert isinstance(verify_signature(secret, header, body, now=0.0, tolerance_s=1e13), bool)
     # The snippet's secret is the receiver's own (its encode() may raise on a lone surrogate).
-    assert isinstance(VERIFY_FROM_README(SECRET, header, body), bool)
+    assert isinstance(VERIFY_FROM_DOCS(SECRET, header, body), bool)
 
 
 utf8_secrets = st.text(max_size=80)  # no lone surrogates: sign can encode them
@@ -273,16 +274,16 @@ def assembled_headers(draw: st.DrawFn, good_t: str, good_v1: str) -> tuple[str, 
 
 @PROPERTY
 @given(data=st.data())
-def test_verify_signature_and_the_readme_snippet_agree_on_assembled_headers(
+def test_verify_signature_and_the_documented_snippet_agree_on_assembled_headers(
     data: st.DataObject,
 ) -> None:
     now = int(time.time())
     good_v1 = sign(SECRET, BODY, now).rpartition("v1=")[2]
     header, verifies = data.draw(assembled_headers(str(now), good_v1))
-    # The README snippet reads the clock itself; t is within a second of it, far inside the
+    # The documented snippet reads the clock itself; t is within a second of it, far inside the
     # 300 s tolerance.
     assert verify_signature(SECRET, header, BODY, now=now) is verifies
-    assert VERIFY_FROM_README(SECRET, header, BODY) is verifies
+    assert VERIFY_FROM_DOCS(SECRET, header, BODY) is verifies
 
 
 def test_redacted_url_keeps_no_credentials_query_or_fragment() -> None:
