@@ -5,6 +5,10 @@ jobs (batches, reuse, face records), ``advance(seconds)`` that lets time pass (a
 the memory stores; a real, short sleep for Postgres, whose clock is ``now()``), and the app's
 table (``insert_row``, ``delete_row``: rows of ``public.images``, which is attached in
 Postgres).
+
+Every store is wrapped in a ``Recorder``, which notes each method the tests call:
+``test_coverage.py`` checks, once the suites have run, that every method of each protocol was
+called on both implementations.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 import asyncpg
 import pytest
@@ -26,6 +31,47 @@ from listener.queue.store import JobStore
 
 DEFAULT_MAX_ATTEMPTS = 3
 T = "public.images"
+
+CALLED: dict[tuple[str, str], set[str]] = {}
+"""Methods called through a ``Recorder``: ``{(protocol, store kind): {method, ...}}``."""
+
+_S = TypeVar("_S")
+
+
+class Recorder(Generic[_S]):
+    """Passes every attribute through to ``inner``, noting the methods called."""
+
+    def __init__(self, inner: _S, protocol: str, kind: str) -> None:
+        self._inner = inner
+        self._called = CALLED.setdefault((protocol, kind), set())
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._inner, name)
+        if callable(value) and not name.startswith("_"):
+            self._called.add(name)
+        return value
+
+
+def recorded(inner: _S, protocol: type[Any], kind: str) -> _S:
+    return cast(_S, Recorder(inner, protocol.__name__, kind))
+
+
+SUITES = ("test_job_store.py", "test_batch_store.py", "test_dedup_store.py")
+"""The conformance modules whose calls ``test_coverage.py`` counts."""
+
+COMPLETE: list[bool] = [False]
+"""Whether this session runs every test of ``SUITES`` (then the coverage check applies)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the coverage check last, and only judge it when every suite test is collected."""
+    last = [i for i in items if i.path.name == "test_coverage.py"]
+    rest = [i for i in items if i.path.name != "test_coverage.py"]
+    items[:] = rest + last
+    modules = {i.path.name for i in rest if i.path.parent.name == "conformance"}
+    COMPLETE[0] = set(SUITES) <= modules and not (
+        config.getoption("keyword") or config.getoption("markexpr") or config.getoption("lf")
+    )
 
 
 class FakeClock:
@@ -94,13 +140,13 @@ async def store_env(store_kind: tuple[str, str | None]) -> AsyncIterator[StoreEn
             jobs.delete_row(T, str(row_id))
 
         yield StoreEnv(
-            jobs,
+            recorded(jobs, JobStore, kind),
             advance_clock,
             kind,
             advance_clock,
-            MemoryBatchStore(jobs),
-            MemoryDedupStore(jobs),
-            MemoryFaceStore(jobs),
+            recorded(MemoryBatchStore(jobs), BatchStore, kind),
+            recorded(MemoryDedupStore(jobs), DedupStore, kind),
+            recorded(MemoryFaceStore(jobs), FaceStore, kind),
             insert_memory,
             delete_memory,
         )
@@ -135,13 +181,15 @@ async def store_env(store_kind: tuple[str, str | None]) -> AsyncIterator[StoreEn
             await pool.execute("DELETE FROM public.images WHERE id = $1", row_id)
 
         yield StoreEnv(
-            PgJobStore(pool, DEFAULT_MAX_ATTEMPTS, effects=pg_effect_writers()),
+            recorded(
+                PgJobStore(pool, DEFAULT_MAX_ATTEMPTS, effects=pg_effect_writers()), JobStore, kind
+            ),
             sleep,
             kind,
             age_batches,
-            PgBatchStore(pool),
-            PgDedupStore(pool),
-            PgFaceStore(pool),
+            recorded(PgBatchStore(pool), BatchStore, kind),
+            recorded(PgDedupStore(pool), DedupStore, kind),
+            recorded(PgFaceStore(pool), FaceStore, kind),
             insert_pg,
             delete_pg,
         )
