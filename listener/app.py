@@ -24,9 +24,13 @@ from typing import TYPE_CHECKING, Protocol
 import asyncpg
 from loguru import logger
 
+from listener.analysis.batch_store import PgBatchStore
 from listener.analysis.budget import Budget
 from listener.analysis.dedup import DedupPolicy
+from listener.analysis.dedup_store import PgDedupStore
 from listener.analysis.dispatch import Dispatcher, Limiter, LocalLimiter, ProviderSlot
+from listener.analysis.effects import pg_effect_writers
+from listener.analysis.face_store import PgFaceStore
 from listener.analysis.fetch import ImageFetcher
 from listener.analysis.fleet_limits import FleetLimiter
 from listener.analysis.pipeline import Plan, Step, build_plan
@@ -266,7 +270,7 @@ class Daemon:
                 await warn_if_privileged(conn)
             queries = Queries(self.pool)
             self.queries = queries
-            self.store = PgJobStore(self.pool, s.max_attempts)
+            self.store = PgJobStore(self.pool, s.max_attempts, effects=pg_effect_writers())
             self._providers = self._injected or build_providers(s, self.plan, queries, self.tracing)
             await self._fetcher.start()
             for provider in self._providers:
@@ -314,6 +318,7 @@ class Daemon:
                 dedup=None
                 if s.dedup == "off"
                 else DedupPolicy(s.dedup, s.dedup_scope, s.dedup_max_distance),
+                reuse=PgDedupStore(self.pool),
             )
             worker = Worker(
                 self.store,
@@ -373,7 +378,7 @@ class Daemon:
 
                 self.batches = BatchManager(
                     queries,
-                    self.store,
+                    PgBatchStore(self.pool),
                     backend,
                     self._fetcher.fetch,
                     [st.name for st in self.plan.steps if st.provider == backend.name],
@@ -415,6 +420,7 @@ class Daemon:
                 queries,
                 self.store,
                 self._face_remover(),
+                records=PgFaceStore(self.pool),
                 interval_s=s.deletes_interval_s,
                 batch=s.deletes_batch,
                 backoff_base_s=s.backoff_base_s,

@@ -1115,10 +1115,13 @@ WHERE d.id = ANY($1::bigint[]) AND d.id = f.id AND d.attempts = f.attempts;
 -- name: forget_rows :many
 -- Deleted rows ($1 tables, $2 ids, $3 jobs when deleted, $4 reinserted): cancel running
 -- jobs, delete the others with their results, return the faces to delete from their
--- collections (see listener.forget_rows in 0014).
-SELECT ord, running_s, sweep, owner_id, restarted, faces::text AS faces
-FROM listener.forget_rows($1::text[], $2::text[], $3::bigint[], $4::boolean[])
-ORDER BY ord;
+-- collections (see listener.forget_rows in 0014) as leftovers, [[collection, face id], ...].
+SELECT f.ord, f.running_s, f.sweep, f.owner_id, f.restarted,
+       (SELECT coalesce(jsonb_agg(jsonb_build_array(x.v->>'collection_id', x.v->>'face_id')
+                                  ORDER BY x.n), '[]'::jsonb)
+        FROM jsonb_array_elements(f.faces) WITH ORDINALITY AS x(v, n))::text AS leftovers
+FROM listener.forget_rows($1::text[], $2::text[], $3::bigint[], $4::boolean[]) AS f
+ORDER BY f.ord;
 
 -- name: forget_faces :one
 -- Faces $1 of deleted rows are gone from their collections: delete their rows (see

@@ -4,7 +4,7 @@ Jobs whose next step is an OpenAI step and that go through batches wait as ``bat
 ``Dispatcher.batches``). The ``BatchManager`` of every daemon:
 
 - **submits**: once ``min_requests`` steps wait (or the oldest has waited ``max_wait_s``), it
-  takes them into a new batch in one short statement (``JobStore.take_for_batch``: the batch
+  takes them into a new batch in one short statement (``BatchStore.take_for_batch``: the batch
   is recorded ``preparing`` and the jobs get its id; SKIP LOCKED, so daemons never share a
   job) and commits. Then, outside any transaction, it fetches the images, writes one JSONL
   request per step (``custom_id`` = the step's key), keeps what fits the API's limits (50,000
@@ -16,7 +16,7 @@ Jobs whose next step is an OpenAI step and that go through batches wait as ``bat
   after the record: the next poll adopts the batch OpenAI has for our id, or creates it.
 - **polls** open batches every ``poll_interval_s``. On ``completed`` (and ``expired``, which
   keeps what finished) it downloads the output and error files and applies them with
-  ``JobStore.apply_batch_result``: in one statement under the batch's row lock, each line's
+  ``BatchStore.apply_batch_result``: in one statement under the batch's row lock, each line's
   result is stored at batch prices and the jobs are handed back as pending (they continue
   with their next step; a job whose line failed leaves batch mode and runs per image, with
   the error recorded), and the batch is marked applied, so it is applied exactly once
@@ -27,7 +27,7 @@ Jobs whose next step is an OpenAI step and that go through batches wait as ``bat
   its batch), gets nothing from it. A batch that no job is left in is cancelled at OpenAI
   and closed, and nothing is written to jobs.
 
-This module writes no job state itself: every change goes through the ``JobStore``; the
+This module writes no job state itself: every change goes through the ``BatchStore``; the
 ``listener.batches`` bookkeeping (provider ids, progress) goes through ``Queries``.
 """
 
@@ -43,14 +43,13 @@ from typing import Any
 
 from loguru import logger
 
+from listener.analysis.batch_store import BatchJob, BatchStore
 from listener.analysis.costs import cost_usd, price_for
 from listener.analysis.dispatch import FetchResult
 from listener.analysis.providers.base import BatchBackend, ImageInput, StepResult
 from listener.db.queries import Queries
 from listener.errors import ListenerError
-from listener.queue.outcomes import BatchJob
 from listener.queue.retry import describe
-from listener.queue.store import JobStore
 from listener.redact import redact_text
 from listener.settings import BatchSettings, Price
 
@@ -81,7 +80,8 @@ class BatchManager:
 
     Args:
         queries: the daemon's queries (``listener.batches`` bookkeeping).
-        store: the job store (every job state change).
+        store: the batch store (``listener.analysis.batch_store``: every change of a batched
+            job's state, fenced by the batch).
         provider: the OpenAI provider (request bodies, parsing, the Batch API calls).
         fetch: fetches an image (``ImageFetcher.fetch``).
         steps: the OpenAI steps of the plan (``openai.tier1``...).
@@ -92,7 +92,7 @@ class BatchManager:
     def __init__(
         self,
         queries: Queries,
-        store: JobStore,
+        store: BatchStore,
         provider: BatchBackend,
         fetch: Callable[[str | None], Any],
         steps: Sequence[str],
@@ -331,7 +331,7 @@ class BatchManager:
             )
 
     async def apply(self, local_id: str, step: str, state: Mapping[str, Any]) -> bool:
-        """Apply a finished batch once (``JobStore.apply_batch_result``).
+        """Apply a finished batch once (``BatchStore.apply_batch_result``).
 
         Args:
             local_id: our batch id.

@@ -1,6 +1,7 @@
 """Duplicate images are not paid twice: which steps may reuse a stored result, and how. Pure.
 
-Before a paid step runs for a job, the dispatcher asks the job store for a stored result of the
+Before a paid step runs for a job, the dispatcher asks the dedup store
+(``listener.analysis.dedup_store``) for a stored result of the
 same step whose input had the same SHA-256 (``LISTENER_DEDUP=sha256``, the default) or, with
 ``phash``, also a perceptual hash within ``LISTENER_DEDUP_MAX_DISTANCE`` bits. A match is
 stored as the job's result for that step through the same fenced ``save_step``, with cost 0,
@@ -34,9 +35,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from listener.analysis.effects import InputDigest, Reusable, Reuse
 from listener.analysis.pipeline import Step
 from listener.analysis.providers.base import StepResult
-from listener.queue.outcomes import InputDigest, Reusable, Reuse
 
 NEVER_REUSED = frozenset({"rekognition.faces"})
 """Steps whose results are never copied (their effects belong to one row)."""

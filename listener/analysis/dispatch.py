@@ -27,6 +27,8 @@ from loguru import logger
 
 from listener.analysis.costs import cost_usd, price_for
 from listener.analysis.dedup import DedupPolicy, copy_of, digest_for, reusable, sha256
+from listener.analysis.dedup_store import DedupStore
+from listener.analysis.effects import InputDigest
 from listener.analysis.pipeline import Plan, Step, skip_reason
 from listener.analysis.providers.base import (
     BatchBackend,
@@ -43,11 +45,9 @@ from listener.ops.tracing import AttributeValue, Tracing
 from listener.queue.outcomes import (
     Completed,
     Discarded,
-    InputDigest,
     Job,
     Outcome,
     Parked,
-    Reusable,
     Snoozed,
 )
 from listener.queue.retry import RetryPolicy
@@ -118,17 +118,6 @@ class ResultStore(Protocol):
 
     async def outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
         """Outputs already stored for the job, by step name."""
-        ...
-
-    async def find_reusable(
-        self,
-        job: Job,
-        step: str,
-        digest: InputDigest,
-        scope: str,
-        max_distance: int | None = None,
-    ) -> Reusable | None:
-        """A stored result of ``step`` for the same image from another job in ``scope``."""
         ...
 
 
@@ -267,6 +256,10 @@ class Dispatcher:
         dedup: when given, a paid step first looks for a stored result of the same step for
             the same image (``listener.analysis.dedup``) and stores a copy at $0 instead of calling
             the provider (before the budget check and before a hand-off to a batch).
+        reuse: where those stored results are found; required with ``dedup``.
+
+    Raises:
+        ValueError: a step's provider has no slot, or ``dedup`` is given without ``reuse``.
     """
 
     def __init__(
@@ -284,10 +277,13 @@ class Dispatcher:
         pauses: PauseGate | None = None,
         tracing: Tracing | None = None,
         dedup: DedupPolicy | None = None,
+        reuse: DedupStore | None = None,
     ) -> None:
         missing = {s.provider for s in plan.steps} - set(slots)
         if missing:
             raise ValueError(f"no provider for steps of: {', '.join(sorted(missing))}")
+        if dedup is not None and reuse is None:
+            raise ValueError("deduplication needs a store of reusable results (reuse)")
         self._plan = plan
         self._slots = dict(slots)
         self._fetcher = fetcher
@@ -301,6 +297,7 @@ class Dispatcher:
         self._pauses = pauses
         self._tracing = tracing or Tracing()
         self._dedup = dedup
+        self._reusable = reuse
         self._save_each = len(plan.steps) > 1
         self._batchable = {
             name for name, slot in slots.items() if isinstance(slot.provider, BatchBackend)
@@ -440,11 +437,16 @@ class Dispatcher:
         An operator pause of the step's provider holds a copy too (``OperatorPaused``); the
         budget does not: a copy costs nothing.
         """
-        if self._dedup is None or digest is None or not reusable(step, self.paid(step.provider)):
+        if (
+            self._dedup is None
+            or self._reusable is None
+            or digest is None
+            or not reusable(step, self.paid(step.provider))
+        ):
             return None
         if self._pauses is not None:
             await self._pauses.check(step.provider)
-        found = await self._store.find_reusable(
+        found = await self._reusable.find_reusable(
             job, step.name, digest, self._dedup.scope, self._dedup.near
         )
         if found is None:

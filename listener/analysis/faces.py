@@ -8,9 +8,10 @@ owner's earlier faces decides (thresholds in settings, percent similarity):
 - ``>= suggest_similarity`` (80): a suggestion is recorded for a person to review;
 - below: a new, unassigned face.
 
-This module only decides and reads: the faces, people and suggestions are written by the job
-store (``PgJobStore.save_step``, the ``"faces"`` effect, ``listener.apply_face_effects``) in
-the transaction that stores the step, fenced by the job's lease.
+This module only decides and reads: the faces, people and suggestions are written by the
+``"faces"`` effect's writer (``listener.analysis.effects.PgFacesEffect``,
+``listener.apply_face_effects``), which the job store runs in the transaction that stores the
+step (``PgJobStore.save_step``), fenced by the job's lease.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ of its own, at least once, as ``listener.app_side.webhooks`` drains its outbox:
 3. the row's recorded faces are deleted from the owner's Rekognition collection
    (``FaceRemover.delete_faces``), and, for a job that had run without completing, every face
    of the row's ``ExternalImageId`` (``FaceRemover.delete_row_faces``);
-4. ``JobStore.forget_faces`` deletes the faces' rows (suggestions cascade), then the entry.
+4. ``FaceRecords.forget_faces`` (the analysis side's face store) deletes the faces' rows
+   (suggestions cascade), then the entry.
 
 A daemon killed anywhere in between leaves the entry to come due when its lease ends, and
 every step is idempotent (a job already gone, a face already deleted), so nothing is lost and
@@ -67,9 +68,13 @@ class DeletedRowsQueue(Protocol):
 
 
 class ForgetStore(Protocol):
-    """The job store's methods for deleted rows (``listener.queue.store.JobStore``)."""
+    """The job store's method for deleted rows (``listener.queue.store.JobStore``)."""
 
     async def forget_rows(self, rows: Sequence[DeletedRow]) -> list[ForgottenRow]: ...
+
+
+class FaceRecords(Protocol):
+    """The records of faces (``listener.analysis.face_store.FaceStore``)."""
 
     async def forget_faces(self, face_ids: Sequence[str]) -> int: ...
 
@@ -119,6 +124,8 @@ class DeleteDrain:
         faces: deletes faces from collections (the Rekognition provider); ``None`` when the
             daemon's pipeline has no faces step: rows with recorded faces then wait, with the
             reason, for a daemon that has one.
+        records: the face records, forgotten once their faces are deleted; required with
+            ``faces``.
         interval_s: seconds between looks for due entries.
         batch: entries per round trip.
         lease_s: how long a claimed entry is left alone, seconds (longer than a clean-up of
@@ -127,6 +134,9 @@ class DeleteDrain:
             failure waits ``rng() * min(cap, base * 2**(n-1))``.
         rng: uniform floats in [0, 1).
         signals: ``forgotten`` is emitted for each entry done.
+
+    Raises:
+        ValueError: ``faces`` is given without ``records``.
     """
 
     def __init__(
@@ -135,6 +145,7 @@ class DeleteDrain:
         store: ForgetStore,
         faces: FaceRemover | None,
         *,
+        records: FaceRecords | None = None,
         interval_s: float = 1.0,
         batch: int = 100,
         lease_s: float = 300.0,
@@ -145,7 +156,10 @@ class DeleteDrain:
     ) -> None:
         self._q = queue
         self._store = store
+        if faces is not None and records is None:
+            raise ValueError("a face remover needs the face records to forget (records)")
         self._faces = faces
+        self._records = records
         self._interval_s = interval_s
         self._batch = batch
         self._lease_s = lease_s
@@ -218,7 +232,7 @@ class DeleteDrain:
                 continue
             done.append(entry)
             logger.bind(table=entry.source_table, source_id=entry.source_id).debug(
-                "deleted row cleaned up ({} faces)", len(row.faces)
+                "deleted row cleaned up ({} faces)", len(row.leftovers)
             )
         await self._q.deleted_rows_done(done)
         await self._q.deleted_rows_later(later)
@@ -233,25 +247,25 @@ class DeleteDrain:
             NoFaceRemover: the row has recorded faces and no provider can delete them.
             listener.errors.ListenerError: the provider refused or could not be reached.
         """
-        if row.faces and self._faces is None:
+        if row.leftovers and self._faces is None:
             raise NoFaceRemover(
-                f"{len(row.faces)} faces of deleted row {row.row.source_id} of "
+                f"{len(row.leftovers)} faces of deleted row {row.row.source_id} of "
                 f"{row.row.source_table} are in a Rekognition collection, and this daemon's "
                 "pipeline has no rekognition provider to delete them"
             )
-        if self._faces is None:
+        if self._faces is None or self._records is None:
             return
         by_collection: dict[str, list[str]] = defaultdict(list)
-        for face in row.faces:
-            by_collection[face.collection_id].append(face.face_id)
+        for face in row.leftovers:
+            by_collection[face.container].append(face.ref_id)
         for collection, face_ids in sorted(by_collection.items()):
             await self._faces.delete_faces(collection, face_ids)
         if row.sweep:
             await self._faces.delete_row_faces(
                 row.owner_id, row.row.source_table, row.row.source_id
             )
-        if row.faces:
-            await self._store.forget_faces([f.face_id for f in row.faces])
+        if row.leftovers:
+            await self._records.forget_faces([f.ref_id for f in row.leftovers])
 
     def _report(self, errors: set[str]) -> None:
         """Log errors not seen in the previous round, and recovery once they are gone."""

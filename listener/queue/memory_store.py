@@ -4,6 +4,12 @@ It passes the same conformance suite as ``PgJobStore`` (``tests/conformance``), 
 prefetch, lease cap, drain and retry decisions are unit-tested on it with a fake clock, in
 milliseconds. One asyncio loop only; every method completes without awaiting, so each is
 atomic like the SQL statement it stands for.
+
+The app's tables are stood in for by ``insert_row`` and ``delete_row``: an inserted row waits
+for admission (as an entry of ``listener.inserted_rows`` does) and is admitted by ``admit`` or
+by a claim with ``admit``, as in Postgres (0019, 0021); a deleted row lets ``prune`` take its
+job. The analysis side's in-memory stores (batches, reuse, records of effects) work on this
+store's rows (``rows``), as their Postgres twins work on the same tables.
 """
 
 from __future__ import annotations
@@ -16,32 +22,35 @@ from typing import Any
 from uuid import UUID
 
 from listener.queue.outcomes import (
-    BatchJob,
     Completed,
     Discarded,
-    InputDigest,
+    EffectKind,
     Job,
+    Leftover,
     Parked,
     Retry,
-    Reusable,
     Snoozed,
     StepRecord,
     check_effects,
 )
 from listener.queue.store import (
     DeletedRow,
-    FaceRef,
     ForgottenRow,
     JobFilter,
     JobSnapshot,
 )
 
 _FINISHED = ("failed", "cancelled", "complete")
-_SCOPES = ("owner", "table", "global")
+
+ADMIT_BATCH = 1_000
+"""Rows admitted by one admission at most, as ``listener.queue.pg_store.ADMIT_BATCH``."""
 
 
 @dataclass(slots=True)
-class _Row:
+class MemoryRow:
+    """One job as this store keeps it (a row of ``listener.jobs`` and its results), for the
+    analysis side's in-memory stores; fields as the columns of ``listener.jobs``."""
+
     id: int
     source_table: str
     source_id: str
@@ -67,14 +76,13 @@ class _Row:
     effects: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Batch:
-    step: str
-    touched_at: float  # the preparation's heartbeat
-    status: str = "preparing"
-    file_id: str | None = None
-    requests: dict[str, int] = field(default_factory=dict)
-    applied: bool = False
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A row the app inserted, waiting for admission (``listener.inserted_rows``)."""
+
+    id: int
+    source_table: str
+    source_id: str
 
 
 class MemoryJobStore:
@@ -83,20 +91,53 @@ class MemoryJobStore:
     Args:
         clock: seconds, monotonic (a fake clock in tests).
         default_max_attempts: as ``PgJobStore``'s.
+        effects: the effect kinds a step may carry, by name (the analysis side's, given by
+            the wiring); a step with any other is refused.
     """
 
-    def __init__(self, clock: Callable[[], float], default_max_attempts: int = 5) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        default_max_attempts: int = 5,
+        *,
+        effects: Mapping[str, EffectKind] | None = None,
+    ) -> None:
         self._clock = clock
         self._default_max_attempts = default_max_attempts
-        self._rows: dict[int, _Row] = {}
-        self._keys: set[tuple[str, str]] = set()
+        self._effects = dict(effects or {})
+        self._rows: dict[int, MemoryRow] = {}
+        self._keys: dict[tuple[str, str], int] = {}
         self._ids = itertools.count(1)
-        self._batches: dict[str, _Batch] = {}
-        self._deleted_rows: set[tuple[str, str]] = set()
-        # Faces of jobs deleted since (listener.faces rows with job_id NULL), by source row.
-        self._orphan_faces: dict[tuple[str, str], dict[str, FaceRef]] = {}
+        # The app's rows (source table, id) -> (URL, owner), and those waiting for admission.
+        self._app_rows: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        self._entries: list[_Entry] = []
+        self.reinserted: list[DeletedRow] = []
+        """Rows inserted again while an older job held their key, queued for the drain of
+        deleted rows (Postgres: ``listener.deleted_rows`` entries with ``reinserted``)."""
+        # External records of effects whose job was deleted since, by source row.
+        self._leftovers: dict[tuple[str, str], dict[str, Leftover]] = {}
         self.dedup_saved: list[tuple[str, float]] = []
         """Every copy stored (``StepRecord.reused``): (provider, USD not paid)."""
+
+    @property
+    def rows(self) -> dict[int, MemoryRow]:
+        """The jobs by id, for the analysis side's in-memory stores (which change them only
+        as their Postgres twins change ``listener.jobs``)."""
+        return self._rows
+
+    def now(self) -> float:
+        """This store's clock, seconds."""
+        return self._clock()
+
+    def insert_row(
+        self, source_table: str, source_id: str, image_url: str | None, owner_id: str | None
+    ) -> None:
+        """The app inserted (or updated) a row of an attached table: it waits for admission.
+
+        As the insert trigger (0019): the row's current values are read at admission, not now.
+        """
+        self._app_rows[(source_table, source_id)] = (image_url, owner_id)
+        self._entries.append(_Entry(next(self._ids), source_table, source_id))
 
     async def enqueue(
         self,
@@ -111,8 +152,7 @@ class MemoryJobStore:
         """See ``JobStore.enqueue``."""
         if (source_table, source_id) in self._keys:
             return None
-        self._keys.add((source_table, source_id))
-        row = _Row(
+        row = MemoryRow(
             next(self._ids),
             source_table,
             source_id,
@@ -122,58 +162,115 @@ class MemoryJobStore:
             max_attempts,
             self._clock(),
         )
-        self._rows[row.id] = row
+        self._add(row)
         return row.id
 
+    def _add(self, row: MemoryRow) -> None:
+        self._rows[row.id] = row
+        self._keys[(row.source_table, row.source_id)] = row.id
+
+    def _admit(self, limit: int, room: int, worker_id: str, lease_s: float, token: UUID) -> int:
+        """Admit up to ``limit`` waiting rows, oldest first, the first ``room`` of their jobs
+        claimed at once (as ``listener.admit_entries``); returns the entries taken.
+
+        Of several entries of one key, the newest; a row gone gets no job; a key held by a
+        job made after the entry needs nothing (it reflects the row), one held by an older
+        job (the row was deleted and inserted again) is queued as reinserted.
+        """
+        taken, self._entries = self._entries[: max(limit, 0)], self._entries[max(limit, 0) :]
+        newest: dict[tuple[str, str], _Entry] = {}
+        for e in taken:
+            newest[(e.source_table, e.source_id)] = e
+        claimed = 0
+        for key, e in sorted(newest.items(), key=lambda kv: kv[1].id):
+            values = self._app_rows.get(key)
+            if values is None:
+                continue
+            holder = self._keys.get(key)
+            if holder is not None:
+                if holder < e.id:
+                    self.reinserted.append(DeletedRow(key[0], key[1], holder, True))
+                continue
+            row = MemoryRow(e.id, key[0], key[1], values[0], values[1], 0, None, self._clock())
+            if claimed < room:
+                self._take(row, worker_id, lease_s, token)
+                claimed += 1
+            self._add(row)
+        return len(taken)
+
     async def admit(self, claiming: int = 0) -> int:
-        """See ``JobStore.admit``: jobs here are only enqueued directly, nothing waits."""
-        return 0
+        """See ``JobStore.admit``: up to ``ADMIT_BATCH`` rows (there are no other workers to
+        wake here)."""
+        return self._admit(ADMIT_BATCH, 0, "", 0.0, UUID(int=0))
+
+    def _take(self, r: MemoryRow, worker_id: str, lease_s: float, token: UUID) -> None:
+        r.status = "processing"
+        r.attempts += 1
+        r.claims += 1
+        if r.max_attempts is None:
+            r.max_attempts = self._default_max_attempts
+        r.worker_id = worker_id
+        r.lease_token = token
+        r.lease_expires_at = self._clock() + lease_s
+
+    def _ready(self, limit: int, low: int, high: int) -> list[MemoryRow]:
+        now = self._clock()
+        return sorted(
+            (
+                r
+                for r in self._rows.values()
+                if r.status == "pending" and r.run_after <= now and low <= r.priority <= high
+            ),
+            key=lambda r: (r.priority, r.run_after, r.id),
+        )[: max(limit, 0)]
 
     async def claim(
         self, limit: int, worker_id: str, lease_s: float, token: UUID, *, admit: bool = False
     ) -> list[Job]:
-        """See ``JobStore.claim`` (nothing waits for admission here)."""
-        now = self._clock()
-        ready = sorted(
-            (r for r in self._rows.values() if r.status == "pending" and r.run_after <= now),
-            key=lambda r: (r.priority, r.run_after, r.id),
-        )[: max(limit, 0)]
-        jobs: list[Job] = []
-        for r in ready:
-            r.status = "processing"
-            r.attempts += 1
-            r.claims += 1
-            if r.max_attempts is None:
-                r.max_attempts = self._default_max_attempts
-            r.worker_id = worker_id
-            r.lease_token = token
-            r.lease_expires_at = now + lease_s
-            jobs.append(
-                Job(
-                    r.id,
-                    r.source_table,
-                    r.source_id,
-                    r.image_url,
-                    r.owner_id,
-                    r.priority,
-                    r.attempts,
-                    r.max_attempts,
-                    token,
-                    batch_mode=r.batch_mode,
-                    done_steps=tuple(r.results),
-                    claims=r.claims,
-                )
+        """See ``JobStore.claim``: pending jobs of priority 0 or less, then (with ``admit``)
+        waiting rows admitted into the room left, then higher priority numbers (0021)."""
+        taken = self._ready(limit, -(2**31), 0)
+        for r in taken:
+            self._take(r, worker_id, lease_s, token)
+        room = limit - len(taken)
+        if admit and room > 0:
+            before = set(self._rows)
+            self._admit(min(ADMIT_BATCH, room), room, worker_id, lease_s, token)
+            taken += sorted(
+                (r for i, r in self._rows.items() if i not in before and r.status == "processing"),
+                key=lambda r: r.id,
             )
-        return jobs
+        rest = self._ready(limit - len(taken), 1, 2**31 - 1)
+        for r in rest:
+            self._take(r, worker_id, lease_s, token)
+        return [self._job(r) for r in taken + rest]
 
-    def _held(self, job: Job) -> _Row | None:
+    @staticmethod
+    def _job(r: MemoryRow) -> Job:
+        assert r.lease_token is not None and r.max_attempts is not None
+        return Job(
+            r.id,
+            r.source_table,
+            r.source_id,
+            r.image_url,
+            r.owner_id,
+            r.priority,
+            r.attempts,
+            r.max_attempts,
+            r.lease_token,
+            batch_mode=r.batch_mode,
+            done_steps=tuple(r.results),
+            claims=r.claims,
+        )
+
+    def _held(self, job: Job) -> MemoryRow | None:
         """The job's row when ``job``'s lease still holds (the fence)."""
         r = self._rows.get(job.id)
         if r is None or r.status != "processing" or r.lease_token != job.lease_token:
             return None
         return r
 
-    def _end_lease(self, r: _Row) -> None:
+    def _end_lease(self, r: MemoryRow) -> None:
         r.lease_token = None
         r.lease_expires_at = None
 
@@ -187,7 +284,8 @@ class MemoryJobStore:
                 kept.add(r.id)
         return kept
 
-    def _store(self, r: _Row, rec: StepRecord) -> None:
+    def store_result(self, r: MemoryRow, rec: StepRecord) -> None:
+        """Store one step's result on ``r`` (a second one of the step adds its costs)."""
         old = r.results.get(rec.step)
         stored: dict[str, Any] = {
             "provider": rec.provider,
@@ -210,17 +308,17 @@ class MemoryJobStore:
     async def save_step(self, job: Job, record: StepRecord) -> bool:
         """See ``JobStore.save_step``.
 
-        Effects are kept as given, by step (``effects``): no faces, people or suggestions
-        logic here.
+        Effects are kept as given, by step (``effects``); nothing interprets them here.
 
         Raises:
-            ValueError: ``record.effects`` names an effect no store knows.
+            ValueError: ``record.effects`` names an effect kind this store was not given, or
+                its kind refuses the payload.
         """
-        check_effects(record)
+        check_effects(record, self._effects)
         r = self._held(job)
         if r is None:
             return False
-        self._store(r, record)
+        self.store_result(r, record)
         if record.effects:
             r.effects[record.step] = dict(record.effects)
         return True
@@ -235,55 +333,6 @@ class MemoryJobStore:
         r = self._rows.get(job_id)
         return {} if r is None else {k: dict(v["output"]) for k, v in r.results.items()}
 
-    async def find_reusable(
-        self,
-        job: Job,
-        step: str,
-        digest: InputDigest,
-        scope: str,
-        max_distance: int | None = None,
-    ) -> Reusable | None:
-        """See ``JobStore.find_reusable`` (every job is looked at: no candidate limit)."""
-        if scope not in _SCOPES:
-            raise ValueError(f"dedup scope is one of {', '.join(_SCOPES)}, not {scope!r}")
-        candidates: list[tuple[_Row, dict[str, Any], InputDigest]] = []
-        for r in self._rows.values():
-            stored = r.results.get(step)
-            if r.id == job.id or stored is None or stored["digest"] is None:
-                continue
-            if scope != "global" and (
-                r.source_table != job.source_table
-                or (scope == "owner" and r.owner_id != job.owner_id)
-            ):
-                continue
-            candidates.append((r, stored, stored["digest"]))
-        for r, stored, d in candidates:
-            if d.sha256 == digest.sha256:
-                return self._reusable(r, stored, "sha256", 0)
-        if max_distance is None or digest.phash is None:
-            return None
-        best: tuple[int, _Row, dict[str, Any]] | None = None
-        for r, stored, d in candidates:
-            if d.phash is None:
-                continue
-            distance = ((d.phash ^ digest.phash) & ((1 << 64) - 1)).bit_count()
-            if distance <= max_distance and (best is None or distance < best[0]):
-                best = (distance, r, stored)
-        return None if best is None else self._reusable(best[1], best[2], "phash", best[0])
-
-    @staticmethod
-    def _reusable(r: _Row, stored: dict[str, Any], kind: str, distance: int) -> Reusable:
-        reused = stored["reused"]
-        return Reusable(
-            provider=stored["provider"],
-            output=dict(stored["output"]),
-            model=stored["model"],
-            origin_job_id=r.id if reused is None else reused.origin_job_id,
-            saved_usd=stored["cost_usd"] if reused is None else reused.saved_usd,
-            kind=kind,
-            distance=distance,
-        )
-
     async def complete(self, done: Sequence[Completed]) -> set[int]:
         """See ``JobStore.complete``.
 
@@ -296,14 +345,13 @@ class MemoryJobStore:
                     raise ValueError(f"step {rec.step} has effects: store it with save_step")
                 if rec.reused is not None:
                     raise ValueError(f"step {rec.step} is a copy: store it with save_step")
-                check_effects(rec)
         ids: set[int] = set()
         for c in done:
             r = self._held(c.job)
             if r is None:
                 continue
             for rec in c.results:
-                self._store(r, rec)
+                self.store_result(r, rec)
             r.status = "complete"
             r.finished_at = self._clock()
             r.last_error = None
@@ -350,8 +398,9 @@ class MemoryJobStore:
         return n
 
     def delete_row(self, source_table: str, source_id: str) -> None:
-        """Tests: the app deleted this source row (what ``prune`` reads in Postgres)."""
-        self._deleted_rows.add((source_table, source_id))
+        """The app deleted this source row: no job is admitted for it any more, and ``prune``
+        may take its job (as Postgres reads the attached table)."""
+        self._app_rows.pop((source_table, source_id), None)
 
     async def prune(self, before: datetime, limit: int, *, dry_run: bool = False) -> int:
         """See ``JobStore.prune``: ``before`` is wall-clock time, compared with
@@ -364,7 +413,7 @@ class MemoryJobStore:
                 if r.status in _FINISHED
                 and r.finished_at is not None
                 and r.finished_at < cutoff
-                and (r.source_table, r.source_id) in self._deleted_rows
+                and (r.source_table, r.source_id) not in self._app_rows
             ),
             key=lambda r: (r.finished_at or 0.0, r.id),
         )
@@ -374,15 +423,33 @@ class MemoryJobStore:
             self._drop(r)
         return min(len(doomed), limit)
 
-    def _drop(self, r: _Row) -> None:
-        """Delete a job; its recorded faces stay, without a job (as ON DELETE SET NULL)."""
+    def _drop(self, r: MemoryRow) -> None:
+        """Delete a job; the external records of its effects stay, without a job (as the
+        records' ON DELETE SET NULL in Postgres)."""
         del self._rows[r.id]
-        self._keys.discard((r.source_table, r.source_id))
-        orphans = self._orphan_faces.setdefault((r.source_table, r.source_id), {})
+        if self._keys.get((r.source_table, r.source_id)) == r.id:
+            del self._keys[(r.source_table, r.source_id)]
+        left = self._leftovers.setdefault((r.source_table, r.source_id), {})
         for effects in r.effects.values():
-            faces = effects.get("faces") or {}
-            for face in faces.get("faces", []):
-                orphans[face["face_id"]] = FaceRef(faces["collection_id"], face["face_id"])
+            for name, payload in effects.items():
+                for leftover in self._effects[name].leftovers(payload):
+                    left[leftover.ref_id] = leftover
+
+    def forget_leftovers(self, ref_ids: Sequence[str]) -> int:
+        """The records ``ref_ids`` of deleted rows' effects are gone at their service:
+        forget them (the analysis side's in-memory ``FaceStore``). A record whose job still
+        exists is kept.
+
+        Returns:
+            The records forgotten.
+        """
+        wanted = set(ref_ids)
+        n = 0
+        for left in self._leftovers.values():
+            for ref_id in wanted & set(left):
+                del left[ref_id]
+                n += 1
+        return n
 
     async def forget_rows(self, rows: Sequence[DeletedRow]) -> list[ForgottenRow]:
         """See ``JobStore.forget_rows``."""
@@ -408,21 +475,14 @@ class MemoryJobStore:
             if r is not None:
                 sweep, owner = r.claims > 0 and r.status != "complete", r.owner_id
                 self._drop(r)
-            faces = tuple(sorted(self._orphan_faces.get(key, {}).values(), key=lambda f: f.face_id))
-            if row.reinserted and r is not None:
+            leftovers = tuple(sorted(self._leftovers.get(key, {}).values(), key=lambda x: x.ref_id))
+            if row.reinserted and key in self._app_rows:
+                url, owner_id = self._app_rows[key]
+                restarted = await self.enqueue(row.source_table, row.source_id, url, owner_id)
+            elif row.reinserted and r is not None:
                 restarted = await self.enqueue(row.source_table, row.source_id, r.image_url, owner)
-            out.append(ForgottenRow(row, None, faces, sweep, owner, restarted))
+            out.append(ForgottenRow(row, None, leftovers, sweep, owner, restarted))
         return out
-
-    async def forget_faces(self, face_ids: Sequence[str]) -> int:
-        """See ``JobStore.forget_faces``."""
-        wanted = set(face_ids)
-        n = 0
-        for orphans in self._orphan_faces.values():
-            for face_id in wanted & set(orphans):
-                del orphans[face_id]
-                n += 1
-        return n
 
     async def discard(self, failures: Sequence[Discarded]) -> set[int]:
         """See ``JobStore.discard``."""
@@ -492,7 +552,7 @@ class MemoryJobStore:
             out[r.id] = r.status
         return out
 
-    def _matches(self, r: _Row, which: JobFilter, statuses: Sequence[str]) -> bool:
+    def _matches(self, r: MemoryRow, which: JobFilter, statuses: Sequence[str]) -> bool:
         return (
             r.status in statuses
             and (which.reason is None or which.reason.lower() in (r.last_error or "").lower())
@@ -517,7 +577,9 @@ class MemoryJobStore:
         return ids
 
     async def cancel(self, which: JobFilter) -> list[int]:
-        """See ``JobStore.cancel``."""
+        """See ``JobStore.cancel``: every row waiting for admission is admitted first."""
+        while self._entries:
+            self._admit(ADMIT_BATCH, 0, "", 0.0, UUID(int=0))
         ids: list[int] = []
         for r in self._rows.values():
             if self._matches(r, which, ("pending", "processing", "batched")):
@@ -569,153 +631,3 @@ class MemoryJobStore:
             run_after_s=r.run_after - self._clock(),
             steps=steps,
         )
-
-    def _in_batch(self, batch_id: str, job_id: int) -> _Row | None:
-        """The job's row when it is still in ``batch_id`` (the batch fence)."""
-        r = self._rows.get(job_id)
-        if r is None or r.status != "batched" or r.batch_id != batch_id:
-            return None
-        return r
-
-    async def take_for_batch(self, step: str, limit: int, batch_id: str) -> list[BatchJob]:
-        """See ``JobStore.take_for_batch``."""
-        waiting = sorted(
-            (
-                r
-                for r in self._rows.values()
-                if r.status == "batched" and r.batch_id is None and r.batch_step == step
-            ),
-            key=lambda r: (r.priority, r.parked_at, r.id),
-        )[: max(limit, 0)]
-        if not waiting:
-            return []
-        self._batches[batch_id] = _Batch(step, self._clock())
-        for r in waiting:
-            r.batch_id = batch_id
-        return [
-            BatchJob(
-                r.id,
-                r.source_table,
-                r.source_id,
-                r.image_url,
-                r.owner_id,
-                {k: dict(v["output"]) for k, v in r.results.items()},
-            )
-            for r in sorted(waiting, key=lambda r: r.id)
-        ]
-
-    def _preparing(self, batch_id: str) -> _Batch | None:
-        b = self._batches.get(batch_id)
-        return b if b is not None and b.status == "preparing" and not b.applied else None
-
-    async def keep_preparing(self, batch_id: str) -> bool:
-        """See ``JobStore.keep_preparing``."""
-        b = self._preparing(batch_id)
-        if b is None:
-            return False
-        b.touched_at = self._clock()
-        return True
-
-    async def record_batch_file(
-        self, batch_id: str, file_id: str, requests: Mapping[str, int]
-    ) -> bool:
-        """See ``JobStore.record_batch_file``."""
-        b = self._preparing(batch_id)
-        if b is None:
-            return False
-        b.status, b.file_id, b.touched_at = "submitting", file_id, self._clock()
-        b.requests = {c: j for c, j in requests.items() if j in self._rows}
-        return True
-
-    async def batch_to_per_image(self, batch_id: str, errors: Mapping[int, str]) -> set[int]:
-        """See ``JobStore.batch_to_per_image``."""
-        ids: set[int] = set()
-        for job_id, reason in errors.items():
-            r = self._in_batch(batch_id, job_id)
-            if r is not None:
-                r.status, r.batch_id, r.batch_step, r.batch_mode = "pending", None, None, False
-                r.run_after, r.last_error = self._clock(), reason[:1000]
-                ids.add(r.id)
-        return ids
-
-    async def return_to_wait(self, batch_id: str, job_ids: Sequence[int]) -> set[int]:
-        """See ``JobStore.return_to_wait``."""
-        ids: set[int] = set()
-        for job_id in job_ids:
-            r = self._in_batch(batch_id, job_id)
-            if r is not None:
-                r.batch_id = None
-                ids.add(r.id)
-        return ids
-
-    async def sweep_abandoned_batches(self, idle_s: float) -> list[int]:
-        """See ``JobStore.sweep_abandoned_batches``."""
-        now = self._clock()
-        stale = {
-            batch_id
-            for batch_id, b in self._batches.items()
-            if b.status == "preparing" and not b.applied and now - b.touched_at > idle_s
-        }
-        for batch_id in stale:
-            self._batches[batch_id].status = "abandoned"
-            self._batches[batch_id].applied = True
-        ids: list[int] = []
-        for r in self._rows.values():
-            if r.status == "batched" and r.batch_id in stale:
-                r.batch_id = None
-                ids.append(r.id)
-        return sorted(ids)
-
-    async def jobs_in_batch(self, batch_id: str) -> int:
-        """See ``JobStore.jobs_in_batch``."""
-        return sum(
-            1 for r in self._rows.values() if r.status == "batched" and r.batch_id == batch_id
-        )
-
-    async def apply_batch_result(
-        self,
-        batch_id: str,
-        step: str,
-        results: Mapping[int, StepRecord],
-        failures: Mapping[int, str],
-    ) -> set[int] | None:
-        """See ``JobStore.apply_batch_result``.
-
-        Raises:
-            ValueError: a result carries effects, or is of another step.
-        """
-        for job_id, given in results.items():
-            if given.effects:
-                raise ValueError(f"batch result of job {job_id} has effects")
-            if given.step != step:
-                raise ValueError(
-                    f"batch result of job {job_id} is of step {given.step}, not {step}"
-                )
-        b = self._batches.get(batch_id)
-        if b is None or b.applied or b.step != step:
-            return None
-        stored: set[int] = set()
-        for r in self._rows.values():
-            if r.status != "batched" or r.batch_id != batch_id or r.batch_step != step:
-                continue
-            rec = results.get(r.id)
-            if rec is not None:
-                # A batch result replaces an earlier one of the step (as PgJobStore's upsert).
-                r.results[step] = {
-                    "provider": rec.provider,
-                    "output": dict(rec.output),
-                    "model": rec.model,
-                    "input_tokens": rec.input_tokens,
-                    "output_tokens": rec.output_tokens,
-                    "calls": rec.calls,
-                    "cost_usd": rec.cost_usd,
-                    # As PgJobStore: batch results keep no digest (not reused).
-                    "digest": None,
-                    "reused": None,
-                }
-                stored.add(r.id)
-            r.status, r.batch_id, r.batch_step, r.run_after = "pending", None, None, self._clock()
-            if r.id in failures:
-                r.batch_mode, r.last_error = False, failures[r.id][:1000]
-        b.applied = True
-        return stored

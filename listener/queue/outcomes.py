@@ -1,8 +1,9 @@
 """The job as the worker sees it, and the outcomes a run can have. Pure data, no I/O.
 
-The queue core knows nothing of images: a job names a source row and a URL, and a step's
-result is any object with the fields of ``StepRecord`` (the analysis side's ``StepResult``
-has them).
+The queue core knows nothing of what it analyzes: a job names a source row and a URL, a
+step's result is any object with the fields of ``StepRecord`` (the analysis side's
+``StepResult`` has them), and its side effects are opaque payloads named by kinds the
+analysis side defines.
 """
 
 from __future__ import annotations
@@ -15,109 +16,110 @@ from uuid import UUID
 JOB_STATUSES = ("pending", "processing", "complete", "failed", "cancelled", "batched")
 """Every status a job can have, in lifecycle order."""
 
-KNOWN_EFFECTS = frozenset({"faces"})
-"""The step effects the stores know (see ``StepRecord.effects``)."""
 
-REUSE_KINDS = ("sha256", "phash")
-"""How a stored result can match another job's input (``Reuse.kind``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class InputDigest:
-    """What a step's input was, so a later job with the same input can reuse its result.
+class Digest(Protocol):
+    """What a step's input was, as the results table keeps it, so that a later job with the
+    same input may reuse the result (the analysis side defines it and finds such results).
 
     Attributes:
-        sha256: the SHA-256 of the input bytes (32 bytes).
-        phash: a 64-bit perceptual hash of the input as a signed integer, when known
-            (``listener.analysis.dedup.phash_int``), for near-duplicate matches.
+        exact: a cryptographic digest of the input bytes (32 bytes).
+        near: a 64-bit similarity hash of the input as a signed integer, when known.
     """
 
-    sha256: bytes
-    phash: int | None = None
+    @property
+    def exact(self) -> bytes: ...
+    @property
+    def near(self) -> int | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Reuse:
-    """A step result copied from another job's instead of paid for again.
+class Copy(Protocol):
+    """Marks a step result copied from another job's instead of paid for again.
 
     Attributes:
         origin_job_id: the job whose paid result was copied (the original, never a copy).
-        kind: ``"sha256"`` (identical input bytes) or ``"phash"`` (a near duplicate).
+        kind: how the input matched, a name the analysis side defines (stored as text).
         saved_usd: what the original cost, USD: what this copy did not pay.
     """
 
-    origin_job_id: int
-    kind: str
-    saved_usd: float
+    @property
+    def origin_job_id(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def saved_usd(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
-class Reusable:
-    """A stored result another job may copy (``JobStore.find_reusable``).
+class Leftover:
+    """A record an effect left outside the database (in an external service's container),
+    which must be removed there once its source row is deleted.
 
     Attributes:
-        provider, output, model: the stored result's.
-        origin_job_id: the job that paid for it (for a copy: its origin).
-        saved_usd: what that job paid for it, USD.
-        kind: ``"sha256"`` or ``"phash"``, how it matched.
-        distance: Hamming distance of the perceptual hashes (0 for ``"sha256"``).
+        container: where it lives at the external service.
+        ref_id: its id there.
     """
 
-    provider: str
-    output: Mapping[str, Any]
-    model: str | None
-    origin_job_id: int
-    saved_usd: float
-    kind: str
-    distance: int = 0
+    container: str
+    ref_id: str
 
 
-def check_effects(record: StepRecord) -> None:
-    """Refuse a step whose effects a store does not know, or a malformed reuse or digest.
+class EffectKind(Protocol):
+    """One kind of step effect, named by its key in ``StepRecord.effects``.
+
+    The analysis side defines the kinds and the wiring hands them to the store; the core
+    only checks that a record names known kinds and passes the payloads on, uninterpreted.
+    """
+
+    def check(self, payload: Any) -> None:
+        """Refuse a malformed payload.
+
+        Raises:
+            ValueError: what is wrong with it.
+        """
+        ...
+
+    def leftovers(self, payload: Any) -> Sequence[Leftover]:
+        """The external records the effect leaves behind (see ``Leftover``)."""
+        ...
+
+
+def check_effects(record: StepRecord, kinds: Mapping[str, EffectKind]) -> None:
+    """Refuse a step whose effects are not among ``kinds``, or malformed.
 
     Raises:
-        ValueError: ``record.effects`` has a key outside ``KNOWN_EFFECTS``;
-            ``record.reused.kind`` is not one of ``REUSE_KINDS``; ``record.digest.sha256`` is
-            not 32 bytes.
+        ValueError: ``record.effects`` has a key outside ``kinds``, or a kind refuses its
+            payload.
     """
-    unknown = set(record.effects) - KNOWN_EFFECTS
+    unknown = set(record.effects) - set(kinds)
     if unknown:
         raise ValueError(f"unknown step effects: {', '.join(sorted(unknown))}")
-    if record.reused is not None and record.reused.kind not in REUSE_KINDS:
-        raise ValueError(f"unknown reuse kind: {record.reused.kind!r}")
-    if record.digest is not None and len(record.digest.sha256) != 32:
-        raise ValueError(f"a SHA-256 digest has 32 bytes, not {len(record.digest.sha256)}")
+    for name, payload in record.effects.items():
+        kinds[name].check(payload)
 
 
 class StepRecord(Protocol):
     """What the store keeps of one finished step (one row of ``listener.results``).
 
     Attributes:
-        provider: who ran it, e.g. ``"openai"``.
-        step: the step's name, unique within a job, e.g. ``"openai.tier1"``.
+        provider: who ran it, e.g. ``"local"``.
+        step: the step's name, unique within a job, e.g. ``"local.analysis"``.
         output: JSON-serializable output.
         model: the model or algorithm version, if any.
         duration_s: wall time, seconds.
         input_tokens, output_tokens: tokens billed, if token-priced.
         calls: billable calls made.
         cost_usd: what the step cost, USD.
-        effects: database side effects of the step, as data, written by the store in the
-            same fenced transaction that records the step (``{}`` for none): a lost lease
-            writes neither. Keys name the effect (``KNOWN_EFFECTS``); a store raises
-            ``ValueError`` for any other. The one known:
-
-            ``"faces"`` (the Rekognition faces step): ``{"collection_id": str, "faces":
-            [{"face_id": str, "bounding_box": {"Width", "Height", "Left", "Top": ratios},
-            "confidence": percent, "decision": "assigned" | "suggested" | "new",
-            "matched_face_id": str | None, "similarity": percent | None}, ...]}``. The
-            Postgres store inserts each face into ``listener.faces`` (source row and owner
-            taken from the job), assigns ``"assigned"`` faces to the matched face's person
-            (creating it; ``listener.assign_face``), records ``"suggested"`` ones in
-            ``listener.face_suggestions``, and sets ``person_id`` (``None``: unassigned) on
-            each entry of ``output["faces"]`` with the same ``face_id`` before storing the
-            output. The memory store only keeps the effect (``MemoryJobStore.effects``).
+        effects: side effects of the step as opaque, named payloads (``{}`` for none),
+            written by the store in the same fenced transaction that records the step: a
+            lost lease writes neither. Each key names an ``EffectKind`` the store was given
+            (the analysis side's, ``listener.analysis.effects``); a store raises
+            ``ValueError`` for any other. The Postgres store hands each payload to the
+            kind's writer inside that transaction (``listener.queue.pg_store.EffectWriter``),
+            which may add to the output stored; the memory store only keeps the payloads
+            (``MemoryJobStore.effects``).
         digest: what the step's input was (``None``: not known), stored with the result so
-            that a later job with the same input may reuse it (``JobStore.find_reusable``).
+            that a later job with the same input may reuse it (the analysis side's
+            ``DedupStore``).
         reused: set when the result is a copy of another job's (cost 0, no calls, no
             tokens); only ``save_step`` stores such a record.
     """
@@ -143,9 +145,9 @@ class StepRecord(Protocol):
     @property
     def effects(self) -> Mapping[str, Any]: ...
     @property
-    def digest(self) -> InputDigest | None: ...
+    def digest(self) -> Digest | None: ...
     @property
-    def reused(self) -> Reuse | None: ...
+    def reused(self) -> Copy | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +156,7 @@ class Job:
 
     Attributes:
         id: ``listener.jobs.id``.
-        source_table: the attached table, schema-qualified and quoted (``public.images``).
+        source_table: the attached table, schema-qualified and quoted (``public.photos``).
         source_id: the source row's id, as text.
         image_url: the URL to analyze; ``None`` when the row's URL column is NULL.
         owner_id: the row's owner, as text, when the table was attached with an owner column.
@@ -162,7 +164,8 @@ class Job:
         attempts: attempts so far, this one included (1 on the first run).
         max_attempts: attempts allowed before the job is failed for good.
         lease_token: the claim's token; every write about the job is fenced by it.
-        batch_mode: ``True``: its OpenAI steps go through the Batch API; ``False``: never;
+        batch_mode: ``True``: its steps that a provider's batch API can run go through it;
+            ``False``: never;
             ``None``: batched when it is low priority and automatic batching is on.
         done_steps: steps whose results are already stored (an earlier run, a batch): the
             run resumes after them. Read from the store at claim time, never guessed from
@@ -184,27 +187,6 @@ class Job:
     batch_mode: bool | None = None
     done_steps: tuple[str, ...] = ()
     claims: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class BatchJob:
-    """A job taken into a provider batch (``JobStore.take_for_batch``): what its request needs.
-
-    It holds no lease: every later write about it is fenced by ``(id, batch id, status
-    'batched')`` instead.
-
-    Attributes:
-        id, source_table, source_id, image_url, owner_id: as in ``Job``.
-        outputs: the job's stored step outputs by step name (earlier tiers), which the
-            request's prompt builds on.
-    """
-
-    id: int
-    source_table: str
-    source_id: str
-    image_url: str | None
-    owner_id: str | None
-    outputs: Mapping[str, Mapping[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)

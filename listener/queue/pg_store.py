@@ -6,45 +6,75 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
 
 from listener.db.queries import load_queries
 from listener.queue.outcomes import (
-    BatchJob,
     Completed,
     Discarded,
-    InputDigest,
+    EffectKind,
     Job,
+    Leftover,
     Parked,
     Retry,
-    Reusable,
     Snoozed,
     StepRecord,
     check_effects,
 )
 from listener.queue.store import (
     DeletedRow,
-    FaceRef,
     ForgottenRow,
     JobFilter,
     JobSnapshot,
 )
 
 _FINISHED = ("failed", "cancelled", "complete")
-_SCOPES = ("owner", "table", "global")
 
-DEDUP_CANDIDATES = 200
-# Rows the app inserted admitted as jobs by one claim (into its room, 0021) or by one
-# admission outside a claim (0019), at most. One admission of 1,000 rows takes tens of
-# milliseconds.
 ADMIT_BATCH = 1_000
+"""Rows the app inserted admitted as jobs by one claim (into its room, 0021) or by one
+admission outside a claim (0019), at most. One admission of 1,000 rows takes tens of
+milliseconds."""
 ADMIT_ALL = 2**31 - 1
-"""Stored results with the same digest read, at most, before the scope's filter."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeldJob:
+    """A job locked while its lease holds, as an effect writer sees it (``lock_leased_job``).
+
+    Attributes:
+        id, source_table, source_id, owner_id: as in ``listener.jobs``.
+    """
+
+    id: int
+    source_table: str
+    source_id: str
+    owner_id: str | None
+
+
+class EffectWriter(EffectKind, Protocol):
+    """An effect kind that writes its payload in Postgres (supplied by the wiring).
+
+    ``write`` runs inside the transaction that stores the step, after the job's row was locked
+    with its lease verified and before the result is stored: the effect and the step commit
+    together or not at all, under the same lease fence as every other change of the job.
+    """
+
+    async def write(
+        self,
+        conn: asyncpg.Connection,
+        job: HeldJob,
+        payload: Any,
+        output: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Write the effect on ``conn``; returns the output to store (``output``, possibly
+        added to)."""
+        ...
 
 
 def usd(value: float) -> Decimal:
@@ -76,12 +106,21 @@ class PgJobStore:
         pool: an ``asyncpg.Pool`` (each call takes one connection).
         default_max_attempts: attempts allowed to jobs enqueued without ``max_attempts``
             (``LISTENER_MAX_ATTEMPTS``), filled in at their first claim.
+        effects: the effect kinds a step may carry, by name, with their writers (the
+            analysis side's, given by the wiring); a step with any other is refused.
     """
 
-    def __init__(self, pool: asyncpg.Pool, default_max_attempts: int = 5) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        default_max_attempts: int = 5,
+        *,
+        effects: Mapping[str, EffectWriter] | None = None,
+    ) -> None:
         self._pool = pool
         self._sql = {name: q.sql for name, q in load_queries().items()}
         self._default_max_attempts = default_max_attempts
+        self._effects = dict(effects or {})
 
     async def enqueue(
         self,
@@ -148,14 +187,14 @@ class PgJobStore:
         """See ``JobStore.save_step``.
 
         A step with effects is stored in one transaction: the job row is locked while the
-        lease holds (``lock_leased_job``), the effects are written (``"faces"``:
-        ``listener.apply_face_effects``, whose person ids go into the output, see
-        ``StepRecord.effects``), then the result; a lost lease writes nothing.
+        lease holds (``lock_leased_job``), each effect's writer writes it (and may add to the
+        output), then the result is stored; a lost lease writes nothing.
 
         Raises:
-            ValueError: ``record.effects`` names an effect this store does not know.
+            ValueError: ``record.effects`` names an effect this store was not given, or its
+                kind refuses the payload.
         """
-        check_effects(record)
+        check_effects(record, self._effects)
         if not record.effects:
             return bool(
                 await self._pool.fetchval(self._sql["save_step"], *self._step_args(job, record))
@@ -164,26 +203,10 @@ class PgJobStore:
             held = await conn.fetchrow(self._sql["lock_leased_job"], job.id, job.lease_token)
             if held is None:
                 return False
+            target = HeldJob(held["id"], held["source_table"], held["source_id"], held["owner_id"])
             output = dict(record.output)
-            faces = record.effects.get("faces")
-            if faces is not None:
-                people = json.loads(
-                    await conn.fetchval(
-                        self._sql["apply_face_effects"],
-                        job.id,
-                        held["source_table"],
-                        held["source_id"],
-                        held["owner_id"],
-                        json.dumps(faces),
-                    )
-                )
-                if "faces" in output:
-                    output["faces"] = [
-                        {**f, "person_id": people.get(f["face_id"])}
-                        if isinstance(f, Mapping) and "face_id" in f
-                        else f
-                        for f in output["faces"]
-                    ]
+            for name, payload in record.effects.items():
+                output = await self._effects[name].write(conn, target, payload, output)
             return bool(
                 await conn.fetchval(self._sql["save_step"], *self._step_args(job, record, output))
             )
@@ -206,8 +229,8 @@ class PgJobStore:
             record.output_tokens,
             record.calls,
             usd(record.cost_usd),
-            None if digest is None else digest.sha256,
-            None if digest is None else digest.phash,
+            None if digest is None else digest.exact,
+            None if digest is None else digest.near,
             None if reused is None else reused.origin_job_id,
             None if reused is None else reused.kind,
             None if reused is None else usd(reused.saved_usd),
@@ -217,48 +240,6 @@ class PgJobStore:
         """See ``JobStore.outputs``."""
         rows = await self._pool.fetch(self._sql["job_outputs"], job_id)
         return {r["step"]: json.loads(r["output"]) for r in rows}
-
-    async def find_reusable(
-        self,
-        job: Job,
-        step: str,
-        digest: InputDigest,
-        scope: str,
-        max_distance: int | None = None,
-    ) -> Reusable | None:
-        """See ``JobStore.find_reusable``: ``find_same_image``, then ``find_similar_image``."""
-        if scope not in _SCOPES:
-            raise ValueError(f"dedup scope is one of {', '.join(_SCOPES)}, not {scope!r}")
-        where = (scope, job.source_table, job.owner_id)
-        r = await self._pool.fetchrow(
-            self._sql["find_same_image"], step, digest.sha256, job.id, *where, DEDUP_CANDIDATES
-        )
-        if r is not None:
-            return self._reusable(r, "sha256", 0)
-        if max_distance is None or digest.phash is None:
-            return None
-        r = await self._pool.fetchrow(
-            self._sql["find_similar_image"],
-            step,
-            digest.phash,
-            max_distance,
-            job.id,
-            *where,
-            DEDUP_CANDIDATES,
-        )
-        return None if r is None else self._reusable(r, "phash", r["distance"])
-
-    @staticmethod
-    def _reusable(r: Mapping[str, Any], kind: str, distance: int) -> Reusable:
-        return Reusable(
-            provider=r["provider"],
-            output=json.loads(r["output"]),
-            model=r["model"],
-            origin_job_id=r["origin_job_id"],
-            saved_usd=float(r["saved_usd"]),
-            kind=kind,
-            distance=distance,
-        )
 
     async def complete(self, done: Sequence[Completed]) -> set[int]:
         """See ``JobStore.complete``.
@@ -277,7 +258,6 @@ class PgJobStore:
                     raise ValueError(f"step {r.step} has effects: store it with save_step")
                 if r.reused is not None:
                     raise ValueError(f"step {r.step} is a copy: store it with save_step")
-                check_effects(r)
                 values = (
                     c.job.id,
                     r.step,
@@ -289,8 +269,8 @@ class PgJobStore:
                     r.output_tokens,
                     r.calls,
                     usd(r.cost_usd),
-                    None if r.digest is None else r.digest.sha256,
-                    None if r.digest is None else r.digest.phash,
+                    None if r.digest is None else r.digest.exact,
+                    None if r.digest is None else r.digest.near,
                 )
                 for column, value in zip(columns, values, strict=True):
                     column.append(value)
@@ -407,26 +387,20 @@ class PgJobStore:
         out: list[ForgottenRow] = []
         for rec in records:
             row = rows[rec["ord"] - 1]
-            faces = tuple(
-                FaceRef(f["collection_id"], f["face_id"]) for f in json.loads(rec["faces"])
+            leftovers = tuple(
+                Leftover(container, ref_id) for container, ref_id in json.loads(rec["leftovers"])
             )
             out.append(
                 ForgottenRow(
                     row=row,
                     running_s=rec["running_s"],
-                    faces=faces,
+                    leftovers=leftovers,
                     sweep=rec["sweep"],
                     owner_id=rec["owner_id"],
                     restarted=rec["restarted"],
                 )
             )
         return out
-
-    async def forget_faces(self, face_ids: Sequence[str]) -> int:
-        """See ``JobStore.forget_faces``: ``listener.forget_faces``."""
-        if not face_ids:
-            return 0
-        return int(await self._pool.fetchval(self._sql["forget_faces"], list(face_ids)))
 
     async def snapshot(self, job_id: int) -> JobSnapshot | None:
         """See ``JobStore.snapshot``."""
@@ -444,115 +418,3 @@ class PgJobStore:
             run_after_s=float(r["run_after_s"]),
             steps=json.loads(r["steps"]),
         )
-
-    async def take_for_batch(self, step: str, limit: int, batch_id: str) -> list[BatchJob]:
-        """See ``JobStore.take_for_batch``; the batch's provider is the step's prefix."""
-        rows = await self._pool.fetch(
-            self._sql["take_for_batch"], step, limit, batch_id, step.split(".", 1)[0]
-        )
-        return [
-            BatchJob(
-                id=r["id"],
-                source_table=r["source_table"],
-                source_id=r["source_id"],
-                image_url=r["image_url"],
-                owner_id=r["owner_id"],
-                outputs=json.loads(r["outputs"]),
-            )
-            for r in rows
-        ]
-
-    async def keep_preparing(self, batch_id: str) -> bool:
-        """See ``JobStore.keep_preparing``."""
-        return bool(await self._pool.fetchval(self._sql["keep_preparing"], batch_id))
-
-    async def record_batch_file(
-        self, batch_id: str, file_id: str, requests: Mapping[str, int]
-    ) -> bool:
-        """See ``JobStore.record_batch_file``."""
-        return bool(
-            await self._pool.fetchval(
-                self._sql["record_batch_file"],
-                batch_id,
-                file_id,
-                list(requests),
-                list(requests.values()),
-            )
-        )
-
-    async def batch_to_per_image(self, batch_id: str, errors: Mapping[int, str]) -> set[int]:
-        """See ``JobStore.batch_to_per_image``; wakes the daemons when a job changed."""
-        if not errors:
-            return set()
-        async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                self._sql["batch_to_per_image"],
-                batch_id,
-                list(errors),
-                [text[:1000] for text in errors.values()],
-            )
-            if rows:
-                await conn.execute(self._sql["notify_jobs"])
-        return {r["id"] for r in rows}
-
-    async def return_to_wait(self, batch_id: str, job_ids: Sequence[int]) -> set[int]:
-        """See ``JobStore.return_to_wait``."""
-        if not job_ids:
-            return set()
-        rows = await self._pool.fetch(self._sql["return_to_wait"], batch_id, list(job_ids))
-        return {r["id"] for r in rows}
-
-    async def sweep_abandoned_batches(self, idle_s: float) -> list[int]:
-        """See ``JobStore.sweep_abandoned_batches``."""
-        rows = await self._pool.fetch(self._sql["sweep_abandoned_batches"], idle_s)
-        return sorted(r["id"] for r in rows)
-
-    async def jobs_in_batch(self, batch_id: str) -> int:
-        """See ``JobStore.jobs_in_batch``."""
-        return int(await self._pool.fetchval(self._sql["jobs_in_batch"], batch_id))
-
-    async def apply_batch_result(
-        self,
-        batch_id: str,
-        step: str,
-        results: Mapping[int, StepRecord],
-        failures: Mapping[int, str],
-    ) -> set[int] | None:
-        """See ``JobStore.apply_batch_result``: one statement, then a wake-up of the daemons
-        in the same transaction.
-
-        Raises:
-            ValueError: a result carries effects, or is of another step.
-        """
-        columns: list[list[Any]] = [[] for _ in range(8)]
-        for job_id, r in results.items():
-            if r.effects:
-                raise ValueError(f"batch result of job {job_id} has effects")
-            if r.step != step:
-                raise ValueError(f"batch result of job {job_id} is of step {r.step}, not {step}")
-            values = (
-                job_id,
-                r.provider,
-                json.dumps(r.output),
-                r.model,
-                r.input_tokens,
-                r.output_tokens,
-                r.calls,
-                usd(r.cost_usd),
-            )
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
-        async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                self._sql["apply_batch_result"],
-                batch_id,
-                step,
-                *columns,
-                list(failures),
-                [text[:1000] for text in failures.values()],
-            )
-            if not rows:
-                return None
-            if rows[0]["released"]:
-                await conn.execute(self._sql["notify_jobs"])
-        return {r["job_id"] for r in rows if r["job_id"] is not None}

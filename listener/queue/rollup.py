@@ -3,7 +3,7 @@
 Job state changes only append deltas to ``listener.job_count_deltas`` (statement triggers,
 ``sql/migrations/0008_status_counts.sql``), so no writer waits on a shared counter row.
 ``CountsRollup`` runs ``listener.roll_up_job_counts`` (and ``roll_up_face_review_counts``, the
-open face suggestions' counters of ``0015_face_review.sql``) every ``interval_s``: readers add
+open review suggestions' counters of ``0015_face_review.sql``) every ``interval_s``: readers add
 the deltas not folded yet to the counts, so the interval bounds how many rows a read adds up,
 never how exact it is. Every daemon runs one; a rollup that finds another running returns at once.
 """

@@ -25,7 +25,7 @@ Signal = Literal[
 ]
 """``finished`` counts jobs that reached a final state through this worker (completed or
 discarded); ``listening`` counts LISTEN (re)connections; ``forgotten`` counts deleted rows
-whose clean-up (job, results, faces) is done (``listener.app_side.deletes``)."""
+whose clean-up (job, results, external records) is done (``listener.app_side.deletes``)."""
 
 
 class Signals:

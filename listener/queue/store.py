@@ -18,13 +18,12 @@ State machine (``listener.queue.outcomes.JOB_STATUSES``)::
        |---release/reap------|
     pending | processing | batched --cancel--> cancelled
     any --forget_rows (its source row was deleted)--> cancelled, then deleted
-    batched (waiting) --take_for_batch--> batched in batch B --apply_batch_result--> pending
-                       <--return_to_wait / sweep_abandoned_batches--|
-                          batched in batch B --batch_to_per_image--> pending (batch mode off)
 
-A job in a provider batch holds no lease: writes about it are fenced by ``(id, batch id,
-status 'batched')`` (and the batch's step), so a job cancelled, or reset by a new URL, while
-its batch runs gets nothing from that batch.
+A job parked for a provider batch (``batched``) is taken over by the analysis side's batch
+store (``listener.analysis.batch_store``), which writes about it fenced by ``(id, batch id,
+status 'batched')`` instead of a lease, until it hands the job back as pending. Result reuse
+and the records of effects (``listener.analysis.dedup_store``, ``face_store``) live there
+too: this protocol keeps only the queue's methods.
 """
 
 from __future__ import annotations
@@ -36,14 +35,12 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from listener.queue.outcomes import (
-    BatchJob,
     Completed,
     Discarded,
-    InputDigest,
     Job,
+    Leftover,
     Parked,
     Retry,
-    Reusable,
     Snoozed,
     StepRecord,
 )
@@ -57,7 +54,7 @@ class JobFilter:
         statuses: job statuses to match.
         reason: text contained in ``last_error`` (case-insensitive).
         owner: the owner id.
-        table: the attached table, qualified and quoted (``public.images``).
+        table: the attached table, qualified and quoted (``public.photos``).
     """
 
     statuses: tuple[str, ...]
@@ -109,14 +106,6 @@ class DeletedRow:
 
 
 @dataclass(frozen=True, slots=True)
-class FaceRef:
-    """A recorded face: its Rekognition collection and FaceId."""
-
-    collection_id: str
-    face_id: str
-
-
-@dataclass(frozen=True, slots=True)
 class ForgottenRow:
     """What ``JobStore.forget_rows`` did for one ``DeletedRow`` and what is left to undo.
 
@@ -124,18 +113,19 @@ class ForgottenRow:
         row: the deleted row.
         running_s: the job was running: it was cancelled (its worker's fenced writes fail from
             now on) but not deleted; forget the row again once these seconds (what its lease
-            had left) have passed, when no run of it can still index faces. ``None`` otherwise.
-        faces: the row's recorded faces whose job is gone, to delete from their collections
-            (then ``forget_faces``).
-        sweep: the job had been claimed without completing: a run may have indexed faces it
-            never recorded; every face of the row in its owner's collection must go.
-        owner_id: the forgotten job's owner (whose collection to sweep).
+            had left) have passed, when no run of it can still leave external records behind.
+            ``None`` otherwise.
+        leftovers: the external records of the row's effects whose job is gone, to remove at
+            their service (then forget their records: the analysis side's ``FaceStore``).
+        sweep: the job had been claimed without completing: a run may have left external
+            records it never recorded; every one of the row at its owner's must go.
+        owner_id: the forgotten job's owner (whose records to sweep).
         restarted: the fresh job of a reinserted row (``None``: none was created).
     """
 
     row: DeletedRow
     running_s: float | None = None
-    faces: tuple[FaceRef, ...] = ()
+    leftovers: tuple[Leftover, ...] = ()
     sweep: bool = False
     owner_id: str | None = None
     restarted: int | None = None
@@ -170,7 +160,11 @@ class JobStore(Protocol):
         (``listener.inserted_rows``); admission reads the row and inserts its job. A worker
         admits in its next claim after each wake-up (a NOTIFY, a poll, a reconnect: see
         ``claim``); it calls this while it is not claiming (paused, or its buffer full), so
-        new rows still get their job. A store without such a source returns 0.
+        new rows still get their job. The memory store's rows wait from
+        ``MemoryJobStore.insert_row``. Of several waiting entries of one row, the newest
+        counts; a row deleted since gets no job; a row whose key a job already holds gets
+        none (a job older than the entry is of a row deleted and inserted again: the row is
+        queued for the drain of deleted rows, which restarts it).
 
         Args:
             claiming: jobs the caller is about to claim; when more jobs than that were made,
@@ -213,47 +207,19 @@ class JobStore(Protocol):
         was paid.
 
         ``record.digest`` is stored with the result; a ``record.reused`` copy also counts
-        its ``saved_usd`` in the deduplication savings.
+        its ``saved_usd`` in the savings of reuse.
 
         Returns:
             ``False`` when the lease no longer holds; nothing was written then.
 
         Raises:
-            ValueError: ``record.effects`` names an effect outside
-                ``listener.queue.outcomes.KNOWN_EFFECTS``, or the record's reuse or digest is
-                malformed (``check_effects``; nothing is written).
+            ValueError: ``record.effects`` names an effect kind the store was not given, or a
+                kind refuses its payload (``check_effects``; nothing is written).
         """
         ...
 
     async def outputs(self, job_id: int) -> dict[str, dict[str, Any]]:
         """The stored step outputs of a job, by step name."""
-        ...
-
-    async def find_reusable(
-        self,
-        job: Job,
-        step: str,
-        digest: InputDigest,
-        scope: str,
-        max_distance: int | None = None,
-    ) -> Reusable | None:
-        """A stored result of ``step`` for the same input as ``job``'s, from another job in
-        ``scope``; read only (the copy is stored with ``save_step``).
-
-        Same input: a result whose ``digest.sha256`` is equal (kind ``"sha256"``), else, when
-        ``max_distance`` is given and ``digest.phash`` known, one whose perceptual hash is
-        within ``max_distance`` bits (kind ``"phash"``, the nearest). Scope: ``"owner"``:
-        jobs of the same source table and owner (``None`` owners form one scope);
-        ``"table"``: of the same table; ``"global"``: any job. A result that is itself a copy
-        names its origin, so copies never chain.
-
-        Postgres reads at most ``DEDUP_CANDIDATES`` results with the same digest before the
-        scope filter (``listener.queue.pg_store``), so a digest shared by very many rows of
-        other owners may go unmatched; nothing else is scanned.
-
-        Raises:
-            ValueError: ``scope`` is not one of the three.
-        """
         ...
 
     async def complete(self, done: Sequence[Completed]) -> set[int]:
@@ -348,8 +314,8 @@ class JobStore(Protocol):
         would go (no limit) and deletes nothing.
 
         Whether a source row exists: Postgres reads the attached table (jobs of tables no
-        longer attached are kept); the memory store has no app tables and takes the rows
-        given to ``MemoryJobStore.delete_row``.
+        longer attached are kept); the memory store reads the rows given to
+        ``MemoryJobStore.insert_row`` and not deleted since (``delete_row``).
 
         Returns:
             The jobs deleted (or, with ``dry_run``, that would be).
@@ -362,114 +328,18 @@ class JobStore(Protocol):
         For each row, in order: a job still running (leased, lease not expired) is cancelled
         and kept (``ForgottenRow.running_s``); any other job of ``DeletedRow.job_id`` is
         cancelled if unfinished (a terminal event) and deleted with its results. The row's
-        recorded faces whose job is gone are returned, and stay recorded until
-        ``forget_faces``. A ``reinserted`` row then gets a fresh pending job from its current
-        values (Postgres: read from its attached table, none when the row is gone or the
-        table is detached; the memory store has no app tables and re-enqueues the forgotten
-        job's URL and owner). Idempotent: forgetting a row again deletes nothing more.
+        effects' external records (``Leftover``) whose job is gone are returned, and stay
+        recorded until the analysis side forgets them. A ``reinserted`` row then gets a fresh
+        pending job from its current values (Postgres: read from its attached table, none
+        when the row is gone or the table is detached; the memory store reads the rows given
+        to ``MemoryJobStore.insert_row``, else re-enqueues the forgotten job's URL and owner).
+        Idempotent: forgetting a row again deletes nothing more.
 
         Returns:
             One ``ForgottenRow`` per row, in order.
         """
         ...
 
-    async def forget_faces(self, face_ids: Sequence[str]) -> int:
-        """The faces ``face_ids`` of deleted rows are gone from their collections: delete their
-        records (and suggestions about them). A face whose job still exists is kept.
-
-        Returns:
-            The faces whose records were deleted.
-        """
-        ...
-
     async def snapshot(self, job_id: int) -> JobSnapshot | None:
         """The job as stored, ``None`` when there is none."""
-        ...
-
-    # -- provider batches (OpenAI's Batch API): fenced by (id, batch id, status 'batched') --
-
-    async def take_for_batch(self, step: str, limit: int, batch_id: str) -> list[BatchJob]:
-        """Take up to ``limit`` jobs waiting for a batch of ``step`` into new batch ``batch_id``.
-
-        One atomic change: the batch is recorded as ``preparing`` (no input file yet) and the
-        jobs (``status = 'batched'``, no batch, ``batch_step = step``; by priority, then how
-        long they waited, then id) get its id. Concurrent takers never get the same job.
-        Nothing is recorded when no job waits.
-
-        Returns:
-            The jobs taken, by id; empty when none waited.
-        """
-        ...
-
-    async def keep_preparing(self, batch_id: str) -> bool:
-        """Heartbeat of a ``preparing`` batch, so ``sweep_abandoned_batches`` leaves it alone.
-
-        Returns:
-            ``False`` when the batch is no longer ``preparing`` (it was swept: stop).
-        """
-        ...
-
-    async def record_batch_file(
-        self, batch_id: str, file_id: str, requests: Mapping[str, int]
-    ) -> bool:
-        """Record the uploaded input file of a ``preparing`` batch and its requests
-        (``{custom_id: job id}``); the batch becomes ``submitting``.
-
-        Returns:
-            ``False`` when the batch is no longer ``preparing`` (swept): it must not be
-            created at the provider.
-        """
-        ...
-
-    async def batch_to_per_image(self, batch_id: str, errors: Mapping[int, str]) -> set[int]:
-        """Send jobs of ``batch_id`` whose request cannot be written (``{job id: reason}``)
-        to the per-image path: pending now, batch mode off, the reason in ``last_error``.
-
-        Returns:
-            The ids changed (the others had left the batch).
-        """
-        ...
-
-    async def return_to_wait(self, batch_id: str, job_ids: Sequence[int]) -> set[int]:
-        """Jobs taken into ``batch_id`` that did not fit its file wait for the next batch
-        again, in their old place.
-
-        Returns:
-            The ids changed (the others had left the batch).
-        """
-        ...
-
-    async def sweep_abandoned_batches(self, idle_s: float) -> list[int]:
-        """Close ``preparing`` batches without a heartbeat for ``idle_s`` seconds (their daemon
-        died mid-preparation); their jobs wait for a batch again.
-
-        Returns:
-            The ids of the jobs handed back.
-        """
-        ...
-
-    async def jobs_in_batch(self, batch_id: str) -> int:
-        """How many jobs ``batch_id`` still holds (cancelled ones and new URLs have left)."""
-        ...
-
-    async def apply_batch_result(
-        self,
-        batch_id: str,
-        step: str,
-        results: Mapping[int, StepRecord],
-        failures: Mapping[int, str],
-    ) -> set[int] | None:
-        """Apply finished batch ``batch_id`` of ``step``, exactly once, atomically.
-
-        Only the jobs still in the batch (``batch_id``, ``status = 'batched'``,
-        ``batch_step = step``) are touched: their ``results`` (``{job id: record}``, costs as
-        given, i.e. at batch prices) are stored, and every one of them goes back to pending,
-        runnable now, to continue with its next step; those in ``failures``
-        (``{job id: reason}``) leave batch mode and record the reason, so they run per image.
-        The batch is marked applied.
-
-        Returns:
-            The ids whose result was stored; ``None`` when the batch was applied already (or
-            another daemon is applying it right now, or it is unknown or of another step).
-        """
         ...

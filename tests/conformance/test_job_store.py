@@ -5,22 +5,23 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from conftest import DEFAULT_MAX_ATTEMPTS, StoreEnv
 
+from listener.analysis.effects import InputDigest, Reuse
 from listener.queue.outcomes import (
     Completed,
     Discarded,
-    InputDigest,
     Job,
+    Leftover,
     Parked,
     Retry,
-    Reuse,
     Snoozed,
 )
-from listener.queue.store import DeletedRow, FaceRef, JobFilter, JobStore
+from listener.queue.store import DeletedRow, JobFilter, JobStore
 
 T = "public.images"
 
@@ -320,7 +321,7 @@ async def test_a_deleted_row_loses_its_job_and_results(store_env: StoreEnv) -> N
     rows = [DeletedRow(T, "1", done), DeletedRow(T, "2", waiting)]
     forgotten = await store.forget_rows(rows)
     assert [f.row for f in forgotten] == rows
-    assert [(f.running_s, f.faces, f.restarted) for f in forgotten] == [(None, (), None)] * 2
+    assert [(f.running_s, f.leftovers, f.restarted) for f in forgotten] == [(None, (), None)] * 2
     # A completed job never indexed faces it did not record; a pending one never ran.
     assert [f.sweep for f in forgotten] == [False, False]
     assert await store.snapshot(done) is None and await store.snapshot(waiting) is None
@@ -359,15 +360,15 @@ async def test_faces_of_a_deleted_row_stay_recorded_until_gone_from_the_collecti
     effect = {"collection_id": "listener-alice", "faces": [face("f-2"), face("f-1")]}
     assert await store.save_step(job, Rec("rekognition.faces", effects={"faces": effect}))
     await store.complete([Completed(job)])
-    expected = (FaceRef("listener-alice", "f-1"), FaceRef("listener-alice", "f-2"))
+    expected = (Leftover("listener-alice", "f-1"), Leftover("listener-alice", "f-2"))
     (forgotten,) = await store.forget_rows([DeletedRow(T, "1", job_id)])
-    assert forgotten.faces == expected
+    assert forgotten.leftovers == expected
     # Until forget_faces, a second pass (a daemon killed after DeleteFaces) finds them again.
     (again,) = await store.forget_rows([DeletedRow(T, "1", job_id)])
-    assert again.faces == expected
-    assert await store.forget_faces(["f-1", "f-2", "unknown"]) == 2
+    assert again.leftovers == expected
+    assert await store_env.faces.forget_faces(["f-1", "f-2", "unknown"]) == 2
     (last,) = await store.forget_rows([DeletedRow(T, "1", job_id)])
-    assert last.faces == ()
+    assert last.leftovers == ()
 
 
 async def test_only_the_job_a_deleted_row_had_is_forgotten(store_env: StoreEnv) -> None:
@@ -378,8 +379,147 @@ async def test_only_the_job_a_deleted_row_had_is_forgotten(store_env: StoreEnv) 
     assert await store.save_step(job, Rec("rekognition.faces", effects={"faces": effect}))
     # A row deleted before this job existed (it had none, or another one).
     forgotten = await store.forget_rows([DeletedRow(T, "1", None), DeletedRow(T, "1", 10**9)])
-    assert [(f.faces, f.sweep) for f in forgotten] == [((), False), ((), False)]
+    assert [(f.leftovers, f.sweep) for f in forgotten] == [((), False), ((), False)]
     assert await status(store, job_id) == ("processing", 1)
     # A face whose job still exists is never forgotten.
-    assert await store.forget_faces(["live"]) == 0
+    assert await store_env.faces.forget_faces(["live"]) == 0
     assert await store.save_step(job, Rec("tier1")) is True
+
+
+# -- rows the app inserts: admission (0019, 0021) --
+
+
+async def test_admit_makes_one_job_per_inserted_row(store_env: StoreEnv) -> None:
+    store = store_env.store
+    for i in (1, 2, 3):
+        await store_env.insert_row(i, f"http://img/{i}", "alice" if i < 3 else None)
+    assert await claim(store) == []  # a claim without admission sees nothing yet
+    assert await store.admit() == 3
+    assert await store.admit() == 0  # nothing waits any more
+    jobs = await claim(store)
+    assert [(j.source_id, j.image_url, j.owner_id) for j in jobs] == [
+        ("1", "http://img/1", "alice"),
+        ("2", "http://img/2", "alice"),
+        ("3", "http://img/3", None),
+    ]
+    assert {(j.priority, j.attempts, j.claims, j.max_attempts) for j in jobs} == {
+        (0, 1, 1, DEFAULT_MAX_ATTEMPTS)
+    }
+
+
+async def test_a_row_with_a_job_or_deleted_before_admission_gets_none(
+    store_env: StoreEnv,
+) -> None:
+    store = store_env.store
+    # A job made after the row's insert (a backfill, say) already reflects it.
+    await store_env.insert_row(1, "http://img/1", None)
+    held = await store.enqueue(T, "1", "http://img/1")
+    assert held is not None
+    # A row deleted before its admission.
+    await store_env.insert_row(2, "http://img/2", None)
+    await store_env.delete_row(2)
+    assert await store.admit() == 2
+    assert [j.id for j in await claim(store)] == [held]
+    assert await store.enqueue(T, "2", "http://img/2") is not None  # the key was never taken
+
+
+async def test_a_claim_admits_fresh_rows_after_urgent_jobs_and_before_a_backfill(
+    store_env: StoreEnv,
+) -> None:
+    """As tests/integration/test_inserted_rows.py's test of the same name: pending jobs of
+    priority 0 or less, then fresh rows admitted as jobs claimed at once into the room left
+    (the rest wait), then higher priority numbers."""
+    store = store_env.store
+    backfill = [await store.enqueue(T, str(i), f"http://img/{i}", priority=100) for i in (1, 2)]
+    urgent = [await store.enqueue(T, str(i), f"http://img/{i}", priority=-1) for i in (3, 4)]
+    for i in (5, 6, 7):
+        await store_env.insert_row(i, f"http://img/{i}", None)
+    first = await store.claim(4, "w", 30.0, uuid.uuid4(), admit=True)
+    assert [(j.source_id, j.priority) for j in first] == [("3", -1), ("4", -1), ("5", 0), ("6", 0)]
+    assert [j.id for j in first[:2]] == urgent
+    assert all(j.attempts == 1 and j.claims == 1 for j in first)
+    second = await store.claim(4, "w", 30.0, uuid.uuid4(), admit=True)
+    assert [(j.source_id, j.priority) for j in second] == [("7", 0), ("1", 100), ("2", 100)]
+    assert [j.id for j in second[1:]] == backfill
+    # Admitted jobs are leased like any claimed job: their lease fences their writes.
+    admitted = first[2]
+    assert await store.complete([Completed(admitted, [Rec("tier1")])]) == {admitted.id}
+    assert await status(store, admitted.id) == ("complete", 1)
+
+
+async def test_a_claim_admits_no_more_than_its_room(store_env: StoreEnv) -> None:
+    store = store_env.store
+    for i in range(1, 6):
+        await store_env.insert_row(i, f"http://img/{i}", None)
+    first = await store.claim(2, "w", 30.0, uuid.uuid4(), admit=True)
+    assert [j.source_id for j in first] == ["1", "2"]
+    # Without admission a claim takes pending jobs only: the other rows still wait.
+    assert await claim(store) == []
+    assert await store.admit() == 3
+    assert [j.source_id for j in await claim(store)] == ["3", "4", "5"]
+
+
+async def test_rows_inserted_twice_are_enqueued_once(store_env: StoreEnv) -> None:
+    store = store_env.store
+    await store_env.insert_row(1, "http://img/1", None)
+    assert await store.admit() == 1
+    (job,) = await claim(store)
+    # Deleted and inserted again while its old job holds the key: no second job now (the
+    # drain of deleted rows forgets the old one and restarts the row).
+    await store_env.delete_row(1)
+    await store_env.insert_row(1, "http://img/1b", None)
+    assert await store.admit() == 1
+    assert await claim(store) == []
+    assert await status(store, job.id) == ("processing", 1)
+
+
+async def test_cancel_reaches_rows_waiting_for_admission(store_env: StoreEnv) -> None:
+    store = store_env.store
+    await store_env.insert_row(1, "http://img/1", "alice")
+    await store_env.insert_row(2, "http://img/2", "bob")
+    cancelled = await store.cancel(JobFilter((), owner="alice"))
+    assert len(cancelled) == 1
+    assert await status(store, cancelled[0]) == ("cancelled", 0)
+    # bob's row was admitted too, and waits as a pending job.
+    assert [j.owner_id for j in await store.claim(10, "w", 30.0, uuid.uuid4(), admit=True)] == [
+        "bob"
+    ]
+
+
+# -- retention --
+
+
+async def test_prune_deletes_finished_jobs_whose_row_is_gone(store_env: StoreEnv) -> None:
+    store = store_env.store
+    for i in (1, 2, 3, 4):
+        await store_env.insert_row(i, f"http://img/{i}", None)
+    await store.admit()
+    jobs = {j.source_id: j for j in await claim(store)}
+    await store.complete([Completed(jobs[s], [Rec("tier1")]) for s in ("1", "2", "3")])
+    await store.discard([Discarded(jobs["4"], "HTTP 404")])
+    for i in (1, 2, 4):
+        await store_env.delete_row(i)
+    await store_env.advance(0.01)
+    # Finished, but not before the cut-off: nothing goes.
+    assert await store.prune(datetime.fromtimestamp(0, UTC), 10) == 0
+    later = datetime.now(UTC) + timedelta(days=1)
+    # Row 3 still exists: its job is kept whatever its age.
+    assert await store.prune(later, 0, dry_run=True) == 3
+    assert await store.prune(later, 2) == 2
+    assert await store.prune(later, 2) == 1
+    assert await store.prune(later, 2) == 0
+    for s in ("1", "2", "4"):
+        assert await store.snapshot(jobs[s].id) is None
+    assert await status(store, jobs["3"].id) == ("complete", 1)
+    assert await store.outputs(jobs["1"].id) == {}
+
+
+async def test_prune_keeps_unfinished_jobs(store_env: StoreEnv) -> None:
+    store = store_env.store
+    running, waiting = await enqueue(store, 2)
+    (job,) = await claim(store, limit=1)
+    later = datetime.now(UTC) + timedelta(days=1)
+    assert await store.prune(later, 10) == 0
+    assert job.id == running
+    assert await status(store, running) == ("processing", 1)
+    assert await status(store, waiting) == ("pending", 0)

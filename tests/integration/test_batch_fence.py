@@ -16,6 +16,7 @@ from aiohttp import web
 from support import all_finished, counts, make_table, wait_until
 from test_batch import backfill_batch, batch_settings
 
+from listener.analysis.batch_store import PgBatchStore
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
 from listener.queue.outcomes import Parked
@@ -252,7 +253,7 @@ async def test_preparation_abandoned_by_a_dead_daemon_hands_its_jobs_back(
         store = PgJobStore(pool)
         jobs = await store.claim(10, "dead", 60.0, uuid.uuid4())
         assert await store.park([Parked(j, STEP) for j in jobs])
-        assert len(await store.take_for_batch(STEP, 100, "lb_dead")) == 5
+        assert len(await PgBatchStore(pool).take_for_batch(STEP, 100, "lb_dead")) == 5
     finally:
         await pool.close()
     async with FakeOpenAI() as fake:
@@ -300,7 +301,7 @@ async def test_a_slow_preparation_keeps_its_batch_alive(
                     # the fetches and the upload).
                     swept = []
                     for _ in range(10):
-                        swept += await PgJobStore(pool).sweep_abandoned_batches(0.6)
+                        swept += await PgBatchStore(pool).sweep_abandoned_batches(0.6)
                         await asyncio.sleep(0.2)
                     assert swept == []
                 finally:

@@ -261,7 +261,7 @@ async def test_a_daemon_killed_mid_clean_up_loses_nothing(
     forgotten = await store.forget_rows(
         [DeletedRow(e.source_table, e.source_id, e.job_id, e.reinserted) for e in claimed]
     )
-    assert sum(len(f.faces) for f in forgotten) == 2
+    assert sum(len(f.leftovers) for f in forgotten) == 2
     assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
     assert len(faces_in_collection(fake, a1)) == 1
 

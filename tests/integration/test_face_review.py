@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from listener.analysis.effects import pg_effect_writers
 from listener.analysis.faces import PgKnownFaces
 from listener.analysis.providers.base import ImageInput, StepContext
 from listener.analysis.providers.rekognition import RekognitionProvider
@@ -70,7 +71,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 async def seeded(pool: asyncpg.Pool) -> Seeded:
     """Runs the faces step on each photo of ``SEED`` and stores it, as the daemon does."""
-    store = PgJobStore(pool)
+    store = PgJobStore(pool, effects=pg_effect_writers())
     faces: dict[tuple[str, str], str] = {}
     suggestion: dict[str, tuple[str, str]] = {}
     async with FakeRekognition() as fake:

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 from support import StaticServer, all_finished, fast_settings, make_table, wait_until
 
+from listener.analysis.effects import pg_effect_writers
 from listener.analysis.faces import PgKnownFaces, external_image_id
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.analysis.providers.rekognition import RekognitionProvider
@@ -128,7 +129,7 @@ async def test_a_lost_lease_writes_no_faces_people_or_suggestions(
     fake: FakeRekognition,
     provider: RekognitionProvider,
 ) -> None:
-    store = PgJobStore(pool)
+    store = PgJobStore(pool, effects=pg_effect_writers())
     first = await enqueue_and_claim(store, "a1")
     assert await store.save_step(first, await run_faces(provider, first))
     before = await table_counts(conn)
@@ -170,7 +171,7 @@ async def test_a_crash_after_index_faces_leaves_one_copy_of_each_face(
     fake: FakeRekognition,
     provider: RekognitionProvider,
 ) -> None:
-    store = PgJobStore(pool)
+    store = PgJobStore(pool, effects=pg_effect_writers())
     first = await enqueue_and_claim(store, "a1")
     assert await store.save_step(first, await run_faces(provider, first))
     job = await enqueue_and_claim(store, "a2")
@@ -206,7 +207,7 @@ async def test_a_crash_after_index_faces_leaves_one_copy_of_each_face(
 async def test_a_first_claim_does_not_list_the_collection(
     pool: asyncpg.Pool, fake: FakeRekognition, provider: RekognitionProvider
 ) -> None:
-    store = PgJobStore(pool)
+    store = PgJobStore(pool, effects=pg_effect_writers())
     job = await enqueue_and_claim(store, "a1")
     result = await run_faces(provider, job)
     assert [op for op, _ in fake.calls] == ["CreateCollection", "IndexFaces", "SearchFaces"]
@@ -216,7 +217,7 @@ async def test_a_first_claim_does_not_list_the_collection(
 async def test_unknown_effects_are_refused_before_anything_is_written(
     conn: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
-    store = PgJobStore(pool)
+    store = PgJobStore(pool, effects=pg_effect_writers())
     job = await enqueue_and_claim(store, "a1")
     with pytest.raises(ValueError, match="unknown step effects: labels"):
         await store.save_step(job, StepResult("p", "p.s", {"x": 1}, effects={"labels": []}))
@@ -234,7 +235,7 @@ async def test_the_daemon_cleans_up_after_a_worker_that_died_after_index_faces(
     for name, data in PHOTOS.items():
         (tmp_path / f"{name}.jpg").write_bytes(data)
     table = await make_table(conn, owner=True)
-    store = PgJobStore(pool)
+    store = PgJobStore(pool, effects=pg_effect_writers())
     async with StaticServer(str(tmp_path)) as photos:
         await conn.execute(
             f"INSERT INTO {table} (url, owner_id) VALUES ($1, 'owner-1')",

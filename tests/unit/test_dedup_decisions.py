@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from listener.analysis.dedup import DedupPolicy, phash_int
+from listener.analysis.dedup_store import MemoryDedupStore
 from listener.analysis.dispatch import Dispatcher, LocalLimiter, ProviderSlot
 from listener.analysis.estimate import StepHistory, estimate
 from listener.analysis.pipeline import Plan, Step
@@ -92,6 +93,7 @@ def make(
         lambda: 0.5,
         prices=prices,
         dedup=dedup,
+        reuse=MemoryDedupStore(store),
     )
     return run, store, providers
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from listener.analysis.effects import effect_kinds
 from listener.analysis.faces import FaceMatch, IndexedFace, decide, external_image_id
 from listener.analysis.providers.base import StepResult
 from listener.queue.memory_store import MemoryJobStore
@@ -68,7 +69,7 @@ def test_external_image_id_tells_tables_apart_and_fits_rekognition() -> None:
 
 
 async def test_memory_store_keeps_the_faces_effect_with_the_step() -> None:
-    store = MemoryJobStore(FakeClock())
+    store = MemoryJobStore(FakeClock(), effects=effect_kinds())
     job_id = await store.enqueue("public.images", "1", "http://x/a.jpg", "o")
     assert job_id is not None
     (job,) = await store.claim(1, "w", 30.0, uuid.uuid4())
@@ -82,7 +83,7 @@ async def test_memory_store_keeps_the_faces_effect_with_the_step() -> None:
 
 
 async def test_memory_store_writes_no_effect_without_the_lease() -> None:
-    store = MemoryJobStore(FakeClock())
+    store = MemoryJobStore(FakeClock(), effects=effect_kinds())
     job_id = await store.enqueue("public.images", "1", "http://x/a.jpg", "o")
     assert job_id is not None
     (job,) = await store.claim(1, "w", 30.0, uuid.uuid4())
@@ -93,7 +94,7 @@ async def test_memory_store_writes_no_effect_without_the_lease() -> None:
 
 
 async def test_memory_store_refuses_unknown_effects() -> None:
-    store = MemoryJobStore(FakeClock())
+    store = MemoryJobStore(FakeClock(), effects=effect_kinds())
     await store.enqueue("public.images", "1", "http://x/a.jpg", "o")
     (job,) = await store.claim(1, "w", 30.0, uuid.uuid4())
     with pytest.raises(ValueError, match="unknown step effects: labels"):

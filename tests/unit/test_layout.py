@@ -7,6 +7,7 @@ and ``listener.app`` wire the daemon).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,20 @@ def test_at_most_six_modules_at_the_top() -> None:
     """Everything but the wiring, settings, errors and redaction lives in a package by role."""
     top = sorted(p.name for p in (ROOT / "listener").glob("*.py"))
     assert len(top) <= 6, top
+
+
+IMAGE_WORDS = re.compile(
+    r"\b(images?|faces?|phash|sha256|rekognition|openai|bounding)\b", re.IGNORECASE
+)
+
+
+def test_the_queue_core_names_no_image_concept() -> None:
+    """The queue core's source, comments and docstrings included, speaks of jobs, source rows
+    and effects: what is analyzed, and how, belongs to the analysis side."""
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in sorted((ROOT / "listener" / "queue").glob("*.py"))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if IMAGE_WORDS.search(line)
+    ]
+    assert not found, "\n".join(found)

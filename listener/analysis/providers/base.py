@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from listener.queue.outcomes import InputDigest, Reuse
+from listener.analysis.effects import InputDigest, Reuse
 
 
 @dataclass(frozen=True, slots=True)
