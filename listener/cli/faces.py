@@ -2,21 +2,26 @@
 
 ``people`` and ``suggestions`` list one owner's (``--owner``) or every owner's; ``accept``,
 ``reject``, ``merge`` and ``rename`` act on the owner of the face or person named, or check it
-is ``--owner``'s. Every value printed goes through ``listener.cli.render.shown``.
+is ``--owner``'s. Every value printed goes through ``listener.cli.render.shown``;
+the tables are drawn there.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from listener.app_side.face_review import FaceReview, NotFound
-from listener.cli import UserError, _pool, _run, _settings, console
-from listener.cli.render import shown
+from listener.cli.common import UserError, load_settings, open_pool, run_command
+from listener.cli.render import (
+    console,
+    face_counts_table,
+    people_table,
+    print_json,
+    shown,
+    suggestions_table,
+)
 
 faces_app = typer.Typer(
     name="faces",
@@ -35,31 +40,6 @@ CheckOwnerOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
-def _owner(value: Any) -> str:
-    return "(no owner)" if value is None else shown(value)
-
-
-def _row(table: Any, source_id: Any) -> str:
-    return f"{shown(table)} {shown(source_id)}" if table is not None else "-"
-
-
-def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, default=str) + "\n")
-
-
-def _counts_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="faces per owner")
-    table.add_column("owner")
-    for name in ("people", "faces", "unassigned", "open suggestions"):
-        table.add_column(name, justify="right")
-    for row in rows:
-        table.add_row(
-            _owner(row["owner"]),
-            *(shown(row[k]) for k in ("people", "faces", "unassigned", "open_suggestions")),
-        )
-    return table
-
-
 @faces_app.command()
 def people(
     owner: OwnerOption = None,
@@ -71,10 +51,10 @@ def people(
     Counts: people, faces, faces in no person, open suggestions. Each person is listed with
     a sample face (its most confident) and the row it was found in.
     """
-    settings = _settings()
+    settings = load_settings()
 
     async def go() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        async with _pool(settings) as pool:
+        async with open_pool(settings) as pool:
             review = FaceReview(pool)
             if owner is None:
                 return (
@@ -83,31 +63,12 @@ def people(
                 )
             return [await review.counts(owner)], await review.people(owner, limit)
 
-    counts, found = _run(go())
+    counts, found = run_command(go())
     if as_json:
-        _print_json({"counts": counts, "people": found})
+        print_json({"counts": counts, "people": found})
         return
-    console.print(_counts_table(counts))
-    table = Table(title="people, most faces first")
-    table.add_column("person", justify="right")
-    if owner is None:
-        table.add_column("owner")
-    table.add_column("name")
-    table.add_column("faces", justify="right")
-    table.add_column("sample face")
-    table.add_column("in row")
-    for row in found:
-        cells = [shown(row["person_id"])]
-        if owner is None:
-            cells.append(_owner(row["owner"]))
-        cells += [
-            shown(row["name"]) or "-",
-            shown(row["faces"]),
-            shown(row["sample_face_id"]) or "-",
-            _row(row["sample_source_table"], row["sample_source_id"]),
-        ]
-        table.add_row(*cells)
-    console.print(table if found else "no people yet")
+    console.print(face_counts_table(counts))
+    console.print(people_table(found, owner is None) if found else "no people yet")
 
 
 @faces_app.command()
@@ -121,44 +82,23 @@ def suggestions(
     Each is a face, the earlier face it resembles (the candidate, 80-95% similar) and the
     candidate's person. Decide with `faces accept` or `faces reject`.
     """
-    settings = _settings()
+    settings = load_settings()
 
     async def go() -> list[dict[str, Any]]:
-        async with _pool(settings) as pool:
+        async with open_pool(settings) as pool:
             review = FaceReview(pool)
             if owner is None:
                 return await review.suggestions_of_every_owner(limit)
             return await review.suggestions(owner, limit)
 
-    found = _run(go())
+    found = run_command(go())
     if as_json:
-        _print_json({"suggestions": found})
+        print_json({"suggestions": found})
         return
     if not found:
         console.print("no open suggestions")
         return
-    table = Table(title="open suggestions, most similar first")
-    if owner is None:
-        table.add_column("owner")
-    for name in ("face", "in row", "candidate", "in row", "person", "similarity %"):
-        table.add_column(name, justify="right" if name == "similarity %" else "left")
-    for row in found:
-        person = (
-            "-"
-            if row["person_id"] is None
-            else f"{shown(row['person_id'])} {shown(row['person_name'] or '')}".rstrip()
-        )
-        cells = [_owner(row["owner"])] if owner is None else []
-        cells += [
-            shown(row["face_id"]),
-            _row(row["source_table"], row["source_id"]),
-            shown(row["candidate_face_id"]),
-            _row(row["candidate_source_table"], row["candidate_source_id"]),
-            person,
-            f"{row['similarity']:.1f}",
-        ]
-        table.add_row(*cells)
-    console.print(table)
+    console.print(suggestions_table(found, owner is None))
 
 
 async def _face_owner(review: FaceReview, face_id: str, owner: str | None) -> str | None:
@@ -191,16 +131,16 @@ def accept(
     The person is created when neither face had one. The face's other open suggestions are
     closed. Accepting twice changes nothing.
     """
-    settings = _settings()
+    settings = load_settings()
 
     async def go() -> int:
-        async with _pool(settings) as pool:
+        async with open_pool(settings) as pool:
             review = FaceReview(pool)
             return await review.accept(await _face_owner(review, face, owner), face, candidate)
 
-    person = _run(go())
+    person = run_command(go())
     if as_json:
-        _print_json({"face_id": face, "person_id": person})
+        print_json({"face_id": face, "person_id": person})
     else:
         console.print(f"face {shown(face)} is in person {person}")
 
@@ -213,16 +153,16 @@ def reject(
     as_json: JsonOption = False,
 ) -> None:
     """Reject a suggestion: FACE is not CANDIDATE's person (nothing else changes)."""
-    settings = _settings()
+    settings = load_settings()
 
     async def go() -> bool:
-        async with _pool(settings) as pool:
+        async with open_pool(settings) as pool:
             review = FaceReview(pool)
             return await review.reject(await _face_owner(review, face, owner), face, candidate)
 
-    changed = _run(go())
+    changed = run_command(go())
     if as_json:
-        _print_json({"face_id": face, "candidate_face_id": candidate, "rejected": changed})
+        print_json({"face_id": face, "candidate_face_id": candidate, "rejected": changed})
     else:
         console.print(
             f"rejected: face {shown(face)} is not the person of {shown(candidate)}"
@@ -243,16 +183,16 @@ def merge(
     Their faces join INTO and they are deleted. INTO keeps its name, or takes the first name
     among PEOPLE when it has none.
     """
-    settings = _settings()
+    settings = load_settings()
 
     async def go() -> int:
-        async with _pool(settings) as pool:
+        async with open_pool(settings) as pool:
             review = FaceReview(pool)
             return await review.merge(await _person_owner(review, into, owner), into, people)
 
-    moved = _run(go())
+    moved = run_command(go())
     if as_json:
-        _print_json({"into": into, "merged": people, "faces_moved": moved})
+        print_json({"into": into, "merged": people, "faces_moved": moved})
     else:
         console.print(f"merged {len(set(people))} people into person {into}: {moved} faces moved")
 
@@ -265,16 +205,16 @@ def rename(
     as_json: JsonOption = False,
 ) -> None:
     """Name PERSON (at most 200 characters; "" removes the name)."""
-    settings = _settings()
+    settings = load_settings()
 
     async def go() -> str | None:
-        async with _pool(settings) as pool:
+        async with open_pool(settings) as pool:
             review = FaceReview(pool)
             return await review.rename(await _person_owner(review, person, owner), person, name)
 
-    stored = _run(go())
+    stored = run_command(go())
     if as_json:
-        _print_json({"person_id": person, "name": stored})
+        print_json({"person_id": person, "name": stored})
     elif stored is None:
         console.print(f"person {person} has no name now")
     else:
