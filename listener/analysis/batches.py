@@ -48,7 +48,7 @@ from listener.analysis.dispatch import FetchResult
 from listener.analysis.providers.base import BatchBackend, ImageInput, StepResult
 from listener.db.queries import Queries
 from listener.errors import ListenerError
-from listener.queue.loops import Loop, LoopSignals, Ticked
+from listener.queue.loops import Loop, Ticked
 from listener.queue.outcomes import BatchJob
 from listener.queue.retry import describe
 from listener.queue.store import JobStore
@@ -114,10 +114,6 @@ class BatchManager:
             "batches", self._round, settings.poll_interval_s, at_stop="return", label="batches"
         )
         self.applied = 0
-
-    @property
-    def signals(self) -> LoopSignals:
-        return self.loop.signals
 
     def stop(self) -> None:
         """End ``run`` after the current round."""

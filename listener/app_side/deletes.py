@@ -42,7 +42,7 @@ from typing import Protocol, runtime_checkable
 from loguru import logger
 
 from listener.db.queries import DeletedRowEntry
-from listener.queue.loops import Loop, LoopSignals, Ticked
+from listener.queue.loops import Loop, Ticked
 from listener.queue.retry import describe, full_jitter_backoff
 from listener.queue.signals import Signals
 from listener.queue.store import DeletedRow, ForgottenRow
@@ -155,11 +155,6 @@ class DeleteDrain:
         self._rng = rng
         self._signals = signals
         self.loop = Loop("deletes", self._round, interval_s, at_stop="return", label="deleted rows")
-
-    @property
-    def loop_signals(self) -> LoopSignals:
-        """The loop's signals (``forgotten`` goes to the daemon's ``signals``)."""
-        return self.loop.signals
 
     def wake(self) -> None:
         """Look for due entries now rather than at the next interval."""

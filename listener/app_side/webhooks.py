@@ -45,7 +45,7 @@ from loguru import logger
 from yarl import URL
 
 from listener.db.queries import OutboxEvent, Queries
-from listener.queue.loops import Loop, LoopSignals, Ticked
+from listener.queue.loops import Loop, Ticked
 from listener.queue.retry import full_jitter_backoff
 
 SIGNATURE_HEADER = "X-Listener-Signature"
@@ -263,10 +263,6 @@ class WebhookSender:
         """Events answered 2xx since start."""
         self.failed = 0
         """Delivery attempts that failed since start."""
-
-    @property
-    def signals(self) -> LoopSignals:
-        return self.loop.signals
 
     def wake(self) -> None:
         """Look for due events now rather than at the next interval."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 from listener.db.queries import Queries
-from listener.queue.loops import Loop, LoopSignals, Ticked
+from listener.queue.loops import Loop, Ticked
 from listener.queue.retry import describe
 
 COALESCE_S = 0.05
@@ -68,10 +68,6 @@ class StatusWriteBack:
         """App rows written since start."""
         self.deferred = 0
         """Rows left queued by the last round (held by the app, or of a failing table)."""
-
-    @property
-    def signals(self) -> LoopSignals:
-        return self.loop.signals
 
     def wake(self) -> None:
         """Run a round now rather than at the next interval."""

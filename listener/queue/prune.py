@@ -21,7 +21,7 @@ from typing import Protocol
 
 from loguru import logger
 
-from listener.queue.loops import Loop, LoopSignals
+from listener.queue.loops import Loop
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -92,10 +92,6 @@ class Pruner:
         self._batch = batch
         self._now = now
         self.loop = Loop("prune", self._prune, interval_s, at_stop="return", label="pruning")
-
-    @property
-    def signals(self) -> LoopSignals:
-        return self.loop.signals
 
     async def run(self) -> None:
         """Prune once now, then every ``interval_s``, until ``stop``; errors are logged."""

@@ -11,7 +11,7 @@ never how exact it is. Every daemon runs one; a rollup that finds another runnin
 from __future__ import annotations
 
 from listener.db.queries import Queries
-from listener.queue.loops import Loop, LoopSignals
+from listener.queue.loops import Loop
 
 
 class CountsRollup:
@@ -31,10 +31,6 @@ class CountsRollup:
         )
         self.folded = 0
         """Delta rows folded since start."""
-
-    @property
-    def signals(self) -> LoopSignals:
-        return self.loop.signals
 
     def stop(self) -> None:
         """End ``run`` after a last rollup."""
