@@ -4,8 +4,12 @@
 dispatcher, the worker, the LISTEN notifier and the health server from ``Settings``. Start
 builds everything and binds the health port *before* any loop runs, so a start that fails
 (port taken, provider that cannot start) has claimed no job. Then one ``asyncio.TaskGroup``
-owns every loop (worker, notifier, batches, status write-back, deleted rows, webhooks); stop
-ends them in order: stop claiming, drain and hand leases back, stop the others, close.
+owns every loop (worker, notifier, batches, retention, status write-back, counters' rollup,
+deleted rows, webhooks); stop ends them in order: stop claiming, drain and hand leases back,
+stop the others (each as its ``listener.queue.loops`` stop policy says), close.
+
+``start`` reads as the list of what runs; each part is built in one ``_build_*`` or
+``_start_*`` method, and providers come from ``PROVIDERS``, a registry of factories by name.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ if TYPE_CHECKING:
 
 
 class _Loop(Protocol):
-    """A side loop of the daemon (notifier, batch manager): runs until told to stop."""
+    """A side loop of the daemon (each runs a ``listener.queue.loops.Loop``): runs until told
+    to stop."""
 
     async def run(self) -> None: ...
 

@@ -27,21 +27,6 @@ async def jobs_finished(
     await when(lambda: all_finished(conn, expected), daemon.signals, "finished", timeout)
 
 
-async def written_back(daemon: Daemon, timeout: float = 30.0) -> None:
-    """Wait for a status write-back round that began after this call and found nothing to
-    write: every status (and result) queued before the call is in the app's rows, but for
-    rows the app holds."""
-    await loop_signals(daemon, "writeback").settled(timeout)
-
-
-async def finished_and_written(
-    daemon: Daemon, conn: asyncpg.Connection, expected: int, timeout: float = 30.0
-) -> None:
-    """``jobs_finished``, then ``written_back``: the jobs are done and the app's rows show it."""
-    await jobs_finished(daemon, conn, expected, timeout)
-    await written_back(daemon, timeout)
-
-
 async def when(
     check: Callable[[], Awaitable[bool]],
     signals: Counters[Any],
