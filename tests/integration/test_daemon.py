@@ -15,7 +15,6 @@ from support import (
     counts,
     fast_settings,
     make_table,
-    wait_until,
 )
 
 from listener.app import Daemon, SchemaNotReady
@@ -236,7 +235,8 @@ async def test_health_endpoints(database_url: str, conn: asyncpg.Connection) -> 
             async with http.get("/metrics") as r:
                 metrics = await r.text()
             daemon.notifier.stop()
-            await wait_until(lambda: _not(daemon.notifier.connected), timeout=5)
+            await daemon.notifier.loop.signals.wait("stopped", 1, timeout=5)
+            assert not daemon.notifier.connected
             async with http.get("/readyz") as r:
                 assert r.status == 503
                 assert "LISTEN" in (await r.json())["problems"][0]
@@ -245,10 +245,6 @@ async def test_health_endpoints(database_url: str, conn: asyncpg.Connection) -> 
     assert "recording" in status["provider_rates_per_s"]
     assert 'listener_jobs_finished_total{outcome="complete"} 3.0' in metrics
     assert 'listener_queue_jobs{status="complete"} 3.0' in metrics
-
-
-async def _not(value: bool) -> bool:
-    return not value
 
 
 async def test_unmigrated_database_is_refused(pg_admin_dsn: str) -> None:
