@@ -4,20 +4,25 @@
 dispatcher, the worker, the LISTEN notifier and the health server from ``Settings``. Start
 builds everything and binds the health port *before* any loop runs, so a start that fails
 (port taken, provider that cannot start) has claimed no job. Then one ``asyncio.TaskGroup``
-owns every loop (worker, notifier, batches, status write-back, deleted rows, webhooks); stop
-ends them in order: stop claiming, drain and hand leases back, stop the others, close.
+owns every loop (worker, notifier, batches, retention, status write-back, counters' rollup,
+deleted rows, webhooks); stop ends them in order: stop claiming, drain and hand leases back,
+stop the others (each as its ``listener.queue.loops`` stop policy says), close.
+
+``start`` reads as the list of what runs; each part is built in one ``_build_*`` or
+``_start_*`` method, and providers come from ``PROVIDERS``, a registry of factories by name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import resource
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,7 +33,13 @@ from listener.analysis.batch_store import PgBatchStore
 from listener.analysis.budget import Budget
 from listener.analysis.dedup import DedupPolicy
 from listener.analysis.dedup_store import PgDedupStore
-from listener.analysis.dispatch import Dispatcher, Limiter, LocalLimiter, ProviderSlot
+from listener.analysis.dispatch import (
+    Dispatcher,
+    Limiter,
+    LocalLimiter,
+    ProviderSlot,
+    paid_providers,
+)
 from listener.analysis.effects import pg_effect_writers
 from listener.analysis.face_store import PgFaceStore
 from listener.analysis.fetch import ImageFetcher
@@ -59,7 +70,8 @@ if TYPE_CHECKING:
 
 
 class _Loop(Protocol):
-    """A side loop of the daemon (notifier, batch manager): runs until told to stop."""
+    """A side loop of the daemon (each runs a ``listener.queue.loops.Loop``): runs until told
+    to stop."""
 
     async def run(self) -> None: ...
 
@@ -70,44 +82,79 @@ class SchemaNotReady(RuntimeError):
     """The database has not been migrated to this listener's schema."""
 
 
+@dataclasses.dataclass(frozen=True)
+class SharedResources:
+    """What a provider may use besides its settings: the daemon's queries (known faces) and
+    its tracing (cloud providers send its trace headers with each request)."""
+
+    queries: Queries
+    tracing: Tracing
+
+
+ProviderFactory = Callable[[Settings, SharedResources], Provider]
+"""Builds one provider from the settings and the shared resources. Each factory imports its
+provider's module itself: a pipeline that does not use a provider never loads its SDK."""
+
+
+def _noop_provider(settings: Settings, _: SharedResources) -> Provider:
+    from listener.analysis.providers.noop import NoopProvider
+
+    return NoopProvider(settings.noop_delay_s)
+
+
+def _local_provider(settings: Settings, _: SharedResources) -> Provider:
+    from listener.analysis.providers.local import LocalProvider
+
+    return LocalProvider(
+        settings.local,
+        max_pixels=settings.fetch.max_pixels,
+        max_decode_bytes=settings.fetch.max_decode_bytes,
+        timeout_s=settings.step_timeout("local"),
+    )
+
+
+def _openai_provider(settings: Settings, shared: SharedResources) -> Provider:
+    from listener.analysis.providers.openai import OpenAIProvider
+
+    return OpenAIProvider(settings.openai, tracing=shared.tracing)
+
+
+def _rekognition_provider(settings: Settings, shared: SharedResources) -> Provider:
+    from listener.analysis.faces import PgKnownFaces
+    from listener.analysis.providers.rekognition import RekognitionProvider
+
+    return RekognitionProvider(
+        settings.rekognition, PgKnownFaces(shared.queries), tracing=shared.tracing
+    )
+
+
+PROVIDERS: Mapping[str, ProviderFactory] = {
+    "noop": _noop_provider,
+    "local": _local_provider,
+    "openai": _openai_provider,
+    "rekognition": _rekognition_provider,
+}
+"""Every provider a pipeline can name, by name."""
+
+
 def build_providers(
     settings: Settings, plan: Plan, queries: Queries, tracing: Tracing | None = None
 ) -> list[Provider]:
-    """One provider object per provider the plan uses, configured from ``settings``.
+    """One provider object per provider the plan uses, configured from ``settings``
+    (``PROVIDERS``).
 
     ``tracing``: the cloud providers send its trace headers with each request.
+
+    Raises:
+        ValueError: the plan names a provider ``PROVIDERS`` lacks.
     """
-    tracing = tracing or Tracing()
+    shared = SharedResources(queries, tracing or Tracing())
     providers: list[Provider] = []
     for name in plan.providers:
-        if name == "noop":
-            from listener.analysis.providers.noop import NoopProvider
-
-            providers.append(NoopProvider(settings.noop_delay_s))
-        elif name == "local":
-            from listener.analysis.providers.local import LocalProvider
-
-            providers.append(
-                LocalProvider(
-                    settings.local,
-                    max_pixels=settings.fetch.max_pixels,
-                    max_decode_bytes=settings.fetch.max_decode_bytes,
-                    timeout_s=settings.step_timeout("local"),
-                )
-            )
-        elif name == "openai":
-            from listener.analysis.providers.openai import OpenAIProvider
-
-            providers.append(OpenAIProvider(settings.openai, tracing=tracing))
-        elif name == "rekognition":
-            from listener.analysis.faces import PgKnownFaces
-            from listener.analysis.providers.rekognition import RekognitionProvider
-
-            providers.append(
-                RekognitionProvider(settings.rekognition, PgKnownFaces(queries), tracing=tracing)
-            )
-        else:
+        factory = PROVIDERS.get(name)
+        if factory is None:
             raise ValueError(f"unknown provider {name!r}")
+        providers.append(factory(settings, shared))
     return providers
 
 
@@ -265,172 +312,12 @@ class Daemon:
         )
         self.pool = await database.create_pool(s.pool_min_size, s.pool_max_size)
         try:
-            async with self.pool.acquire() as conn:
-                await check_schema(conn)
-                await warn_if_privileged(conn)
-            queries = Queries(self.pool)
-            self.queries = queries
-            self.store = PgJobStore(self.pool, s.max_attempts, effects=pg_effect_writers())
-            self._providers = self._injected or build_providers(s, self.plan, queries, self.tracing)
-            await self._fetcher.start()
-            for provider in self._providers:
-                await provider.start()
-                self._started_providers.append(provider)
-            slots = {
-                p.name: ProviderSlot.build(
-                    p,
-                    s.rate_limit(p.name),
-                    build_limiter(s, p.name, queries),
-                    s.step_timeout(p.name),
-                )
-                for p in self._providers
-            }
-            self.budget = (
-                Budget(s.budget_usd_per_day, queries.spend_since)
-                if s.budget_usd_per_day is not None
-                else None
-            )
-            # Read at most once per poll interval: a paused pipeline claims nothing, a paused
-            # provider's steps snooze once per job until the pause ends (listener.pauses).
-            self.pauses = PauseBoard(
-                queries.active_pauses,
-                [p.name for p in self._providers],
-                cache_s=s.poll_interval_s,
-                budget=self.budget,
-                paid=lambda name: dispatcher.paid(name),
-            )
-            # The provider that can also run steps through a batch API, if any.
-            backend = next((p for p in self._providers if isinstance(p, BatchBackend)), None)
-            self._limiters = [slot.limiter for slot in slots.values()]
-            dispatcher = Dispatcher(
-                self.plan,
-                slots,
-                self._fetcher,
-                self.store,
-                RetryPolicy(s.backoff_base_s, s.backoff_cap_s),
-                self.metrics,
-                self._rng.random,
-                prices=s.prices,
-                budget=self.budget,
-                batch=s.batch if backend is not None else None,
-                pauses=self.pauses,
-                tracing=self.tracing,
-                dedup=None
-                if s.dedup == "off"
-                else DedupPolicy(s.dedup, s.dedup_scope, s.dedup_max_distance),
-                reuse=PgDedupStore(self.pool),
-            )
-            worker = Worker(
-                self.store,
-                dispatcher,
-                WorkerConfig(
-                    worker_id=self.worker_id,
-                    concurrency=s.concurrency,
-                    prefetch=s.prefetch_jobs(),
-                    lease_s=s.lease_s,
-                    poll_interval_s=s.poll_interval_s,
-                    shutdown_grace_s=s.shutdown_grace_s,
-                ),
-                self.metrics,
-                self._rng.random,
-                signals=self.signals,
-                gate=self.pauses,
-            )
-            self.worker = worker
-            if s.prune_after_days is not None:
-                self.pruner = Pruner(
-                    self.store,
-                    timedelta(days=s.prune_after_days),
-                    interval_s=s.prune_interval_s,
-                    batch=s.prune_batch,
-                )
-
-            def notified(payload: str) -> None:
-                self.metrics.notifications.inc()
-                worker.wake()
-                if payload == INSERTED:
-                    # Rows to admit: the worker's next claim does. The other loops would only
-                    # find nothing, and their queries would sit beside that claim.
-                    return
-                if self.status_writeback is not None:
-                    self.status_writeback.wake()
-                if self.deletes is not None:
-                    self.deletes.wake()
-
-            def connected() -> None:
-                if self.notifier is not None and self.notifier.generation > 1:
-                    self.metrics.reconnects.inc()
-                self.signals.emit("listening")
-                worker.wake()
-
-            self.notifier = Notifier(
-                listen_dsn,
-                notified,
-                connected,
-                probe_interval_s=s.probe_interval_s,
-                reconnect_base_s=s.reconnect_base_s,
-                reconnect_cap_s=s.reconnect_cap_s,
-                rng=self._rng.random,
-            )
-            if backend is not None:
-                # Imported here: a pipeline without a batch backend never loads it.
-                from listener.analysis.batches import BatchManager
-
-                self.batches = BatchManager(
-                    queries,
-                    PgBatchStore(self.pool),
-                    backend,
-                    self._fetcher.fetch,
-                    [st.name for st in self.plan.steps if st.provider == backend.name],
-                    s.batch,
-                    s.prices,
-                )
-            if self._want_health:
-                self.health = HealthServer(
-                    HealthSources(
-                        pool=self.pool,
-                        queries=queries,
-                        notifier=self.notifier,
-                        worker=worker,
-                        metrics=self.metrics,
-                        providers=[p.name for p in self._providers],
-                        started_at=time.monotonic(),
-                        budget_usd_per_day=s.budget_usd_per_day,
-                        status_cache_s=s.status_cache_s,
-                    ),
-                    s.health_host,
-                    s.health_port,
-                    token=s.health_token_value(),
-                    allowed_hosts=s.health_allowed_hosts,
-                    max_connections=s.health_max_connections,
-                    header_timeout_s=s.health_header_timeout_s,
-                )
-                await self.health.start()
-
-            # Status write-back (--status-column): a loop of its own, outside every claim,
-            # so the app's row locks never hold up the queue (see listener/app_side/writeback.py).
-            self.status_writeback = StatusWriteBack(
-                queries,
-                s.status_writeback_interval_s,
-                s.status_writeback_batch,
-                s.status_writeback_lock_timeout_ms,
-            )
-            # Rows the app deleted: their jobs, results and faces (listener/app_side/deletes.py).
-            self.deletes = DeleteDrain(
-                queries,
-                self.store,
-                self._face_remover(),
-                records=PgFaceStore(self.pool),
-                interval_s=s.deletes_interval_s,
-                batch=s.deletes_batch,
-                backoff_base_s=s.backoff_base_s,
-                backoff_cap_s=s.backoff_cap_s,
-                rng=self._rng.random,
-                signals=self.signals,
-            )
-            # Folds the job counters' deltas (0008) so status reads stay a few rows.
-            self.counts_rollup = CountsRollup(queries, s.counts_rollup_interval_s)
-            await self._start_webhooks(queries)
+            queries = await self._open_store(self.pool)
+            await self._start_providers(queries)
+            worker = self._build_worker(self._build_dispatcher(queries))
+            await self._build_side_loops(queries)
+            self.notifier = self._build_notifier(listen_dsn, worker)
+            await self._start_health(queries, worker)
         except BaseException:
             await self._close_resources()
             raise
@@ -442,6 +329,214 @@ class Daemon:
             s.concurrency,
             self._health_description(),
         )
+
+    async def _open_store(self, pool: asyncpg.Pool) -> Queries:
+        """Check the schema (and the daemon's role), then build the queries and job store."""
+        async with pool.acquire() as conn:
+            await check_schema(conn)
+            await warn_if_privileged(conn)
+        self.queries = Queries(pool)
+        self.store = PgJobStore(pool, self.settings.max_attempts, effects=pg_effect_writers())
+        # The analysis side's stores: result reuse, batched jobs, face records.
+        self._reuse = PgDedupStore(pool)
+        self._batch_store = PgBatchStore(pool)
+        self._face_records = PgFaceStore(pool)
+        return self.queries
+
+    async def _start_providers(self, queries: Queries) -> None:
+        """Build the providers (unless injected) and start them and the fetcher."""
+        self._providers = self._injected or build_providers(
+            self.settings, self.plan, queries, self.tracing
+        )
+        await self._fetcher.start()
+        for provider in self._providers:
+            await provider.start()
+            self._started_providers.append(provider)
+
+    def _batch_backend(self) -> BatchBackend | None:
+        """The provider that can also run steps through a batch API, if any."""
+        return next((p for p in self._providers if isinstance(p, BatchBackend)), None)
+
+    def _build_dispatcher(self, queries: Queries) -> Dispatcher:
+        """The dispatcher, with each provider's slot (rate limit, limiter, timeout), the
+        budget and the operator pauses."""
+        s = self.settings
+        assert self.store is not None
+        slots = {
+            p.name: ProviderSlot.build(
+                p, s.rate_limit(p.name), build_limiter(s, p.name, queries), s.step_timeout(p.name)
+            )
+            for p in self._providers
+        }
+        self._limiters = [slot.limiter for slot in slots.values()]
+        self.budget = (
+            Budget(s.budget_usd_per_day, queries.spend_since)
+            if s.budget_usd_per_day is not None
+            else None
+        )
+        # Read at most once per poll interval: a paused pipeline claims nothing, a paused
+        # provider's steps snooze once per job until the pause ends (listener.queue.pauses).
+        self.pauses = PauseBoard(
+            queries.active_pauses,
+            [p.name for p in self._providers],
+            cache_s=s.poll_interval_s,
+            budget=self.budget,
+            paid=paid_providers(slots, s.prices).__contains__,
+        )
+        return Dispatcher(
+            self.plan,
+            slots,
+            self._fetcher,
+            self.store,
+            RetryPolicy(s.backoff_base_s, s.backoff_cap_s),
+            self.metrics,
+            self._rng.random,
+            prices=s.prices,
+            budget=self.budget,
+            batch=s.batch if self._batch_backend() is not None else None,
+            pauses=self.pauses,
+            tracing=self.tracing,
+            dedup=None
+            if s.dedup == "off"
+            else DedupPolicy(s.dedup, s.dedup_scope, s.dedup_max_distance),
+            reuse=self._reuse,
+        )
+
+    def _build_worker(self, dispatcher: Dispatcher) -> Worker:
+        s = self.settings
+        assert self.store is not None
+        self.worker = Worker(
+            self.store,
+            dispatcher,
+            WorkerConfig(
+                worker_id=self.worker_id,
+                concurrency=s.concurrency,
+                prefetch=s.prefetch_jobs(),
+                lease_s=s.lease_s,
+                poll_interval_s=s.poll_interval_s,
+                shutdown_grace_s=s.shutdown_grace_s,
+            ),
+            self.metrics,
+            self._rng.random,
+            signals=self.signals,
+            gate=self.pauses,
+        )
+        return self.worker
+
+    async def _build_side_loops(self, queries: Queries) -> None:
+        """Every side loop this daemon runs (each one's stop policy is in its class):
+        batches (with a batch backend), retention (with ``prune_after_days``), status
+        write-back, deleted rows, counters' rollup, and webhooks (with ``webhook_url``)."""
+        s = self.settings
+        assert self.store is not None
+        backend = self._batch_backend()
+        if backend is not None:
+            # Imported here: a pipeline without a batch backend never loads it.
+            from listener.analysis.batches import BatchManager
+
+            self.batches = BatchManager(
+                queries,
+                self._batch_store,
+                backend,
+                self._fetcher.fetch,
+                [st.name for st in self.plan.steps if st.provider == backend.name],
+                s.batch,
+                s.prices,
+            )
+        if s.prune_after_days is not None:
+            self.pruner = Pruner(
+                self.store,
+                timedelta(days=s.prune_after_days),
+                interval_s=s.prune_interval_s,
+                batch=s.prune_batch,
+            )
+        # Status write-back (--status-column): a loop of its own, outside every claim,
+        # so the app's row locks never hold up the queue (see listener/app_side/writeback.py).
+        self.status_writeback = StatusWriteBack(
+            queries,
+            s.status_writeback_interval_s,
+            s.status_writeback_batch,
+            s.status_writeback_lock_timeout_ms,
+        )
+        # Rows the app deleted: their jobs, results and faces (listener/app_side/deletes.py).
+        self.deletes = DeleteDrain(
+            queries,
+            self.store,
+            self._face_remover(),
+            records=self._face_records,
+            interval_s=s.deletes_interval_s,
+            batch=s.deletes_batch,
+            backoff_base_s=s.backoff_base_s,
+            backoff_cap_s=s.backoff_cap_s,
+            rng=self._rng.random,
+            signals=self.signals,
+        )
+        # Folds the job counters' deltas (0008) so status reads stay a few rows.
+        self.counts_rollup = CountsRollup(queries, s.counts_rollup_interval_s)
+        await self._start_webhooks(queries)
+
+    def _build_notifier(self, listen_dsn: str, worker: Worker) -> Notifier:
+        """The LISTEN connection: a notification wakes the worker, and the loops that drain
+        outboxes the triggers fill (status write-back, deleted rows)."""
+        s = self.settings
+        outboxes = [loop for loop in (self.status_writeback, self.deletes) if loop is not None]
+
+        def notified(payload: str) -> None:
+            self.metrics.notifications.inc()
+            worker.wake()
+            if payload == INSERTED:
+                # Rows to admit: the worker's next claim does. The other loops would only
+                # find nothing, and their queries would sit beside that claim.
+                return
+            for loop in outboxes:
+                loop.wake()
+
+        connections = 0
+
+        def connected() -> None:
+            nonlocal connections
+            connections += 1
+            if connections > 1:
+                self.metrics.reconnects.inc()
+            self.signals.emit("listening")
+            worker.wake()
+
+        return Notifier(
+            listen_dsn,
+            notified,
+            connected,
+            probe_interval_s=s.probe_interval_s,
+            reconnect_base_s=s.reconnect_base_s,
+            reconnect_cap_s=s.reconnect_cap_s,
+            rng=self._rng.random,
+        )
+
+    async def _start_health(self, queries: Queries, worker: Worker) -> None:
+        """Bind the health server (unless turned off); before any loop runs."""
+        if not self._want_health:
+            return
+        s = self.settings
+        assert self.pool is not None and self.notifier is not None
+        self.health = HealthServer(
+            HealthSources(
+                pool=self.pool,
+                queries=queries,
+                notifier=self.notifier,
+                worker=worker,
+                metrics=self.metrics,
+                providers=[p.name for p in self._providers],
+                started_at=time.monotonic(),
+                budget_usd_per_day=s.budget_usd_per_day,
+                status_cache_s=s.status_cache_s,
+            ),
+            s.health_host,
+            s.health_port,
+            token=s.health_token_value(),
+            allowed_hosts=s.health_allowed_hosts,
+            max_connections=s.health_max_connections,
+            header_timeout_s=s.health_header_timeout_s,
+        )
+        await self.health.start()
 
     async def _start_webhooks(self, queries: Queries) -> None:
         """With ``webhook_url``: build the delivery loop and have the trigger queue terminal
@@ -500,25 +595,19 @@ class Daemon:
         )
 
     def _side_loops(self) -> list[_Loop]:
-        loops: list[_Loop] = []
-        if self.notifier is not None:
-            loops.append(self.notifier)
-        if self.batches is not None:
-            loops.append(self.batches)
-        if self.pruner is not None:
-            loops.append(self.pruner)
-        # Told to stop only once the worker has drained, so the statuses of the jobs it
-        # handed back are written too.
-        if self.status_writeback is not None:
-            loops.append(self.status_writeback)
-        if self.counts_rollup is not None:
-            loops.append(self.counts_rollup)
-        if self.deletes is not None:
-            loops.append(self.deletes)
-        # Also stopped after the drain: the events of the last jobs go out before exit.
-        if self.webhooks is not None:
-            loops.append(self.webhooks)
-        return loops
+        """The side loops this daemon runs, as ``_build_side_loops`` (and the notifier) made
+        them. All are told to stop only once the worker has drained, so the statuses and
+        events of the jobs it finished or handed back are written and sent too."""
+        loops: tuple[_Loop | None, ...] = (
+            self.notifier,
+            self.batches,
+            self.pruner,
+            self.status_writeback,
+            self.counts_rollup,
+            self.deletes,
+            self.webhooks,
+        )
+        return [loop for loop in loops if loop is not None]
 
     async def _run_loops(self) -> None:
         """Run the worker and the side loops in one task group. When the worker returns

@@ -49,6 +49,7 @@ from listener.analysis.dispatch import FetchResult
 from listener.analysis.providers.base import BatchBackend, ImageInput, StepResult
 from listener.db.queries import Queries
 from listener.errors import ListenerError
+from listener.queue.loops import Loop, Ticked
 from listener.queue.retry import describe
 from listener.redact import redact_text
 from listener.settings import BatchSettings, Price
@@ -78,6 +79,9 @@ def split_requests(lines: Sequence[bytes], max_requests: int, max_bytes: int) ->
 class BatchManager:
     """Submits and applies OpenAI batches for one daemon (several daemons share the work).
 
+    Its poll loop stops after the round under way (``at_stop="return"``): open batches are
+    polled again by the next daemon; a preparation cut short hands its jobs back.
+
     Args:
         queries: the daemon's queries (``listener.batches`` bookkeeping).
         store: the batch store (``listener.analysis.batch_store``: every change of a batched
@@ -106,40 +110,49 @@ class BatchManager:
         self._steps = list(steps)
         self._s = settings
         self._prices = dict(prices)
-        self._stop = asyncio.Event()
+        self.loop = Loop(
+            "batches", self._round, settings.poll_interval_s, at_stop="return", label="batches"
+        )
         self.applied = 0
 
     def stop(self) -> None:
         """End ``run`` after the current round."""
-        self._stop.set()
+        self.loop.stop()
 
     async def run(self) -> None:
         """Submit and poll every ``poll_interval_s`` until stopped; errors are logged."""
-        while not self._stop.is_set():
-            await self.tick()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._s.poll_interval_s)
+        await self.loop.run()
 
-    async def tick(self) -> None:
-        """One round: hand back abandoned preparations, submit what is ready, then poll and
-        apply open batches. Errors are logged, never raised."""
+    async def tick(self) -> int:
+        """One round (see ``_round``): jobs handed back, batches submitted and applied.
+        Errors are logged (each distinct one once), never raised."""
+        return await self.loop.tick()
+
+    async def _round(self) -> Ticked:
+        """Hand back abandoned preparations, submit what is ready, then poll and apply open
+        batches; a part that fails does not keep the others from running."""
+        errors: list[str] = []
+        done = 0
+        applied = self.applied
         try:
             swept = await self._store.sweep_abandoned_batches(self._s.abandon_after_s)
             if swept:
                 logger.warning(
                     "{} jobs of batches abandoned while being prepared wait again", len(swept)
                 )
+            done += len(swept)
         except Exception as error:
-            logger.warning("sweeping abandoned batches failed: {}", describe(error))
+            errors.append(f"sweeping abandoned batches failed: {describe(error)}")
         for step in self._steps:
             try:
-                await self.submit_ready(step)
+                done += await self.submit_ready(step)
             except Exception as error:
-                logger.warning("batch submission for {} failed: {}", step, describe(error))
+                errors.append(f"batch submission for {step} failed: {describe(error)}")
         try:
             await self.poll_open()
         except Exception as error:
-            logger.warning("polling batches failed: {}", describe(error))
+            errors.append(f"polling batches failed: {describe(error)}")
+        return Ticked(done + self.applied - applied, errors)
 
     async def submit_ready(self, step: str) -> int:
         """Submit batches for ``step`` while enough steps wait; returns the batches submitted.
@@ -149,7 +162,7 @@ class BatchManager:
                 batch's jobs were handed back to wait).
         """
         submitted = 0
-        while not self._stop.is_set():
+        while not self.loop.stopping:
             waiting, oldest_s = await self._q.batch_waiting(step)
             if not waiting or (waiting < self._s.min_requests and oldest_s < self._s.max_wait_s):
                 return submitted

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -234,6 +234,20 @@ class LeaseLost(RuntimeError):
     """The job's lease expired and another worker took it: stop working on it."""
 
 
+def paid_providers(names: Iterable[str], prices: Mapping[str, Price]) -> frozenset[str]:
+    """The providers among ``names`` with a non-zero price (``provider`` or
+    ``provider:model`` keys of ``prices``): the daily budget applies to them."""
+    return frozenset(
+        name
+        for name in names
+        if any(
+            (key == name or key.startswith(f"{name}:"))
+            and (p.per_call_usd or p.per_million_input_usd or p.per_million_output_usd)
+            for key, p in prices.items()
+        )
+    )
+
+
 class Dispatcher:
     """Turns a claimed ``Job`` into an ``Outcome``.
 
@@ -302,15 +316,7 @@ class Dispatcher:
         self._batchable = {
             name for name, slot in slots.items() if isinstance(slot.provider, BatchBackend)
         }
-        self._paid = {
-            name
-            for name in slots
-            if any(
-                (key == name or key.startswith(f"{name}:"))
-                and (p.per_call_usd or p.per_million_input_usd or p.per_million_output_usd)
-                for key, p in self._prices.items()
-            )
-        }
+        self._paid = paid_providers(slots, self._prices)
 
     @property
     def providers(self) -> list[Provider]:

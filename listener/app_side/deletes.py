@@ -35,8 +35,6 @@ owner's collection, whichever way it got there:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -45,6 +43,7 @@ from typing import Protocol, runtime_checkable
 from loguru import logger
 
 from listener.db.queries import DeletedRowEntry
+from listener.queue.loops import Loop, Ticked
 from listener.queue.retry import describe, full_jitter_backoff
 from listener.queue.signals import Signals
 from listener.queue.store import DeletedRow, ForgottenRow
@@ -118,6 +117,9 @@ class NoFaceRemover(RuntimeError):
 class DeleteDrain:
     """The deleted-rows loop of one daemon.
 
+    Stops after the batch under way (``at_stop="return"``): entries left come due for the
+    next daemon, as after a crash.
+
     Args:
         queue: the outbox, bound to a pool.
         store: the job store.
@@ -160,33 +162,25 @@ class DeleteDrain:
             raise ValueError("a face remover needs the face records to forget (records)")
         self._faces = faces
         self._records = records
-        self._interval_s = interval_s
         self._batch = batch
         self._lease_s = lease_s
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
         self._rng = rng
         self._signals = signals
-        self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._errors: set[str] = set()
+        self.loop = Loop("deletes", self._round, interval_s, at_stop="return", label="deleted rows")
 
     def wake(self) -> None:
         """Look for due entries now rather than at the next interval."""
-        self._wake.set()
+        self.loop.wake()
 
     def stop(self) -> None:
         """End ``run`` after the current round."""
-        self._stop.set()
-        self._wake.set()
+        self.loop.stop()
 
     async def run(self) -> None:
         """Run rounds until stopped; errors are logged, never raised."""
-        while not self._stop.is_set():
-            await self.tick()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
-            self._wake.clear()
+        await self.loop.run()
 
     async def tick(self) -> int:
         """One round: every due entry, ``batch`` at a time.
@@ -194,10 +188,13 @@ class DeleteDrain:
         Returns:
             Entries done. Errors are logged (each distinct one once), not raised.
         """
+        return await self.loop.tick()
+
+    async def _round(self) -> Ticked:
         done = 0
         errors: set[str] = set()
         try:
-            while not self._stop.is_set() and await self._q.deleted_rows_due():
+            while not self.loop.stopping and await self._q.deleted_rows_due():
                 entries = await self._q.claim_deleted_rows(self._batch, self._lease_s)
                 if not entries:
                     break
@@ -205,9 +202,8 @@ class DeleteDrain:
                 if len(entries) < self._batch:
                     break
         except Exception as error:
-            errors.add(f"deleted rows: {describe(error)}")
-        self._report(errors)
-        return done
+            errors.add(describe(error))
+        return Ticked(done, errors)
 
     async def _clean(self, entries: list[DeletedRowEntry], errors: set[str]) -> int:
         forgotten = await self._store.forget_rows(
@@ -264,13 +260,5 @@ class DeleteDrain:
             await self._faces.delete_row_faces(
                 row.owner_id, row.row.source_table, row.row.source_id
             )
-        if row.leftovers:
+        if row.leftovers and self._records is not None:
             await self._records.forget_faces([f.ref_id for f in row.leftovers])
-
-    def _report(self, errors: set[str]) -> None:
-        """Log errors not seen in the previous round, and recovery once they are gone."""
-        for message in sorted(errors - self._errors):
-            logger.warning("deleted rows: {}", message)
-        if self._errors and not errors:
-            logger.info("deleted rows: clean-up recovered")
-        self._errors = errors

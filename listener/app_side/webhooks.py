@@ -32,7 +32,6 @@ the secret appears nowhere but in the HMAC.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -46,6 +45,7 @@ from loguru import logger
 from yarl import URL
 
 from listener.db.queries import OutboxEvent, Queries
+from listener.queue.loops import Loop, Ticked
 from listener.queue.retry import full_jitter_backoff
 
 SIGNATURE_HEADER = "X-Listener-Signature"
@@ -206,6 +206,9 @@ def check_webhook_url(url: str) -> None:
 class WebhookSender:
     """The webhook delivery loop of one daemon.
 
+    Flushes at stop (``at_stop="flush"``): once the worker has drained, it delivers what is
+    due (for up to ``flush_s``), so the events of the last jobs go out before exit.
+
     Args:
         queries: the daemon's queries, bound to a pool.
         url: ``LISTENER_WEBHOOK_URL`` (checked with ``check_webhook_url``).
@@ -242,16 +245,19 @@ class WebhookSender:
         self.shown_url = redact_url(url)
         """The URL as logs show it."""
         self._timeout_s = timeout_s
-        self._interval_s = interval_s
         self._concurrency = concurrency
         self._base_s = backoff_base_s
         self._cap_s = backoff_cap_s
         self._rng = rng
         self._clock = clock
-        self._flush_s = flush_s
-        self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._errors: set[str] = set()
+        self.loop = Loop(
+            "webhooks",
+            self._round,
+            interval_s,
+            at_stop="flush",
+            flush_s=flush_s,
+            label=f"webhook delivery to {self.shown_url}",
+        )
         self._session: aiohttp.ClientSession | None = None
         self.delivered = 0
         """Events answered 2xx since start."""
@@ -260,25 +266,19 @@ class WebhookSender:
 
     def wake(self) -> None:
         """Look for due events now rather than at the next interval."""
-        self._wake.set()
+        self.loop.wake()
 
     def stop(self) -> None:
         """End ``run``: it delivers what is due (for up to ``flush_s``) and returns."""
-        self._stop.set()
-        self._wake.set()
+        self.loop.stop()
 
     async def run(self) -> None:
-        """Deliver until stopped, then a last time; errors are logged, never raised."""
+        """Deliver until stopped, then flush; errors are logged, never raised."""
         logger.info("webhooks: delivering terminal job events to {}", self.shown_url)
         async with self._client() as session:
             self._session = session
             try:
-                while not self._stop.is_set():
-                    await self.tick()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self._interval_s)
-                    self._wake.clear()
-                await self.tick(max_s=self._flush_s)
+                await self.loop.run()
             finally:
                 self._session = None
 
@@ -289,11 +289,8 @@ class WebhookSender:
             headers={"User-Agent": "listener-webhooks"},
         )
 
-    async def tick(self, max_s: float | None = None) -> int:
+    async def tick(self) -> int:
         """Deliver due events, ``concurrency`` at a time, until none is due.
-
-        Args:
-            max_s: stop after this many seconds (the rest waits for the next round).
 
         Returns:
             Events delivered (answered 2xx). Errors are logged (each distinct one once),
@@ -303,16 +300,19 @@ class WebhookSender:
             async with self._client() as session:
                 self._session = session
                 try:
-                    return await self.tick(max_s)
+                    return await self.loop.tick()
                 finally:
                     self._session = None
+        return await self.loop.tick()
+
+    async def _round(self) -> Ticked:
+        max_s = self.loop.time_left()
         deadline = None if max_s is None else time.monotonic() + max_s
         delivered = 0
         errors: set[str] = set()
         try:
             if not await self._q.events_due():
-                self._report(errors)
-                return 0
+                return Ticked(0)
             while True:
                 claimed = await self._q.claim_events(
                     self._concurrency, self._timeout_s + LEASE_MARGIN_S
@@ -332,20 +332,19 @@ class WebhookSender:
                 delivered += len(done)
                 self.delivered += len(done)
                 self.failed += len(failed)
-                errors.update(r for _, _, r in failed)
+                errors.update(f"{r} (will retry)" for _, _, r in failed)
                 # Stop at the end of the due events, or when nothing got through (the
                 # receiver is down: the failed ones wait for their backoff, the others for
                 # the next round).
                 if len(claimed) < self._concurrency or not done:
                     break
-                if deadline is None and self._stop.is_set():
+                if deadline is None and self.loop.stopping:
                     break  # the flush after the loop (with its deadline) takes over
                 if deadline is not None and time.monotonic() > deadline:
                     break
         except Exception as error:
             errors.add(f"outbox failed: {self._safe(f'{type(error).__name__}: {error}')}")
-        self._report(errors)
-        return delivered
+        return Ticked(delivered, errors)
 
     async def _post(self, event: OutboxEvent) -> str:
         """POST one event; ``""`` on 2xx, else the reason (no URL query, no secret)."""
@@ -378,11 +377,3 @@ class WebhookSender:
         if query:
             text = text.replace(query, "...")
         return " ".join(text.split())[:500]
-
-    def _report(self, errors: set[str]) -> None:
-        """Log reasons not seen in the previous round, and recovery once they are gone."""
-        for message in sorted(errors - self._errors):
-            logger.warning("webhook delivery to {}: {} (will retry)", self.shown_url, message)
-        if self._errors and not errors:
-            logger.info("webhook delivery to {} recovered", self.shown_url)
-        self._errors = errors

@@ -17,13 +17,10 @@ Every daemon runs one; ``FOR UPDATE SKIP LOCKED`` on the outbox lets them share 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 
-from loguru import logger
-
 from listener.db.queries import Queries
+from listener.queue.loops import Loop, Ticked
 from listener.queue.retry import describe
 
 COALESCE_S = 0.05
@@ -32,6 +29,10 @@ COALESCE_S = 0.05
 
 class StatusWriteBack:
     """The status write-back loop of one daemon.
+
+    Flushes at stop (``at_stop="flush"``): once the worker has drained, rounds run until one
+    writes nothing (for up to ``flush_s``), so the statuses of the jobs handed back are
+    written before exit.
 
     Args:
         queries: the daemon's queries, bound to a pool (each round is one transaction).
@@ -51,13 +52,18 @@ class StatusWriteBack:
         flush_s: float = 5.0,
     ) -> None:
         self._q = queries
-        self._interval_s = interval_s
         self._batch = batch
         self._lock_timeout_ms = lock_timeout_ms
-        self._flush_s = flush_s
-        self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._errors: set[str] = set()
+        # A burst of inserts is a burst of wake-ups: one round for all of them.
+        self.loop = Loop(
+            "writeback",
+            self._round,
+            interval_s,
+            at_stop="flush",
+            flush_s=flush_s,
+            coalesce_s=COALESCE_S,
+            label="status write-back",
+        )
         self.written = 0
         """App rows written since start."""
         self.deferred = 0
@@ -65,34 +71,25 @@ class StatusWriteBack:
 
     def wake(self) -> None:
         """Run a round now rather than at the next interval."""
-        self._wake.set()
+        self.loop.wake()
 
     def stop(self) -> None:
         """End ``run``: it writes what is left (for up to ``flush_s``) and returns."""
-        self._stop.set()
-        self._wake.set()
+        self.loop.stop()
 
     async def run(self) -> None:
-        """Run rounds until stopped, then a last one; errors are logged, never raised."""
-        while not self._stop.is_set():
-            await self.tick()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval_s)
-                if not self._stop.is_set():
-                    # A burst of inserts is a burst of wake-ups: one round for all of them.
-                    await asyncio.sleep(min(COALESCE_S, self._interval_s))
-            self._wake.clear()
-        await self.tick(max_s=self._flush_s)
+        """Run rounds until stopped, then flush; errors are logged, never raised."""
+        await self.loop.run()
 
-    async def tick(self, max_s: float | None = None) -> int:
-        """One round: sweep the outbox once, in id order, ``batch`` rows per transaction.
+    async def tick(self) -> int:
+        """One round (see ``_round``): app rows written. Errors are logged (each distinct one
+        once), not raised."""
+        return await self.loop.tick()
 
-        Args:
-            max_s: stop sweeping after this many seconds (the rest waits for the next round).
-
-        Returns:
-            App rows written. Errors are logged (each distinct one once), not raised.
-        """
+    async def _round(self) -> Ticked:
+        """Sweep the outbox once, in id order, ``batch`` rows per transaction; during the
+        flush at stop, until its deadline (the rest waits for the next daemon)."""
+        max_s = self.loop.time_left()
         deadline = None if max_s is None else time.monotonic() + max_s
         written = deferred = 0
         errors: set[str] = set()
@@ -100,8 +97,7 @@ class StatusWriteBack:
         try:
             if not await self._q.status_outbox_waiting():
                 self.deferred = 0
-                self._report(errors)
-                return 0
+                return Ticked(0)
             while True:
                 r = await self._q.write_back_status(self._batch, after, self._lock_timeout_ms)
                 written += r.written
@@ -116,13 +112,4 @@ class StatusWriteBack:
             errors.add(f"status write-back failed: {describe(error)}")
         self.written += written
         self.deferred = deferred
-        self._report(errors)
-        return written
-
-    def _report(self, errors: set[str]) -> None:
-        """Log errors not seen in the previous round, and recovery once they are gone."""
-        for message in sorted(errors - self._errors):
-            logger.warning("status write-back: {}", message)
-        if self._errors and not errors:
-            logger.info("status write-back recovered")
-        self._errors = errors
+        return Ticked(written, errors)

@@ -12,7 +12,6 @@ was inserted while nobody was listening.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import asyncpg
 from loguru import logger
 
+from listener.queue.loops import Loop
 from listener.queue.retry import full_jitter_backoff
 from listener.redact import redact_text
 
@@ -34,6 +34,12 @@ triggers and from the store) wake every loop."""
 
 class Notifier:
     """Keeps one LISTEN connection alive.
+
+    A side loop (``listener.queue.loops``) whose tick connects when there is no connection
+    and probes it otherwise, every ``probe_interval_s``, or at once when the server closes
+    it. A tick that fails closes the connection; the next one reconnects after a
+    full-jitter backoff over the failures in a row. Stops after the tick under way
+    (``at_stop="return"``) and closes the connection.
 
     Args:
         dsn: the connection string (``listen_database_url`` or ``database_url``).
@@ -62,13 +68,18 @@ class Notifier:
         self._on_notify = on_notify
         self._on_connected = on_connected
         self._probe_interval = probe_interval_s
-        self._base = reconnect_base_s
-        self._cap = reconnect_cap_s
-        self._rng = rng
         self._clock = clock
-        self._stop = asyncio.Event()
-        self._lost = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+        self._lost = False
         self._changed = asyncio.Event()
+        self.loop = Loop(
+            "notify",
+            self._tick,
+            probe_interval_s,
+            at_stop="return",
+            backoff=lambda n: full_jitter_backoff(n, reconnect_base_s, reconnect_cap_s, rng),
+            label="LISTEN connection",
+        )
         self.connected = False
         self.generation = 0
         """Successful connections so far; 2 or more means it reconnected."""
@@ -77,8 +88,7 @@ class Notifier:
 
     def stop(self) -> None:
         """Close the connection and end ``run``."""
-        self._stop.set()
-        self._lost.set()
+        self.loop.stop()
 
     async def wait_connected(self, generation: int = 1, timeout: float = 30.0) -> None:
         """Wait until connection number ``generation`` is listening.
@@ -102,57 +112,66 @@ class Notifier:
 
     async def run(self) -> None:
         """Listen until ``stop``; reconnect on any loss."""
-        failures = 0
-        while not self._stop.is_set():
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=10)
-                self._lost.clear()
-                conn.add_termination_listener(self._terminated)
-                await conn.add_listener(CHANNEL, self._notified)
-                self.connected = True
-                self.generation += 1
-                self.last_probe_ok = self._clock()
-                self.last_error = None
-                failures = 0
-                if self.generation > 1:
-                    logger.info("LISTEN connection re-established (connection {})", self.generation)
-                self._signal()
-                self._on_connected()
-                await self._probe_until_lost(conn)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                self.last_error = redact_text(f"{type(error).__name__}: {error}")
-                logger.warning("LISTEN connection failed: {}", self.last_error)
-            finally:
-                self.connected = False
-                self._signal()
-                if conn is not None:
-                    conn.terminate()
-            if self._stop.is_set():
-                break
-            failures += 1
-            delay = full_jitter_backoff(failures, self._base, self._cap, self._rng)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), delay)
+        try:
+            await self.loop.run()
+        finally:
+            self._close()
 
-    async def _probe_until_lost(self, conn: asyncpg.Connection) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._probe_interval)
-            if self._stop.is_set():
-                return
-            if self._lost.is_set() or conn.is_closed():
-                raise ConnectionError("the server closed the LISTEN connection")
-            await conn.fetchval("SELECT 1", timeout=max(1.0, self._probe_interval))
-            self.last_probe_ok = self._clock()
+    async def _tick(self) -> int:
+        """Connect (1: a connection made) or probe (0).
+
+        Raises:
+            Exception: the connection failed or was lost (it is closed; ``last_error`` says
+                why).
+        """
+        try:
+            if self._conn is None:
+                await self._connect()
+                return 1
+            await self._probe(self._conn)
+            return 0
+        except Exception as error:
+            self.last_error = redact_text(f"{type(error).__name__}: {error}")
+            self._close()
+            raise
+
+    async def _connect(self) -> None:
+        self._conn = await asyncpg.connect(self._dsn, timeout=10)
+        self._lost = False
+        self._conn.add_termination_listener(self._terminated)
+        await self._conn.add_listener(CHANNEL, self._notified)
+        self.connected = True
+        self.generation += 1
+        self.last_probe_ok = self._clock()
+        self.last_error = None
+        if self.generation > 1:
+            logger.info("LISTEN connection re-established (connection {})", self.generation)
+        self._signal()
+        self._on_connected()
+
+    async def _probe(self, conn: asyncpg.Connection) -> None:
+        if self._lost or conn.is_closed():
+            raise ConnectionError("the server closed the LISTEN connection")
+        await conn.fetchval("SELECT 1", timeout=max(1.0, self._probe_interval))
+        self.last_probe_ok = self._clock()
+
+    def _close(self) -> None:
+        """Drop the connection (if any); the next tick reconnects."""
+        conn, self._conn = self._conn, None
+        self.connected = False
+        self._signal()
+        if conn is not None:
+            # Its termination is ours, not a loss to react to.
+            conn.remove_termination_listener(self._terminated)
+            conn.terminate()
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         self._on_notify(payload)
 
-    def _terminated(self, *_: Any) -> None:
-        self._lost.set()
+    def _terminated(self, conn: Any) -> None:
+        if conn is self._conn:
+            self._lost = True
+            self.loop.wake()
 
     def _signal(self) -> None:
         self._changed.set()

@@ -14,13 +14,14 @@ each, locked rows skipped), so it never holds long locks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from loguru import logger
+
+from listener.queue.loops import Loop
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -66,6 +67,9 @@ async def prune_all(
 class Pruner:
     """The daemon's retention loop.
 
+    Stops after the statement under way (``at_stop="return"``): what is left waits for the
+    next daemon's round.
+
     Args:
         store: the job store.
         after: how long after finishing a job may be pruned.
@@ -85,25 +89,22 @@ class Pruner:
     ) -> None:
         self._store = store
         self._after = after
-        self._interval_s = interval_s
         self._batch = batch
         self._now = now
-        self._stop = asyncio.Event()
+        self.loop = Loop("prune", self._prune, interval_s, at_stop="return", label="pruning")
 
     async def run(self) -> None:
         """Prune once now, then every ``interval_s``, until ``stop``; errors are logged."""
-        while not self._stop.is_set():
-            try:
-                n = await prune_all(
-                    self._store, self._now() - self._after, batch=self._batch, stop=self._stop
-                )
-                if n:
-                    logger.info("pruned {} finished jobs of deleted rows", n)
-            except Exception as error:
-                logger.warning("pruning failed: {}: {}", type(error).__name__, error)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._interval_s)
+        await self.loop.run()
 
     def stop(self) -> None:
         """End ``run`` after the current statement."""
-        self._stop.set()
+        self.loop.stop()
+
+    async def _prune(self) -> int:
+        n = await prune_all(
+            self._store, self._now() - self._after, batch=self._batch, stop=self.loop.stop_event
+        )
+        if n:
+            logger.info("pruned {} finished jobs of deleted rows", n)
+        return n

@@ -10,17 +10,14 @@ never how exact it is. Every daemon runs one; a rollup that finds another runnin
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
-from loguru import logger
-
 from listener.db.queries import Queries
-from listener.queue.retry import describe
+from listener.queue.loops import Loop
 
 
 class CountsRollup:
     """The counters' rollup loop of one daemon.
+
+    Stops with one last rollup (``at_stop="last_tick"``): the counts are exact at exit.
 
     Args:
         queries: the daemon's queries (each rollup is one short transaction).
@@ -29,36 +26,27 @@ class CountsRollup:
 
     def __init__(self, queries: Queries, interval_s: float = 2.0) -> None:
         self._q = queries
-        self._interval_s = interval_s
-        self._stop = asyncio.Event()
-        self._failing = False
+        self.loop = Loop(
+            "rollup", self._roll_up, interval_s, at_stop="last_tick", label="job counters' rollup"
+        )
         self.folded = 0
         """Delta rows folded since start."""
 
     def stop(self) -> None:
         """End ``run`` after a last rollup."""
-        self._stop.set()
+        self.loop.stop()
 
     async def run(self) -> None:
         """Roll up every ``interval_s`` until stopped, then once more; errors are logged."""
-        while not self._stop.is_set():
-            await self.tick()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._interval_s)
-        await self.tick()
+        await self.loop.run()
 
     async def tick(self) -> int:
-        """One rollup: delta rows folded (0 when another daemon's rollup was running)."""
-        try:
-            folded = await self._q.roll_up_job_counts()
-            folded += await self._q.roll_up_face_review_counts()
-        except Exception as error:
-            if not self._failing:
-                logger.warning("job counters' rollup failed: {}", describe(error))
-            self._failing = True
-            return 0
-        if self._failing:
-            logger.info("job counters' rollup recovered")
-        self._failing = False
+        """One rollup: delta rows folded (0 when another daemon's rollup was running, or on
+        an error, which is logged)."""
+        return await self.loop.tick()
+
+    async def _roll_up(self) -> int:
+        folded = await self._q.roll_up_job_counts()
+        folded += await self._q.roll_up_face_review_counts()
         self.folded += folded
         return folded

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 Signal = Literal[
     "claimed",
@@ -28,18 +28,21 @@ discarded); ``listening`` counts LISTEN (re)connections; ``forgotten`` counts de
 whose clean-up (job, results, external records) is done (``listener.app_side.deletes``)."""
 
 
-class Signals:
-    """Monotonic counters, one per ``Signal``, with waiters."""
+N = TypeVar("N", bound=str)
+
+
+class Counters(Generic[N]):
+    """Monotonic counters, one per name, with waiters."""
 
     def __init__(self) -> None:
         self._counts: collections.Counter[str] = collections.Counter()
         self._waiters: list[tuple[str, int, asyncio.Future[None]]] = []
 
-    def count(self, name: Signal) -> int:
+    def count(self, name: N) -> int:
         """How many times ``name`` was emitted."""
         return self._counts[name]
 
-    def emit(self, name: Signal, n: int = 1) -> None:
+    def emit(self, name: N, n: int = 1) -> None:
         """Add ``n`` to ``name`` and wake the waiters it satisfies."""
         if n <= 0:
             return
@@ -56,7 +59,7 @@ class Signals:
                 waiting.append(waiter)
         self._waiters = waiting
 
-    async def wait(self, name: Signal, at_least: int, timeout: float = 30.0) -> int:
+    async def wait(self, name: N, at_least: int, timeout: float = 30.0) -> int:
         """Wait until ``name`` was emitted ``at_least`` times; returns the count.
 
         Raises:
@@ -73,3 +76,7 @@ class Signals:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
         return self._counts[name]
+
+
+class Signals(Counters[Signal]):
+    """The worker's counters, one per ``Signal``."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from awaiting import jobs_finished
 from pydantic import SecretStr
 from support import StaticServer, all_finished, counts, fast_settings, make_table, wait_until
 
@@ -73,9 +74,9 @@ async def test_backfill_batch_runs_every_tier_through_batches(
     table = await load_rows(conn, photos.base_url, 45)
     async with FakeOpenAI() as fake:
         fake.batch_duration_s = 0.5
-        async with Daemon(batch_settings(database_url, fake)):
+        async with Daemon(batch_settings(database_url, fake)) as daemon:
             assert await backfill_batch(database_url, table) == 45
-            await wait_until(lambda: all_finished(conn, 45), timeout=60)
+            await jobs_finished(daemon, conn, 45, timeout=60)
         realtime = len(fake.requests)
         provider_batches = len(fake.batches)
     assert await counts(conn) == {"complete": 45}
@@ -105,9 +106,9 @@ async def test_failed_lines_and_expired_batches_fall_back_to_per_image(
         fake.batch_fail_every = 6  # 5 of the 30 tier-1 requests fail
         fake.batch_next_outcome = ["completed", "expired"]  # tier 2's batch expires half done
         settings = batch_settings(database_url, fake)
-        async with Daemon(settings):
+        async with Daemon(settings) as daemon:
             await backfill_batch(database_url, table)
-            await wait_until(lambda: all_finished(conn, 30), timeout=60)
+            await jobs_finished(daemon, conn, 30, timeout=60)
         realtime = len(fake.requests)
     assert await counts(conn) == {"complete": 30}
     assert await conn.fetchval("SELECT count(*) FROM listener.results") == 60

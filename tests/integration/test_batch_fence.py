@@ -13,12 +13,14 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from support import all_finished, counts, make_table, wait_until
+from awaiting import jobs_finished, loop_signals, when
+from support import counts, make_table
 from test_batch import backfill_batch, batch_settings
 
 from listener.analysis.batch_store import PgBatchStore
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
+from listener.queue.loops import LoopSignals
 from listener.queue.outcomes import Parked
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobFilter
@@ -103,13 +105,18 @@ async def bob_jobs(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     )
 
 
+def batch_loop(daemon: Daemon) -> LoopSignals:
+    """The signals of the daemon's batch loop (submits, polls, applies)."""
+    return loop_signals(daemon, "batches")
+
+
 async def test_preparing_a_batch_holds_no_transaction_or_lock(
     database_url: str, conn: asyncpg.Connection, images: Images
 ) -> None:
     table = await load(conn, images.base_url, 25, bob=1)
     images.hold = True
     async with FakeOpenAI() as fake:
-        async with Daemon(batch_settings(database_url, fake)):
+        async with Daemon(batch_settings(database_url, fake)) as daemon:
             try:
                 assert await backfill_batch(database_url, table) == 25
                 await asyncio.wait_for(images.held.wait(), 30)
@@ -138,7 +145,7 @@ async def test_preparing_a_batch_holds_no_transaction_or_lock(
                 assert len(cancelled) == 1
             finally:
                 images.release.set()  # never leave the daemon waiting on an image
-            await wait_until(lambda: all_finished(conn, 25), timeout=60)
+            await jobs_finished(daemon, conn, 25, timeout=60)
         assert len(fake.requests) == 0
     assert await counts(conn) == {"complete": 24, "cancelled": 1}
     assert [(r["status"], r["results"]) for r in await bob_jobs(conn)] == [("cancelled", 0)]
@@ -150,16 +157,16 @@ async def test_job_cancelled_while_its_batch_runs_gets_nothing_from_it(
     table = await load(conn, images.base_url, 20, bob=2)
     async with FakeOpenAI() as fake:
         fake.batch_duration_s = 2.0
-        async with Daemon(batch_settings(database_url, fake)):
+        async with Daemon(batch_settings(database_url, fake)) as daemon:
             assert await backfill_batch(database_url, table) == 20
-            await wait_until(lambda: _any(in_flight(conn)), timeout=30)
+            await when(lambda: _any(in_flight(conn)), batch_loop(daemon), "ticked", timeout=30)
             pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
             try:
                 store = PgJobStore(pool)
                 assert len(await store.cancel(JobFilter(statuses=("batched",), owner="bob"))) == 2
             finally:
                 await pool.close()
-            await wait_until(lambda: all_finished(conn, 20), timeout=60)
+            await jobs_finished(daemon, conn, 20, timeout=60)
     assert await counts(conn) == {"complete": 18, "cancelled": 2}
     assert [(r["status"], r["results"]) for r in await bob_jobs(conn)] == [("cancelled", 0)] * 2
     assert await conn.fetchval("SELECT count(DISTINCT job_id) FROM listener.results") == 18
@@ -171,9 +178,9 @@ async def test_new_url_takes_the_job_out_of_its_batch(
     table = await load(conn, images.base_url, 20, bob=1)
     async with FakeOpenAI() as fake:
         fake.batch_duration_s = 3.0
-        async with Daemon(batch_settings(database_url, fake)):
+        async with Daemon(batch_settings(database_url, fake)) as daemon:
             assert await backfill_batch(database_url, table) == 20
-            await wait_until(lambda: _any(in_flight(conn)), timeout=30)
+            await when(lambda: _any(in_flight(conn)), batch_loop(daemon), "ticked", timeout=30)
             (first,) = await in_flight(conn)
             fake.batch_duration_s = 600.0  # the next batch (the new image's) stays open
             job_id = await conn.fetchval("SELECT id FROM listener.jobs WHERE owner_id = 'bob'")
@@ -194,7 +201,7 @@ async def test_new_url_takes_the_job_out_of_its_batch(
                     )
                 )
 
-            await wait_until(first_applied, timeout=30)
+            await when(first_applied, batch_loop(daemon), "ticked", timeout=30)
             job = await conn.fetchrow(
                 "SELECT status, batch_id, image_url, (SELECT count(*) FROM listener.results "
                 "AS r WHERE r.job_id = j.id) AS results FROM listener.jobs AS j WHERE id = $1",
@@ -219,9 +226,9 @@ async def test_batch_every_job_left_is_cancelled_at_openai_and_closed(
     table = await load(conn, images.base_url, 20, bob=20)
     async with FakeOpenAI() as fake:
         fake.batch_next_outcome = ["cancelled"]  # runs until someone cancels it
-        async with Daemon(batch_settings(database_url, fake)):
+        async with Daemon(batch_settings(database_url, fake)) as daemon:
             assert await backfill_batch(database_url, table) == 20
-            await wait_until(lambda: _any(in_flight(conn)), timeout=30)
+            await when(lambda: _any(in_flight(conn)), batch_loop(daemon), "ticked", timeout=30)
             (batch,) = await in_flight(conn)
             pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
             try:
@@ -233,7 +240,7 @@ async def test_batch_every_job_left_is_cancelled_at_openai_and_closed(
             async def closed() -> bool:
                 return not await in_flight(conn)
 
-            await wait_until(closed, timeout=30)
+            await when(closed, batch_loop(daemon), "ticked", timeout=30)
         provider_status = fake.batches[batch["provider_batch_id"]]["status"]
     assert provider_status in ("cancelling", "cancelled")
     row = await conn.fetchrow("SELECT status, applied_at FROM listener.batches")
@@ -264,8 +271,8 @@ async def test_preparation_abandoned_by_a_dead_daemon_hands_its_jobs_back(
                 min_requests=5, max_wait_s=0.5, poll_interval_s=0.3, abandon_after_s=1.0
             ),
         )
-        async with Daemon(settings):
-            await wait_until(lambda: all_finished(conn, 5), timeout=60)
+        async with Daemon(settings) as daemon:
+            await jobs_finished(daemon, conn, 5, timeout=60)
     assert await counts(conn) == {"complete": 5}
     dead = await conn.fetchrow(
         "SELECT status, applied_at FROM listener.batches WHERE id = 'lb_dead'"
@@ -292,7 +299,7 @@ async def test_a_slow_preparation_keeps_its_batch_alive(
         )
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         try:
-            async with Daemon(settings):
+            async with Daemon(settings) as daemon:
                 try:
                     assert await backfill_batch(database_url, table) == 5
                     await asyncio.wait_for(images.held.wait(), 30)
@@ -306,7 +313,7 @@ async def test_a_slow_preparation_keeps_its_batch_alive(
                     assert swept == []
                 finally:
                     images.release.set()
-                await wait_until(lambda: all_finished(conn, 5), timeout=60)
+                await jobs_finished(daemon, conn, 5, timeout=60)
         finally:
             await pool.close()
     assert await counts(conn) == {"complete": 5}

@@ -7,6 +7,7 @@ import asyncio
 import aiohttp
 import asyncpg
 import pytest
+from awaiting import jobs_finished, when_any
 from support import (
     RecordingProvider,
     admit,
@@ -14,7 +15,6 @@ from support import (
     counts,
     fast_settings,
     make_table,
-    wait_until,
 )
 
 from listener.app import Daemon, SchemaNotReady
@@ -49,13 +49,22 @@ async def test_two_daemons_never_run_a_job_twice(
     shared = RecordingProvider(delay_s=0.002)
     settings = fast_settings(database_url, concurrency=20)
     async with (
-        Daemon(settings.model_copy(update={"worker_id": "a"}), providers=[shared], health=False),
-        Daemon(settings.model_copy(update={"worker_id": "b"}), providers=[shared], health=False),
+        Daemon(
+            settings.model_copy(update={"worker_id": "a"}), providers=[shared], health=False
+        ) as a,
+        Daemon(
+            settings.model_copy(update={"worker_id": "b"}), providers=[shared], health=False
+        ) as b,
     ):
         await conn.execute(
             f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 2000) g"
         )
-        await wait_until(lambda: all_finished(conn, 2000), timeout=60)
+
+        async def both_finished() -> bool:
+            return a.signals.count("finished") + b.signals.count("finished") >= 2000
+
+        await when_any(both_finished, [(a.signals, "finished"), (b.signals, "finished")], 60)
+        assert await all_finished(conn, 2000)
     assert not shared.overlaps
     assert len(shared.calls) == len(set(shared.calls)) == 2000
     workers = await conn.fetch("SELECT worker_id, count(*) AS n FROM listener.jobs GROUP BY 1")
@@ -91,8 +100,8 @@ async def test_retryable_failures_back_off_then_complete(
     provider = RecordingProvider(
         failures={flaky_id: [FetchTimeout("read timed out"), RateLimited("429", retry_after=0.3)]}
     )
-    async with Daemon(fast_settings(database_url), providers=[provider], health=False):
-        await wait_until(lambda: all_finished(conn, 2), timeout=20)
+    async with Daemon(fast_settings(database_url), providers=[provider], health=False) as d:
+        await jobs_finished(d, conn, 2, timeout=20)
     job = await conn.fetchrow(
         "SELECT status, attempts, last_error FROM listener.jobs WHERE source_id = $1", flaky_id
     )
@@ -200,7 +209,7 @@ async def test_postgres_restart_loses_nothing(
             await writer.execute(
                 f"INSERT INTO {table} (url) SELECT 'b' || g FROM generate_series(1, 100) g"
             )
-            await wait_until(lambda: all_finished(writer, 400), timeout=60)
+            await jobs_finished(d, writer, 400, timeout=60)
             final = await counts(writer)
         finally:
             await writer.close()
@@ -226,7 +235,8 @@ async def test_health_endpoints(database_url: str, conn: asyncpg.Connection) -> 
             async with http.get("/metrics") as r:
                 metrics = await r.text()
             daemon.notifier.stop()
-            await wait_until(lambda: _not(daemon.notifier.connected), timeout=5)
+            await daemon.notifier.loop.signals.wait("stopped", 1, timeout=5)
+            assert not daemon.notifier.connected
             async with http.get("/readyz") as r:
                 assert r.status == 503
                 assert "LISTEN" in (await r.json())["problems"][0]
@@ -235,10 +245,6 @@ async def test_health_endpoints(database_url: str, conn: asyncpg.Connection) -> 
     assert "recording" in status["provider_rates_per_s"]
     assert 'listener_jobs_finished_total{outcome="complete"} 3.0' in metrics
     assert 'listener_queue_jobs{status="complete"} 3.0' in metrics
-
-
-async def _not(value: bool) -> bool:
-    return not value
 
 
 async def test_unmigrated_database_is_refused(pg_admin_dsn: str) -> None:

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from support import RecordingProvider, fast_settings, wait_until
+from awaiting import loop_signals, when, when_written
+from support import RecordingProvider, fast_settings
 from test_attacks import as_role, docs_sql
 
 from listener.app import Daemon, warn_if_privileged
@@ -92,7 +93,7 @@ async def test_the_daemon_as_its_own_role_analyzes_writes_back_and_forgets_rows(
                     )
                 )
 
-            await wait_until(written, 15)
+            await when_written(daemon, written, 15)
             await conn.execute("DELETE FROM public.photos WHERE url = 'http://img/new1'")
 
             async def forgotten() -> bool:
@@ -104,7 +105,7 @@ async def test_the_daemon_as_its_own_role_analyzes_writes_back_and_forgets_rows(
                     and not await conn.fetchval("SELECT count(*) FROM listener.deleted_rows")
                 )
 
-            await wait_until(forgotten, 15)
+            await when(forgotten, loop_signals(daemon, "deletes"), "ticked", 15)
         assert sorted(provider.calls) == ["4", "5", "6"]
         stamps = {
             s

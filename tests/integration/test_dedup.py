@@ -18,15 +18,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from awaiting import jobs_finished
 from PIL import Image
 from pydantic import SecretStr
 from support import (
     StaticServer,
-    all_finished,
     fast_settings,
     jobs_and_waiting,
     make_table,
-    wait_until,
 )
 
 from listener.app import Daemon
@@ -79,14 +78,16 @@ def settings_for(database_url: str, fake: FakeOpenAI, **overrides: Any) -> Setti
     return fast_settings(database_url, **values)
 
 
-async def analyze(conn: asyncpg.Connection, table: str, url: str, owner: str | None = None) -> int:
+async def analyze(
+    daemon: Daemon, conn: asyncpg.Connection, table: str, url: str, owner: str | None = None
+) -> int:
     """Insert one row and wait until its job is finished; its job id. One at a time: two
     identical images analyzed at the same moment would both pay (see listener.dedup)."""
     row = await conn.fetchval(
         f"INSERT INTO {table} (url, owner_id) VALUES ($1, $2) RETURNING id", url, owner
     )
     total = await jobs_and_waiting(conn)
-    await wait_until(lambda: all_finished(conn, total), timeout=30)
+    await jobs_finished(daemon, conn, total, timeout=30)
     job_id: int = await conn.fetchval(
         "SELECT id FROM listener.jobs WHERE source_table = $1 AND source_id = $2",
         table,
@@ -116,12 +117,12 @@ async def test_identical_bytes_are_analyzed_once_and_billed_once(
     photos: StaticServer,
 ) -> None:
     table = await make_table(conn)
-    async with Daemon(settings_for(database_url, fake)):
-        first = await analyze(conn, table, f"{photos.base_url}/astronaut.png")
+    async with Daemon(settings_for(database_url, fake)) as daemon:
+        first = await analyze(daemon, conn, table, f"{photos.base_url}/astronaut.png")
         assert len(fake.requests) == 2  # tier 1 and tier 2
-        copy = await analyze(conn, table, f"{photos.base_url}/copy-of-astronaut.png")
+        copy = await analyze(daemon, conn, table, f"{photos.base_url}/copy-of-astronaut.png")
         assert len(fake.requests) == 2  # the same bytes: nothing more was asked
-        other = await analyze(conn, table, f"{photos.base_url}/chelsea.png")
+        other = await analyze(daemon, conn, table, f"{photos.base_url}/chelsea.png")
         assert len(fake.requests) == 4  # other bytes: paid
 
     paid, copied, chelsea = (
@@ -215,9 +216,9 @@ async def test_dedup_off_pays_for_every_copy(
     database_url: str, conn: asyncpg.Connection, fake: FakeOpenAI, photos: StaticServer
 ) -> None:
     table = await make_table(conn)
-    async with Daemon(settings_for(database_url, fake, dedup="off")):
-        first = await analyze(conn, table, f"{photos.base_url}/astronaut.png")
-        copy = await analyze(conn, table, f"{photos.base_url}/copy-of-astronaut.png")
+    async with Daemon(settings_for(database_url, fake, dedup="off")) as daemon:
+        first = await analyze(daemon, conn, table, f"{photos.base_url}/astronaut.png")
+        copy = await analyze(daemon, conn, table, f"{photos.base_url}/copy-of-astronaut.png")
     assert len(fake.requests) == 4
     for job_id in (first, copy):
         for r in (await results(conn, job_id)).values():
@@ -231,17 +232,17 @@ async def test_results_are_reused_within_an_owner_by_default(
 ) -> None:
     table = await make_table(conn, owner=True)
     url = f"{photos.base_url}/astronaut.png"
-    async with Daemon(settings_for(database_url, fake)):
-        alice = await analyze(conn, table, url, "alice")
-        bob = await analyze(conn, table, f"{url}?for=bob", "bob")
+    async with Daemon(settings_for(database_url, fake)) as daemon:
+        alice = await analyze(daemon, conn, table, url, "alice")
+        bob = await analyze(daemon, conn, table, f"{url}?for=bob", "bob")
         assert len(fake.requests) == 4  # another owner: paid again
-        again = await analyze(conn, table, f"{url}?again", "alice")
+        again = await analyze(daemon, conn, table, f"{url}?again", "alice")
         assert len(fake.requests) == 4
     assert {r["reused_from"] for r in (await results(conn, again)).values()} == {alice}
     assert {r["reused_from"] for r in (await results(conn, bob)).values()} == {None}
     # Scope global: any row's results.
-    async with Daemon(settings_for(database_url, fake, dedup_scope="global")):
-        carol = await analyze(conn, table, f"{url}?for=carol", "carol")
+    async with Daemon(settings_for(database_url, fake, dedup_scope="global")) as daemon:
+        carol = await analyze(daemon, conn, table, f"{url}?for=carol", "carol")
     assert len(fake.requests) == 4
     assert {r["reuse_kind"] for r in (await results(conn, carol)).values()} == {"sha256"}
 
@@ -253,12 +254,12 @@ async def test_near_duplicates_reuse_by_perceptual_hash(
     # The local step runs first: its perceptual hash is known before the paid step.
     tiers = TierSettings(tier1=["local", "openai"])
     sha_only = settings_for(database_url, fake, tiers=tiers)
-    async with Daemon(sha_only):
-        first = await analyze(conn, table, f"{photos.base_url}/astronaut.png")
-        other = await analyze(conn, table, f"{photos.base_url}/recompressed-astronaut.png")
+    async with Daemon(sha_only) as daemon:
+        first = await analyze(daemon, conn, table, f"{photos.base_url}/astronaut.png")
+        other = await analyze(daemon, conn, table, f"{photos.base_url}/recompressed-astronaut.png")
     assert len(fake.requests) == 2  # other bytes: paid, however alike
-    async with Daemon(settings_for(database_url, fake, tiers=tiers, dedup="phash")):
-        near = await analyze(conn, table, f"{photos.base_url}/recompressed-astronaut.png?2")
+    async with Daemon(settings_for(database_url, fake, tiers=tiers, dedup="phash")) as daemon:
+        near = await analyze(daemon, conn, table, f"{photos.base_url}/recompressed-astronaut.png?2")
     assert len(fake.requests) == 2
     paid, copied = await results(conn, first), await results(conn, near)
     assert paid["openai.tier1"]["image_phash"] is not None
@@ -270,8 +271,10 @@ async def test_near_duplicates_reuse_by_perceptual_hash(
     assert copied["local.analysis"]["reuse_kind"] is None
     # Without the rows of those bytes, only the first row's picture is left: a near match.
     await conn.execute("DELETE FROM listener.results WHERE job_id = ANY($1)", [other, near])
-    async with Daemon(settings_for(database_url, fake, tiers=tiers, dedup="phash")):
-        nearest = await analyze(conn, table, f"{photos.base_url}/recompressed-astronaut.png?3")
+    async with Daemon(settings_for(database_url, fake, tiers=tiers, dedup="phash")) as daemon:
+        nearest = await analyze(
+            daemon, conn, table, f"{photos.base_url}/recompressed-astronaut.png?3"
+        )
     assert len(fake.requests) == 2
     step = (await results(conn, nearest))["openai.tier1"]
     assert (step["reuse_kind"], step["reused_from"], step["cost_usd"]) == ("phash", first, 0)

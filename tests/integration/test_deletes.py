@@ -16,6 +16,7 @@ from typing import Any
 import aioboto3
 import asyncpg
 import pytest
+from awaiting import loop_signals, when
 from support import StaticServer, admit, fast_settings, make_table, wait_until
 
 from listener.analysis.faces import PgKnownFaces, external_image_id
@@ -104,11 +105,13 @@ async def job_status(conn: asyncpg.Connection, row_id: int) -> str | None:
     return status
 
 
-async def complete(conn: asyncpg.Connection, *row_ids: int) -> None:
+async def complete(daemon: Daemon, conn: asyncpg.Connection, *row_ids: int) -> None:
+    """Wait until the rows' jobs are complete, looking each time the daemon finishes a job."""
+
     async def done() -> bool:
         return all([await job_status(conn, r) == "complete" for r in row_ids])
 
-    await wait_until(done, timeout=30)
+    await when(done, daemon.signals, "finished", timeout=30)
 
 
 async def outbox(conn: asyncpg.Connection) -> list[tuple[str, int | None, bool]]:
@@ -125,7 +128,13 @@ async def test_deleting_a_pending_row_cancels_its_job_and_never_waits_for_listen
     row_id = await insert(conn, "http://127.0.0.1:9/never.jpg")
     job_id = await conn.fetchval("SELECT id FROM listener.jobs")
     events: list[dict[str, Any]] = []
-    await conn.add_listener("listener_events", lambda *a: events.append(json.loads(a[3])))
+    heard = asyncio.Event()
+
+    def on_event(*a: Any) -> None:
+        events.append(json.loads(a[3]))
+        heard.set()
+
+    await conn.add_listener("listener_events", on_event)
 
     # A daemon's transaction holds the job row: the app's DELETE does not wait for it.
     holder = await asyncpg.connect(database_url)
@@ -154,7 +163,7 @@ async def test_deleting_a_pending_row_cancels_its_job_and_never_waits_for_listen
     assert await outbox(conn) == []
     assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
     assert await conn.fetchval("SELECT count(*) FROM listener.results") == 0
-    await wait_until(lambda: asyncio.sleep(0, bool(events)), timeout=5)
+    await asyncio.wait_for(heard.wait(), 5)
     assert events == [{"table": TABLE, "status": "cancelled", "job_id": job_id}]
     # The same id inserted again gets a fresh job.
     await conn.execute(
@@ -207,10 +216,10 @@ async def test_deleting_a_completed_row_deletes_its_faces_and_results(
     base = photos.base_url
     async with Daemon(tiered(database_url, fake)) as daemon:
         a1 = await insert(conn, f"{base}/a1.jpg")
-        await complete(conn, a1)
+        await complete(daemon, conn, a1)
         a2 = await insert(conn, f"{base}/a2.jpg")
         b = await insert(conn, f"{base}/b.jpg")
-        await complete(conn, a2, b)
+        await complete(daemon, conn, a2, b)
         assert len(faces_in_collection(fake, a1)) == 1
         a1_face = faces_in_collection(fake, a1)[0]
         # a2 is the same person as a1.
@@ -248,10 +257,10 @@ async def test_a_daemon_killed_mid_clean_up_loses_nothing(
     photos: StaticServer,
 ) -> None:
     await make_table(conn, owner=True)
-    async with Daemon(tiered(database_url, fake)):
+    async with Daemon(tiered(database_url, fake)) as daemon:
         a1 = await insert(conn, f"{photos.base_url}/a1.jpg")
         b = await insert(conn, f"{photos.base_url}/b.jpg")
-        await complete(conn, a1, b)
+        await complete(daemon, conn, a1, b)
     # No daemon runs: the deletes wait in the outbox.
     await conn.execute(f"DELETE FROM {TABLE} WHERE id = ANY($1::bigint[])", [a1, b])
     assert len(await outbox(conn)) == 2
@@ -287,7 +296,12 @@ async def test_a_faces_step_in_flight_for_a_deleted_row_leaves_no_face(
         await wait_until(lambda: asyncio.sleep(0, any(c == "IndexFaces" for c, _ in fake.calls)))
         # IndexFaces is on its way: the row goes.
         await conn.execute(f"DELETE FROM {TABLE} WHERE id = $1", row_id)
-        await wait_until(lambda: job_is(conn, row_id, "cancelled"), timeout=10)
+        await when(
+            lambda: job_is(conn, row_id, "cancelled"),
+            loop_signals(d, "deletes"),
+            "ticked",
+            timeout=10,
+        )
         # The worker's step is refused; it deletes the face it indexed, before any sweep.
         await wait_until(
             lambda: asyncio.sleep(0, any(c == "DeleteFaces" for c, _ in fake.calls)), timeout=10
@@ -418,15 +432,17 @@ async def test_a_reanalyzed_or_replaced_photo_keeps_one_copy_of_its_faces(
     """A retag records each face once; a new image at the row drops the old image's faces."""
     await make_table(conn, owner=True)
     base = photos.base_url
-    async with Daemon(tiered(database_url, fake)):
+    async with Daemon(tiered(database_url, fake)) as daemon:
         a1 = await insert(conn, f"{base}/a1.jpg")
-        await complete(conn, a1)
+        await complete(daemon, conn, a1)
         [first] = faces_in_collection(fake, a1)
 
         # "Retag with AI": the row runs again from scratch.
         await conn.execute("SELECT listener.reanalyze($1, $2, 0)", TABLE, [str(a1)])
-        await wait_until(lambda: _recorded_faces_not(conn, a1, first), timeout=30)
-        await complete(conn, a1)
+        await when(
+            lambda: _recorded_faces_not(conn, a1, first), daemon.signals, "finished", timeout=30
+        )
+        await complete(daemon, conn, a1)
         [second] = faces_in_collection(fake, a1)
         assert second != first  # indexed again, the old copy deleted first
         recorded = await conn.fetch(
@@ -437,8 +453,10 @@ async def test_a_reanalyzed_or_replaced_photo_keeps_one_copy_of_its_faces(
 
         # The row now shows another person's photo: the old face must not stay recognisable.
         await conn.execute(f"UPDATE {TABLE} SET url = $1 WHERE id = $2", f"{base}/b.jpg", a1)
-        await wait_until(lambda: _recorded_faces_not(conn, a1, second), timeout=30)
-        await complete(conn, a1)
+        await when(
+            lambda: _recorded_faces_not(conn, a1, second), daemon.signals, "finished", timeout=30
+        )
+        await complete(daemon, conn, a1)
         [third] = faces_in_collection(fake, a1)
         assert third not in (first, second)
         assert await conn.fetchval("SELECT array_agg(face_id) FROM listener.faces") == [third]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+from awaiting import jobs_finished
+from support import StaticServer, fast_settings, make_table
 
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
@@ -95,17 +96,17 @@ async def test_dry_run_estimate_matches_recorded_cost(
             dedup="off",
         )
         # Phase 1: the first 8 images, with the priors' estimate.
-        async with Daemon(settings):
+        async with Daemon(settings) as daemon:
             await conn.execute(
                 "WITH first AS (SELECT id FROM images ORDER BY id LIMIT 8) "
                 "UPDATE images SET url = url || '&first' WHERE id IN (SELECT id FROM first)"
             )
-            await wait_until(lambda: all_finished(conn, 8), timeout=60)
+            await jobs_finished(daemon, conn, 8, timeout=60)
         first_cost = float(await conn.fetchval("SELECT sum(cost_usd) FROM listener.results"))
         # Phase 2: with that history, estimate the other 32, then run them.
         realtime2, batch2, text2 = await asyncio.to_thread(dry_run_usd, env)
         assert "history of" in text2
-        async with Daemon(settings):
+        async with Daemon(settings) as daemon:
             await asyncio.to_thread(
                 subprocess.run,
                 [sys.executable, "-m", "listener", "backfill", "images", "--no-wait"],
@@ -113,7 +114,7 @@ async def test_dry_run_estimate_matches_recorded_cost(
                 check=True,
                 capture_output=True,
             )
-            await wait_until(lambda: all_finished(conn, 40), timeout=120)
+            await jobs_finished(daemon, conn, 40, timeout=120)
         total = float(await conn.fetchval("SELECT sum(cost_usd) FROM listener.results"))
     await conn.close()
     second_cost = total - first_cost

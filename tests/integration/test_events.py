@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 import pytest
@@ -29,6 +29,7 @@ from support import admit, all_finished, make_table, wait_until
 from listener.app_side.webhooks import WebhookSender, sign, verify_signature
 from listener.db.queries import Queries
 from listener.queue.pg_store import PgJobStore
+from listener.queue.signals import Counters
 from listener.queue.store import JobFilter
 
 SECRET = "whsec_events_test_secret"
@@ -125,9 +126,15 @@ class Listening:
     def __init__(self) -> None:
         self.payloads: list[dict[str, Any]] = []
         self.conn: asyncpg.Connection | None = None
+        self.heard: Counters[Literal["heard"]] = Counters()
 
     def __call__(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.payloads.append(json.loads(payload))
+        self.heard.emit("heard")
+
+    async def wait_heard(self, n: int, timeout: float = 10.0) -> None:
+        """Wait until ``n`` payloads arrived (each one is counted as it comes; no polling)."""
+        await self.heard.wait("heard", n, timeout)
 
     async def start(self, dsn: str) -> Listening:
         self.conn = await asyncpg.connect(dsn)
@@ -300,12 +307,17 @@ async def test_a_receiver_failing_twice_gets_the_event_three_times_with_backoff(
                 backoff_cap_s=5.0,
                 rng=lambda: 1.0,
             )
+            signals = sender.loop.signals
             task = asyncio.create_task(sender.run())
             try:
-                await wait_until(lambda: _delivered(receiver, 1), timeout=10, interval=0.01)
-                await wait_until(lambda: _row_shows(conn, 1, "HTTP 500"), timeout=5)
-                await wait_until(lambda: _delivered(receiver, 3), timeout=10, interval=0.01)
-                await wait_until(lambda: _outbox_empty(conn), timeout=5)
+                # The first round's POST got a 500; the row is pushed back by its backoff.
+                await signals.wait("error", 1, timeout=10)
+                assert await _delivered(receiver, 1)
+                assert await _row_shows(conn, 1, "HTTP 500")
+                # Two rounds later (a 500, then the 200) the event is delivered.
+                await signals.wait("active", 1, timeout=10)
+                assert await _delivered(receiver, 3)
+                assert await _outbox_empty(conn)
             finally:
                 sender.stop()
                 await task
@@ -367,7 +379,7 @@ async def test_cancel_emits_cancelled_events(
             timeout=60,
         )
         assert done.returncode == 0, done.stderr.decode()
-        await wait_until(lambda: _heard(listening, 3), timeout=10)
+        await listening.wait_heard(3, timeout=10)
     finally:
         await listening.close()
     jobs = await conn.fetch("SELECT id, source_id FROM listener.jobs ORDER BY id")
@@ -380,11 +392,6 @@ async def test_cancel_emits_cancelled_events(
         {"table": table, "row_id": j["source_id"], "status": "cancelled", "job_id": j["id"]}
         for j in jobs
     ]
-
-
-async def _heard(listening: Listening, n: int) -> bool:
-    await listening.settle()
-    return len(listening.payloads) >= n
 
 
 async def test_trigger_fires_once_per_statement_and_only_for_terminal_changes(
@@ -412,7 +419,7 @@ async def test_trigger_fires_once_per_statement_and_only_for_terminal_changes(
         assert calls == 1
         # Complete again: no change of status, no event.
         await conn.execute("UPDATE listener.jobs SET status = 'complete' WHERE id <= 10")
-        await wait_until(lambda: _heard(listening, 100), timeout=10)
+        await listening.wait_heard(100, timeout=10)
         await asyncio.sleep(0.1)
         await listening.settle()
         assert len(listening.payloads) == 100
@@ -437,7 +444,7 @@ async def test_payload_stays_under_the_notify_limit(
             assert len(await PgJobStore(pool).cancel(JobFilter((), table="public.docs"))) == 2
         finally:
             await pool.close()
-        await wait_until(lambda: _heard(listening, 2), timeout=10)
+        await listening.wait_heard(2, timeout=10)
     finally:
         await listening.close()
     by_row = {p["row_id"]: p for p in listening.payloads}

@@ -14,12 +14,12 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from awaiting import jobs_finished, when
 from pydantic import SecretStr
 from support import (
     RecordingProvider,
     StaticServer,
     admit,
-    all_finished,
     counts,
     fast_settings,
     make_table,
@@ -106,8 +106,8 @@ async def test_graceful_restart_during_tier2_does_not_pay_tier1_again(
     job = await conn.fetchrow("SELECT status, attempts FROM listener.jobs")
     assert dict(job) == {"status": "pending", "attempts": 0}  # handed back, attempt returned
     fake.latency_s = 0.0
-    async with Daemon(settings):
-        await wait_until(lambda: all_finished(conn, 1), timeout=30)
+    async with Daemon(settings) as daemon:
+        await jobs_finished(daemon, conn, 1, timeout=30)
     assert billed(fake)["tier1"] == 1
     rows = await conn.fetch("SELECT step, calls, input_tokens FROM listener.results ORDER BY step")
     assert [(r["step"], r["calls"]) for r in rows] == [
@@ -143,10 +143,15 @@ async def test_faults_and_restarts_end_complete_with_no_step_billed_twice(
     )
     for finished_before_stop in (10, 25):
         # Two graceful stops (as on SIGTERM) in the middle of the work, then a restart.
-        async with Daemon(settings):
-            await wait_until(lambda n=finished_before_stop: _complete(conn, n), timeout=60)
-    async with Daemon(settings):
-        await wait_until(lambda: all_finished(conn, rows), timeout=90)
+        async with Daemon(settings) as daemon:
+            await when(
+                lambda n=finished_before_stop: _complete(conn, n),
+                daemon.signals,
+                "finished",
+                timeout=60,
+            )
+    async with Daemon(settings) as daemon:
+        await jobs_finished(daemon, conn, rows, timeout=90)
     assert await counts(conn) == {"complete": rows}
     assert billed(fake) == {"tier1": rows, "tier2": rows, "tier3": rows}
     assert await conn.fetchval("SELECT max(calls) FROM listener.results") == 1

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+from awaiting import jobs_finished
+from support import StaticServer, fast_settings, make_table
 
 from listener.analysis.effects import pg_effect_writers
 from listener.analysis.faces import PgKnownFaces, external_image_id
@@ -256,8 +257,8 @@ async def test_the_daemon_cleans_up_after_a_worker_that_died_after_index_faces(
             rekognition=RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
             rate_limits={"rekognition": RateLimit(rps=100, burst=10, concurrency=4)},
         )
-        async with Daemon(settings):
-            await wait_until(lambda: all_finished(conn, 1), timeout=30)
+        async with Daemon(settings) as daemon:
+            await jobs_finished(daemon, conn, 1, timeout=30)
     snapshot = await store.snapshot(job.id)
     assert snapshot is not None and (snapshot.status, snapshot.claims) == ("complete", 2)
     (face,) = collection_faces(fake, "1")

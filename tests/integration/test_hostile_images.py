@@ -24,6 +24,7 @@ import asyncpg
 import PIL.Image
 import pytest
 from aiohttp import web
+from awaiting import jobs_finished
 from hostile_images import (
     app1_bomb_jpeg,
     chunk_bomb_png,
@@ -31,7 +32,7 @@ from hostile_images import (
     rgba16_8k_png,
     rgba_8k_png,
 )
-from support import all_finished, fast_settings, make_table, wait_until
+from support import fast_settings, make_table
 
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
@@ -158,7 +159,7 @@ async def test_hostile_images_fail_alone_and_the_daemon_keeps_serving(
                         f"{base}/{name}",
                         key,
                     )
-                await wait_until(lambda: all_finished(conn, len(bad) + len(good)), timeout=240)
+                await jobs_finished(daemon, conn, len(bad) + len(good), timeout=240)
             finally:
                 for watcher in watchers:
                     watcher.cancel()

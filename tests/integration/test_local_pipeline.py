@@ -10,8 +10,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiohttp import web
+from awaiting import jobs_finished
 from PIL import Image
-from support import all_finished, fast_settings, make_table, wait_until
+from support import fast_settings, make_table
 
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
@@ -68,12 +69,12 @@ async def test_photos_analyzed_and_bad_rows_fail_alone(
         async with Daemon(settings) as daemon:
             for key, url in rows.items():
                 await conn.execute(f"INSERT INTO {table} (url, owner_id) VALUES ($1, $2)", url, key)
-            await wait_until(lambda: all_finished(conn, len(rows)), timeout=60)
+            await jobs_finished(daemon, conn, len(rows), timeout=60)
             # The daemon keeps going after all of that.
             await conn.execute(
                 f"INSERT INTO {table} (url, owner_id) VALUES ($1, 'after')", f"{base}/coffee.png"
             )
-            await wait_until(lambda: all_finished(conn, len(rows) + 1), timeout=30)
+            await jobs_finished(daemon, conn, len(rows) + 1, timeout=30)
             assert daemon.worker is not None and daemon.worker.in_flight == 0
         found = {
             r["owner_id"]: r

@@ -10,9 +10,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+from awaiting import jobs_finished, when
 from loguru import logger
 from pydantic import SecretStr
-from support import StaticServer, all_finished, counts, fast_settings, make_table, wait_until
+from support import StaticServer, counts, fast_settings, make_table, wait_until
 
 from listener.analysis.providers.base import ImageInput, StepContext
 from listener.analysis.providers.openai import OpenAIProvider
@@ -87,13 +88,13 @@ async def test_structured_tiers_are_parsed_and_costed(
             tier3_min_side=400,
         ),
     )
-    async with Daemon(settings):
+    async with Daemon(settings) as daemon:
         await conn.execute(
             f"INSERT INTO {table} (url) VALUES ($1), ($2)",
             f"{photos.base_url}/astronaut.png",
             f"{photos.base_url}/chelsea.png",
         )
-        await wait_until(lambda: all_finished(conn, 2), timeout=30)
+        await jobs_finished(daemon, conn, 2, timeout=30)
     rows = await conn.fetch(
         "SELECT j.image_url, r.step, r.output, r.model, r.input_tokens, r.output_tokens, "
         "r.calls, r.cost_usd FROM listener.results r JOIN listener.jobs j ON j.id = r.job_id "
@@ -139,11 +140,11 @@ async def test_tiers_skipped_by_quality_and_resolution(
             tier3_min_side=4000,
         ),
     )
-    async with Daemon(settings):
+    async with Daemon(settings) as daemon:
         await conn.execute(
             f"INSERT INTO {table} (url) VALUES ($1)", f"{photos.base_url}/coffee.png"
         )
-        await wait_until(lambda: all_finished(conn, 1), timeout=30)
+        await jobs_finished(daemon, conn, 1, timeout=30)
     steps = await conn.fetch("SELECT step FROM listener.results")
     assert [r["step"] for r in steps] == ["openai.tier1"]
     assert await counts(conn) == {"complete": 1}
@@ -162,14 +163,14 @@ async def test_retry_resumes_after_tier1_without_paying_twice(
     # Tier 1 succeeds (slowly, so the test can script what follows), then tier 2 fails
     # twice, with a 500 and a 503, before it succeeds.
     fake.latency_s = 0.5
-    async with Daemon(settings):
+    async with Daemon(settings) as daemon:
         await conn.execute(
             f"INSERT INTO {table} (url) VALUES ($1)", f"{photos.base_url}/rocket.jpg"
         )
         await wait_until(lambda: _requests_seen(fake, 1), timeout=30)
         fake.faults.extend([Fault(500), Fault(503)])
         fake.latency_s = 0.0
-        await wait_until(lambda: all_finished(conn, 1), timeout=30)
+        await jobs_finished(daemon, conn, 1, timeout=30)
     job = await conn.fetchrow("SELECT status, attempts FROM listener.jobs")
     assert dict(job) == {"status": "complete", "attempts": 3}
     prompts = [_first_text(r) for r in fake.requests]
@@ -256,12 +257,12 @@ async def test_bucket_keeps_the_fake_within_its_limit_and_429_pauses_everyone(
             dedup="off",  # the rows repeat images: every one is a request
         )
         fake.faults.append(Fault(429, retry_after_s=1.5))
-        async with Daemon(settings):
+        async with Daemon(settings) as daemon:
             await conn.execute(
                 f"INSERT INTO {table} (url) SELECT $1 || g FROM generate_series(1, 12) g",
                 f"{photos.base_url}/rocket.jpg?v=",
             )
-            await wait_until(lambda: all_finished(conn, 12), timeout=60)
+            await jobs_finished(daemon, conn, 12, timeout=60)
         times = [r["received_at"] for r in fake.requests]
     assert fake.violations == 0
     assert await counts(conn) == {"complete": 12}
@@ -287,7 +288,12 @@ async def test_insufficient_quota_pauses_provider_and_status_says_so(
         await conn.execute(
             f"INSERT INTO {table} (url) VALUES ($1)", f"{photos.base_url}/rocket.jpg"
         )
-        await wait_until(lambda: _last_error_like(conn, "insufficient_quota"), timeout=20)
+        await when(
+            lambda: _last_error_like(conn, "insufficient_quota"),
+            daemon.signals,
+            "snoozed",
+            timeout=20,
+        )
         assert daemon.queries is not None
         status = await queue_status(daemon.queries, None)
     job = await conn.fetchrow("SELECT status, attempts FROM listener.jobs")
@@ -323,7 +329,7 @@ async def test_budget_cap_defers_paid_steps(
             f"INSERT INTO {table} (url) SELECT $1 || g FROM generate_series(1, 4) g",
             f"{photos.base_url}/rocket.jpg?v=",
         )
-        await wait_until(lambda: _deferred(conn, 3), timeout=30)
+        await when(lambda: _deferred(conn, 3), daemon.signals, "snoozed", timeout=30)
         assert daemon.queries is not None
         status = await queue_status(daemon.queries, settings.budget_usd_per_day)
     assert len(fake.requests) == 1  # one paid call, then the budget was spent

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from awaiting import jobs_finished, loop_signals, when
 from support import (
     RecordingProvider,
     StaticServer,
     admit,
-    all_finished,
     counts,
     fast_settings,
     make_table,
@@ -153,7 +153,7 @@ async def test_pause_openai_stops_claims_without_rewriting_jobs(
         assert {r[3] for r in before} == {"pending"}
         resumed = cli(env_for_subprocess, "resume", "openai")
         assert "resumed openai" in resumed.stdout
-        await wait_until(lambda: all_finished(conn, 2), timeout=30)
+        await jobs_finished(daemon, conn, 2, timeout=30)
     await photos.__aexit__()
     assert await counts(conn) == {"complete": 2}
     assert await conn.fetchval("SELECT count(*) FROM listener.pauses") == 0
@@ -273,10 +273,10 @@ async def test_prune_in_small_batches(database_url: str, conn: asyncpg.Connectio
 async def test_the_daemon_prunes_by_itself(database_url: str, conn: asyncpg.Connection) -> None:
     _, ids = await prune_fixture(conn)
     settings = fast_settings(database_url, prune_after_days=30, prune_batch=1)
-    async with Daemon(settings, providers=[RecordingProvider()], health=False):
+    async with Daemon(settings, providers=[RecordingProvider()], health=False) as daemon:
 
         async def pruned() -> bool:
             return bool(await conn.fetchval("SELECT count(*) FROM listener.jobs") == 3)
 
-        await wait_until(pruned, timeout=10)
+        await when(pruned, loop_signals(daemon, "prune"), "ticked", timeout=10)
     assert ids["old-kept"] in {r[0] for r in await conn.fetch("SELECT id FROM listener.jobs")}

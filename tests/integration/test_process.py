@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
-from support import RecordingProvider, all_finished, fast_settings, make_table, wait_until
+from awaiting import jobs_finished
+from support import RecordingProvider, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
 
@@ -59,8 +60,8 @@ async def test_sigkill_mid_job_lease_expires_and_another_daemon_completes_it(
     killed_at = time.monotonic()
     provider = RecordingProvider()
     settings = fast_settings(database_url, lease_s=2.0, worker_id="rescuer")
-    async with Daemon(settings, providers=[provider], health=False):
-        await wait_until(lambda: all_finished(conn, 1), timeout=20)
+    async with Daemon(settings, providers=[provider], health=False) as daemon:
+        await jobs_finished(daemon, conn, 1, timeout=20)
     recovered_in = time.monotonic() - killed_at
     job = await conn.fetchrow("SELECT status, attempts, worker_id FROM listener.jobs")
     assert dict(job) == {"status": "complete", "attempts": 2, "worker_id": "rescuer"}

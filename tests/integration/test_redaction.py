@@ -21,9 +21,10 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 import pytest
+from awaiting import jobs_finished
 from loguru import logger
 from pydantic import SecretStr
-from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+from support import StaticServer, fast_settings, make_table
 
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
@@ -129,7 +130,7 @@ async def test_no_marker_leaves_the_process(
                 f"INSERT INTO {table} (url, owner_id) VALUES ($1, 'owner-1')",
                 [(url,) for url in urls],
             )
-            await wait_until(lambda: all_finished(conn, len(urls)), timeout=30)
+            await jobs_finished(daemon, conn, len(urls), timeout=30)
             async with aiohttp.ClientSession(daemon.health.url) as http:
                 for path in ("/status", "/", "/metrics", "/healthz", "/readyz"):
                     async with http.get(path) as resp:

@@ -9,7 +9,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+from awaiting import jobs_finished
+from support import StaticServer, fast_settings, make_table
 
 from listener.analysis.providers.base import ImageInput, StepContext
 from listener.analysis.providers.rekognition import RekognitionProvider
@@ -66,10 +67,10 @@ def tiered(database_url: str, fake: FakeRekognition, **overrides: Any) -> Settin
 
 
 async def insert_and_wait(
-    conn: asyncpg.Connection, table: str, url: str, owner: str, expected: int
+    daemon: Daemon, conn: asyncpg.Connection, table: str, url: str, owner: str, expected: int
 ) -> None:
     await conn.execute(f"INSERT INTO {table} (url, owner_id) VALUES ($1, $2)", url, owner)
-    await wait_until(lambda: all_finished(conn, expected), timeout=30)
+    await jobs_finished(daemon, conn, expected, timeout=30)
 
 
 async def test_faces_become_people_suggestions_and_new_faces(
@@ -77,11 +78,11 @@ async def test_faces_become_people_suggestions_and_new_faces(
 ) -> None:
     table = await make_table(conn, owner=True)
     base = photos.base_url
-    async with Daemon(tiered(database_url, fake)):
+    async with Daemon(tiered(database_url, fake)) as daemon:
         # In order: matching depends on which faces are already in the collection.
         for n, name in enumerate(("a1", "a2", "border", "b", "none"), start=1):
-            await insert_and_wait(conn, table, f"{base}/{name}.jpg", "owner-1", n)
-        await insert_and_wait(conn, table, f"{base}/a1.jpg", "owner-2", 6)
+            await insert_and_wait(daemon, conn, table, f"{base}/{name}.jpg", "owner-1", n)
+        await insert_and_wait(daemon, conn, table, f"{base}/a1.jpg", "owner-2", 6)
     faces = {
         (r["owner_id"], r["url"].rsplit("/", 1)[1]): r
         for r in await conn.fetch(
@@ -203,12 +204,12 @@ async def test_bucket_keeps_rekognition_within_its_tps(
             rate_limits={"rekognition": RateLimit(rps=4, burst=1, concurrency=10)},
             dedup="off",  # the rows repeat images: every one is a request
         )
-        async with Daemon(settings):
+        async with Daemon(settings) as daemon:
             await conn.execute(
                 f"INSERT INTO {table} (url, owner_id) SELECT $1 || g, 'o' "
                 "FROM generate_series(1, 12) g",
                 f"{photos.base_url}/a1.jpg?v=",
             )
-            await wait_until(lambda: all_finished(conn, 12), timeout=60)
+            await jobs_finished(daemon, conn, 12, timeout=60)
         assert fake.violations == 0
         assert len(fake.calls) == 12

@@ -15,12 +15,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from awaiting import when_written
 from support import (
     RecordingProvider,
     admit,
     create_extension_or_skip,
     fast_settings,
-    wait_until,
 )
 
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
@@ -99,7 +99,7 @@ async def test_columns_follow_the_job_step_by_step(
     first, second = StepProvider("first"), StepProvider("second")
     second.gate.clear()
     settings = fast_settings(database_url, concurrency=1, prefetch=0)
-    async with Daemon(settings, providers=[first, second], health=False):
+    async with Daemon(settings, providers=[first, second], health=False) as daemon:
         await conn.execute(f"INSERT INTO {table} (url) VALUES ('a'), ('b')")
         bad_id = await conn.fetchval(f"INSERT INTO {table} (url) VALUES ('bad') RETURNING id")
         first.failures[str(bad_id)] = [InvalidImage("not an image")]
@@ -108,7 +108,7 @@ async def test_columns_follow_the_job_step_by_step(
             rows = await app_rows(conn, table)
             return rows["a"]["status"] == "processing" and rows["a"]["result"] is not None
 
-        await wait_until(a_half_done, timeout=10)
+        await when_written(daemon, a_half_done, timeout=10)
         rows = await app_rows(conn, table)
         # One step stored, the next one running: its output is in the row already.
         assert rows["a"] == {
@@ -128,7 +128,7 @@ async def test_columns_follow_the_job_step_by_step(
                 "failed",
             ] and rows["bad"]["error"] is not None
 
-        await wait_until(finished, timeout=20)
+        await when_written(daemon, finished, timeout=20)
     rows = await app_rows(conn, table)
     jobs = {
         r["source_id"]: r
@@ -165,7 +165,7 @@ async def test_error_is_cleared_when_a_retry_or_a_reanalysis_succeeds(
     )
     provider.hold.update({"1": 2, "2": 3})
     provider.gate.clear()
-    async with Daemon(fast_settings(database_url), providers=[provider], health=False):
+    async with Daemon(fast_settings(database_url), providers=[provider], health=False) as daemon:
         await conn.execute(f"INSERT INTO {table} (url) VALUES ('retried'), ('reanalyzed')")
 
         async def both_errors_shown() -> bool:
@@ -176,7 +176,7 @@ async def test_error_is_cleared_when_a_retry_or_a_reanalysis_succeeds(
                 and "not an image" in (rows["reanalyzed"]["error"] or "")
             )
 
-        await wait_until(both_errors_shown, timeout=10)
+        await when_written(daemon, both_errors_shown, timeout=10)
         assert (await app_rows(conn, table))["retried"]["status"] in ("pending", "processing")
         provider.gate.set()
         assert await conn.fetchval("SELECT listener.reanalyze($1, ARRAY['2'], 0)", table) == 1
@@ -188,7 +188,7 @@ async def test_error_is_cleared_when_a_retry_or_a_reanalysis_succeeds(
                 for r in rows.values()
             )
 
-        await wait_until(both_complete, timeout=20)
+        await when_written(daemon, both_complete, timeout=20)
     rows = await app_rows(conn, table)
     assert rows["retried"]["result"] == {"only.step": step_output("only", "1")}
     assert rows["reanalyzed"]["result"] == {"only.step": step_output("only", "2")}
@@ -206,7 +206,7 @@ async def test_a_row_held_by_the_app_delays_only_its_own_columns(
         await app.execute(f"SELECT 1 FROM {table} WHERE url = 'u5' FOR UPDATE")
         async with Daemon(
             fast_settings(database_url), providers=[StepProvider("only")], health=False
-        ):
+        ) as daemon:
 
             async def others_written() -> bool:
                 rows = await app_rows(conn, table)
@@ -217,7 +217,7 @@ async def test_a_row_held_by_the_app_delays_only_its_own_columns(
                 )
 
             try:
-                await wait_until(others_written, timeout=15)
+                await when_written(daemon, others_written, timeout=15)
                 job = await conn.fetchval("SELECT status FROM listener.jobs WHERE source_id = '5'")
                 assert job == "complete"
                 held = (await app_rows(conn, table))["u5"]
@@ -234,7 +234,7 @@ async def test_a_row_held_by_the_app_delays_only_its_own_columns(
                 row = (await app_rows(conn, table))["u5"]
                 return row["status"] == "complete" and row["result"] is not None
 
-            await wait_until(held_row_written, timeout=10)
+            await when_written(daemon, held_row_written, timeout=10)
     finally:
         await app.close()
     row = (await app_rows(conn, table))["u5"]

@@ -9,8 +9,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+from awaiting import jobs_finished
 from loguru import logger
-from support import RecordingProvider, all_finished, fast_settings, make_table, wait_until
+from support import RecordingProvider, fast_settings, make_table
 
 from listener.app import Daemon
 
@@ -35,7 +36,7 @@ async def test_password_never_logged_nor_served(database_url: str) -> None:
         async with Daemon(settings, providers=[RecordingProvider()]) as daemon:
             assert daemon.health is not None and daemon.notifier is not None
             await conn.execute(f"INSERT INTO {table} (url) VALUES ('a')")
-            await wait_until(lambda: all_finished(conn, 1), timeout=10)
+            await jobs_finished(daemon, conn, 1, timeout=10)
             await conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"

@@ -12,7 +12,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
-from support import RecordingProvider, admit, fast_settings, make_table, wait_until
+from awaiting import loop_signals, when
+from support import RecordingProvider, admit, fast_settings, make_table
 
 from listener.app import Daemon
 from listener.db.migrate import load_migrations
@@ -166,12 +167,9 @@ async def test_counters_stay_exact_under_a_daemon_and_direct_sql(
             "UPDATE listener.jobs SET status = 'pending', batch_step = NULL "
             "WHERE status = 'batched'"
         )
-        await wait_until(
-            lambda: _settled(conn),
-            timeout=60,
-        )
+        await when(lambda: _settled(conn), daemon.signals, "finished", timeout=60)
         await assert_exact(conn)
-        await wait_until(lambda: _folded(conn), timeout=10)
+        await when(lambda: _folded(conn), loop_signals(daemon, "rollup"), "ticked", timeout=10)
     assert daemon.counts_rollup.folded > 0
     # After the daemon's last rollup: everything folded, still exact.
     assert await conn.fetchval("SELECT count(*) FROM listener.job_count_deltas") == 0

@@ -27,7 +27,8 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from support import RecordingProvider, all_finished, counts, fast_settings, make_table, wait_until
+from awaiting import jobs_finished, when
+from support import RecordingProvider, counts, fast_settings, make_table, wait_until
 
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
@@ -376,7 +377,7 @@ async def test_status_page_in_chromium_matches_status_json(
 
     async with Daemon(settings, providers=[provider], health=False) as daemon:
         assert daemon.pool and daemon.queries and daemon.notifier and daemon.worker
-        await wait_until(progressed, timeout=30)
+        await when(progressed, daemon.signals, "finished", timeout=30)
         # Hold every job the provider starts from now on: they stay running (processing)
         # while the page loads, and no count moves between the readings compared below.
         provider.gate.clear()
@@ -429,7 +430,7 @@ async def test_status_page_in_chromium_matches_status_json(
         finally:
             await runner.cleanup()
         provider.gate.set()
-        await wait_until(lambda: all_finished(conn, 50), timeout=30)
+        await jobs_finished(daemon, conn, 50, timeout=30)
     assert await counts(conn) == {"complete": 45, "failed": 5}
 
     # The counts held still between the two readings, with jobs running and waiting.

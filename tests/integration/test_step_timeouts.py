@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
-from support import all_finished, counts, fast_settings, make_table, wait_until
+from awaiting import jobs_finished, when
+from support import counts, fast_settings, make_table
 
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
@@ -64,8 +65,8 @@ async def test_a_hung_step_is_retried_then_failed_while_other_rows_complete(
     async with Daemon(settings, providers=[provider], health=False) as daemon:
         await asyncio.wait_for(provider.hung.wait(), timeout=20)
         # While the stuck job hangs, the others complete.
-        await wait_until(lambda: _complete(conn, 19), timeout=20)
-        await wait_until(lambda: all_finished(conn, 20), timeout=30)
+        await when(lambda: _complete(conn, 19), daemon.signals, "finished", timeout=20)
+        await jobs_finished(daemon, conn, 20, timeout=30)
         assert daemon.worker is not None and daemon.worker.in_flight == 0
     assert await counts(conn) == {"complete": 19, "failed": 1}
     job = await conn.fetchrow(

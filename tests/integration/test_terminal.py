@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 import asyncpg
-from support import RecordingProvider, admit, all_finished, fast_settings, wait_until
+from awaiting import jobs_finished
+from support import RecordingProvider, admit, fast_settings
 
 from listener.app import Daemon
 from listener.cli.render import shown
@@ -57,12 +58,12 @@ async def test_status_shows_hostile_owners_errors_and_tables_as_text(
         str(i + 1): [RejectedByProvider(error)] for i, error in enumerate(ERRORS)
     }
     provider = RecordingProvider(failures=failures)
-    async with Daemon(fast_settings(database_url), providers=[provider]):
+    async with Daemon(fast_settings(database_url), providers=[provider]) as daemon:
         await conn.executemany(
             f"INSERT INTO public.{TABLE} (url, owner_id) VALUES ('u', $1)",
             [(owner,) for owner in OWNERS],
         )
-        await wait_until(lambda: all_finished(conn, len(OWNERS)), timeout=20)
+        await jobs_finished(daemon, conn, len(OWNERS), timeout=20)
     # One more row each, left pending: the owners table lists the owners with work left.
     await conn.executemany(
         f"INSERT INTO public.{TABLE} (url, owner_id) VALUES ('u', $1)",

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from awaiting import jobs_finished
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from pydantic import SecretStr
-from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+from support import StaticServer, fast_settings, make_table
 
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
@@ -83,13 +84,13 @@ async def test_each_job_is_a_trace_carried_into_the_provider_requests(
             },
             max_attempts=1,
         )
-        async with Daemon(settings, tracing=OtelTracing(provider)):
+        async with Daemon(settings, tracing=OtelTracing(provider)) as daemon:
             await conn.executemany(
                 f"INSERT INTO {table} (url, owner_id) VALUES ($1, 'owner-1')",
                 [(f"{photos.base_url}/{name}?token=secret-token",) for name in PHOTOS]
                 + [(f"{photos.base_url}/not-an-image.png?token=secret-token",)],
             )
-            await wait_until(lambda: all_finished(conn, len(PHOTOS) + 1), timeout=60)
+            await jobs_finished(daemon, conn, len(PHOTOS) + 1, timeout=60)
         openai_requests = list(openai_fake.requests)
         rekognition_headers = list(rekognition_fake.traceparents)
     provider.shutdown()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import asyncpg
 import pytest
+from awaiting import jobs_finished, when, when_written
 from support import (
     RecordingProvider,
     admit,
@@ -87,7 +88,7 @@ async def test_app_update_racing_a_claim_succeeds(
         tx = app.transaction()
         await tx.start()
         await app.execute(f"UPDATE {table} SET owner_id = 'touched' WHERE id = $1", row_id)
-        async with Daemon(settings, providers=[provider], health=False):
+        async with Daemon(settings, providers=[provider], health=False) as daemon:
 
             async def claimed_or_blocked() -> bool:
                 status = await conn.fetchval(
@@ -95,7 +96,7 @@ async def test_app_update_racing_a_claim_succeeds(
                 )
                 return status != "pending" or await blocked_by(conn, app_pid)
 
-            await wait_until(claimed_or_blocked, timeout=10)
+            await when(claimed_or_blocked, daemon.signals, "claimed", timeout=10)
             # Longer than deadlock_timeout: a waiting claim has run its deadlock check by now,
             # so a deadlock would be detected by (and cancel) the app's statement below.
             await asyncio.sleep(deadlock_timeout_s + 0.3)
@@ -114,8 +115,8 @@ async def test_app_update_racing_a_claim_succeeds(
                     "complete",
                 )
 
-            await wait_until(done, timeout=20)
-            await wait_until(lambda: all_finished(conn, 6), timeout=20)
+            await when_written(daemon, done, timeout=20)
+            await when(lambda: all_finished(conn, 6), daemon.signals, "finished", timeout=20)
     finally:
         await app.close()
     row = await conn.fetchrow(f"SELECT url, owner_id, status FROM {table} WHERE id = $1", row_id)
@@ -137,7 +138,9 @@ async def test_app_row_lock_stalls_no_claim(database_url: str, conn: asyncpg.Con
         await tx.start()
         await app.execute(f"SELECT * FROM {table} WHERE id = $1 FOR UPDATE", locked_id)
         provider = RecordingProvider()
-        async with Daemon(fast_settings(database_url), providers=[provider], health=False):
+        async with Daemon(
+            fast_settings(database_url), providers=[provider], health=False
+        ) as daemon:
 
             async def others_complete() -> bool:
                 statuses = await app_statuses(conn, table)
@@ -145,8 +148,8 @@ async def test_app_row_lock_stalls_no_claim(database_url: str, conn: asyncpg.Con
 
             try:
                 # The lock is still held: claims and completions go on around it.
-                await wait_until(lambda: all_finished(conn, 20), timeout=10)
-                await wait_until(others_complete, timeout=10)
+                await jobs_finished(daemon, conn, 20, timeout=10)
+                await when_written(daemon, others_complete, timeout=10)
                 locked_job = await conn.fetchval(
                     "SELECT status FROM listener.jobs WHERE source_id = $1", str(locked_id)
                 )
@@ -161,7 +164,7 @@ async def test_app_row_lock_stalls_no_claim(database_url: str, conn: asyncpg.Con
             async def locked_row_complete() -> bool:
                 return (await app_statuses(conn, table))["u7"] == "complete"
 
-            await wait_until(locked_row_complete, timeout=10)
+            await when_written(daemon, locked_row_complete, timeout=10)
     finally:
         await app.close()
     assert set((await app_statuses(conn, table)).values()) == {"complete"}
@@ -174,7 +177,7 @@ async def test_status_column_follows_the_job(database_url: str, conn: asyncpg.Co
     provider.gate.clear()
     bad = "will-fail"
     settings = fast_settings(database_url, concurrency=1, prefetch=0)
-    async with Daemon(settings, providers=[provider], health=False):
+    async with Daemon(settings, providers=[provider], health=False) as daemon:
         await conn.execute(f"INSERT INTO {table} (url) VALUES ('a'), ('b'), ('c')")
         bad_id = await conn.fetchval(
             f"INSERT INTO {table} (url) VALUES ($1) RETURNING id::text", bad
@@ -185,7 +188,7 @@ async def test_status_column_follows_the_job(database_url: str, conn: asyncpg.Co
             statuses = sorted(str(s) for s in (await app_statuses(conn, table)).values())
             return statuses == ["pending", "pending", "pending", "processing"]
 
-        await wait_until(one_running_rest_pending, timeout=10)
+        await when_written(daemon, one_running_rest_pending, timeout=10)
         provider.gate.set()
 
         async def finished() -> bool:
@@ -196,7 +199,7 @@ async def test_status_column_follows_the_job(database_url: str, conn: asyncpg.Co
                 bad: "failed",
             }
 
-        await wait_until(finished, timeout=20)
+        await when_written(daemon, finished, timeout=20)
 
 
 async def test_statuses_are_written_by_the_time_the_daemon_stops(
@@ -204,8 +207,10 @@ async def test_statuses_are_written_by_the_time_the_daemon_stops(
 ) -> None:
     table = await make_table(conn, status=True)
     await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 30) g")
-    async with Daemon(fast_settings(database_url), providers=[RecordingProvider()], health=False):
-        await wait_until(lambda: all_finished(conn, 30), timeout=20)
+    async with Daemon(
+        fast_settings(database_url), providers=[RecordingProvider()], health=False
+    ) as daemon:
+        await jobs_finished(daemon, conn, 30, timeout=20)
     assert set((await app_statuses(conn, table)).values()) == {"complete"}
 
 
