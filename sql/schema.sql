@@ -540,8 +540,9 @@ INSERT INTO listener.locks (name) VALUES
 -- and a WARNING, and does not hold up the others. Of several entries of one key, the newest.
 -- SECURITY DEFINER: rows are read as listener_owner, which owns the triggers that wrote the
 -- entries, so row-level security on an app's table cannot hide a row and have its entry
--- taken for a deleted row's. Index scans only (no sequential or bitmap scans, no JIT): its
--- plans are made once per connection, maybe on empty tables, and kept as they grow.
+-- taken for a deleted row's. Sequential and bitmap scans off, and JIT: its generic plans are
+-- made once per connection, maybe on empty tables, and kept as the tables grow; every
+-- statement finds its rows by key, so the index is the right plan at any size.
 CREATE FUNCTION listener.admit_entries(
     p_limit integer, p_room integer, p_worker text, p_lease_s double precision, p_token uuid,
     p_max_attempts integer, OUT taken bigint, OUT admitted bigint, OUT claimed bigint[]
@@ -644,7 +645,8 @@ $$;
 -- the room (more may wait) or made jobs it did not claim. The claim is the statement between
 -- the two "claim" markers, run once per pass: a CTE selecting FOR UPDATE SKIP LOCKED LIMIT n,
 -- then UPDATE ... RETURNING; done_steps lists the steps a job already stored (claims > 1:
--- its run resumes after them). Generic plans, index scans only (see admit_entries).
+-- its run resumes after them). Generic plans, without sequential or bitmap scans (see
+-- admit_entries).
 CREATE FUNCTION listener.claim_jobs(
     p_limit integer, p_worker text, p_lease_s double precision, p_token uuid,
     p_default_max_attempts integer, p_admit integer
