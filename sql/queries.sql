@@ -1,13 +1,20 @@
 -- Runtime queries. Each block starts with `-- name: NAME :KIND` (KIND: one | many | execute)
 -- and a comment saying what it does and why. listener/db/queries.py exposes one method each.
+--
+-- What runs inside PostgreSQL is in sql/schema.sql, the current schema in one file: the claim
+-- and the admission (listener.claim_jobs, listener.admit_entries, and the admit_<oid> that
+-- attach_table generates per table; section 3 there), the triggers that every job change
+-- sets off, and the side loops' functions. Many blocks below are one-line calls of those
+-- functions; the numbers in comments (0019, ...) name the migration that introduced a piece.
 
 -- name: claim_jobs :many
 -- Claims up to $1 runnable jobs for worker $2, leased for $3 seconds under token $4, in one
--- transaction (listener.claim_jobs, 0021, which holds the statement): pending jobs whose
--- run_after has passed, in priority then age order (an index scan of jobs_claim_idx), and,
--- with $6 > 0, up to $6 rows the app inserted, admitted as jobs claimed at once in the room
--- the pending jobs of priority 0 or less left, before those of higher numbers. SKIP LOCKED lets concurrent claimers pass over
--- each other's rows instead of queueing behind them; the UPDATE then touches exactly the rows
+-- transaction (listener.claim_jobs in sql/schema.sql, which holds the statement between its
+-- "claim: begin" and "claim: end" markers): pending jobs whose run_after has passed, in
+-- priority then age order (an index scan of jobs_claim_idx), and, with $6 > 0, up to $6 rows
+-- the app inserted, admitted as jobs claimed at once in the room the pending jobs of
+-- priority 0 or less left, before those of higher numbers. SKIP LOCKED lets concurrent
+-- claimers pass over each other's rows instead of queueing behind them; the UPDATE then touches exactly the rows
 -- this statement locked. A job without max_attempts (enqueued by a trigger) takes the
 -- daemon's default $5. done_steps, the steps already stored, is what a run resumes after:
 -- only a job claimed before can have any (results are written under a claim, or by a batch

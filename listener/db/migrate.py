@@ -1,13 +1,19 @@
-"""Applies ``sql/migrations/NNNN_name.sql`` in order, once each, under a lock.
+"""Installs ``sql/schema.sql``, or applies ``sql/migrations/NNNN_name.sql`` in order, under a lock.
 
 Forward-only, like graphile-worker's migrations: a migration that has landed is never edited;
 changes come as a new file. Every applied version is recorded in
-``listener.schema_migrations``. Running ``migrate`` again applies nothing (and takes no lock:
-a current schema is seen read-only first, so a daemon role without DDL rights may run
-``listener run --migrate``); running it from several processes at once is safe because they
-serialize on a lock of ``listener.schema_migrations`` (an advisory lock only before the schema
-exists: a lock no role without rights on the table can take, so no one can hold upgrades
-back); a database migrated by a newer listener is refused rather than silently used.
+``listener.schema_migrations``. A new install (no ``listener.schema_migrations`` yet) does not
+replay the migrations: it applies ``sql/schema.sql``, the current schema in one file, and
+records every known migration as applied, as procrastinate installs its ``schema.sql``; a
+database that has recorded any version replays the migrations after it.
+``tests/integration/test_schema_file.py`` checks that both paths give the same schema.
+
+Running ``migrate`` again applies nothing (and takes no lock: a current schema is seen
+read-only first, so a daemon role without DDL rights may run ``listener run --migrate``);
+running it from several processes at once is safe because they serialize on a lock of
+``listener.schema_migrations`` (an advisory lock only before the schema exists: a lock no role
+without rights on the table can take, so no one can hold upgrades back); a database migrated
+by a newer listener is refused rather than silently used.
 
 Roles (``0020_least_privilege``): the schema and everything in it belong to
 ``listener_owner``, and a daemon's role is a member of ``listener_worker``; neither may log
@@ -60,6 +66,11 @@ class Migration:
     version: int
     name: str
     sql: str
+
+
+def load_schema(directory: Path | None = None) -> str:
+    """The text of ``schema.sql`` in ``directory`` (default ``sql/``): a new install's schema."""
+    return ((directory or sql_dir()) / "schema.sql").read_text(encoding="utf-8")
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
@@ -156,7 +167,8 @@ async def _check_owner(conn: asyncpg.Connection, allow_superuser_owner: bool) ->
 
 
 async def migrate(conn: asyncpg.Connection, *, allow_superuser_owner: bool = False) -> list[str]:
-    """Apply every migration the database lacks, in one transaction.
+    """Apply every migration the database lacks (a new install: ``schema.sql``), in one
+    transaction.
 
     Args:
         conn: a connection of a role that may create the schema's objects (and, on the
@@ -164,7 +176,8 @@ async def migrate(conn: asyncpg.Connection, *, allow_superuser_owner: bool = Fal
         allow_superuser_owner: commit even when ``listener_owner`` is a superuser.
 
     Returns:
-        The applied migrations as ``"NNNN_name"``; empty when the schema was current.
+        The applied migrations as ``"NNNN_name"`` (on a new install, every migration:
+        ``schema.sql`` holds them all); empty when the schema was current.
 
     Raises:
         MigrationError: the database has a migration this listener does not know (it was
@@ -198,12 +211,17 @@ async def migrate(conn: asyncpg.Connection, *, allow_superuser_owner: bool = Fal
         _refuse_newer(done, known)
         if any(m.version >= ROLES_VERSION and m.version not in done for m in migrations):
             await _check_roles(conn)
+        if not done:
+            # A new install: the current schema at once, every migration recorded as applied.
+            logger.info("installing schema.sql (migrations up to {:04d})", max(known))
+            await conn.execute(load_schema())
         for migration in migrations:
             if migration.version in done:
                 continue
             label = f"{migration.version:04d}_{migration.name}"
-            logger.info("applying migration {}", label)
-            await conn.execute(migration.sql)
+            if done:
+                logger.info("applying migration {}", label)
+                await conn.execute(migration.sql)
             await conn.execute(
                 "INSERT INTO listener.schema_migrations (version, name) VALUES ($1, $2)",
                 migration.version,

@@ -137,30 +137,43 @@ async def test_each_insert_enqueues_every_row_once_with_one_notify(
     database_url: str, conn: asyncpg.Connection, how: str
 ) -> None:
     table = await make_table(conn)
+    function = f"enqueue_insert_{await conn.fetchval('SELECT $1::regclass::oid', table)}"
     listener_conn = await asyncpg.connect(database_url)
     counter = NotifyCounter()
     await listener_conn.add_listener(CHANNEL, counter)
     try:
-        if how == "single":
-            await conn.execute(f"INSERT INTO {table} (url) VALUES ('http://a/0')")
-            expected = 1
-        elif how == "multi":
-            await conn.execute(
-                f"INSERT INTO {table} (url) VALUES ('http://a/0'), ('http://a/1'), ('http://a/2')"
+        # The statement in a transaction of its own that counts the calls of the table's
+        # trigger function: Postgres folds identical notifications of a transaction into one,
+        # so one NOTIFY heard would not tell a per-row trigger from a per-statement one.
+        async with conn.transaction():
+            await conn.execute("SET LOCAL track_functions = 'all'")
+            if how == "single":
+                await conn.execute(f"INSERT INTO {table} (url) VALUES ('http://a/0')")
+                expected = 1
+            elif how == "multi":
+                await conn.execute(
+                    f"INSERT INTO {table} (url) "
+                    "VALUES ('http://a/0'), ('http://a/1'), ('http://a/2')"
+                )
+                expected = 3
+            elif how == "copy":
+                data = "".join(f"http://a/{i}\n" for i in range(500)).encode()
+                await conn.copy_to_table(
+                    "images", schema_name="public", columns=["url"], source=io.BytesIO(data)
+                )
+                expected = 500
+            else:
+                await conn.execute(
+                    f"INSERT INTO {table} (url) "
+                    "SELECT 'http://a/' || g FROM generate_series(1, 10000) g"
+                )
+                expected = 10000
+            calls = await conn.fetchval(
+                "SELECT calls FROM pg_stat_xact_user_functions "
+                "WHERE schemaname = 'listener' AND funcname = $1",
+                function,
             )
-            expected = 3
-        elif how == "copy":
-            data = "".join(f"http://a/{i}\n" for i in range(500)).encode()
-            await conn.copy_to_table(
-                "images", schema_name="public", columns=["url"], source=io.BytesIO(data)
-            )
-            expected = 500
-        else:
-            await conn.execute(
-                f"INSERT INTO {table} (url) "
-                "SELECT 'http://a/' || g FROM generate_series(1, 10000) g"
-            )
-            expected = 10000
+        assert calls == 1
         await asyncio.wait_for(counter.event.wait(), 5)
         assert await counter.settle(listener_conn) == 1
         # The statement recorded its rows; a daemon's claim makes their jobs.
