@@ -1,10 +1,15 @@
-"""Helpers shared by the tests: settings for fast tests, attached tables, fake providers."""
+"""Helpers shared by the tests: settings for fast tests, attached tables, fake providers,
+the ``listener`` command line and ``listener run`` as subprocesses."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -193,3 +198,94 @@ class StaticServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._runner.cleanup()
+
+
+def cli(
+    env: Mapping[str, str],
+    *args: str,
+    columns: int = 300,
+    timeout: float = 120,
+    ok: bool = False,
+    cwd: Path | str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``listener *args`` as a user runs it: ``python -m listener`` in a subprocess with ``env``.
+
+    Its output is captured as text, laid out ``columns`` wide (``COLUMNS``) without colour
+    (``NO_COLOR``): wide enough that what a test looks for (a long owner id, a refusal with
+    its advice) is not wrapped, and not split by escape codes.
+
+    Args:
+        env: the subprocess's whole environment (``env_for_subprocess``, say).
+        columns: the terminal width Rich lays tables and messages out for.
+        timeout: seconds before ``subprocess.TimeoutExpired``.
+        ok: assert that it exited 0 (its stderr is the assertion's message).
+        cwd: its working directory (``"/"``: no ``.env`` file to read); this process's when
+            None.
+    """
+    result = subprocess.run(
+        [sys.executable, "-m", "listener", *args],
+        env={**env, "COLUMNS": str(columns), "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+async def cli_async(
+    env: Mapping[str, str], *args: str, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    """``cli`` in a worker thread, so the test's event loop (a daemon in it, say) keeps
+    running meanwhile; ``options`` are ``cli``'s."""
+    return await asyncio.to_thread(cli, env, *args, **options)
+
+
+@contextmanager
+def listener_run(
+    env: Mapping[str, str],
+    log: Path,
+    *,
+    console_script: bool = False,
+    cwd: Path | None = None,
+    stop_grace_s: float | None = None,
+    **settings: str,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``listener run`` as a subprocess, its stdout and stderr appended to ``log``; stopped
+    when the block ends if it still runs.
+
+    The daemon's health server takes a free port and it polls every 0.2 s
+    (``LISTENER_HEALTH_PORT=0``, ``LISTENER_POLL_INTERVAL_S=0.2``, over ``env``'s own).
+
+    Args:
+        env: the subprocess's environment (``env_for_subprocess``, say).
+        log: the file its output is appended to.
+        console_script: run the installed ``listener`` script next to this interpreter
+            rather than ``python -m listener``.
+        cwd: its working directory; this process's when None.
+        stop_grace_s: on leaving the block, SIGTERM it and wait this long before SIGKILL;
+            None kills it at once.
+        settings: more settings, as ``LISTENER_<NAME>`` (``worker_id="a"`` is
+            ``LISTENER_WORKER_ID=a``); they win over ``env`` and the defaults above.
+    """
+    env = {**env, "LISTENER_HEALTH_PORT": "0", "LISTENER_POLL_INTERVAL_S": "0.2"}
+    env.update({f"LISTENER_{k.upper()}": v for k, v in settings.items()})
+    if console_script:
+        command = [str(Path(sys.executable).parent / "listener"), "run"]
+    else:
+        command = [sys.executable, "-m", "listener", "run"]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=out)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            if stop_grace_s is not None:
+                proc.terminate()
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(stop_grace_s)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

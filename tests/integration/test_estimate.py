@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+from support import (
+    StaticServer,
+    all_finished,
+    cli,
+    cli_async,
+    fast_settings,
+    make_table,
+    wait_until,
+)
 
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
@@ -29,14 +35,7 @@ async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
 
 
 def dry_run_usd(env: dict[str, str]) -> tuple[float, float, str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "listener", "backfill", "images", "--dry-run"],
-        env={**env, "COLUMNS": "220", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
+    out = cli(env, "backfill", "images", "--dry-run", ok=True)
     total = re.search(r"total\s*│.*?│\s*([\d.]+)\s*│\s*([\d.]+)", out.stdout)
     assert total is not None, out.stdout
     return float(total.group(1)), float(total.group(2)), out.stdout
@@ -106,13 +105,7 @@ async def test_dry_run_estimate_matches_recorded_cost(
         realtime2, batch2, text2 = await asyncio.to_thread(dry_run_usd, env)
         assert "history of" in text2
         async with Daemon(settings):
-            await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "listener", "backfill", "images", "--no-wait"],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
+            await cli_async(env, "backfill", "images", "--no-wait", ok=True)
             await wait_until(lambda: all_finished(conn, 40), timeout=120)
         total = float(await conn.fetchval("SELECT sum(cost_usd) FROM listener.results"))
     await conn.close()

@@ -11,11 +11,7 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +20,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 from loguru import logger
-from support import admit, all_finished, make_table, wait_until
+from support import admit, all_finished, cli_async, listener_run, make_table, wait_until
 
 from listener.app_side.webhooks import WebhookSender, sign, verify_signature
 from listener.db.queries import Queries
@@ -142,25 +138,6 @@ class Listening:
     async def close(self) -> None:
         if self.conn is not None:
             await self.conn.close()
-
-
-@contextmanager
-def listener_run(
-    env: dict[str, str], log: Path, **settings: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``listener run`` as a subprocess; killed if still running after."""
-    env = {**env, "LISTENER_HEALTH_PORT": "0", "LISTENER_POLL_INTERVAL_S": "0.2"}
-    env.update({f"LISTENER_{k.upper()}": v for k, v in settings.items()})
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "listener", "run"], env=env, stdout=out, stderr=out
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 async def outbox_size(conn: asyncpg.Connection) -> int:
@@ -359,14 +336,7 @@ async def test_cancel_emits_cancelled_events(
     await _enable_webhooks(database_url)
     listening = await Listening().start(database_url)
     try:
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "listener", "cancel", "--table", table, "--json"],
-            env=env_for_subprocess,
-            capture_output=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr.decode()
+        await cli_async(env_for_subprocess, "cancel", "--table", table, "--json", ok=True)
         await wait_until(lambda: _heard(listening, 3), timeout=10)
     finally:
         await listening.close()
@@ -456,14 +426,8 @@ async def test_a_webhook_url_without_a_secret_is_refused_without_echoing_it(
         "LISTENER_WEBHOOK_URL": "https://hooks.example.com/in?token=querysecret",
         "LISTENER_HEALTH_PORT": "0",
     }
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "listener", "run"],
-        env=env,
-        capture_output=True,
-        timeout=60,
-    )
-    out = (done.stdout + done.stderr).decode()
+    done = await cli_async(env, "run")
+    out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "LISTENER_WEBHOOK_SECRET" in out and "querysecret" not in out
     # Refused before enabling anything: no events are queued for it.

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from support import cli
 
 from listener.analysis.faces import PgKnownFaces
 from listener.analysis.providers.base import ImageInput, StepContext
@@ -494,16 +493,6 @@ async def test_the_review_counters_stay_exact(
     await check()
     total, _ = await queries.face_review_waiting(100)
     assert total == 0
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        env={**env, "COLUMNS": "250", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def test_cli_lists_and_decides(

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +21,7 @@ import asyncpg
 import pytest
 from loguru import logger
 from pydantic import SecretStr
-from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+from support import StaticServer, all_finished, cli, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
@@ -148,19 +146,10 @@ async def test_no_marker_leaves_the_process(
         "DATABASE_URL": dsn,
         "LISTENER_DATABASE_URL": dsn,
         "LISTENER_LOG_LEVEL": "DEBUG",
-        "COLUMNS": "300",
-        "NO_COLOR": "1",
     }
     outputs: list[str] = []
     for args in (["status", "--json"], ["status"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "listener", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr
+        result = cli(env, *args, ok=True)
         outputs += [result.stdout, result.stderr]
     assert '"recent_failures"' in outputs[0] and "/storage/v1/object/sign/c.jpg" in outputs[0]
 
@@ -188,13 +177,7 @@ def test_dsn_parse_errors_never_echo_the_password(env_for_subprocess: dict[str, 
     ):
         for name in ("DATABASE_URL", "LISTENER_DATABASE_URL"):
             env_one = {**env, name: f"postgresql://app:{password}@127.0.0.1:1/app"}
-            result = subprocess.run(
-                [sys.executable, "-m", "listener", "status"],
-                env=env_one,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            result = cli(env_one, "status")
             assert result.returncode == 2, result.stderr
             assert "percent-encode" in result.stderr, result.stderr
             shown = result.stdout + result.stderr

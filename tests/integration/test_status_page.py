@@ -15,8 +15,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,7 +25,15 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from support import RecordingProvider, all_finished, counts, fast_settings, make_table, wait_until
+from support import (
+    RecordingProvider,
+    all_finished,
+    cli,
+    counts,
+    fast_settings,
+    make_table,
+    wait_until,
+)
 
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
@@ -302,14 +308,7 @@ async def chromium(binary: str, profile: Path, *args: str, timeout: float = 60.0
 
 def status_json(env: dict[str, str]) -> dict[str, Any]:
     """``listener status --json`` as a user runs it."""
-    result = subprocess.run(
-        [sys.executable, "-m", "listener", "status", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+    result = cli(env, "status", "--json", ok=True)
     doc: dict[str, Any] = json.loads(result.stdout)
     return doc
 

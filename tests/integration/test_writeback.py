@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import subprocess
-import sys
 from collections.abc import Callable
 
 import asyncpg
@@ -15,6 +13,7 @@ from support import (
     RecordingProvider,
     admit,
     all_finished,
+    cli,
     create_extension_or_skip,
     fast_settings,
     make_table,
@@ -393,16 +392,6 @@ async def test_attach_refuses_listener_own_tables(
     # And inserts into an attached table still work.
     table_name = await make_table(conn)
     await conn.execute(f"INSERT INTO {table_name} (url) VALUES ('a')")
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        env={**env, "COLUMNS": "200", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def test_cli_attach_explains_refusals(
