@@ -17,6 +17,9 @@ Fixtures:
     pgbouncer: the session's PgBouncer (``pool_mode = transaction``) in front of the server;
         tests that use it skip only when pgbouncer is not installed.
     pooler_url: ``database_url`` through that PgBouncer.
+    aws_env: AWS credentials and region of no account, for boto3 clients of a fake.
+    fake: the fake provider server (``FakeOpenAI``, ``FakeRekognition``) a test module names
+        in ``FAKE``.
 
 Session setup runs synchronously (each step in its own short-lived event loop): async
 session fixtures do not mix well with pytest-asyncio's per-test loops.
@@ -235,3 +238,28 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS credentials and a region of no account, and no ``AWS_PROFILE`` from the developer's
+    shell: what boto3 needs to sign requests to a fake Rekognition (which takes any).
+
+    A module whose every test needs it says ``pytestmark = pytest.mark.usefixtures("aws_env")``.
+    """
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+async def fake(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A fake provider server of this test's own on 127.0.0.1, stopped after the test: the
+    class the test module names in ``FAKE`` (``FakeOpenAI`` or ``FakeRekognition`` of
+    ``listener.testing``), started with its defaults."""
+    server_class = getattr(request.module, "FAKE", None)
+    if server_class is None:
+        pytest.fail(f"{request.module.__name__} uses the fake fixture but sets no FAKE")
+    async with server_class() as server:
+        yield server

@@ -35,13 +35,9 @@ from listener.ops.status_page import render
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
 from listener.testing import FakeOpenAI
 
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
+
 ASTRONAUT = (BUNDLED_IMAGES / "astronaut.png").read_bytes()
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
 
 
 @pytest.fixture

@@ -30,22 +30,11 @@ from listener.queue.store import DeletedRow
 from listener.settings import RateLimit, RekognitionSettings, Settings, TierSettings
 from listener.testing import FakeRekognition, face_photo
 
+pytestmark = pytest.mark.usefixtures("aws_env")
+FAKE = FakeRekognition  # the class of the ``fake`` fixture (conftest.py)
+
 TABLE = "public.images"
 COLLECTION = "listener-owner-1"
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeRekognition]:
-    async with FakeRekognition() as server:
-        yield server
 
 
 @pytest.fixture

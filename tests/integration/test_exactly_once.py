@@ -32,13 +32,9 @@ from listener.errors import ProviderUnavailable
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
 from listener.testing.openai_fake import FakeOpenAI, Fault
 
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
+
 TIERS = {"tier1": "camera angle", "tier2": "parts and components", "tier3": "expert"}
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ from listener.queue.pg_store import PgJobStore
 from listener.settings import RekognitionSettings
 from listener.testing import FakeRekognition, face_photo
 
+pytestmark = pytest.mark.usefixtures("aws_env")
+
 TABLE = "public.images"
 PHOTOS = {
     "a1": face_photo("a", seed=1, scale=1.0),
@@ -56,14 +58,6 @@ class Seeded:
 
     faces: dict[tuple[str, str], str]
     suggestion: dict[str, tuple[str, str]]
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
 @pytest.fixture

@@ -28,6 +28,8 @@ from pydantic import BaseModel, Field
 
 from listener.testing.openai_fake import FakeOpenAI, Fault, format_duration, image_tokens
 
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
+
 FAKE_MODULE = "listener.testing.openai_fake"
 PROMPT = "Describe this image for the catalogue."
 DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
@@ -111,12 +113,6 @@ def custom_format(schema: dict[str, Any]) -> ResponseFormatJSONSchema:
 
 def text_tokens(*texts: str) -> int:
     return math.ceil(sum(len(t) for t in texts) / 4)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
 
 
 def sdk(fake: FakeOpenAI, **kwargs: Any) -> openai.AsyncOpenAI:

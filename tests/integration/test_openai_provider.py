@@ -28,13 +28,9 @@ from listener.errors import (
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
 from listener.testing.openai_fake import FakeOpenAI, Fault
 
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
+
 API_KEY = "sk-test-Very-Secret-Key-123"
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
-import pytest
 from support import (
     RecordingProvider,
     StaticServer,
@@ -28,6 +26,8 @@ from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
 from listener.queue.pg_store import PgJobStore
 from listener.testing.openai_fake import FakeOpenAI
+
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
 
 
 async def job_rows(conn: asyncpg.Connection) -> list[tuple[object, ...]]:
@@ -96,12 +96,6 @@ async def test_a_backfill_predicate_that_writes_fails_without_writing(
 
 
 # -- pause / resume ------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
 
 
 async def _jobs_exist(conn: asyncpg.Connection, n: int) -> bool:

@@ -34,6 +34,8 @@ from listener.testing.rekognition_fake import (
     no_face_photo,
 )
 
+FAKE = FakeRekognition  # the class of the ``fake`` fixture (conftest.py)
+
 FAKE_MODULE = "listener.testing.rekognition_fake"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -53,12 +55,6 @@ async def rekognition_client(endpoint_url: str, config: Config = ONE_ATTEMPT) ->
     )
     async with session.client("rekognition", endpoint_url=endpoint_url, config=config) as client:
         yield client
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeRekognition]:
-    async with FakeRekognition() as server:
-        yield server
 
 
 @pytest.fixture
