@@ -8,12 +8,13 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import asyncpg
 import pytest
 from aiohttp import web
-from support import all_finished, counts, make_table, wait_until
+from support import all_finished, counts, make_table, serving, wait_until
 from test_batch import backfill_batch, batch_settings
 
 from listener.app import Daemon
@@ -39,7 +40,7 @@ class Images:
         self.held = asyncio.Event()
         self.release = asyncio.Event()
         self.seen: Counter[str] = Counter()
-        self._runner: web.AppRunner | None = None
+        self._stack = AsyncExitStack()
 
     async def _image(self, request: web.Request) -> web.Response:
         self.seen[str(request.rel_url)] += 1
@@ -51,17 +52,14 @@ class Images:
     async def __aenter__(self) -> Images:
         app = web.Application()
         app.router.add_get("/{name:.*}", self._image)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self.base_url = await self._stack.enter_async_context(
+            serving(app, access_log=None, shutdown_timeout=0.5)
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.release.set()
-        assert self._runner is not None
-        await self._runner.cleanup()
+        await self._stack.aclose()
 
 
 @pytest.fixture

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -21,17 +18,11 @@ from support import (
 )
 
 from listener.app import Daemon
-from listener.cli.demo import BUNDLED_IMAGES
 from listener.settings import BatchSettings, RateLimit, TierSettings
 from listener.testing.openai_fake import FakeOpenAI
 
-
-@pytest.fixture
-async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
-    for name in ("astronaut.png", "rocket.jpg", "coffee.png", "hubble_deep_field.jpg"):
-        shutil.copy(BUNDLED_IMAGES / name, tmp_path / name)
-    async with StaticServer(str(tmp_path)) as server:
-        yield server
+# The bundled photos the ``photos`` fixture (conftest.py) serves.
+PHOTOS = ("astronaut.png", "rocket.jpg", "coffee.png", "hubble_deep_field.jpg")
 
 
 def dry_run_usd(env: dict[str, str]) -> tuple[float, float, str]:

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 from loguru import logger
-from support import admit, all_finished, cli_async, listener_run, make_table, wait_until
+from support import admit, all_finished, cli_async, listener_run, make_table, serving, wait_until
 
 from listener.app_side.webhooks import WebhookSender, sign, verify_signature
 from listener.db.queries import Queries
@@ -57,7 +58,7 @@ class Receiver:
     deliveries: list[Delivery] = field(default_factory=list)
     in_flight: set[int] = field(default_factory=set)
     url: str = ""
-    _runner: Any = None
+    _stack: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -77,16 +78,14 @@ class Receiver:
     async def __aenter__(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hooks/listener", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/hooks/listener?token=querysecret"
+        base_url = await self._stack.enter_async_context(
+            serving(app, access_log=None, shutdown_timeout=0.1)
+        )
+        self.url = f"{base_url}/hooks/listener?token=querysecret"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
+        await self._stack.aclose()
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(d.body) for d in self.deliveries]

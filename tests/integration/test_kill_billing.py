@@ -25,9 +25,17 @@ from typing import Any
 import asyncpg
 import pytest
 from PIL import Image, ImageDraw
-from support import StaticServer, all_finished, counts, listener_run, make_table, wait_until
+from support import (
+    StaticServer,
+    all_finished,
+    counts,
+    listener_run,
+    make_table,
+    random_faults,
+    wait_until,
+)
 
-from listener.testing.openai_fake import FakeOpenAI, Fault
+from listener.testing.openai_fake import FakeOpenAI
 
 ROWS = 30
 CONCURRENCY = 4
@@ -175,20 +183,10 @@ async def test_sigkill_bills_a_step_twice_only_between_answer_and_commit(
     images = tmp_path / "images"
     images.mkdir()
     name_of_hash = distinct_pngs(images, ROWS)
-    rng = random.Random(5)
-
-    def faults() -> Fault | None:
-        draw = rng.random()
-        if draw < 0.2:
-            return Fault(500)
-        if draw < 0.3:
-            return Fault(429, retry_after_s=0.05)
-        return None
-
     table = await make_table(conn)
     log = tmp_path / "listener.log"
     async with FakeOpenAI(latency_s=LATENCY_S) as fake, StaticServer(str(images)) as static:
-        fake.fault_plan = faults
+        fake.fault_plan = random_faults(5)
         names = sorted(name_of_hash.values())
         ids = await conn.fetch(
             f"INSERT INTO {table} (url) SELECT unnest($1::text[]) RETURNING id, url",

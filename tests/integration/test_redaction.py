@@ -11,9 +11,7 @@ status`` and ``--json``) or ``listener.jobs.last_error``.
 from __future__ import annotations
 
 import io
-import shutil
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -24,10 +22,12 @@ from pydantic import SecretStr
 from support import StaticServer, all_finished, cli, fast_settings, make_table, wait_until
 
 from listener.app import Daemon
-from listener.cli.demo import BUNDLED_IMAGES
 from listener.ops.logs import TEXT_FORMAT, configure_logging
 from listener.settings import OpenAISettings, RateLimit, TierSettings
 from listener.testing.openai_fake import FakeOpenAI, Fault
+
+# The bundled photos the ``photos`` fixture (conftest.py) serves.
+PHOTOS = ("rocket.jpg",)
 
 MARKERS = {
     "basic-auth password": "Mk1pAsswd",
@@ -60,13 +60,6 @@ def leaks(text: str) -> list[str]:
     """The markers found in ``text`` (any case: a marker must not survive in any form)."""
     lowered = text.lower()
     return [name for name, marker in MARKERS.items() if marker.lower() in lowered]
-
-
-@pytest.fixture
-async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
-    shutil.copy(BUNDLED_IMAGES / "rocket.jpg", tmp_path / "rocket.jpg")
-    async with StaticServer(str(tmp_path)) as server:
-        yield server
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +22,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from PIL import Image
+from support import fake_on_command_line
 
 from listener.testing.rekognition_fake import (
     TILE_SIDE,
@@ -513,19 +513,8 @@ async def test_tps_limit_admits_paced_calls() -> None:
 
 
 async def test_cli_prints_ready_and_serves() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        FAKE_MODULE,
-        "--port",
-        "0",
-        "--tps",
-        "50",
-        stdout=asyncio.subprocess.PIPE,
-    )
+    process, line = await fake_on_command_line(FAKE_MODULE, "--tps", "50")
     try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode()
         ready = re.fullmatch(r"READY (http://127\.0\.0\.1:\d+)\n", line)
         assert ready, line
         async with rekognition_client(ready.group(1)) as client:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
-from support import StaticServer, all_finished, fast_settings, make_table, wait_until
+from support import StaticServer, all_finished, faces_settings, make_table, serve_photos, wait_until
 
 from listener.analysis.providers.base import ImageInput, StepContext
 from listener.analysis.providers.rekognition import RekognitionProvider
@@ -21,7 +20,7 @@ from listener.errors import (
     RateLimited,
     RejectedByProvider,
 )
-from listener.settings import RateLimit, RekognitionSettings, Settings, TierSettings
+from listener.settings import RateLimit, RekognitionSettings, TierSettings
 from listener.testing.rekognition_fake import FakeRekognition, face_photo, no_face_photo
 
 pytestmark = pytest.mark.usefixtures("aws_env")
@@ -37,21 +36,8 @@ async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
         "b.jpg": face_photo("b", seed=4),
         "none.jpg": no_face_photo(seed=5),
     }
-    for name, data in shots.items():
-        (tmp_path / name).write_bytes(data)
-    async with StaticServer(str(tmp_path)) as server:
+    async with serve_photos(tmp_path, files=shots) as server:
         yield server
-
-
-def tiered(database_url: str, fake: FakeRekognition, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "pipeline": "tiered",
-        "tiers": TierSettings(tier1=["rekognition"], faces=True),
-        "rekognition": RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
-        "rate_limits": {"rekognition": RateLimit(rps=100, burst=10, concurrency=4)},
-    }
-    values.update(overrides)
-    return fast_settings(database_url, **values)
 
 
 async def insert_and_wait(
@@ -66,7 +52,7 @@ async def test_faces_become_people_suggestions_and_new_faces(
 ) -> None:
     table = await make_table(conn, owner=True)
     base = photos.base_url
-    async with Daemon(tiered(database_url, fake)):
+    async with Daemon(faces_settings(database_url, fake)):
         # In order: matching depends on which faces are already in the collection.
         for n, name in enumerate(("a1", "a2", "border", "b", "none"), start=1):
             await insert_and_wait(conn, table, f"{base}/{name}.jpg", "owner-1", n)
@@ -183,7 +169,7 @@ async def test_bucket_keeps_rekognition_within_its_tps(
 ) -> None:
     table = await make_table(conn, owner=True)
     async with FakeRekognition(tps_limit=5) as fake:
-        settings = tiered(
+        settings = faces_settings(
             database_url,
             fake,
             tiers=TierSettings(tier1=["rekognition"]),

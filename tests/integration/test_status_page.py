@@ -25,17 +25,8 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from support import (
-    RecordingProvider,
-    all_finished,
-    cli,
-    counts,
-    fast_settings,
-    make_table,
-    wait_until,
-)
+from support import GatedProvider, all_finished, cli, counts, fast_settings, make_table, wait_until
 
-from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
 from listener.errors import InvalidImage, ListenerError
 from listener.ops.health import SOURCES, HealthSources, build_app, status_document
@@ -252,26 +243,6 @@ def test_throughput_has_one_bar_per_minute_of_the_last_hour() -> None:
 
 
 # --- the page of a running daemon, in Chromium ---------------------------------------------
-
-
-class GatedProvider(RecordingProvider):
-    """A ``RecordingProvider`` whose calls wait while ``gate`` is clear (jobs stay running)."""
-
-    def __init__(self, delay_s: float, failures: dict[str, list[ListenerError]]) -> None:
-        super().__init__(delay_s, failures)
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.held = 0
-
-    async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult:
-        """Wait for the gate, then record the call as ``RecordingProvider`` does."""
-        if not self.gate.is_set():
-            self.held += 1
-            try:
-                await self.gate.wait()
-            finally:
-                self.held -= 1
-        return await super().run(kind, image, context)
 
 
 def chromium_binary() -> str | None:
