@@ -17,6 +17,10 @@ Fixtures:
     pgbouncer: the session's PgBouncer (``pool_mode = transaction``) in front of the server;
         tests that use it skip only when pgbouncer is not installed.
     pooler_url: ``database_url`` through that PgBouncer.
+    aws_env: AWS credentials and region of no account, for boto3 clients of a fake.
+    fake: the fake provider server (``FakeOpenAI``, ``FakeRekognition``) a test module names
+        in ``FAKE``.
+    photos: a ``StaticServer`` of the demo's bundled photos a test module names in ``PHOTOS``.
 
 Session setup runs synchronously (each step in its own short-lived event loop): async
 session fixtures do not mix well with pytest-asyncio's per-test loops.
@@ -28,12 +32,14 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from pgbouncer_process import PgBouncer, pgbouncer_binary
+from support import StaticServer, serve_photos
 
 from listener.testing.cluster import TemporaryCluster
 
@@ -235,3 +241,40 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield p
     finally:
         await p.close()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS credentials and a region of no account, and no ``AWS_PROFILE`` from the developer's
+    shell: what boto3 needs to sign requests to a fake Rekognition (which takes any).
+
+    A module whose every test needs it says ``pytestmark = pytest.mark.usefixtures("aws_env")``.
+    """
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+async def fake(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A fake provider server of this test's own on 127.0.0.1, stopped after the test: the
+    class the test module names in ``FAKE`` (``FakeOpenAI`` or ``FakeRekognition`` of
+    ``listener.testing``), started with its defaults."""
+    server_class = getattr(request.module, "FAKE", None)
+    if server_class is None:
+        pytest.fail(f"{request.module.__name__} uses the fake fixture but sets no FAKE")
+    async with server_class() as server:
+        yield server
+
+
+@pytest.fixture
+async def photos(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StaticServer]:
+    """A ``StaticServer`` on 127.0.0.1 of this test's own folder, holding copies of the demo's
+    bundled photos (``listener.cli.demo.BUNDLED_IMAGES``) the test module names in
+    ``PHOTOS``; a module that serves other files defines a ``photos`` fixture of its own."""
+    names = getattr(request.module, "PHOTOS", None)
+    if names is None:
+        pytest.fail(f"{request.module.__name__} uses the photos fixture but sets no PHOTOS")
+    async with serve_photos(tmp_path, *names) as server:
+        yield server

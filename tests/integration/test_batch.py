@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +18,13 @@ from support import StaticServer, all_finished, counts, fast_settings, make_tabl
 
 from listener.app import Daemon
 from listener.app_side.backfill import enqueue_backfill
-from listener.cli.demo import BUNDLED_IMAGES
 from listener.db.queries import Queries
 from listener.settings import BatchSettings, OpenAISettings, RateLimit, Settings, TierSettings
 from listener.testing.cluster import TemporaryCluster
 from listener.testing.openai_fake import FakeOpenAI
 
-
-@pytest.fixture
-async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
-    shutil.copy(BUNDLED_IMAGES / "rocket.jpg", tmp_path / "rocket.jpg")
-    async with StaticServer(str(tmp_path)) as server:
-        yield server
+# The bundled photos the ``photos`` fixture (conftest.py) serves.
+PHOTOS = ("rocket.jpg",)
 
 
 def batch_settings(database_url: str, fake: FakeOpenAI, **overrides: Any) -> Settings:

@@ -8,13 +8,14 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import asyncpg
 import pytest
 from aiohttp import web
 from awaiting import jobs_finished, loop_signals, when
-from support import counts, make_table
+from support import counts, make_table, serving
 from test_batch import backfill_batch, batch_settings
 
 from listener.analysis.batch_store import PgBatchStore
@@ -42,7 +43,7 @@ class Images:
         self.held = asyncio.Event()
         self.release = asyncio.Event()
         self.seen: Counter[str] = Counter()
-        self._runner: web.AppRunner | None = None
+        self._stack = AsyncExitStack()
 
     async def _image(self, request: web.Request) -> web.Response:
         self.seen[str(request.rel_url)] += 1
@@ -54,17 +55,14 @@ class Images:
     async def __aenter__(self) -> Images:
         app = web.Application()
         app.router.add_get("/{name:.*}", self._image)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self.base_url = await self._stack.enter_async_context(
+            serving(app, access_log=None, shutdown_timeout=0.5)
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.release.set()
-        assert self._runner is not None
-        await self._runner.cleanup()
+        await self._stack.aclose()
 
 
 @pytest.fixture

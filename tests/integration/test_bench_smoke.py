@@ -18,6 +18,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
+# A script's options to run on the session's server, without the wait for a quiet machine.
+ON_SESSION_SERVER = ["--use-database-url", "--quiet-wait", "0"]
 
 
 def run_script(
@@ -55,6 +57,26 @@ def explain(proc: subprocess.CompletedProcess[str]) -> str:
     )
 
 
+def bench_json(
+    args: list[str],
+    out: Path,
+    timeout_s: float,
+    env: dict[str, str] | None,
+    exits: tuple[int, ...] = (0,),
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``python bench/<args> --json <out>``: asserts that it exited with one of ``exits`` and
+    wrote ``out``.
+
+    Returns:
+        The finished process and the JSON document it wrote.
+    """
+    proc = run_script([str(BENCH / args[0]), *args[1:], "--json", str(out)], timeout_s, env)
+    assert proc.returncode in exits, explain(proc)
+    assert out.exists(), explain(proc)
+    doc: dict[str, Any] = json.loads(out.read_text())
+    return proc, doc
+
+
 def figures_by_scenario(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     found: dict[str, list[dict[str, Any]]] = {}
     for figure in doc["figures"]:
@@ -66,23 +88,12 @@ def test_bench_queue_every_scenario_reports(pg_admin_dsn: str, tmp_path: Path) -
     """Scenarios a-g on the session's server (``--use-database-url``), at smoke sizes."""
     out = tmp_path / "queue.json"
     env = script_env(pg_admin_dsn)
-    proc = run_script(
-        [
-            str(BENCH / "bench_queue.py"),
-            "--smoke",
-            "--only",
-            "a,b,c,d,e,f,g",
-            "--use-database-url",
-            "--quiet-wait",
-            "0",
-            "--json",
-            str(out),
-        ],
+    proc, doc = bench_json(
+        ["bench_queue.py", "--smoke", "--only", "a,b,c,d,e,f,g", *ON_SESSION_SERVER],
+        out,
         timeout_s=100,
         env=env,
     )
-    assert proc.returncode == 0, explain(proc)
-    doc = json.loads(out.read_text())
     assert doc["errors"] == {}
     assert doc["details"]["sizes"]["throughput_jobs"] < 1000
     figures = figures_by_scenario(doc)
@@ -114,22 +125,12 @@ def test_bench_queue_every_scenario_reports(pg_admin_dsn: str, tmp_path: Path) -
 def test_bench_scale_reports_both_phases(tmp_path: Path) -> None:
     """Backfill and drain of a small table on the script's own cluster."""
     out = tmp_path / "scale.json"
-    proc = run_script(
-        [
-            str(BENCH / "bench_scale.py"),
-            "--rows",
-            "2000",
-            "--quiet-wait",
-            "0",
-            "--drain-timeout",
-            "60",
-            "--json",
-            str(out),
-        ],
+    proc, doc = bench_json(
+        ["bench_scale.py", "--rows", "2000", "--quiet-wait", "0", "--drain-timeout", "60"],
+        out,
         timeout_s=110,
+        env=None,
     )
-    assert proc.returncode == 0, explain(proc)
-    doc = json.loads(out.read_text())
     assert doc["errors"] == {}
     figures = figures_by_scenario(doc)
     assert sorted(figures) == ["1", "2"]
@@ -155,22 +156,13 @@ def test_bench_fleet_reports(tmp_path: Path) -> None:
     """
     out = tmp_path / "fleet.json"
     env = script_env(None)
-    proc = run_script(
-        [
-            str(BENCH / "bench_fleet.py"),
-            "--daemons",
-            "2",
-            "--seconds",
-            "2",
-            "--json",
-            str(out),
-        ],
+    proc, doc = bench_json(
+        ["bench_fleet.py", "--daemons", "2", "--seconds", "2"],
+        out,
         timeout_s=110,
         env=env,
+        exits=(0, 1),
     )
-    assert proc.returncode in (0, 1), explain(proc)
-    assert out.exists(), explain(proc)
-    doc = json.loads(out.read_text())
     for key in (
         "requests",
         "rate_rps",
@@ -194,9 +186,9 @@ def test_bench_fleet_noop_reports(tmp_path: Path) -> None:
     Each daemon is a ``bench/fleet_daemon.py`` process: both must have made calls."""
     out = tmp_path / "fleet-noop.json"
     env = script_env(None)
-    proc = run_script(
+    proc, doc = bench_json(
         [
-            str(BENCH / "bench_fleet.py"),
+            "bench_fleet.py",
             "--provider",
             "noop",
             "--daemons",
@@ -205,14 +197,12 @@ def test_bench_fleet_noop_reports(tmp_path: Path) -> None:
             "500",
             "--seconds",
             "2",
-            "--json",
-            str(out),
         ],
+        out,
         timeout_s=110,
         env=env,
+        exits=(0, 1),
     )
-    assert proc.returncode in (0, 1), explain(proc)
-    doc = json.loads(out.read_text())
     for key in ("rate_pct_of_limit", "early_pct_of_worst_1s", "limiter_round_trips"):
         assert key in doc, (key, doc)
     assert sorted(doc["calls_by_daemon"]) == ["bench-0", "bench-1"], doc
@@ -224,21 +214,12 @@ def test_bench_health_reports_quiet_and_flood(pg_admin_dsn: str, tmp_path: Path)
     """Quiet and flooded drains at smoke size (300 jobs, 100 idle connections)."""
     out = tmp_path / "health.json"
     env = script_env(pg_admin_dsn)
-    proc = run_script(
-        [
-            str(BENCH / "bench_health.py"),
-            "--smoke",
-            "--use-database-url",
-            "--quiet-wait",
-            "0",
-            "--json",
-            str(out),
-        ],
+    proc, doc = bench_json(
+        ["bench_health.py", "--smoke", *ON_SESSION_SERVER],
+        out,
         timeout_s=100,
         env=env,
     )
-    assert proc.returncode == 0, explain(proc)
-    doc = json.loads(out.read_text())
     assert doc["errors"] == {}
     assert doc["details"]["sizes"] == {"jobs": 300, "idle": 100}
     figures = figures_by_scenario(doc)
@@ -269,13 +250,9 @@ def test_bench_status_reports_every_figure(pg_admin_dsn: str, tmp_path: Path) ->
     """Status reads at 2,000 jobs on the session's server: every figure has a value."""
     out = tmp_path / "status.json"
     env = script_env(pg_admin_dsn)
-    proc = run_script(
-        [str(BENCH / "bench_status.py"), "--smoke", "--use-database-url", "--json", str(out)],
-        timeout_s=110,
-        env=env,
+    proc, doc = bench_json(
+        ["bench_status.py", "--smoke", "--use-database-url"], out, timeout_s=110, env=env
     )
-    assert proc.returncode == 0, explain(proc)
-    doc = json.loads(out.read_text())
     assert doc["jobs"] == 2000 and doc["build"]["jobs"] == 2000
     names = {f["name"] for f in doc["figures"]}
     assert names == {
@@ -299,26 +276,13 @@ def test_bench_compare_reports_a_ratio_per_figure(pg_admin_dsn: str, tmp_path: P
     sides imported ``listener`` from different checkouts (the temporary one is gone after)."""
     out = tmp_path / "compare.json"
     env = script_env(pg_admin_dsn)
-    proc = run_script(
-        [
-            str(BENCH / "compare.py"),
-            "HEAD",
-            "--smoke",
-            "--reuse-venv",
-            "--only",
-            "a,d",
-            "--use-database-url",
-            "--quiet-wait",
-            "0",
-            "--json",
-            str(out),
-        ],
+    proc, doc = bench_json(
+        ["compare.py", "HEAD", "--smoke", "--reuse-venv", "--only", "a,d", *ON_SESSION_SERVER],
+        out,
         timeout_s=110,
         env=env,
     )
-    assert proc.returncode == 0, explain(proc)
     assert pg_admin_dsn not in proc.stdout + proc.stderr
-    doc = json.loads(out.read_text())
     assert doc["errors"] == []
     assert doc["runs"] == 1 and doc["smoke"] is True
     new, old = doc["new"]["listener"], doc["old"]["listener"]
@@ -352,22 +316,12 @@ def test_bench_peers_every_scenario_compares(pg_admin_dsn: str, tmp_path: Path) 
     """
     out = tmp_path / "peers.json"
     env = script_env(pg_admin_dsn)
-    proc = run_script(
-        [
-            str(BENCH / "bench_peers.py"),
-            "--smoke",
-            "--no-graphile",
-            "--use-database-url",
-            "--quiet-wait",
-            "0",
-            "--json",
-            str(out),
-        ],
+    proc, doc = bench_json(
+        ["bench_peers.py", "--smoke", "--no-graphile", *ON_SESSION_SERVER],
+        out,
         timeout_s=110,
         env=env,
     )
-    assert proc.returncode == 0, explain(proc)
-    doc = json.loads(out.read_text())
     assert doc["errors"] == {}
     assert doc["sizes"]["drain_jobs"] < 1000 and doc["sizes"]["runs"] == 1
     runs = {(s["scenario"], s["peer"]) for s in doc["samples"]}

@@ -5,24 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 
 import asyncpg
 import pytest
-from support import RecordingProvider, admit, fast_settings, make_table
+from support import RecordingProvider, admit, cli, fast_settings, make_table
 
 from listener.app import Daemon
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        env={**env, "COLUMNS": "200", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def test_migrate_attach_status_detach(
@@ -129,14 +117,7 @@ def test_missing_database_url_is_a_clear_error() -> None:
     import os
 
     env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
-    result = subprocess.run(
-        [sys.executable, "-m", "listener", "status"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-    )
+    result = cli(env, "status", cwd="/")
     assert result.returncode == 2
     assert "set LISTENER_DATABASE_URL or DATABASE_URL" in result.stderr
 

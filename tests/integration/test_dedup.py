@@ -4,14 +4,11 @@ recorded as copies; the spend report and the dry run show what that saved."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from PIL import Image
 from pydantic import SecretStr
 from support import (
     StaticServer,
+    cli_async,
     fast_settings,
     jobs_and_waiting,
     make_table,
@@ -36,13 +34,9 @@ from listener.ops.status_page import render
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
 from listener.testing import FakeOpenAI
 
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
+
 ASTRONAUT = (BUNDLED_IMAGES / "astronaut.png").read_bytes()
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
 
 
 @pytest.fixture
@@ -164,16 +158,8 @@ async def test_identical_bytes_are_analyzed_once_and_billed_once(
     }
     page = render(doc)
     assert 'id="dedup-reused" data-value="2"' in page
-    cli = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "listener", "status"],
-        env={**env_for_subprocess, "COLUMNS": "200", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert cli.returncode == 0, cli.stderr
-    assert re.search(r"deduplication saved: .*in all \(2 steps\)", cli.stdout), cli.stdout
+    status = await cli_async(env_for_subprocess, "status", ok=True)
+    assert re.search(r"deduplication saved: .*in all \(2 steps\)", status.stdout), status.stdout
 
     # The dry run of a backfill shows the savings so far and, from the history (2 of the 6
     # recent OpenAI results were copies), what the next images may save.
@@ -184,8 +170,6 @@ async def test_identical_bytes_are_analyzed_once_and_billed_once(
     )
     env = {
         **env_for_subprocess,
-        "COLUMNS": "220",
-        "NO_COLOR": "1",
         "LISTENER_PIPELINE": "tiered",
         "LISTENER_TIERS__TIER1": '["openai"]',
         "LISTENER_TIERS__TIER2": '["openai"]',
@@ -193,15 +177,7 @@ async def test_identical_bytes_are_analyzed_once_and_billed_once(
         "LISTENER_OPENAI__BASE_URL": fake.base_url,
         "LISTENER_FETCH__ALLOWED_HOSTS": '["127.0.0.1"]',
     }
-    dry = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "listener", "backfill", "images", "--dry-run"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert dry.returncode == 0, dry.stderr
+    dry = await cli_async(env, "backfill", "images", "--dry-run", ok=True)
     assert "1 rows would be enqueued" in dry.stdout, dry.stdout
     found = re.search(r"so far 2 steps reused, \$([\d.]+) saved", dry.stdout)
     assert found is not None, dry.stdout

@@ -17,7 +17,14 @@ import aioboto3
 import asyncpg
 import pytest
 from awaiting import loop_signals, when
-from support import StaticServer, admit, fast_settings, make_table, wait_until
+from support import (
+    StaticServer,
+    admit,
+    faces_settings,
+    make_table,
+    serve_photos,
+    wait_until,
+)
 
 from listener.analysis.faces import PgKnownFaces, external_image_id
 from listener.analysis.providers.base import ImageInput, StepContext
@@ -28,25 +35,14 @@ from listener.db.migrate import migrate
 from listener.db.queries import Queries
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import DeletedRow
-from listener.settings import RateLimit, RekognitionSettings, Settings, TierSettings
+from listener.settings import RekognitionSettings, Settings, TierSettings
 from listener.testing import FakeRekognition, face_photo
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+FAKE = FakeRekognition  # the class of the ``fake`` fixture (conftest.py)
 
 TABLE = "public.images"
 COLLECTION = "listener-owner-1"
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeRekognition]:
-    async with FakeRekognition() as server:
-        yield server
 
 
 @pytest.fixture
@@ -56,22 +52,13 @@ async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
         "a2.jpg": face_photo("a", seed=2, scale=1.25, position=(40, 60), brightness=1.05),
         "b.jpg": face_photo("b", seed=4),
     }
-    for name, data in shots.items():
-        (tmp_path / name).write_bytes(data)
-    async with StaticServer(str(tmp_path)) as server:
+    async with serve_photos(tmp_path, files=shots) as server:
         yield server
 
 
 def tiered(database_url: str, fake: FakeRekognition, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "pipeline": "tiered",
-        "tiers": TierSettings(tier1=["rekognition"], faces=True),
-        "rekognition": RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
-        "rate_limits": {"rekognition": RateLimit(rps=100, burst=10, concurrency=4)},
-        "deletes_interval_s": 0.2,
-    }
-    values.update(overrides)
-    return fast_settings(database_url, **values)
+    """``faces_settings`` with the deletes handled every 0.2 s."""
+    return faces_settings(database_url, fake, **{"deletes_interval_s": 0.2, **overrides})
 
 
 def faces_in_collection(fake: FakeRekognition, row_id: int) -> list[str]:

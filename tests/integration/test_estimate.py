@@ -4,40 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncpg
 import pytest
 from awaiting import jobs_finished
-from support import StaticServer, fast_settings, make_table
+from support import (
+    StaticServer,
+    cli,
+    cli_async,
+    fast_settings,
+    make_table,
+)
 
 from listener.app import Daemon
-from listener.cli.demo import BUNDLED_IMAGES
 from listener.settings import BatchSettings, RateLimit, TierSettings
 from listener.testing.openai_fake import FakeOpenAI
 
-
-@pytest.fixture
-async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
-    for name in ("astronaut.png", "rocket.jpg", "coffee.png", "hubble_deep_field.jpg"):
-        shutil.copy(BUNDLED_IMAGES / name, tmp_path / name)
-    async with StaticServer(str(tmp_path)) as server:
-        yield server
+# The bundled photos the ``photos`` fixture (conftest.py) serves.
+PHOTOS = ("astronaut.png", "rocket.jpg", "coffee.png", "hubble_deep_field.jpg")
 
 
 def dry_run_usd(env: dict[str, str]) -> tuple[float, float, str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "listener", "backfill", "images", "--dry-run"],
-        env={**env, "COLUMNS": "220", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
+    out = cli(env, "backfill", "images", "--dry-run", ok=True)
     total = re.search(r"total\s*│.*?│\s*([\d.]+)\s*│\s*([\d.]+)", out.stdout)
     assert total is not None, out.stdout
     return float(total.group(1)), float(total.group(2)), out.stdout
@@ -107,13 +95,7 @@ async def test_dry_run_estimate_matches_recorded_cost(
         realtime2, batch2, text2 = await asyncio.to_thread(dry_run_usd, env)
         assert "history of" in text2
         async with Daemon(settings) as daemon:
-            await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "listener", "backfill", "images", "--no-wait"],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
+            await cli_async(env, "backfill", "images", "--no-wait", ok=True)
             await jobs_finished(daemon, conn, 40, timeout=120)
         total = float(await conn.fetchval("SELECT sum(cost_usd) FROM listener.results"))
     await conn.close()

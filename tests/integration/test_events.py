@@ -11,11 +11,8 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +21,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 from loguru import logger
-from support import admit, all_finished, make_table, wait_until
+from support import admit, all_finished, cli_async, listener_run, make_table, serving, wait_until
 
 from listener.app_side.webhooks import WebhookSender, sign, verify_signature
 from listener.db.queries import Queries
@@ -62,7 +59,7 @@ class Receiver:
     deliveries: list[Delivery] = field(default_factory=list)
     in_flight: set[int] = field(default_factory=set)
     url: str = ""
-    _runner: Any = None
+    _stack: AsyncExitStack = field(default_factory=AsyncExitStack)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -82,16 +79,14 @@ class Receiver:
     async def __aenter__(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hooks/listener", self.handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/hooks/listener?token=querysecret"
+        base_url = await self._stack.enter_async_context(
+            serving(app, access_log=None, shutdown_timeout=0.1)
+        )
+        self.url = f"{base_url}/hooks/listener?token=querysecret"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
+        await self._stack.aclose()
 
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(d.body) for d in self.deliveries]
@@ -149,25 +144,6 @@ class Listening:
     async def close(self) -> None:
         if self.conn is not None:
             await self.conn.close()
-
-
-@contextmanager
-def listener_run(
-    env: dict[str, str], log: Path, **settings: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``listener run`` as a subprocess; killed if still running after."""
-    env = {**env, "LISTENER_HEALTH_PORT": "0", "LISTENER_POLL_INTERVAL_S": "0.2"}
-    env.update({f"LISTENER_{k.upper()}": v for k, v in settings.items()})
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "listener", "run"], env=env, stdout=out, stderr=out
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 async def outbox_size(conn: asyncpg.Connection) -> int:
@@ -371,14 +347,7 @@ async def test_cancel_emits_cancelled_events(
     await _enable_webhooks(database_url)
     listening = await Listening().start(database_url)
     try:
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "listener", "cancel", "--table", table, "--json"],
-            env=env_for_subprocess,
-            capture_output=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr.decode()
+        await cli_async(env_for_subprocess, "cancel", "--table", table, "--json", ok=True)
         await listening.wait_heard(3, timeout=10)
     finally:
         await listening.close()
@@ -463,14 +432,8 @@ async def test_a_webhook_url_without_a_secret_is_refused_without_echoing_it(
         "LISTENER_WEBHOOK_URL": "https://hooks.example.com/in?token=querysecret",
         "LISTENER_HEALTH_PORT": "0",
     }
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "listener", "run"],
-        env=env,
-        capture_output=True,
-        timeout=60,
-    )
-    out = (done.stdout + done.stderr).decode()
+    done = await cli_async(env, "run")
+    out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "LISTENER_WEBHOOK_SECRET" in out and "querysecret" not in out
     # Refused before enabling anything: no events are queued for it.

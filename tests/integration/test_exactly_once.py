@@ -4,11 +4,7 @@ settings hold on every path, and a failed start claims nothing."""
 from __future__ import annotations
 
 import asyncio
-import random
-import shutil
 import socket
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,30 +19,20 @@ from support import (
     counts,
     fast_settings,
     make_table,
+    random_faults,
     wait_until,
 )
 
 from listener.app import Daemon
-from listener.cli.demo import BUNDLED_IMAGES
 from listener.errors import ProviderUnavailable
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
-from listener.testing.openai_fake import FakeOpenAI, Fault
+from listener.testing.openai_fake import FakeOpenAI
+
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
+# The bundled photos the ``photos`` fixture (conftest.py) serves.
+PHOTOS = ("astronaut.png", "rocket.jpg", "coffee.png", "chelsea.png")
 
 TIERS = {"tier1": "camera angle", "tier2": "parts and components", "tier3": "expert"}
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture
-async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
-    for name in ("astronaut.png", "rocket.jpg", "coffee.png", "chelsea.png"):
-        shutil.copy(BUNDLED_IMAGES / name, tmp_path / name)
-    async with StaticServer(str(tmp_path)) as server:
-        yield server
 
 
 def three_tiers(database_url: str, fake: FakeOpenAI, **overrides: Any) -> Settings:
@@ -124,17 +110,7 @@ async def test_faults_and_restarts_end_complete_with_no_step_billed_twice(
     table = await make_table(conn)
     # The rows repeat images: every step of every row is billed once, none is a copy.
     settings = three_tiers(database_url, fake, max_attempts=25, shutdown_grace_s=5.0, dedup="off")
-    rng = random.Random(7)
-
-    def faults() -> Fault | None:
-        draw = rng.random()
-        if draw < 0.2:
-            return Fault(500)
-        if draw < 0.3:
-            return Fault(429, retry_after_s=0.05)
-        return None
-
-    fake.fault_plan = faults
+    fake.fault_plan = random_faults(7)
     fake.latency_s = 0.02
     names = ("astronaut.png", "rocket.jpg", "coffee.png", "chelsea.png")
     await conn.executemany(

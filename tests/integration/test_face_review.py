@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from support import cli
 
 from listener.analysis.effects import pg_effect_writers
 from listener.analysis.faces import PgKnownFaces
@@ -32,6 +31,8 @@ from listener.ops.status_page import render
 from listener.queue.pg_store import PgJobStore
 from listener.settings import RekognitionSettings
 from listener.testing import FakeRekognition, face_photo
+
+pytestmark = pytest.mark.usefixtures("aws_env")
 
 TABLE = "public.images"
 PHOTOS = {
@@ -58,14 +59,6 @@ class Seeded:
 
     faces: dict[tuple[str, str], str]
     suggestion: dict[str, tuple[str, str]]
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
 @pytest.fixture
@@ -495,16 +488,6 @@ async def test_the_review_counters_stay_exact(
     await check()
     total, _ = await queries.face_review_waiting(100)
     assert total == 0
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        env={**env, "COLUMNS": "250", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def test_cli_lists_and_decides(

@@ -28,26 +28,15 @@ from listener.queue.pg_store import PgJobStore
 from listener.settings import RateLimit, RekognitionSettings, TierSettings
 from listener.testing.rekognition_fake import FakeRekognition, face_photo
 
+pytestmark = pytest.mark.usefixtures("aws_env")
+FAKE = FakeRekognition  # the class of the ``fake`` fixture (conftest.py)
+
 TABLE = "public.images"
 PHOTOS = {
     "a1": face_photo("a", seed=1, scale=1.0),
     "a2": face_photo("a", seed=2, scale=1.25, position=(40, 60), brightness=1.05),
     "border": face_photo("a_borderline", seed=3, scale=0.9),
 }
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeRekognition]:
-    async with FakeRekognition() as server:
-        yield server
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from hostile_images import app1_bomb_jpeg, chunk_bomb_png, rgba16_8k_png
 from PIL import Image
+from support import beat, serving
 
 from listener.analysis.fetch import (
     FetchedImage,
@@ -159,16 +160,11 @@ async def server() -> AsyncIterator[str]:
     app.router.add_get("/forbidden.jpg", status(403))
     app.router.add_get("/gone.jpg", status(410))
     app.router.add_get("/teapot.jpg", status(418))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        app[RELEASE].set()
-        await runner.cleanup()
+    async with serving(app) as base_url:
+        try:
+            yield base_url
+        finally:
+            app[RELEASE].set()
 
 
 @pytest.fixture(autouse=True)
@@ -601,30 +597,14 @@ async def hostile_server() -> AsyncIterator[str]:
     app = web.Application()
     for path in bodies:
         app.router.add_get(path, serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base_url:
+        yield base_url
 
 
 async def test_hostile_headers_are_refused_without_stalling_the_loop(hostile_server: str) -> None:
     """Pillow took seconds, on the loop, to open a JPEG of a million APP1 segments."""
     gaps: list[float] = []
-
-    async def heartbeat() -> None:
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        while True:
-            await asyncio.sleep(0.01)
-            now = loop.time()
-            gaps.append(now - last)
-            last = now
-
-    beating = asyncio.create_task(heartbeat())
+    beating = asyncio.create_task(beat(gaps))
     try:
         async with started(settings(max_bytes=8 * 1024 * 1024)) as fetcher:
             for _ in range(4):  # four of them once failed the container's HEALTHCHECK

@@ -13,7 +13,8 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,16 +83,26 @@ async def test_wildcard_bind_is_logged_as_bound_with_a_warning(
     assert any("without a token" in line for line in log_lines)
 
 
+@asynccontextmanager
+async def one_row_finished(
+    conn: asyncpg.Connection, settings: Settings, table: str, owner: str | None = None
+) -> AsyncIterator[Daemon]:
+    """A daemon of ``settings`` (a ``RecordingProvider``, its health server up) once it has
+    connected its LISTEN and finished a row inserted into ``table`` (url ``a``, ``owner``)."""
+    async with Daemon(settings, providers=[RecordingProvider()]) as daemon:
+        assert daemon.health is not None and daemon.notifier is not None
+        await daemon.notifier.wait_connected(1)
+        await conn.execute(f"INSERT INTO {table} (url, owner_id) VALUES ('a', $1)", owner)
+        await daemon.signals.wait("finished", 1, timeout=10)
+        yield daemon
+
+
 async def test_token_guards_status_metrics_and_page(
     database_url: str, conn: asyncpg.Connection, log_lines: list[str]
 ) -> None:
     table = await make_table(conn)
     settings = fast_settings(database_url, health_token=TOKEN)
-    async with Daemon(settings, providers=[RecordingProvider()]) as daemon:
-        assert daemon.health is not None and daemon.notifier is not None
-        await daemon.notifier.wait_connected(1)
-        await conn.execute(f"INSERT INTO {table} (url) VALUES ('a')")
-        await daemon.signals.wait("finished", 1, timeout=10)
+    async with one_row_finished(conn, settings, table) as daemon:
         bodies: list[str] = []
         async with aiohttp.ClientSession(daemon.health.url) as http:
             # Probes stay open.
@@ -181,11 +192,7 @@ async def test_without_a_token_only_known_hosts_are_served(
     IP addresses, localhost and LISTENER_HEALTH_ALLOWED_HOSTS are served."""
     table = await make_table(conn, "photos_kq2vz", owner=True)
     settings = fast_settings(database_url, health_allowed_hosts=["listener", "Listener.Internal."])
-    async with Daemon(settings, providers=[RecordingProvider()]) as daemon:
-        assert daemon.health is not None and daemon.notifier is not None
-        await daemon.notifier.wait_connected(1)
-        await conn.execute(f"INSERT INTO {table} (url, owner_id) VALUES ('a', $1)", OWNER)
-        await daemon.signals.wait("finished", 1, timeout=10)
+    async with one_row_finished(conn, settings, table, OWNER) as daemon:
         port = daemon.health.port
         assert port is not None
         refused: list[str] = []
@@ -275,26 +282,24 @@ async def test_with_a_token_the_token_is_the_guard_whatever_the_host(
     a rebinding page cannot have) is required and enough, as before."""
     table = await make_table(conn)
     settings = fast_settings(database_url, health_token=TOKEN)
-    async with Daemon(settings, providers=[RecordingProvider()]) as daemon:
-        assert daemon.health is not None and daemon.notifier is not None
-        await daemon.notifier.wait_connected(1)
-        await conn.execute(f"INSERT INTO {table} (url) VALUES ('a')")
-        await daemon.signals.wait("finished", 1, timeout=10)
-        async with aiohttp.ClientSession(daemon.health.url) as http:
-            for host in ("evil.example:8080", "127.0.0.1", "listener"):
-                auth = {"Host": host, "Authorization": f"Bearer {TOKEN}"}
-                async with http.get("/status", headers=auth) as r:
-                    assert r.status == 200 and (await r.json())["complete"] == 1, host
-                async with http.get("/metrics", headers=auth) as r:
-                    assert r.status == 200 and "listener_queue_jobs" in await r.text()
-                async with http.get("/", headers=auth) as r:
-                    assert r.status == 200 and "listener status" in await r.text()
-                for path in ("/", "/status", "/metrics"):
-                    async with http.get(path, headers={"Host": host}) as r:
-                        assert r.status == 401, (host, path)
-                for path in ("/healthz", "/readyz"):
-                    async with http.get(path, headers={"Host": host}) as r:
-                        assert r.status == 200, (host, path)
+    async with (
+        one_row_finished(conn, settings, table) as daemon,
+        aiohttp.ClientSession(daemon.health.url) as http,
+    ):
+        for host in ("evil.example:8080", "127.0.0.1", "listener"):
+            auth = {"Host": host, "Authorization": f"Bearer {TOKEN}"}
+            async with http.get("/status", headers=auth) as r:
+                assert r.status == 200 and (await r.json())["complete"] == 1, host
+            async with http.get("/metrics", headers=auth) as r:
+                assert r.status == 200 and "listener_queue_jobs" in await r.text()
+            async with http.get("/", headers=auth) as r:
+                assert r.status == 200 and "listener status" in await r.text()
+            for path in ("/", "/status", "/metrics"):
+                async with http.get(path, headers={"Host": host}) as r:
+                    assert r.status == 401, (host, path)
+            for path in ("/healthz", "/readyz"):
+                async with http.get(path, headers={"Host": host}) as r:
+                    assert r.status == 200, (host, path)
 
 
 async def test_an_empty_token_means_no_token() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +22,6 @@ import aiohttp
 import asyncpg
 import PIL.Image
 import pytest
-from aiohttp import web
 from awaiting import jobs_finished
 from hostile_images import (
     app1_bomb_jpeg,
@@ -32,7 +30,7 @@ from hostile_images import (
     rgba16_8k_png,
     rgba_8k_png,
 )
-from support import fast_settings, make_table
+from support import beat, fast_settings, make_table, serve_photos
 
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
@@ -49,8 +47,6 @@ def peak_rss_mb() -> float:
 
 @pytest.fixture
 async def hostile_server(tmp_path: Path) -> AsyncIterator[str]:
-    for name in ("astronaut.png", "rocket.jpg", "coffee.png"):
-        shutil.copy(BUNDLED_IMAGES / name, tmp_path / name)
     jpeg = (BUNDLED_IMAGES / "rocket.jpg").read_bytes()
     files = {
         "app1-bomb.jpg": app1_bomb_jpeg(1_000_000),  # 4 MB; 5 M segments made 19 MiB
@@ -62,18 +58,9 @@ async def hostile_server(tmp_path: Path) -> AsyncIterator[str]:
         "page.jpg": b"<!DOCTYPE html><html><body>Sign in</body></html>",
         "noise.jpg": bytes(range(256)) * 64,
     }
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    app = web.Application()
-    app.router.add_static("/", tmp_path)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    bundled = ("astronaut.png", "rocket.jpg", "coffee.png")
+    async with serve_photos(tmp_path, *bundled, files=files) as server:
+        yield server.base_url
 
 
 @pytest.fixture
@@ -122,15 +109,6 @@ async def test_hostile_images_fail_alone_and_the_daemon_keeps_serving(
     )
     gaps: list[float] = []
     ready: list[tuple[int, float]] = []
-    loop = asyncio.get_running_loop()
-
-    async def heartbeat() -> None:
-        last = loop.time()
-        while True:
-            await asyncio.sleep(0.01)
-            now = loop.time()
-            gaps.append(now - last)
-            last = now
 
     async def poll_readyz(url: str) -> None:
         async with aiohttp.ClientSession() as http:
@@ -149,7 +127,7 @@ async def test_hostile_images_fail_alone_and_the_daemon_keeps_serving(
             await daemon.signals.wait("listening", 1)
             rss_before = peak_rss_mb()
             watchers = [
-                asyncio.create_task(heartbeat()),
+                asyncio.create_task(beat(gaps)),
                 asyncio.create_task(poll_readyz(f"{daemon.health.url}/readyz")),
             ]
             try:

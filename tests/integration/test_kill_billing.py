@@ -17,10 +17,7 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +25,17 @@ from typing import Any
 import asyncpg
 import pytest
 from PIL import Image, ImageDraw
-from support import StaticServer, all_finished, counts, make_table, wait_until
+from support import (
+    StaticServer,
+    all_finished,
+    counts,
+    listener_run,
+    make_table,
+    random_faults,
+    wait_until,
+)
 
-from listener.testing.openai_fake import FakeOpenAI, Fault
+from listener.testing.openai_fake import FakeOpenAI
 
 ROWS = 30
 CONCURRENCY = 4
@@ -119,20 +124,6 @@ def daemon_env(env: dict[str, str], fake: FakeOpenAI, worker_id: str) -> dict[st
     }
 
 
-@contextmanager
-def listener_run(env: dict[str, str], cwd: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``listener run`` (the console script) as a subprocess; killed if still running after."""
-    script = Path(sys.executable).parent / "listener"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([str(script), "run"], env=env, cwd=cwd, stdout=out, stderr=out)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def in_flight(fake: FakeOpenAI, row_of_image: dict[str, str], now: float) -> tuple[set[Step], int]:
     """Steps answered (billed) whose answer is not sent yet, and requests of any kind waiting.
 
@@ -192,20 +183,10 @@ async def test_sigkill_bills_a_step_twice_only_between_answer_and_commit(
     images = tmp_path / "images"
     images.mkdir()
     name_of_hash = distinct_pngs(images, ROWS)
-    rng = random.Random(5)
-
-    def faults() -> Fault | None:
-        draw = rng.random()
-        if draw < 0.2:
-            return Fault(500)
-        if draw < 0.3:
-            return Fault(429, retry_after_s=0.05)
-        return None
-
     table = await make_table(conn)
     log = tmp_path / "listener.log"
     async with FakeOpenAI(latency_s=LATENCY_S) as fake, StaticServer(str(images)) as static:
-        fake.fault_plan = faults
+        fake.fault_plan = random_faults(5)
         names = sorted(name_of_hash.values())
         ids = await conn.fetch(
             f"INSERT INTO {table} (url) SELECT unnest($1::text[]) RETURNING id, url",
@@ -218,13 +199,13 @@ async def test_sigkill_bills_a_step_twice_only_between_answer_and_commit(
         for n, after in enumerate(KILL_AFTER_ANSWERS):
             worker_id = f"killed{n}"
             env = daemon_env(env_for_subprocess, fake, worker_id)
-            with listener_run(env, tmp_path, log) as proc:
+            with listener_run(env, log, console_script=True, cwd=tmp_path) as proc:
                 kills.append(await kill_mid_answer(proc, fake, row_of_image, worker_id, after))
             # The killed daemon released nothing: its jobs stay processing until the lease
             # runs out and the next daemon reaps them.
             assert await _processing_by(conn, worker_id) > 0, log.read_text()
         env = daemon_env(env_for_subprocess, fake, "last")
-        with listener_run(env, tmp_path, log) as proc:
+        with listener_run(env, log, console_script=True, cwd=tmp_path) as proc:
             await wait_until(lambda: all_finished(conn, ROWS), timeout=120, interval=0.2)
             proc.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(proc.wait, 30)

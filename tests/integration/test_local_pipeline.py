@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import io
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
-from aiohttp import web
 from awaiting import jobs_finished
 from PIL import Image
-from support import fast_settings, make_table
+from support import fast_settings, make_table, serve_photos
 
 from listener.app import Daemon
 from listener.cli.demo import BUNDLED_IMAGES
@@ -21,25 +19,18 @@ from listener.cli.demo import BUNDLED_IMAGES
 @pytest.fixture
 async def photo_server(tmp_path: Path) -> AsyncIterator[str]:
     """Serves real photos and broken files on 127.0.0.1."""
-    for name in ("astronaut.png", "rocket.jpg", "coffee.png"):
-        shutil.copy(BUNDLED_IMAGES / name, tmp_path / name)
     jpeg = (BUNDLED_IMAGES / "rocket.jpg").read_bytes()
-    (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    (tmp_path / "empty.jpg").write_bytes(b"")
-    (tmp_path / "page.jpg").write_bytes(b"<!DOCTYPE html><html><body>Login</body></html>")
     bomb = io.BytesIO()
     Image.new("1", (20_000, 20_000)).save(bomb, format="PNG")
-    (tmp_path / "bomb.png").write_bytes(bomb.getvalue())
-    app = web.Application()
-    app.router.add_static("/", tmp_path)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    files = {
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "empty.jpg": b"",
+        "page.jpg": b"<!DOCTYPE html><html><body>Login</body></html>",
+        "bomb.png": bomb.getvalue(),
+    }
+    bundled = ("astronaut.png", "rocket.jpg", "coffee.png")
+    async with serve_photos(tmp_path, *bundled, files=files) as server:
+        yield server.base_url
 
 
 async def test_photos_analyzed_and_bad_rows_fail_alone(

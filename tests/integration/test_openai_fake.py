@@ -13,7 +13,6 @@ import io
 import json
 import math
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
@@ -25,8 +24,11 @@ from openai.types.chat import ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 from PIL import Image
 from pydantic import BaseModel, Field
+from support import fake_on_command_line
 
 from listener.testing.openai_fake import FakeOpenAI, Fault, format_duration, image_tokens
+
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
 
 FAKE_MODULE = "listener.testing.openai_fake"
 PROMPT = "Describe this image for the catalogue."
@@ -111,12 +113,6 @@ def custom_format(schema: dict[str, Any]) -> ResponseFormatJSONSchema:
 
 def text_tokens(*texts: str) -> int:
     return math.ceil(sum(len(t) for t in texts) / 4)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
 
 
 def sdk(fake: FakeOpenAI, **kwargs: Any) -> openai.AsyncOpenAI:
@@ -473,20 +469,10 @@ async def test_rps_limit_accepts_a_paced_client() -> None:
 
 
 async def test_cli_prints_ready_and_serves() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        FAKE_MODULE,
-        "--port",
-        "0",
-        "--rps",
-        "10",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    process, line = await fake_on_command_line(
+        FAKE_MODULE, "--rps", "10", stderr=asyncio.subprocess.PIPE
     )
     try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode()
         match = re.fullmatch(r"READY (http://127\.0\.0\.1:\d+/v1)\n", line)
         assert match, line
         async with openai.AsyncOpenAI(

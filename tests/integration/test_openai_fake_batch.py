@@ -26,6 +26,8 @@ from pydantic import BaseModel, Field
 
 from listener.testing.openai_fake import FakeOpenAI
 
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
+
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 PHASES = ("validating", "in_progress", "finalizing", "completed")
 MODEL = "gpt-4o-mini"
@@ -83,12 +85,6 @@ def requests(n: int) -> bytes:
 
 def parse_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in text.splitlines() if raw.strip()]
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
 
 
 @pytest.fixture

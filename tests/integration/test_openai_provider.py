@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -29,21 +26,11 @@ from listener.errors import (
 from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
 from listener.testing.openai_fake import FakeOpenAI, Fault
 
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
+# The bundled photos the ``photos`` fixture (conftest.py) serves.
+PHOTOS = ("astronaut.png", "rocket.jpg", "coffee.png", "chelsea.png")
+
 API_KEY = "sk-test-Very-Secret-Key-123"
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
-
-
-@pytest.fixture
-async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
-    for name in ("astronaut.png", "rocket.jpg", "coffee.png", "chelsea.png"):
-        shutil.copy(BUNDLED_IMAGES / name, tmp_path / name)
-    async with StaticServer(str(tmp_path)) as server:
-        yield server
 
 
 def openai_settings(fake: FakeOpenAI, **overrides: Any) -> OpenAISettings:

@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
-import pytest
 from awaiting import jobs_finished, loop_signals, when
 from support import (
     RecordingProvider,
     StaticServer,
     admit,
+    cli,
     counts,
     fast_settings,
     make_table,
@@ -30,18 +27,7 @@ from listener.cli.demo import BUNDLED_IMAGES
 from listener.queue.pg_store import PgJobStore
 from listener.testing.openai_fake import FakeOpenAI
 
-
-def cli(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if ok:
-        assert out.returncode == 0, out.stderr
-    return out
+FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
 
 
 async def job_rows(conn: asyncpg.Connection) -> list[tuple[object, ...]]:
@@ -68,12 +54,12 @@ async def test_backfill_where_and_limit_per_owner(
     await conn.execute("SELECT listener.attach($1, 'id', 'url', 'owner_id')", table)
     args = ["backfill", table, "--where", "status IS NULL", "--limit-per-owner", "2", "--json"]
 
-    dry = json.loads(cli(env_for_subprocess, *args, "--dry-run").stdout)
+    dry = json.loads(cli(env_for_subprocess, *args, "--dry-run", ok=True).stdout)
     assert dry["selected"] == 3 and dry["dry_run"] is True
     assert {r["owner"]: r["selected"] for r in dry["by_owner"]} == {"alice": 2, "bob": 1}
     assert await counts(conn) == {}
 
-    done = json.loads(cli(env_for_subprocess, *args).stdout)
+    done = json.loads(cli(env_for_subprocess, *args, ok=True).stdout)
     assert done["enqueued"] == 3
     by_owner = {r["owner_id"]: r for r in done["by_owner"]}
     assert by_owner["alice"]["enqueued"] == 2 and by_owner["alice"]["remaining"] == 2
@@ -82,7 +68,7 @@ async def test_backfill_where_and_limit_per_owner(
     assert [r[0] for r in urls] == ["a1", "a3", "b1"]
 
     # Again: rows with a job are not selected; alice's next row is (the limit is per run).
-    again = json.loads(cli(env_for_subprocess, *args).stdout)
+    again = json.loads(cli(env_for_subprocess, *args, ok=True).stdout)
     assert again["enqueued"] == 1
     assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 4
 
@@ -98,24 +84,18 @@ async def test_a_backfill_predicate_that_writes_fails_without_writing(
         f"listener.reanalyze('{table}', ARRAY['1'], 0) > 0",
         "nextval('public.side_effect') > 0",
     ):
-        bad = cli(env_for_subprocess, "backfill", table, "--where", predicate, ok=False)
+        bad = cli(env_for_subprocess, "backfill", table, "--where", predicate)
         assert bad.returncode == 2 and "read-only" in bad.stderr, bad.stderr
     assert await counts(conn) == {}
     assert await conn.fetchval("SELECT last_value FROM public.side_effect") == 1
     assert not await conn.fetchval("SELECT is_called FROM public.side_effect")
     # --limit-per-owner needs an owner column.
     other = await make_table(conn, "plain")
-    bad = cli(env_for_subprocess, "backfill", other, "--limit-per-owner", "1", ok=False)
+    bad = cli(env_for_subprocess, "backfill", other, "--limit-per-owner", "1")
     assert bad.returncode == 2 and "owner" in bad.stderr
 
 
 # -- pause / resume ------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as server:
-        yield server
 
 
 async def _jobs_exist(conn: asyncpg.Connection, n: int) -> bool:
@@ -132,8 +112,8 @@ async def test_pause_openai_stops_claims_without_rewriting_jobs(
     table = await make_table(conn)
     shutil.copy(BUNDLED_IMAGES / "astronaut.png", tmp_path / "a.png")
     photos = await StaticServer(str(tmp_path)).__aenter__()
-    cli(env_for_subprocess, "pause", "openai", "--reason", "quota review")
-    status = json.loads(cli(env_for_subprocess, "status", "--json").stdout)
+    cli(env_for_subprocess, "pause", "openai", "--reason", "quota review", ok=True)
+    status = json.loads(cli(env_for_subprocess, "status", "--json", ok=True).stdout)
     assert status["operator_pauses"] == [
         {"provider": "openai", "reason": "quota review", "remaining_s": None}
     ]
@@ -151,7 +131,7 @@ async def test_pause_openai_stops_claims_without_rewriting_jobs(
         assert daemon.signals.count("claimed") == 0
         assert daemon.worker is not None and "openai" in (daemon.worker.claims_paused or "")
         assert {r[3] for r in before} == {"pending"}
-        resumed = cli(env_for_subprocess, "resume", "openai")
+        resumed = cli(env_for_subprocess, "resume", "openai", ok=True)
         assert "resumed openai" in resumed.stdout
         await jobs_finished(daemon, conn, 2, timeout=30)
     await photos.__aexit__()
@@ -178,7 +158,7 @@ async def test_a_paused_provider_holds_its_jobs_once_and_resume_wakes_them(
             await asyncio.sleep(settings.poll_interval_s * 2)
             assert await job_rows(conn) == held  # one write per job per pause
         assert sorted(first.calls) == ["1", "2"] and second.calls == []
-        cli(env_for_subprocess, "resume", "second")
+        cli(env_for_subprocess, "resume", "second", ok=True)
         await daemon.signals.wait("finished", 2)
     assert sorted(second.calls) == ["1", "2"]
     assert sorted(first.calls) == ["1", "2"]  # the first step was stored, not run again
@@ -189,7 +169,7 @@ async def test_pausing_the_pipeline_stops_claiming(
     database_url: str, conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
 ) -> None:
     table = await make_table(conn)
-    cli(env_for_subprocess, "pause", "--for", "1h")
+    cli(env_for_subprocess, "pause", "--for", "1h", ok=True)
     provider = RecordingProvider()
     settings = fast_settings(database_url)
     async with Daemon(settings, providers=[provider], health=False) as daemon:
@@ -198,7 +178,7 @@ async def test_pausing_the_pipeline_stops_claiming(
         before = await job_rows(conn)
         await asyncio.sleep(settings.poll_interval_s * 4)
         assert await job_rows(conn) == before and provider.calls == []
-        cli(env_for_subprocess, "resume")
+        cli(env_for_subprocess, "resume", ok=True)
         await daemon.signals.wait("finished", 1)
     assert provider.calls == ["1"]
 
@@ -245,10 +225,10 @@ async def test_prune_deletes_old_finished_jobs_of_deleted_rows_only(
     conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
 ) -> None:
     _, ids = await prune_fixture(conn)
-    dry = cli(env_for_subprocess, "prune", "--older-than", "30d", "--dry-run", "--json")
+    dry = cli(env_for_subprocess, "prune", "--older-than", "30d", "--dry-run", "--json", ok=True)
     assert json.loads(dry.stdout) == {"pruned": 3, "dry_run": True}
     assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 6
-    done = cli(env_for_subprocess, "prune", "--older-than", "30d", "--json")
+    done = cli(env_for_subprocess, "prune", "--older-than", "30d", "--json", ok=True)
     assert json.loads(done.stdout) == {"pruned": 3, "dry_run": False}
     left = {r[0] for r in await conn.fetch("SELECT id FROM listener.jobs")}
     assert left == {ids["new-gone"], ids["old-kept"], ids["pending-gone"]}

@@ -12,32 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 from pgbouncer_process import PgBouncer, pgbouncer_binary
-from support import make_table, wait_until
+from support import cli, cli_async, listener_run, make_table, wait_until
 
 from listener.db.connect import detect_transaction_pooling, resolve_database
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        env={**env, "COLUMNS": "200", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-async def cli_async(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(cli, env, *args)
 
 
 @pytest.fixture
@@ -62,26 +45,6 @@ def _problems(log: str) -> list[str]:
         for line in log.splitlines()
         if (" ERROR " in line or " WARNING " in line) and "the daemon runs as" not in line
     ]
-
-
-@contextmanager
-def daemon(env: dict[str, str], log: Path, **settings: str) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**env, "LISTENER_HEALTH_PORT": "0", "LISTENER_PIPELINE": "noop"}
-    env.update({f"LISTENER_{k.upper()}": v for k, v in settings.items()})
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "listener", "run"], env=env, stdout=out, stderr=out
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture
@@ -227,7 +190,9 @@ async def test_daemon_through_the_pooler_completes_every_row(
     log = tmp_path / "daemon.log"
     # Polling every 60 s: finishing within the wait below takes the NOTIFY wake-ups, which
     # only arrive on the direct LISTEN connection.
-    with daemon(pooled_env, log, poll_interval_s="60", concurrency="20") as proc:
+    with listener_run(
+        pooled_env, log, stop_grace_s=30, pipeline="noop", poll_interval_s="60", concurrency="20"
+    ) as proc:
         await wait_until(lambda: _logged(log, "listener running"), timeout=60)
         for start in range(0, 550, 50):
             await conn.execute(
@@ -264,9 +229,10 @@ async def test_daemons_and_cli_through_the_pooler_do_not_collide(
     attach = cli(pooled_env, "attach", "images", "--id-column", "id", "--url-column", "url")
     assert attach.returncode == 0, attach.stderr
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    noop = {"pipeline": "noop", "poll_interval_s": "0.5", "noop_delay_s": "0.01"}
     with (
-        daemon(pooled_env, logs[0], worker_id="a", poll_interval_s="0.5", noop_delay_s="0.01"),
-        daemon(pooled_env, logs[1], worker_id="b", poll_interval_s="0.5", noop_delay_s="0.01"),
+        listener_run(pooled_env, logs[0], stop_grace_s=30, worker_id="a", **noop),
+        listener_run(pooled_env, logs[1], stop_grace_s=30, worker_id="b", **noop),
     ):
 
         async def insert_more() -> None:
@@ -326,14 +292,7 @@ async def test_listen_through_the_pooler_is_refused_with_a_clear_error(
         (explicit, "(LISTENER_POOLER=transaction), where LISTEN cannot work"),
     ]
     for env, message in cases:
-        run = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "listener", "run", "--pipeline", "noop", "--health-port", "0"],
-            env={**env, "COLUMNS": "300", "NO_COLOR": "1"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        run = await cli_async(env, "run", "--pipeline", "noop", "--health-port", "0")
         assert run.returncode == 2, run.stderr
         assert message in " ".join(run.stderr.split()), run.stderr
         assert "Traceback" not in run.stderr

@@ -9,33 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
 from awaiting import jobs_finished
-from support import RecordingProvider, fast_settings, make_table, wait_until
+from support import (
+    RecordingProvider,
+    cli,
+    fast_settings,
+    listener_run,
+    make_table,
+    wait_until,
+)
 
 from listener.app import Daemon
-
-
-@contextmanager
-def daemon_process(
-    env: dict[str, str], log: Path, **settings: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**env, "LISTENER_HEALTH_PORT": "0", "LISTENER_POLL_INTERVAL_S": "0.2"}
-    env.update({f"LISTENER_{k.upper()}": v for k, v in settings.items()})
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "listener", "run"], env=env, stdout=out, stderr=out
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 async def test_sigkill_mid_job_lease_expires_and_another_daemon_completes_it(
@@ -46,7 +33,7 @@ async def test_sigkill_mid_job_lease_expires_and_another_daemon_completes_it(
 ) -> None:
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) VALUES ('slow')")
-    with daemon_process(
+    with listener_run(
         env_for_subprocess,
         tmp_path / "victim.log",
         pipeline="noop",
@@ -82,7 +69,7 @@ async def test_sigterm_finishes_running_jobs_and_exits_zero(
 ) -> None:
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 6) g")
-    with daemon_process(
+    with listener_run(
         env_for_subprocess,
         tmp_path / "graceful.log",
         pipeline="noop",
@@ -116,7 +103,7 @@ async def test_sigterm_past_grace_hands_jobs_back_without_counting_the_attempt(
 ) -> None:
     table = await make_table(conn)
     await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' || g FROM generate_series(1, 3) g")
-    with daemon_process(
+    with listener_run(
         env_for_subprocess,
         tmp_path / "impatient.log",
         pipeline="noop",
@@ -178,13 +165,7 @@ async def test_backfill_ctrl_c_stops_following_and_prints_a_summary(
     followed = "stopped following: 0 complete, 0 failed, 40 still queued" in out
     assert followed or "interrupted, run the same command again" in out, out
     # Resumable: the jobs are there, and running it again enqueues nothing new.
-    again = subprocess.run(
-        [sys.executable, "-m", "listener", "backfill", "images", "--no-wait"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    again = cli(env, "backfill", "images", "--no-wait")
     assert "enqueued 0 jobs" in again.stdout
 
 

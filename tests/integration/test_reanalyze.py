@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from support import RecordingProvider, admit, counts, fast_settings, make_table
+from support import RecordingProvider, admit, cli, counts, fast_settings, make_table
 
 from listener.app import Daemon
 
@@ -74,35 +72,28 @@ async def test_cli_reanalyze_by_id_owner_where_and_all(
     assert await admit(conn) == 4
     await conn.execute("UPDATE listener.jobs SET status = 'complete'")
 
-    def cli(*args: str) -> dict[str, object]:
-        out = subprocess.run(
-            [sys.executable, "-m", "listener", "reanalyze", table, *args, "--json"],
-            env=env_for_subprocess,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stderr
+    def reanalyze(*args: str) -> dict[str, object]:
+        out = cli(env_for_subprocess, "reanalyze", table, *args, "--json", ok=True)
         result: dict[str, object] = json.loads(out.stdout)
         return result
 
-    assert cli("--id", "1", "--dry-run") == {"rows": 1, "reanalyzed": 0, "dry_run": True}
+    assert reanalyze("--id", "1", "--dry-run") == {"rows": 1, "reanalyzed": 0, "dry_run": True}
     assert await counts(conn) == {"complete": 4}
-    assert cli("--id", "1")["reanalyzed"] == 1
-    assert cli("--owner", "bob")["reanalyzed"] == 2
-    assert cli("--where", "url = 'b'")["reanalyzed"] == 1
+    assert reanalyze("--id", "1")["reanalyzed"] == 1
+    assert reanalyze("--owner", "bob")["reanalyzed"] == 2
+    assert reanalyze("--where", "url = 'b'")["reanalyzed"] == 1
     assert await counts(conn) == {"pending": 4}
     await conn.execute("UPDATE listener.jobs SET status = 'complete'")
-    assert cli("--all")["reanalyzed"] == 4
+    assert reanalyze("--all")["reanalyzed"] == 4
     await conn.execute("UPDATE listener.jobs SET status = 'complete'")
     # The predicate runs read-only: it cannot write, whatever it contains.
-    bad = subprocess.run(
-        [
-            sys.executable, "-m", "listener", "reanalyze", table,
-            "--where", f"listener.reanalyze('{table}', ARRAY['1'], 0) > 0",
-        ],
-        env=env_for_subprocess, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    bad = cli(
+        env_for_subprocess,
+        "reanalyze",
+        table,
+        "--where",
+        f"listener.reanalyze('{table}', ARRAY['1'], 0) > 0",
+    )
     assert bad.returncode != 0 and "read-only" in bad.stderr
     assert await counts(conn) == {"complete": 4}
 

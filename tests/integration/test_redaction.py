@@ -11,11 +11,7 @@ status`` and ``--json``) or ``listener.jobs.last_error``.
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -24,13 +20,15 @@ import pytest
 from awaiting import jobs_finished
 from loguru import logger
 from pydantic import SecretStr
-from support import StaticServer, fast_settings, make_table
+from support import StaticServer, cli, fast_settings, make_table
 
 from listener.app import Daemon
-from listener.cli.demo import BUNDLED_IMAGES
 from listener.ops.logs import TEXT_FORMAT, configure_logging
 from listener.settings import OpenAISettings, RateLimit, TierSettings
 from listener.testing.openai_fake import FakeOpenAI, Fault
+
+# The bundled photos the ``photos`` fixture (conftest.py) serves.
+PHOTOS = ("rocket.jpg",)
 
 MARKERS = {
     "basic-auth password": "Mk1pAsswd",
@@ -63,13 +61,6 @@ def leaks(text: str) -> list[str]:
     """The markers found in ``text`` (any case: a marker must not survive in any form)."""
     lowered = text.lower()
     return [name for name, marker in MARKERS.items() if marker.lower() in lowered]
-
-
-@pytest.fixture
-async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
-    shutil.copy(BUNDLED_IMAGES / "rocket.jpg", tmp_path / "rocket.jpg")
-    async with StaticServer(str(tmp_path)) as server:
-        yield server
 
 
 @pytest.fixture
@@ -149,19 +140,10 @@ async def test_no_marker_leaves_the_process(
         "DATABASE_URL": dsn,
         "LISTENER_DATABASE_URL": dsn,
         "LISTENER_LOG_LEVEL": "DEBUG",
-        "COLUMNS": "300",
-        "NO_COLOR": "1",
     }
     outputs: list[str] = []
     for args in (["status", "--json"], ["status"]):
-        result = subprocess.run(
-            [sys.executable, "-m", "listener", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr
+        result = cli(env, *args, ok=True)
         outputs += [result.stdout, result.stderr]
     assert '"recent_failures"' in outputs[0] and "/storage/v1/object/sign/c.jpg" in outputs[0]
 
@@ -189,13 +171,7 @@ def test_dsn_parse_errors_never_echo_the_password(env_for_subprocess: dict[str, 
     ):
         for name in ("DATABASE_URL", "LISTENER_DATABASE_URL"):
             env_one = {**env, name: f"postgresql://app:{password}@127.0.0.1:1/app"}
-            result = subprocess.run(
-                [sys.executable, "-m", "listener", "status"],
-                env=env_one,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            result = cli(env_one, "status")
             assert result.returncode == 2, result.stderr
             assert "percent-encode" in result.stderr, result.stderr
             shown = result.stdout + result.stderr

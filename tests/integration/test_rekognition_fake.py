@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +22,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from PIL import Image
+from support import fake_on_command_line
 
 from listener.testing.rekognition_fake import (
     TILE_SIDE,
@@ -33,6 +33,8 @@ from listener.testing.rekognition_fake import (
     face_tile,
     no_face_photo,
 )
+
+FAKE = FakeRekognition  # the class of the ``fake`` fixture (conftest.py)
 
 FAKE_MODULE = "listener.testing.rekognition_fake"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -53,12 +55,6 @@ async def rekognition_client(endpoint_url: str, config: Config = ONE_ATTEMPT) ->
     )
     async with session.client("rekognition", endpoint_url=endpoint_url, config=config) as client:
         yield client
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeRekognition]:
-    async with FakeRekognition() as server:
-        yield server
 
 
 @pytest.fixture
@@ -517,19 +513,8 @@ async def test_tps_limit_admits_paced_calls() -> None:
 
 
 async def test_cli_prints_ready_and_serves() -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        FAKE_MODULE,
-        "--port",
-        "0",
-        "--tps",
-        "50",
-        stdout=asyncio.subprocess.PIPE,
-    )
+    process, line = await fake_on_command_line(FAKE_MODULE, "--tps", "50")
     try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode()
         ready = re.fullmatch(r"READY (http://127\.0\.0\.1:\d+)\n", line)
         assert ready, line
         async with rekognition_client(ready.group(1)) as client:

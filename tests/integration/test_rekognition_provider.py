@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
 from awaiting import jobs_finished
-from support import StaticServer, fast_settings, make_table
+from support import (
+    StaticServer,
+    faces_settings,
+    make_table,
+    serve_photos,
+)
 
 from listener.analysis.providers.base import ImageInput, StepContext
 from listener.analysis.providers.rekognition import RekognitionProvider
@@ -22,22 +26,11 @@ from listener.errors import (
     RateLimited,
     RejectedByProvider,
 )
-from listener.settings import RateLimit, RekognitionSettings, Settings, TierSettings
+from listener.settings import RateLimit, RekognitionSettings, TierSettings
 from listener.testing.rekognition_fake import FakeRekognition, face_photo, no_face_photo
 
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeRekognition]:
-    async with FakeRekognition() as server:
-        yield server
+pytestmark = pytest.mark.usefixtures("aws_env")
+FAKE = FakeRekognition  # the class of the ``fake`` fixture (conftest.py)
 
 
 @pytest.fixture
@@ -49,21 +42,8 @@ async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
         "b.jpg": face_photo("b", seed=4),
         "none.jpg": no_face_photo(seed=5),
     }
-    for name, data in shots.items():
-        (tmp_path / name).write_bytes(data)
-    async with StaticServer(str(tmp_path)) as server:
+    async with serve_photos(tmp_path, files=shots) as server:
         yield server
-
-
-def tiered(database_url: str, fake: FakeRekognition, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "pipeline": "tiered",
-        "tiers": TierSettings(tier1=["rekognition"], faces=True),
-        "rekognition": RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
-        "rate_limits": {"rekognition": RateLimit(rps=100, burst=10, concurrency=4)},
-    }
-    values.update(overrides)
-    return fast_settings(database_url, **values)
 
 
 async def insert_and_wait(
@@ -78,7 +58,7 @@ async def test_faces_become_people_suggestions_and_new_faces(
 ) -> None:
     table = await make_table(conn, owner=True)
     base = photos.base_url
-    async with Daemon(tiered(database_url, fake)) as daemon:
+    async with Daemon(faces_settings(database_url, fake)) as daemon:
         # In order: matching depends on which faces are already in the collection.
         for n, name in enumerate(("a1", "a2", "border", "b", "none"), start=1):
             await insert_and_wait(daemon, conn, table, f"{base}/{name}.jpg", "owner-1", n)
@@ -195,7 +175,7 @@ async def test_bucket_keeps_rekognition_within_its_tps(
 ) -> None:
     table = await make_table(conn, owner=True)
     async with FakeRekognition(tps_limit=5) as fake:
-        settings = tiered(
+        settings = faces_settings(
             database_url,
             fake,
             tiers=TierSettings(tier1=["rekognition"]),

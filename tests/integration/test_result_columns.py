@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -19,6 +17,7 @@ from awaiting import when_written
 from support import (
     RecordingProvider,
     admit,
+    cli,
     create_extension_or_skip,
     fast_settings,
 )
@@ -432,16 +431,6 @@ async def test_attach_refuses_shared_generated_and_missing_columns(
             "SELECT listener.attach('t', 'id', 'url', NULL, NULL, NULL, 'nope', NULL)"
         )
     assert await conn.fetchval("SELECT count(*) FROM listener.attachments") == 0
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        env={**env, "COLUMNS": "200", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 async def test_cli_attaches_every_column_and_explains_refusals(

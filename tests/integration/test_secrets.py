@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 from awaiting import jobs_finished
 from loguru import logger
-from support import RecordingProvider, fast_settings, make_table
+from support import RecordingProvider, cli, fast_settings, make_table
 
 from listener.app import Daemon
 
@@ -57,13 +55,7 @@ async def test_password_never_logged_nor_served(database_url: str) -> None:
 def test_cli_connection_error_hides_the_password() -> None:
     env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
     env["DATABASE_URL"] = f"postgresql://app:{SECRET}@127.0.0.1:1/app"
-    result = subprocess.run(
-        [sys.executable, "-m", "listener", "status"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = cli(env, "status")
     assert result.returncode == 2
     assert "cannot reach the database" in result.stderr
     assert SECRET not in result.stderr + result.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +17,6 @@ from awaiting import loop_signals, when
 from support import RecordingProvider, admit, fast_settings, make_table
 
 from listener.app import Daemon
-from listener.db.migrate import load_migrations
 from listener.db.queries import Queries
 from listener.errors import InvalidImage, RateLimited
 from listener.ops.health import StatusCache
@@ -273,56 +273,33 @@ async def test_spend_counters_match_the_results(conn: asyncpg.Connection) -> Non
 
 
 async def test_migration_counts_the_jobs_already_there(
-    pg_admin_dsn: str, dsn_for: object, tmp_path: Path
+    database_before: Callable[[int], Awaitable[str]], tmp_path: Path
 ) -> None:
     """0008 on a database that has jobs and results: the counters start from them."""
-    import secrets
-
     from listener.db.migrate import migrate
 
-    name = f"upgrade_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(await database_before(8))
     try:
-        conn = await asyncpg.connect(dsn_for(name))  # type: ignore[operator]
-        try:
-            async with conn.transaction():
-                for m in load_migrations():
-                    if m.version < 8:
-                        await conn.execute(m.sql)
-                await conn.execute(
-                    "CREATE TABLE listener.schema_migrations (version integer PRIMARY KEY, "
-                    "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                await conn.execute(
-                    "INSERT INTO listener.schema_migrations (version, name) "
-                    "SELECT unnest($1::int[]), unnest($2::text[])",
-                    [m.version for m in load_migrations() if m.version < 8],
-                    [m.name for m in load_migrations() if m.version < 8],
-                )
-            await conn.execute(
-                "INSERT INTO listener.jobs (source_table, source_id, owner_id, status) "
-                "SELECT 'public.t', g::text, "
-                "CASE WHEN g % 4 = 0 THEN NULL ELSE 'o' || (g % 3) END, "
-                "(ARRAY['pending','processing','complete','failed','cancelled','batched'])"
-                "[1 + g % 6] FROM generate_series(1, 500) g"
-            )
-            await conn.execute(
-                "INSERT INTO listener.results (job_id, step, provider, output, cost_usd) "
-                "SELECT id, 's', 'openai', '{}', 0.001 FROM listener.jobs WHERE id <= 100"
-            )
-            assert (await migrate(conn))[0] == "0008_status_counts"
-            assert await conn.fetchval("SELECT count(*) FROM listener.job_count_deltas") == 0
-            await assert_exact(conn)
-            spend = await Queries(conn).spend_totals(  # type: ignore[arg-type]
-                await conn.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date")
-            )
-            assert spend == {"openai": (pytest.approx(0.1), pytest.approx(0.1))}
-        finally:
-            await conn.close()
+        await conn.execute(
+            "INSERT INTO listener.jobs (source_table, source_id, owner_id, status) "
+            "SELECT 'public.t', g::text, "
+            "CASE WHEN g % 4 = 0 THEN NULL ELSE 'o' || (g % 3) END, "
+            "(ARRAY['pending','processing','complete','failed','cancelled','batched'])"
+            "[1 + g % 6] FROM generate_series(1, 500) g"
+        )
+        await conn.execute(
+            "INSERT INTO listener.results (job_id, step, provider, output, cost_usd) "
+            "SELECT id, 's', 'openai', '{}', 0.001 FROM listener.jobs WHERE id <= 100"
+        )
+        assert (await migrate(conn))[0] == "0008_status_counts"
+        assert await conn.fetchval("SELECT count(*) FROM listener.job_count_deltas") == 0
+        await assert_exact(conn)
+        spend = await Queries(conn).spend_totals(  # type: ignore[arg-type]
+            await conn.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date")
+        )
+        assert spend == {"openai": (pytest.approx(0.1), pytest.approx(0.1))}
     finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+        await conn.close()
 
 
 async def test_status_and_metrics_report_every_status(

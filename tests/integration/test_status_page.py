@@ -15,8 +15,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,9 +26,15 @@ import asyncpg
 import pytest
 from aiohttp import web
 from awaiting import jobs_finished, when
-from support import RecordingProvider, counts, fast_settings, make_table, wait_until
+from support import (
+    GatedProvider,
+    cli,
+    counts,
+    fast_settings,
+    make_table,
+    wait_until,
+)
 
-from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
 from listener.errors import InvalidImage, ListenerError
 from listener.ops.health import SOURCES, HealthSources, build_app, status_document
@@ -249,26 +253,6 @@ def test_throughput_has_one_bar_per_minute_of_the_last_hour() -> None:
 # --- the page of a running daemon, in Chromium ---------------------------------------------
 
 
-class GatedProvider(RecordingProvider):
-    """A ``RecordingProvider`` whose calls wait while ``gate`` is clear (jobs stay running)."""
-
-    def __init__(self, delay_s: float, failures: dict[str, list[ListenerError]]) -> None:
-        super().__init__(delay_s, failures)
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.held = 0
-
-    async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult:
-        """Wait for the gate, then record the call as ``RecordingProvider`` does."""
-        if not self.gate.is_set():
-            self.held += 1
-            try:
-                await self.gate.wait()
-            finally:
-                self.held -= 1
-        return await super().run(kind, image, context)
-
-
 def chromium_binary() -> str | None:
     for name in CHROMIUM_NAMES:
         path = shutil.which(name)
@@ -303,14 +287,7 @@ async def chromium(binary: str, profile: Path, *args: str, timeout: float = 60.0
 
 def status_json(env: dict[str, str]) -> dict[str, Any]:
     """``listener status --json`` as a user runs it."""
-    result = subprocess.run(
-        [sys.executable, "-m", "listener", "status", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
+    result = cli(env, "status", "--json", ok=True)
     doc: dict[str, Any] = json.loads(result.stdout)
     return doc
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import asyncpg
 from awaiting import jobs_finished
-from support import RecordingProvider, admit, fast_settings
+from support import RecordingProvider, admit, cli, fast_settings
 
 from listener.app import Daemon
 from listener.cli.render import shown
@@ -27,16 +26,6 @@ MARKUP = "[bold green]ALL OK[/]"
 OWNERS = ["[/]", f"owner{OSC_TITLE}", f"link {OSC8_LINK}", MARKUP]
 ERRORS = [f"{MARKUP} {OSC_TITLE}", f"[/] {CLEAR}", f"{OSC8_LINK} \x9b31m C1 CSI", "[/red] x"]
 TABLE = '"[/]images[red]"'
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        env={**env, "COLUMNS": "300", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def assert_inert(result: subprocess.CompletedProcess[str]) -> None:

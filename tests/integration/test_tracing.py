@@ -27,16 +27,9 @@ from listener.ops.otel import OtelTracing
 from listener.settings import OpenAISettings, RateLimit, RekognitionSettings, TierSettings
 from listener.testing import FakeOpenAI, FakeRekognition
 
+pytestmark = pytest.mark.usefixtures("aws_env")
 STEPS = ("local.analysis", "rekognition.labels", "openai.tier1")
 PHOTOS = ("brick.png", "chelsea.png", "rocket.jpg")  # under 1 MiB once base64-encoded
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
 
 
 def traceparent(span: ReadableSpan) -> str:

@@ -4,50 +4,26 @@ that would stop every claim. Real Postgres, real daemon (scripted provider)."""
 from __future__ import annotations
 
 import asyncio
-import secrets
-import subprocess
-import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
 from awaiting import jobs_finished, when, when_written
 from support import (
+    GatedProvider,
     RecordingProvider,
     admit,
     all_finished,
+    cli,
     create_extension_or_skip,
     fast_settings,
     make_table,
     wait_until,
 )
 
-from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
-from listener.db.migrate import load_migrations, migrate
-from listener.errors import InvalidImage, ListenerError
-
-
-class GatedProvider(RecordingProvider):
-    """A ``RecordingProvider`` whose calls wait while ``gate`` is clear."""
-
-    def __init__(
-        self, delay_s: float = 0.0, failures: dict[str, list[ListenerError]] | None = None
-    ) -> None:
-        super().__init__(delay_s, failures)
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.held = 0
-
-    async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult:
-        """Wait for the gate, then record the call as ``RecordingProvider`` does."""
-        if not self.gate.is_set():
-            self.held += 1
-            try:
-                await self.gate.wait()
-            finally:
-                self.held -= 1
-        return await super().run(kind, image, context)
+from listener.db.migrate import migrate
+from listener.errors import InvalidImage
 
 
 async def app_statuses(conn: asyncpg.Connection, table: str) -> dict[str, str | None]:
@@ -400,16 +376,6 @@ async def test_attach_refuses_listener_own_tables(
     await conn.execute(f"INSERT INTO {table_name} (url) VALUES ('a')")
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        env={**env, "COLUMNS": "200", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 async def test_cli_attach_explains_refusals(
     conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
 ) -> None:
@@ -446,28 +412,12 @@ async def test_cli_attach_explains_refusals(
 
 
 async def test_upgrade_moves_existing_attachments_to_the_outbox(
-    pg_admin_dsn: str, dsn_for: Callable[[str], str]
+    database_before: Callable[[int], Awaitable[str]],
 ) -> None:
     """A database migrated to 0003, with a status column attached and listener.jobs attached
     by mistake: 0005 swaps the write-back triggers and removes the impossible attachment."""
-    name = f"upgrade_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(pg_admin_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    conn = await asyncpg.connect(dsn_for(name))
+    conn = await asyncpg.connect(await database_before(4))
     try:
-        await conn.execute(
-            "CREATE SCHEMA listener; CREATE TABLE listener.schema_migrations ("
-            "version integer PRIMARY KEY, name text NOT NULL, "
-            "applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for m in load_migrations():
-            if m.version <= 3:
-                await conn.execute(m.sql)
-                await conn.execute(
-                    "INSERT INTO listener.schema_migrations (version, name) VALUES ($1, $2)",
-                    m.version,
-                    m.name,
-                )
         table = await make_table(conn, status=True)
         await conn.execute("SELECT listener.attach('listener.jobs', 'id', 'image_url')")
         assert "0005_status_writeback" in await migrate(conn)
@@ -488,8 +438,6 @@ async def test_upgrade_moves_existing_attachments_to_the_outbox(
         assert await app_statuses(conn, table) == {"a": "pending"}
     finally:
         await conn.close()
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_write_back_loop_logs_errors_and_never_raises(
