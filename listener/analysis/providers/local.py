@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from pebble import ProcessExpired, ProcessFuture, ProcessPool
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from listener.analysis.probe import bytes_per_pixel, scan_structure
+from listener.analysis.probe import bytes_per_pixel, describe_bytes, scan_structure
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.errors import (
     ImageTooLarge,
@@ -296,14 +296,15 @@ def _decode(
     return image, orientation, info
 
 
+_MARKUP = ("looks like HTML", "looks like XML or SVG", "looks like JSON")
+
+
 def _describe_bytes(data: bytes) -> str:
-    head = data[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if head.startswith(b"<?xml") or head.startswith(b"<svg"):
-        return "looks like XML or SVG"
-    if head.startswith(b"<"):
-        return "looks like HTML"
-    if head.startswith((b"{", b"[")):
-        return "looks like JSON"
+    """What undecodable ``data`` looks like: markup or JSON by ``probe.describe_bytes``, else
+    the formats this provider decodes."""
+    said = describe_bytes(data)
+    if said in _MARKUP:
+        return said
     # Never the bytes themselves, not even in hex: they may be the start of any local file.
     return f"is not in a supported format ({', '.join(DECODERS)}, MPO)"
 
