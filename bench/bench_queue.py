@@ -57,12 +57,22 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 from pydantic import SecretStr
 
-from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.app import Daemon
 from listener.db.migrate import migrate
-from listener.ops.logs import configure_logging
 from listener.settings import Settings
-from listener.testing.cluster import TemporaryCluster
+
+try:
+    from listener.analysis.providers.base import ImageInput, StepContext, StepResult
+    from listener.ops.logs import configure_logging
+    from listener.testing.cluster import TemporaryCluster
+except ImportError:  # a commit before the package's layout by role (compare.py runs those)
+    from listener.db.cluster import TemporaryCluster  # type: ignore[no-redef]
+    from listener.logs import configure_logging  # type: ignore[no-redef]
+    from listener.providers.base import (  # type: ignore[no-redef]
+        ImageInput,
+        StepContext,
+        StepResult,
+    )
 
 # (a)
 THROUGHPUT_JOBS = 20_000

@@ -11,7 +11,6 @@ from listener.cli.common import UserError, load_settings, run_command
 from listener.cli.render import console, err_console, shown
 from listener.db.connect import open_database
 from listener.db.migrate import migrate
-from listener.testing.cluster import termination_as_interrupt
 
 
 def migrate_cmd(
@@ -86,6 +85,7 @@ def demo(
 ) -> None:
     """Run the whole pipeline on real photos: embedded Postgres, triggers, backfill, daemon."""
     from listener.cli.demo import run_demo
+    from listener.testing.cluster import termination_as_interrupt
 
     settings = load_settings()
     names = [p.strip() for p in providers.split(",") if p.strip()]

@@ -53,7 +53,32 @@ test photos the Rekognition fake recognises. Each module's docstring has the det
 
 from __future__ import annotations
 
-from listener.testing.openai_fake import FakeOpenAI, Fault
-from listener.testing.rekognition_fake import FakeRekognition, face_photo, no_face_photo
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from listener.testing.openai_fake import FakeOpenAI, Fault
+    from listener.testing.rekognition_fake import FakeRekognition, face_photo, no_face_photo
 
 __all__ = ["FakeOpenAI", "FakeRekognition", "Fault", "face_photo", "no_face_photo"]
+
+_HOMES = {
+    "FakeOpenAI": "openai_fake",
+    "Fault": "openai_fake",
+    "FakeRekognition": "rekognition_fake",
+    "face_photo": "rekognition_fake",
+    "no_face_photo": "rekognition_fake",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The fakes load on first use, so ``listener.testing.cluster`` (the demo's throwaway
+    Postgres) costs none of their imports (aiohttp, Pillow, OpenCV).
+
+    Raises:
+        AttributeError: ``name`` is not one of ``__all__``.
+    """
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"listener.testing.{home}"), name)

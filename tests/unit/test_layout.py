@@ -53,3 +53,22 @@ def test_the_queue_core_names_no_image_concept() -> None:
         if IMAGE_WORDS.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+def test_the_command_line_loads_no_analysis_library_before_a_command_needs_it() -> None:
+    """``listener status`` or ``listener --help`` start without OpenCV, NumPy, Pillow, aiohttp
+    or the cloud SDKs: each command imports what it runs (the daemon's memory starts lower)."""
+    heavy = ("cv2", "numpy", "PIL", "aiohttp", "openai", "aioboto3", "botocore")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, listener.cli; print(' '.join({m.split('.')[0] for m in sys.modules}))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = set(done.stdout.split())
+    assert not loaded & set(heavy), sorted(loaded & set(heavy))
