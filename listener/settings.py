@@ -372,9 +372,6 @@ class Settings(BaseSettings):
         description="Seconds running jobs get to finish on SIGTERM; the rest are handed back "
         "as pending.",
     )
-    flush_interval_s: float = Field(
-        default=0.002, gt=0, description="Reserved: no component reads it."
-    )
     status_writeback_interval_s: float = Field(
         default=0.5,
         gt=0,
