@@ -40,8 +40,7 @@ from listener.analysis.dispatch import (
     ProviderSlot,
     paid_providers,
 )
-from listener.analysis.effects import pg_effect_writers
-from listener.analysis.face_store import PgFaceStore
+from listener.analysis.face_store import PgFaceStore, pg_effect_writers
 from listener.analysis.fetch import ImageFetcher
 from listener.analysis.fleet_limits import FleetLimiter
 from listener.analysis.pipeline import Plan, Step, build_plan

@@ -7,14 +7,14 @@ and interprets them:
 - ``"faces"`` (the Rekognition faces step, ``FacesEffect``): ``{"collection_id": str,
   "faces": [{"face_id": str, "bounding_box": {"Width", "Height", "Left", "Top": ratios},
   "confidence": percent, "decision": "assigned" | "suggested" | "new", "matched_face_id":
-  str | None, "similarity": percent | None}, ...]}``. In Postgres (``PgFacesEffect``, the
-  writer ``listener.app`` registers with ``PgJobStore``), inside the step's fenced
-  transaction, each face is inserted into ``listener.faces`` (source row and owner taken from
-  the job), ``"assigned"`` faces join the matched face's person (created then;
-  ``listener.assign_face``), ``"suggested"`` ones are recorded in
-  ``listener.face_suggestions``, and each entry of ``output["faces"]`` with the same
-  ``face_id`` gets its ``person_id`` (``None``: unassigned) before the output is stored. The
-  memory store only keeps the payload (``MemoryJobStore.effects``).
+  str | None, "similarity": percent | None}, ...]}``. In Postgres
+  (``listener.analysis.face_store.PgFacesEffect``, the writer ``listener.app`` registers
+  with ``PgJobStore``), inside the step's fenced transaction, each face is inserted into
+  ``listener.faces`` (source row and owner taken from the job), ``"assigned"`` faces join
+  the matched face's person (created then; ``listener.assign_face``), ``"suggested"`` ones
+  are recorded in ``listener.face_suggestions``, and each entry of ``output["faces"]`` with
+  the same ``face_id`` gets its ``person_id`` (``None``: unassigned) before the output is
+  stored. The memory store only keeps the payload (``MemoryJobStore.effects``).
 
 A step's ``digest`` (``InputDigest``: the image's SHA-256 and perceptual hash) and a copy's
 ``reused`` marker (``Reuse``: kind ``"sha256"`` or ``"phash"``) are stored with the result;
@@ -23,16 +23,11 @@ both refuse malformed values when built.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
-from listener.db.queries import load_queries
 from listener.queue.outcomes import EffectKind, Leftover
-from listener.queue.pg_store import EffectWriter, HeldJob
 
 FACES = "faces"
 """The effect of the faces step (``FacesEffect``)."""
@@ -131,46 +126,6 @@ class FacesEffect:
         return [Leftover(payload["collection_id"], f["face_id"]) for f in payload.get("faces", [])]
 
 
-class PgFacesEffect(FacesEffect):
-    """The ``"faces"`` effect's writer in Postgres (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self._sql = load_queries()["apply_face_effects"].sql
-
-    async def write(
-        self,
-        conn: asyncpg.Connection,
-        job: HeldJob,
-        payload: Any,
-        output: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Record the faces, people and suggestions (``listener.apply_face_effects``) and put
-        each face's person id into ``output["faces"]``."""
-        people = json.loads(
-            await conn.fetchval(
-                self._sql,
-                job.id,
-                job.source_table,
-                job.source_id,
-                job.owner_id,
-                json.dumps(payload),
-            )
-        )
-        if FACES in output:
-            output[FACES] = [
-                {**f, "person_id": people.get(f["face_id"])}
-                if isinstance(f, Mapping) and "face_id" in f
-                else f
-                for f in output[FACES]
-            ]
-        return output
-
-
 def effect_kinds() -> dict[str, EffectKind]:
     """The effect kinds, for a store that only keeps payloads (``MemoryJobStore``)."""
     return {FACES: FacesEffect()}
-
-
-def pg_effect_writers() -> dict[str, EffectWriter]:
-    """The effect writers ``PgJobStore`` runs inside a step's fenced transaction."""
-    return {FACES: PgFacesEffect()}

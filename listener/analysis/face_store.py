@@ -1,4 +1,5 @@
-"""The records of faces whose job is gone, until they are deleted from their collections.
+"""Faces in Postgres and in memory: the ``"faces"`` effect's writer (``PgFacesEffect``), and the
+records of faces whose job is gone, until they are deleted from their collections.
 
 When a source row is deleted, ``JobStore.forget_rows`` deletes its job and returns the faces
 the job's effects recorded (``ForgottenRow.leftovers``: collection, face id); they keep their
@@ -11,13 +12,16 @@ which reaches this store through a protocol of its own). ``PgFaceStore`` runs ov
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import asyncpg
 
+from listener.analysis.effects import FACES, FacesEffect
 from listener.db.queries import load_queries
 from listener.queue.memory_store import MemoryJobStore
+from listener.queue.pg_store import EffectWriter, HeldJob
 
 
 class FaceStore(Protocol):
@@ -64,3 +68,43 @@ class MemoryFaceStore:
     async def forget_faces(self, face_ids: Sequence[str]) -> int:
         """See ``FaceStore.forget_faces``."""
         return self._jobs.forget_leftovers(face_ids)
+
+
+class PgFacesEffect(FacesEffect):
+    """The ``"faces"`` effect's writer in Postgres (``listener.analysis.effects``)."""
+
+    def __init__(self) -> None:
+        self._sql = load_queries()["apply_face_effects"].sql
+
+    async def write(
+        self,
+        conn: asyncpg.Connection,
+        job: HeldJob,
+        payload: Any,
+        output: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Record the faces, people and suggestions (``listener.apply_face_effects``) and put
+        each face's person id into ``output["faces"]``."""
+        people = json.loads(
+            await conn.fetchval(
+                self._sql,
+                job.id,
+                job.source_table,
+                job.source_id,
+                job.owner_id,
+                json.dumps(payload),
+            )
+        )
+        if FACES in output:
+            output[FACES] = [
+                {**f, "person_id": people.get(f["face_id"])}
+                if isinstance(f, Mapping) and "face_id" in f
+                else f
+                for f in output[FACES]
+            ]
+        return output
+
+
+def pg_effect_writers() -> dict[str, EffectWriter]:
+    """The effect writers ``PgJobStore`` runs inside a step's fenced transaction."""
+    return {FACES: PgFacesEffect()}

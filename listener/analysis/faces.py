@@ -9,7 +9,7 @@ owner's earlier faces decides (thresholds in settings, percent similarity):
 - below: a new, unassigned face.
 
 This module only decides and reads: the faces, people and suggestions are written by the
-``"faces"`` effect's writer (``listener.analysis.effects.PgFacesEffect``,
+``"faces"`` effect's writer (``listener.analysis.face_store.PgFacesEffect``,
 ``listener.apply_face_effects``), which the job store runs in the transaction that stores the
 step (``PgJobStore.save_step``), fenced by the job's lease.
 """

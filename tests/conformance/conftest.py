@@ -23,8 +23,8 @@ import pytest
 
 from listener.analysis.batch_store import BatchStore, MemoryBatchStore, PgBatchStore
 from listener.analysis.dedup_store import DedupStore, MemoryDedupStore, PgDedupStore
-from listener.analysis.effects import effect_kinds, pg_effect_writers
-from listener.analysis.face_store import FaceStore, MemoryFaceStore, PgFaceStore
+from listener.analysis.effects import effect_kinds
+from listener.analysis.face_store import FaceStore, MemoryFaceStore, PgFaceStore, pg_effect_writers
 from listener.queue.memory_store import MemoryJobStore
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import JobStore

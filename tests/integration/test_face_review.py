@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 from support import cli
 
-from listener.analysis.effects import pg_effect_writers
+from listener.analysis.face_store import pg_effect_writers
 from listener.analysis.faces import PgKnownFaces
 from listener.analysis.providers.base import ImageInput, StepContext
 from listener.analysis.providers.rekognition import RekognitionProvider

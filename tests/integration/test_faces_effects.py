@@ -17,7 +17,7 @@ import pytest
 from awaiting import jobs_finished
 from support import StaticServer, fast_settings, make_table
 
-from listener.analysis.effects import pg_effect_writers
+from listener.analysis.face_store import pg_effect_writers
 from listener.analysis.faces import PgKnownFaces, external_image_id
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.analysis.providers.rekognition import RekognitionProvider
