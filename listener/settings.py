@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PositiveFloat,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -274,6 +275,31 @@ def _default_prices() -> dict[str, Price]:
         "openai:gpt-4.1-mini": Price(per_million_input_usd=0.40, per_million_output_usd=1.60),
         "rekognition": Price(per_call_usd=0.001),
     }
+
+
+def _read_pipeline_file(path: Path) -> TierSettings:
+    """The ``[tiers]`` table of the TOML file ``path`` (or the whole file).
+
+    Raises:
+        ValueError: the file cannot be read, is not TOML or its tiers do not validate; one
+            line, naming LISTENER_PIPELINE_FILE and each problem.
+    """
+    where = f"LISTENER_PIPELINE_FILE={str(path)!r}"
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ValueError(f"{where}: cannot read it ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{where}: not TOML ({error})") from None
+    try:
+        return TierSettings.model_validate(data.get("tiers", data))
+    except ValidationError as error:
+        problems = "; ".join(
+            f"tiers.{'.'.join(str(p) for p in e['loc'])}={e['input']!r}: {e['msg']}"
+            for e in error.errors(include_url=False)
+        )
+        raise ValueError(f"{where}: {problems}") from None
 
 
 class Settings(BaseSettings):
@@ -615,9 +641,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _load_pipeline_file(self) -> Settings:
         if self.pipeline_file is not None:
-            with self.pipeline_file.open("rb") as handle:
-                data = tomllib.load(handle)
-            self.tiers = TierSettings.model_validate(data.get("tiers", data))
+            self.tiers = _read_pipeline_file(self.pipeline_file)
         if not self.openai.api_key and os.environ.get("OPENAI_API_KEY"):
             self.openai.api_key = SecretStr(os.environ["OPENAI_API_KEY"])
         return self
