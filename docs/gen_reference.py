@@ -209,6 +209,15 @@ def render_settings() -> str:
         "object (`LISTENER_FETCH='{\"max_bytes\": 10485760}'`). Secrets (`str (secret)`) are "
         "never logged, printed in errors or served by the health endpoints.",
         "",
+        "Every command checks the settings when it starts. A `LISTENER_*` variable (or a "
+        "`LISTENER_*` key of `.env`) that names no setting is a warning naming the closest "
+        "one, `unknown setting LISTENER_CONCURENCY: did you mean LISTENER_CONCURRENCY?` "
+        "(logged by the daemon, printed once on stderr by the other commands); with "
+        "`LISTENER_STRICT_SETTINGS=1` it is an error instead. A value that does not validate "
+        "stops the command with exit status 2 and one line per problem, naming the variable, "
+        "the value (`***` for a secret) and what is allowed: `error: invalid setting "
+        "LISTENER_CONCURRENCY='abc': expected an integer >= 1`.",
+        "",
     ]
     sections: dict[str, list[tuple[list[str], str, str, str]]] = {}
     for section, env, kind, default, description in _settings_rows(Settings):

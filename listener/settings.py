@@ -589,6 +589,12 @@ class Settings(BaseSettings):
         default=False, description="Log one flat JSON object per line (the image sets it)."
     )
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR, CRITICAL.")
+    strict_settings: bool = Field(
+        default=False,
+        description="Refuse to start (every command exits with status 2) when a LISTENER_* "
+        "variable, in the environment or in .env, names no setting; off, each such name is "
+        "a warning at start naming the closest setting (listener.cli.settings_check).",
+    )
     otel: bool | None = Field(
         default=None,
         description="1 turns OpenTelemetry traces on, 0 off; unset, the standard OTEL_* "

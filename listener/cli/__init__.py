@@ -17,6 +17,7 @@ This module only assembles the app; the commands live by group:
 - ``pauses``: pause, resume
 - ``faces``: the ``faces`` group
 - ``common``: settings, the database, errors as exit codes; ``render``: what is printed
+- ``settings_check``: unknown ``LISTENER_*`` names and invalid values, in the user's terms
 """
 
 from __future__ import annotations

@@ -8,15 +8,19 @@ variables), does its work in one coroutine run by ``run_command``, and opens the
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
 import typer
+from loguru import logger
 from pydantic import ValidationError
+from pydantic_settings import DotEnvSettingsSource, SettingsError
 
 from listener.cli.render import err_console, shown
+from listener.cli.settings_check import invalid_settings, unknown_settings
 from listener.db.connect import open_database
 from listener.db.migrate import MigrationError
 from listener.ops.logs import configure_logging
@@ -32,17 +36,44 @@ class UserError(Exception):
 def load_settings(**overrides: Any) -> Settings:
     """``Settings`` from ``LISTENER_*`` variables, with the options given (not None) on top.
 
-    Configures logging as the settings say.
+    Configures logging as the settings say, then logs a warning per ``LISTENER_*`` name of the
+    environment or ``.env`` that no setting reads (``listener.cli.settings_check``).
 
     Raises:
-        UserError: the settings do not validate.
+        typer.Exit: status 2, after one line per problem on stderr, when a value does not
+            validate, or when ``strict_settings`` is on and a name is unknown.
     """
+    options = {k: v for k, v in overrides.items() if v is not None}
+    environ = dict(os.environ)
+    dotenv_file = str(Settings.model_config.get("env_file") or ".env")
     try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as error:
-        raise UserError(f"invalid settings: {error}") from error
+        source = DotEnvSettingsSource(Settings, case_sensitive=True)
+    except (OSError, UnicodeDecodeError) as error:
+        _print_lines("error", [f"cannot read {dotenv_file}: {error}"])
+        raise typer.Exit(2) from None
+    dotenv = {name: value or "" for name, value in source.env_vars.items()}
+    try:
+        settings = Settings(**options)
+    except (ValidationError, SettingsError) as error:
+        unknown = unknown_settings(environ, dotenv, dotenv_file)
+        _print_lines("warning", [u.message() for u in unknown])
+        _print_lines("error", invalid_settings(error, environ, dotenv, options))
+        raise typer.Exit(2) from None
     configure_logging(settings.log_level, settings.log_json)
+    unknown = unknown_settings(environ, dotenv, dotenv_file)
+    if unknown and settings.strict_settings:
+        _print_lines("error", [f"{u.message()} (LISTENER_STRICT_SETTINGS is on)" for u in unknown])
+        raise typer.Exit(2)
+    for name in unknown:
+        logger.warning(name.message())
     return settings
+
+
+def _print_lines(level: str, lines: list[str]) -> None:
+    """Each line on stderr as ``error: ...`` or ``warning: ...``, never wrapped."""
+    colour = "red" if level == "error" else "yellow"
+    for line in lines:
+        err_console.print(f"[{colour}]{level}:[/{colour}] {shown(line)}", soft_wrap=True)
 
 
 def run_command(coro: Coroutine[Any, Any, T]) -> T:

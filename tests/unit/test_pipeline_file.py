@@ -39,3 +39,17 @@ def test_openai_key_from_the_usual_variable(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.openai.api_key is not None
     assert settings.openai.api_key.get_secret_value() == "sk-from-env"
     assert "sk-from-env" not in repr(settings)
+
+
+def test_a_bad_pipeline_file_is_one_line_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nope.toml"
+    monkeypatch.setenv("LISTENER_PIPELINE_FILE", str(missing))
+    with pytest.raises(ValueError, match=r"LISTENER_PIPELINE_FILE='.*nope.toml': cannot read it"):
+        Settings(_env_file=None)
+    bad = tmp_path / "tiers.toml"
+    bad.write_text('[tiers]\ntier3_min_side = "big"\n')
+    monkeypatch.setenv("LISTENER_PIPELINE_FILE", str(bad))
+    with pytest.raises(ValueError, match=r"tiers\.tier3_min_side='big': Input should be a valid"):
+        Settings(_env_file=None)

@@ -52,3 +52,192 @@ def test_step_timeouts_merge_over_the_defaults(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("LISTENER_STEP_TIMEOUTS", '{"local": 0}')
     with pytest.raises(ValueError, match="greater than 0"):
         Settings(_env_file=None)
+
+
+# Unknown names and invalid values, in the user's terms (listener.cli.settings_check) ---------
+
+
+def _every_variable() -> list[str]:
+    """Every variable the settings reference lists, and per-key forms of every dict setting."""
+    from pydantic import BaseModel
+
+    from listener.cli.settings_check import OTHER_VARIABLES
+
+    names = list(OTHER_VARIABLES)
+    for name, field in Settings.model_fields.items():
+        top = f"LISTENER_{name.upper()}"
+        names.append(top)
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            names += [f"{top}__{sub.upper()}" for sub in type(default).model_fields]
+        if isinstance(default, dict):
+            for key, value in default.items():
+                names.append(f"{top}__{key.upper()}")
+                if isinstance(value, BaseModel):
+                    names += [
+                        f"{top}__{key.upper()}__{sub.upper()}" for sub in type(value).model_fields
+                    ]
+    return names
+
+
+def test_every_setting_nested_and_per_key_is_known() -> None:
+    from listener.cli.settings_check import unknown_settings
+
+    names = _every_variable()
+    assert {
+        "LISTENER_FETCH__MAX_BYTES",
+        "LISTENER_OPENAI__API_KEY",
+        "LISTENER_TIERS__TIER1",
+        "LISTENER_RATE_LIMITS__OPENAI__RPS",
+        "LISTENER_STEP_TIMEOUTS__LOCAL",
+        "LISTENER_PRICES__REKOGNITION__PER_CALL_USD",
+        "LISTENER_PG_BINDIR",
+        "LISTENER_STRICT_SETTINGS",
+        "LISTENER_DATABASE_URL",
+    } <= set(names)
+    environ = dict.fromkeys(names, "1")
+    # Any provider may be given limits; names are matched in any case.
+    environ |= {"LISTENER_RATE_LIMITS__MYPROVIDER__BURST": "2", "listener_concurrency": "3"}
+    assert unknown_settings(environ, {"DATABASE_URL": "x", "POSTGRES_PASSWORD": "y"}) == []
+
+
+def test_every_listener_variable_the_project_names_is_known() -> None:
+    """A LISTENER_* name read or set anywhere in the project (code, scripts, docs, the
+    Dockerfile) is a setting or one of OTHER_VARIABLES: none is ever flagged."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from listener.cli.settings_check import is_known
+
+    root = Path(__file__).resolve().parents[2]
+    # The docs show a misspelling; these tests are full of them.
+    misspelled_on_purpose = {"LISTENER_CONCURENCY"}
+    skipped = {"tests/unit/test_settings.py", "tests/integration/test_cli.py"}
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    unknown = set()
+    for name in files:
+        path = root / name
+        if name in skipped or path.suffix in {".png", ".jpg"} or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for found in re.findall(r"LISTENER_[A-Za-z0-9_]*[A-Za-z0-9]", text):
+            if found.upper() not in misspelled_on_purpose and not is_known(found.upper()):
+                unknown.add(f"{name}: {found}")
+    assert not unknown, sorted(unknown)
+
+
+@pytest.mark.parametrize(
+    ("given", "closest"),
+    [
+        ("LISTENER_CONCURENCY", "LISTENER_CONCURRENCY"),
+        ("LISTENER_FETCH__MAX_BYTE", "LISTENER_FETCH__MAX_BYTES"),
+        ("LISTENER_FETCH_MAX_BYTES", "LISTENER_FETCH__MAX_BYTES"),
+        ("LISTENER_OPENAI_API_KEY", "LISTENER_OPENAI__API_KEY"),
+        ("LISTENER_RATE_LIMITS__OPENAI__RSP", "LISTENER_RATE_LIMITS__OPENAI__RPS"),
+        ("LISTENER_TIERS__TIER_1", "LISTENER_TIERS__TIER1"),
+        ("LISTENER_PG_BIN_DIR", "LISTENER_PG_BINDIR"),
+        ("LISTENER_NO_SUCH_THING", None),
+    ],
+)
+def test_the_closest_known_name_is_suggested(given: str, closest: str | None) -> None:
+    from listener.cli.settings_check import suggest
+
+    assert suggest(given) == closest
+
+
+def test_unknown_names_of_the_environment_and_of_dotenv() -> None:
+    from listener.cli.settings_check import unknown_settings
+
+    found = unknown_settings(
+        {"LISTENER_CONCURENCY": "5", "PATH": "/bin", "LISTENER_PG_BINDIR": "/usr/bin"},
+        {
+            "LISTENER_CONCURENCY": "6",  # the environment's copy is reported, once
+            "listener_fetch__max_byte": "5",
+            "POSTGRES_PASSWORD": "compose's, not ours",
+            "LISTENER_NO_SUCH_THING": "1",
+        },
+        ".env",
+    )
+    assert [u.message() for u in found] == [
+        "unknown setting LISTENER_CONCURENCY: did you mean LISTENER_CONCURRENCY?",
+        "unknown setting LISTENER_NO_SUCH_THING in .env (no setting has a similar name)",
+        "unknown setting listener_fetch__max_byte in .env: did you mean LISTENER_FETCH__MAX_BYTES?",
+    ]
+    # Log redaction would read "API_KEY: did" as a key and its value: no colon there.
+    (key,) = unknown_settings({"LISTENER_OPENAI_API_KEY": "sk-x"}, {})
+    assert key.message() == (
+        "unknown setting LISTENER_OPENAI_API_KEY (did you mean LISTENER_OPENAI__API_KEY?)"
+    )
+
+
+def _invalid(monkeypatch: pytest.MonkeyPatch, **options: object) -> list[str]:
+    import os
+
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from listener.cli.settings_check import invalid_settings
+
+    with pytest.raises((ValidationError, SettingsError)) as caught:
+        Settings(_env_file=None, **options)  # type: ignore[arg-type]
+    assert isinstance(caught.value, ValidationError | SettingsError)
+    return invalid_settings(caught.value, dict(os.environ), {}, options)
+
+
+def test_invalid_values_name_the_variable_the_value_and_what_is_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LISTENER_CONCURRENCY", "abc")
+    monkeypatch.setenv("LISTENER_PIPELINE", "tierd")
+    monkeypatch.setenv("LISTENER_DEDUP", "sha265")
+    monkeypatch.setenv("LISTENER_DEDUP_MAX_DISTANCE", "9")
+    monkeypatch.setenv("LISTENER_FETCH__MAX_DECODE_BYTES", "0")
+    monkeypatch.setenv("LISTENER_RATE_LIMITS__OPENAI__RPS", "fast")
+    monkeypatch.setenv("LISTENER_OTEL", "maybe")
+    monkeypatch.setenv("LISTENER_TIERS", '{"tier3_min_side": "big"}')
+    assert sorted(_invalid(monkeypatch)) == sorted(
+        [
+            "invalid setting LISTENER_CONCURRENCY='abc': expected an integer >= 1",
+            "invalid setting LISTENER_PIPELINE='tierd': expected one of 'local', 'noop', "
+            "'tiered' (did you mean 'tiered'?)",
+            "invalid setting LISTENER_DEDUP='sha265': expected one of 'off', 'sha256', "
+            "'phash' (did you mean 'sha256'?)",
+            "invalid setting LISTENER_DEDUP_MAX_DISTANCE='9': expected an integer >= 0 and <= 3",
+            "invalid setting LISTENER_FETCH__MAX_DECODE_BYTES='0': expected an integer > 0",
+            "invalid setting LISTENER_RATE_LIMITS__OPENAI__RPS='fast': expected a number",
+            "invalid setting LISTENER_OTEL='maybe': expected true or false (or 1/0, yes/no, "
+            "on/off)",
+            "invalid setting LISTENER_TIERS: tier3_min_side='big': expected an integer",
+        ]
+    )
+
+
+def test_an_option_is_named_as_an_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTENER_CONCURRENCY", "4")
+    assert _invalid(monkeypatch, concurrency=0) == [
+        "invalid option --concurrency=0: expected an integer >= 1"
+    ]
+
+
+def test_a_secret_value_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "sk-proj-verysecret12345"
+    monkeypatch.setenv("LISTENER_OPENAI", f'{{"api_key" "{secret}"')
+    monkeypatch.setenv("LISTENER_FETCH__ALLOWED_HOSTS", "a,b")
+    lines = _invalid(monkeypatch)
+    assert lines == [
+        "invalid setting LISTENER_FETCH__ALLOWED_HOSTS='a,b': not JSON (Expecting value); "
+        "expected a JSON list",
+        "invalid setting LISTENER_OPENAI=***: not JSON (Expecting ':' delimiter); "
+        "expected a JSON object",
+    ]
+    monkeypatch.delenv("LISTENER_FETCH__ALLOWED_HOSTS")
+    monkeypatch.setenv("LISTENER_OPENAI", '{"api_key": 12345678901234, "detail": "medium"}')
+    lines = _invalid(monkeypatch)
+    assert "invalid setting LISTENER_OPENAI: api_key=***: Input should be a valid string" in lines
+    assert not any("12345678901234" in line for line in lines), lines
+    assert (
+        "invalid setting LISTENER_OPENAI: detail='medium': expected one of 'low', 'high'" in lines
+    )
