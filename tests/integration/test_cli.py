@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -120,6 +121,109 @@ def test_missing_database_url_is_a_clear_error() -> None:
     result = cli(env, "status", cwd="/")
     assert result.returncode == 2
     assert "set LISTENER_DATABASE_URL or DATABASE_URL" in result.stderr
+
+
+def _no_settings(**variables: str) -> dict[str, str]:
+    """``os.environ`` without any ``LISTENER_*`` or ``DATABASE_URL`` of the caller's, plus
+    ``variables``."""
+    import os
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.upper().startswith("LISTENER_") and "DATABASE_URL" not in k
+    }
+    # This checkout's package, whatever the working directory (PYTHONPATH may be relative).
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    return env | {"PYTHONPATH": path} | variables
+
+
+@pytest.mark.parametrize("command", [["status"], ["run"], ["migrate"], ["faces", "people"]])
+def test_invalid_values_are_one_line_each_and_exit_2(command: list[str], tmp_path: Path) -> None:
+    secret = "s3cretpassw0rd"
+    env = _no_settings(
+        LISTENER_CONCURRENCY="abc",
+        LISTENER_PIPELINE="tierd",
+        LISTENER_DEDUP="sha265",
+        LISTENER_DATABASE_URL=f"postgresql://app:{secret}@db/app",
+        LISTENER_OPENAI=f'{{"api_key": "sk-{secret}", "detail": "medium"}}',
+        LISTENER_WEBHOOK_URL=f"https://hooks.example/{secret}",
+    )
+    result = cli(env, *command, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: invalid setting LISTENER_CONCURRENCY='abc': expected an integer >= 1",
+        "error: invalid setting LISTENER_PIPELINE='tierd': expected one of 'local', 'noop', "
+        "'tiered' (did you mean 'tiered'?)",
+        "error: invalid setting LISTENER_OPENAI: detail='medium': expected one of 'low', 'high'",
+        "error: invalid setting LISTENER_DEDUP='sha265': expected one of 'off', 'sha256', "
+        "'phash' (did you mean 'sha256'?)",
+    ]
+    assert secret not in result.stderr + result.stdout
+
+
+def test_a_secret_in_an_invalid_value_is_masked(tmp_path: Path) -> None:
+    key = "sk-proj-0123456789abcdef"
+    env = _no_settings(LISTENER_OPENAI=f'{{"api_key" "{key}"}}')
+    result = cli(env, "status", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: invalid setting LISTENER_OPENAI=***: not JSON (Expecting ':' delimiter); "
+        "expected a JSON object"
+    ]
+
+
+def test_an_invalid_option_is_named_as_the_option(tmp_path: Path) -> None:
+    """``listener run`` through its console script, as a user starts it."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "listener"
+    result = subprocess.run(
+        [str(script), "run", "--pipeline", "tierd"],
+        env=_no_settings(COLUMNS="300", NO_COLOR="1"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: invalid option --pipeline='tierd': expected one of 'local', 'noop', 'tiered' "
+        "(did you mean 'tiered'?)"
+    ]
+
+
+def test_unknown_names_are_warned_about_once(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "POSTGRES_PASSWORD=compose-only\nLISTENER_FETCH__MAX_BYTE=5\nLISTENER_LOG_LEVEL=INFO\n"
+    )
+    env = _no_settings(
+        LISTENER_CONCURENCY="5",
+        LISTENER_OPENAI__API_KEY="sk-proj-0123456789abcdef",
+        LISTENER_RATE_LIMITS__OPENAI__RPS="3",
+        LISTENER_TIERS__TIER1='["local"]',
+        LISTENER_PG_BINDIR="/usr/lib/postgresql/15/bin",
+    )
+    # No database: the command stops after the warnings, with its own error.
+    result = cli(env, "status", cwd=tmp_path)
+    assert result.returncode == 2
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert [w.split(" ", 2)[2] for w in warnings] == [
+        "unknown setting LISTENER_CONCURENCY: did you mean LISTENER_CONCURRENCY?",
+        "unknown setting LISTENER_FETCH__MAX_BYTE in .env: did you mean LISTENER_FETCH__MAX_BYTES?",
+    ]
+    assert "no database" in result.stderr and "sk-proj" not in result.stderr
+
+    strict = cli(env | {"LISTENER_STRICT_SETTINGS": "1"}, "status", cwd=tmp_path)
+    assert strict.returncode == 2
+    assert strict.stderr.splitlines() == [
+        "error: unknown setting LISTENER_CONCURENCY: did you mean LISTENER_CONCURRENCY? "
+        "(LISTENER_STRICT_SETTINGS is on)",
+        "error: unknown setting LISTENER_FETCH__MAX_BYTE in .env: did you mean "
+        "LISTENER_FETCH__MAX_BYTES? (LISTENER_STRICT_SETTINGS is on)",
+    ]
 
 
 async def test_status_retry_and_cancel(
