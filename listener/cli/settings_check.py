@@ -50,7 +50,8 @@ OTHER_VARIABLES: typing.Final = frozenset(
 """``LISTENER_*`` variables read with ``os.environ`` rather than through ``Settings``."""
 
 SHOWN_VALUE_CHARS: typing.Final = 80
-_SECRET_NAME = re.compile(r"(?i)(key|token|secret|password|dsn)")
+_SECRET_NAME = re.compile(r"(?i)(^|_)(key|token|secret|password|dsn)$")
+"""A field named like a credential (``api_key``, ``health_token``), whatever its type."""
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,7 @@ def test_invalid_values_name_the_variable_the_value_and_what_is_allowed(
     monkeypatch.setenv("LISTENER_RATE_LIMITS__OPENAI__RPS", "fast")
     monkeypatch.setenv("LISTENER_OTEL", "maybe")
     monkeypatch.setenv("LISTENER_TIERS", '{"tier3_min_side": "big"}')
+    monkeypatch.setenv("LISTENER_OPENAI__TOKENS_PER_MINUTE", "lots")
     assert sorted(_invalid(monkeypatch)) == sorted(
         [
             "invalid setting LISTENER_CONCURRENCY='abc': expected an integer >= 1",
@@ -211,6 +212,7 @@ def test_invalid_values_name_the_variable_the_value_and_what_is_allowed(
             "invalid setting LISTENER_OTEL='maybe': expected true or false (or 1/0, yes/no, "
             "on/off)",
             "invalid setting LISTENER_TIERS: tier3_min_side='big': expected an integer",
+            "invalid setting LISTENER_OPENAI__TOKENS_PER_MINUTE='lots': expected an integer",
         ]
     )
 
