@@ -174,6 +174,18 @@ def test_a_secret_in_an_invalid_value_is_masked(tmp_path: Path) -> None:
     ]
 
 
+def test_unknown_names_come_first_when_a_value_is_invalid(tmp_path: Path) -> None:
+    """A misspelled name may be why a value is wrong: both are said, each once."""
+    env = _no_settings(LISTENER_CONCURENCY="5", LISTENER_PIPELINE="tierd")
+    result = cli(env, "run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "warning: unknown setting LISTENER_CONCURENCY: did you mean LISTENER_CONCURRENCY?",
+        "error: invalid setting LISTENER_PIPELINE='tierd': expected one of 'local', 'noop', "
+        "'tiered' (did you mean 'tiered'?)",
+    ]
+
+
 def test_an_invalid_option_is_named_as_the_option(tmp_path: Path) -> None:
     """``listener run`` through its console script, as a user starts it."""
     import subprocess
