@@ -443,6 +443,26 @@ def _print_report(
     console.print(f"[bold]{complete} of {len(rows)} photos complete in {seconds:.1f}s[/bold]")
 
 
+def metadata_brief(metadata: Any) -> Any:
+    """A result column's object in one line: each step's output with its scalars as they are
+    and its lists and objects by size (``"[4 items]"``, ``"{2 keys}"``), so that a step whose
+    output is all nested (tier 2's ``parts``) shows what it holds, not ``{}``."""
+
+    def size(value: Any) -> Any:
+        if isinstance(value, list):
+            return f"[{len(value)} item{'' if len(value) == 1 else 's'}]"
+        if isinstance(value, dict):
+            return f"{{{len(value)} key{'' if len(value) == 1 else 's'}}}"
+        return value
+
+    if not isinstance(metadata, dict):
+        return size(metadata)
+    return {
+        step: {k: size(v) for k, v in out.items()} if isinstance(out, dict) else size(out)
+        for step, out in metadata.items()
+    }
+
+
 async def _print_app_row(console: Console, conn: asyncpg.Connection) -> None:
     """One row of the app's table as the app reads it: the columns listener wrote back."""
     row = await conn.fetchrow(
@@ -452,18 +472,14 @@ async def _print_app_row(console: Console, conn: asyncpg.Connection) -> None:
     )
     if row is None:
         return
-    metadata = json.loads(row["ai_scan_metadata"])
-    brief = {
-        step: {k: v for k, v in out.items() if not isinstance(v, dict | list)}
-        for step, out in metadata.items()
-    }
+    brief = metadata_brief(json.loads(row["ai_scan_metadata"]))
     # No file name in this line: the demo's test reads the photo rows by their names.
     console.print(
         f"the latest row of {DEMO_TABLE} as the app reads it (written back by listener): "
         "processing_status="
         f"{row['processing_status']}, processing_error={row['processing_error']}, "
         f"ai_last_scanned={row['ai_last_scanned']:%Y-%m-%d %H:%M:%S%z},\n"
-        f"  ai_scan_metadata={json.dumps(brief, sort_keys=True)}",
+        f"  ai_scan_metadata={json.dumps(brief, sort_keys=True)} (nested values by size)",
         markup=False,
         highlight=False,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import pytest
+from rich.console import Console
 
-from listener.cli.demo import BUNDLED_IMAGES, find_images
+from listener.cli.demo import BUNDLED_IMAGES, DEMO_TABLE, _create_table, _print_app_row, find_images
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_TOKEN = "demo-health-token-" + "Kp3vQ8"  # set: the demo must pass it to /status
@@ -98,6 +101,27 @@ def test_demo_keep_running_stops_its_postgres_on_termination(
     assert "demo stopped" in err
     assert not data.exists()
     assert _exits(postmaster, within_s=10), f"postmaster {postmaster} still running"
+
+
+async def test_app_row_shows_every_step_that_ran(conn: asyncpg.Connection) -> None:
+    """A step whose output is all lists and objects (tier 2's parts) shows them by size."""
+    await _create_table(conn)
+    metadata = {
+        "openai.tier1": {"angle": "front", "quality": 8},
+        "openai.tier2": {"parts": [{"name": "bumper"}, {"name": "door"}, {"name": "seat"}]},
+        "local.analysis": {"width": 512, "blur": {"laplacian_variance": 861.0}},
+    }
+    await conn.execute(
+        f"INSERT INTO {DEMO_TABLE} (vehicle_id, image_url, processing_status, "
+        "ai_scan_metadata, ai_last_scanned) "
+        "VALUES (gen_random_uuid(), 'http://x/a.png', 'complete', $1::jsonb, now())",
+        json.dumps(metadata),
+    )
+    console = Console(record=True, width=400)
+    await _print_app_row(console, conn)
+    out = console.export_text()
+    assert '"openai.tier2": {"parts": "[3 items]"}' in out, out
+    assert '"blur": "{1 key}"' in out and '"quality": 8' in out, out
 
 
 def _exits(pid: int, within_s: float) -> bool:
