@@ -50,8 +50,9 @@ _CREDENTIAL_SCHEMES: Final = frozenset(
     }
 )
 
-# A URL inside free text: a scheme, "://", then everything up to whitespace or a quote.
-_URL_IN_TEXT: Final = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s<>\"'`]+")
+# A URL inside free text: a scheme, "://", then everything up to whitespace or a quote,
+# less the punctuation that ends it ("fetch <url>: refused", "(see <url>).").
+_URL_IN_TEXT: Final = re.compile(r"\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s<>\"'`]*[^\s<>\"'`.,:;!?)\]}]")
 
 # Headers whose whole value is a credential (AWS's Authorization value has spaces and commas).
 _HEADER: Final = re.compile(

@@ -513,9 +513,10 @@ LIMIT $1;
 
 -- name: failure_reasons :many
 -- The most common reasons among the last 500 failures (jobs_failed_idx, newest first), URLs
--- folded so that one cause is one line: O(500), however many jobs failed.
-SELECT regexp_replace(coalesce(last_error, 'unknown'), '(https?|file)://\S+', '<url>', 'g')
-           AS reason,
+-- folded so that one cause is one line: O(500), however many jobs failed. A URL ends before
+-- the punctuation that follows it ("fetch <url>: refused", "(from <url>),").
+SELECT regexp_replace(coalesce(last_error, 'unknown'),
+                      '(https?|file)://\S*[^]\s.,:;!?''")}>]', '<url>', 'g') AS reason,
        count(*) AS count
 FROM (SELECT last_error FROM listener.jobs
       WHERE status = 'failed' AND finished_at IS NOT NULL

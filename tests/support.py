@@ -260,8 +260,9 @@ def random_faults(seed: int) -> Callable[[], Fault | None]:
 async def fake_on_command_line(
     module: str, *options: str, stderr: int | None = None
 ) -> tuple[asyncio.subprocess.Process, str]:
-    """Starts a fake's command line, ``python -m <module> --port 0 <options>``, and reads the
-    first line it prints (``READY <url>`` once it serves).
+    """Starts a fake's command line, ``python -W error -m <module> --port 0 <options>``, and
+    reads the first line it prints (``READY <url>`` once it serves). Warnings are errors: a
+    fake that warns as it starts (runpy's "found in sys.modules") fails before ``READY``.
 
     Args:
         module: ``listener.testing.openai_fake``, say.
@@ -273,6 +274,8 @@ async def fake_on_command_line(
     """
     process = await asyncio.create_subprocess_exec(
         sys.executable,
+        "-W",
+        "error",
         "-m",
         module,
         "--port",

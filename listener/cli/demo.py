@@ -6,7 +6,9 @@ rows the app never had analyzed: the backfill path), attaches, backfills, starts
 inserts the other half one row per transaction (the trigger path), waits until every job is
 finished, prints what the local provider found, what the health endpoint says, the app's row
 as listener wrote it back and the terminal events a LISTENer heard, and cleans up. With a
-database URL it works in a schema of its own, ``listener_demo``, dropped at the end.
+database URL it works in a schema of its own, ``listener_demo``, dropped at the end; the
+``listener`` schema (and the roles) that migrating installed there stay, and the demo ends by
+saying what stayed and the SQL that removes it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -261,9 +264,15 @@ async def run_demo(
     runner, base_url = await serve_folder(photos[0].parent)
     conn: asyncpg.Connection | None = None
     events = EventStream(console)
+    # With a database URL, what listener installs there stays; the end of the demo says what.
+    found: Installed | None = None
+    migrated = False
     try:
         conn = await asyncpg.connect(dsn)
+        if cluster is None:
+            found = await _installed(conn)
         applied = await migrate(conn)
+        migrated = True
         console.print(f"[bold]2.[/bold] migrated: {', '.join(applied) or 'already up to date'}")
         await events.listen(dsn)
         await _create_table(conn)
@@ -373,6 +382,8 @@ async def run_demo(
                 await conn.execute(f"SELECT listener.detach('{DEMO_TABLE}')")
                 await conn.execute(f"DROP SCHEMA IF EXISTS {DEMO_SCHEMA} CASCADE")
             await conn.close()
+        if found is not None and migrated:
+            console.print(left_behind(found), markup=False, highlight=False)
         await runner.cleanup()
         if cluster is not None:
             await asyncio.to_thread(cluster.stop)
@@ -381,6 +392,60 @@ async def run_demo(
             await proc.wait()
         if extra is not None:
             shutil.rmtree(extra, ignore_errors=True)
+
+
+LISTENER_ROLES = ("listener_owner", "listener_worker")
+"""The roles ``listener migrate`` creates when they are missing (cluster-wide)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """What of listener a database held before the demo migrated it: whether its
+    ``listener`` schema existed, and which of ``LISTENER_ROLES`` did."""
+
+    schema: bool
+    roles: frozenset[str]
+
+
+async def _installed(conn: asyncpg.Connection) -> Installed:
+    schema = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = 'listener')"
+    )
+    roles = await conn.fetch(
+        "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])",
+        list(LISTENER_ROLES),
+    )
+    return Installed(bool(schema), frozenset(r["rolname"] for r in roles))
+
+
+def left_behind(before: Installed) -> str:
+    """What a demo run against a database URL leaves in that database, and the SQL that
+    removes it; nothing is removed for the user. ``before``: what was there before the demo
+    migrated it (its own schema, ``listener_demo``, is always dropped)."""
+    if before.schema:
+        return (
+            "listener was already installed in this database: the demo left its schema as it "
+            f"was (migrated as step 2 says), apart from the demo's jobs and their results "
+            f"(source_table '{DEMO_TABLE}'); to remove those:\n"
+            f"  DELETE FROM listener.jobs WHERE source_table = '{DEMO_TABLE}';"
+        )
+    created = [r for r in LISTENER_ROLES if r not in before.roles]
+    kept = [r for r in LISTENER_ROLES if r in before.roles]
+    text = (
+        f"left in this database ({DEMO_SCHEMA} was dropped): the schema listener, which "
+        "'listener migrate' installed (its tables, functions, and the demo's jobs and results)"
+    )
+    if created:
+        text += (
+            f", and the roles {', '.join(created)} (cluster-wide: drop them only if no other "
+            "database of this server uses listener)"
+        )
+    if kept:
+        text += f"; the roles {', '.join(kept)} were there before and stay as they were"
+    text += ". To remove what the demo installed:\n  DROP SCHEMA listener CASCADE;"
+    for role in reversed(created):
+        text += f"\n  DROP ROLE {role};"
+    return text
 
 
 async def _wait_finished(queries: Queries, timeout_s: float) -> None:
@@ -443,6 +508,26 @@ def _print_report(
     console.print(f"[bold]{complete} of {len(rows)} photos complete in {seconds:.1f}s[/bold]")
 
 
+def metadata_brief(metadata: Any) -> Any:
+    """A result column's object in one line: each step's output with its scalars as they are
+    and its lists and objects by size (``"[4 items]"``, ``"{2 keys}"``), so that a step whose
+    output is all nested (tier 2's ``parts``) shows what it holds, not ``{}``."""
+
+    def size(value: Any) -> Any:
+        if isinstance(value, list):
+            return f"[{len(value)} item{'' if len(value) == 1 else 's'}]"
+        if isinstance(value, dict):
+            return f"{{{len(value)} key{'' if len(value) == 1 else 's'}}}"
+        return value
+
+    if not isinstance(metadata, dict):
+        return size(metadata)
+    return {
+        step: {k: size(v) for k, v in out.items()} if isinstance(out, dict) else size(out)
+        for step, out in metadata.items()
+    }
+
+
 async def _print_app_row(console: Console, conn: asyncpg.Connection) -> None:
     """One row of the app's table as the app reads it: the columns listener wrote back."""
     row = await conn.fetchrow(
@@ -452,18 +537,14 @@ async def _print_app_row(console: Console, conn: asyncpg.Connection) -> None:
     )
     if row is None:
         return
-    metadata = json.loads(row["ai_scan_metadata"])
-    brief = {
-        step: {k: v for k, v in out.items() if not isinstance(v, dict | list)}
-        for step, out in metadata.items()
-    }
+    brief = metadata_brief(json.loads(row["ai_scan_metadata"]))
     # No file name in this line: the demo's test reads the photo rows by their names.
     console.print(
         f"the latest row of {DEMO_TABLE} as the app reads it (written back by listener): "
         "processing_status="
         f"{row['processing_status']}, processing_error={row['processing_error']}, "
         f"ai_last_scanned={row['ai_last_scanned']:%Y-%m-%d %H:%M:%S%z},\n"
-        f"  ai_scan_metadata={json.dumps(brief, sort_keys=True)}",
+        f"  ai_scan_metadata={json.dumps(brief, sort_keys=True)} (nested values by size)",
         markup=False,
         highlight=False,
     )

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
+from pydantic import SecretStr
+from rich.console import Console
 
-from listener.cli.demo import BUNDLED_IMAGES, find_images
+from listener.cli.demo import (
+    BUNDLED_IMAGES,
+    DEMO_TABLE,
+    Installed,
+    _create_table,
+    _print_app_row,
+    find_images,
+    left_behind,
+    run_demo,
+)
+from listener.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_TOKEN = "demo-health-token-" + "Kp3vQ8"  # set: the demo must pass it to /status
@@ -98,6 +114,91 @@ def test_demo_keep_running_stops_its_postgres_on_termination(
     assert "demo stopped" in err
     assert not data.exists()
     assert _exits(postmaster, within_s=10), f"postmaster {postmaster} still running"
+
+
+async def test_app_row_shows_every_step_that_ran(conn: asyncpg.Connection) -> None:
+    """A step whose output is all lists and objects (tier 2's parts) shows them by size."""
+    await _create_table(conn)
+    metadata = {
+        "openai.tier1": {"angle": "front", "quality": 8},
+        "openai.tier2": {"parts": [{"name": "bumper"}, {"name": "door"}, {"name": "seat"}]},
+        "local.analysis": {"width": 512, "blur": {"laplacian_variance": 861.0}},
+    }
+    await conn.execute(
+        f"INSERT INTO {DEMO_TABLE} (vehicle_id, image_url, processing_status, "
+        "ai_scan_metadata, ai_last_scanned) "
+        "VALUES (gen_random_uuid(), 'http://x/a.png', 'complete', $1::jsonb, now())",
+        json.dumps(metadata),
+    )
+    console = Console(record=True, width=400)
+    await _print_app_row(console, conn)
+    out = console.export_text()
+    assert '"openai.tier2": {"parts": "[3 items]"}' in out, out
+    assert '"blur": "{1 key}"' in out and '"quality": 8' in out, out
+
+
+async def demo_in(dsn: str) -> str:
+    """Run the demo in the database ``dsn``; what it printed."""
+    console = Console(record=True, width=400)
+    await run_demo(Settings(database_url=SecretStr(dsn)), health_port=0, console=console)
+    return console.export_text()
+
+
+def removal_sql(out: str) -> list[str]:
+    """The SQL statements the demo's output tells the user to run, in order."""
+    return [
+        line.strip() for line in out.splitlines() if line.strip().startswith(("DROP", "DELETE"))
+    ]
+
+
+async def test_demo_in_a_new_database_says_what_it_leaves_and_how_to_remove_it(
+    pg_admin_dsn: str, dsn_for: Callable[[str], str]
+) -> None:
+    name = f"demo_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        out = await demo_in(dsn_for(name))
+        assert "left in this database (listener_demo was dropped): the schema listener" in out
+        # The session's cluster has listener's roles already: they are not the demo's to drop.
+        assert "were there before and stay as they were" in out
+        assert removal_sql(out) == ["DROP SCHEMA listener CASCADE;"]
+        conn = await asyncpg.connect(dsn_for(name))
+        try:
+            schemas = "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'listener%'"
+            assert await conn.fetchval(schemas) == 1  # listener_demo is gone already
+            for statement in removal_sql(out):
+                await conn.execute(statement)
+            assert await conn.fetchval(schemas) == 0
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_demo_where_listener_is_installed_leaves_it_but_for_its_jobs(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    out = await demo_in(database_url)
+    assert "listener was already installed in this database" in out
+    assert "DROP" not in out
+    jobs = "SELECT count(*) FROM listener.jobs WHERE source_table = $1"
+    assert await conn.fetchval(jobs, DEMO_TABLE) == len(find_images(BUNDLED_IMAGES))
+    for statement in removal_sql(out):
+        await conn.execute(statement)
+    assert await conn.fetchval(jobs, DEMO_TABLE) == 0
+    assert await conn.fetchval("SELECT count(*) FROM listener.results") == 0
+
+
+def test_roles_the_demo_created_are_dropped_after_the_schema() -> None:
+    note = left_behind(Installed(schema=False, roles=frozenset()))
+    assert removal_sql(note) == [
+        "DROP SCHEMA listener CASCADE;",
+        "DROP ROLE listener_worker;",
+        "DROP ROLE listener_owner;",
+    ]
+    assert "cluster-wide" in note
 
 
 def _exits(pid: int, within_s: float) -> bool:

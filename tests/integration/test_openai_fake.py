@@ -488,3 +488,4 @@ async def test_cli_prints_ready_and_serves() -> None:
             process.terminate()
         _, stderr = await asyncio.wait_for(process.communicate(), timeout=10)
     assert process.returncode == 0, stderr.decode()
+    assert b"Warning" not in stderr, stderr.decode()

@@ -23,7 +23,7 @@ from listener.errors import (
     RateLimited,
     RejectedByProvider,
 )
-from listener.settings import OpenAISettings, RateLimit, Settings, TierSettings
+from listener.settings import BatchSettings, OpenAISettings, RateLimit, Settings, TierSettings
 from listener.testing.openai_fake import FakeOpenAI, Fault
 
 FAKE = FakeOpenAI  # the class of the ``fake`` fixture (conftest.py)
@@ -362,3 +362,42 @@ async def test_api_key_never_logged(
 
 async def _requests_seen(fake: FakeOpenAI, n: int) -> bool:
     return len(fake.requests) >= n
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["realtime", "batch"])
+async def test_every_tier_lands_in_the_result_column(
+    database_url: str,
+    conn: asyncpg.Connection,
+    fake: FakeOpenAI,
+    photos: StaticServer,
+    batched: bool,
+) -> None:
+    """The app's result column holds each stored tier's output, as listener.results does,
+    whether the steps ran realtime or through the Batch API."""
+    await conn.execute(
+        "CREATE TABLE public.photos (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+        "url text, analysis jsonb)"
+    )
+    await conn.execute(
+        "SELECT listener.attach('public.photos', 'id', 'url', NULL, NULL, 'analysis', NULL, NULL)"
+    )
+    batch = BatchSettings(min_priority=0 if batched else 100, max_wait_s=0.2, poll_interval_s=0.2)
+    settings = tiered(
+        database_url,
+        fake,
+        tiers=TierSettings(tier1=["openai"], tier2=["openai"], tier2_min_quality=-1),
+        batch=batch,
+    )
+    async with Daemon(settings) as daemon:
+        await conn.execute(
+            "INSERT INTO public.photos (url) VALUES ($1)", f"{photos.base_url}/astronaut.png"
+        )
+        await jobs_finished(daemon, conn, 1, timeout=30)
+    assert bool(fake.batches) == batched
+    stored = {
+        r["step"]: json.loads(r["output"])
+        for r in await conn.fetch("SELECT step, output FROM listener.results")
+    }
+    assert set(stored) == {"openai.tier1", "openai.tier2"} and stored["openai.tier2"]["parts"]
+    written = json.loads(await conn.fetchval("SELECT analysis FROM public.photos"))
+    assert written == stored

@@ -376,3 +376,33 @@ async def test_status_cache_does_not_keep_a_failure() -> None:
     with pytest.raises(ConnectionError):
         await cache.document()
     assert await cache.document() == {"ok": True}
+
+
+async def test_failure_reasons_fold_urls_and_keep_the_punctuation(
+    conn: asyncpg.Connection,
+) -> None:
+    """A folded URL is the URL only: the colon, comma or bracket after it stays."""
+    await make_table(conn)
+    await conn.execute(
+        "INSERT INTO images (url) SELECT 'http://10.0.0.' || g || '/a.jpg' "
+        "FROM generate_series(1, 6) g"
+    )
+    assert await admit(conn) == 6
+    await conn.execute(
+        "UPDATE listener.jobs SET status = 'failed', finished_at = now(), last_error = "
+        "CASE WHEN id % 2 = 0 THEN 'refusing to fetch ' || image_url || ': 10.0.0.1 is a "
+        "private address; add it to fetch.allowed_hosts to allow it' "
+        "ELSE 'HTTP 404 (from ' || image_url || '), gave up' END"
+    )
+    reasons = await Queries(conn).failure_reasons(10)  # type: ignore[arg-type]
+    assert reasons == [
+        {
+            "reason": "HTTP 404 (from <url>), gave up",
+            "count": 3,
+        },
+        {
+            "reason": "refusing to fetch <url>: 10.0.0.1 is a private address; "
+            "add it to fetch.allowed_hosts to allow it",
+            "count": 3,
+        },
+    ]

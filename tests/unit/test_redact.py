@@ -79,6 +79,19 @@ def test_redact_text_keeps_what_is_not_secret() -> None:
     assert redact_text("") == ""
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("fetch http://h/a.jpg?sig=HUSH42: refused", "fetch http://h/a.jpg: refused"),
+        ("fetch http://h/a.jpg?sig=HUSH42, then gave up", "fetch http://h/a.jpg, then gave up"),
+        ("(see http://h/a.jpg?sig=HUSH42).", "(see http://h/a.jpg)."),
+        ("from 'http://h/a.jpg?sig=HUSH42';", "from 'http://h/a.jpg';"),
+    ],
+)
+def test_redact_text_keeps_the_punctuation_after_a_url(text: str, expected: str) -> None:
+    assert redact_text(text) == expected
+
+
 def test_describe_redacts_every_stored_reason() -> None:
     assert describe(InvalidURL("bad https://u:HUSH42@h/a.jpg?token=HUSH42")) == (
         "bad https://h/a.jpg"
