@@ -9,9 +9,9 @@ A block is marked by an HTML comment on the line before its fence, which MkDocs 
 - ``<!-- tested: NAME -->``: a block a test compares with a program's output
   (``listener demo output``: ``tests/integration/test_demo.py``).
 
-Printed output is compared after ``normalise``: timestamps, ports and whitespace (Rich pads
-and wraps to the terminal's width) do not count, and ``...`` in a documented line stands for
-anything.
+Printed output is compared after ``normalise``: timestamps, durations, ports and whitespace
+(Rich pads and wraps to the terminal's width) do not count, and ``...`` in a documented line
+stands for anything.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _MARKED = re.compile(
 _LOG_TIME = re.compile(r"\b\d\d:\d\d:\d\d\.\d{3}\b")
 _LOCAL_PORT = re.compile(r"\b(127\.0\.0\.1|localhost):\d+")
 _RULE = re.compile(r"[━─]+")
+_SECONDS = re.compile(r"\b\d+(?:\.\d+)?s\b")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def commands(block: Block) -> list[Command]:
     for raw in block.body.splitlines():
         line = raw.rstrip()
         if pending:
-            pending += "\n" + line
+            pending = pending.removesuffix("\\") + " " + line
         elif block.lang == "console" and not line.startswith("$ "):
             if line.strip() and result:
                 result[-1].shown.append(line)
@@ -91,9 +92,10 @@ def commands(block: Block) -> list[Command]:
 
 
 def normalise(text: str) -> str:
-    """``text`` with log timestamps and local ports replaced, table rules shortened and all
-    whitespace (line breaks included) made one space."""
+    """``text`` with log timestamps, durations (``0.4s``) and local ports replaced, table
+    rules shortened and all whitespace (line breaks included) made one space."""
     text = _LOG_TIME.sub("HH:MM:SS.mmm", text)
+    text = _SECONDS.sub("Ns", text)
     text = _LOCAL_PORT.sub(r"\1:PORT", text)
     text = _RULE.sub("━", text.replace("─", "━"))
     return " ".join(text.split())
