@@ -3,11 +3,18 @@
 Every block marked ``<!-- tested -->`` (``tests/docs_blocks.py``) is run, a page's blocks in
 order, against a fresh database of its own (not migrated: the walk-through's ``listener
 migrate`` does it) holding the table the walk-throughs attach, ``public.vehicle_images``, with
-three rows from before. ``export DATABASE_URL=...`` points at that database instead of the
-documented one; every ``listener`` command must exit 0 and print the lines the page shows
-after it. ``listener run`` is started in the background: once it runs, a row is inserted, and
-the daemon must analyze it (and every job enqueued before) before SIGTERM stops it, exit
-status 0.
+three rows from before. A shell would run them the same way:
+
+- ``export NAME=value ...`` sets variables for the commands after it; ``DATABASE_URL`` points
+  at that database instead of the documented one.
+- ``listener ...`` must exit 0 and print the lines the page shows after it (``console``).
+- ``python -m listener.testing.<name>_fake --port N &`` starts a fake in the background; it
+  takes a free port instead of ``N``, and ``127.0.0.1:N`` in the commands after it becomes
+  that port.
+- ``listener run`` is started in the background. Once it runs, a row is inserted, and the
+  daemon must analyze it (and every job enqueued before) before SIGTERM stops it, exit status
+  0; with ``LISTENER_PIPELINE=tiered`` the row's results must include an OpenAI and a
+  Rekognition step (the daemon called the fakes, not only the local provider).
 
 What the walk-throughs leave out, since it is about this test's machine: the photos are served
 from 127.0.0.1, so the daemon may fetch from there (``LISTENER_FETCH__ALLOWED_HOSTS``), and
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import uuid
@@ -39,7 +47,7 @@ MACHINE = {
 
 
 def test_the_walk_throughs_are_marked() -> None:
-    assert {p.name for p in PAGES} >= {"getting-started.md", "attaching.md"}
+    assert {p.name for p in PAGES} >= {"getting-started.md", "attaching.md", "testing.md"}
 
 
 @pytest.fixture
@@ -62,6 +70,7 @@ async def test_a_walk_through_runs_as_documented(
     page: Path, fresh_database: str, photos: StaticServer, tmp_path: Path
 ) -> None:
     conn = await asyncpg.connect(fresh_database)
+    walk = WalkThrough(fresh_database, tmp_path)
     try:
         await conn.execute(
             "CREATE TABLE public.vehicle_images (id bigint GENERATED ALWAYS AS IDENTITY "
@@ -70,80 +79,126 @@ async def test_a_walk_through_runs_as_documented(
         )
         for photo in PHOTOS[:3]:
             await insert(conn, f"{photos.base_url}/{photo}")
-        env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
-        env.update(MACHINE)
-        daemons: list[tuple[subprocess.Popen[bytes], Path]] = []
-        try:
-            for block in marked_blocks():
-                if block.page != page:
-                    continue
+        for block in marked_blocks():
+            if block.page == page:
                 for command in commands(block):
-                    await run(block, command, env, fresh_database, daemons, tmp_path)
-            assert daemons, f"{page.name}: the walk-through starts no daemon"
-            # The daemon analyzes a row inserted now, and whatever was enqueued before.
-            new = await insert(conn, f"{photos.base_url}/{PHOTOS[3]}")
-            await wait_until(lambda: analyzed(conn, new), timeout=60)
-        finally:
-            for proc, _ in daemons:
-                if proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-        for proc, log in daemons:
-            assert proc.returncode == 0, log.read_text()
+                    await walk.run(block, command)
+        assert walk.daemons, f"{page.name}: the walk-through starts no daemon"
+        # The daemon analyzes a row inserted now, and whatever was enqueued before.
+        new = await insert(conn, f"{photos.base_url}/{PHOTOS[3]}")
+        await wait_until(lambda: analyzed(conn, new), timeout=60)
+        if walk.env.get("LISTENER_PIPELINE") == "tiered":
+            steps = await conn.fetchval(
+                "SELECT array_agg(r.step) FROM listener.results r JOIN listener.jobs j "
+                "ON j.id = r.job_id WHERE j.source_id = $1",
+                str(new),
+            )
+            assert {s.split(".")[0] for s in steps} >= {"openai", "rekognition"}, steps
     finally:
+        walk.stop()
         await conn.close()
+    for proc, log in walk.daemons:
+        assert proc.returncode == 0, log.read_text()
 
 
-async def run(
-    block: Block,
-    command: Command,
-    env: dict[str, str],
-    database: str,
-    daemons: list[tuple[subprocess.Popen[bytes], Path]],
-    tmp_path: Path,
-) -> None:
-    """Run one documented command as a shell would, in ``env``; check what it prints.
+class WalkThrough:
+    """Runs a page's commands, one after the other, as a shell would: see the module's
+    docstring."""
 
-    ``export`` sets variables of ``env`` (``DATABASE_URL``: ``database``); ``listener run`` is
-    started in the background and added to ``daemons``, its output logged in ``tmp_path``.
-    """
-    argv = command.argv
-    where = f"{block}: {' '.join(argv)}"
-    if argv[0] == "export":
-        for assignment in argv[1:]:
-            name, _, value = assignment.partition("=")
-            env[name] = database if name == "DATABASE_URL" else value
-        return
-    assert argv[0] == "listener", f"{where}: only listener and export are run"
-    if argv[1:] == ["run"]:
-        log = tmp_path / f"run-{len(daemons)}.log"
+    def __init__(self, database: str, tmp_path: Path) -> None:
+        self.database = database
+        self.tmp_path = tmp_path
+        self.env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
+        self.env.update(MACHINE)
+        self.ports: dict[str, str] = {}
+        self.daemons: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self.fakes: list[subprocess.Popen[bytes]] = []
+
+    async def run(self, block: Block, command: Command) -> None:
+        """Run one documented command; check what it prints."""
+        argv = [self._ported(arg) for arg in command.argv]
+        where = f"{block}: {' '.join(argv)}"
+        if argv[0] == "export":
+            for assignment in argv[1:]:
+                name, _, value = assignment.partition("=")
+                self.env[name] = self.database if name == "DATABASE_URL" else value
+            return
+        if argv[0] == "python" and argv[-1] == "&":
+            assert argv[1:3] == ["-m", argv[2]], f"{where}: not python -m"
+            assert argv[2].startswith("listener.testing."), f"{where}: not a fake"
+            await self._start_fake(argv[1:-1], where)
+            return
+        assert argv[0] == "listener", f"{where}: only listener, export and fakes are run"
+        if argv[1:] == ["run"]:
+            printed = await self._start_daemon(where)
+        else:
+            # As wide as the documented tables: Rich cuts no cell.
+            result = await cli_async(self.env, *argv[1:], columns=200, cwd=self.tmp_path)
+            printed = result.stdout + result.stderr
+            assert result.returncode == 0, f"{where} exited {result.returncode}:\n{printed}"
+        for line in command.shown:
+            assert shows(printed, line), f"{where} did not print {line!r}; it printed:\n{printed}"
+
+    def _ported(self, text: str) -> str:
+        for documented, free in self.ports.items():
+            text = text.replace(f"127.0.0.1:{documented}", f"127.0.0.1:{free}")
+        return text
+
+    async def _start_fake(self, module_and_options: list[str], where: str) -> None:
+        options = module_and_options[2:]
+        if "--port" in options:
+            at = options.index("--port") + 1
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.ports[options[at]] = options[at] = str(probe.getsockname()[1])
+        log = self.tmp_path / f"fake-{len(self.fakes)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "listener", "run"],
-                env={**env, "COLUMNS": "200", "NO_COLOR": "1"},
-                cwd=tmp_path,
+                [sys.executable, *module_and_options[:2], *options],
+                env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        daemons.append((proc, log))
+        self.fakes.append(proc)
+
+        async def ready() -> bool:
+            assert proc.poll() is None, f"{where} exited:\n{log.read_text()}"
+            return "READY " in log.read_text()
+
+        await wait_until(ready, timeout=30, interval=0.1)
+
+    async def _start_daemon(self, where: str) -> str:
+        log = self.tmp_path / f"run-{len(self.daemons)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "listener", "run"],
+                env={**self.env, "COLUMNS": "200", "NO_COLOR": "1"},
+                cwd=self.tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.daemons.append((proc, log))
 
         async def started() -> bool:
             assert proc.poll() is None, f"{where} exited:\n{log.read_text()}"
             return "listener running" in log.read_text()
 
         await wait_until(started, timeout=60, interval=0.1)
-        printed = log.read_text()
-    else:
-        # As wide as the documented tables: Rich cuts no cell.
-        result = await cli_async(env, *argv[1:], columns=200, cwd=tmp_path)
-        printed = result.stdout + result.stderr
-        assert result.returncode == 0, f"{where} exited {result.returncode}:\n{printed}"
-    for line in command.shown:
-        assert shows(printed, line), f"{where} did not print {line!r}; it printed:\n{printed}"
+        return log.read_text()
+
+    def stop(self) -> None:
+        """SIGTERM the daemons (and wait for them), then the fakes."""
+        for proc, _ in self.daemons:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for fake in self.fakes:
+            fake.terminate()
+            fake.wait()
 
 
 async def insert(conn: asyncpg.Connection, url: str) -> int:
