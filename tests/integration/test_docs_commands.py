@@ -50,6 +50,15 @@ def test_the_walk_throughs_are_marked() -> None:
     assert {p.name for p in PAGES} >= {"getting-started.md", "attaching.md", "testing.md"}
 
 
+def test_the_readme_shows_the_tested_attach_and_run() -> None:
+    """README.md, the front door, repeats the attaching guide's walk-through word for word."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Attach and run", 1)[1]
+    shown = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    [attaching] = [b for b in marked_blocks() if b.page.name == "attaching.md"]
+    assert shown == attaching.body
+
+
 @pytest.fixture
 async def fresh_database(pg_admin_dsn: str, dsn_for: Callable[[str], str]) -> AsyncIterator[str]:
     """DSN of a new, empty database (no listener schema), dropped after the test."""
