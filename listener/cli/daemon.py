@@ -42,7 +42,9 @@ def migrate_cmd(
 def run(
     concurrency: Annotated[int | None, typer.Option(help="Jobs running at once.")] = None,
     health_port: Annotated[int | None, typer.Option(help="Health server port (0: any).")] = None,
-    pipeline: Annotated[str | None, typer.Option(help="local or noop.")] = None,
+    pipeline: Annotated[
+        str | None, typer.Option(help="local, noop or tiered (LISTENER_PIPELINE).")
+    ] = None,
     migrate_first: Annotated[
         bool, typer.Option("--migrate", help="Apply migrations before starting.")
     ] = False,

@@ -266,7 +266,8 @@ class TokenCheck:
 
 
 def _unauthorized(request: web.Request) -> web.Response:
-    """401 that says how to authenticate and nothing about the token."""
+    """401, nothing about the token: for ``/`` a text that says how to authenticate, for
+    any other path ``{"error": "unauthorized"}``."""
     headers = {"WWW-Authenticate": 'Bearer realm="listener"', "Cache-Control": "no-store"}
     if request.path == "/":
         return web.Response(

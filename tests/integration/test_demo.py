@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from docs_blocks import marked_blocks, normalise, shows
 from pydantic import SecretStr
 from rich.console import Console
 
@@ -34,9 +35,59 @@ ROOT = Path(__file__).resolve().parents[2]
 HEALTH_TOKEN = "demo-health-token-" + "Kp3vQ8"  # set: the demo must pass it to /status
 
 
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (?P<level>[A-Z]+) +(?P<message>.*)$")
+_VARIES = [
+    (re.compile(r"(data directory )\S+"), r"\1DIR"),
+    (re.compile(r"complete in \d+\.\ds"), "complete in N.Ns"),
+    (re.compile(r"(ai_last_scanned=)\S+\s+\S+,"), r"\1TIMESTAMP,"),
+    (re.compile(r'("job_id": )\d+'), r"\1N"),
+]
+_METADATA = re.compile(r"ai_scan_metadata=\{.*?\}\}", re.DOTALL)
+_VALUE = re.compile(r'("[a-z_]+":\s*)("[^"]*"|[-0-9.]+)')
+
+
+def comparable(printed: str) -> str:
+    """The demo's stdout as ``normalise`` has it, with what varies from run to run replaced:
+    the data directory, the timings (the table's ``ms`` column, the total), the time the app's
+    row was written and the values of its metadata (which photo finished last), the job ids,
+    and the order of the table's rows (the backfill enqueues its photos in no set order)."""
+    lines: list[str] = []
+    rows: list[str] = []
+    for line in printed.splitlines():
+        if line.startswith("│"):
+            rows.append(re.sub(r"│ *\d+ │$", "│ N │", line.rstrip()))
+            continue
+        lines.extend(sorted(rows))
+        rows = []
+        lines.append(line)
+    lines.extend(sorted(rows))
+    text = "\n".join(lines)
+    for pattern, replacement in _VARIES:
+        text = pattern.sub(replacement, text)
+    # The latest row is the photo that finished last, usually the largest one, not always.
+    text = _METADATA.sub(lambda m: _VALUE.sub(r"\1V", m.group(0)), text)
+    return normalise(text)
+
+
+def documented_demo_output() -> tuple[str, list[str]]:
+    """The demo's output as docs/getting-started.md shows it: what it prints on stdout, and
+    its log lines (stderr), each with the parts that vary by machine and run as ``...``."""
+    [block] = marked_blocks("listener demo output")
+    printed, logged = [], []
+    for line in block.body.splitlines():
+        match = _LOG_LINE.match(line)
+        if match is None:
+            printed.append(line)
+        else:
+            message = re.sub(r"\([^)]*\)|\d+", "...", match.group("message"))
+            logged.append(f"{match.group('level')} {message}")
+    return "\n".join(printed), logged
+
+
 def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if "DATABASE_URL" not in k}
-    env.update({"COLUMNS": "200", "NO_COLOR": "1", "LISTENER_HEALTH_TOKEN": HEALTH_TOKEN})
+    # As wide as the output in docs/getting-started.md: no cell of the table is cut.
+    env.update({"COLUMNS": "120", "NO_COLOR": "1", "LISTENER_HEALTH_TOKEN": HEALTH_TOKEN})
     result = subprocess.run(
         [sys.executable, "-m", "listener", "demo", "--health-port", "0"],
         env=env,
@@ -74,6 +125,11 @@ def test_demo_on_a_fresh_machine_completes_every_photo(tmp_path: Path) -> None:
     # The embedded cluster is stopped and removed afterwards.
     directory = re.search(r"data directory (\S+) \(removed at the end\)", out)
     assert directory is not None and not Path(directory.group(1)).exists()
+    # What docs/getting-started.md shows the demo printing is what it prints.
+    printed, logged = documented_demo_output()
+    assert comparable(out) == comparable(printed)
+    for line in logged:
+        assert shows(result.stderr, line), f"{line!r} not logged:\n{result.stderr}"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])

@@ -124,7 +124,14 @@ async def test_token_guards_status_metrics_and_page(
                     async with http.get(path, headers=headers) as r:
                         assert r.status == 401, (path, label)
                         assert r.headers["WWW-Authenticate"].startswith("Bearer")
-                        bodies.append(await r.text() + str(r.headers))
+                        body = await r.text()
+                        bodies.append(body + str(r.headers))
+                        # As docs/explanations/security.md says: only / tells how to
+                        # authenticate; the others answer the same JSON.
+                        if path == "/":
+                            assert "Authorization: Bearer <token>" in body
+                        else:
+                            assert json.loads(body) == {"error": "unauthorized"}, path
             async with http.get("/?token=not-the-token", allow_redirects=False) as r:
                 assert r.status == 401 and "Set-Cookie" not in r.headers
                 bodies.append(await r.text() + str(r.headers))
