@@ -394,14 +394,14 @@ async def run_demo(
             shutil.rmtree(extra, ignore_errors=True)
 
 
-LISTENER_ROLES = ("listener_owner", "listener_worker")
+ROLES = ("listener_owner", "listener_worker")
 """The roles ``listener migrate`` creates when they are missing (cluster-wide)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Installed:
     """What of listener a database held before the demo migrated it: whether its
-    ``listener`` schema existed, and which of ``LISTENER_ROLES`` did."""
+    ``listener`` schema existed, and which of ``ROLES`` did."""
 
     schema: bool
     roles: frozenset[str]
@@ -413,7 +413,7 @@ async def _installed(conn: asyncpg.Connection) -> Installed:
     )
     roles = await conn.fetch(
         "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1::text[])",
-        list(LISTENER_ROLES),
+        list(ROLES),
     )
     return Installed(bool(schema), frozenset(r["rolname"] for r in roles))
 
@@ -429,8 +429,8 @@ def left_behind(before: Installed) -> str:
             f"(source_table '{DEMO_TABLE}'); to remove those:\n"
             f"  DELETE FROM listener.jobs WHERE source_table = '{DEMO_TABLE}';"
         )
-    created = [r for r in LISTENER_ROLES if r not in before.roles]
-    kept = [r for r in LISTENER_ROLES if r in before.roles]
+    created = [r for r in ROLES if r not in before.roles]
+    kept = [r for r in ROLES if r in before.roles]
     text = (
         f"left in this database ({DEMO_SCHEMA} was dropped): the schema listener, which "
         "'listener migrate' installed (its tables, functions, and the demo's jobs and results)"
