@@ -9,7 +9,6 @@ import typer
 
 from listener.cli.common import load_settings, open_pool, run_command
 from listener.cli.render import console
-from listener.db.queries import Queries
 from listener.queue.pg_store import PgJobStore
 
 
@@ -36,7 +35,7 @@ def pause(
 
     async def go() -> None:
         async with open_pool(settings) as pool:
-            await Queries(pool).set_pause(provider or ALL, reason, until)
+            await PgJobStore(pool).pause(provider or ALL, reason, until)
 
     run_command(go())
     what = provider or "the pipeline"
@@ -56,9 +55,7 @@ def resume(
 
     async def go() -> tuple[bool, int]:
         async with open_pool(settings) as pool:
-            lifted = await Queries(pool).delete_pause(provider or ALL)
-            woken = await PgJobStore(pool).wake_held(provider or ALL)
-            return lifted, woken
+            return await PgJobStore(pool).resume(provider or ALL)
 
     lifted, woken = run_command(go())
     what = provider or "the pipeline"

@@ -9,7 +9,7 @@ once per ``cache_s`` (the poll interval). What a daemon does with it:
 - some providers paused: jobs are claimed; a step of a paused provider raises
   ``OperatorPaused`` (``check``), which the retry policy turns into a snooze lasting until the
   pause ends (``HOLD_S`` for a pause without an end) held by that provider: one write per job
-  per pause. ``listener resume`` wakes the held jobs at once (``JobStore.wake_held``).
+  per pause. ``listener resume`` wakes the held jobs at once (``JobStore.resume``).
 
 Pure: no database import; the rows come from a callable (``Queries.active_pauses``).
 """
@@ -25,6 +25,10 @@ from listener.errors import OperatorPaused
 
 ALL = "*"
 """The provider name of a pause of the whole pipeline."""
+
+BUDGET = "budget"
+"""What holds a job snoozed because the daily budget is spent (``Snoozed.held_by``); not a
+pause: ``listener resume budget`` wakes those jobs, and no snooze by it is ever dropped."""
 
 HOLD_S = 86_400.0
 """How long a job waits for a pause without an end (seconds); ``listener resume`` wakes it."""
