@@ -23,7 +23,8 @@ def pause(
 ) -> None:
     """Stop work for PROVIDER (or, without one, stop claiming at all) until `listener resume`.
 
-    Daemons see it within one poll interval. With every provider of their pipeline paused
+    Daemons see it at once (one whose LISTEN connection is down: within one poll interval).
+    With every provider of their pipeline paused
     they claim nothing; otherwise a job whose next step needs a paused provider is put back
     once, to wait until the pause ends. No job row is rewritten while the pause lasts.
     """
@@ -48,7 +49,11 @@ def resume(
         typer.Argument(help="A paused provider; none: the pipeline; 'budget': jobs held by it."),
     ] = None,
 ) -> None:
-    """Lift a pause and wake at once the jobs it held."""
+    """Lift a pause and wake at once the jobs it held.
+
+    Every daemon runs them at once: none holds them again on a reading of the pauses older
+    than the resume (see docs/guides/operations.md, "Pause and resume").
+    """
     from listener.queue.pauses import ALL
 
     settings = load_settings()

@@ -1,5 +1,11 @@
-"""`listener resume` runs the jobs a paused provider held at once, on every daemon: a resume
-and a snooze of a job by the pause it lifts, at the same time, never leave the job held."""
+"""`listener resume` runs the jobs a paused provider held at once, on every daemon.
+
+The daemons here poll every 30 s (``POLL_S``), so their cached readings of the pauses outlive
+the `listener resume` subprocess: the jobs finish within the tests' few seconds only if the
+resume's notification, or for a daemon that missed it a fresh reading before a job is held,
+makes them run. Below, a resume and a snooze of a job by the pause it lifts, at the same time,
+never leave the job held.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,112 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from support import admit, make_table
+from awaiting import jobs_finished, when_any
+from support import (
+    RecordingProvider,
+    admit,
+    all_finished,
+    cli_async,
+    counts,
+    fast_settings,
+    make_table,
+)
 
+from listener.app import Daemon
 from listener.db.queries import load_queries
 from listener.queue.outcomes import Job, Snoozed
 from listener.queue.pg_store import PgJobStore
+
+POLL_S = 30.0
+"""The daemons' poll interval (and pause cache), far longer than any wait below."""
+
+
+def pipeline() -> list[RecordingProvider]:
+    """Two steps: ``first``, then ``second`` (the provider paused)."""
+    first, second = RecordingProvider(), RecordingProvider()
+    first.name, second.name = "first", "second"
+    return [first, second]
+
+
+async def far_held(conn: asyncpg.Connection) -> int:
+    """Jobs waiting more than a minute."""
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM listener.jobs WHERE run_after > now() + interval '1 minute'"
+        )
+    )
+
+
+async def test_resume_runs_the_held_jobs_at_once(
+    database_url: str, conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
+) -> None:
+    table = await make_table(conn)
+    await cli_async(env_for_subprocess, "pause", "second", ok=True)
+    providers = pipeline()
+    settings = fast_settings(database_url, poll_interval_s=POLL_S)
+    async with Daemon(settings, providers=providers, health=False) as daemon:
+        await conn.execute(f"INSERT INTO {table} (url) VALUES ('a'), ('b')")
+        await daemon.signals.wait("snoozed", 2, timeout=10)
+        assert await far_held(conn) == 2 and providers[1].calls == []
+        resumed = await cli_async(env_for_subprocess, "resume", "second", ok=True)
+        assert "resumed second; 2 jobs woken" in resumed.stdout
+        await jobs_finished(daemon, conn, 2, timeout=10)
+        assert daemon.signals.count("snoozed") == 2  # none held again
+    assert sorted(providers[1].calls) == ["1", "2"]
+    assert await counts(conn) == {"complete": 2} and await far_held(conn) == 0
+
+
+async def test_resume_runs_the_held_jobs_at_once_on_every_daemon(
+    database_url: str, conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
+) -> None:
+    table = await make_table(conn)
+    await cli_async(env_for_subprocess, "pause", "second", ok=True)
+    settings = fast_settings(database_url, poll_interval_s=POLL_S)
+    async with (
+        Daemon(settings, providers=pipeline(), health=False) as one,
+        Daemon(settings, providers=pipeline(), health=False) as two,
+    ):
+        daemons = (one, two)
+        for daemon in daemons:  # each has read the pause, whichever claims the jobs
+            assert daemon.pauses is not None and "second" in await daemon.pauses.pauses()
+        await conn.execute(f"INSERT INTO {table} (url) SELECT 'u' FROM generate_series(1, 6)")
+        snoozed = [(d.signals, "snoozed") for d in daemons]
+        await when_any(
+            lambda: asyncio.sleep(0, sum(d.signals.count("snoozed") for d in daemons) == 6),
+            snoozed,
+            timeout=10,
+        )
+        await cli_async(env_for_subprocess, "resume", "second", ok=True)
+        finished = [(d.signals, "finished") for d in daemons]
+        await when_any(lambda: all_finished(conn, 6), finished, timeout=10)
+        assert sum(d.signals.count("snoozed") for d in daemons) == 6  # none held again
+    assert await counts(conn) == {"complete": 6} and await far_held(conn) == 0
+
+
+async def test_a_daemon_that_missed_the_resume_runs_the_woken_jobs(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """The jobs are woken with a plain notification, not ``"pauses"`` (as a daemon whose
+    LISTEN connection was down finds them on its next poll): its cached reading still says
+    paused, and the check reads the pauses again before it holds a job for the day."""
+    table = await make_table(conn)
+    await conn.execute("INSERT INTO listener.pauses (provider) VALUES ('second')")
+    providers = pipeline()
+    settings = fast_settings(database_url, poll_interval_s=POLL_S)
+    async with Daemon(settings, providers=providers, health=False) as daemon:
+        await conn.execute(f"INSERT INTO {table} (url) VALUES ('a'), ('b')")
+        await daemon.signals.wait("snoozed", 2, timeout=10)
+        async with conn.transaction():
+            await conn.execute("DELETE FROM listener.pauses")
+            await conn.execute(
+                "UPDATE listener.jobs SET run_after = now(), held_by = NULL "
+                "WHERE held_by = 'second'"
+            )
+            await conn.execute("SELECT pg_notify('listener_jobs', '')")
+        await jobs_finished(daemon, conn, 2, timeout=10)
+        assert daemon.signals.count("snoozed") == 2
+    assert sorted(providers[1].calls) == ["1", "2"] and await far_held(conn) == 0
+
 
 # -- a snooze and a resume at the same time ------------------------------------------------
 
