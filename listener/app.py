@@ -54,7 +54,7 @@ from listener.db.queries import Queries
 from listener.ops.health import HealthServer, HealthSources
 from listener.ops.metrics import Metrics
 from listener.ops.tracing import Tracing, build_tracing
-from listener.queue.notify import INSERTED, Notifier
+from listener.queue.notify import INSERTED, PAUSES, Notifier
 from listener.queue.pauses import PauseBoard
 from listener.queue.pg_store import PgJobStore
 from listener.queue.prune import Pruner
@@ -373,8 +373,9 @@ class Daemon:
             if s.budget_usd_per_day is not None
             else None
         )
-        # Read at most once per poll interval: a paused pipeline claims nothing, a paused
-        # provider's steps snooze once per job until the pause ends (listener.queue.pauses).
+        # Read at most once per poll interval, and again on a 'pauses' notification (see
+        # _build_notifier): a paused pipeline claims nothing, a paused provider's steps
+        # snooze once per job until the pause ends (listener.queue.pauses).
         self.pauses = PauseBoard(
             queries.active_pauses,
             [p.name for p in self._providers],
@@ -476,12 +477,20 @@ class Daemon:
 
     def _build_notifier(self, listen_dsn: str, worker: Worker) -> Notifier:
         """The LISTEN connection: a notification wakes the worker, and the loops that drain
-        outboxes the triggers fill (status write-back, deleted rows)."""
+        outboxes the triggers fill (status write-back, deleted rows); ``PAUSES`` (and every
+        reconnect) makes the pause board read the pauses again first."""
         s = self.settings
         outboxes = [loop for loop in (self.status_writeback, self.deletes) if loop is not None]
 
         def notified(payload: str) -> None:
             self.metrics.notifications.inc()
+            if payload == PAUSES:
+                # Pause or resume: read the pauses again before the claim this wakes, or a
+                # resumed provider's jobs would be held again on the cached reading.
+                if self.pauses is not None:
+                    self.pauses.invalidate()
+                worker.wake()
+                return
             worker.wake()
             if payload == INSERTED:
                 # Rows to admit: the worker's next claim does. The other loops would only
@@ -497,6 +506,8 @@ class Daemon:
             connections += 1
             if connections > 1:
                 self.metrics.reconnects.inc()
+                if self.pauses is not None:
+                    self.pauses.invalidate()  # a pause or resume may have gone unheard
             self.signals.emit("listening")
             worker.wake()
 

@@ -274,13 +274,29 @@ SELECT id FROM picked;
 -- Jobs that could not run for a reason not their own (budget, paused or rate-limited
 -- provider): pending after the delay, and the attempt given back; fenced by lease token.
 -- held_by ($5) names the operator pause or the spent budget that holds it, if any, so that
--- `listener resume` can wake it before its delay ends.
+-- `listener resume` can wake it before its delay ends. An operator pause holds a job only
+-- while its row is in force, locked here (KEY SHARE) against `listener resume` (resume_pause
+-- deletes the row, then wakes the jobs it holds, in one transaction): a pause lifted before
+-- this statement leaves the job runnable now and held by nothing (the daemon read its pauses
+-- before the resume), and one lifted after it waits for this commit, then wakes the job.
+WITH held AS (
+    SELECT provider FROM listener.pauses
+    WHERE provider = ANY($5::text[]) AND (until IS NULL OR until > now())
+    FOR KEY SHARE
+), f AS (
+    SELECT u.id, u.token, u.error, u.held_by, u.delay_s,
+           u.held_by IS NULL OR u.held_by = 'budget'
+           OR u.held_by IN (SELECT provider FROM held) AS holds
+    FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[], $5::text[])
+         AS u(id, token, delay_s, error, held_by)
+)
 UPDATE listener.jobs AS j
-SET status = 'pending', run_after = now() + make_interval(secs => f.delay_s),
-    attempts = greatest(j.attempts - 1, 0), last_error = f.error, held_by = f.held_by,
+SET status = 'pending',
+    run_after = now() + make_interval(secs => CASE WHEN f.holds THEN f.delay_s ELSE 0 END),
+    attempts = greatest(j.attempts - 1, 0), last_error = f.error,
+    held_by = CASE WHEN f.holds THEN f.held_by END,
     lease_expires_at = NULL, lease_token = NULL, updated_at = now()
-FROM unnest($1::bigint[], $2::uuid[], $3::float8[], $4::text[], $5::text[])
-     AS f(id, token, delay_s, error, held_by)
+FROM f
 WHERE j.id = ANY($1::bigint[]) AND j.id = f.id AND j.lease_token = f.token
   AND j.status = 'processing'
 RETURNING j.id;
@@ -867,7 +883,9 @@ SELECT listener.reanalyze_rows($1::regclass, $2::text[], $3) AS jobs;
 
 -- name: wake_held_jobs :many
 -- `listener resume`: the pending jobs held by pause $1 (a provider, '*' or 'budget') may run
--- now; nothing else about them changes.
+-- now; nothing else about them changes. Runs after delete_pause, in its transaction, in a
+-- snapshot of its own (read committed): it sees the jobs that snoozes holding the pause's row
+-- committed while the delete waited for them (snooze_jobs).
 UPDATE listener.jobs
 SET run_after = now(), held_by = NULL, updated_at = now()
 WHERE held_by = $1 AND status = 'pending'
@@ -880,9 +898,14 @@ INSERT INTO listener.pauses (provider, reason, until) VALUES ($1, $2, $3)
 ON CONFLICT (provider) DO UPDATE SET reason = $2, until = $3, paused_at = now();
 
 -- name: delete_pause :one
--- `listener resume`: lifts the pause of $1; false when it was not paused.
+-- `listener resume`: lifts the pause of $1; false when it was not paused. Waits for the
+-- snoozes that hold its row (snooze_jobs) to commit.
 WITH gone AS (DELETE FROM listener.pauses WHERE provider = $1 RETURNING 1)
 SELECT EXISTS (SELECT 1 FROM gone);
+
+-- name: notify_pauses :execute
+-- The pauses changed: every daemon reads them again before its next claim, and claims.
+SELECT pg_notify('listener_jobs', 'pauses');
 
 -- name: active_pauses :many
 -- Operator pauses in force now, with the seconds left (NULL: until resumed).

@@ -9,7 +9,6 @@ import typer
 
 from listener.cli.common import load_settings, open_pool, run_command
 from listener.cli.render import console
-from listener.db.queries import Queries
 from listener.queue.pg_store import PgJobStore
 
 
@@ -24,7 +23,8 @@ def pause(
 ) -> None:
     """Stop work for PROVIDER (or, without one, stop claiming at all) until `listener resume`.
 
-    Daemons see it within one poll interval. With every provider of their pipeline paused
+    Daemons see it at once (one whose LISTEN connection is down: within one poll interval).
+    With every provider of their pipeline paused
     they claim nothing; otherwise a job whose next step needs a paused provider is put back
     once, to wait until the pause ends. No job row is rewritten while the pause lasts.
     """
@@ -36,7 +36,7 @@ def pause(
 
     async def go() -> None:
         async with open_pool(settings) as pool:
-            await Queries(pool).set_pause(provider or ALL, reason, until)
+            await PgJobStore(pool).pause(provider or ALL, reason, until)
 
     run_command(go())
     what = provider or "the pipeline"
@@ -49,16 +49,18 @@ def resume(
         typer.Argument(help="A paused provider; none: the pipeline; 'budget': jobs held by it."),
     ] = None,
 ) -> None:
-    """Lift a pause and wake at once the jobs it held."""
+    """Lift a pause and wake at once the jobs it held.
+
+    Every daemon runs them at once: none holds them again on a reading of the pauses older
+    than the resume (see docs/guides/operations.md, "Pause and resume").
+    """
     from listener.queue.pauses import ALL
 
     settings = load_settings()
 
     async def go() -> tuple[bool, int]:
         async with open_pool(settings) as pool:
-            lifted = await Queries(pool).delete_pause(provider or ALL)
-            woken = await PgJobStore(pool).wake_held(provider or ALL)
-            return lifted, woken
+            return await PgJobStore(pool).resume(provider or ALL)
 
     lifted, woken = run_command(go())
     what = provider or "the pipeline"

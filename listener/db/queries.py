@@ -387,14 +387,6 @@ class Queries:
             for r in await self._pool.fetch(self._sql["active_pauses"])
         ]
 
-    async def set_pause(self, provider: str, reason: str | None, until: datetime | None) -> None:
-        """Pause ``provider`` (``"*"``: the pipeline) until ``until`` (``None``: resumed)."""
-        await self._pool.execute(self._sql["set_pause"], provider, reason, until)
-
-    async def delete_pause(self, provider: str) -> bool:
-        """Lift the pause of ``provider``; ``False`` when it was not paused."""
-        return bool(await self._pool.fetchval(self._sql["delete_pause"], provider))
-
     async def backfill_ids(
         self,
         table: str,

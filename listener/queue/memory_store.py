@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -33,6 +33,7 @@ from listener.queue.outcomes import (
     StepRecord,
     check_effects,
 )
+from listener.queue.pauses import BUDGET
 from listener.queue.store import (
     DeletedRow,
     ForgottenRow,
@@ -116,6 +117,8 @@ class MemoryJobStore:
         deleted rows (Postgres: ``listener.deleted_rows`` entries with ``reinserted``)."""
         # External records of effects whose job was deleted since, by source row.
         self._leftovers: dict[tuple[str, str], dict[str, Leftover]] = {}
+        # Operator pauses in force: provider -> end (clock seconds) or None (until resumed).
+        self._pauses: dict[str, float | None] = {}
         self.dedup_saved: list[tuple[str, float]] = []
         """Every copy stored (``StepRecord.reused``): (provider, USD not paid)."""
 
@@ -385,17 +388,38 @@ class MemoryJobStore:
         return {
             f.job.id
             for f in snoozed
-            if self._back_to_pending(f.job, f.error, f.delay_s, True, f.held_by)
+            if (
+                self._back_to_pending(f.job, f.error, f.delay_s, True, f.held_by)
+                if self._holds(f.held_by)
+                else self._back_to_pending(f.job, f.error, 0.0, True)
+            )
         }
 
-    async def wake_held(self, held_by: str) -> int:
-        """See ``JobStore.wake_held``."""
+    async def pause(self, provider: str, reason: str | None, until: datetime | None) -> None:
+        """See ``JobStore.pause``: ``until`` (wall-clock time) is taken as that many seconds
+        from now on this store's clock."""
+        end = None if until is None else (until - datetime.now(UTC)).total_seconds()
+        self._pauses[provider] = None if end is None else self._clock() + end
+
+    async def resume(self, held_by: str) -> tuple[bool, int]:
+        """See ``JobStore.resume``."""
+        lifted = held_by in self._pauses
+        self._pauses.pop(held_by, None)
         n = 0
         for r in self._rows.values():
             if r.status == "pending" and r.held_by == held_by:
                 r.run_after, r.held_by = self._clock(), None
                 n += 1
-        return n
+        return lifted, n
+
+    def _holds(self, held_by: str | None) -> bool:
+        """Whether a snooze held by ``held_by`` holds (see ``JobStore.snooze``)."""
+        if held_by is None or held_by == BUDGET:
+            return True
+        if held_by not in self._pauses:
+            return False
+        until = self._pauses[held_by]
+        return until is None or until > self._clock()
 
     def delete_row(self, source_table: str, source_id: str) -> None:
         """The app deleted this source row: no job is admitted for it any more, and ``prune``

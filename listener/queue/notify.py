@@ -31,6 +31,11 @@ INSERTED = "inserted"
 else (a deleted row, a status to write back) needs a look. Other payloads ('' from the other
 triggers and from the store) wake every loop."""
 
+PAUSES = "pauses"
+"""The payload of ``listener pause`` and ``listener resume`` (``JobStore.pause``, ``resume``):
+the operator pauses changed; a daemon reads them again (``PauseBoard.invalidate``) before its
+next claim."""
+
 
 class Notifier:
     """Keeps one LISTEN connection alive.
@@ -43,7 +48,8 @@ class Notifier:
 
     Args:
         dsn: the connection string (``listen_database_url`` or ``database_url``).
-        on_notify: called for each notification with its payload (``INSERTED``, or '').
+        on_notify: called for each notification with its payload (``INSERTED``,
+            ``PAUSES``, or '').
         on_connected: called after every successful (re)connect, the first one included.
         probe_interval_s: seconds between ``SELECT 1`` liveness probes.
         reconnect_base_s: first reconnect delay's upper bound, seconds (full jitter).

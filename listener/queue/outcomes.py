@@ -212,7 +212,7 @@ class Snoozed:
     rate limited): it runs again after ``delay_s`` seconds and the attempt is given back.
 
     ``held_by`` names the operator pause (a provider, ``"*"``) or ``"budget"`` that holds the
-    job, if any: ``JobStore.wake_held`` wakes such jobs before their delay ends.
+    job, if any: ``JobStore.resume`` wakes such jobs before their delay ends.
     """
 
     job: Job

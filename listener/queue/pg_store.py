@@ -361,13 +361,25 @@ class PgJobStore:
             )
         )
 
-    async def wake_held(self, held_by: str) -> int:
-        """See ``JobStore.wake_held``; wakes the daemons when a job changed."""
+    async def pause(self, provider: str, reason: str | None, until: datetime | None) -> None:
+        """See ``JobStore.pause``: the row of ``listener.pauses``, and a ``"pauses"``
+        notification in the same transaction."""
         async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(self._sql["set_pause"], provider, reason, until)
+            await conn.execute(self._sql["notify_pauses"])
+
+    async def resume(self, held_by: str) -> tuple[bool, int]:
+        """See ``JobStore.resume``: one read-committed transaction that deletes the pause's
+        row (waiting for the snoozes that locked it to commit), then, in a snapshot taken
+        after that, wakes the jobs held by it, and notifies ``"pauses"``."""
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="read_committed"),
+        ):
+            lifted = bool(await conn.fetchval(self._sql["delete_pause"], held_by))
             rows = await conn.fetch(self._sql["wake_held_jobs"], held_by)
-            if rows:
-                await conn.execute(self._sql["notify_jobs"])
-        return len(rows)
+            await conn.execute(self._sql["notify_pauses"])
+        return lifted, len(rows)
 
     async def prune(self, before: datetime, limit: int, *, dry_run: bool = False) -> int:
         """See ``JobStore.prune``: ``listener.prune_jobs`` (one short statement)."""

@@ -237,7 +237,13 @@ class JobStore(Protocol):
         ...
 
     async def snooze(self, snoozed: Sequence[Snoozed]) -> set[int]:
-        """Put jobs back to pending after their delay and give the attempt back. Fenced."""
+        """Put jobs back to pending after their delay and give the attempt back. Fenced.
+
+        A job held by an operator pause (``held_by`` a provider or ``"*"``) is held only
+        while that pause is in force: when it was lifted already (``resume``; a daemon's
+        reading of the pauses may predate it) the job is pending, runnable now, held by
+        nothing. A hold by ``"budget"`` is kept as given.
+        """
         ...
 
     async def discard(self, failures: Sequence[Discarded]) -> set[int]:
@@ -298,12 +304,24 @@ class JobStore(Protocol):
         """
         ...
 
-    async def wake_held(self, held_by: str) -> int:
-        """``listener resume``: pending jobs snoozed with ``held_by`` (``Snoozed.held_by``: a
-        paused provider, ``"*"``, ``"budget"``) become runnable now and are held no more.
+    async def pause(self, provider: str, reason: str | None, until: datetime | None) -> None:
+        """``listener pause``: pause ``provider`` (``"*"``: the pipeline) until ``until``
+        (``None``: until ``resume``); pausing again replaces the reason and the end. Daemons
+        hear of it at once (Postgres: a ``"pauses"`` notification)."""
+        ...
+
+    async def resume(self, held_by: str) -> tuple[bool, int]:
+        """``listener resume``: lift the pause ``held_by`` (a provider, ``"*"``), if any, and
+        make the pending jobs snoozed with ``held_by`` (``Snoozed.held_by``; ``"budget"``
+        too) runnable now, held no more. Daemons hear of it at once, and re-read the pauses
+        before they claim.
+
+        Against ``snooze``: a job held by a pause is never left held once the pause is
+        lifted, whatever a daemon's cached reading said. A snooze that commits first is
+        woken here; one that comes after finds the pause gone and does not hold the job.
 
         Returns:
-            How many jobs were woken.
+            Whether a pause was lifted, and how many jobs were woken.
         """
         ...
 

@@ -283,22 +283,51 @@ async def test_reanalyze_starts_rows_over_whatever_their_state(store_env: StoreE
 
 async def test_a_snooze_held_by_a_pause_is_woken_by_resume(store_env: StoreEnv) -> None:
     store = store_env.store
-    held, other, plain = await enqueue(store, 3)
+    held, other, plain, budget = await enqueue(store, 4)
+    await store.pause("openai", "quota", None)
+    await store.pause("rekognition", None, datetime.now(UTC) + timedelta(hours=1))
     jobs = {j.id: j for j in await claim(store)}
     assert await store.snooze(
         [
             Snoozed(jobs[held], "paused by operator: openai", 86400, "openai"),
-            Snoozed(jobs[other], "paused by operator: rekognition", 86400, "rekognition"),
+            Snoozed(jobs[other], "paused by operator: rekognition", 3600, "rekognition"),
             Snoozed(jobs[plain], "429", 86400),
+            Snoozed(jobs[budget], "daily budget spent", 86400, "budget"),
         ]
-    ) == {held, other, plain}
+    ) == {held, other, plain, budget}
     assert await claim(store) == []
-    assert await store.wake_held("openai") == 1
-    assert await store.wake_held("openai") == 0  # held no more
+    assert await store.resume("openai") == (True, 1)
+    assert await store.resume("openai") == (False, 0)  # lifted, and held no more
     await store_env.advance(0.01)
     assert [j.id for j in await claim(store)] == [held]
-    snap = await store.snapshot(other)
-    assert snap is not None and snap.status == "pending" and snap.run_after_s > 80000
+    for job_id in (other, budget):
+        snap = await store.snapshot(job_id)
+        assert snap is not None and snap.status == "pending" and snap.run_after_s > 3000
+    assert await store.resume("budget") == (False, 1)
+    await store_env.advance(0.01)
+    assert [j.id for j in await claim(store)] == [budget]
+
+
+async def test_a_snooze_by_a_pause_already_lifted_does_not_hold(store_env: StoreEnv) -> None:
+    """A daemon whose reading of the pauses predates ``resume`` snoozes a job held by the
+    pause: the job is runnable at once, not held for the day ``resume`` already ended."""
+    store = store_env.store
+    gone, never, ended = await enqueue(store, 3)
+    await store.pause("openai", None, None)
+    await store.pause("rekognition", None, datetime.now(UTC) + timedelta(seconds=0.2))
+    jobs = {j.id: j for j in await claim(store)}
+    assert await store.resume("openai") == (True, 0)  # the jobs were running
+    await store_env.advance(0.3)  # rekognition's pause ends
+    assert await store.snooze(
+        [
+            Snoozed(jobs[gone], "paused by operator: openai", 86400, "openai"),
+            Snoozed(jobs[never], "paused by operator: the pipeline", 86400, "*"),
+            Snoozed(jobs[ended], "paused by operator: rekognition", 86400, "rekognition"),
+        ]
+    ) == {gone, never, ended}
+    await store_env.advance(0.01)
+    assert {j.id for j in await claim(store)} == {gone, never, ended}
+    assert await store.resume("openai") == (False, 0)  # none was held
 
 
 def face(face_id: str) -> dict[str, Any]:
