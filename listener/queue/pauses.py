@@ -5,8 +5,9 @@ once per ``cache_s`` (the poll interval), and again at once when ``invalidate`` 
 changed. What a daemon does with it:
 
 - ``"*"`` paused, or every provider of its pipeline paused (or paid while the daily budget is
-  spent): ``claim_blocked`` says why and the worker does not claim at all, so no job row is
-  written while it lasts.
+  spent): ``claim_blocked`` says why and the worker does not claim at all: existing jobs
+  are untouched, and rows inserted meanwhile are still admitted, their jobs waiting
+  ``pending``.
 - some providers paused: jobs are claimed; a step of a paused provider raises
   ``OperatorPaused`` (``check``), which the retry policy turns into a snooze lasting until the
   pause ends (``HOLD_S`` for a pause without an end) held by that provider: one write per job
