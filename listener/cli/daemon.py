@@ -105,5 +105,11 @@ def demo(
                 )
             )
     except KeyboardInterrupt:
-        err_console.print("demo stopped: everything it started was stopped and removed")
+        if settings.database_url is None:
+            err_console.print("demo stopped: everything it started was stopped and removed")
+        else:
+            err_console.print(
+                "demo stopped: everything it started was stopped; what it installed in the "
+                "database stays, as listed above"
+            )
         raise typer.Exit(130) from None

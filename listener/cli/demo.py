@@ -35,6 +35,7 @@ from rich.table import Table
 
 from listener.app import Daemon
 from listener.app_side.backfill import enqueue_backfill
+from listener.cli.common import UserError
 from listener.cli.render import shown
 from listener.db.migrate import migrate
 from listener.db.queries import Queries
@@ -44,6 +45,8 @@ from listener.testing.rekognition_fake import face_photo
 
 DEMO_SCHEMA = "listener_demo"
 DEMO_TABLE = f"{DEMO_SCHEMA}.vehicle_images"
+DEMO_MARK = "made by listener demo, dropped when it ends"
+"""The comment on ``DEMO_SCHEMA``: a schema of that name without it is not the demo's."""
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 BUNDLED_IMAGES = Path(__file__).resolve().parents[1] / "demo_images"
 """Public-domain / CC0 photographs from scikit-image's sample data (NASA, SpaceX, CC0 authors)."""
@@ -139,11 +142,32 @@ async def serve_folder(folder: Path) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
+async def _refuse_foreign_schema(conn: asyncpg.Connection) -> None:
+    """Stop before anything is installed when ``DEMO_SCHEMA`` exists and is not the demo's
+    (a schema of the user's that happens to have that name: the demo drops its own).
+
+    Raises:
+        UserError: the schema exists without ``DEMO_MARK``.
+    """
+    comment = await conn.fetchrow(
+        "SELECT pg_catalog.obj_description(oid, 'pg_namespace') AS mark "
+        "FROM pg_catalog.pg_namespace WHERE nspname = $1",
+        DEMO_SCHEMA,
+    )
+    if comment is not None and comment["mark"] != DEMO_MARK:
+        raise UserError(
+            f"this database has a schema {DEMO_SCHEMA} that listener demo did not make; the "
+            "demo drops its own schema when it ends, so it stops here and changes nothing "
+            "(rename that schema, or point DATABASE_URL at another database)"
+        )
+
+
 async def _create_table(conn: asyncpg.Connection) -> None:
     await conn.execute(
         f"""
         DROP SCHEMA IF EXISTS {DEMO_SCHEMA} CASCADE;
         CREATE SCHEMA {DEMO_SCHEMA};
+        COMMENT ON SCHEMA {DEMO_SCHEMA} IS '{DEMO_MARK}';
         CREATE TABLE {DEMO_TABLE} (
             id                uuid PRIMARY KEY DEFAULT gen_random_uuid(),
             vehicle_id        uuid NOT NULL,
@@ -266,16 +290,18 @@ async def run_demo(
     events = EventStream(console)
     # With a database URL, what listener installs there stays; the end of the demo says what.
     found: Installed | None = None
-    migrated = False
+    migrated = made_table = False
     try:
         conn = await asyncpg.connect(dsn)
         if cluster is None:
+            await _refuse_foreign_schema(conn)
             found = await _installed(conn)
         applied = await migrate(conn)
         migrated = True
         console.print(f"[bold]2.[/bold] migrated: {', '.join(applied) or 'already up to date'}")
         await events.listen(dsn)
         await _create_table(conn)
+        made_table = True
         # With faces, one vehicle (one owner, one collection) so its photos can match.
         vehicles = [uuid.uuid4()] if providers else [uuid.uuid4(), uuid.uuid4()]
         half = len(photos) // 2
@@ -378,7 +404,7 @@ async def run_demo(
     finally:
         await events.close()
         if conn is not None:
-            if cluster is None:
+            if cluster is None and made_table:
                 await conn.execute(f"SELECT listener.detach('{DEMO_TABLE}')")
                 await conn.execute(f"DROP SCHEMA IF EXISTS {DEMO_SCHEMA} CASCADE")
             await conn.close()

@@ -19,6 +19,7 @@ from docs_blocks import marked_blocks, normalise, shows
 from pydantic import SecretStr
 from rich.console import Console
 
+from listener.cli.common import UserError
 from listener.cli.demo import (
     BUNDLED_IMAGES,
     DEMO_TABLE,
@@ -245,6 +246,31 @@ async def test_demo_where_listener_is_installed_leaves_it_but_for_its_jobs(
         await conn.execute(statement)
     assert await conn.fetchval(jobs, DEMO_TABLE) == 0
     assert await conn.fetchval("SELECT count(*) FROM listener.results") == 0
+
+
+async def test_demo_leaves_a_listener_demo_schema_it_did_not_make_alone(
+    pg_admin_dsn: str, dsn_for: Callable[[str], str]
+) -> None:
+    """The demo drops its own schema; a user's schema of the same name stops it first, with
+    nothing installed and the user's table still there."""
+    name = f"demo_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        conn = await asyncpg.connect(dsn_for(name))
+        try:
+            await conn.execute(
+                "CREATE SCHEMA listener_demo; CREATE TABLE listener_demo.mine (id int)"
+            )
+            with pytest.raises(UserError, match="did not make"):
+                await demo_in(dsn_for(name))
+            assert await conn.fetchval("SELECT to_regclass('listener_demo.mine') IS NOT NULL")
+            assert await conn.fetchval("SELECT to_regnamespace('listener') IS NULL")
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 def test_roles_the_demo_created_are_dropped_after_the_schema() -> None:
