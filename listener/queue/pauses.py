@@ -125,6 +125,8 @@ class PauseBoard:
     async def _reading(self, newer_than: float) -> dict[str, Pause]:
         """The pauses as of a reading started after ``newer_than`` (clock seconds): the
         cached one, or a new one. One reading at a time: callers waiting for it share it."""
+        if self._read_at > newer_than:
+            return self._pauses  # the cached reading: no lock on the hot path
         async with self._reading_lock:
             if self._read_at > newer_than:
                 return self._pauses
