@@ -101,7 +101,8 @@ def _noop_provider(settings: Settings, _: SharedResources) -> Provider:
     return NoopProvider(settings.noop_delay_s)
 
 
-def _local_provider(settings: Settings, _: SharedResources) -> Provider:
+def _local_provider(settings: Settings, shared: SharedResources) -> Provider:
+    from listener.analysis.faces import PgFaceIndex
     from listener.analysis.providers.local import LocalProvider
 
     return LocalProvider(
@@ -109,6 +110,7 @@ def _local_provider(settings: Settings, _: SharedResources) -> Provider:
         max_pixels=settings.fetch.max_pixels,
         max_decode_bytes=settings.fetch.max_decode_bytes,
         timeout_s=settings.step_timeout("local"),
+        faces=PgFaceIndex(shared.queries),
     )
 
 

@@ -117,11 +117,28 @@ class LocalSettings(BaseModel):
     Attributes:
         workers: processes in the analysis pool; ``None`` means one per CPU.
         analysis_max_side: images are downscaled to this longest side (pixels) before the
-            blur, exposure and face measurements, so scores do not depend on resolution.
+            blur, exposure and contrast measurements, so scores do not depend on resolution.
+        face_max_side: faces are detected (and, in the faces step, embedded) on a copy
+            downscaled to this longest side (pixels). dlib's HOG detector finds faces of about
+            80x80 pixels and larger in that copy: at 512, faces a sixth of the photo's longest
+            side. Doubling it finds faces half that size at about four times the time.
+        collection_prefix: the local faces step's collections are ``<prefix>-<owner>``;
+            distinct from Rekognition's so the two never mix.
+        auto_assign_similarity: the faces step: a face matching one of the owner's faces at or
+            above this similarity (percent, ``local_faces.similarity_from_distance``) joins that
+            face's person.
+        suggest_similarity: at or above this (and below auto-assign), a suggestion is recorded
+            for review; below it the face is a new, unassigned face.
+        max_faces: faces embedded per image, the most confident first.
     """
 
     workers: int | None = None
     analysis_max_side: int = 1024
+    face_max_side: int = Field(default=512, ge=80, le=4096)
+    collection_prefix: str = "listener-local"
+    auto_assign_similarity: float = Field(default=95.0, ge=0, le=100)
+    suggest_similarity: float = Field(default=80.0, ge=0, le=100)
+    max_faces: int = Field(default=10, ge=1, le=100)
 
 
 DEFAULT_ANGLES = [
@@ -240,7 +257,11 @@ class TierSettings(BaseModel):
         tier2_min_quality: the gate of tier 2, on OpenAI's tier-1 quality, else the local
             score (0-10).
         tier3_min_side: the gate of tier 3: the image's shorter side, pixels.
-        faces: index and match faces with Rekognition (per owner collections).
+        faces: index faces and match them to the owner's people (per owner collections), in
+            both the ``tiered`` and the ``local`` pipelines.
+        faces_provider: who does it in the ``tiered`` pipeline: ``local`` (offline, dlib
+            embeddings in Postgres) or ``rekognition`` (AWS). The ``local`` pipeline always
+            uses ``local``.
     """
 
     tier1: list[str] = Field(default_factory=lambda: ["local"])
@@ -249,6 +270,7 @@ class TierSettings(BaseModel):
     tier2_min_quality: float = 6.0
     tier3_min_side: int = 1024
     faces: bool = False
+    faces_provider: Literal["local", "rekognition"] = "rekognition"
 
 
 class Price(BaseModel):

@@ -443,6 +443,24 @@ ORDER BY j.id;
 -- Which of the given FaceIds listener has recorded (matches to others are ignored).
 SELECT face_id FROM listener.faces WHERE face_id = ANY($1::text[]);
 
+-- name: nearest_faces :many
+-- The faces of collection $1 whose embedding lies within Euclidean distance $5 of embedding $2
+-- (real[]), nearest first, $6 of them; the faces of app row ($3 table, $4 id) are left out (a
+-- re-analysis replaces them). Reads one collection (faces_collection_idx); the distance is
+-- computed for each of its faces.
+SELECT f.face_id, d.distance
+FROM listener.faces AS f
+CROSS JOIN LATERAL (
+    SELECT sqrt(sum((u.a - u.b) * (u.a - u.b)))::float8 AS distance
+    FROM unnest(f.embedding, $2::real[]) AS u(a, b)
+) AS d
+WHERE f.collection_id = $1
+  AND cardinality(f.embedding) = cardinality($2::real[])
+  AND NOT (f.source_table = $3 AND f.source_id = $4)
+  AND d.distance <= $5
+ORDER BY d.distance, f.face_id
+LIMIT $6;
+
 -- name: row_face_ids :many
 -- The faces recorded for app row ($1 table, $2 id), with their collection (faces_source_idx).
 SELECT collection_id, face_id FROM listener.faces

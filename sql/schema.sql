@@ -392,9 +392,15 @@ CREATE TABLE listener.faces (
     confidence    double precision,
     matched_face  text,
     similarity    double precision,
-    created_at    timestamptz NOT NULL DEFAULT now()
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    -- The local faces step's embedding (0023); NULL for Rekognition's faces.
+    embedding     real[]
+        CONSTRAINT faces_embedding_check
+        CHECK (embedding IS NULL OR (array_ndims(embedding) = 1
+                                     AND cardinality(embedding) BETWEEN 1 AND 4096))
 );
 CREATE INDEX faces_person_idx ON listener.faces (person_id);
+CREATE INDEX faces_collection_idx ON listener.faces (collection_id);
 CREATE INDEX faces_source_idx ON listener.faces (source_table, source_id);
 CREATE INDEX faces_owner_idx ON listener.faces (owner_id, person_id);
 
@@ -1983,10 +1989,12 @@ $$;
 -- apply_face_effects(job, source table, source id, owner, effect): records the faces of one
 -- image and acts on their decisions, in the caller's transaction. `effect`: {"collection_id",
 -- "faces": [{"face_id", "bounding_box", "confidence", "decision": "assigned" | "suggested" |
--- "new", "matched_face_id", "similarity"}, ...]}. The row's face records from an earlier
--- analysis (re-analysis, a new image) that this run did not index are deleted first, as
--- forget_faces does. Matched faces are locked in face_id order (no deadlock between images
--- matching the same faces in different orders). Idempotent. Returns {face_id: person_id}.
+-- "new", "matched_face_id", "similarity", "embedding"?}, ...]}; "embedding", an array of
+-- numbers, comes from the local provider's faces step (listener.faces.embedding). The row's
+-- face records from an earlier analysis (re-analysis, a new image) that this run did not
+-- index are deleted first, as forget_faces does. Matched faces are locked in face_id order
+-- (no deadlock between images matching the same faces in different orders). Idempotent.
+-- Returns {face_id: person_id}.
 CREATE FUNCTION listener.apply_face_effects(
     p_job_id bigint, p_source_table text, p_source_id text, p_owner_id text, p_effect jsonb
 ) RETURNS jsonb
@@ -2025,9 +2033,14 @@ BEGIN
 
     INSERT INTO listener.faces
         (face_id, collection_id, owner_id, job_id, source_table, source_id, bounding_box,
-         confidence)
+         confidence, embedding)
     SELECT f->>'face_id', p_effect->>'collection_id', p_owner_id, p_job_id, p_source_table,
-           p_source_id, f->'bounding_box', (f->>'confidence')::float8
+           p_source_id, f->'bounding_box', (f->>'confidence')::float8,
+           CASE WHEN jsonb_typeof(f->'embedding') = 'array' THEN
+               ARRAY(SELECT e::float4
+                     FROM jsonb_array_elements_text(f->'embedding') WITH ORDINALITY AS x(e, n)
+                     ORDER BY x.n)
+           END
     FROM jsonb_array_elements(coalesce(p_effect->'faces', '[]'::jsonb)) AS f
     ON CONFLICT (face_id) DO NOTHING;
 

@@ -1,4 +1,4 @@
-"""Faces per owner: turning Rekognition's matches into decisions, as data.
+"""Faces per owner: turning matches (Rekognition's, or the local step's) into decisions, as data.
 
 Each owner has a collection. For each face indexed from an image, the best match among the
 owner's earlier faces decides (thresholds in settings, percent similarity):
@@ -20,9 +20,10 @@ import hashlib
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from listener.db.queries import Queries
+if TYPE_CHECKING:
+    from listener.db.queries import Queries
 
 Decision = Literal["assigned", "suggested", "new"]
 
@@ -114,6 +115,58 @@ class PgKnownFaces:
     async def of_row(self, source_table: str, source_id: str) -> dict[str, list[str]]:
         """See ``KnownFaces.of_row``."""
         return await self._q.row_face_ids(source_table, source_id)
+
+
+@dataclass(frozen=True, slots=True)
+class NearFace:
+    """A recorded face near a new one: its id and the Euclidean distance of the embeddings."""
+
+    face_id: str
+    distance: float
+
+
+class FaceIndex(Protocol):
+    """Search of the embeddings listener records (the local faces step; read only)."""
+
+    async def nearest(
+        self,
+        collection: str,
+        embedding: Sequence[float],
+        source_table: str,
+        source_id: str,
+        max_distance: float,
+        limit: int,
+    ) -> list[NearFace]:
+        """The faces of ``collection`` within ``max_distance`` (Euclidean) of ``embedding``,
+        nearest first, at most ``limit``; the faces of app row (``source_table``,
+        ``source_id``) are left out, since the step replaces them."""
+        ...
+
+
+class PgFaceIndex:
+    """``FaceIndex`` over the ``nearest_faces`` query (``listener.faces.embedding``).
+
+    Args:
+        queries: the named queries.
+    """
+
+    def __init__(self, queries: Queries) -> None:
+        self._q = queries
+
+    async def nearest(
+        self,
+        collection: str,
+        embedding: Sequence[float],
+        source_table: str,
+        source_id: str,
+        max_distance: float,
+        limit: int,
+    ) -> list[NearFace]:
+        """See ``FaceIndex.nearest``."""
+        found = await self._q.nearest_faces(
+            collection, embedding, source_table, source_id, max_distance, limit
+        )
+        return [NearFace(face_id, distance) for face_id, distance in found]
 
 
 def decide(

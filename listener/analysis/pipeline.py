@@ -8,12 +8,14 @@ tier       step                  what
 1          ``local.analysis``    size, EXIF, blur, exposure, quality, hash, faces
 1          ``rekognition.labels`` labels and image quality (DetectLabels)
 1          ``openai.tier1``      angle, category, quality 0-10, description
-1          ``rekognition.faces`` faces indexed per owner and matched to people
+1          ``rekognition.faces`` faces indexed per owner and matched to people (AWS)
+1          ``local.faces``       the same, offline: dlib embeddings searched in Postgres
 2          ``openai.tier2``      parts and their condition, if tier-1 quality > gate
 3          ``openai.tier3``      expert assessment, if the shorter side >= gate
 =========  ====================  ===================================================
 
-``LISTENER_PIPELINE=local`` is tier 1 = ``local`` alone; ``noop`` is one ``noop`` step.
+``LISTENER_PIPELINE=local`` is tier 1 = ``local`` alone (and ``local.faces`` with
+``LISTENER_TIERS__FACES``); ``noop`` is one ``noop`` step.
 """
 
 from __future__ import annotations
@@ -70,7 +72,10 @@ def build_plan(pipeline: str, tiers: TierSettings) -> Plan:
     if pipeline == "noop":
         return Plan((Step("noop.noop", "noop", "noop", 1),))
     if pipeline == "local":
-        return Plan((Step("local.analysis", "local", "analysis", 1),))
+        local = [Step("local.analysis", "local", "analysis", 1)]
+        if tiers.faces:
+            local.append(Step("local.faces", "local", "faces", 1))
+        return Plan(tuple(local))
     steps: list[Step] = []
     for tier, providers in ((1, tiers.tier1), (2, tiers.tier2), (3, tiers.tier3)):
         for provider in providers:
@@ -80,7 +85,8 @@ def build_plan(pipeline: str, tiers: TierSettings) -> Plan:
                 raise PipelineError(f"provider {provider!r} has no tier {tier}; known: {known}")
             steps.append(Step(f"{provider}.{kind}", provider, kind, tier))
         if tier == 1 and tiers.faces:
-            steps.append(Step("rekognition.faces", "rekognition", "faces", 1))
+            faces = tiers.faces_provider
+            steps.append(Step(f"{faces}.faces", faces, "faces", 1))
     if not any(s.tier == 1 for s in steps):
         raise PipelineError("the tiered pipeline needs at least one tier-1 provider")
     return Plan(tuple(steps), tiers.tier2_min_quality, tiers.tier3_min_side)

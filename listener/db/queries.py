@@ -194,6 +194,29 @@ class Queries:
         rows = await self._pool.fetch(self._sql["known_face_ids"], list(face_ids))
         return {r[0] for r in rows}
 
+    async def nearest_faces(
+        self,
+        collection: str,
+        embedding: Sequence[float],
+        source_table: str,
+        source_id: str,
+        max_distance: float,
+        limit: int,
+    ) -> list[tuple[str, float]]:
+        """The faces of ``collection`` within Euclidean ``max_distance`` of ``embedding``,
+        nearest first, at most ``limit``, leaving out the app row's own faces:
+        ``[(face_id, distance)]`` (``nearest_faces``)."""
+        rows = await self._pool.fetch(
+            self._sql["nearest_faces"],
+            collection,
+            list(embedding),
+            source_table,
+            source_id,
+            max_distance,
+            limit,
+        )
+        return [(r["face_id"], float(r["distance"])) for r in rows]
+
     async def row_face_ids(self, source_table: str, source_id: str) -> dict[str, list[str]]:
         """The FaceIds recorded for one app row, by collection: ``{collection_id: [face_id]}``."""
         rows = await self._pool.fetch(self._sql["row_face_ids"], source_table, source_id)

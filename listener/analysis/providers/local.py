@@ -3,20 +3,22 @@
 ``analyze_bytes`` is a pure function run in a pool of worker processes (started with
 ``spawn``: forking a process that runs an asyncio loop and threads is unsafe). It measures
 size, EXIF metadata, sharpness, exposure, contrast, a perceptual hash and frontal faces, and
-combines them into a 0-10 quality score. OpenCV, NumPy and ImageHash are imported inside the
-workers only, so the daemon process does not pay for them.
+combines them into a 0-10 quality score. The ``faces`` step (``faces_bytes`` in the workers,
+then a search of the owner's faces in Postgres) embeds each face and matches it to the
+owner's people offline (``listener.analysis.providers.local_faces``). OpenCV, NumPy and dlib
+are imported inside the workers only, so the daemon process does not pay for them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import math
 import multiprocessing
 import os
 import signal
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -26,8 +28,17 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from pebble import ProcessExpired, ProcessFuture, ProcessPool
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from listener.analysis.faces import FaceIndex, FaceMatch, IndexedFace, collection_id, decide
 from listener.analysis.probe import bytes_per_pixel, describe_bytes, scan_structure
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
+from listener.analysis.providers.local_faces import MODEL as FACES_MODEL
+from listener.analysis.providers.local_faces import (
+    distance_for_similarity,
+    embed_faces,
+    face_boxes,
+    similarity_from_distance,
+    upright_rgb,
+)
 from listener.errors import (
     ImageTooLarge,
     InvalidImage,
@@ -47,6 +58,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 STEP: Final = "local.analysis"
+FACES_STEP: Final = "local.faces"
 #: Laplacian variance below which an image is called blurry: the customary cut-off (Rosebrock,
 #: "Blur detection with OpenCV", pyimagesearch, 2015). The variance depends on the image size,
 #: which is why it is measured on a copy downscaled to ``analysis_max_side``.
@@ -59,11 +71,6 @@ SHADOW_LEVEL: Final = 5
 HIGHLIGHT_LEVEL: Final = 250
 #: Fraction of clipped pixels above which an image is under- or over-exposed.
 CLIPPED_FRACTION: Final = 0.25
-# detectMultiScale parameters: OpenCV's default scale step, 5 neighbours against false
-# positives, and faces of at least 30x30 pixels of the downscaled copy.
-_FACE_SCALE_FACTOR: Final = 1.1
-_FACE_MIN_NEIGHBORS: Final = 5
-_FACE_MIN_SIZE: Final = (30, 30)
 _READY_TIMEOUT_S: Final = 120.0
 #: Pillow plugins allowed to parse the bytes (the JPEG plugin also opens MPO). Others, EPS
 #: above all (it runs Ghostscript), never see untrusted data.
@@ -73,7 +80,12 @@ _STRIP_PIXELS: Final = 1 << 20
 
 
 def analyze_bytes(
-    data: bytes, *, max_side: int, max_pixels: int, max_decode_bytes: int | None = None
+    data: bytes,
+    *,
+    max_side: int,
+    max_pixels: int,
+    max_decode_bytes: int | None = None,
+    face_max_side: int = 512,
 ) -> dict[str, Any]:
     """Measure one image. CPU-bound, no I/O: meant to run in a worker process.
 
@@ -96,6 +108,9 @@ def analyze_bytes(
         max_pixels: Pillow's decompression-bomb limit (width x height).
         max_decode_bytes: the largest decoded image accepted, in bytes
             (``listener.analysis.probe.ImageInfo.decode_bytes``); ``None`` for no limit.
+        face_max_side: faces are detected on the gray copy downscaled further to this
+            longest side (pixels); faces smaller than about 80 / face_max_side of the image's
+            longest side are not found.
 
     Returns:
         A JSON-serializable dict::
@@ -118,11 +133,9 @@ def analyze_bytes(
         the perceptual hash (DCT of a 32x32 gray image) is ImageHash's ``phash`` after Zauner,
         "Implementation and Benchmarking of Perceptual Image Hash Functions", 2010, computed
         with OpenCV's DCT (``listener.analysis.phash``); faces come
-        from OpenCV's Haar cascade ``haarcascade_frontalface_default.xml`` (Viola & Jones,
-        "Rapid Object Detection using a Boosted Cascade of Simple Features", CVPR 2001; the
-        cascade is Lienhart's, after Lienhart & Maydt, ICIP 2002) run on the
-        histogram-equalized downscaled gray image; it finds faces seen from the front, not
-        in profile. Exposure thresholds (levels <= 5 and >= 250, a quarter of the pixels)
+        from dlib's HOG frontal face detector (Dalal & Triggs, CVPR 2005;
+        ``listener.analysis.providers.local_faces.face_boxes``); it finds faces seen from the
+        front, not in profile. Exposure thresholds (levels <= 5 and >= 250, a quarter of the pixels)
         and the quality score are listener's own.
 
     Raises:
@@ -181,7 +194,54 @@ def analyze_bytes(
             height=height,
         ),
         "phash": phash(Image.fromarray(gray)),
-        "faces": _faces(gray, scale=scale, width=width, height=height),
+        "faces": face_boxes(gray, max_side=face_max_side, scale=scale, width=width, height=height),
+    }
+
+
+def faces_bytes(
+    data: bytes,
+    *,
+    max_side: int,
+    max_pixels: int,
+    max_decode_bytes: int | None = None,
+    max_faces: int = 10,
+) -> dict[str, Any]:
+    """Detect, align and embed the faces of one image. CPU-bound, no I/O: for a worker.
+
+    Memory: the decoded image (a JPEG at reduced scale, as ``analyze_bytes``), plus an RGB
+    copy of at most ``max_side`` x ``max_side`` pixels (3 bytes each), plus dlib's models
+    (about 30 MB, loaded once per process).
+
+    Args:
+        data: the encoded image (the formats of ``analyze_bytes``).
+        max_side: faces are found on a copy downscaled to this longest side (pixels).
+        max_pixels, max_decode_bytes: as ``analyze_bytes``.
+        max_faces: the most confident faces kept.
+
+    Returns:
+        ``{"width": int, "height": int, "faces": [...]}``: the upright size in pixels and
+        ``local_faces.embed_faces``'s faces (bounding box as ratios, confidence 0-100,
+        128-float embedding).
+
+    Raises:
+        InvalidImage, ImageTooLarge: as ``analyze_bytes``.
+        RuntimeError: the face models are not installed.
+    """
+    if not data:
+        raise InvalidImage("empty image: 0 bytes")
+    image, orientation, info = _decode(
+        data,
+        max_side=max_side,
+        max_pixels=max_pixels,
+        max_decode_bytes=max_decode_bytes,
+        draft_mode="RGB",
+    )
+    rgb = upright_rgb(image, orientation, max_side)
+    del image
+    return {
+        "width": info["width"],
+        "height": info["height"],
+        "faces": embed_faces(rgb, max_faces),
     }
 
 
@@ -237,9 +297,15 @@ def quality_score(
 
 
 def _decode(
-    data: bytes, *, max_side: int, max_pixels: int, max_decode_bytes: int | None
+    data: bytes,
+    *,
+    max_side: int,
+    max_pixels: int,
+    max_decode_bytes: int | None,
+    draft_mode: str = "L",
 ) -> tuple[Image.Image, int, dict[str, Any]]:
-    """Decode ``data`` (JPEGs at reduced scale, straight to gray) and read its facts.
+    """Decode ``data`` (JPEGs at reduced scale, straight to ``draft_mode``: gray, or RGB for
+    the faces step) and read its facts.
 
     Returns the decoded image as stored (not rotated), its EXIF orientation (1-8) and the
     facts of ``analyze_bytes``'s output. Nothing larger than the decoded image is allocated
@@ -275,7 +341,7 @@ def _decode(
                 "exif": exif,
             }
             # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, straight to gray.
-            image.draft("L", (max_side, max_side))
+            image.draft(draft_mode, (max_side, max_side))
             image.load()
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageTooLarge(
@@ -455,38 +521,9 @@ def _downscale(gray: NDArray[np.uint8], max_side: int) -> NDArray[np.uint8]:
     return np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
 
 
-@functools.lru_cache(maxsize=1)
-def _face_cascade() -> Any:
-    """OpenCV's frontal-face Haar cascade, loaded once per process."""
-    import cv2
-    import cv2.data
-
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-    if cascade.empty():
-        raise RuntimeError("cannot load OpenCV's haarcascade_frontalface_default.xml")
-    return cascade
-
-
-def _faces(gray: NDArray[np.uint8], *, scale: float, width: int, height: int) -> dict[str, Any]:
-    import cv2
-
-    found = _face_cascade().detectMultiScale(
-        cv2.equalizeHist(gray),
-        scaleFactor=_FACE_SCALE_FACTOR,
-        minNeighbors=_FACE_MIN_NEIGHBORS,
-        minSize=_FACE_MIN_SIZE,
-    )
-    boxes: list[list[int]] = []
-    for x, y, w, h in (tuple(int(v) for v in box) for box in found):
-        left, top = min(width, round(x * scale)), min(height, round(y * scale))
-        boxes.append(
-            [left, top, min(width - left, round(w * scale)), min(height - top, round(h * scale))]
-        )
-    return {"count": len(boxes), "boxes": boxes}
-
-
 def _warm_up() -> str:
-    """Import the libraries, load the cascade and run one tiny analysis; returns cv2's version."""
+    """Import the libraries, build the face detector and run one tiny analysis; returns cv2's
+    version. The recognition models load on the first ``faces`` step."""
     import cv2
 
     # One thread per worker: the pool already runs one process per CPU.
@@ -527,24 +564,47 @@ def _death(exitcode: int | None) -> str:
 
 
 def _analyze(
-    data: bytes, max_side: int, max_pixels: int, max_decode_bytes: int | None
+    data: bytes,
+    max_side: int,
+    max_pixels: int,
+    max_decode_bytes: int | None,
+    face_max_side: int = 512,
 ) -> dict[str, Any]:
     return analyze_bytes(
-        data, max_side=max_side, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes
+        data,
+        max_side=max_side,
+        max_pixels=max_pixels,
+        max_decode_bytes=max_decode_bytes,
+        face_max_side=face_max_side,
+    )
+
+
+def _faces(
+    data: bytes, max_side: int, max_pixels: int, max_decode_bytes: int | None, max_faces: int
+) -> dict[str, Any]:
+    return faces_bytes(
+        data,
+        max_side=max_side,
+        max_pixels=max_pixels,
+        max_decode_bytes=max_decode_bytes,
+        max_faces=max_faces,
     )
 
 
 class LocalProvider:
-    """The ``local`` provider: ``analyze_bytes`` in a pool of spawned worker processes.
+    """The ``local`` provider: ``analyze_bytes`` in a pool of spawned worker processes, and
+    the offline faces step.
 
     Args:
-        settings: the ``local`` slice of the settings (workers, analysis_max_side).
+        settings: the ``local`` slice of the settings (workers, analysis_max_side, the faces
+            step's face_max_side, collection_prefix, thresholds and max_faces).
         max_pixels: Pillow's decompression-bomb limit, in pixels (``fetch.max_pixels``).
         max_decode_bytes: the largest decoded image, in bytes (``fetch.max_decode_bytes``);
             with it one analysis stays within the bound ``analyze_bytes`` states.
         timeout_s: seconds one analysis may run in its worker process (waiting for a free
             worker not included); the process is then killed and replaced. ``None`` for no
             limit (``step_timeouts["local"]`` in production).
+        faces: the search of recorded embeddings; needed for the ``faces`` kind.
 
     ``analyze`` returns one ``StepResult`` with step ``"local.analysis"`` whose output is
     ``analyze_bytes``'s dict. It raises ``InvalidImage`` / ``ImageTooLarge`` for bad images,
@@ -552,6 +612,12 @@ class LocalProvider:
     both of the last cases only that worker is replaced: the other analyses go on. The pool is
     Pebble's ``ProcessPool`` (https://pebble.readthedocs.io), which terminates the process of
     a task that timed out or was cancelled and starts a new one.
+
+    The ``faces`` kind (step ``local.faces``) embeds each face in a worker (``faces_bytes``),
+    searches the owner's collection in Postgres (``faces``), and decides as the Rekognition
+    step does (``listener.analysis.faces.decide``). Its faces, with their embeddings, are the
+    step's ``"faces"`` effect, recorded by the job store in the fenced transaction that stores
+    the step: a run that dies before that leaves nothing behind, so a retry needs no clean-up.
     """
 
     name: str = "local"
@@ -564,7 +630,10 @@ class LocalProvider:
         max_pixels: int,
         max_decode_bytes: int | None = None,
         timeout_s: float | None = None,
+        faces: FaceIndex | None = None,
     ) -> None:
+        self._settings = settings
+        self._faces = faces
         self._max_side = settings.analysis_max_side
         self._max_pixels = max_pixels
         self._max_decode_bytes = max_decode_bytes
@@ -622,8 +691,112 @@ class LocalProvider:
         return 0
 
     async def run(self, kind: str, image: ImageInput, context: StepContext) -> StepResult:
-        """The ``analysis`` step: ``analyze(image)``."""
+        """The ``analysis`` step (``analyze(image)``) or the ``faces`` step (``faces``).
+
+        Raises:
+            ValueError: an unknown kind.
+        """
+        if kind == "faces":
+            return await self.faces(image)
+        if kind != "analysis":
+            raise ValueError(f"the local provider has no step kind {kind!r}")
         return await self.analyze(image)
+
+    async def faces(self, image: ImageInput) -> StepResult:
+        """The faces step: embed ``image``'s faces and match them to the owner's faces.
+
+        Returns:
+            ``StepResult(step="local.faces")`` whose output is ``collection_id``, ``faces``
+            (face_id, decision, matched_face_id, similarity %, bounding_box as ratios,
+            confidence %), ``model_version`` and ``removed_faces`` (always 0: nothing is left
+            at a remote service), as the Rekognition step's; effect ``"faces"``: the
+            decisions with each face's ``embedding``.
+
+        Raises:
+            InvalidImage, ImageTooLarge, StepTimeout, ProviderUnavailable: as ``analyze``.
+            RuntimeError: no ``FaceIndex`` was given, or the models are not installed.
+        """
+        if self._faces is None:
+            raise RuntimeError("the local faces step needs a FaceIndex")
+        started = time.perf_counter()
+        s = self._settings
+        found = await self.run_in_worker(
+            _faces,
+            image.data,
+            s.face_max_side,
+            self._max_pixels,
+            self._max_decode_bytes,
+            s.max_faces,
+        )
+        collection = collection_id(s.collection_prefix, image.owner_id)
+        reach = distance_for_similarity(s.suggest_similarity)
+        faces: list[IndexedFace] = []
+        matches: dict[str, list[FaceMatch]] = {}
+        embeddings: dict[str, list[float]] = {}
+        for face in found["faces"]:
+            indexed = IndexedFace(str(uuid.uuid4()), face["bounding_box"], face["confidence"])
+            near = await self._faces.nearest(
+                collection, face["embedding"], image.source_table, image.source_id, reach, 5
+            )
+            faces.append(indexed)
+            embeddings[indexed.face_id] = face["embedding"]
+            matches[indexed.face_id] = [
+                FaceMatch(n.face_id, similarity_from_distance(n.distance)) for n in near
+            ]
+        known = {m.face_id for found_matches in matches.values() for m in found_matches}
+        decisions = decide(faces, matches, known, s.auto_assign_similarity, s.suggest_similarity)
+        output = {
+            "collection_id": collection,
+            "faces": [
+                {
+                    "face_id": d["face_id"],
+                    "decision": d["decision"],
+                    "matched_face_id": d["matched_face_id"],
+                    "similarity": None if d["similarity"] is None else round(d["similarity"], 2),
+                    "bounding_box": d["bounding_box"],
+                    "confidence": d["confidence"],
+                }
+                for d in decisions
+            ],
+            "unindexed": [],
+            "model_version": FACES_MODEL,
+            "removed_faces": 0,
+        }
+        effect = [{**d, "embedding": embeddings[d["face_id"]]} for d in decisions]
+        return StepResult(
+            provider=self.name,
+            step=FACES_STEP,
+            output=output,
+            model=FACES_MODEL,
+            duration_s=time.perf_counter() - started,
+            effects={"faces": {"collection_id": collection, "faces": effect}},
+        )
+
+    async def delete_faces(self, collection_id: str, face_ids: list[str]) -> int:
+        """See ``listener.app_side.deletes.FaceRemover.delete_faces``: the local step keeps its
+        faces only in ``listener.faces``, which the drain then forgets; no call is made.
+
+        Raises:
+            ProviderUnavailable: ``collection_id`` is not one of the local step's (a
+                Rekognition collection from before a switch); a Rekognition provider must
+                delete those faces, so the drain keeps them and tries again later.
+        """
+        self._check_local(collection_id)
+        return 0
+
+    async def delete_row_faces(
+        self, owner_id: str | None, source_table: str, source_id: str
+    ) -> tuple[int, int]:
+        """See ``listener.app_side.deletes.FaceRemover.delete_row_faces``: nothing is indexed
+        before it is recorded, so nothing else is left: ``(0, 0)``."""
+        return 0, 0
+
+    def _check_local(self, collection: str) -> None:
+        if not collection.startswith(f"{self._settings.collection_prefix}-"):
+            raise ProviderUnavailable(
+                f"faces of collection {collection!r} were indexed by another provider "
+                "(Rekognition); this daemon's faces step is local and cannot delete them"
+            )
 
     async def analyze(self, image: ImageInput) -> StepResult:
         """Analyze ``image.data`` in a worker process.
@@ -639,7 +812,12 @@ class LocalProvider:
         """
         started = time.perf_counter()
         output = await self.run_in_worker(
-            _analyze, image.data, self._max_side, self._max_pixels, self._max_decode_bytes
+            _analyze,
+            image.data,
+            self._max_side,
+            self._max_pixels,
+            self._max_decode_bytes,
+            self._settings.face_max_side,
         )
         return StepResult(
             provider=self.name,
