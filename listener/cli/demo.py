@@ -246,6 +246,11 @@ async def run_demo(
             f"unknown provider(s) {', '.join(sorted(unknown))}; choose from {PROVIDERS}"
         )
     photos = find_images(images or BUNDLED_IMAGES)
+    if not providers and settings.pipeline == "local":
+        # Faces offline: the local pipeline's faces step (dlib embeddings in Postgres).
+        settings = settings.model_copy(
+            update={"tiers": settings.tiers.model_copy(update={"faces": True})}
+        )
     started = time.perf_counter()
     fakes: list[asyncio.subprocess.Process] = []
     extra = None
@@ -302,8 +307,8 @@ async def run_demo(
         await events.listen(dsn)
         await _create_table(conn)
         made_table = True
-        # With faces, one vehicle (one owner, one collection) so its photos can match.
-        vehicles = [uuid.uuid4()] if providers else [uuid.uuid4(), uuid.uuid4()]
+        # One vehicle (one owner, one collection of faces) so that its photos can match.
+        vehicles = [uuid.uuid4()]
         half = len(photos) // 2
         before, after = photos[:half], photos[half:]
         for i, photo in enumerate(before):
@@ -362,7 +367,7 @@ async def run_demo(
                 assert daemon.health is not None
                 console.print(
                     f"[bold]5.[/bold] daemon running ({daemon_settings.pipeline} pipeline: "
-                    f"{', '.join(daemon.plan.providers)}; "
+                    f"{', '.join(step.name for step in daemon.plan.steps)}; "
                     f"health on {daemon.health.url}); inserting {len(after)} more photos, "
                     "one per transaction"
                 )
@@ -373,8 +378,13 @@ async def run_demo(
                 rows = await queries.table_jobs(DEMO_TABLE, "local.analysis")
                 if daemon.status_writeback is not None:
                     # The app's status column is written back outside the claim, a moment
-                    # after the job changes: sweep once more so the table below is current.
-                    await daemon.status_writeback.tick()
+                    # after the job changes: sweep until the outbox is empty (the daemon's
+                    # own sweep may hold a row for a moment) so the table below is current.
+                    for _ in range(100):
+                        await daemon.status_writeback.tick()
+                        if not await queries.status_outbox_waiting():
+                            break
+                        await asyncio.sleep(0.05)
                 statuses = {
                     str(r["id"]): r["processing_status"]
                     for r in await conn.fetch(f"SELECT id, processing_status FROM {DEMO_TABLE}")
@@ -389,6 +399,7 @@ async def run_demo(
                 if providers:
                     await _print_provider_report(console, conn, rows)
                 _print_report(console, rows, health, time.perf_counter() - started)
+                await _print_people(console, conn)
                 await _print_app_row(console, conn)
                 events.print_summary()
                 if keep_running:
@@ -552,6 +563,39 @@ def metadata_brief(metadata: Any) -> Any:
         step: {k: size(v) for k, v in out.items()} if isinstance(out, dict) else size(out)
         for step, out in metadata.items()
     }
+
+
+async def _print_people(console: Console, conn: asyncpg.Connection) -> None:
+    """The people the faces step found, per owner: each person's photos, then the faces that
+    matched no one (``listener.faces``)."""
+    rows = await conn.fetch(
+        f"SELECT f.owner_id, f.person_id, t.image_url FROM listener.faces AS f "
+        f"JOIN {DEMO_TABLE} AS t ON t.id::text = f.source_id "
+        "ORDER BY f.owner_id, f.person_id NULLS LAST, t.image_url"
+    )
+    if not rows:
+        return
+    owners: dict[str, dict[int | None, list[str]]] = {}
+    for r in rows:
+        name = r["image_url"].rsplit("/", 1)[-1]
+        owners.setdefault(r["owner_id"], {}).setdefault(r["person_id"], []).append(name)
+    for owner, people in owners.items():
+        persons = [names for person, names in people.items() if person is not None]
+        console.print(
+            f"people found in the photos of vehicle {shown(str(owner)[:8])}: {len(persons)}",
+            highlight=False,
+        )
+        for number, names in enumerate(persons, 1):
+            console.print(
+                f"  person {number}: {len(names)} faces in {', '.join(map(shown, names))}",
+                highlight=False,
+            )
+        alone = people.get(None, [])
+        if alone:
+            console.print(
+                f"  matched no one else: {len(alone)} faces in {', '.join(map(shown, alone))}",
+                highlight=False,
+            )
 
 
 async def _print_app_row(console: Console, conn: asyncpg.Connection) -> None:

@@ -33,7 +33,7 @@ from listener.analysis.providers.local import analyze_bytes
 from listener.settings import FetchSettings, LocalSettings
 
 DEMO_IMAGES = Path(__file__).resolve().parents[2] / "listener" / "demo_images"
-PHOTOS = sorted(p.name for p in DEMO_IMAGES.iterdir())
+PHOTOS = sorted(p.name for p in DEMO_IMAGES.iterdir() if p.suffix in (".png", ".jpg"))
 
 pytestmark = pytest.mark.timeout(1800)
 
