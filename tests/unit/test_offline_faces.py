@@ -71,9 +71,10 @@ def embeddings() -> dict[tuple[str, str], np.ndarray]:
 
     Every photograph as shipped has its face found. A changed copy may lose it only when the
     face falls under the detector's smallest size (about 80 px of the 512 px copy): at half
-    size, the faces of obama_3 (36 px), biden_1 and the astronaut (43 px) are not found. The most confident face is the person's; the detector (dlib's default
-    threshold) also finds a weak second "face" on the astronaut's suit in some copies, and it
-    stays a weak one (under 70 %).
+    size, the faces of obama_3 (36 px), biden_1 and the astronaut (43 px) are not found. The
+    most confident face is the person's; the detector (dlib's default threshold) also finds a
+    weak second "face" on the astronaut's suit in some copies, and it stays a weak one (under
+    70 %).
     """
     found: dict[tuple[str, str], np.ndarray] = {}
     missed = []
@@ -141,13 +142,19 @@ def test_two_people_never_match(embeddings: dict[tuple[str, str], np.ndarray]) -
 
 def test_the_analysis_finds_the_faces_and_only_them() -> None:
     for name in PEOPLE:
-        assert analyze_bytes((DEMO / name).read_bytes(), max_side=1024, max_pixels=64_000_000)[
-            "faces"
-        ]["count"] == 1, name
+        assert (
+            analyze_bytes((DEMO / name).read_bytes(), max_side=1024, max_pixels=64_000_000)[
+                "faces"
+            ]["count"]
+            == 1
+        ), name
     for name in NO_FACE:
-        assert analyze_bytes((DEMO / name).read_bytes(), max_side=1024, max_pixels=64_000_000)[
-            "faces"
-        ]["count"] == 0, name
+        assert (
+            analyze_bytes((DEMO / name).read_bytes(), max_side=1024, max_pixels=64_000_000)[
+                "faces"
+            ]["count"]
+            == 0
+        ), name
 
 
 def test_a_face_box_is_where_the_face_is() -> None:
