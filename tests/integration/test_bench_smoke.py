@@ -2,7 +2,7 @@
 
 Each script runs as a subprocess at tiny sizes (``bench_queue.py --smoke``, a few thousand
 rows for ``bench_scale.py``, a 2 s window for ``bench_fleet.py``, ``bench_health.py --smoke``,
-``bench_peers.py --smoke`` without graphile-worker).
+``bench_peers.py --smoke`` without graphile-worker, ``bench_local.py --smoke``).
 The tests check that every scenario ran and reported a value for each of its figures, never
 how fast: at these sizes, on a shared machine, the figures mean nothing.
 """
@@ -10,6 +10,7 @@ how fast: at these sizes, on a shared machine, the figures mean nothing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -344,3 +345,62 @@ def test_bench_peers_every_scenario_compares(pg_admin_dsn: str, tmp_path: Path) 
     for sample in doc["samples"]:
         if sample["scenario"] == "drain-2-daemons":
             assert len(sample["details"]["calls_by_worker"]) == 2, sample
+
+
+def test_bench_local_reports_every_figure(tmp_path: Path) -> None:
+    """``bench_local.py --smoke --against HEAD``: 1 s per phase, no database. Every figure is
+    a positive number, printed; each scaling run found its worker processes; the two sides of
+    ``--against`` imported ``listener`` from different checkouts, and the temporary one is
+    gone after."""
+    out = tmp_path / "local.json"
+    proc, doc = bench_json(
+        ["bench_local.py", "--smoke", "--against", "HEAD"], out, timeout_s=110, env=script_env(None)
+    )
+    figures = {f["key"]: f for f in doc["figures"]}
+    stages = ["decode", "gray", "quality", "phash", "face_detection"]
+    assert set(figures) == {
+        "fetch_ms",
+        *(f"{stage}_ms" for stage in stages),
+        "stages_sum_ms",
+        "analyze_bytes_ms",
+        "fetch_and_analyze_ms",
+        "analyze_bytes_images_per_s",
+        "faces_bytes_ms",
+        "faces_bytes_ms_per_face",
+        "faces_found",
+        "faces_decode_ms",
+        "faces_detect_ms",
+        "faces_embed_ms_per_face",
+        "end_to_end_images_per_s_1",
+        "worker_peak_rss_mb_1",
+        "end_to_end_images_per_s_2",
+        "worker_peak_rss_mb_2",
+        "scaling_ratio",
+        "against_new_images_per_s",
+        "against_old_images_per_s",
+        "against_ratio",
+    }
+    for figure in figures.values():
+        value = figure["value"]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, figure
+    shares = [figures[f"{stage}_ms"]["share_pct"] for stage in ["fetch", *stages]]
+    assert math.isclose(sum(shares), 100.0), shares
+    assert doc["settings"]["smoke"] is True and doc["settings"]["seconds"] == 1.0
+    assert "SOURCES.md" not in doc["settings"]["photos"] and len(doc["settings"]["photos"]) > 5
+    runs = doc["scaling"]["runs"]
+    assert [run["workers"] for run in runs] == [1, 2]
+    for run in runs:
+        assert run["images"] > 0, run
+        assert len(run["worker_memory"]) == run["workers"], run
+        for worker in run["worker_memory"]:
+            assert worker["peak_rss_mb"] >= worker["rss_mb"] > 0, worker
+        assert all(ms > 0 for ms in run["cpu_ms_per_image"].values()), run
+    assert doc["scaling"]["verdict"] in ("PASS", "MISS")
+    against = doc["against"]
+    new, old = against["new"]["listener"], against["old"]["listener"]
+    assert Path(new) == ROOT / "listener"
+    assert new != old and not Path(old).is_relative_to(ROOT), (new, old)
+    assert not Path(old).exists(), "the temporary worktree was not removed"
+    for label in ("face detection", "analyze_bytes on one core", "workers=2 / workers=1"):
+        assert label in proc.stdout, label
+    assert "new / old" in proc.stdout
