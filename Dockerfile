@@ -26,6 +26,10 @@ COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > requirements.txt \
     && /opt/listener/bin/pip install -r requirements.txt
+# face-recognition-models ships four dlib models; the faces step uses two. The other two (the
+# 68-point landmarks, 100 MB, and the CNN detector) are left out of the image.
+RUN rm /opt/listener/lib/python3*/site-packages/face_recognition_models/models/shape_predictor_68_face_landmarks.dat \
+        /opt/listener/lib/python3*/site-packages/face_recognition_models/models/mmod_human_face_detector.dat
 
 COPY README.md ./
 COPY listener ./listener

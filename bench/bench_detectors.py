@@ -21,6 +21,7 @@ Detectors (all with weights from PyPI packages, nothing downloaded at run time):
   detector before dlib's);
 - ``dlib hog 512`` / ``dlib hog 1024``: dlib's HOG frontal detector (``dlib-bin``) on the
   gray copy at 512 / 1024 px, no upsampling (the local analysis's ``face_max_side``);
+- ``dlib hog 512 x2``: the same at 512 px, upsampled once (``face_upsample=1``);
 - ``dlib cnn 512``: dlib's MMOD CNN detector (``mmod_human_face_detector.dat`` from
   ``face-recognition-models``) at 512 px.
 
@@ -105,7 +106,7 @@ def haar(side: int) -> Callable[[Pixels], list[Box]]:
     return detect
 
 
-def hog(side: int) -> Callable[[Pixels], list[Box]]:
+def hog(side: int, upsample: int = 0) -> Callable[[Pixels], list[Box]]:
     import dlib
 
     detector = dlib.get_frontal_face_detector()
@@ -114,7 +115,7 @@ def hog(side: int) -> Callable[[Pixels], list[Box]]:
         gray, f = fit(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), side)
         return [
             (r.left() / f, r.top() / f, r.width() / f, r.height() / f)
-            for r in detector(gray, 0)
+            for r in detector(gray, upsample)
         ]
 
     return detect
@@ -142,6 +143,7 @@ DETECTORS: dict[str, Callable[[], Callable[[Pixels], list[Box]]]] = {
     "opencv haar 1024": lambda: haar(1024),
     "dlib hog 512": lambda: hog(512),
     "dlib hog 1024": lambda: hog(1024),
+    "dlib hog 512 x2": lambda: hog(512, 1),
     "dlib cnn 512": lambda: cnn(512),
 }
 

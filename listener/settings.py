@@ -121,7 +121,10 @@ class LocalSettings(BaseModel):
         face_max_side: faces are detected (and, in the faces step, embedded) on a copy
             downscaled to this longest side (pixels). dlib's HOG detector finds faces of about
             80x80 pixels and larger in that copy: at 512, faces a sixth of the photo's longest
-            side. Doubling it finds faces half that size at about four times the time.
+            side. Raising it helps only for photos larger than it; ``face_upsample`` helps
+            for any.
+        face_upsample: times the detector doubles that copy before it looks (0-2): each
+            doubling finds faces half as small, at about four times the detection time.
         collection_prefix: the local faces step's collections are ``<prefix>-<owner>``;
             distinct from Rekognition's so the two never mix.
         auto_assign_similarity: the faces step: a face matching one of the owner's faces at or
@@ -135,6 +138,7 @@ class LocalSettings(BaseModel):
     workers: int | None = None
     analysis_max_side: int = 1024
     face_max_side: int = Field(default=512, ge=80, le=4096)
+    face_upsample: int = Field(default=0, ge=0, le=2)
     collection_prefix: str = "listener-local"
     auto_assign_similarity: float = Field(default=95.0, ge=0, le=100)
     suggest_similarity: float = Field(default=80.0, ge=0, le=100)

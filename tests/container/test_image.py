@@ -124,6 +124,7 @@ async def test_the_image_analyzes_rows_answers_health_checks_and_stops_gracefull
     # Podman shows the Docker format's HEALTHCHECK beside the config; the OCI format drops it.
     check = inspected.get("Healthcheck") or config.get("Healthcheck") or {}
     assert "/healthz" in " ".join(check.get("Test", [])), "HEALTHCHECK was dropped"
+    print(f"image size: {inspected['Size'] / 1e6:.0f} MB")
 
     health_port = _free_port()
     env = {"DATABASE_URL": empty_database}
@@ -136,6 +137,8 @@ async def test_the_image_analyzes_rows_answers_health_checks_and_stops_gracefull
         "LISTENER_FETCH__ALLOWED_HOSTS": '["127.0.0.1"]',
         "LISTENER_POLL_INTERVAL_S": "0.5",
         "LISTENER_LOCAL__WORKERS": "2",
+        # The faces step offline: its models must be in the image.
+        "LISTENER_TIERS__FACES": "true",
     }
     name = f"listener-test-{secrets.token_hex(4)}"
     health = f"http://127.0.0.1:{health_port}"
@@ -228,6 +231,15 @@ async def _scenario(
         )
         found = {row["url"].rsplit("/", 1)[1]: row["phash"] for row in rows}
         assert found == {photo: _local_phash(photo) for photo in PHOTOS}
+        # Faces offline, in the image: the three photographs of one man are one person.
+        people = await conn.fetch(
+            "SELECT f.person_id, array_agg(p.url ORDER BY p.url) AS urls FROM listener.faces f"
+            " JOIN public.photos p ON p.id::text = f.source_id"
+            " WHERE f.person_id IS NOT NULL GROUP BY f.person_id"
+        )
+        assert [[u.rsplit("/", 1)[1] for u in r["urls"]] for r in people] == [
+            ["obama_1.jpg", "obama_2.jpg", "obama_3.jpg"]
+        ], people
 
         for path in ("/healthz", "/readyz"):
             async with http.get(f"{health}{path}") as response:

@@ -404,3 +404,17 @@ def test_bench_local_reports_every_figure(tmp_path: Path) -> None:
     for label in ("face detection", "analyze_bytes on one core", "workers=2 / workers=1"):
         assert label in proc.stdout, label
     assert "new / old" in proc.stdout
+
+
+def test_bench_detectors_reports_recall_and_time(tmp_path: Path) -> None:
+    """``bench_detectors.py --smoke``: dlib's HOG detector on two photographs of people and one
+    without; it finds the faces of the photographs as shipped and reports a time."""
+    proc, doc = bench_json(
+        ["bench_detectors.py", "--smoke"], tmp_path / "detectors.json", 110, script_env(None)
+    )
+    (figure,) = doc["detectors"]
+    assert figure["detector"] == "dlib hog 512"
+    assert figure["faces"] == 12 and 0 < figure["found"] <= 12
+    assert not any(m.endswith("as shipped") for m in figure["missed"]), figure
+    assert figure["ms_per_image"] > 0
+    assert "dlib hog 512" in proc.stdout
