@@ -2,6 +2,22 @@
 
 Real Postgres; Rekognition is the fake (``listener.testing.FakeRekognition``) reached through
 the real ``aioboto3`` client; photos are served over HTTP to the real daemon.
+
+The tests of a deleted or re-analysed row's faces run for both back ends of the faces step
+(the ``backend`` fixture's parameter): ``rekognition`` (the fake, the fake's synthetic
+faces) and ``local`` (the offline step, ``pipeline=local`` with faces, on real photographs
+of two men: ``tests/people.py``). The local step keeps its faces only in ``listener.faces``
+(the embeddings ``nearest_faces`` searches), so there "recognisable" means recorded there;
+its drain deletes nothing remotely (``LocalProvider.delete_faces`` checks the collection is
+its own) and forgets the records.
+
+Rekognition only, as they test what only a remote collection has:
+``test_a_faces_step_in_flight_for_a_deleted_row_leaves_no_face`` (IndexFaces happens before
+the step's result is stored, so a refused result must be undone at Rekognition; the local step
+records nothing before its fenced store, which ``test_faces_effects`` covers for it) and
+``test_a_collection_deleted_outside_listener_is_created_again``. The local drain's own case,
+faces of another provider's collection, is
+``test_a_local_drain_forgets_its_own_faces_and_keeps_rekognitions``.
 """
 
 from __future__ import annotations
@@ -10,6 +26,7 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +34,21 @@ import aioboto3
 import asyncpg
 import pytest
 from awaiting import loop_signals, when
+from people import photo
 from support import (
     StaticServer,
     admit,
     faces_settings,
+    fast_settings,
     make_table,
     serve_photos,
     wait_until,
 )
 
+from listener.analysis.face_store import PgFaceStore
 from listener.analysis.faces import PgKnownFaces, external_image_id
 from listener.analysis.providers.base import ImageInput, StepContext
+from listener.analysis.providers.local import LocalProvider
 from listener.analysis.providers.rekognition import RekognitionProvider
 from listener.app import Daemon
 from listener.app_side.deletes import DeleteDrain
@@ -35,7 +56,7 @@ from listener.db.migrate import migrate
 from listener.db.queries import Queries
 from listener.queue.pg_store import PgJobStore
 from listener.queue.store import DeletedRow
-from listener.settings import RekognitionSettings, Settings, TierSettings
+from listener.settings import LocalSettings, RekognitionSettings, Settings, TierSettings
 from listener.testing import FakeRekognition, face_photo
 
 pytestmark = pytest.mark.usefixtures("aws_env")
@@ -43,22 +64,86 @@ FAKE = FakeRekognition  # the class of the ``fake`` fixture (conftest.py)
 
 TABLE = "public.images"
 COLLECTION = "listener-owner-1"
+LOCAL_COLLECTION = "listener-local-owner-1"
 
 
-@pytest.fixture
-async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
-    shots = {
+def synthetic_shots() -> dict[str, bytes]:
+    """The fake's photos: a1 and a2 one person, b another."""
+    return {
         "a1.jpg": face_photo("a", seed=1, scale=1.0),
         "a2.jpg": face_photo("a", seed=2, scale=1.25, position=(40, 60), brightness=1.05),
         "b.jpg": face_photo("b", seed=4),
     }
-    async with serve_photos(tmp_path, files=shots) as server:
+
+
+@pytest.fixture
+async def photos(tmp_path: Path) -> AsyncIterator[StaticServer]:
+    async with serve_photos(tmp_path, files=synthetic_shots()) as server:
         yield server
 
 
 def tiered(database_url: str, fake: FakeRekognition, **overrides: Any) -> Settings:
     """``faces_settings`` with the deletes handled every 0.2 s."""
     return faces_settings(database_url, fake, **{"deletes_interval_s": 0.2, **overrides})
+
+
+@dataclass
+class Backend:
+    """A back end of the faces step: its daemon's settings, the photos it is shown (a1.jpg
+    and a2.jpg one person, b.jpg another), and where it keeps the faces a person can be
+    recognised by."""
+
+    name: str
+    photos: StaticServer
+    fake: FakeRekognition | None
+    conn: asyncpg.Connection
+
+    def settings(self, database_url: str) -> Settings:
+        """A daemon whose pipeline has this back end's faces step; deletes every 0.2 s."""
+        if self.fake is not None:
+            return tiered(database_url, self.fake)
+        return fast_settings(
+            database_url,
+            pipeline="local",
+            tiers=TierSettings(faces=True),
+            local=LocalSettings(workers=1),
+            deletes_interval_s=0.2,
+        )
+
+    async def searchable(self, row_id: int) -> list[str]:
+        """The faces of the row owner-1's later photos are matched against: in the fake's
+        collection (Rekognition), or recorded with an embedding (the local step searches
+        ``listener.faces``)."""
+        if self.fake is not None:
+            return faces_in_collection(self.fake, row_id)
+        rows = await self.conn.fetch(
+            "SELECT face_id FROM listener.faces WHERE collection_id = $1 AND source_table = $2 "
+            "AND source_id = $3 AND cardinality(embedding) = 128 ORDER BY face_id",
+            LOCAL_COLLECTION,
+            TABLE,
+            str(row_id),
+        )
+        return [r["face_id"] for r in rows]
+
+
+@pytest.fixture(params=("rekognition", "local"))
+async def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, conn: asyncpg.Connection
+) -> AsyncIterator[Backend]:
+    """Each back end of the faces step in turn, with its photos served: the fake's synthetic
+    faces for Rekognition, photographs of Barack Obama (a1, a2) and Joe Biden (b) for the
+    local step."""
+    if request.param == "local":
+        shots = {
+            "a1.jpg": photo("obama_1.jpg"),
+            "a2.jpg": photo("obama_2.jpg"),
+            "b.jpg": photo("biden_1.jpg"),
+        }
+        async with serve_photos(tmp_path, files=shots) as server:
+            yield Backend("local", server, None, conn)
+        return
+    async with FakeRekognition() as fake, serve_photos(tmp_path, files=synthetic_shots()) as server:
+        yield Backend("rekognition", server, fake, conn)
 
 
 def faces_in_collection(fake: FakeRekognition, row_id: int) -> list[str]:
@@ -193,22 +278,18 @@ async def test_a_row_inserted_again_before_the_clean_up_gets_a_fresh_job(
 
 
 async def test_deleting_a_completed_row_deletes_its_faces_and_results(
-    database_url: str,
-    conn: asyncpg.Connection,
-    pool: asyncpg.Pool,
-    fake: FakeRekognition,
-    photos: StaticServer,
+    database_url: str, conn: asyncpg.Connection, pool: asyncpg.Pool, backend: Backend
 ) -> None:
     await make_table(conn, owner=True)
-    base = photos.base_url
-    async with Daemon(tiered(database_url, fake)) as daemon:
+    base = backend.photos.base_url
+    async with Daemon(backend.settings(database_url)) as daemon:
         a1 = await insert(conn, f"{base}/a1.jpg")
         await complete(daemon, conn, a1)
         a2 = await insert(conn, f"{base}/a2.jpg")
         b = await insert(conn, f"{base}/b.jpg")
         await complete(daemon, conn, a2, b)
-        assert len(faces_in_collection(fake, a1)) == 1
-        a1_face = faces_in_collection(fake, a1)[0]
+        (a1_face,) = await backend.searchable(a1)
+        assert len(await backend.searchable(b)) == 1
         # a2 is the same person as a1.
         assert await conn.fetchval(
             "SELECT matched_face FROM listener.faces WHERE source_id = $1", str(a2)
@@ -218,10 +299,10 @@ async def test_deleting_a_completed_row_deletes_its_faces_and_results(
         await daemon.signals.wait("forgotten", 2, timeout=20)
 
     # Gone from the collection and from listener: the user is no longer recognisable there.
-    assert faces_in_collection(fake, a1) == [] and faces_in_collection(fake, b) == []
+    assert await backend.searchable(a1) == [] and await backend.searchable(b) == []
     left = await conn.fetch("SELECT source_id, matched_face FROM listener.faces")
     assert [(r["source_id"], r["matched_face"]) for r in left] == [(str(a2), None)]
-    assert len(faces_in_collection(fake, a2)) == 1
+    assert len(await backend.searchable(a2)) == 1
     jobs = await conn.fetch("SELECT source_id FROM listener.jobs")
     assert [r["source_id"] for r in jobs] == [str(a2)]
     assert (
@@ -237,16 +318,12 @@ async def test_deleting_a_completed_row_deletes_its_faces_and_results(
 
 
 async def test_a_daemon_killed_mid_clean_up_loses_nothing(
-    database_url: str,
-    conn: asyncpg.Connection,
-    pool: asyncpg.Pool,
-    fake: FakeRekognition,
-    photos: StaticServer,
+    database_url: str, conn: asyncpg.Connection, pool: asyncpg.Pool, backend: Backend
 ) -> None:
     await make_table(conn, owner=True)
-    async with Daemon(tiered(database_url, fake)) as daemon:
-        a1 = await insert(conn, f"{photos.base_url}/a1.jpg")
-        b = await insert(conn, f"{photos.base_url}/b.jpg")
+    async with Daemon(backend.settings(database_url)) as daemon:
+        a1 = await insert(conn, f"{backend.photos.base_url}/a1.jpg")
+        b = await insert(conn, f"{backend.photos.base_url}/b.jpg")
         await complete(daemon, conn, a1, b)
     # No daemon runs: the deletes wait in the outbox.
     await conn.execute(f"DELETE FROM {TABLE} WHERE id = ANY($1::bigint[])", [a1, b])
@@ -259,12 +336,12 @@ async def test_a_daemon_killed_mid_clean_up_loses_nothing(
     )
     assert sum(len(f.leftovers) for f in forgotten) == 2
     assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
-    assert len(faces_in_collection(fake, a1)) == 1
+    assert len(await backend.searchable(a1)) == 1
 
     # The next daemon finds them once the dead one's lease ends, and finishes the job.
-    async with Daemon(tiered(database_url, fake)) as daemon:
+    async with Daemon(backend.settings(database_url)) as daemon:
         await daemon.signals.wait("forgotten", 2, timeout=20)
-    assert faces_in_collection(fake, a1) == [] and faces_in_collection(fake, b) == []
+    assert await backend.searchable(a1) == [] and await backend.searchable(b) == []
     assert await conn.fetchval("SELECT count(*) FROM listener.faces") == 0
     assert await outbox(conn) == []
 
@@ -302,6 +379,42 @@ async def test_a_faces_step_in_flight_for_a_deleted_row_leaves_no_face(
     assert await conn.fetchval("SELECT count(*) FROM listener.faces") == 0
     assert await conn.fetchval("SELECT count(*) FROM listener.jobs") == 0
     assert await conn.fetchval("SELECT count(*) FROM listener.results") == 0
+
+
+async def test_a_local_drain_forgets_its_own_faces_and_keeps_rekognitions(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """A daemon whose faces step is local makes no call to delete a face: the faces of its own
+    collections are forgotten at once. Faces Rekognition indexed (a pipeline switched from
+    Rekognition to the local step) wait, with the reason, for a daemon that can delete them
+    from their collection."""
+    await make_table(conn, owner=True)
+    mine = await insert(conn, "http://x/1.jpg")
+    theirs = await insert(conn, "http://x/2.jpg")
+    for row, collection, face_id, embedding in (
+        (mine, LOCAL_COLLECTION, "local-face", [0.01] * 128),
+        (theirs, COLLECTION, "rekognition-face", None),
+    ):
+        face = {"face_id": face_id, "bounding_box": {}, "confidence": 99.0, "decision": "new"}
+        if embedding is not None:
+            face["embedding"] = embedding
+        await conn.execute(
+            "SELECT listener.apply_face_effects(NULL, $1, $2, 'owner-1', $3::jsonb)",
+            TABLE,
+            str(row),
+            json.dumps({"collection_id": collection, "faces": [face]}),
+        )
+    await conn.execute(f"DELETE FROM {TABLE}")
+    # delete_faces and delete_row_faces need no worker process: the provider is not started.
+    local = LocalProvider(LocalSettings(), max_pixels=64_000_000)
+    drain = DeleteDrain(Queries(pool), PgJobStore(pool), local, records=PgFaceStore(pool))
+    assert await drain.tick() == 1
+    assert await conn.fetchval("SELECT array_agg(face_id) FROM listener.faces") == [
+        "rekognition-face"
+    ]
+    waiting = await conn.fetch("SELECT source_id, last_error FROM listener.deleted_rows")
+    assert [r["source_id"] for r in waiting] == [str(theirs)]
+    assert "indexed by another provider (Rekognition)" in waiting[0]["last_error"]
 
 
 async def job_is(conn: asyncpg.Connection, row_id: int, status: str) -> bool:
@@ -411,18 +524,19 @@ async def test_an_app_role_with_no_rights_on_listener_deletes_and_inserts_again(
 
 
 async def test_a_reanalyzed_or_replaced_photo_keeps_one_copy_of_its_faces(
-    database_url: str,
-    conn: asyncpg.Connection,
-    fake: FakeRekognition,
-    photos: StaticServer,
+    database_url: str, conn: asyncpg.Connection, backend: Backend
 ) -> None:
-    """A retag records each face once; a new image at the row drops the old image's faces."""
+    """A retag records each face once; a new image at the row drops the old image's faces.
+
+    The same photo analysed again is its own old face's twin (distance 0 for the local step):
+    the step leaves the row's own faces out of the search, so the new face is not matched to
+    the face it replaces."""
     await make_table(conn, owner=True)
-    base = photos.base_url
-    async with Daemon(tiered(database_url, fake)) as daemon:
+    base = backend.photos.base_url
+    async with Daemon(backend.settings(database_url)) as daemon:
         a1 = await insert(conn, f"{base}/a1.jpg")
         await complete(daemon, conn, a1)
-        [first] = faces_in_collection(fake, a1)
+        [first] = await backend.searchable(a1)
 
         # "Retag with AI": the row runs again from scratch.
         await conn.execute("SELECT listener.reanalyze($1, $2, 0)", TABLE, [str(a1)])
@@ -430,13 +544,28 @@ async def test_a_reanalyzed_or_replaced_photo_keeps_one_copy_of_its_faces(
             lambda: _recorded_faces_not(conn, a1, first), daemon.signals, "finished", timeout=30
         )
         await complete(daemon, conn, a1)
-        [second] = faces_in_collection(fake, a1)
+        [second] = await backend.searchable(a1)
         assert second != first  # indexed again, the old copy deleted first
         recorded = await conn.fetch(
-            "SELECT face_id, matched_face FROM listener.faces WHERE source_id = $1", str(a1)
+            "SELECT face_id, matched_face, person_id FROM listener.faces WHERE source_id = $1",
+            str(a1),
         )
         # One record, of the new face, which did not match the row's own old face.
-        assert [(r["face_id"], r["matched_face"]) for r in recorded] == [(second, None)]
+        assert [(r["face_id"], r["matched_face"], r["person_id"]) for r in recorded] == [
+            (second, None, None)
+        ]
+        output = json.loads(
+            await conn.fetchval(
+                "SELECT r.output FROM listener.results r JOIN listener.jobs j ON j.id = r.job_id "
+                "WHERE j.source_id = $1 AND r.step = $2",
+                str(a1),
+                f"{backend.name}.faces",
+            )
+        )
+        assert [(f["face_id"], f["decision"], f["matched_face_id"]) for f in output["faces"]] == [
+            (second, "new", None)
+        ]
+        assert await conn.fetchval("SELECT count(*) FROM listener.people") == 0
 
         # The row now shows another person's photo: the old face must not stay recognisable.
         await conn.execute(f"UPDATE {TABLE} SET url = $1 WHERE id = $2", f"{base}/b.jpg", a1)
@@ -444,7 +573,7 @@ async def test_a_reanalyzed_or_replaced_photo_keeps_one_copy_of_its_faces(
             lambda: _recorded_faces_not(conn, a1, second), daemon.signals, "finished", timeout=30
         )
         await complete(daemon, conn, a1)
-        [third] = faces_in_collection(fake, a1)
+        [third] = await backend.searchable(a1)
         assert third not in (first, second)
         assert await conn.fetchval("SELECT array_agg(face_id) FROM listener.faces") == [third]
 

@@ -1,10 +1,21 @@
 """Faces that users manage: accept, reject, merge, rename, from the app's role and the CLI.
 
-Real Postgres; the faces, people and suggestions are made by the faces step itself: the real
-``RekognitionProvider`` (``aioboto3``) against the Rekognition fake, its step stored by
-``PgJobStore.save_step`` (``listener.apply_face_effects``). The fake's test photos give the
-similarities the thresholds sort on: two photos of face "a" about 99 (assigned), the
-half-veiled "a_borderline" about 89 against "a" (a suggestion), the mirrored "b" about 59 (new).
+Real Postgres; the faces, people and suggestions are made by the faces step itself, stored by
+``PgJobStore.save_step`` (``listener.apply_face_effects``). Every test runs twice, once per
+back end of the faces step (the ``backend`` fixture's parameter), on the same ``SEED``:
+
+- ``rekognition``: the real ``RekognitionProvider`` (``aioboto3``) against the Rekognition
+  fake. The fake's test photos give the similarities the thresholds sort on: two photos of
+  face "a" about 99 (assigned), the half-veiled "a_borderline" about 89 against "a" (a
+  suggestion), the mirrored "b" about 59 (new).
+- ``local``: the offline ``LocalProvider`` (dlib embeddings in a worker process, searched in
+  Postgres by the ``nearest_faces`` query) on real photographs (``tests/people.py``): a1 and
+  a2 are two photographs of Barack Obama (96 %, assigned), "border" a blurred third one (87 %
+  against a1, a suggestion), b a photograph of Joe Biden (under 40 %, new).
+
+The review itself (``listener.*`` SQL functions, ``FaceReview``, the CLI) does not know which
+back end made the faces; only the collection's name differs (``listener-<owner>`` or
+``listener-local-<owner>``).
 """
 
 from __future__ import annotations
@@ -13,16 +24,19 @@ import asyncio
 import json
 import secrets
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from people import local_faces_provider, obama_borderline, photo
 from support import cli
 
 from listener.analysis.face_store import pg_effect_writers
 from listener.analysis.faces import PgKnownFaces
-from listener.analysis.providers.base import ImageInput, StepContext
+from listener.analysis.providers.base import ImageInput, Provider, StepContext
 from listener.analysis.providers.rekognition import RekognitionProvider
 from listener.app_side.face_review import FaceReview
 from listener.db.queries import Queries
@@ -35,14 +49,25 @@ from listener.testing import FakeRekognition, face_photo
 pytestmark = pytest.mark.usefixtures("aws_env")
 
 TABLE = "public.images"
+BACKENDS = ("rekognition", "local")
 PHOTOS = {
-    "a1": face_photo("a", seed=1, scale=1.0),
-    "a2": face_photo("a", seed=2, scale=1.25, position=(40, 60), brightness=1.05),
-    "border": face_photo("a_borderline", seed=3, scale=0.9),
-    "b": face_photo("b", seed=4),
+    "rekognition": {
+        "a1": face_photo("a", seed=1, scale=1.0),
+        "a2": face_photo("a", seed=2, scale=1.25, position=(40, 60), brightness=1.05),
+        "border": face_photo("a_borderline", seed=3, scale=0.9),
+        "b": face_photo("b", seed=4),
+    },
+    "local": {
+        "a1": photo("obama_1.jpg"),
+        "a2": photo("obama_2.jpg"),
+        "border": obama_borderline(),
+        "b": photo("biden_1.jpg"),
+    },
 }
+# The faces step's collections: "<prefix>-<owner>".
+PREFIX = {"rekognition": "listener", "local": "listener-local"}
 # Per owner, in order: alice's suggestion has a candidate in no person yet, bob's a candidate
-# in a person (a1 and a2, assigned at ~99%).
+# in a person (a1 and a2, assigned at 95% or more).
 SEED = [
     ("alice", "a1", "new"),
     ("alice", "border", "suggested"),
@@ -55,18 +80,32 @@ SEED = [
 
 @dataclass(frozen=True)
 class Seeded:
-    """Face ids by (owner, photo), and each owner's one suggestion (face, candidate)."""
+    """Face ids by (owner, photo), each owner's one suggestion (face, candidate), and the back
+    end that made them."""
 
     faces: dict[tuple[str, str], str]
     suggestion: dict[str, tuple[str, str]]
+    backend: str
+
+    def collection(self, owner: str) -> str:
+        """The owner's collection, as the faces step of this back end names it."""
+        return f"{PREFIX[self.backend]}-{owner}"
 
 
-@pytest.fixture
-async def seeded(pool: asyncpg.Pool) -> Seeded:
-    """Runs the faces step on each photo of ``SEED`` and stores it, as the daemon does."""
-    store = PgJobStore(pool, effects=pg_effect_writers())
-    faces: dict[tuple[str, str], str] = {}
-    suggestion: dict[str, tuple[str, str]] = {}
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which faces step made the faces: ``rekognition`` (the fake) or ``local`` (offline)."""
+    name: str = request.param
+    return name
+
+
+@asynccontextmanager
+async def faces_step(backend: str, pool: asyncpg.Pool) -> AsyncIterator[tuple[Provider, str]]:
+    """The started provider of ``backend``'s faces step and the step's name."""
+    if backend == "local":
+        async with local_faces_provider(pool) as local:
+            yield local, "local.faces"
+        return
     async with FakeRekognition() as fake:
         provider = RekognitionProvider(
             RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
@@ -74,25 +113,34 @@ async def seeded(pool: asyncpg.Pool) -> Seeded:
         )
         await provider.start()
         try:
-            for owner, photo, decision in SEED:
-                source_id = f"{owner}-{photo}"
-                await store.enqueue(TABLE, source_id, f"http://photos/{source_id}.jpg", owner)
-                (job,) = await store.claim(1, "worker-1", 30.0, uuid.uuid4())
-                image = ImageInput(
-                    job.id, TABLE, source_id, owner, "", PHOTOS[photo], "JPEG", 640, 480
-                )
-                result = await provider.run(
-                    "faces", image, StepContext("rekognition.faces", {}, job.claims)
-                )
-                assert await store.save_step(job, result)
-                (face,) = result.effects["faces"]["faces"]
-                assert face["decision"] == decision, (owner, photo, face["similarity"])
-                faces[owner, photo] = face["face_id"]
-                if decision == "suggested":
-                    suggestion[owner] = (face["face_id"], face["matched_face_id"])
+            yield provider, "rekognition.faces"
         finally:
             await provider.close()
-    return Seeded(faces, suggestion)
+
+
+@pytest.fixture
+async def seeded(pool: asyncpg.Pool, backend: str) -> Seeded:
+    """Runs the faces step on each photo of ``SEED`` and stores it, as the daemon does."""
+    store = PgJobStore(pool, effects=pg_effect_writers())
+    faces: dict[tuple[str, str], str] = {}
+    suggestion: dict[str, tuple[str, str]] = {}
+    async with faces_step(backend, pool) as (provider, step):
+        for owner, name, decision in SEED:
+            source_id = f"{owner}-{name}"
+            await store.enqueue(TABLE, source_id, f"http://photos/{source_id}.jpg", owner)
+            (job,) = await store.claim(1, "worker-1", 30.0, uuid.uuid4())
+            image = ImageInput(
+                job.id, TABLE, source_id, owner, "", PHOTOS[backend][name], "JPEG", 640, 480
+            )
+            result = await provider.run("faces", image, StepContext(step, {}, job.claims))
+            assert result is not None and result.step == step
+            assert await store.save_step(job, result)
+            (face,) = result.effects["faces"]["faces"]
+            assert face["decision"] == decision, (owner, name, face["similarity"])
+            faces[owner, name] = face["face_id"]
+            if decision == "suggested":
+                suggestion[owner] = (face["face_id"], face["matched_face_id"])
+    return Seeded(faces, suggestion, backend)
 
 
 async def person_of(conn: asyncpg.Connection, face_id: str) -> int | None:
@@ -162,7 +210,7 @@ async def test_accept_closes_the_faces_other_suggestions(
     other = seeded.faces["alice", "b"]
     # The faces step suggesting a second candidate for the same face.
     effect = {
-        "collection_id": "listener-alice",
+        "collection_id": seeded.collection("alice"),
         "faces": [
             {
                 "face_id": face,
@@ -237,8 +285,8 @@ async def test_merge_and_rename_people_of_one_owner(
     face, candidate = seeded.suggestion["alice"]
     first = await review.accept("alice", face, candidate)
     lone = await conn.fetchval(
-        "INSERT INTO listener.people (owner_id, collection_id) VALUES ('alice', "
-        "'listener-alice') RETURNING id"
+        "INSERT INTO listener.people (owner_id, collection_id) VALUES ('alice', $1) RETURNING id",
+        seeded.collection("alice"),
     )
     await conn.execute(
         "UPDATE listener.faces SET person_id = $1 WHERE face_id = $2",
@@ -346,11 +394,13 @@ async def test_an_app_role_granted_execute_reviews_its_owners_faces(
         await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
-def face_effect(face_id: str, decision: str, matched: str, similarity: float) -> str:
+def face_effect(
+    collection: str, face_id: str, decision: str, matched: str, similarity: float
+) -> str:
     """A faces step's effect for one face of alice, as the provider returns it."""
     return json.dumps(
         {
-            "collection_id": "listener-alice",
+            "collection_id": collection,
             "faces": [
                 {
                     "face_id": face_id,
@@ -375,9 +425,10 @@ async def test_faces_steps_wait_for_a_merge_and_land_in_the_merged_person(
     review = FaceReview(pool)
     face, candidate = seeded.suggestion["alice"]
     into = await review.accept("alice", face, candidate)
+    collection = seeded.collection("alice")
     merged = await conn.fetchval(
-        "INSERT INTO listener.people (owner_id, collection_id) VALUES ('alice', "
-        "'listener-alice') RETURNING id"
+        "INSERT INTO listener.people (owner_id, collection_id) VALUES ('alice', $1) RETURNING id",
+        collection,
     )
     known = seeded.faces["alice", "b"]
     await conn.execute("UPDATE listener.faces SET person_id = $1 WHERE face_id = $2", merged, known)
@@ -391,12 +442,18 @@ async def test_faces_steps_wait_for_a_merge_and_land_in_the_merged_person(
             saves = [
                 asyncio.create_task(
                     pool.fetchval(
-                        save, TABLE, "alice-new", face_effect("new", "assigned", known, 99)
+                        save,
+                        TABLE,
+                        "alice-new",
+                        face_effect(collection, "new", "assigned", known, 99),
                     )
                 ),
                 asyncio.create_task(
                     pool.fetchval(
-                        save, TABLE, "alice-near", face_effect("near", "suggested", known, 90)
+                        save,
+                        TABLE,
+                        "alice-near",
+                        face_effect(collection, "near", "suggested", known, 90),
                     )
                 ),
             ]
@@ -534,15 +591,15 @@ async def test_cli_lists_and_decides(
     assert "[bold]Bo[/bold]" in listing.stdout and "public.images bob-" in listing.stdout
 
     other = await conn.fetchval(
-        "INSERT INTO listener.people (owner_id, collection_id) VALUES ('bob', 'listener-bob') "
-        "RETURNING id"
+        "INSERT INTO listener.people (owner_id, collection_id) VALUES ('bob', $1) RETURNING id",
+        seeded.collection("bob"),
     )
     merged = cli(env, "faces", "merge", str(person), str(other))
     assert merged.returncode == 0, merged.stderr
     assert f"merged 1 people into person {person}: 0 faces moved" in merged.stdout
     alices = await conn.fetchval(
-        "INSERT INTO listener.people (owner_id, collection_id) VALUES ('alice', "
-        "'listener-alice') RETURNING id"
+        "INSERT INTO listener.people (owner_id, collection_id) VALUES ('alice', $1) RETURNING id",
+        seeded.collection("alice"),
     )
     across = cli(env, "faces", "merge", str(person), str(alices))
     assert across.returncode == 2 and f"not among the people of owner 'bob': {alices}" in (

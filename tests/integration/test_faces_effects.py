@@ -3,23 +3,32 @@
 Real Postgres (``PgJobStore``), the real ``aioboto3`` client against the Rekognition fake; the
 dispatcher's two moves (run the provider, then ``save_step``) are made by hand so that a lost
 lease or a crash can fall between them.
+
+The lease's fence holds for both back ends of the faces step: the lost-lease test runs for
+Rekognition (the fake's synthetic faces) and for the offline ``local`` step (real
+photographs, ``tests/people.py``: a1 and a2 Barack Obama, "border" a blurred third photograph
+of him, 87 % against a1). The local step indexes nothing outside Postgres, so its crash and
+retry test checks only that the records are not doubled; the tests of IndexFaces, ListFaces
+and DeleteFaces calls are Rekognition's alone.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
 from awaiting import jobs_finished
+from people import local_faces_provider, obama_borderline, photo
 from support import StaticServer, fast_settings, make_table
 
 from listener.analysis.face_store import pg_effect_writers
 from listener.analysis.faces import PgKnownFaces, external_image_id
-from listener.analysis.providers.base import ImageInput, StepContext, StepResult
+from listener.analysis.providers.base import ImageInput, Provider, StepContext, StepResult
 from listener.analysis.providers.rekognition import RekognitionProvider
 from listener.app import Daemon
 from listener.db.queries import Queries
@@ -37,6 +46,11 @@ PHOTOS = {
     "a2": face_photo("a", seed=2, scale=1.25, position=(40, 60), brightness=1.05),
     "border": face_photo("a_borderline", seed=3, scale=0.9),
 }
+LOCAL_PHOTOS = {
+    "a1": photo("obama_1.jpg"),
+    "a2": photo("obama_2.jpg"),
+    "border": obama_borderline(),
+}
 
 
 @pytest.fixture
@@ -52,6 +66,53 @@ async def provider(fake: FakeRekognition, pool: asyncpg.Pool) -> AsyncIterator[R
         yield p
     finally:
         await p.close()
+
+
+@dataclass(frozen=True)
+class FacesStep:
+    """A started faces step of one back end, and the photos it is shown by row id."""
+
+    provider: Provider
+    step: str
+    photos: Mapping[str, bytes]
+
+    async def run(self, job: Job) -> StepResult:
+        """Run the step on the job's photo, as the dispatcher does under the job's claim."""
+        image = ImageInput(
+            job.id,
+            job.source_table,
+            job.source_id,
+            job.owner_id,
+            job.image_url or "",
+            self.photos[job.source_id],
+            "JPEG",
+            640,
+            480,
+        )
+        result = await self.provider.run("faces", image, StepContext(self.step, {}, job.claims))
+        assert result is not None and result.step == self.step
+        return result
+
+
+@pytest.fixture(params=("rekognition", "local"))
+async def faces_step(
+    request: pytest.FixtureRequest, pool: asyncpg.Pool
+) -> AsyncIterator[FacesStep]:
+    """The faces step of each back end in turn: Rekognition (the fake), then the local step."""
+    if request.param == "local":
+        async with local_faces_provider(pool) as local:
+            yield FacesStep(local, "local.faces", LOCAL_PHOTOS)
+        return
+    async with FakeRekognition() as fake:
+        provider = RekognitionProvider(
+            RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
+            PgKnownFaces(Queries(pool)),
+        )
+        await provider.start()
+        try:
+            yield FacesStep(provider, "rekognition.faces", PHOTOS)
+        finally:
+            await provider.close()
 
 
 async def claim(store: PgJobStore, source_id: str) -> Job:
@@ -114,21 +175,18 @@ def collection_faces(fake: FakeRekognition, source_id: str) -> list[str]:
 
 
 async def test_a_lost_lease_writes_no_faces_people_or_suggestions(
-    conn: asyncpg.Connection,
-    pool: asyncpg.Pool,
-    fake: FakeRekognition,
-    provider: RekognitionProvider,
+    conn: asyncpg.Connection, pool: asyncpg.Pool, faces_step: FacesStep
 ) -> None:
     store = PgJobStore(pool, effects=pg_effect_writers())
     first = await enqueue_and_claim(store, "a1")
-    assert await store.save_step(first, await run_faces(provider, first))
+    assert await store.save_step(first, await faces_step.run(first))
     before = await table_counts(conn)
     assert before == {"faces": 1, "people": 0, "suggestions": 0, "results": 1}
 
     await store.enqueue(TABLE, "a2", "http://photos/a2.jpg", "owner-1")
     await store.enqueue(TABLE, "border", "http://photos/border.jpg", "owner-1")
     jobs = await store.claim(2, "frozen-worker", 30.0, uuid.uuid4())
-    results = [await run_faces(provider, job) for job in jobs]
+    results = [await faces_step.run(job) for job in jobs]
     # The steps had something to write: a person, a suggestion.
     assert [f["decision"] for r in results for f in r.effects["faces"]["faces"]] == [
         "assigned",
@@ -142,7 +200,7 @@ async def test_a_lost_lease_writes_no_faces_people_or_suggestions(
 
     # The same step under a held lease writes it all, and the person goes into the output.
     a2 = await claim(store, "a2")
-    result = await run_faces(provider, a2)
+    result = await faces_step.run(a2)
     assert await store.save_step(a2, result)
     person = await conn.fetchval(
         "SELECT person_id FROM listener.faces WHERE source_id = 'a1' AND source_table = $1", TABLE
@@ -192,6 +250,73 @@ async def test_a_crash_after_index_faces_leaves_one_copy_of_each_face(
     )
     assert [r["face_id"] for r in rows] == [face] and rows[0]["person_id"] is not None
     assert await table_counts(conn) == {"faces": 2, "people": 1, "suggestions": 0, "results": 2}
+
+
+async def row_faces(conn: asyncpg.Connection, source_id: str) -> list[asyncpg.Record]:
+    """The faces recorded for row ``source_id`` of ``TABLE``."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT face_id, person_id, matched_face, cardinality(embedding) AS floats "
+        "FROM listener.faces WHERE source_table = $1 AND source_id = $2",
+        TABLE,
+        source_id,
+    )
+    return rows
+
+
+async def test_a_local_faces_step_run_again_under_a_new_claim_records_each_face_once(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """The local step writes nothing before its fenced store, so a run that died leaves
+    nothing; a run stored, then run again under a new claim (a daemon killed after storing the
+    step, before completing the job), replaces the row's face rather than adding one, and the
+    new face is matched to the owner's other photo, not to the face it replaces."""
+    async with local_faces_provider(pool) as provider:
+        step = FacesStep(provider, "local.faces", LOCAL_PHOTOS)
+        store = PgJobStore(pool, effects=pg_effect_writers())
+        first = await enqueue_and_claim(store, "a1")
+        assert await store.save_step(first, await step.run(first))
+        (a1,) = await row_faces(conn, "a1")
+
+        # Killed before storing: nothing of that run is anywhere.
+        job = await enqueue_and_claim(store, "a2")
+        crashed = await step.run(job)
+        (orphan,) = crashed.effects["faces"]["faces"]
+        assert await row_faces(conn, "a2") == []
+        await lose_lease(conn, store, job)
+
+        retry = await claim(store, "a2")
+        assert retry.claims == 2
+        result = await step.run(retry)
+        assert result.output["removed_faces"] == 0
+        assert await store.save_step(retry, result)
+        (face,) = result.effects["faces"]["faces"]
+        assert face["face_id"] != orphan["face_id"]
+        assert (face["decision"], face["matched_face_id"]) == ("assigned", a1["face_id"])
+        (recorded,) = await row_faces(conn, "a2")
+        person = recorded["person_id"]
+        assert (recorded["face_id"], recorded["floats"]) == (face["face_id"], 128)
+        assert person is not None
+
+        # Stored, then the job handed back before it completed: the step runs again.
+        await lose_lease(conn, store, retry)
+        again = await claim(store, "a2")
+        rerun = await step.run(again)
+        (face2,) = rerun.effects["faces"]["faces"]
+        # Its own earlier face (the same photo, distance 0) is left out of the search.
+        assert (face2["decision"], face2["matched_face_id"]) == ("assigned", a1["face_id"])
+        assert not await store.save_step(retry, result)  # the old claim is fenced out
+        assert await store.save_step(again, rerun)
+        assert [(r["face_id"], r["person_id"]) for r in await row_faces(conn, "a2")] == [
+            (face2["face_id"], person)
+        ]
+    assert await table_counts(conn) == {"faces": 2, "people": 1, "suggestions": 0, "results": 2}
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM listener.faces WHERE face_id = ANY($1::text[])",
+            [orphan["face_id"], face["face_id"]],
+        )
+        == 0
+    )
 
 
 async def test_a_first_claim_does_not_list_the_collection(
