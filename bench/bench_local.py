@@ -483,10 +483,17 @@ def machine_ticks() -> tuple[int, int]:
 
 
 async def scaling_phase(
-    base_url: str, server_pid: int, names: list[str], workers: int, seconds: float
+    base_url: str,
+    server_pid: int,
+    names: list[str],
+    workers: int,
+    seconds: float,
+    prefetched: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """End to end with ``workers`` processes; also the CPU each party used per image and the
-    share of the machine's CPU other processes used meanwhile."""
+    share of the machine's CPU other processes used meanwhile. With ``prefetched`` (photo
+    name -> bytes), the images are not fetched: the analysis processes alone, fed from
+    memory, without the HTTP server and the fetches sharing the machine's cores."""
     from listener.analysis.providers.base import ImageInput
     from listener.analysis.providers.local import LocalProvider
     from listener.settings import LocalSettings
@@ -505,7 +512,14 @@ async def scaling_phase(
     start_s = time.perf_counter() - started
 
     async def one(index: int) -> None:
-        fetched = await fetcher.fetch(f"{base_url}/{names[index % len(names)]}")
+        name = names[index % len(names)]
+        if prefetched is not None:
+            data = prefetched[name]
+            await provider.analyze(
+                ImageInput(index, "public.images", str(index), None, name, data, "", 0, 0)
+            )
+            return
+        fetched = await fetcher.fetch(f"{base_url}/{name}")
         await provider.analyze(
             ImageInput(
                 job_id=index,
@@ -733,6 +747,25 @@ def build_figures(doc: dict[str, Any]) -> list[dict[str, Any]]:
             figure(f"worker_peak_rss_mb_{n}", f"worker peak RSS, workers={n} (max)", peak, "MB")
         )
     rows.append(figure("scaling_ratio", "workers=2 / workers=1", doc["scaling"]["ratio"], "x"))
+    alone = doc["scaling"]["processes_alone"]
+    for run in alone["runs"]:
+        n = run["workers"]
+        rows.append(
+            figure(
+                f"processes_alone_images_per_s_{n}",
+                f"analysis processes alone, workers={n}",
+                run["images_per_s"],
+                "images/s",
+            )
+        )
+    rows.append(
+        figure(
+            "processes_alone_ratio",
+            "analysis processes alone, workers=2 / workers=1",
+            alone["ratio"],
+            "x",
+        )
+    )
     if doc.get("against"):
         a = doc["against"]
         rows += [
@@ -806,6 +839,18 @@ def print_report(doc: dict[str, Any]) -> None:
         f"  workers=2 / workers=1 {scaling['ratio']:.2f}x  target >= {SCALING_TARGET}  "
         f"{scaling['verdict']}"
     )
+    alone = scaling["processes_alone"]
+    print("analysis processes alone (images from memory: no fetch, no HTTP server)")
+    for run in alone["runs"]:
+        print(
+            f"  workers={run['workers']}  {run['images_per_s']:>7.1f} images/s; workers busy "
+            f"{run['workers_busy_pct']:.0f}%; this process "
+            f"{run['cpu_ms_per_image']['this process']:.1f} CPU ms per image"
+        )
+    print(
+        f"  workers=2 / workers=1 {alone['ratio']:.2f}x  target >= {SCALING_TARGET}  "
+        f"{alone['verdict']}"
+    )
     if doc.get("against"):
         a = doc["against"]
         print()
@@ -859,12 +904,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for workers in (1, 2):
             print(f"end to end, workers={workers} ({seconds:g} s)...", flush=True)
             runs.append(await scaling_phase(base_url, server_pid, names, workers, seconds))
+        alone = []
+        for workers in (1, 2):
+            print(f"analysis processes alone, workers={workers} ({seconds:g} s)...", flush=True)
+            alone.append(await scaling_phase(base_url, server_pid, names, workers, seconds, photos))
     ratio = runs[1]["images_per_s"] / runs[0]["images_per_s"]
+    alone_ratio = alone[1]["images_per_s"] / alone[0]["images_per_s"]
     doc["scaling"] = {
         "runs": runs,
         "ratio": ratio,
         "target": SCALING_TARGET,
         "verdict": "PASS" if ratio >= SCALING_TARGET else "MISS",
+        "processes_alone": {
+            "runs": alone,
+            "ratio": alone_ratio,
+            "verdict": "PASS" if alone_ratio >= SCALING_TARGET else "MISS",
+        },
     }
     doc["against"] = None
     if args.against:

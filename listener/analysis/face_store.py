@@ -19,6 +19,11 @@ from typing import Any, Protocol
 import asyncpg
 
 from listener.analysis.effects import FACES, FacesEffect
+from listener.analysis.faces import FaceMatch, IndexedFace, decide
+from listener.analysis.providers.local_faces import (
+    distance_for_similarity,
+    similarity_from_distance,
+)
 from listener.db.queries import load_queries
 from listener.queue.memory_store import MemoryJobStore
 from listener.queue.pg_store import EffectWriter, HeldJob
@@ -71,10 +76,19 @@ class MemoryFaceStore:
 
 
 class PgFacesEffect(FacesEffect):
-    """The ``"faces"`` effect's writer in Postgres (``listener.analysis.effects``)."""
+    """The ``"faces"`` effect's writer in Postgres (``listener.analysis.effects``).
+
+    A payload whose faces carry embeddings (the local faces step) is decided again here,
+    under the owner's faces lock (``listener.lock_owner_faces``), against the faces recorded
+    at that moment: the step searched before it was stored, and two images of one person
+    analyzed at the same time would each have missed the other. With the lock, the second
+    to be stored waits for the first to commit, then finds its faces.
+    """
 
     def __init__(self) -> None:
-        self._sql = load_queries()["apply_face_effects"].sql
+        queries = load_queries()
+        self._sql = queries["apply_face_effects"].sql
+        self._nearest = queries["nearest_faces"].sql
 
     async def write(
         self,
@@ -84,7 +98,10 @@ class PgFacesEffect(FacesEffect):
         output: dict[str, Any],
     ) -> dict[str, Any]:
         """Record the faces, people and suggestions (``listener.apply_face_effects``) and put
-        each face's person id into ``output["faces"]``."""
+        each face's person id into ``output["faces"]``; a payload with embeddings is decided
+        again first (see the class)."""
+        if _searchable(payload):
+            payload = await self._decide_again(conn, job, payload, output)
         people = json.loads(
             await conn.fetchval(
                 self._sql,
@@ -103,6 +120,74 @@ class PgFacesEffect(FacesEffect):
                 for f in output[FACES]
             ]
         return output
+
+    async def _decide_again(
+        self, conn: asyncpg.Connection, job: HeldJob, payload: Any, output: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The payload with each face's decision made against the owner's faces as they are
+        now (``nearest_faces``, on this transaction's connection, under the owner's lock);
+        ``output["faces"]`` entries of the same face_id get the same decision."""
+        await conn.execute("SELECT listener.lock_owner_faces($1)", job.owner_id)
+        auto = float(payload["auto_assign_similarity"])
+        suggest = float(payload["suggest_similarity"])
+        reach = distance_for_similarity(suggest)
+        faces = payload["faces"]
+        indexed: list[IndexedFace] = []
+        matches: dict[str, list[FaceMatch]] = {}
+        for face in faces:
+            rows = await conn.fetch(
+                self._nearest,
+                payload["collection_id"],
+                [float(v) for v in face["embedding"]],
+                job.source_table,
+                job.source_id,
+                reach,
+                5,
+            )
+            indexed.append(IndexedFace(face["face_id"], face["bounding_box"], face["confidence"]))
+            matches[face["face_id"]] = [
+                FaceMatch(r["face_id"], similarity_from_distance(float(r["distance"])))
+                for r in rows
+            ]
+        known = {m.face_id for found in matches.values() for m in found}
+        decisions = decide(indexed, matches, known, auto, suggest)
+        by_id = {d["face_id"]: d for d in decisions}
+        if isinstance(output.get(FACES), list):
+            output[FACES] = [
+                {
+                    **f,
+                    "decision": by_id[f["face_id"]]["decision"],
+                    "matched_face_id": by_id[f["face_id"]]["matched_face_id"],
+                    "similarity": _rounded(by_id[f["face_id"]]["similarity"]),
+                }
+                if isinstance(f, Mapping) and f.get("face_id") in by_id
+                else f
+                for f in output[FACES]
+            ]
+        return {
+            **payload,
+            "faces": [
+                {**d, "embedding": face["embedding"]}
+                for d, face in zip(decisions, faces, strict=True)
+            ],
+        }
+
+
+def _searchable(payload: Any) -> bool:
+    """A faces payload the writer decides again: its faces all carry embeddings, and it
+    names its thresholds (the local faces step's)."""
+    return (
+        isinstance(payload, Mapping)
+        and "auto_assign_similarity" in payload
+        and "suggest_similarity" in payload
+        and isinstance(payload.get("faces"), list)
+        and bool(payload["faces"])
+        and all(isinstance(f, Mapping) and "embedding" in f for f in payload["faces"])
+    )
+
+
+def _rounded(similarity: float | None) -> float | None:
+    return None if similarity is None else round(similarity, 2)
 
 
 def pg_effect_writers() -> dict[str, EffectWriter]:

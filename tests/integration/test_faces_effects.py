@@ -319,6 +319,38 @@ async def test_a_local_faces_step_run_again_under_a_new_claim_records_each_face_
     )
 
 
+async def test_two_photos_of_one_person_analyzed_at_once_become_one_person(
+    conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """Two workers run the local step on two photos of one person at the same moment: each
+    searches before the other is stored and finds no one. The job store decides again when
+    it stores a step, under the owner's faces lock, so the second stored joins the first:
+    one person, and the second step's stored output says so."""
+    async with local_faces_provider(pool) as provider:
+        step = FacesStep(provider, "local.faces", LOCAL_PHOTOS)
+        store = PgJobStore(pool, effects=pg_effect_writers())
+        first = await enqueue_and_claim(store, "a1")
+        second = await enqueue_and_claim(store, "a2")
+        results = [await step.run(first), await step.run(second)]
+        for result in results:
+            assert [f["decision"] for f in result.effects["faces"]["faces"]] == ["new"]
+        assert await store.save_step(first, results[0])
+        assert await store.save_step(second, results[1])
+    (a1,) = await row_faces(conn, "a1")
+    (a2,) = await row_faces(conn, "a2")
+    assert a1["person_id"] is not None and a2["person_id"] == a1["person_id"]
+    assert a2["matched_face"] == a1["face_id"]
+    stored = json.loads(
+        await conn.fetchval(
+            "SELECT output FROM listener.results WHERE job_id = $1 AND step = 'local.faces'",
+            second.id,
+        )
+    )
+    (face,) = stored["faces"]
+    assert (face["decision"], face["matched_face_id"]) == ("assigned", a1["face_id"])
+    assert face["similarity"] >= 95.0 and face["person_id"] == a1["person_id"]
+
+
 async def test_a_first_claim_does_not_list_the_collection(
     pool: asyncpg.Pool, fake: FakeRekognition, provider: RekognitionProvider
 ) -> None:

@@ -4,9 +4,9 @@
 The photographs (``listener/demo_images``, ``tests/people.py``): three different photographs
 of Barack Obama (95-97 % similar to each other for the local step: assigned), one of Joe Biden
 and one of the astronaut Eileen Collins (under 40 % against anyone else: new faces). Each
-daemon runs one job at a time (``LISTENER_CONCURRENCY=1``): a photograph is matched against the
-owner's faces recorded before its step searched, so two photographs of one person whose steps
-run at the same moment may miss each other, and the people would depend on timing.
+daemon runs several jobs at once (two analysis processes, four jobs in flight): two
+photographs of one person whose steps search at the same moment miss each other there, and
+the job store's second decision, under the owner's lock, is what makes them one person.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ OWNERS = ("alice", "bob")
 
 
 def daemon_env(env: Mapping[str, str], **more: str) -> dict[str, str]:
-    """``env`` for a daemon of the local pipeline with the faces step, one job at a time, one
-    analysis process, fetching from 127.0.0.1."""
+    """``env`` for a daemon of the local pipeline with the faces step, four jobs at a time on
+    two analysis processes, fetching from 127.0.0.1."""
     return {
         **env,
         "LISTENER_PIPELINE": "local",
         "LISTENER_TIERS__FACES": "true",
-        "LISTENER_LOCAL__WORKERS": "1",
-        "LISTENER_CONCURRENCY": "1",
+        "LISTENER_LOCAL__WORKERS": "2",
+        "LISTENER_CONCURRENCY": "4",
         "LISTENER_FETCH__ALLOWED_HOSTS": '["127.0.0.1"]',
         **{f"LISTENER_{k.upper()}": v for k, v in more.items()},
     }

@@ -790,7 +790,16 @@ class LocalProvider:
             output=output,
             model=FACES_MODEL,
             duration_s=time.perf_counter() - started,
-            effects={"faces": {"collection_id": collection, "faces": effect}},
+            effects={
+                "faces": {
+                    "collection_id": collection,
+                    "faces": effect,
+                    # The job store decides again with these, under the owner's lock
+                    # (listener.analysis.face_store.PgFacesEffect).
+                    "auto_assign_similarity": s.auto_assign_similarity,
+                    "suggest_similarity": s.suggest_similarity,
+                }
+            },
         )
 
     async def delete_faces(self, collection_id: str, face_ids: list[str]) -> int:
