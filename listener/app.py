@@ -121,11 +121,14 @@ def _openai_provider(settings: Settings, shared: SharedResources) -> Provider:
 
 
 def _rekognition_provider(settings: Settings, shared: SharedResources) -> Provider:
-    from listener.analysis.faces import PgKnownFaces
+    from listener.analysis.faces import PgFaceIntents, PgKnownFaces
     from listener.analysis.providers.rekognition import RekognitionProvider
 
     return RekognitionProvider(
-        settings.rekognition, PgKnownFaces(shared.queries), tracing=shared.tracing
+        settings.rekognition,
+        PgKnownFaces(shared.queries),
+        tracing=shared.tracing,
+        intents=PgFaceIntents(shared.queries),
     )
 
 

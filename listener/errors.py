@@ -28,6 +28,11 @@ until its attempts run out and then failed, with the exception's text as its rea
 from __future__ import annotations
 
 
+class LeaseLost(RuntimeError):
+    """The job's lease expired and another worker took it: stop working on it (nothing more
+    is written or sent for it by this worker)."""
+
+
 class ListenerError(Exception):
     """Base class of every error listener raises on purpose.
 

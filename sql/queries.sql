@@ -443,6 +443,31 @@ ORDER BY j.id;
 -- Which of the given FaceIds listener has recorded (matches to others are ignored).
 SELECT face_id FROM listener.faces WHERE face_id = ANY($1::text[]);
 
+-- name: record_face_intent :one
+-- Job $1's faces step, under claim $2 (lease token $3), is about to send IndexFaces to
+-- collection $4 for ExternalImageId $5: recorded first, fenced by the lease. No row: the
+-- lease is lost, and the request must not be sent.
+INSERT INTO listener.face_index_intents (job_id, claims, collection_id, external_image_id)
+SELECT j.id, $2, $4, $5
+FROM listener.jobs AS j
+WHERE j.id = $1 AND j.lease_token = $3 AND j.status = 'processing'
+ON CONFLICT (job_id, claims) DO UPDATE
+SET collection_id = EXCLUDED.collection_id, external_image_id = EXCLUDED.external_image_id,
+    created_at = now()
+RETURNING job_id;
+
+-- name: earlier_face_intents :many
+-- IndexFaces requests that claims of job $1 before claim $2 sent (or were about to send) and
+-- never stored: (collection, ExternalImageId), each once.
+SELECT DISTINCT collection_id, external_image_id
+FROM listener.face_index_intents
+WHERE job_id = $1 AND claims < $2
+ORDER BY collection_id, external_image_id;
+
+-- name: forget_face_intents :execute
+-- Job $1's faces step is stored: its IndexFaces requests are accounted for.
+DELETE FROM listener.face_index_intents WHERE job_id = $1;
+
 -- name: nearest_faces :many
 -- The faces of collection $1 whose embedding lies within Euclidean distance $5 of embedding $2
 -- (real[]), nearest first, $6 of them; the faces of app row ($3 table, $4 id) are left out (a

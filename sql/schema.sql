@@ -404,6 +404,18 @@ CREATE INDEX faces_collection_idx ON listener.faces (collection_id);
 CREATE INDEX faces_source_idx ON listener.faces (source_table, source_id);
 CREATE INDEX faces_owner_idx ON listener.faces (owner_id, person_id);
 
+-- An IndexFaces request the Rekognition faces step is about to send (0026): recorded first,
+-- fenced by the lease; deleted when the step is stored. One left by an earlier claim means
+-- that claim may have indexed faces no one recorded: the next claim cleans them up.
+CREATE TABLE listener.face_index_intents (
+    job_id            bigint      NOT NULL REFERENCES listener.jobs (id) ON DELETE CASCADE,
+    claims            integer     NOT NULL,
+    collection_id     text        NOT NULL,
+    external_image_id text        NOT NULL,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job_id, claims)
+);
+
 -- A face that may be a candidate face's person (similarity between the suggest and the
 -- auto-assign thresholds). owner_id is the face's owner; 'superseded': closed without a
 -- decision of its own (another suggestion of the face was accepted, or both faces came to

@@ -39,7 +39,7 @@ from listener.analysis.providers.base import (
     StepResult,
 )
 from listener.analysis.ratelimit import TokenBucket
-from listener.errors import ProviderPaused, RateLimited, StepTimeout
+from listener.errors import LeaseLost, ProviderPaused, RateLimited, StepTimeout
 from listener.ops.metrics import Metrics
 from listener.ops.tracing import AttributeValue, Tracing
 from listener.queue.outcomes import (
@@ -230,10 +230,6 @@ class _ToBatch(Exception):
         self.step = step
 
 
-class LeaseLost(RuntimeError):
-    """The job's lease expired and another worker took it: stop working on it."""
-
-
 def paid_providers(names: Iterable[str], prices: Mapping[str, Price]) -> frozenset[str]:
     """The providers among ``names`` with a non-zero price (``provider`` or
     ``provider:model`` keys of ``prices``): the daily budget applies to them."""
@@ -393,7 +389,9 @@ class Dispatcher:
                 continue
             if step.provider in self._batchable and self.batches(job):
                 raise _ToBatch(step.name)
-            result = await self._step(step, image, StepContext(step.name, outputs, job.claims))
+            result = await self._step(
+                step, image, StepContext(step.name, outputs, job.claims, job.lease_token)
+            )
             if result is None:
                 continue
             if digest is not None:

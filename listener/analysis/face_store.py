@@ -89,6 +89,7 @@ class PgFacesEffect(FacesEffect):
         queries = load_queries()
         self._sql = queries["apply_face_effects"].sql
         self._nearest = queries["nearest_faces"].sql
+        self._forget_intents = queries["forget_face_intents"].sql
 
     async def write(
         self,
@@ -102,6 +103,8 @@ class PgFacesEffect(FacesEffect):
         again first (see the class)."""
         if _searchable(payload):
             payload = await self._decide_again(conn, job, payload, output)
+        # The step's IndexFaces requests (and any an earlier claim left) are accounted for.
+        await conn.execute(self._forget_intents, job.id)
         people = json.loads(
             await conn.fetchval(
                 self._sql,

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
     from listener.db.queries import Queries
 
 Decision = Literal["assigned", "suggested", "new"]
@@ -115,6 +117,59 @@ class PgKnownFaces:
     async def of_row(self, source_table: str, source_id: str) -> dict[str, list[str]]:
         """See ``KnownFaces.of_row``."""
         return await self._q.row_face_ids(source_table, source_id)
+
+
+class FaceIntents(Protocol):
+    """IndexFaces requests recorded before they are sent (``listener.face_index_intents``).
+
+    A faces step records its request first, fenced by the job's lease, and the job store
+    forgets the job's requests when it stores the step. A request left by an earlier claim
+    means that claim may have indexed faces no one recorded: only then does a later claim list
+    the collection to clean up.
+    """
+
+    async def record(
+        self, job_id: int, claims: int, lease_token: UUID, collection: str, external_id: str
+    ) -> bool:
+        """Record that claim ``claims`` of job ``job_id`` is about to send IndexFaces to
+        ``collection`` with ``external_id``; ``False`` when the lease is lost (the request
+        must then not be sent)."""
+        ...
+
+    async def earlier(self, job_id: int, claims: int) -> list[tuple[str, str]]:
+        """The requests of claims before ``claims`` that were never stored:
+        ``[(collection, ExternalImageId)]``."""
+        ...
+
+
+class PgFaceIntents:
+    """``FaceIntents`` over the ``record_face_intent`` and ``earlier_face_intents`` queries.
+
+    Args:
+        queries: the named queries.
+    """
+
+    def __init__(self, queries: Queries) -> None:
+        self._q = queries
+
+    async def record(
+        self, job_id: int, claims: int, lease_token: UUID, collection: str, external_id: str
+    ) -> bool:
+        """See ``FaceIntents.record``."""
+        return await self._q.record_face_intent(
+            job_id, claims, lease_token, collection, external_id
+        )
+
+    async def earlier(self, job_id: int, claims: int) -> list[tuple[str, str]]:
+        """See ``FaceIntents.earlier``."""
+        return await self._q.earlier_face_intents(job_id, claims)
+
+
+def legacy_external_image_id(source_id: str) -> str:
+    """The ``ExternalImageId`` faces were indexed under before it named the table: the row id
+    made safe (``safe_id``). Clean-ups match it too, but delete only faces under it that
+    listener never recorded (another table's row may have the same id)."""
+    return safe_id(source_id)
 
 
 @dataclass(frozen=True, slots=True)

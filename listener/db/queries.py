@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Protocol, TypeVar
+from uuid import UUID
 
 import asyncpg
 
@@ -193,6 +194,22 @@ class Queries:
         """Which of ``face_ids`` (Rekognition FaceIds) listener has recorded."""
         rows = await self._pool.fetch(self._sql["known_face_ids"], list(face_ids))
         return {r[0] for r in rows}
+
+    async def record_face_intent(
+        self, job_id: int, claims: int, lease_token: UUID, collection: str, external_id: str
+    ) -> bool:
+        """Record an IndexFaces request before it is sent (``record_face_intent``), fenced by
+        the lease; ``False`` when the lease is lost (then it must not be sent)."""
+        found = await self._pool.fetchval(
+            self._sql["record_face_intent"], job_id, claims, lease_token, collection, external_id
+        )
+        return found is not None
+
+    async def earlier_face_intents(self, job_id: int, claims: int) -> list[tuple[str, str]]:
+        """IndexFaces requests of claims of ``job_id`` before ``claims`` that were never
+        stored: ``[(collection, ExternalImageId)]`` (``earlier_face_intents``)."""
+        rows = await self._pool.fetch(self._sql["earlier_face_intents"], job_id, claims)
+        return [(r["collection_id"], r["external_image_id"]) for r in rows]
 
     async def nearest_faces(
         self,

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import aioboto3
 import asyncpg
 import pytest
 from awaiting import jobs_finished
@@ -27,11 +28,12 @@ from people import local_faces_provider, obama_borderline, photo
 from support import StaticServer, fast_settings, make_table
 
 from listener.analysis.face_store import pg_effect_writers
-from listener.analysis.faces import PgKnownFaces, external_image_id
+from listener.analysis.faces import PgFaceIntents, PgKnownFaces, external_image_id
 from listener.analysis.providers.base import ImageInput, Provider, StepContext, StepResult
 from listener.analysis.providers.rekognition import RekognitionProvider
 from listener.app import Daemon
 from listener.db.queries import Queries
+from listener.errors import LeaseLost
 from listener.queue.outcomes import Job
 from listener.queue.pg_store import PgJobStore
 from listener.settings import RateLimit, RekognitionSettings, TierSettings
@@ -60,6 +62,7 @@ async def provider(fake: FakeRekognition, pool: asyncpg.Pool) -> AsyncIterator[R
         RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
         PgKnownFaces(Queries(pool)),
         page_size=1,
+        intents=PgFaceIntents(Queries(pool)),
     )
     await p.start()
     try:
@@ -89,7 +92,8 @@ class FacesStep:
             640,
             480,
         )
-        result = await self.provider.run("faces", image, StepContext(self.step, {}, job.claims))
+        context = StepContext(self.step, {}, job.claims, job.lease_token)
+        result = await self.provider.run("faces", image, context)
         assert result is not None and result.step == self.step
         return result
 
@@ -107,6 +111,7 @@ async def faces_step(
         provider = RekognitionProvider(
             RekognitionSettings(endpoint_url=fake.endpoint_url, region="us-east-1"),
             PgKnownFaces(Queries(pool)),
+            intents=PgFaceIntents(Queries(pool)),
         )
         await provider.start()
         try:
@@ -150,7 +155,7 @@ async def run_faces(
         640,
         480,
     )
-    context = StepContext("rekognition.faces", {}, job.claims)
+    context = StepContext("rekognition.faces", {}, job.claims, job.lease_token)
     return await provider.run("faces", image, context)
 
 
@@ -359,6 +364,81 @@ async def test_a_first_claim_does_not_list_the_collection(
     result = await run_faces(provider, job)
     assert [op for op, _ in fake.calls] == ["CreateCollection", "IndexFaces", "SearchFaces"]
     assert result.calls == 3 and result.output["removed_faces"] == 0
+
+
+async def test_a_job_claimed_again_before_its_faces_step_lists_nothing(
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    fake: FakeRekognition,
+    provider: RekognitionProvider,
+) -> None:
+    """A claim that ended before the faces step sent IndexFaces (a failed fetch, an expired
+    lease) left no request: the next claim indexes at once, without a billed ListFaces."""
+    store = PgJobStore(pool, effects=pg_effect_writers())
+    first = await enqueue_and_claim(store, "a1")
+    await lose_lease(conn, store, first)
+    retry = await claim(store, "a1")
+    assert retry.claims == 2
+    result = await run_faces(provider, retry)
+    assert [op for op, _ in fake.calls] == ["CreateCollection", "IndexFaces", "SearchFaces"]
+    assert result.output["removed_faces"] == 0
+    assert await store.save_step(retry, result)
+    assert await conn.fetchval("SELECT count(*) FROM listener.face_index_intents") == 0
+
+
+async def test_a_worker_that_lost_its_lease_sends_no_index_faces(
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    fake: FakeRekognition,
+    provider: RekognitionProvider,
+) -> None:
+    """A worker frozen past its lease wakes up after another worker claimed the job (and
+    cleaned up): it cannot record its request, so it sends nothing that no one would clean."""
+    store = PgJobStore(pool, effects=pg_effect_writers())
+    zombie = await enqueue_and_claim(store, "a1")
+    await lose_lease(conn, store, zombie)
+    current = await claim(store, "a1")
+    with pytest.raises(LeaseLost):
+        await run_faces(provider, zombie)
+    assert "IndexFaces" not in [op for op, _ in fake.calls]
+    assert collection_faces(fake, "a1") == []
+    assert await store.save_step(current, await run_faces(provider, current))
+    assert len(collection_faces(fake, "a1")) == 1
+
+
+async def test_the_clean_up_finds_faces_of_the_old_external_image_id(
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    fake: FakeRekognition,
+    provider: RekognitionProvider,
+) -> None:
+    """Faces indexed under the row id alone (as older versions named them) that no one
+    recorded are deleted with the row's; a recorded face of another table's row with the same
+    id is left alone."""
+    store = PgJobStore(pool, effects=pg_effect_writers())
+    other = "public.other_images"
+    await store.enqueue(other, "a1", "http://photos/other-a1.jpg", "owner-1")
+    (kept_job,) = await store.claim(1, "worker-o", 30.0, uuid.uuid4(), admit=True)
+    kept = await run_faces(provider, kept_job, face_photo("b", seed=4))
+    assert await store.save_step(kept_job, kept)
+    (kept_face,) = [f["face_id"] for f in kept.effects["faces"]["faces"]]
+    # The recorded face of the other table's row now also carries the old id, as if it had
+    # been indexed before the id named the table.
+    fake.collections["listener-owner-1"].faces[kept_face].external_image_id = "a1"
+    # An unrecorded face under the old id: a run of an older version died after IndexFaces.
+    session = aioboto3.Session()
+    async with session.client(
+        "rekognition", endpoint_url=fake.endpoint_url, region_name="us-east-1"
+    ) as client:
+        indexed = await client.index_faces(
+            CollectionId="listener-owner-1",
+            Image={"Bytes": PHOTOS["a1"]},
+            ExternalImageId="a1",
+        )
+    (orphan,) = [r["Face"]["FaceId"] for r in indexed["FaceRecords"]]
+    gone, _ = await provider.delete_row_faces("owner-1", TABLE, "a1")
+    faces = fake.collections["listener-owner-1"].faces
+    assert gone == 1 and orphan not in faces and kept_face in faces
 
 
 async def test_unknown_effects_are_refused_before_anything_is_written(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
 
 from listener.analysis.effects import InputDigest, Reuse
 
@@ -109,11 +110,15 @@ class StepContext:
             (``listener.queue.outcomes.Job.claims``): above 1, an earlier run of this step
             may have left external side effects behind (faces indexed, never recorded) that
             the step cleans up before doing it again.
+        lease_token: the claim's lease token (``Job.lease_token``), to fence what a step
+            records before an external side effect (``FaceIntents.record``); ``None`` where
+            no job store holds the job (a direct call).
     """
 
     step: str
     previous: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     claims: int = 1
+    lease_token: UUID | None = None
 
 
 @runtime_checkable

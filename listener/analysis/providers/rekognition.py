@@ -12,11 +12,17 @@
   people and suggestions with the step, fenced by the lease.
 
 Idempotence of the faces step: a run that indexed faces but never stored its step (killed,
-lease lost) leaves faces in the collection that listener never recorded. When the job was
-claimed before (``StepContext.claims > 1``), the step first lists the collection (ListFaces,
-paginated; it cannot filter by ``ExternalImageId``) and deletes (DeleteFaces) the faces with
-this row's ``ExternalImageId`` that listener has not recorded, then indexes again: one copy of
-each face, whatever the number of attempts.
+lease lost) leaves faces in the collection that listener never recorded. Each run records its
+IndexFaces request before sending it (``FaceIntents.record``, fenced by the lease: a worker
+that lost its lease sends nothing and raises ``LeaseLost``); storing the step forgets the
+job's requests. When an earlier claim of the job left a request (``FaceIntents.earlier``),
+the step first lists that collection (ListFaces, paginated; it cannot filter by
+``ExternalImageId``) and deletes (DeleteFaces) the faces with this row's ``ExternalImageId``,
+or the row id alone that older versions used, that listener has not recorded, then indexes
+again: one copy of each face, whatever the number of attempts. A job claimed again for any
+other reason lists nothing. What remains: a worker that recorded its request, then froze past
+its lease and sent IndexFaces after the next claim's clean-up; its store is refused and its
+faces are deleted at once (``undo``), unless it dies first.
 
 Re-analysis and a changed URL: the faces recorded for the row by an earlier analysis are
 deleted from their collection before the image is indexed (the new run replaces them; their
@@ -66,18 +72,21 @@ from loguru import logger
 from PIL import Image
 
 from listener.analysis.faces import (
+    FaceIntents,
     FaceMatch,
     IndexedFace,
     KnownFaces,
     collection_id,
     decide,
     external_image_id,
+    legacy_external_image_id,
 )
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.errors import (
     FetchTimeout,
     ImageTooLarge,
     InvalidImage,
+    LeaseLost,
     ProviderPaused,
     ProviderUnavailable,
     RateLimited,
@@ -145,6 +154,11 @@ class RekognitionProvider:
         settings: region, endpoint, label and face settings.
         faces: which faces listener has recorded (needed for the ``faces`` kind; read only).
         page_size: faces per ListFaces page, 1 to ``MAX_PAGE`` (smaller in tests).
+        tracing: the daemon's tracing (trace headers on each request).
+        intents: where the faces step records each IndexFaces request before sending it,
+            fenced by the lease (``listener.analysis.faces.FaceIntents``). Without it (a
+            direct call), a re-claimed step lists the collection whenever the job was claimed
+            before, and nothing fences the request.
     """
 
     name = "rekognition"
@@ -157,12 +171,14 @@ class RekognitionProvider:
         *,
         page_size: int = MAX_PAGE,
         tracing: Tracing | None = None,
+        intents: FaceIntents | None = None,
     ) -> None:
         if not 1 <= page_size <= MAX_PAGE:
             raise ValueError(f"page_size must be between 1 and {MAX_PAGE}")
         self._s = settings
         self._tracing = tracing or Tracing()
         self._faces = faces
+        self._intents = intents
         self._page_size = page_size
         self._stack: AsyncExitStack | None = None
         self._client: Any = None
@@ -286,14 +302,18 @@ class RekognitionProvider:
         self._collections.add(collection)
         return 1
 
-    async def _faces_of(self, collection: str, external_id: str) -> tuple[list[str], int]:
+    async def _faces_of(
+        self, collection: str, external_id: str, legacy_id: str | None = None
+    ) -> tuple[list[str], list[str], int]:
         """The FaceIds of ``external_id`` in ``collection`` (ListFaces, every page; it cannot
-        filter by ``ExternalImageId``).
+        filter by ``ExternalImageId``), and those of ``legacy_id``
+        (``listener.analysis.faces.legacy_external_image_id``), if given.
 
         Returns:
-            (face ids, API calls made).
+            (face ids of ``external_id``, face ids of ``legacy_id``, API calls made).
         """
         ours: list[str] = []
+        legacy: list[str] = []
         calls = 0
         token: str | None = None
         while True:
@@ -303,14 +323,14 @@ class RekognitionProvider:
                 **({"NextToken": token} if token else {}),
             )
             calls += 1
-            ours += [
-                f["FaceId"]
-                for f in page.get("Faces", [])
-                if f.get("ExternalImageId") == external_id
-            ]
+            for face in page.get("Faces", []):
+                if face.get("ExternalImageId") == external_id:
+                    ours.append(face["FaceId"])
+                elif legacy_id is not None and face.get("ExternalImageId") == legacy_id:
+                    legacy.append(face["FaceId"])
             token = page.get("NextToken")
             if not token:
-                return ours, calls
+                return ours, legacy, calls
 
     async def _delete(self, collection: str, face_ids: list[str]) -> int:
         """DeleteFaces of ``face_ids``, ``MAX_PAGE`` per call; returns the calls made. Faces
@@ -324,15 +344,17 @@ class RekognitionProvider:
         return calls
 
     async def _remove_unrecorded(
-        self, faces: KnownFaces, collection: str, external_id: str
+        self, faces: KnownFaces, collection: str, external_id: str, legacy_id: str | None = None
     ) -> tuple[int, int]:
-        """Delete the faces of ``external_id`` in ``collection`` that listener never recorded.
+        """Delete the faces of ``external_id`` (and of ``legacy_id``) in ``collection`` that
+        listener never recorded.
 
         Returns:
             (faces deleted, API calls made).
         """
-        ours, calls = await self._faces_of(collection, external_id)
-        stray = sorted(set(ours) - await faces.known(ours))
+        ours, legacy, calls = await self._faces_of(collection, external_id, legacy_id)
+        found = set(ours) | set(legacy)
+        stray = sorted(found - await faces.known(sorted(found)))
         calls += await self._delete(collection, stray)
         return len(stray), calls
 
@@ -377,13 +399,20 @@ class RekognitionProvider:
 
         async def sweep() -> tuple[int, int]:
             try:
-                ours, calls = await self._faces_of(collection, external_id)
+                ours, legacy, calls = await self._faces_of(
+                    collection, external_id, legacy_external_image_id(source_id)
+                )
             except ClientError as error:
                 if _code(error) != _NOT_FOUND:
                     raise
                 self._collections.discard(collection)
                 return 0, 1
-            return len(ours), calls + await self._delete_or_gone(collection, sorted(ours))
+            if legacy and self._faces is not None:
+                # Under the old id, only faces no one recorded: another table's row may
+                # share the id.
+                legacy = sorted(set(legacy) - await self._faces.known(legacy))
+            gone = sorted({*ours, *legacy})
+            return len(gone), calls + await self._delete_or_gone(collection, gone)
 
         result: tuple[int, int] = await self._guarded(sweep())
         return result
@@ -434,11 +463,30 @@ class RekognitionProvider:
         removed = 0
         if context.claims > 1:
             # An earlier run of this job may have indexed faces and died before its step was
-            # stored: remove them, or this run would add a second copy of each.
-            removed, cleanup_calls = await self._remove_unrecorded(
-                self._faces, collection, external_id
+            # stored: remove them, or this run would add a second copy of each. With the
+            # intents, only a run that recorded a request may have: no intent, no listing.
+            targets = (
+                [(collection, external_id)]
+                if self._intents is None
+                else await self._intents.earlier(image.job_id, context.claims)
             )
-            calls += cleanup_calls
+            for target_collection, target_id in targets:
+                gone, cleanup_calls = await self._remove_unrecorded(
+                    self._faces,
+                    target_collection,
+                    target_id,
+                    legacy_external_image_id(image.source_id),
+                )
+                removed += gone
+                calls += cleanup_calls
+        if self._intents is not None and context.lease_token is not None:
+            recorded = await self._intents.record(
+                image.job_id, context.claims, context.lease_token, collection, external_id
+            )
+            if not recorded:
+                # Another worker holds the job now: IndexFaces is not sent, so no face can be
+                # left behind after that worker's clean-up.
+                raise LeaseLost(f"lease of job {image.job_id} lost before IndexFaces")
         indexed = await self._client.index_faces(
             CollectionId=collection,
             Image={"Bytes": data},
