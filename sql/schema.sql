@@ -404,7 +404,7 @@ CREATE INDEX faces_collection_idx ON listener.faces (collection_id);
 CREATE INDEX faces_source_idx ON listener.faces (source_table, source_id);
 CREATE INDEX faces_owner_idx ON listener.faces (owner_id, person_id);
 
--- An IndexFaces request the Rekognition faces step is about to send (0026): recorded first,
+-- An IndexFaces request the Rekognition faces step is about to send (0024): recorded first,
 -- fenced by the lease; deleted when the step is stored. One left by an earlier claim means
 -- that claim may have indexed faces no one recorded: the next claim cleans them up.
 CREATE TABLE listener.face_index_intents (

@@ -1,4 +1,4 @@
--- 0026_face_index_intents: the Rekognition faces step records each IndexFaces request before
+-- 0024_face_index_intents: the Rekognition faces step records each IndexFaces request before
 -- it sends it, fenced by the job's lease. A run that dies after IndexFaces and before its step
 -- is stored leaves faces that listener never recorded; its intent says so. A later claim of
 -- the job cleans up (ListFaces of the collection, DeleteFaces of the unrecorded faces) only
