@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from listener.analysis.effects import FACES, FacesEffect
-from listener.analysis.faces import FaceMatch, IndexedFace, decide
+from listener.analysis.faces import IndexedFace, NearFace, decide_by_embedding
 from listener.analysis.providers.local_faces import (
     distance_for_similarity,
     similarity_from_distance,
@@ -131,29 +131,30 @@ class PgFacesEffect(FacesEffect):
         now (``nearest_faces``, on this transaction's connection, under the owner's lock);
         ``output["faces"]`` entries of the same face_id get the same decision."""
         await conn.execute("SELECT listener.lock_owner_faces($1)", job.owner_id)
-        auto = float(payload["auto_assign_similarity"])
         suggest = float(payload["suggest_similarity"])
         reach = distance_for_similarity(suggest)
         faces = payload["faces"]
-        indexed: list[IndexedFace] = []
-        matches: dict[str, list[FaceMatch]] = {}
-        for face in faces:
+
+        async def nearest(embedding: Sequence[float]) -> list[NearFace]:
             rows = await conn.fetch(
                 self._nearest,
                 payload["collection_id"],
-                [float(v) for v in face["embedding"]],
+                [float(v) for v in embedding],
                 job.source_table,
                 job.source_id,
                 reach,
                 5,
             )
-            indexed.append(IndexedFace(face["face_id"], face["bounding_box"], face["confidence"]))
-            matches[face["face_id"]] = [
-                FaceMatch(r["face_id"], similarity_from_distance(float(r["distance"])))
-                for r in rows
-            ]
-        known = {m.face_id for found in matches.values() for m in found}
-        decisions = decide(indexed, matches, known, auto, suggest)
+            return [NearFace(r["face_id"], float(r["distance"])) for r in rows]
+
+        decisions = await decide_by_embedding(
+            [IndexedFace(f["face_id"], f["bounding_box"], f["confidence"]) for f in faces],
+            {f["face_id"]: f["embedding"] for f in faces},
+            nearest,
+            similarity_from_distance,
+            float(payload["auto_assign_similarity"]),
+            suggest,
+        )
         by_id = {d["face_id"]: d for d in decisions}
         if isinstance(output.get(FACES), list):
             output[FACES] = [
@@ -167,13 +168,7 @@ class PgFacesEffect(FacesEffect):
                 else f
                 for f in output[FACES]
             ]
-        return {
-            **payload,
-            "faces": [
-                {**d, "embedding": face["embedding"]}
-                for d, face in zip(decisions, faces, strict=True)
-            ],
-        }
+        return {**payload, "faces": decisions}
 
 
 def _searchable(payload: Any) -> bool:

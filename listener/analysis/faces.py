@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -222,6 +222,64 @@ class PgFaceIndex:
             collection, embedding, source_table, source_id, max_distance, limit
         )
         return [NearFace(face_id, distance) for face_id, distance in found]
+
+
+Nearest = Callable[[Sequence[float]], Awaitable[Sequence[NearFace]]]
+"""The recorded faces near an embedding (``FaceIndex.nearest`` with its other arguments
+bound): nearest first."""
+
+
+async def decide_by_embedding(
+    faces: Sequence[IndexedFace],
+    embeddings: Mapping[str, Sequence[float]],
+    nearest: Nearest,
+    similarity: Callable[[float], float],
+    auto: float,
+    suggest: float,
+) -> list[dict[str, Any]]:
+    """``decide`` for faces found offline: the faces ``nearest`` finds for each face's
+    embedding become its matches, at ``similarity(distance)`` percent; each is a face
+    listener recorded (the search reads ``listener.faces``).
+
+    Args:
+        faces: the faces found in the image.
+        embeddings: each face's embedding, by face id.
+        nearest: the search of recorded faces.
+        similarity: distance -> 0-100 similarity
+            (``listener.analysis.providers.local_faces.similarity_from_distance``).
+        auto, suggest: the thresholds, percent.
+
+    Returns:
+        ``decide``'s dicts, in order, each with its face's ``embedding`` added.
+    """
+    matches: dict[str, list[FaceMatch]] = {}
+    for face in faces:
+        near = await nearest(embeddings[face.face_id])
+        matches[face.face_id] = [FaceMatch(n.face_id, similarity(n.distance)) for n in near]
+    known = {m.face_id for found in matches.values() for m in found}
+    return [
+        {**d, "embedding": list(embeddings[d["face_id"]])}
+        for d in decide(faces, matches, known, auto, suggest)
+    ]
+
+
+def output_faces(
+    decisions: Sequence[Mapping[str, Any]], *, confidence: bool = False
+) -> list[dict[str, Any]]:
+    """The faces step's output entries for ``decide``'s decisions: ``face_id``, ``decision``,
+    ``matched_face_id``, ``similarity`` (percent, two decimals; ``None`` without a match),
+    ``bounding_box`` (ratios), and ``confidence`` (percent) when asked."""
+    return [
+        {
+            "face_id": d["face_id"],
+            "decision": d["decision"],
+            "matched_face_id": d["matched_face_id"],
+            "similarity": None if d["similarity"] is None else round(d["similarity"], 2),
+            "bounding_box": d["bounding_box"],
+            **({"confidence": d["confidence"]} if confidence else {}),
+        }
+        for d in decisions
+    ]
 
 
 def decide(

@@ -20,7 +20,7 @@ import signal
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from pebble import ProcessExpired, ProcessFuture, ProcessPool
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from listener.analysis.faces import FaceIndex, FaceMatch, IndexedFace, collection_id, decide
+from listener.analysis.faces import (
+    FaceIndex,
+    IndexedFace,
+    NearFace,
+    collection_id,
+    decide_by_embedding,
+    output_faces,
+)
 from listener.analysis.probe import bytes_per_pixel, describe_bytes, scan_structure
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.analysis.providers.local_faces import MODEL as FACES_MODEL
@@ -751,39 +758,36 @@ class LocalProvider:
         )
         collection = collection_id(s.collection_prefix, image.owner_id)
         reach = distance_for_similarity(s.suggest_similarity)
-        faces: list[IndexedFace] = []
-        matches: dict[str, list[FaceMatch]] = {}
-        embeddings: dict[str, list[float]] = {}
-        for face in found["faces"]:
-            indexed = IndexedFace(str(uuid.uuid4()), face["bounding_box"], face["confidence"])
-            near = await self._faces.nearest(
-                collection, face["embedding"], image.source_table, image.source_id, reach, 5
+        faces = [
+            IndexedFace(str(uuid.uuid4()), face["bounding_box"], face["confidence"])
+            for face in found["faces"]
+        ]
+        embeddings = {
+            indexed.face_id: face["embedding"]
+            for indexed, face in zip(faces, found["faces"], strict=True)
+        }
+        index = self._faces
+
+        async def nearest(embedding: Sequence[float]) -> list[NearFace]:
+            return await index.nearest(
+                collection, embedding, image.source_table, image.source_id, reach, 5
             )
-            faces.append(indexed)
-            embeddings[indexed.face_id] = face["embedding"]
-            matches[indexed.face_id] = [
-                FaceMatch(n.face_id, similarity_from_distance(n.distance)) for n in near
-            ]
-        known = {m.face_id for found_matches in matches.values() for m in found_matches}
-        decisions = decide(faces, matches, known, s.auto_assign_similarity, s.suggest_similarity)
+
+        decisions = await decide_by_embedding(
+            faces,
+            embeddings,
+            nearest,
+            similarity_from_distance,
+            s.auto_assign_similarity,
+            s.suggest_similarity,
+        )
         output = {
             "collection_id": collection,
-            "faces": [
-                {
-                    "face_id": d["face_id"],
-                    "decision": d["decision"],
-                    "matched_face_id": d["matched_face_id"],
-                    "similarity": None if d["similarity"] is None else round(d["similarity"], 2),
-                    "bounding_box": d["bounding_box"],
-                    "confidence": d["confidence"],
-                }
-                for d in decisions
-            ],
+            "faces": output_faces(decisions, confidence=True),
             "unindexed": [],
             "model_version": FACES_MODEL,
             "removed_faces": 0,
         }
-        effect = [{**d, "embedding": embeddings[d["face_id"]]} for d in decisions]
         return StepResult(
             provider=self.name,
             step=FACES_STEP,
@@ -793,7 +797,7 @@ class LocalProvider:
             effects={
                 "faces": {
                     "collection_id": collection,
-                    "faces": effect,
+                    "faces": decisions,
                     # The job store decides again with these, under the owner's lock
                     # (listener.analysis.face_store.PgFacesEffect).
                     "auto_assign_similarity": s.auto_assign_similarity,

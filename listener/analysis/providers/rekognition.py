@@ -80,6 +80,7 @@ from listener.analysis.faces import (
     decide,
     external_image_id,
     legacy_external_image_id,
+    output_faces,
 )
 from listener.analysis.providers.base import ImageInput, StepContext, StepResult
 from listener.errors import (
@@ -531,16 +532,7 @@ class RekognitionProvider:
         ]
         output = {
             "collection_id": collection,
-            "faces": [
-                {
-                    "face_id": d["face_id"],
-                    "decision": d["decision"],
-                    "matched_face_id": d["matched_face_id"],
-                    "similarity": None if d["similarity"] is None else round(d["similarity"], 2),
-                    "bounding_box": d["bounding_box"],
-                }
-                for d in decisions
-            ],
+            "faces": output_faces(decisions),
             "unindexed": unindexed,
             "model_version": indexed.get("FaceModelVersion"),
             "removed_faces": removed,
