@@ -380,13 +380,13 @@ SELECT listener.oldest_pending_s() AS oldest_pending_s;
 -- The queues listener keeps beside the jobs, one row each, in this order, with the rows
 -- waiting (depth) and the age of the oldest in seconds (0 when none waits):
 --   status    listener.status_outbox: job changes not written back to the app's row yet
---             (since queued_at, 0024), drained by the status write-back;
+--             (since queued_at, 0025), drained by the status write-back;
 --   events    listener.event_outbox: terminal events not delivered to the webhook yet (since
 --             created_at), drained by the webhook sender; empty unless webhooks are enabled;
 --   deleted   listener.deleted_rows: app rows deleted whose jobs, results and faces are not
 --             cleaned up yet (since deleted_at), drained by the deletes' clean-up;
 --   inserted  listener.inserted_rows: app rows inserted and not admitted as jobs yet (since
---             inserted_at, 0024), admitted by the daemons' claims.
+--             inserted_at, 0025), admitted by the daemons' claims.
 -- Bounded whatever the backlog: depth counts the first 10,001 primary-key entries (an index
 -- scan with a LIMIT; index-only where the visibility map allows), so it is exact up to 10,000
 -- (exact = true) and beyond is the planner's estimate of the table's rows (pg_class.reltuples,

@@ -183,7 +183,7 @@ CREATE TABLE listener.attachments (
 -- attached table, appended by the table's insert trigger in the app's transaction, and taken
 -- by the admission (section 3), which makes the row's job. The entry's id comes from the
 -- jobs' sequence and becomes its job's id, so an entry and a job of the same key are ordered.
--- inserted_at (0024): when the app inserted the row, kept when an admission that failed puts
+-- inserted_at (0025): when the app inserted the row, kept when an admission that failed puts
 -- the entry back, so the age of the oldest entry (the outboxes query) grows while a table's
 -- rows cannot be admitted.
 CREATE TABLE listener.inserted_rows (
@@ -213,7 +213,7 @@ CREATE INDEX deleted_rows_due_idx ON listener.deleted_rows (next_attempt_at, id)
 
 -- Jobs whose status (or error, or results) changed and has not been written back to the app's
 -- row yet, for tables attached with a write-back column (section 5). Deleted once written.
--- queued_at (0024): when the oldest change not written yet was queued (a job queued again
+-- queued_at (0025): when the oldest change not written yet was queued (a job queued again
 -- before it was written keeps its row, and so its time).
 CREATE TABLE listener.status_outbox (
     job_id    bigint PRIMARY KEY REFERENCES listener.jobs (id) ON DELETE CASCADE,

@@ -1,4 +1,4 @@
--- 0024_outbox_ages: operators see every queue, not only the jobs. /metrics, /status and
+-- 0025_outbox_ages: operators see every queue, not only the jobs. /metrics, /status and
 -- `listener status` report, for each outbox listener keeps in Postgres (the status
 -- write-back's, the webhook events', the deleted rows', the inserted rows'), the rows waiting
 -- and the age of the oldest (the outboxes query of sql/queries.sql). Two of them recorded no
