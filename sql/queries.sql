@@ -376,6 +376,55 @@ SELECT listener.roll_up_job_counts() + listener.roll_up_dedup_savings() AS folde
 -- run_after is its insert time): the first entry of jobs_claim_idx per priority.
 SELECT listener.oldest_pending_s() AS oldest_pending_s;
 
+-- name: outboxes :many
+-- The queues listener keeps beside the jobs, one row each, in this order, with the rows
+-- waiting (depth) and the age of the oldest in seconds (0 when none waits):
+--   status    listener.status_outbox: job changes not written back to the app's row yet
+--             (since queued_at, 0025), drained by the status write-back;
+--   events    listener.event_outbox: terminal events not delivered to the webhook yet (since
+--             created_at), drained by the webhook sender; empty unless webhooks are enabled;
+--   deleted   listener.deleted_rows: app rows deleted whose jobs, results and faces are not
+--             cleaned up yet (since deleted_at), drained by the deletes' clean-up;
+--   inserted  listener.inserted_rows: app rows inserted and not admitted as jobs yet (since
+--             inserted_at, 0025), admitted by the daemons' claims.
+-- Bounded whatever the backlog: depth counts the first 10,001 primary-key entries (an index
+-- scan with a LIMIT; index-only where the visibility map allows), so it is exact up to 10,000
+-- (exact = true) and beyond is the planner's estimate of the table's rows (pg_class.reltuples,
+-- kept by autovacuum and ANALYZE), never less than 10,001 (exact = false). The oldest row of
+-- the three tables keyed by a sequence is the one with the lowest id (ids are taken in insert
+-- order; a row's time is its transaction's start), one index probe; status_outbox is keyed by
+-- job id, not time, so its oldest is the oldest of the rows counted (a lower bound of the age
+-- beyond 10,000 rows).
+SELECT o.outbox, o.relation AS "table",
+       CASE WHEN o.n <= 10000 THEN o.n
+            ELSE greatest(o.n, (SELECT c.reltuples::bigint FROM pg_catalog.pg_class AS c
+                                WHERE c.oid = o.relation::regclass))
+       END AS depth,
+       o.n <= 10000 AS exact,
+       greatest(coalesce(extract(epoch FROM now() - o.oldest), 0), 0)::float8 AS oldest_age_s
+FROM (
+    SELECT 1 AS ord, 'status' AS outbox, 'listener.status_outbox' AS relation, s.n, s.oldest
+    FROM (SELECT count(*) AS n, min(x.queued_at) AS oldest
+          FROM (SELECT queued_at FROM listener.status_outbox ORDER BY job_id LIMIT 10001) AS x
+    ) AS s
+    UNION ALL
+    SELECT 2, 'events', 'listener.event_outbox',
+           (SELECT count(*) FROM (SELECT id FROM listener.event_outbox ORDER BY id LIMIT 10001)
+                                 AS x),
+           (SELECT created_at FROM listener.event_outbox ORDER BY id LIMIT 1)
+    UNION ALL
+    SELECT 3, 'deleted', 'listener.deleted_rows',
+           (SELECT count(*) FROM (SELECT id FROM listener.deleted_rows ORDER BY id LIMIT 10001)
+                                 AS x),
+           (SELECT deleted_at FROM listener.deleted_rows ORDER BY id LIMIT 1)
+    UNION ALL
+    SELECT 4, 'inserted', 'listener.inserted_rows',
+           (SELECT count(*) FROM (SELECT id FROM listener.inserted_rows ORDER BY id LIMIT 10001)
+                                 AS x),
+           (SELECT inserted_at FROM listener.inserted_rows ORDER BY id LIMIT 1)
+) AS o
+ORDER BY o.ord;
+
 -- name: attach :one
 -- Installs the enqueue triggers on a table, with its write-back columns, and the delete
 -- trigger (see listener.attach in 0005_status_writeback.sql, 0011_result_columns.sql and

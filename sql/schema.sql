@@ -183,10 +183,14 @@ CREATE TABLE listener.attachments (
 -- attached table, appended by the table's insert trigger in the app's transaction, and taken
 -- by the admission (section 3), which makes the row's job. The entry's id comes from the
 -- jobs' sequence and becomes its job's id, so an entry and a job of the same key are ordered.
+-- inserted_at (0025): when the app inserted the row, kept when an admission that failed puts
+-- the entry back, so the age of the oldest entry (the outboxes query) grows while a table's
+-- rows cannot be admitted.
 CREATE TABLE listener.inserted_rows (
     id           bigint PRIMARY KEY DEFAULT nextval('listener.jobs_id_seq'::regclass),
     source_table text COLLATE "C" NOT NULL,
-    source_id    text COLLATE "C" NOT NULL
+    source_id    text COLLATE "C" NOT NULL,
+    inserted_at  timestamptz NOT NULL DEFAULT now()
 );
 
 -- The outbox of the app's deletes (section 5): each row deleted from an attached table, with
@@ -209,8 +213,11 @@ CREATE INDEX deleted_rows_due_idx ON listener.deleted_rows (next_attempt_at, id)
 
 -- Jobs whose status (or error, or results) changed and has not been written back to the app's
 -- row yet, for tables attached with a write-back column (section 5). Deleted once written.
+-- queued_at (0025): when the oldest change not written yet was queued (a job queued again
+-- before it was written keeps its row, and so its time).
 CREATE TABLE listener.status_outbox (
-    job_id bigint PRIMARY KEY REFERENCES listener.jobs (id) ON DELETE CASCADE
+    job_id    bigint PRIMARY KEY REFERENCES listener.jobs (id) ON DELETE CASCADE,
+    queued_at timestamptz NOT NULL DEFAULT now()
 );
 
 -- Events of terminal job changes (section 4). One row: whether they are queued for webhooks
@@ -555,7 +562,8 @@ INSERT INTO listener.locks (name) VALUES
 -- the entries (0: nothing was waiting), `admitted` the jobs made plus the rows queued as
 -- reinserted, `claimed` lists the jobs made claimed. Entries of tables no longer attached are
 -- dropped; a table that cannot be read (a column renamed since attach) gets its entries back
--- and a WARNING, and does not hold up the others. Of several entries of one key, the newest.
+-- (ids and insert times as they were) and a WARNING, and does not hold up the others. Of
+-- several entries of one key, the newest.
 -- SECURITY DEFINER: rows are read as listener_owner, which owns the triggers that wrote the
 -- entries, so row-level security on an app's table cannot hide a row and have its entry
 -- taken for a deleted row's. Sequential and bitmap scans off, and JIT: its generic plans are
@@ -572,6 +580,7 @@ DECLARE
     ids bigint[];
     tables text[];
     keys text[];
+    stamps timestamptz[];
     a record;
     r record;
 BEGIN
@@ -584,10 +593,11 @@ BEGIN
             SELECT x.id FROM listener.inserted_rows AS x
             ORDER BY x.id LIMIT p_limit
             FOR UPDATE SKIP LOCKED))
-        RETURNING i.id, i.source_table, i.source_id
+        RETURNING i.id, i.source_table, i.source_id, i.inserted_at
     )
-    SELECT array_agg(t.id), array_agg(t.source_table), array_agg(t.source_id)
-    INTO ids, tables, keys
+    SELECT array_agg(t.id), array_agg(t.source_table), array_agg(t.source_id),
+           array_agg(t.inserted_at)
+    INTO ids, tables, keys, stamps
     FROM taken AS t;
     IF ids IS NULL THEN
         RETURN;
@@ -618,9 +628,10 @@ BEGIN
             claimed := claimed || r.claimed;
         EXCEPTION WHEN OTHERS THEN
             IF to_regclass(a.source_table) IS NOT NULL THEN
-                INSERT INTO listener.inserted_rows (id, source_table, source_id)
-                SELECT u.id, u.source_table, u.source_id
-                FROM unnest(ids, tables, keys) AS u(id, source_table, source_id)
+                INSERT INTO listener.inserted_rows (id, source_table, source_id, inserted_at)
+                SELECT u.id, u.source_table, u.source_id, u.inserted_at
+                FROM unnest(ids, tables, keys, stamps)
+                     AS u(id, source_table, source_id, inserted_at)
                 WHERE u.source_table = a.source_table;
             END IF;
             RAISE WARNING 'rows inserted into % not admitted: %', a.source_table, SQLERRM;

@@ -19,7 +19,8 @@ from listener.queue.store import JobFilter
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Print the queue: jobs by status, the oldest pending job, attached tables."""
+    """Print the queue: jobs by status, the oldest pending job, the outboxes (rows waiting,
+    oldest age), attached tables."""
     settings = load_settings()
 
     async def go() -> dict[str, Any]:

@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from listener.ops.status_page import OUTBOX_NAMES
 from listener.redact import redact_text
 
 if TYPE_CHECKING:
@@ -71,7 +72,8 @@ def print_json(doc: Any) -> None:
 
 
 def print_status(doc: dict[str, Any]) -> None:
-    """``listener status``: jobs by table and status, owners, failures, throughput, pauses."""
+    """``listener status``: jobs by table and status, the outboxes, owners, failures,
+    throughput, pauses."""
     statuses = ("pending", "processing", "batched", "complete", "failed", "cancelled")
     table = Table(title="listener jobs")
     table.add_column("table")
@@ -81,6 +83,7 @@ def print_status(doc: dict[str, Any]) -> None:
         table.add_row(shown(row["table"]), *(shown(row[k]) for k in statuses))
     table.add_row("[bold]all[/bold]", *(f"[bold]{doc[k]}[/bold]" for k in statuses))
     console.print(table)
+    print_outboxes(doc.get("outboxes", {}))
     if doc["by_owner"]:
         owners = Table(title=f"owners with the most work left (top {len(doc['by_owner'])})")
         for name in ("table", "owner", "pending", "processing", "complete", "failed"):
@@ -158,6 +161,26 @@ def print_status(doc: dict[str, Any]) -> None:
             f"[yellow]{shown(name)} paused for {pause['remaining_s']:.0f}s[/yellow]: "
             f"{shown(pause['reason'])}"
         )
+
+
+def print_outboxes(outboxes: dict[str, dict[str, Any]]) -> None:
+    """The outboxes of a status document (``{name: {"table", "depth", "depth_exact",
+    "oldest_age_s"}}``): rows waiting in each (``~`` before an estimate) and how long the
+    oldest has waited, seconds (``-`` when none waits)."""
+    out = Table(title="outboxes")
+    out.add_column("outbox")
+    out.add_column("table")
+    out.add_column("waiting", justify="right")
+    out.add_column("oldest", justify="right")
+    for name, info in outboxes.items():
+        depth = info["depth"]
+        out.add_row(
+            shown(OUTBOX_NAMES.get(name, name)),
+            shown(info["table"]),
+            ("" if info["depth_exact"] else "~") + shown(depth),
+            f"{info['oldest_age_s']:.1f}s" if depth else "-",
+        )
+    console.print(out)
 
 
 # --- backfill ------------------------------------------------------------------------------

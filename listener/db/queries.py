@@ -64,6 +64,46 @@ class QueueCounts:
         }
 
 
+OUTBOXES = ("status", "events", "deleted", "inserted")
+"""The outboxes the ``outboxes`` query reports, in its order: the status write-back's
+(``listener.status_outbox``), the webhook events' (``listener.event_outbox``), the deleted
+rows' (``listener.deleted_rows``) and the inserted rows' (``listener.inserted_rows``)."""
+
+OUTBOX_EXACT_UP_TO = 10_000
+"""An outbox's depth is counted exactly up to this many rows; beyond, it is the planner's
+estimate (``OutboxDepth.exact`` is false). The ``outboxes`` query holds the same number."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxDepth:
+    """One outbox listener keeps in Postgres, as the ``outboxes`` query reads it.
+
+    Attributes:
+        outbox: its name, one of ``OUTBOXES``.
+        table: the table holding it (``listener.status_outbox``, ...).
+        depth: rows waiting; exact up to ``OUTBOX_EXACT_UP_TO``, the planner's estimate
+            (``pg_class.reltuples``, at least ``OUTBOX_EXACT_UP_TO + 1``) beyond.
+        exact: whether ``depth`` was counted (false: estimated).
+        oldest_age_s: seconds the oldest waiting row has waited, 0 when none waits.
+    """
+
+    outbox: str
+    table: str
+    depth: int
+    exact: bool
+    oldest_age_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"table": name, "depth": n, "depth_exact": bool, "oldest_age_s": s}``, the age
+        rounded to milliseconds."""
+        return {
+            "table": self.table,
+            "depth": self.depth,
+            "depth_exact": self.exact,
+            "oldest_age_s": round(self.oldest_age_s, 3),
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Attachment:
     """One attached table, the columns listener reads from and those it writes back to.
@@ -464,6 +504,21 @@ class Queries:
             cancelled=r["cancelled"],
             batched=r["batched"],
         )
+
+    async def outboxes(self) -> list[OutboxDepth]:
+        """The rows waiting in each outbox and the age of the oldest, one entry per name of
+        ``OUTBOXES``, in that order. One statement; bounded by ``OUTBOX_EXACT_UP_TO`` index
+        entries per outbox, however many rows wait (see the query in ``sql/queries.sql``)."""
+        return [
+            OutboxDepth(
+                outbox=r["outbox"],
+                table=r["table"],
+                depth=int(r["depth"]),
+                exact=bool(r["exact"]),
+                oldest_age_s=float(r["oldest_age_s"]),
+            )
+            for r in await self._pool.fetch(self._sql["outboxes"])
+        ]
 
     async def attach(
         self,

@@ -4,7 +4,8 @@
   or no answer).
 - ``GET /readyz``: 200 when the pool answers ``SELECT 1``, the LISTEN connection is up and
   was probed recently, and claims are not failing; 503 with the reasons otherwise.
-- ``GET /status``: JSON: counts by status, oldest pending age, in flight, per-provider rates.
+- ``GET /status``: JSON: counts by status, oldest pending age, the outboxes' depths and
+  oldest ages, in flight, per-provider rates.
 - ``GET /metrics``: Prometheus text exposition.
 - ``GET /``: the status page, HTML that refreshes itself (``listener.ops.status_page``).
 
@@ -29,7 +30,10 @@ request (``listener.ops.http_limits``).
 ``/status`` and ``/`` share one document, computed at most once per ``status_cache_s`` (1 s
 by default) however many clients ask: concurrent requests wait for the same computation, so
 a wall of open status pages refreshing every 5 s cannot load the database. ``/metrics``
-reads the job counters (``sql/migrations/0008_status_counts.sql``), never the jobs table.
+reads the job counters (``sql/migrations/0008_status_counts.sql``) at each scrape, never the
+jobs table, and the outboxes (``Queries.outboxes``, up to 10,000 index entries each) through
+a cache of its own with the same lifetime, so any number of scrapers costs one read of them
+per ``status_cache_s``.
 
 Nothing here prints a DSN, the token or any other secret.
 """
@@ -141,6 +145,7 @@ class StatusCache:
 
 SOURCES = web.AppKey("sources", HealthSources)
 STATUS_CACHE = web.AppKey("status_cache", StatusCache)
+OUTBOX_CACHE = web.AppKey("outbox_cache", StatusCache)
 
 CLAIM_FAILURES_NOT_READY = 3
 """Claims failing this many times in a row make ``/readyz`` answer 503 (the pool may answer
@@ -192,6 +197,16 @@ async def status_document(src: HealthSources) -> dict[str, Any]:
     return doc
 
 
+async def outbox_figures(src: HealthSources) -> dict[str, Any]:
+    """What ``/metrics`` reports of the outboxes: ``{name: OutboxDepth}`` for each name of
+    ``listener.db.queries.OUTBOXES`` (rows waiting, and seconds the oldest has waited).
+
+    Raises:
+        Exception: whatever the database raised.
+    """
+    return {outbox.outbox: outbox for outbox in await src.queries.outboxes()}
+
+
 async def _status(request: web.Request) -> web.Response:
     try:
         doc = await request.app[STATUS_CACHE].document()
@@ -220,6 +235,14 @@ async def _metrics(request: web.Request) -> web.Response:
         for status in STATUSES:
             src.metrics.queue_jobs.labels(status).set(getattr(counts, status))
         src.metrics.oldest_pending.set(counts.oldest_pending_s)
+    try:
+        outboxes = await request.app[OUTBOX_CACHE].document()
+    except Exception:
+        outboxes = None
+    if outboxes is not None:
+        for name, outbox in outboxes.items():
+            src.metrics.outbox_depth.labels(name).set(outbox.depth)
+            src.metrics.outbox_oldest_age.labels(name).set(outbox.oldest_age_s)
     body = generate_latest(src.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -493,6 +516,7 @@ def build_app(
     app = web.Application(middlewares=chain)
     app[SOURCES] = sources
     app[STATUS_CACHE] = StatusCache(lambda: status_document(sources), sources.status_cache_s)
+    app[OUTBOX_CACHE] = StatusCache(lambda: outbox_figures(sources), sources.status_cache_s)
     app.router.add_get("/", _page)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -104,6 +104,22 @@ class Metrics:
             "Seconds the longest-waiting runnable pending job has waited (now - run_after).",
             registry=r,
         )
+        self.outbox_depth = Gauge(
+            "listener_outbox_depth",
+            "Rows waiting in each outbox listener keeps in Postgres, by outbox (status: status "
+            "write-back, events: webhook events, deleted: deleted rows to clean up, inserted: "
+            "inserted rows to admit as jobs); exact up to 10,000, the planner's estimate "
+            "beyond.",
+            ["outbox"],
+            registry=r,
+        )
+        self.outbox_oldest_age = Gauge(
+            "listener_outbox_oldest_age_seconds",
+            "Seconds the oldest row waiting in each outbox has waited, by outbox; 0 when none "
+            "waits.",
+            ["outbox"],
+            registry=r,
+        )
         self.notifications = Counter(
             "listener_notifications", "NOTIFY wake-ups received.", registry=r
         )

@@ -37,7 +37,9 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
     ``jobs_failed_idx``, throughput and rate from the last hour's range of
     ``jobs_finished_idx``; failure reasons are those of the last 500 failures, and
     ``oldest_pending_s`` is how long the longest-waiting runnable pending job has waited (now -
-    its ``run_after``).
+    its ``run_after``). ``outboxes`` are the queues beside the jobs (``Queries.outboxes``: one
+    statement, at most ``listener.db.queries.OUTBOX_EXACT_UP_TO`` + 1 index entries read per
+    outbox).
 
     Returns:
         ``{"pending": n, "processing": n, "complete": n, "failed": n, "cancelled": n,
@@ -58,7 +60,12 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         "rate_per_s": jobs finished per second (last 5 minutes), "eta_s": s | None,
         "open_batches": [{"id", "provider", "step", "status", "requests", ...}],
         "face_suggestions_open": n (face suggestions waiting for review, every owner),
-        "face_suggestions_by_owner": [{"owner", "suggestions"}] (the owners with the most)}``
+        "face_suggestions_by_owner": [{"owner", "suggestions"}] (the owners with the most),
+        "outboxes": {name: {"table": "listener.<table>", "depth": rows waiting,
+        "depth_exact": bool (false: more than ``OUTBOX_EXACT_UP_TO`` (10,000) rows, ``depth``
+        is the planner's estimate), "oldest_age_s": seconds the oldest has waited, 0 when
+        none}} for each name of ``listener.db.queries.OUTBOXES`` (``status``, ``events``,
+        ``deleted``, ``inserted``), in that order}``
 
     Raises:
         asyncpg.PostgresError, OSError: the database failed.
@@ -84,6 +91,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         queries.active_pauses(),
         queries.face_review_waiting(TOP_OWNERS),
         queries.dedup_totals(today),
+        queries.outboxes(),
     ]
     # A dozen small reads: on a pool they run side by side (one round trip's latency, not
     # twelve); on a single connection, one after the other.
@@ -106,6 +114,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
         operator_pauses,
         (suggestions_open, suggestions_by_owner),
         dedup,
+        outboxes,
     ) = results
     # Totals are the sum of the per-table counts: one snapshot, so they always agree.
     doc: dict[str, Any] = {s: sum(int(row[s]) for row in by_table) for s in STATUSES}
@@ -155,6 +164,7 @@ async def queue_status(queries: Queries, budget_usd_per_day: float | None) -> di
             "open_batches": _iso(batches),
             "face_suggestions_open": suggestions_open,
             "face_suggestions_by_owner": suggestions_by_owner,
+            "outboxes": {o.outbox: o.as_dict() for o in outboxes},
         }
     )
     return doc

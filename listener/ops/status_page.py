@@ -27,6 +27,9 @@ and scripts can read the page without parsing the formatted text:
 - ``#face-suggestions-open`` (``data-value``): face suggestions waiting for review;
   ``#face-review`` rows ``tr[data-owner][data-suggestions]`` for the owners with the most
   (``data-owner`` is empty for rows without an owner).
+- ``#outboxes`` rows ``tr[data-outbox][data-depth][data-depth-exact][data-oldest-age-s]``:
+  the rows waiting in each outbox (``data-depth-exact`` ``false``: an estimate) and the
+  seconds the oldest has waited.
 - ``#daemon`` (``data-worker-id``, ``data-in-flight``, ...) when the document has them.
 
 An empty list renders as an element ``#<section>-none`` reading "none".
@@ -125,6 +128,8 @@ def render(doc: Mapping[str, Any], *, refresh_s: int = 5, now: datetime | None =
                 paused_providers: {name: {"remaining_s": float, "reason": str}}
                 face_suggestions_open: int; face_suggestions_by_owner: [{"owner",
                     "suggestions"}]
+                outboxes: {name: {"table", "depth": int, "depth_exact": bool,
+                    "oldest_age_s": float, seconds}}
                 worker_id, uptime_s, in_flight, concurrency, providers, listen_connected
 
         refresh_s: seconds between reloads (``<meta http-equiv="refresh">``); 0 or less: never.
@@ -138,6 +143,7 @@ def render(doc: Mapping[str, Any], *, refresh_s: int = 5, now: datetime | None =
         _counts(doc),
         _throughput(doc, now),
         _by_table(doc),
+        _outboxes(doc),
         _spend(doc),
         _failure_reasons(doc),
         _open_batches(doc),
@@ -269,6 +275,38 @@ def _by_table(doc: Mapping[str, Any]) -> str:
     )
     heads = "<th>table</th>" + "".join(f'<th class="n">{s}</th>' for s in STATUSES)
     return _section("by-table", "Jobs by table", heads, body)
+
+
+OUTBOX_NAMES = {
+    "status": "status write-back",
+    "events": "webhook events",
+    "deleted": "deleted rows to clean up",
+    "inserted": "inserted rows to admit",
+}
+"""What each outbox of the document holds, as the page names it."""
+
+
+def _outboxes(doc: Mapping[str, Any]) -> str:
+    """The queues beside the jobs: rows waiting in each, and how long the oldest has."""
+    found = doc.get("outboxes")
+    outboxes = found if isinstance(found, Mapping) else {}
+    rows = []
+    for name, info in outboxes.items():
+        if not isinstance(info, Mapping):
+            continue
+        depth = _int(info.get("depth"))
+        exact = info.get("depth_exact") is not False
+        age = _float(info.get("oldest_age_s")) or 0.0
+        rows.append(
+            f'<tr data-outbox="{_e(name)}" data-depth="{depth}" '
+            f'data-depth-exact="{"true" if exact else "false"}" data-oldest-age-s="{_num(age)}">'
+            f"<td>{_e(OUTBOX_NAMES.get(str(name), name))}</td>"
+            f'<td class="muted">{_e(info.get("table"))}</td>'
+            f'<td class="n">{"" if exact else "~"}{depth:,}</td>'
+            f'<td class="n">{_duration(age) if depth else "-"}</td></tr>'
+        )
+    heads = '<th>outbox</th><th>table</th><th class="n">waiting</th><th class="n">oldest</th>'
+    return _section("outboxes", "Outboxes", heads, "".join(rows))
 
 
 def _by_owner(doc: Mapping[str, Any]) -> str:

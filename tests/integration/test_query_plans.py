@@ -301,7 +301,7 @@ async def test_plans_made_on_a_fresh_install_read_indexes_after_it_grows(
             entries_source,
             "WITH taken AS (",
             "FROM taken AS t;",
-            "INTO ids, tables, keys",
+            "INTO ids, tables, keys, stamps",
             ["p_limit"],
             "(integer)",
         ),

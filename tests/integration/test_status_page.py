@@ -167,6 +167,7 @@ def test_render_survives_an_empty_document() -> None:
         "failure-reasons",
         "recent-failures",
         "face-review",
+        "outboxes",
     ):
         assert dom.by_id(f"{section}-none").text == "none"
     assert dom.by_id("face-suggestions-open").attrs["data-value"] == "0"
@@ -197,6 +198,10 @@ def test_render_escapes_every_user_string() -> None:
         "face_suggestions_by_owner": [{"owner": evil, "suggestions": 2}, {"owner": None}],
         "worker_id": evil,
         "providers": [evil],
+        "outboxes": {
+            evil: {"table": evil, "depth": 3, "depth_exact": True, "oldest_age_s": 1.5},
+            "status": {"table": "t", "depth": 20000, "depth_exact": False, "oldest_age_s": 90},
+        },
     }
     page = render(doc)
     assert "<script" not in page and "<b x" not in page
@@ -217,6 +222,13 @@ def test_render_escapes_every_user_string() -> None:
         ("", "0"),
     ]
     assert dom.by_id("face-suggestions-open").attrs["data-value"] == "3"
+    outboxes = dom.rows_with("outboxes", "data-outbox")
+    assert [
+        (r.attrs["data-outbox"], r.attrs["data-depth"], r.attrs["data-depth-exact"])
+        for r in outboxes
+    ] == [(evil, "3", "true"), ("status", "20000", "false")]
+    assert outboxes[1].attrs["data-oldest-age-s"] == "90"
+    assert "~20,000" in outboxes[1].text and "1m 30s" in outboxes[1].text
 
 
 def test_throughput_has_one_bar_per_minute_of_the_last_hour() -> None:

@@ -79,6 +79,7 @@ def test_every_alert_queries_metrics_listener_serves() -> None:
         "ListenerJobsFailing",
         "ListenerDeadLettersGrowing",
         "ListenerOldestPendingJob",
+        "ListenerOutboxNotDraining",
         "ListenerProviderErrors",
     }
     for rule in alerts:
@@ -115,6 +116,54 @@ def test_promtool_accepts_the_rules() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(rules())} rules found" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_an_outbox_that_stops_draining_alerts_for_that_outbox_only(tmp_path: Path) -> None:
+    """``promtool test rules`` on made-up series: the status outbox's oldest row ages a minute
+    a minute (stuck; two daemons report it), the events outbox's comes and goes (it drains).
+    Over 300 s from minute 6 on, held 5 minutes: one alert, for the status outbox, from
+    minute 11."""
+    [rule] = [r for r in rules() if r["alert"] == "ListenerOutboxNotDraining"]
+    age = "listener_outbox_oldest_age_seconds"
+    stuck = [
+        {
+            "series": f'{age}{{outbox="status", instance="{i}:8080", job="listener"}}',
+            "values": "0+60x20",
+        }
+        for i in ("a", "b")
+    ]
+    draining = {
+        "series": f'{age}{{outbox="events", instance="a:8080", job="listener"}}',
+        "values": "0 30 0 45 0 20" + " 0" * 15,
+    }
+    fired = {
+        "exp_labels": {"severity": "warning", "outbox": "status"},
+        "exp_annotations": {
+            "summary": "the status outbox's oldest row has waited 11m 0s",
+            "description": rule["annotations"]["description"],
+        },
+    }
+    test = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [*stuck, draining],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": rule["alert"], "exp_alerts": []},
+                    {"eval_time": "11m", "alertname": rule["alert"], "exp_alerts": [fired]},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "outbox_alert_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_served_metric_is_documented() -> None:
