@@ -470,7 +470,7 @@ class BatchManager:
         its answer was lost): the provider's batches are read back to the row's creation."""
         installation = await self._installation_id()
         async for batch in self._provider.list_batches(created_at.timestamp() - CLOCK_MARGIN_S):
-            # Batches created before 0025_batch_records carry no installation id: their
+            # Batches created before 0026_batch_records carry no installation id: their
             # random local id alone names them.
             if (
                 batch.metadata.get(MARKER) == local_id

@@ -1,4 +1,4 @@
--- 0025_batch_records: no batch at the provider that listener has not recorded first, and none
+-- 0026_batch_records: no batch at the provider that listener has not recorded first, and none
 -- left running that listener does not know.
 --
 -- A batch's row is recorded 'submitting' with its file and requests before anything is created
