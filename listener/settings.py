@@ -235,7 +235,14 @@ class BatchSettings(BaseModel):
         abandon_after_s: a batch still being prepared (images fetched, file uploaded) with no
             heartbeat for this long, seconds, was left by a daemon that died: its jobs are
             handed back to wait for another batch. The preparing daemon beats every third of
-            it, whatever a fetch or the upload takes.
+            it, whatever a fetch or the upload takes. A daemon's claim to create a recorded
+            batch at OpenAI lapses after it too (keep it above ``LISTENER_OPENAI__TIMEOUT_S``).
+        fetch_concurrency: images fetched at once while a batch is prepared.
+        sweep_interval_s: seconds between sweeps of OpenAI's recent batches (and the first
+            at start), which adopt a batch listener made but did not record and cancel one
+            it has no open batch for.
+        prune_after_days: batches that never reached OpenAI (``empty``, ``abandoned``) are
+            deleted this many days after they were closed; unset: kept.
     """
 
     auto: bool = True
@@ -246,6 +253,9 @@ class BatchSettings(BaseModel):
     max_requests: int = 50_000
     max_bytes: int = 200 * MB
     abandon_after_s: float = 120.0
+    fetch_concurrency: int = Field(default=8, ge=1)
+    sweep_interval_s: float = Field(default=600.0, gt=0)
+    prune_after_days: float | None = Field(default=7.0, gt=0)
 
 
 class TierSettings(BaseModel):
@@ -408,8 +418,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         default=5,
         ge=1,
-        description="Attempts before a job is failed; it holds for every job, those the "
-        "triggers enqueue included (filled in at a job's first claim).",
+        description="Attempts before a job is failed; it holds for every job, enqueued by "
+        "the triggers or by listener backfill alike (filled in at a job's first claim).",
     )
     backoff_base_s: float = Field(
         default=5.0,

@@ -752,10 +752,60 @@ SELECT count(*) AS waiting,
 FROM listener.jobs
 WHERE status = 'batched' AND batch_id IS NULL AND batch_step = $1;
 
--- name: batch_submitted :execute
--- The provider accepted the batch: its id and status.
-UPDATE listener.batches SET provider_batch_id = $2, status = $3, updated_at = now()
-WHERE id = $1;
+-- name: batch_submitted :one
+-- Batch $1 is batch $2 at the provider (status $3): its creator recorded the answer, or a
+-- daemon adopted it. Only an open batch without a provider id (or with this one already) takes
+-- it, so a batch never changes its provider id: false means the provider's batch $2 is not
+-- this row's (the row was closed, or holds another batch) and must be cancelled.
+UPDATE listener.batches
+SET provider_batch_id = $2,
+    status = CASE WHEN provider_batch_id IS NULL THEN $3 ELSE status END,
+    updated_at = now()
+WHERE id = $1 AND applied_at IS NULL AND (provider_batch_id IS NULL OR provider_batch_id = $2)
+RETURNING true AS recorded;
+
+-- name: claim_batch_create :one
+-- Claims the creation of recorded batch $1 at the provider: 'submitting' (or 'creating' whose
+-- claimer has not been heard of for $2 seconds: it died, or its call failed in a way that
+-- leaves the provider's answer unknown) becomes 'creating' since now. One daemon at a time
+-- calls the provider for a batch, so it is never created twice by two pollers. False: another
+-- daemon is at it, or the batch has its provider id, or was closed.
+UPDATE listener.batches SET status = 'creating', updated_at = now()
+WHERE id = $1 AND applied_at IS NULL AND provider_batch_id IS NULL
+  AND (status = 'submitting'
+       OR (status = 'creating' AND updated_at < now() - make_interval(secs => $2)))
+RETURNING true AS claimed;
+
+-- name: release_batch_create :execute
+-- The provider refused to create batch $1 (it was not created): any daemon may try again now.
+UPDATE listener.batches SET status = 'submitting', updated_at = now()
+WHERE id = $1 AND status = 'creating' AND provider_batch_id IS NULL AND applied_at IS NULL;
+
+-- name: installation_id :one
+-- This database's listener installation: the id its provider batches carry.
+SELECT id::text AS id FROM listener.installation;
+
+-- name: batch_records :many
+-- What listener knows of batches $1 (our ids): the provider's batch id, whether it is closed.
+SELECT id, provider_batch_id, status, applied_at IS NOT NULL AS closed
+FROM listener.batches
+WHERE id = ANY($1::text[]);
+
+-- name: prune_unsent_batches :one
+-- Retention: deletes up to $2 batches that never reached the provider ('empty', 'abandoned')
+-- closed more than $1 seconds ago, with their requests; returns how many. Locked rows are left
+-- for the next round.
+WITH old AS (
+    SELECT id FROM listener.batches
+    WHERE status IN ('empty', 'abandoned')
+      AND applied_at < now() - make_interval(secs => $1)
+    ORDER BY applied_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM listener.batches AS b USING old WHERE b.id = old.id RETURNING 1
+)
+SELECT count(*)::int AS deleted FROM gone;
 
 -- name: open_batch_rows :many
 -- Batches not applied yet, oldest first.

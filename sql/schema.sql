@@ -343,8 +343,13 @@ CREATE TABLE listener.pauses (
 -- A provider batch (OpenAI's Batch API). Its row is inserted 'preparing' with the marking of
 -- its jobs, before its images are fetched and its file uploaded (input_file_id is recorded
 -- then; updated_at is the preparing daemon's heartbeat); then 'submitting', written with its
--- requests before the batch is created at the provider, so a crash loses nothing: a daemon
--- that finds one adopts it (the provider's batch carries our id) or resubmits it.
+-- requests before the batch is created at the provider; then 'creating' while one daemon
+-- calls the provider (claimed since updated_at: no other daemon creates it meanwhile); then
+-- the provider's statuses, once provider_batch_id is recorded. A crash loses nothing: the
+-- provider's batch carries our id and the installation's (listener.installation), and a
+-- daemon adopts a batch whose row has no provider id yet, or cancels one it has no open row
+-- for. 'empty' and 'abandoned' rows (nothing reached the provider) are deleted after
+-- LISTENER_BATCH__PRUNE_AFTER_DAYS.
 CREATE TABLE listener.batches (
     id                text        PRIMARY KEY,
     provider          text        NOT NULL,
@@ -366,6 +371,21 @@ CREATE INDEX batches_open_idx ON listener.batches (created_at) WHERE applied_at 
 -- The sweep of abandoned preparations reads them by heartbeat.
 CREATE INDEX batches_preparing_idx ON listener.batches (updated_at)
     WHERE status = 'preparing' AND applied_at IS NULL;
+-- Retention reads the batches that never reached the provider by when they were closed.
+CREATE INDEX batches_unsent_idx ON listener.batches (applied_at)
+    WHERE status IN ('empty', 'abandoned');
+
+-- This database's listener: the id its provider batches carry (metadata listener_installation),
+-- so a sweep only ever touches batches of its own installation, never those of another
+-- database sharing the provider account. A copy of the database that runs daemons of its own
+-- against the same account needs an id of its own:
+--   UPDATE listener.installation SET id = gen_random_uuid();
+CREATE TABLE listener.installation (
+    singleton  boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    id         uuid        NOT NULL DEFAULT gen_random_uuid(),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO listener.installation DEFAULT VALUES;
 
 -- Which job's step each request of a batch is: custom_id is the request's key in the files.
 CREATE TABLE listener.batch_requests (
@@ -1391,7 +1411,9 @@ $$;
 
 -- backfill_chunk(table, after, chunk, owner, priority, max_attempts, batch): enqueues the rows
 -- that have no job among the next `chunk` rows in id order after `after` (NULL: from the
--- start); batch: send the jobs' OpenAI steps to the Batch API (NULL: the daemon decides).
+-- start); max_attempts NULL (what listener backfill passes): the daemon's, at the first claim,
+-- as for the jobs the triggers enqueue; batch: send the jobs' OpenAI steps to the Batch API
+-- (NULL: the daemon decides).
 -- Returns the last id scanned (NULL when the table is exhausted), rows scanned, jobs
 -- enqueued. Keyset pagination keeps each chunk an index range scan on the id column.
 CREATE FUNCTION listener.backfill_chunk(

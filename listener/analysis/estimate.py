@@ -2,8 +2,8 @@
 
 For each step of the plan: how many images reach it (tier 2 only above the quality gate,
 tier 3 only for large images), the calls and tokens that takes, what it costs at realtime and
-at batch prices (OpenAI's Batch API is half price; Rekognition has no batch discount), and how
-long it takes at the configured rate limits.
+at batch prices (the discount of the provider's batch backend, ``BATCH_BACKENDS``; a provider
+without one costs the same either way), and how long it takes at the configured rate limits.
 
 Inputs come from two places. A *sample* of the images (their sizes, read from the image
 headers) gives OpenAI's image tokens (``listener.analysis.costs.image_tokens``) and the share of
@@ -25,10 +25,8 @@ from dataclasses import dataclass
 from listener.analysis.costs import cost_usd, image_tokens, price_for, text_tokens
 from listener.analysis.dedup import NEVER_REUSED
 from listener.analysis.pipeline import Plan
+from listener.analysis.providers.base import BATCH_BACKENDS
 from listener.settings import Price, Settings
-
-BATCH_DISCOUNT = 0.5
-"""OpenAI Batch API price as a share of the realtime price (https://platform.openai.com/docs/guides/batch)."""
 
 MESSAGE_OVERHEAD_TOKENS = 60
 """Tokens of the request around the prompt: roles, the JSON schema's name and fields."""
@@ -163,7 +161,8 @@ def estimate(
             input_tokens=round(input_tokens),
             output_tokens=round(output_tokens),
         )
-        batch = realtime * BATCH_DISCOUNT if step.provider == "openai" else realtime
+        offer = BATCH_BACKENDS.get(step.provider)
+        batch = realtime * offer.discount if offer is not None else realtime
         reuse = 0.0
         if dedup and past is not None and step.name not in NEVER_REUSED:
             reuse = past.reuse_rate

@@ -54,7 +54,7 @@ async def enqueue_backfill(
     limit: int | None = None,
     chunk_size: int = 5000,
     priority: int = 100,
-    max_attempts: int = 5,
+    max_attempts: int | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     stop: asyncio.Event | None = None,
     batch: bool | None = None,
@@ -68,7 +68,9 @@ async def enqueue_backfill(
         limit: enqueue at most this many jobs.
         chunk_size: rows scanned per statement.
         priority: the jobs' priority (lower runs first; fresh uploads are 0).
-        max_attempts: attempts each job is allowed.
+        max_attempts: attempts each job is allowed; ``None`` (the default): the daemon's
+            ``LISTENER_MAX_ATTEMPTS``, filled in at the job's first claim as for the jobs the
+            triggers enqueue, so both get the same.
         on_chunk: called after each chunk with (rows scanned so far, jobs enqueued so far).
         batch: ``True`` sends the jobs' OpenAI steps through the Batch API.
         stop: when set, stop after the current chunk (what was enqueued stays enqueued, and
@@ -177,12 +179,13 @@ async def enqueue_rows(
     *,
     chunk_size: int = 5000,
     priority: int = 100,
-    max_attempts: int = 5,
+    max_attempts: int | None = None,
     batch: bool | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> dict[str | None, int]:
-    """Enqueue rows ``ids`` of ``table`` that have no job, ``chunk_size`` per statement.
+    """Enqueue rows ``ids`` of ``table`` that have no job, ``chunk_size`` per statement;
+    ``max_attempts`` as in ``enqueue_backfill``.
 
     Returns:
         Jobs created per owner (rows that got a job meanwhile are not counted).

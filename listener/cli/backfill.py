@@ -86,7 +86,6 @@ def backfill(
                         limit=limit,
                         chunk_size=settings.backfill_chunk_size,
                         priority=settings.backfill_priority,
-                        max_attempts=settings.max_attempts,
                         on_chunk=lambda s, e: spinner.update(
                             f"enqueueing: {e} of {s} rows scanned"
                         ),
@@ -168,7 +167,6 @@ def _backfill_selected(
                     [r.id for r in rows],
                     chunk_size=settings.backfill_chunk_size,
                     priority=settings.backfill_priority,
-                    max_attempts=settings.max_attempts,
                     batch=True if batch else None,
                     stop=stop,
                 )

@@ -334,9 +334,52 @@ class Queries:
         "status", "input_file_id", "requests", "created_at"}]``."""
         return await self._dicts("open_batch_rows")
 
-    async def batch_submitted(self, batch_id: str, provider_batch_id: str, status: str) -> None:
-        """The provider accepted batch ``batch_id``: record its id there and its status."""
-        await self._pool.execute(self._sql["batch_submitted"], batch_id, provider_batch_id, status)
+    async def batch_submitted(self, batch_id: str, provider_batch_id: str, status: str) -> bool:
+        """Batch ``batch_id`` is ``provider_batch_id`` at the provider (``status``): record it.
+
+        Returns:
+            ``False`` when the row does not take it: it was closed, or holds another provider
+            batch (then the provider's batch is not listener's and must be cancelled).
+        """
+        return bool(
+            await self._pool.fetchval(
+                self._sql["batch_submitted"], batch_id, provider_batch_id, status
+            )
+        )
+
+    async def claim_batch_create(self, batch_id: str, stale_s: float) -> bool:
+        """Claim the creation of recorded batch ``batch_id`` at the provider (``creating``);
+        a claim not heard of for ``stale_s`` seconds may be taken over. ``False``: another
+        daemon holds it, or the batch has its provider id, or is closed."""
+        return bool(await self._pool.fetchval(self._sql["claim_batch_create"], batch_id, stale_s))
+
+    async def release_batch_create(self, batch_id: str) -> None:
+        """The provider refused to create ``batch_id``: drop the claim, so it is tried again."""
+        await self._pool.execute(self._sql["release_batch_create"], batch_id)
+
+    async def installation_id(self) -> str:
+        """This database's listener installation id (``listener.installation``)."""
+        return str(await self._pool.fetchval(self._sql["installation_id"]))
+
+    async def batch_records(self, batch_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """What listener knows of ``batch_ids`` (its own ids), by id: ``{"provider_batch_id",
+        "status", "closed"}``; unknown ids are left out."""
+        rows = await self._pool.fetch(self._sql["batch_records"], list(batch_ids))
+        return {
+            r["id"]: {
+                "provider_batch_id": r["provider_batch_id"],
+                "status": r["status"],
+                "closed": r["closed"],
+            }
+            for r in rows
+        }
+
+    async def prune_unsent_batches(self, older_than_s: float, limit: int) -> int:
+        """Delete up to ``limit`` batches that never reached the provider (``empty``,
+        ``abandoned``) closed more than ``older_than_s`` seconds ago; returns how many."""
+        return int(
+            await self._pool.fetchval(self._sql["prune_unsent_batches"], older_than_s, limit)
+        )
 
     async def batch_progress(self, batch_id: str, state: Mapping[str, Any]) -> None:
         """Record a batch's state as the provider reports it (``OpenAIProvider.retrieve_batch``:
@@ -472,10 +515,12 @@ class Queries:
         table: str,
         ids: Sequence[str],
         priority: int,
-        max_attempts: int,
+        max_attempts: int | None = None,
         batch: bool | None = None,
     ) -> dict[str | None, int]:
-        """Enqueue rows ``ids`` of ``table`` that have no job; jobs created per owner."""
+        """Enqueue rows ``ids`` of ``table`` that have no job; jobs created per owner.
+        ``max_attempts`` ``None``: the daemon's ``LISTENER_MAX_ATTEMPTS`` at the first claim,
+        as for the jobs the triggers enqueue."""
         rows = await self._pool.fetch(
             self._sql["backfill_ids"], table, list(ids), priority, max_attempts, batch
         )
@@ -589,12 +634,14 @@ class Queries:
         chunk: int,
         owner: str | None,
         priority: int,
-        max_attempts: int,
+        max_attempts: int | None = None,
         batch: bool | None = None,
     ) -> BackfillChunk:
         """Enqueue the rows without a job among the next ``chunk`` rows after id ``after``.
 
-        ``batch``: the jobs' ``batch_mode`` (True: OpenAI steps through the Batch API).
+        ``max_attempts`` ``None``: the daemon's ``LISTENER_MAX_ATTEMPTS`` at the first claim,
+        as for the jobs the triggers enqueue. ``batch``: the jobs' ``batch_mode`` (True:
+        OpenAI steps through the Batch API).
         """
         r = await self._pool.fetchrow(
             self._sql["backfill_chunk"], table, after, chunk, owner, priority, max_attempts, batch

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from awaiting import jobs_finished
 from support import RecordingProvider, admit, cli, fast_settings, make_table
 
 from listener.app import Daemon
@@ -102,6 +103,27 @@ async def test_backfill_dry_run_limit_owner_and_rerun(
     )
     again = cli(env, "backfill", "images", "--no-wait")
     assert "enqueued 0 jobs" in again.stdout
+
+
+async def test_backfilled_and_inserted_jobs_get_the_daemons_max_attempts(
+    database_url: str, conn: asyncpg.Connection, env_for_subprocess: dict[str, str]
+) -> None:
+    # The operator's shell says 9, the daemon's environment 2: one source decides, the daemon
+    # that claims the jobs, for the rows it backfills and those the trigger inserts alike.
+    await make_table(conn, attach=False)
+    await conn.execute("INSERT INTO images (url) VALUES ('old-1'), ('old-2')")
+    await conn.execute("SELECT listener.attach('images', 'id', 'url')")
+    env = {**env_for_subprocess, "LISTENER_MAX_ATTEMPTS": "9"}
+    assert "enqueued 2 jobs" in cli(env, "backfill", "images", "--no-wait", ok=True).stdout
+    await conn.execute("INSERT INTO images (url) VALUES ('new-1')")
+    assert await conn.fetch("SELECT max_attempts FROM listener.jobs") == [(None,), (None,)]
+    settings = fast_settings(database_url, pipeline="noop", max_attempts=2)
+    async with Daemon(settings) as daemon:
+        await jobs_finished(daemon, conn, 3)
+    rows = await conn.fetch(
+        "SELECT j.source_id, j.status, j.max_attempts FROM listener.jobs AS j ORDER BY j.id"
+    )
+    assert [(r["status"], r["max_attempts"]) for r in rows] == [("complete", 2)] * 3
 
 
 async def test_backfill_of_unattached_table_says_how_to_attach(

@@ -371,6 +371,146 @@ async def test_list_batches_newest_first(fake: FakeOpenAI, client: openai.AsyncO
     assert [b.id async for b in client.batches.list(limit=2)] == ids[::-1]
 
 
+async def test_list_pages_with_after_and_limit_carry_metadata(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    ids = [
+        (await submit(client, requests(1), metadata={"listener_batch": f"lb_{i}"})).id
+        for i in range(5)
+    ]
+    first = await client.batches.list(limit=2)
+    assert [b.id for b in first.data] == [ids[4], ids[3]] and first.has_more
+    second = await client.batches.list(limit=2, after=first.data[-1].id)
+    assert [b.id for b in second.data] == [ids[2], ids[1]] and second.has_more
+    last = await client.batches.list(limit=2, after=second.data[-1].id)
+    assert [b.id for b in last.data] == [ids[0]] and not last.has_more
+    assert [b.metadata for b in last.data] == [{"listener_batch": "lb_0"}]
+    assert all(b.input_file_id.startswith("file-") for b in first.data)
+    # The SDK's paginator follows the cursor (after = the last id of each page) to the end.
+    listed = [b async for b in client.batches.list(limit=2)]
+    assert [b.id for b in listed] == ids[::-1]
+    assert [(b.metadata or {})["listener_batch"] for b in listed] == [
+        f"lb_{i}" for i in (4, 3, 2, 1, 0)
+    ]
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.batches.list(limit=101)
+    assert bad.value.param == "limit"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        await client.batches.list(after="batch_nope")
+    assert unknown.value.param == "after"
+
+
+async def test_cancel_a_listed_batch_by_its_metadata(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    fake.batch_duration_s = 5
+    mine = await submit(client, requests(2), metadata={"listener_batch": "lb_x", "k": "v"})
+    other = await submit(client, requests(1))
+    found = [b async for b in client.batches.list(limit=100) if (b.metadata or {}).get("k")]
+    assert [b.id for b in found] == [mine.id]
+    assert (await client.batches.cancel(found[0].id)).status == "cancelling"
+    assert (await client.batches.retrieve(other.id)).status == "validating"
+    listed = {b.id: b.status async for b in client.batches.list()}
+    assert listed == {mine.id: "cancelling", other.id: "validating"}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "param", "code", "message"),
+    [
+        (
+            {f"k{i}": "v" for i in range(17)},
+            "metadata",
+            "object_above_max_properties",
+            "Invalid 'metadata': too many properties. Expected an object with at most 16 "
+            "properties, but got an object with 17 properties instead.",
+        ),
+        (
+            {"k" * 65: "v"},
+            "metadata." + "k" * 65,
+            "string_above_max_length",
+            f"Invalid property name in 'metadata': '{'k' * 65}' is too long. Expected a "
+            "string with maximum length 64, but got a string with length 65 instead.",
+        ),
+        (
+            {"k": "v" * 513},
+            "metadata.k",
+            "string_above_max_length",
+            "Invalid 'metadata.k': string too long. Expected a string with maximum length "
+            "512, but got a string with length 513 instead.",
+        ),
+        (
+            {"k": 1},
+            "metadata.k",
+            "invalid_type",
+            "Invalid type for 'metadata.k': expected a string, but got an integer instead.",
+        ),
+        (
+            "x",
+            "metadata",
+            "invalid_type",
+            "Invalid type for 'metadata': expected a metadata object, but got a string instead.",
+        ),
+    ],
+)
+async def test_metadata_limits(
+    fake: FakeOpenAI,
+    client: openai.AsyncOpenAI,
+    metadata: Any,
+    param: str,
+    code: str,
+    message: str,
+) -> None:
+    uploaded = await upload(client, requests(1))
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=metadata,
+        )
+    assert caught.value.type == "invalid_request_error"
+    assert isinstance(caught.value.body, dict)
+    assert (caught.value.param, caught.value.code, caught.value.body["message"]) == (
+        param,
+        code,
+        message,
+    )
+    assert fake.batches == {}
+    # At the limits: 16 pairs, 64-character keys, 512-character values.
+    limits = {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)}
+    batch = await client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata=limits,
+    )
+    assert batch.metadata == limits
+    assert (await client.batches.retrieve(batch.id)).metadata == limits
+
+
+async def test_batch_create_hook_runs_before_the_batch_exists(
+    fake: FakeOpenAI, client: openai.AsyncOpenAI
+) -> None:
+    seen: list[tuple[dict[str, Any], int]] = []
+
+    async def hook(body: dict[str, Any]) -> None:
+        seen.append((body, len(fake.batches)))
+        await asyncio.sleep(0.2)  # in flight: not listed yet
+        assert [b async for b in client.batches.list()] == []
+
+    fake.batch_create_hook = hook
+    uploaded = await upload(client, requests(1), name="lb_1.jsonl")
+    created = await client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"listener_batch": "lb_1"},
+    )
+    assert [(b["metadata"], n) for b, n in seen] == [({"listener_batch": "lb_1"}, 0)]
+    assert list(fake.batches) == [created.id]
+    assert fake.files_meta[uploaded.id]["filename"] == "lb_1.jsonl"
+
+
 # --- validation -------------------------------------------------------------------------
 
 

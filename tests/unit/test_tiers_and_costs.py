@@ -169,3 +169,52 @@ def test_rekognition_image_preparation() -> None:
     assert len(small) <= 500_000
     with Image.open(io.BytesIO(small)) as img:
         assert img.format == "JPEG" and img.width < 1600
+
+
+def test_batch_prices_come_from_the_providers_batch_backends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from listener.analysis import estimate as estimate_module
+    from listener.analysis.estimate import StepHistory, estimate
+    from listener.analysis.pipeline import Plan, Step
+    from listener.analysis.providers.base import BATCH_BACKENDS, BatchOffer
+    from listener.analysis.providers.local import LocalProvider
+    from listener.analysis.providers.noop import NoopProvider
+    from listener.analysis.providers.openai import OpenAIProvider
+    from listener.analysis.providers.rekognition import RekognitionProvider
+    from listener.settings import Settings
+
+    # The registry names exactly the providers that implement a batch backend, each at the
+    # discount its class charges.
+    batch_methods = ("request_body", "parse_body", "create_batch", "list_batches")
+    classes = (LocalProvider, NoopProvider, OpenAIProvider, RekognitionProvider)
+    backends = {c.name: c for c in classes if all(hasattr(c, m) for m in batch_methods)}
+    assert set(backends) == set(BATCH_BACKENDS) == {"openai"}
+    for name, cls in backends.items():
+        assert BATCH_BACKENDS[name].provider == name
+        assert cls.batch_discount == BATCH_BACKENDS[name].discount == 0.5
+
+    # The estimate reads the registry, not a provider's name: another discount, or another
+    # provider with a batch backend, changes its batch prices.
+    tier1 = Step("openai.tier1", "openai", "tier1", 1)
+    labels = Step("rekognition.labels", "rekognition", "labels", 1)
+    plan = Plan((tier1, labels))
+    history = {
+        tier1.name: StepHistory(100, 1000.0, 100.0, 1.0, 1.0),
+        labels.name: StepHistory(100, 0, 0, 1.0, 1.0),
+    }
+    settings = Settings(prices={"rekognition": Price(per_call_usd=0.001)})
+    openai_step, rekognition_step = estimate(plan, 1000, [], history, settings, {}).steps
+    assert openai_step.batch_usd == pytest.approx(openai_step.realtime_usd * 0.5)
+    assert rekognition_step.batch_usd == rekognition_step.realtime_usd  # no batch backend
+    monkeypatch.setattr(
+        estimate_module,
+        "BATCH_BACKENDS",
+        {
+            "openai": BatchOffer("openai", 0.25, "test"),
+            "rekognition": BatchOffer("rekognition", 0.8, "test"),
+        },
+    )
+    openai_step, rekognition_step = estimate(plan, 1000, [], history, settings, {}).steps
+    assert openai_step.batch_usd == pytest.approx(openai_step.realtime_usd * 0.25)
+    assert rekognition_step.batch_usd == pytest.approx(rekognition_step.realtime_usd * 0.8)

@@ -12,12 +12,37 @@ persistence are the dispatcher's job, not the provider's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from listener.analysis.effects import InputDigest, Reuse
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOffer:
+    """A provider's batch API, as the price table sees it.
+
+    Attributes:
+        provider: the provider's name (``Provider.name``).
+        discount: the share of the realtime price a batch request costs (0.5: half).
+        source: where the provider says so.
+    """
+
+    provider: str
+    discount: float
+    source: str
+
+
+BATCH_BACKENDS: Mapping[str, BatchOffer] = {
+    "openai": BatchOffer("openai", 0.5, "https://openai.com/api/pricing (Batch API)"),
+}
+"""Every provider with a batch backend (``BatchBackend``), by name, and at what discount. The
+provider class reads its ``batch_discount`` from here, and the cost estimate its batch prices;
+a provider not named here has no batch price (its steps always run per image).
+``tests/unit/test_tiers_and_costs.py`` checks that the providers implementing ``BatchBackend``
+are exactly these."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +184,25 @@ class Provider(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderBatch:
+    """A batch as the provider lists it (``BatchBackend.list_batches``).
+
+    Attributes:
+        id: the provider's batch id.
+        status: the provider's status (``validating``, ``in_progress``, ``completed``...).
+        created_at: when the provider created it, epoch seconds (the provider's clock).
+        metadata: the metadata it was created with (``BatchBackend.create_batch``).
+        input_file_id: its input file.
+    """
+
+    id: str
+    status: str
+    created_at: float
+    metadata: Mapping[str, str]
+    input_file_id: str | None = None
+
+
 @runtime_checkable
 class BatchBackend(Protocol):
     """A provider that can also run steps in bulk through a batch API (OpenAI's Batch API:
@@ -190,16 +234,20 @@ class BatchBackend(Protocol):
         """
         ...
 
-    async def upload_batch_file(self, data: bytes) -> str:
-        """Upload a JSONL file of requests; returns its file id."""
+    async def upload_batch_file(self, data: bytes, name: str) -> str:
+        """Upload a JSONL file of requests named ``name``; returns its file id."""
         ...
 
-    async def create_batch(self, input_file_id: str, local_id: str) -> tuple[str, str]:
-        """Create a batch over an uploaded file, tagged with ``local_id``; (batch id, status)."""
+    async def create_batch(
+        self, input_file_id: str, metadata: Mapping[str, str]
+    ) -> tuple[str, str]:
+        """Create a batch over an uploaded file, carrying ``metadata`` (at most 16 pairs,
+        keys up to 64 and values up to 512 characters); (batch id, status)."""
         ...
 
-    async def find_batch(self, local_id: str) -> tuple[str, str] | None:
-        """The batch tagged ``local_id``, if the provider has one: (batch id, status)."""
+    def list_batches(self, since: float) -> AsyncIterator[ProviderBatch]:
+        """The provider's batches, newest first, down to the first created before ``since``
+        (epoch seconds), which ends the listing; a page at a time."""
         ...
 
     async def retrieve_batch(self, batch_id: str) -> dict[str, Any]:

@@ -21,14 +21,21 @@ import base64
 import io
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 import openai
 from pydantic import BaseModel, Field, create_model
 
 from listener.analysis.costs import image_tokens, text_tokens
-from listener.analysis.providers.base import ImageInput, RateHints, StepContext, StepResult
+from listener.analysis.providers.base import (
+    BATCH_BACKENDS,
+    ImageInput,
+    ProviderBatch,
+    RateHints,
+    StepContext,
+    StepResult,
+)
 from listener.errors import (
     FetchTimeout,
     ProviderPaused,
@@ -149,9 +156,8 @@ class OpenAIProvider:
     """
 
     name = "openai"
-    batch_discount = 0.5
-    """Batch API requests cost half the realtime price (https://openai.com/api/pricing,
-    "Batch API")."""
+    batch_discount = BATCH_BACKENDS["openai"].discount
+    """Batch API requests cost half the realtime price (``BATCH_BACKENDS``)."""
     needs_image = True
 
     def __init__(self, settings: OpenAISettings, *, tracing: Tracing | None = None) -> None:
@@ -304,18 +310,20 @@ class OpenAIProvider:
             raise RuntimeError("OpenAIProvider.start() must be called first")
         return self._client
 
-    async def upload_batch_file(self, data: bytes) -> str:
-        """Upload a JSONL input file with purpose ``batch``; returns its file id."""
+    async def upload_batch_file(self, data: bytes, name: str) -> str:
+        """Upload a JSONL input file named ``name`` with purpose ``batch``; returns its id."""
         try:
             created = await self._batch_client().files.create(
-                file=("requests.jsonl", data, "application/jsonl"), purpose="batch"
+                file=(name, data, "application/jsonl"), purpose="batch"
             )
         except openai.OpenAIError as error:
             raise self._translate(error) from None
         return created.id
 
-    async def create_batch(self, input_file_id: str, local_id: str) -> tuple[str, str]:
-        """Create a batch over ``input_file_id`` (24 h window), tagged with our ``local_id``.
+    async def create_batch(
+        self, input_file_id: str, metadata: Mapping[str, str]
+    ) -> tuple[str, str]:
+        """Create a batch over ``input_file_id`` (24 h window) carrying ``metadata``.
 
         Returns:
             The batch's id and status.
@@ -325,21 +333,28 @@ class OpenAIProvider:
                 input_file_id=input_file_id,
                 endpoint="/v1/chat/completions",
                 completion_window="24h",
-                metadata={"listener_batch": local_id},
+                metadata=dict(metadata),
             )
         except openai.OpenAIError as error:
             raise self._translate(error) from None
         return batch.id, batch.status
 
-    async def find_batch(self, local_id: str) -> tuple[str, str] | None:
-        """The batch created for ``local_id`` before a crash, if the provider has one."""
+    async def list_batches(self, since: float) -> AsyncIterator[ProviderBatch]:
+        """``GET /v1/batches``, newest first, 100 a page (``after`` = the last id of the page
+        before), until a batch created before ``since`` (epoch seconds) or the last page."""
         try:
             async for batch in self._batch_client().batches.list(limit=100):
-                if (batch.metadata or {}).get("listener_batch") == local_id:
-                    return batch.id, batch.status
+                if batch.created_at < since:
+                    return
+                yield ProviderBatch(
+                    batch.id,
+                    batch.status,
+                    float(batch.created_at),
+                    {str(k): str(v) for k, v in (batch.metadata or {}).items()},
+                    batch.input_file_id,
+                )
         except openai.OpenAIError as error:
             raise self._translate(error) from None
-        return None
 
     async def retrieve_batch(self, batch_id: str) -> dict[str, Any]:
         """The batch's status, request counts, file ids and errors."""

@@ -53,7 +53,12 @@ Batch API (API reference, "Files" and "Batch"; "Batch API" guide), for chat comp
   file). The service's size limits (50,000 requests, 200 MB) are not enforced.
 - ``GET /v1/files/{id}/content`` (the raw bytes), for uploaded files and the output/error
   files batches write (purpose ``batch_output``).
-- ``POST /v1/batches`` answers a Batch object in status "validating" with total 0; ``GET
+- ``POST /v1/batches`` answers a Batch object in status "validating" with total 0. Its
+  ``metadata`` (null, or at most 16 pairs: keys up to 64 characters, string values up to 512)
+  is validated as the API does: 400 ``invalid_request_error`` with ``param`` the field
+  (``metadata`` or ``metadata.<key>``) and ``code`` ``object_above_max_properties``,
+  ``string_above_max_length`` or ``invalid_type``; the Batch object carries it back, in
+  every answer and listing. ``batch_create_hook`` runs before the batch exists. ``GET
   /v1/batches/{id}``, ``GET /v1/batches`` (newest first, ``limit``/``after``) and ``POST
   /v1/batches/{id}/cancel`` read it as of now: there is no background task, each request
   to these endpoints advances every batch by its clock. With d = ``batch_duration_s`` as

@@ -32,6 +32,11 @@ BATCH_EXPIRED_ERROR = {
     "code": "batch_expired",
     "message": "This request could not be executed before the completion window expired.",
 }
+# Metadata (API reference, "Batch", metadata): at most 16 pairs, keys up to 64 characters,
+# string values up to 512.
+METADATA_MAX_PAIRS = 16
+METADATA_MAX_KEY = 64
+METADATA_MAX_VALUE = 512
 BATCH_CANCELLED_ERROR = {
     "code": "batch_cancelled",
     "message": "This request was not executed because the batch was cancelled.",
@@ -318,6 +323,71 @@ def run_batch_line(line: BatchLine, fail: bool) -> LineResult:
     return LineResult(line.custom_id, 200, body, prompt_tokens, completion_tokens)
 
 
+def _json_type(value: Any) -> str:
+    """How OpenAI's validation names a JSON value's type ("an integer", "null"...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string"
+
+
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    """A request's ``metadata`` as OpenAI validates it: ``null``, or an object of at most 16
+    string values, keys up to 64 and values up to 512 characters. Raises ``ApiError`` (400
+    ``invalid_request_error``, ``param`` the offending field, as the real API does)."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise invalid(
+            f"Invalid type for 'metadata': expected a metadata object, but got "
+            f"{_json_type(metadata)} instead.",
+            "metadata",
+            "invalid_type",
+        )
+    if len(metadata) > METADATA_MAX_PAIRS:
+        raise invalid(
+            "Invalid 'metadata': too many properties. Expected an object with at most "
+            f"{METADATA_MAX_PAIRS} properties, but got an object with {len(metadata)} "
+            "properties instead.",
+            "metadata",
+            "object_above_max_properties",
+        )
+    for key, value in metadata.items():
+        if len(key) > METADATA_MAX_KEY:
+            raise invalid(
+                f"Invalid property name in 'metadata': '{key}' is too long. Expected a string "
+                f"with maximum length {METADATA_MAX_KEY}, but got a string with length "
+                f"{len(key)} instead.",
+                f"metadata.{key}",
+                "string_above_max_length",
+            )
+        if not isinstance(value, str):
+            raise invalid(
+                f"Invalid type for 'metadata.{key}': expected a string, but got "
+                f"{_json_type(value)} instead.",
+                f"metadata.{key}",
+                "invalid_type",
+            )
+        if len(value) > METADATA_MAX_VALUE:
+            raise invalid(
+                f"Invalid 'metadata.{key}': string too long. Expected a string with maximum "
+                f"length {METADATA_MAX_VALUE}, but got a string with length {len(value)} "
+                "instead.",
+                f"metadata.{key}",
+                "string_above_max_length",
+            )
+    return dict(metadata)
+
+
 def request_counts(results: Sequence[LineResult], total: int) -> dict[str, int]:
     """``request_counts`` once ``results`` have run, out of ``total``."""
     completed = sum(1 for result in results if result.ok)
@@ -381,7 +451,7 @@ def create_batch(
             f"Invalid value: '{body['completion_window']}'. Supported values are: '24h'.",
             "completion_window",
         )
-    metadata = body.get("metadata")
+    metadata = check_metadata(body.get("metadata"))
     input_file = files.get(str(body["input_file_id"]), "input_file_id")
     if input_file["purpose"] != "batch":
         raise invalid(

@@ -97,7 +97,12 @@ class FakeOpenAI:
         batch_fail_every: every Nth request of a batch (1-based: N, 2N, ...) fails with 500.
         batch_next_outcome: outcomes for the next created batches (FIFO), "completed" when
             empty: "completed", "failed", "expired" or "cancelled".
+        batch_create_hook: when set, awaited with the body of each ``POST /v1/batches``
+            whose body is a JSON object, before it is validated and the batch created (a
+            test's probe of what the caller recorded first, or a delay: the request is in
+            flight, nothing exists yet).
         files: the bytes of every file, uploaded or written by a batch, by id.
+        files_meta: the File object of every file, by id (its ``filename``, ``purpose``).
         batches: the Batch object of every batch, by id, as last computed.
 
     Args:
@@ -131,8 +136,10 @@ class FakeOpenAI:
         self.batch_cancel_s = 0.1
         self.batch_fail_every: int | None = None
         self.batch_next_outcome: list[str] = []
+        self.batch_create_hook: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         self._files = FileStore()
         self.files: dict[str, bytes] = self._files.contents
+        self.files_meta: dict[str, dict[str, Any]] = self._files.objects
         self.batches: dict[str, dict[str, Any]] = {}
         self._batch_runs: dict[str, BatchRun] = {}
         self._port = port
@@ -333,6 +340,8 @@ class FakeOpenAI:
         body: Any = None
         with contextlib.suppress(ValueError):
             body = json.loads(await request.read())
+        if self.batch_create_hook is not None and isinstance(body, dict):
+            await self.batch_create_hook(body)
         run = create_batch(
             body,
             self._files,
