@@ -122,11 +122,11 @@ def hog(side: int, upsample: int = 0) -> Callable[[Pixels], list[Box]]:
 
 
 def cnn(side: int) -> Callable[[Pixels], list[Box]]:
-    from importlib import resources
-
     import dlib
 
-    path = resources.files("face_recognition_models") / "models" / "mmod_human_face_detector.dat"
+    from listener.analysis.providers.local_faces import models_folder
+
+    path = models_folder() / "mmod_human_face_detector.dat"
     detector = dlib.cnn_face_detection_model_v1(str(path))
 
     def detect(rgb: Pixels) -> list[Box]:

@@ -185,3 +185,19 @@ def test_an_image_without_faces_embeds_nothing_and_a_bad_one_fails_alone() -> No
     assert faces_bytes((DEMO / "coffee.png").read_bytes(), **LIMITS)["faces"] == []
     with pytest.raises(InvalidImage):
         faces_bytes(b"<html>not an image</html>", **LIMITS)
+
+
+def test_the_models_load_without_setuptools() -> None:
+    """face-recognition-models' ``__init__`` imports ``pkg_resources`` (setuptools), which the
+    container image does not carry: the models are found without importing it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pkg_resources'] = None\n"
+        "from listener.analysis.providers.local_faces import recognition_models\n"
+        "recognition_models()\n"
+        "assert 'face_recognition_models' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

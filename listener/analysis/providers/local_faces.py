@@ -27,9 +27,10 @@ and loaded inside the workers only.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import math
-from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from PIL import Image
@@ -116,19 +117,30 @@ def recognition_models() -> tuple[Any, Any]:
     """
     import dlib
 
-    try:
-        folder = resources.files(_MODELS_PACKAGE).joinpath("models")
-    except ModuleNotFoundError:
+    path = models_folder()
+    shapes = dlib.shape_predictor(str(path / "shape_predictor_5_face_landmarks.dat"))
+    embedder = dlib.face_recognition_model_v1(
+        str(path / "dlib_face_recognition_resnet_model_v1.dat")
+    )
+    return shapes, embedder
+
+
+def models_folder() -> Path:
+    """The ``models`` folder of the installed ``face-recognition-models`` package.
+
+    Found without importing the package: its ``__init__`` imports ``pkg_resources``, which
+    needs setuptools (absent from the container image, and dropped by recent setuptools).
+
+    Raises:
+        RuntimeError: the package is not installed.
+    """
+    spec = importlib.util.find_spec(_MODELS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             "the faces step needs the face-recognition-models package (pip install "
             "face-recognition-models)"
-        ) from None
-    with resources.as_file(folder) as path:
-        shapes = dlib.shape_predictor(str(path / "shape_predictor_5_face_landmarks.dat"))
-        embedder = dlib.face_recognition_model_v1(
-            str(path / "dlib_face_recognition_resnet_model_v1.dat")
         )
-    return shapes, embedder
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
 def detect(
