@@ -242,7 +242,8 @@ class PgJobStore:
         return {r["step"]: json.loads(r["output"]) for r in rows}
 
     async def complete(self, done: Sequence[Completed]) -> set[int]:
-        """See ``JobStore.complete``.
+        """See ``JobStore.complete``. Of several completions of one job, only the newest
+        claim's is written.
 
         Raises:
             ValueError: a result carries effects or is a copy (both are saved one by one
@@ -251,6 +252,14 @@ class PgJobStore:
         """
         if not done:
             return set()
+        # One completion per job, its newest claim's: an older claim's lease cannot match, and
+        # its results would collide with the newer ones in one INSERT (a batch that failed so
+        # would stay buffered, and block every later flush).
+        newest: dict[int, Completed] = {}
+        for c in done:
+            if c.job.id not in newest or c.job.claims > newest[c.job.id].job.claims:
+                newest[c.job.id] = c
+        done = list(newest.values())
         columns: list[list[Any]] = [[] for _ in range(12)]
         for c in done:
             for r in c.results:

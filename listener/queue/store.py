@@ -225,7 +225,9 @@ class JobStore(Protocol):
     async def complete(self, done: Sequence[Completed]) -> set[int]:
         """Mark jobs complete, storing their unsaved results (with their digests); fenced by
         lease. Results with effects or copies (``reused``) are stored with ``save_step``: a
-        store raises ``ValueError`` for them here.
+        store raises ``ValueError`` for them here. ``done`` may name a job twice (a worker's
+        buffer holding the completion of a claim whose lease expired and of the job's next
+        claim): only the newest claim's is written, and the batch does not fail.
 
         Returns:
             The ids recorded (the others' leases no longer held; nothing was written).

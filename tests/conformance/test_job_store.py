@@ -172,6 +172,31 @@ async def test_reap_returns_expired_leases_and_fails_spent_jobs(store_env: Store
     assert again.id == fresh and again.attempts == 2 and again.claims == 2
 
 
+async def test_a_completion_of_a_superseded_claim_in_the_same_batch_is_ignored(
+    store_env: StoreEnv,
+) -> None:
+    """A worker's buffer can hold two completions of one job: one of a claim whose lease
+    expired (the job was claimed again, by the same worker) and one of the new claim. The
+    batch records the new claim's, with its results, and the stale one changes nothing; the
+    batch does not fail (a failing batch would stay buffered and block every later flush)."""
+    store = store_env.store
+    (job_id,) = await enqueue(store, 1)
+    (stale,) = await store.claim(1, "w1", 0.0, uuid.uuid4())
+    await store_env.advance(0.01)
+    assert await store.reap() == {job_id: "pending"}
+    (fresh,) = await claim(store)
+    assert fresh.id == job_id and fresh.claims == 2
+    recorded = await store.complete(
+        [
+            Completed(stale, [Rec("a", output={"run": 1})]),
+            Completed(fresh, [Rec("a", output={"run": 2})]),
+        ]
+    )
+    assert recorded == {job_id}
+    assert (await status(store, job_id))[0] == "complete"
+    assert await store.outputs(job_id) == {"a": {"run": 2}}
+
+
 async def test_renew_keeps_a_lease_from_being_reaped(store_env: StoreEnv) -> None:
     store = store_env.store
     (job_id,) = await enqueue(store, 1)
