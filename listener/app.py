@@ -98,7 +98,7 @@ provider's module itself: a pipeline that does not use a provider never loads it
 def _noop_provider(settings: Settings, _: SharedResources) -> Provider:
     from listener.analysis.providers.noop import NoopProvider
 
-    return NoopProvider(settings.noop_delay_s)
+    return NoopProvider(settings.noop_delay_s, settings.noop_failure_rate)
 
 
 def _local_provider(settings: Settings, shared: SharedResources) -> Provider:

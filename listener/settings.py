@@ -579,6 +579,14 @@ class Settings(BaseSettings):
     noop_delay_s: float = Field(
         default=0.0, ge=0, description="Seconds the noop provider sleeps per job."
     )
+    noop_failure_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of the noop provider's calls, 0 to 1, that fail as retryable "
+        "(ProviderUnavailable), deterministically per job and claim: for soak tests and "
+        "benchmarks of retries, never for production.",
+    )
     rate_limits: dict[str, RateLimit] = Field(
         default_factory=_default_rate_limits,
         description="Per provider: rps, burst, concurrency, merged over the defaults. A "
