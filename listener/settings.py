@@ -489,7 +489,9 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(
         default=16,
         ge=1,
-        description="Events claimed and POSTed at once by one daemon (one round).",
+        description="Events claimed and POSTed at once by one daemon (one round, one "
+        "connection each). A round waits for its slowest answer: at most this many events per "
+        "answer time of the receiver (16 at 200 ms: 80 events/s).",
     )
     webhook_backoff_base_s: float = Field(
         default=1.0,
