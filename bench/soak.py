@@ -51,7 +51,8 @@ in any outbox, stops the daemon with SIGTERM and checks:
   the second half of the load stayed under 10 s of inserts;
 - ``daemon exit``: the daemon ran to the end and exited 0 on SIGTERM.
 
-Exit status 1 when a check fails (2 when the run could not start). ``--json`` writes every
+Exit status 1 when a check fails (2 when the run could not start; 130 when stopped by
+SIGTERM or Ctrl+C, after stopping the daemon, the receiver and the cluster). ``--json`` writes every
 sample and check; ``--plot`` draws RSS, backlog and p99 per sample as a PNG (Pillow).
 ``--tracemalloc DIR`` runs the daemon under ``bench/tracemalloc_daemon.py``: a snapshot per
 sample into DIR, and the allocations that grew most over the last three quarters of the load
@@ -179,7 +180,8 @@ SELECT count(*) AS rows,
        count(*) FILTER (WHERE j.status = 'failed') AS failed,
        count(*) FILTER (WHERE j.status = 'failed' AND j.attempts < j.max_attempts)
            AS failed_early,
-       count(*) FILTER (WHERE j.status = 'failed' AND j.last_error IS DISTINCT FROM $1)
+       count(*) FILTER (WHERE j.status = 'failed'
+                          AND NOT coalesce(starts_with(j.last_error, $1), false))
            AS failed_otherwise,
        count(*) FILTER (WHERE j.id IS NULL OR j.status NOT IN ('complete', 'failed'))
            AS unfinished,
@@ -442,6 +444,7 @@ class Run:
     receiver: dict[str, Any] = field(default_factory=dict)
     daemon: dict[str, Any] = field(default_factory=dict)
     tracemalloc: list[dict[str, Any]] = field(default_factory=list)
+    tracemalloc_stats: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -864,6 +867,13 @@ async def row_checks(conn: asyncpg.Connection, inserted: int) -> tuple[list[Chec
     from listener.analysis.providers.noop import INJECTED_FAILURE
 
     r = dict(await conn.fetchrow(ROWS_SQL, INJECTED_FAILURE))
+    r["failure_reasons"] = {
+        row["last_error"]: row["n"]
+        for row in await conn.fetch(
+            "SELECT last_error, count(*) AS n FROM listener.jobs WHERE status = 'failed' "
+            "GROUP BY last_error ORDER BY n DESC LIMIT 10"
+        )
+    }
     finished = (
         r["unfinished"] == 0
         and r["rows"] == inserted
@@ -1008,6 +1018,9 @@ async def run_against(cfg: Config, run: Run, dsn: str, workdir: Path, pg_pid: in
         if cfg.tracemalloc_dir is not None:
             first = max(1, round(len(run.samples) / 4))
             run.tracemalloc = diff_snapshots(cfg.tracemalloc_dir, first)
+            stats = cfg.tracemalloc_dir / "stats.jsonl"
+            if stats.exists():
+                run.tracemalloc_stats = [json.loads(x) for x in stats.read_text().splitlines()]
 
 
 async def drive(
@@ -1129,6 +1142,13 @@ def print_report(run: Run) -> None:
     """The checks and the summary."""
     if run.error:
         print(f"\nERROR: {run.error}")
+    if run.tracemalloc_stats:
+        print("\ntracemalloc: snapshot, minute, traced MB, tracemalloc's own MB, RSS MB, threads")
+        for s in run.tracemalloc_stats:
+            print(
+                f"  {s['n']:4d} {s['t_s'] / 60:6.1f} {s['traced_mb']:8.2f} "
+                f"{s['tracemalloc_mb']:8.2f} {s['rss_mb']:8.2f} {s['threads']:4d}"
+            )
     if run.tracemalloc:
         print("\nallocations that grew most (tracemalloc, by traceback):")
         for stat in run.tracemalloc:
