@@ -19,8 +19,8 @@ error, analyzed-at). Everything is on:
   ``LISTENER_MAX_ATTEMPTS``, 5);
 - webhooks (``LISTENER_WEBHOOK_URL``) to ``bench/webhook_sink.py``, a receiver in its own
   process that answers each delivery after ``--webhook-delay-ms`` (200); the daemon POSTs
-  ``--webhook-concurrency`` events at once (256: at 200 ms a delivery, 16, the default,
-  carries 80 events/s);
+  ``--webhook-concurrency`` events at once (512; 16, the daemon's default, carries 80
+  events/s at 200 ms a delivery, and a round waits for its slowest answer);
 - terminal events (``NOTIFY listener_events``), which this process LISTENs to and counts;
 - the health server (on an ephemeral port).
 
@@ -107,7 +107,7 @@ SAMPLE_S = 60.0
 POLL_S = 10.0
 FAILURE_RATE = 0.1
 WEBHOOK_DELAY_MS = 200.0
-WEBHOOK_CONCURRENCY = 256
+WEBHOOK_CONCURRENCY = 512
 DRAIN_TIMEOUT_S = 300.0
 RSS_TOLERANCE_MB = 5.0
 SCHEDULE_SHARE = 0.99
@@ -414,6 +414,7 @@ class Config:
     backoff_base_s: float | None
     log_level: str
     tracemalloc_dir: Path | None
+    tracemalloc_frames: int
     daemon_log: Path | None
     smoke: bool
 
@@ -814,11 +815,12 @@ def rss_check(samples: list[dict[str, Any]], cfg: Config) -> Check:
         f"{last['minute']:.1f} ({len(window)} samples): spread {spread:.1f} MB "
         f"(<= {cfg.rss_tolerance_mb:g}); {first['rss_mb']:.1f} -> {last['rss_mb']:.1f} MB"
     )
-    if cfg.tracemalloc_dir is not None:
+    traced = cfg.tracemalloc_dir is not None and cfg.tracemalloc_frames > 0
+    if traced:
         detail += " (under tracemalloc: not the daemon's own memory)"
     return Check(
         "RSS flat",
-        spread <= cfg.rss_tolerance_mb or cfg.tracemalloc_dir is not None,
+        spread <= cfg.rss_tolerance_mb or traced,
         detail,
         {
             "spread_mb": round(spread, 2),
@@ -903,13 +905,14 @@ async def row_checks(conn: asyncpg.Connection, inserted: int) -> tuple[list[Chec
     ], r
 
 
-def diff_snapshots(directory: Path, first_index: int) -> list[dict[str, Any]]:
-    """The allocations that grew most from snapshot ``first_index`` to the last one, by
-    traceback (top 15)."""
+def diff_snapshots(directory: Path, from_n: int) -> list[dict[str, Any]]:
+    """The allocations that grew most from the first snapshot taken at or after stats line
+    ``from_n`` (the earliest one when none is) to the last one, by traceback (top 15)."""
     paths = sorted(directory.glob("snapshot-*.pickle"))
     if len(paths) < 2:
         return []
-    first = paths[min(first_index, len(paths) - 2)]
+    later = [p for p in paths[:-1] if int(p.stem.split("-")[1]) >= from_n]
+    first = later[0] if later else paths[0]
     old = tracemalloc.Snapshot.load(str(first))
     new = tracemalloc.Snapshot.load(str(paths[-1]))
     out = []
@@ -925,6 +928,18 @@ def diff_snapshots(directory: Path, first_index: int) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def types_grown(lines: list[dict[str, Any]], from_n: int) -> dict[str, int]:
+    """Objects the garbage collector tracks, by type, that grew most in number from stats
+    line ``from_n`` (or the first) to the last (top 15)."""
+    if len(lines) < 2:
+        return {}
+    first = next((s for s in lines if s["n"] >= from_n and s is not lines[-1]), lines[0])
+    old, new = first["types"], lines[-1]["types"]
+    grown = {name: n - old.get(name, 0) for name, n in new.items()}
+    top = sorted(grown.items(), key=lambda kv: -kv[1])[:15]
+    return {name: n for name, n in top if n > 0}
 
 
 async def describe(admin_dsn: str) -> dict[str, Any]:
@@ -988,6 +1003,7 @@ async def run_against(cfg: Config, run: Run, dsn: str, workdir: Path, pg_pid: in
         if cfg.tracemalloc_dir is not None:
             extra["SOAK_TRACEMALLOC_DIR"] = str(cfg.tracemalloc_dir)
             extra["SOAK_TRACEMALLOC_INTERVAL_S"] = str(cfg.sample_s)
+            extra["SOAK_TRACEMALLOC_FRAMES"] = str(cfg.tracemalloc_frames)
         log_path = cfg.daemon_log or workdir / "daemon.log"
         daemon = Daemon(child_env(dsn, extra), workdir, log_path, cfg.tracemalloc_dir)
         events = EventCounter()
@@ -1016,11 +1032,13 @@ async def run_against(cfg: Config, run: Run, dsn: str, workdir: Path, pg_pid: in
             if daemon.alive():
                 await daemon.stop()
         if cfg.tracemalloc_dir is not None:
-            first = max(1, round(len(run.samples) / 4))
+            window = flat_window(run.samples, cfg.duration_s)
+            first = round(window[0]["t_s"] / cfg.sample_s) if window else 1
             run.tracemalloc = diff_snapshots(cfg.tracemalloc_dir, first)
             stats = cfg.tracemalloc_dir / "stats.jsonl"
             if stats.exists():
                 run.tracemalloc_stats = [json.loads(x) for x in stats.read_text().splitlines()]
+                run.summary["types_grown"] = types_grown(run.tracemalloc_stats, first)
 
 
 async def drive(
@@ -1143,12 +1161,20 @@ def print_report(run: Run) -> None:
     if run.error:
         print(f"\nERROR: {run.error}")
     if run.tracemalloc_stats:
-        print("\ntracemalloc: snapshot, minute, traced MB, tracemalloc's own MB, RSS MB, threads")
+        print(
+            "\nmemory: line, minute, RSS MB, traced MB, tracemalloc's own MB, gc objects, "
+            "pymalloc arenas / used / free MB, malloc heap / used / free / mmapped MB"
+        )
         for s in run.tracemalloc_stats:
+            py, c = s.get("pymalloc", {}), s.get("malloc", {})
             print(
-                f"  {s['n']:4d} {s['t_s'] / 60:6.1f} {s['traced_mb']:8.2f} "
-                f"{s['tracemalloc_mb']:8.2f} {s['rss_mb']:8.2f} {s['threads']:4d}"
+                f"  {s['n']:4d} {s['t_s'] / 60:6.1f} {s['rss_mb']:8.2f} {s['traced_mb']:8.2f} "
+                f"{s['tracemalloc_mb']:8.2f} {s['gc_objects']:9,}   "
+                f"{py.get('arenas', 0):5} {py.get('used_mb', 0):7.2f} {py.get('free_mb', 0):7.2f}"
+                f"   {c.get('arena', 0):7.2f} {c.get('uordblks', 0):7.2f} "
+                f"{c.get('fordblks', 0):7.2f} {c.get('hblkhd', 0):7.2f}"
             )
+        print(f"object types grown most: {run.summary.get('types_grown')}")
     if run.tracemalloc:
         print("\nallocations that grew most (tracemalloc, by traceback):")
         for stat in run.tracemalloc:
@@ -1323,6 +1349,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="run the daemon under tracemalloc, a snapshot per sample into DIR",
     )
+    parser.add_argument(
+        "--tracemalloc-frames",
+        type=int,
+        default=8,
+        help="frames per allocation under --tracemalloc; 0: no tracing, only the allocators' "
+        "statistics (the daemon at full speed, its RSS its own)",
+    )
     parser.add_argument("--json", type=Path, help="write every sample and check here")
     parser.add_argument("--plot", type=Path, help="draw RSS, backlog and p99 into this PNG")
     parser.add_argument(
@@ -1356,6 +1389,7 @@ def main(argv: list[str] | None = None) -> int:
         backoff_base_s=args.backoff_base_s,
         log_level=args.log_level,
         tracemalloc_dir=args.tracemalloc,
+        tracemalloc_frames=args.tracemalloc_frames,
         daemon_log=args.daemon_log.resolve() if args.daemon_log else None,
         smoke=args.smoke,
     )

@@ -460,6 +460,13 @@ class Settings(BaseSettings):
         "(listener.roll_up_job_counts); readers add the deltas not folded yet, so this "
         "bounds how many they add up, not how exact they are.",
     )
+    malloc_trim_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds between returns of the C heap's free memory to the system "
+        "(glibc's malloc_trim; nothing elsewhere), so freed memory does not keep the RSS "
+        "growing under a steady load; 0: never.",
+    )
     status_cache_s: float = Field(
         default=1.0,
         ge=1.0,
