@@ -52,6 +52,7 @@ from listener.db.connect import check_listen_dsn, open_database
 from listener.db.migrate import applied_versions, load_migrations
 from listener.db.queries import Queries
 from listener.ops.health import HealthServer, HealthSources
+from listener.ops.memory import MemoryTrim
 from listener.ops.metrics import Metrics
 from listener.ops.tracing import Tracing, build_tracing
 from listener.queue.notify import INSERTED, PAUSES, Notifier
@@ -98,7 +99,7 @@ provider's module itself: a pipeline that does not use a provider never loads it
 def _noop_provider(settings: Settings, _: SharedResources) -> Provider:
     from listener.analysis.providers.noop import NoopProvider
 
-    return NoopProvider(settings.noop_delay_s)
+    return NoopProvider(settings.noop_delay_s, settings.noop_failure_rate)
 
 
 def _local_provider(settings: Settings, shared: SharedResources) -> Provider:
@@ -283,6 +284,7 @@ class Daemon:
         self.batches: BatchManager | None = None
         self.status_writeback: StatusWriteBack | None = None
         self.counts_rollup: CountsRollup | None = None
+        self.memory_trim: MemoryTrim | None = None
         self.pauses: PauseBoard | None = None
         self.pruner: Pruner | None = None
         self.webhooks: WebhookSender | None = None
@@ -431,7 +433,8 @@ class Daemon:
     async def _build_side_loops(self, queries: Queries) -> None:
         """Every side loop this daemon runs (each one's stop policy is in its class):
         batches (with a batch backend), retention (with ``prune_after_days``), status
-        write-back, deleted rows, counters' rollup, and webhooks (with ``webhook_url``)."""
+        write-back, deleted rows, counters' rollup, the memory trim (unless its interval is
+        0) and webhooks (with ``webhook_url``)."""
         s = self.settings
         assert self.store is not None
         backend = self._batch_backend()
@@ -478,6 +481,9 @@ class Daemon:
         )
         # Folds the job counters' deltas (0008) so status reads stay a few rows.
         self.counts_rollup = CountsRollup(queries, s.counts_rollup_interval_s)
+        # Freed C heap memory back to the system (listener/ops/memory.py).
+        if s.malloc_trim_interval_s > 0:
+            self.memory_trim = MemoryTrim(s.malloc_trim_interval_s)
         await self._start_webhooks(queries)
 
     def _build_notifier(self, listen_dsn: str, worker: Worker) -> Notifier:
@@ -621,6 +627,7 @@ class Daemon:
             self.counts_rollup,
             self.deletes,
             self.webhooks,
+            self.memory_trim,
         )
         return [loop for loop in loops if loop is not None]
 

@@ -493,8 +493,13 @@ class Worker:
             self._db_error("heartbeat", error)
             return
         self.db_ok = True
+        # Only a job still waiting or running lost its lease: one that finished meanwhile
+        # was not renewed because its outcome is being written (the statement that records
+        # it may have committed before the renewal, while it is still held until the flush
+        # returns); if that outcome's lease was lost, the flush says so.
+        unfinished = self._running.keys() | {job.id for job in self._buffer}
         for job in held:
-            if job.id not in kept and job.id in self._held:
+            if job.id not in kept and job.id in unfinished:
                 self._log.warning("lease of job {} was lost (expired and reclaimed)", job.id)
         if reaped:
             self._log.info("reaped {} jobs whose lease expired", len(reaped))

@@ -421,3 +421,77 @@ def test_bench_detectors_reports_recall_and_time(tmp_path: Path) -> None:
     assert not any(m.endswith("as shipped") for m in figure["missed"]), figure
     assert figure["ms_per_image"] > 0
     assert "dlib hog 512" in proc.stdout
+
+
+def test_bench_soak_reports_every_sample_and_check(pg_admin_dsn: str, tmp_path: Path) -> None:
+    """``soak.py --smoke`` on the session's server: about 20 s of inserts at 40 rows/s into an
+    attached table with every write-back column, a slow webhook and 10% failing calls, a
+    sample every 2 s. Every sample carries every figure, every check passes, the PNG is
+    drawn."""
+    out = tmp_path / "soak.json"
+    png = tmp_path / "soak.png"
+    env = script_env(pg_admin_dsn)
+    proc, doc = bench_json(
+        ["soak.py", "--smoke", "--plot", str(png), *ON_SESSION_SERVER],
+        out,
+        timeout_s=110,
+        env=env,
+    )
+    assert doc["error"] is None and doc["ok"] is True, doc["checks"]
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert sorted(checks) == sorted(
+        [
+            "every row finished",
+            "status columns",
+            "outboxes drained",
+            "events",
+            "RSS flat",
+            "kept up",
+            "daemon exit",
+        ]
+    )
+    assert all(c["ok"] for c in checks.values()), checks
+    for name in checks:
+        assert f"PASS  {name}: " in proc.stdout, name
+    samples = doc["samples"]
+    assert samples[0]["phase"] == "start" and samples[-1]["phase"] == "drain"
+    load = [s for s in samples if s["phase"] == "load"]
+    assert len(load) >= 5, samples
+    for sample in load:
+        for key in (
+            "rss_mb",
+            "rss_anon_mb",
+            "backlog",
+            "inserted",
+            "finished",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "insert_lag_p99_ms",
+            "webhooks_delivered",
+        ):
+            assert sample.get(key) is not None, (key, sample)
+        assert (
+            set(sample["outbox"])
+            == set(sample["outbox_max"])
+            == {
+                "status_outbox",
+                "event_outbox",
+                "inserted_rows",
+                "deleted_rows",
+            }
+        )
+        assert {"daemon", "receiver", "soak", "other"} <= set(sample["cpu_pct_of_core"])
+        assert sample["rss_mb"] > 0
+    summary = doc["summary"]
+    assert summary["inserted"] > 0
+    assert summary["inserted"] == summary["complete"] + summary["failed"]
+    assert set(summary["outbox_max"]) == {
+        "status_outbox",
+        "event_outbox",
+        "inserted_rows",
+        "deleted_rows",
+    }
+    # Retries happened (10% of the calls failed on purpose), and every event was delivered.
+    assert doc["daemon"]["log"]["lines_by_level"].get("INFO", 0) > 0
+    assert doc["receiver"]["unique"] == summary["inserted"]
+    assert png.read_bytes().startswith(b"\x89PNG")

@@ -260,3 +260,65 @@ async def test_slow_jobs_keep_the_configured_prefetch() -> None:
         runner.open_all = True
         for gate in runner.gates.values():
             gate.set()
+
+
+class CompletesSlowly(MemoryJobStore):
+    """A store whose completion commits, then takes its time to answer: as a flush whose
+    first statement has committed while the next ones run."""
+
+    def __init__(self) -> None:
+        super().__init__(time.monotonic)
+        self.committed = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def complete(self, done: Sequence[Completed]) -> set[int]:
+        ids = await super().complete(done)
+        self.committed.set()
+        await self.answer.wait()
+        return ids
+
+
+@asynccontextmanager
+async def warnings() -> AsyncIterator[list[str]]:
+    """The worker's warnings logged meanwhile."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m.record["message"])), level="WARNING")
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+
+
+async def test_a_heartbeat_during_a_flush_reports_no_lost_lease() -> None:
+    """A job completed (committed) but still held until the flush returns is not renewed:
+    that is not a lost lease, and nothing is logged."""
+    store = CompletesSlowly()
+    (job_id,) = await enqueue(store, 1)
+    runner = GatedRunner()
+    runner.open_all = True
+    async with warnings() as lines, running(store, runner) as worker:
+        await asyncio.wait_for(store.committed.wait(), 5)
+        assert worker.held == 1
+        await worker.heartbeat()
+        store.answer.set()
+        await worker.signals.wait("completed", 1)
+    assert not [line for line in lines if "was lost" in line], lines
+    assert await statuses(store, [job_id]) == {job_id: ("complete", 1)}
+
+
+async def test_a_running_job_whose_lease_was_taken_is_reported() -> None:
+    store = MemoryJobStore(time.monotonic)
+    (job_id,) = await enqueue(store, 1)
+    runner = GatedRunner()
+    async with warnings() as lines, running(store, runner) as worker:
+        await worker.signals.wait("claimed", 1)
+        while worker.in_flight < 1:
+            await asyncio.sleep(0.005)
+        from listener.queue.store import JobFilter
+
+        assert await store.cancel(JobFilter(())) == [job_id]
+        await worker.heartbeat()
+        runner.release(job_id)
+    assert f"lease of job {job_id} was lost (expired and reclaimed)" in lines
