@@ -1208,7 +1208,8 @@ def _nice_step(span: float, ticks: int = 5) -> float:
 
 def plot(run: Run, path: Path) -> None:
     """Three stacked panels against minutes: daemon RSS (MB), backlog (jobs pending and
-    processing, and the deepest outbox), latency p99 (ms); drawn with Pillow."""
+    processing, and the deepest outbox), latency p99 (ms; scaled to the load's samples, a
+    drain sample above them drawn at the top edge with its value); drawn with Pillow."""
     from PIL import Image, ImageDraw, ImageFont
 
     samples = run.samples
@@ -1253,9 +1254,19 @@ def plot(run: Run, path: Path) -> None:
         ),
     ]
     plot_w = width - left - right
+    under_load = [s["phase"] != "drain" for s in samples]
     for index, (label, series) in enumerate(panels):
         y0 = top + index * (panel_h + gap)
         values = [v for _, ys, _ in series for v in ys if v is not None]
+        if index == 2:
+            # Latency: scaled to the load; the drain's sample holds only the retried tail
+            # (tens of seconds) and is drawn at the top edge with its value.
+            values = [
+                v
+                for _, ys, _ in series
+                for v, ld in zip(ys, under_load, strict=True)
+                if ld and v is not None
+            ] or values
         lo = min(values, default=0.0)
         hi = max(values, default=1.0)
         if index == 0:  # RSS: a window around the values, so 1 MB shows
@@ -1293,7 +1304,12 @@ def plot(run: Run, path: Path) -> None:
         draw.text((left, y0 - 6), label, fill="black", font=font, anchor="lb")
         legend_x = left + plot_w
         for name, ys, color in reversed(series):
-            points = [(sx(x), sy(y)) for x, y in zip(xs, ys, strict=True) if y is not None]
+            points = [(sx(x), sy(min(y, hi))) for x, y in zip(xs, ys, strict=True) if y is not None]
+            for x, y in zip(xs, ys, strict=True):
+                if y is not None and y > hi:
+                    draw.text(
+                        (sx(x) - 6, sy(hi) + 4), f"{y:,.0f}", fill=color, font=font, anchor="rt"
+                    )
             if len(points) > 1:
                 draw.line(points, fill=color, width=2)
             for px, py in points:
