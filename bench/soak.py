@@ -54,9 +54,11 @@ in any outbox, stops the daemon with SIGTERM and checks:
 Exit status 1 when a check fails (2 when the run could not start; 130 when stopped by
 SIGTERM or Ctrl+C, after stopping the daemon, the receiver and the cluster). ``--json`` writes every
 sample and check; ``--plot`` draws RSS, backlog and p99 per sample as a PNG (Pillow).
-``--tracemalloc DIR`` runs the daemon under ``bench/tracemalloc_daemon.py``: a snapshot per
-sample into DIR, and the allocations that grew most over the last three quarters of the load
-printed at the end (RSS then includes tracemalloc's own memory: the RSS check says nothing).
+``--malloc-trim-interval-s 0`` runs the daemon as it ran before it returned the C heap's free
+memory (``LISTENER_MALLOC_TRIM_INTERVAL_S``), to compare the curves. ``--tracemalloc DIR`` runs
+the daemon under ``bench/tracemalloc_daemon.py``: a snapshot per sample into DIR, and the
+allocations that grew most over the last three quarters of the load printed at the end (RSS
+then includes tracemalloc's own memory: the RSS check says nothing).
 """
 
 from __future__ import annotations
@@ -412,6 +414,7 @@ class Config:
     drain_timeout_s: float
     rss_tolerance_mb: float
     backoff_base_s: float | None
+    malloc_trim_interval_s: float | None
     log_level: str
     tracemalloc_dir: Path | None
     tracemalloc_frames: int
@@ -1000,6 +1003,8 @@ async def run_against(cfg: Config, run: Run, dsn: str, workdir: Path, pg_pid: in
         }
         if cfg.backoff_base_s is not None:
             extra["LISTENER_BACKOFF_BASE_S"] = str(cfg.backoff_base_s)
+        if cfg.malloc_trim_interval_s is not None:
+            extra["LISTENER_MALLOC_TRIM_INTERVAL_S"] = str(cfg.malloc_trim_interval_s)
         if cfg.tracemalloc_dir is not None:
             extra["SOAK_TRACEMALLOC_DIR"] = str(cfg.tracemalloc_dir)
             extra["SOAK_TRACEMALLOC_INTERVAL_S"] = str(cfg.sample_s)
@@ -1224,6 +1229,7 @@ def plot(run: Run, path: Path) -> None:
         f"listener soak: {cfg['rate']:g} rows/s for {cfg['minutes']:.3g} min, noop with "
         f"{cfg['failure_rate']:.0%} failures, webhook {cfg['webhook_delay_ms']:g} ms, "
         "status + result columns, events"
+        + (", no malloc_trim" if cfg.get("malloc_trim_interval_s") == 0 else "")
     )
     draw.text((left, 15), title, fill="black", font=title_font)
     xs = [s["minute"] for s in samples]
@@ -1357,6 +1363,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--backoff-base-s", type=float, help="LISTENER_BACKOFF_BASE_S (default: the daemon's)"
     )
+    parser.add_argument(
+        "--malloc-trim-interval-s",
+        type=float,
+        help="LISTENER_MALLOC_TRIM_INTERVAL_S (default: the daemon's; 0: never, the daemon "
+        "before the trim)",
+    )
     parser.add_argument("--log-level", default="INFO", help="LISTENER_LOG_LEVEL of the daemon")
     parser.add_argument("--daemon-log", type=Path, help="keep the daemon's log at this path")
     parser.add_argument(
@@ -1403,6 +1415,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout_s=args.drain_timeout,
         rss_tolerance_mb=args.rss_tolerance_mb,
         backoff_base_s=args.backoff_base_s,
+        malloc_trim_interval_s=args.malloc_trim_interval_s,
         log_level=args.log_level,
         tracemalloc_dir=args.tracemalloc,
         tracemalloc_frames=args.tracemalloc_frames,
