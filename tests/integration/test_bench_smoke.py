@@ -495,3 +495,81 @@ def test_bench_soak_reports_every_sample_and_check(pg_admin_dsn: str, tmp_path: 
     assert doc["daemon"]["log"]["lines_by_level"].get("INFO", 0) > 0
     assert doc["receiver"]["unique"] == summary["inserted"]
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_webhook_sink_counts_signed_deliveries_and_refuses_the_rest() -> None:
+    """``bench/webhook_sink.py`` (the soak's slow receiver) on its own: it prints its port,
+    answers a signed event 204 after its delay, counts a redelivery as a duplicate, refuses a
+    bad signature and a body without an event id (400), reports it all on ``GET /stats`` and
+    exits 0 on SIGTERM."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from listener.app_side.webhooks import SIGNATURE_HEADER, sign
+
+    secret = "sink-secret"
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH / "webhook_sink.py"), "--secret", secret, "--delay-ms", "50"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        base = f"http://127.0.0.1:{port}"
+
+        def post(body: bytes, signature: str) -> int:
+            request = urllib.request.Request(
+                f"{base}/hook", data=body, method="POST", headers={SIGNATURE_HEADER: signature}
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as error:
+                return int(error.code)
+
+        good = json.dumps({"event_id": 7, "status": "complete"}).encode()
+        now = int(time.time())
+        assert post(good, sign(secret, good, now)) == 204
+        assert post(good, sign(secret, good, now)) == 204  # a redelivery
+        assert post(good, sign("another-secret", good, now)) == 400
+        no_id = json.dumps({"status": "failed"}).encode()
+        assert post(no_id, sign(secret, no_id, now)) == 400
+        with urllib.request.urlopen(f"{base}/stats", timeout=10) as response:
+            stats = json.loads(response.read())
+        assert stats["deliveries"] == 2 and stats["unique"] == 1, stats
+        assert stats["duplicates"] == 1 and stats["bad"] == 2, stats
+        assert stats["by_status"] == {"complete": 1} and stats["in_flight"] == 0, stats
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 0, stderr
+
+
+def test_bench_soak_under_tracemalloc_records_the_daemons_memory(
+    pg_admin_dsn: str, tmp_path: Path
+) -> None:
+    """``soak.py --smoke --tracemalloc DIR`` runs the daemon under
+    ``bench/tracemalloc_daemon.py``: every row still finishes, ``DIR`` gets a statistics line
+    per sample (traced and allocator bytes, RSS) and snapshots, and the report carries them."""
+    out = tmp_path / "soak.json"
+    snaps = tmp_path / "snaps"
+    _, doc = bench_json(
+        ["soak.py", "--smoke", "--tracemalloc", str(snaps), *ON_SESSION_SERVER],
+        out,
+        timeout_s=110,
+        env=script_env(pg_admin_dsn),
+    )
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert doc["error"] is None, doc
+    assert checks["every row finished"]["ok"] and checks["status columns"]["ok"], checks
+    lines = [json.loads(x) for x in (snaps / "stats.jsonl").read_text().splitlines()]
+    assert len(lines) >= 3, lines
+    for line in lines:
+        assert line["traced_mb"] > 0 and line["malloc"]["arena"] > 0, line
+    assert list(snaps.glob("snapshot-*.pickle")), sorted(p.name for p in snaps.iterdir())
+    assert len(doc["tracemalloc_stats"]) == len(lines)
